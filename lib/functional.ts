@@ -1,0 +1,128 @@
+// torch.nn.functional: the layers' math, one ATen operator each (attention falls back to an exact
+// composition where libtorch lacks scaled_dot_product_attention).
+import { dtypeCode } from './dtype.js';
+import { hasOp, op } from './ops.js';
+import { Tensor } from './tensor.js';
+
+const A = {
+  linear: op('linear'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
+  embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
+  bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
+  reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
+  sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'),
+};
+
+export function linear(input: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
+  return A.linear(input, weight, bias ?? null) as Tensor;
+}
+
+export interface Conv2dOptions { stride?: number | number[]; padding?: number | number[]; dilation?: number | number[]; groups?: number }
+export function conv2d(input: Tensor, weight: Tensor, bias?: Tensor | null, o: Conv2dOptions = {}): Tensor {
+  return A.conv2d(input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1) as Tensor;
+}
+
+export function groupNorm(input: Tensor, numGroups: number, weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
+  return A.groupNorm(input, numGroups, weight ?? null, bias ?? null, eps, true) as Tensor;
+}
+
+export function layerNorm(input: Tensor, normalizedShape: number[], weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
+  return A.layerNorm(input, normalizedShape, weight ?? null, bias ?? null, eps, true) as Tensor;
+}
+
+export function embedding(input: Tensor, weight: Tensor): Tensor {
+  return A.embedding(weight, input, -1, false, false) as Tensor;
+}
+
+export function silu(x: Tensor): Tensor { return x.silu(); }
+export function gelu(x: Tensor, approximate: 'none' | 'tanh' = 'none'): Tensor { return x.gelu(approximate); }
+export function sigmoid(x: Tensor): Tensor { return x.sigmoid(); }
+export function softmax(x: Tensor, dim: number): Tensor { return x.softmax(dim); }
+
+/** Inverted dropout as torch (draws from the default generator of the input's device). */
+export function dropout(x: Tensor, p = 0.5, training = true): Tensor {
+  if (p < 0 || p > 1) throw new RangeError(`dropout probability has to be between 0 and 1, but got ${p}`);
+  return A.dropout(x, p, training) as Tensor;
+}
+
+export interface InterpolateOptions {
+  size?: [number, number];
+  scaleFactor?: number | [number, number];
+  mode?: 'nearest' | 'bilinear';
+  alignCorners?: boolean;
+}
+/** F.interpolate for 4-D input, modes nearest and bilinear. */
+export function interpolate(x: Tensor, o: InterpolateOptions): Tensor {
+  if ((o.size === undefined) === (o.scaleFactor === undefined)) throw new TypeError('interpolate: give exactly one of size and scaleFactor');
+  const scales = o.scaleFactor === undefined ? null : typeof o.scaleFactor === 'number' ? [o.scaleFactor, o.scaleFactor] : o.scaleFactor;
+  const size = o.size ?? null;
+  const mode = o.mode ?? 'nearest';
+  if (mode === 'nearest') {
+    if (o.alignCorners !== undefined) throw new TypeError('interpolate: alignCorners only applies to bilinear');
+    return A.nearest(x, size, scales) as Tensor;
+  }
+  if (mode === 'bilinear') return A.bilinear(x, size, o.alignCorners ?? false, scales) as Tensor;
+  throw new TypeError(`interpolate: unsupported mode '${String(mode)}'`);
+}
+
+export function avgPool2d(x: Tensor, kernelSize: number | number[], stride?: number | number[], padding: number | number[] = 0): Tensor {
+  return A.avgPool2d(x, kernelSize, stride ?? kernelSize, padding, false, true, null) as Tensor;
+}
+
+/** F.pad: pad is (left, right, top, bottom, ...) from the last dimension backwards. */
+export function pad(x: Tensor, padding: number[], mode: 'constant' | 'reflect' | 'replicate' = 'constant', value = 0): Tensor {
+  if (mode === 'constant') return A.constantPad(x, padding, value) as Tensor;
+  if (padding.length !== 4) throw new TypeError(`pad: mode '${mode}' needs 4 padding values for 4-D input`);
+  return (mode === 'reflect' ? A.reflectionPad2d(x, padding) : A.replicationPad2d(x, padding)) as Tensor;
+}
+
+const reductions = { none: 0, mean: 1, sum: 2 } as const;
+export function mseLoss(input: Tensor, target: Tensor, reduction: keyof typeof reductions = 'mean'): Tensor {
+  return A.mseLoss(input, target, reductions[reduction]) as Tensor;
+}
+
+let nativeSdpa: boolean | undefined;
+export interface AttentionOptions { attnMask?: Tensor | null; isCausal?: boolean; scale?: number; dropoutP?: number }
+/**
+ * softmax(q kᵀ · scale + mask) v over the last two dims. Uses libtorch's fused kernel where it exists
+ * (2.x); otherwise the classic composition diffusers' AttnProcessor uses (baddbmm, softmax, bmm).
+ */
+export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions = {}): Tensor {
+  const scale = o.scale ?? 1 / Math.sqrt(q.shape[q.shape.length - 1] ?? 1);
+  nativeSdpa ??= hasOp('scaled_dot_product_attention') && process.env.DIFFLORA_SDPA !== 'composite';
+  if (nativeSdpa && !o.isCausal) {
+    return A.sdpa(q, k, v, o.attnMask ?? null, o.dropoutP ?? 0, false, scale) as Tensor;
+  }
+  return attentionComposite(q, k, v, scale, o);
+}
+
+function attentionComposite(q: Tensor, k: Tensor, v: Tensor, scale: number, o: AttentionOptions): Tensor {
+  const lead = q.shape.slice(0, -2);
+  const [lq, d] = q.shape.slice(-2) as [number, number];
+  const lk = k.shape[k.shape.length - 2] ?? 0;
+  const dv = v.shape[v.shape.length - 1] ?? 0;
+  const batch = lead.reduce((a, b) => a * b, 1);
+  const q3 = q.reshape(batch, lq, d);
+  const k3 = k.reshape(batch, lk, d);
+  const v3 = v.reshape(batch, lk, dv);
+  const kt = k3.transpose(-1, -2);
+  let scores: Tensor;
+  if (o.attnMask) {
+    const mask = o.attnMask.expand([...lead, lq, lk]).reshape(batch, lq, lk);
+    scores = mask.dtype === 'bool'
+      ? (A.empty([batch, lq, lk], dtypeCode(q.dtype), null, q.device, null, null) as Tensor).fill_(0).maskedFill(mask.logicalNot(), -Infinity).baddbmm(q3, kt, 1, scale)
+      : mask.baddbmm(q3, kt, 1, scale);
+  } else {
+    const empty = A.empty([batch, lq, lk], dtypeCode(q.dtype), null, q.device, null, null) as Tensor;
+    scores = empty.baddbmm(q3, kt, 0, scale);
+  }
+  if (o.isCausal) {
+    const causal = (A.empty([lq, lk], dtypeCode('bool'), null, q.device, null, null) as Tensor).fill_(true);
+    scores = scores.maskedFill(triu(causal, 1), -Infinity);
+  }
+  let probs = scores.softmax(-1);
+  if (o.dropoutP) probs = dropout(probs, o.dropoutP, true);
+  return probs.bmm(v3).reshape([...lead, lq, dv]);
+}
+
+const triuOp = op('triu');
+function triu(x: Tensor, diagonal: number): Tensor { return triuOp(x, diagonal) as Tensor; }

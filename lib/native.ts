@@ -1,0 +1,150 @@
+// Loads the native addon and types its whole surface. Everything the TypeScript side calls in C++ is
+// declared here, in one place (the addon is small on purpose: one generic op call plus a few coarse jobs).
+import { createRequire } from 'node:module';
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cpus } from 'node:os';
+
+export interface NativeTensorHandle {
+  dispose(): void;
+  readonly isDisposed: boolean;
+  readonly shape: number[];
+  stride(): number[];
+  readonly dtypeCode: number;
+  readonly device: string;
+  requiresGrad: boolean;
+  _grad: NativeTensorHandle | null;
+  readonly isLeaf: boolean;
+  numel(): number;
+  readonly nbytes: number;
+  _backward(gradient?: NativeTensorHandle | null, retainGraph?: boolean): void;
+  _setData(other: NativeTensorHandle): void;
+  _toBuffer(): ArrayBuffer;
+  _dataPtr(): bigint;
+}
+
+/** A native random generator, held by lib/random.ts's Generator. */
+export type NativeGenerator = { readonly __nativeGenerator: unique symbol };
+
+export interface SafetensorsEntry { dtype: number; shape: number[]; begin: number; end: number }
+
+export interface CpuMemory {
+  allocatedBytes: number; requestedBytes: number; cachedBytes: number; peakAllocatedBytes: number;
+  numAllocs: number; cacheHits: number; cacheMisses: number; numLiveBlocks: number; cacheCapBytes: number;
+}
+
+export interface NativeInfo {
+  torchVersion: string; cudaAvailable: boolean; cudaDeviceCount: number; numThreads: number;
+  numInteropThreads: number; parallelInfo: string; mkldnn: boolean; allocator: string;
+}
+
+export interface NativeAddon {
+  TensorHandle: new () => NativeTensorHandle;
+  setTensorClass(cls: new () => NativeTensorHandle): void;
+  // dispatch.cc
+  op(name: string, overload: string): number;
+  call(index: number, ...args: unknown[]): unknown;
+  callVoid(index: number, ...args: unknown[]): void;
+  schema(index: number): string;
+  // autograd.cc
+  autocastEnter(deviceType: 'cpu' | 'cuda', enabled: boolean, dtypeCode: number): [boolean, number];
+  autocastExit(deviceType: 'cpu' | 'cuda', prevEnabled: boolean, prevDtypeCode: number): void;
+  isAutocastEnabled(deviceType: 'cpu' | 'cuda'): boolean;
+  setGradEnabled(enabled: boolean): boolean;
+  isGradEnabled(): boolean;
+  inferenceModeEnter(): number;
+  inferenceModeExit(): void;
+  generatorNew(device: string): NativeGenerator;
+  generatorDefault(device: string): NativeGenerator;
+  generatorSeed(gen: NativeGenerator, seed: number | bigint): void;
+  generatorInitialSeed(gen: NativeGenerator): bigint;
+  generatorGetState(gen: NativeGenerator): NativeTensorHandle;
+  generatorSetState(gen: NativeGenerator, state: NativeTensorHandle): void;
+  manualSeed(seed: number): void;
+  // optim.cc
+  adamwStep(params: NativeTensorHandle[], grads: NativeTensorHandle[], expAvg: NativeTensorHandle[],
+    expAvgSq: NativeTensorHandle[], masters: NativeTensorHandle[] | null,
+    options: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number }): void;
+  clipGradNorm(grads: NativeTensorHandle[], maxNorm: number, normType: number): NativeTensorHandle;
+  unscaleGrads(grads: NativeTensorHandle[], invScale: number): boolean;
+  // safetensors.cc
+  mapTensors(path: string, fileSize: number, dataOffset: number, entries: SafetensorsEntry[]): NativeTensorHandle[];
+  writeFileAtomic(path: string, header: Uint8Array, tensors: NativeTensorHandle[]): void;
+  // runtime.cc
+  info(): NativeInfo;
+  setNumThreads(n: number): void;
+  memory(): { numTensors: number; cpu: CpuMemory };
+  emptyCache(): void;
+  setCacheCap(bytes: number): void;
+  resetPeakMemory(): void;
+  fromBuffer(data: ArrayBufferView, dtypeCode: number, shape: number[], device?: string): NativeTensorHandle;
+  synchronize(): void;
+}
+
+const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+/** Where the addon may be: an explicit path, then the cmake-js build, then a node-gyp build. */
+function candidates(): string[] {
+  const list: string[] = [];
+  if (process.env.DIFFLORA_ADDON) list.push(resolve(process.env.DIFFLORA_ADDON));
+  list.push(join(packageRoot, 'build', 'Release', 'difflora.node'));
+  return list;
+}
+
+/**
+ * Threading defaults, set before libtorch (and its OpenMP and OpenBLAS) load, since both read the
+ * environment once at start-up. Measured here (PLATFORM.md): OpenMP's default active wait made 2-thread
+ * training steps up to 16x slower; OpenBLAS misdetects AVX-512 CPUs as Prescott and runs 4x slower.
+ */
+function setThreadingEnv(): void {
+  const env = process.env;
+  env.OMP_WAIT_POLICY ??= 'PASSIVE';
+  if (env.OPENBLAS_CORETYPE === undefined) {
+    try {
+      const flags = readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)?.[1] ?? '';
+      const has = (f: string) => new RegExp(`\\b${f}\\b`).test(flags);
+      if (has('avx512f') && has('avx512bw') && has('avx512vl')) env.OPENBLAS_CORETYPE = 'SkylakeX';
+      else if (has('avx2') && has('fma')) env.OPENBLAS_CORETYPE = 'Haswell';
+    } catch {
+      // not Linux: leave OpenBLAS to its own detection
+    }
+  }
+}
+
+function loadError(tried: string[], cause: unknown): Error {
+  const message = cause instanceof Error ? cause.message : String(cause);
+  const lines = [`difflora: could not load the native addon (${message}).`, `Tried: ${tried.join(', ')}`, 'Possible solutions:'];
+  if (/libtorch|libc10|libtorch_cpu|libtorch_cuda/.test(message)) {
+    lines.push('- libtorch is missing: run `npm run setup` (installs Debian\'s libtorch-dev), or point LIBTORCH at a libtorch 2.x and rebuild with `npm run build:native`.');
+  } else if (!tried.some((p) => existsSync(p))) {
+    lines.push('- the addon is not built: run `npm run build:native` (or `npm run setup` on a fresh machine).');
+  } else {
+    lines.push('- rebuild the addon for this Node.js and libtorch: `npm run build:native`.');
+  }
+  lines.push('- set DIFFLORA_ADDON=/path/to/difflora.node to use an addon built elsewhere.');
+  const err = new Error(lines.join('\n'));
+  (err as Error & { cause?: unknown }).cause = cause;
+  return err;
+}
+
+function load(): NativeAddon {
+  setThreadingEnv();
+  const require = createRequire(import.meta.url);
+  const tried = candidates();
+  let lastError: unknown = new Error('no candidate path');
+  for (const path of tried) {
+    if (!existsSync(path)) continue;
+    try {
+      const addon = require(path) as NativeAddon;
+      const threads = Number(process.env.DIFFLORA_NUM_THREADS ?? cpus().length);
+      if (Number.isFinite(threads) && threads >= 1) addon.setNumThreads(threads);
+      return addon;
+    } catch (e) {
+      lastError = e;
+    }
+  }
+  throw loadError(tried, lastError);
+}
+
+export const native: NativeAddon = load();

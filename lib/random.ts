@@ -1,0 +1,43 @@
+// Seedable random generators per device, with state save/restore (exact resume depends on it).
+import { native, type NativeGenerator } from './native.js';
+import type { Tensor } from './tensor.js';
+
+export class Generator {
+  /** Read by the dispatcher when a Generator is passed to an op. */
+  readonly _native: NativeGenerator;
+  readonly device: string;
+
+  constructor(device = 'cpu', nativeGenerator?: NativeGenerator) {
+    this.device = device;
+    this._native = nativeGenerator ?? native.generatorNew(device);
+  }
+
+  /** Seeds this generator (torch.Generator.manual_seed); returns this for chaining. */
+  manualSeed(seed: number | bigint): this {
+    native.generatorSeed(this._native, seed);
+    return this;
+  }
+
+  initialSeed(): bigint {
+    return native.generatorInitialSeed(this._native);
+  }
+
+  /** The full generator state as a uint8 CPU tensor (caller owns it). */
+  getState(): Tensor {
+    return native.generatorGetState(this._native) as unknown as Tensor;
+  }
+
+  setState(state: Tensor): void {
+    native.generatorSetState(this._native, state);
+  }
+}
+
+/** The default generator of a device: what manualSeed() seeds and ops use when given none. */
+export function defaultGenerator(device = 'cpu'): Generator {
+  return new Generator(device, native.generatorDefault(device));
+}
+
+/** Seeds the CPU and every CUDA default generator, as torch.manual_seed. */
+export function manualSeed(seed: number): void {
+  native.manualSeed(seed);
+}

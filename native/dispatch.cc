@@ -1,0 +1,257 @@
+// Calls any ATen operator through the c10 dispatcher. JS resolves an operator once by name
+// (`op("aten::add", "Tensor")` → index) and then calls it by index; arguments are converted from JS by
+// the operator's own schema, so the native surface stays one function however many ops TS exposes.
+#include "common.h"
+
+#include <sstream>
+
+namespace difflora {
+namespace {
+
+std::string ArgDescription(Napi::Env env, const Napi::Value& v) {
+  if (IsTensor(env, v)) {
+    TensorHandle* h = TensorHandle::Unwrap(v.As<Napi::Object>());
+    return h->disposed() ? "Tensor(disposed)" : Describe(h->tensor(env));
+  }
+  if (v.IsArray()) {
+    Napi::Array a = v.As<Napi::Array>();
+    std::string s = "[";
+    for (uint32_t i = 0; i < a.Length() && i < 8; ++i) s += (i ? ", " : "") + ArgDescription(env, a.Get(i));
+    return s + (a.Length() > 8 ? ", ...]" : "]");
+  }
+  if (v.IsNumber()) {
+    std::ostringstream o;
+    o << v.As<Napi::Number>().DoubleValue();
+    return o.str();
+  }
+  if (v.IsString()) return "'" + v.As<Napi::String>().Utf8Value() + "'";
+  if (v.IsBoolean()) return v.As<Napi::Boolean>().Value() ? "true" : "false";
+  if (v.IsNull() || v.IsUndefined()) return "None";
+  return "<object>";
+}
+
+std::string CallDescription(const Napi::CallbackInfo& info, const c10::OperatorHandle& op) {
+  const auto& name = op.operator_name();
+  std::string s = name.name + (name.overload_name.empty() ? "" : "." + name.overload_name) + "(";
+  for (size_t i = 1; i < info.Length(); ++i) s += (i > 1 ? ", " : "") + ArgDescription(info.Env(), info[i]);
+  return s + ")";
+}
+
+[[noreturn]] void BadArg(Napi::Env env, const c10::Argument& arg, const std::string& expected) {
+  throw Napi::TypeError::New(env, "argument '" + arg.name() + "' must be " + expected);
+}
+
+int64_t ToInt(Napi::Env env, const Napi::Value& v, const c10::Argument& arg) {
+  if (v.IsNumber()) {
+    double d = v.As<Napi::Number>().DoubleValue();
+    if (d != static_cast<double>(static_cast<int64_t>(d))) BadArg(env, arg, "an integer");
+    return static_cast<int64_t>(d);
+  }
+  if (v.IsBigInt()) {
+    bool lossless;
+    return v.As<Napi::BigInt>().Int64Value(&lossless);
+  }
+  if (v.IsBoolean()) return v.As<Napi::Boolean>().Value() ? 1 : 0;
+  BadArg(env, arg, "an integer");
+}
+
+c10::IValue ToList(Napi::Env env, const Napi::Value& v, const c10::ListTypePtr& type, const c10::Argument& arg) {
+  const c10::TypePtr& elem = type->getElementType();
+  // Python accepts a single int where the schema says int[N] (e.g. stride=1 for conv2d).
+  if (!v.IsArray()) {
+    if (elem->kind() == c10::TypeKind::IntType && (v.IsNumber() || v.IsBigInt()) && arg.N()) {
+      return c10::IValue(std::vector<int64_t>(*arg.N(), ToInt(env, v, arg)));
+    }
+    BadArg(env, arg, "an array (" + type->str() + ")");
+  }
+  Napi::Array a = v.As<Napi::Array>();
+  uint32_t n = a.Length();
+  switch (elem->kind()) {
+    case c10::TypeKind::IntType:
+    case c10::TypeKind::SymIntType: {
+      std::vector<int64_t> out(n);
+      for (uint32_t i = 0; i < n; ++i) out[i] = ToInt(env, a.Get(i), arg);
+      return c10::IValue(out);
+    }
+    case c10::TypeKind::FloatType: {
+      std::vector<double> out(n);
+      for (uint32_t i = 0; i < n; ++i) {
+        Napi::Value x = a.Get(i);
+        if (!x.IsNumber()) BadArg(env, arg, "an array of numbers");
+        out[i] = x.As<Napi::Number>().DoubleValue();
+      }
+      return c10::IValue(out);
+    }
+    case c10::TypeKind::BoolType: {
+      c10::List<bool> out;
+      for (uint32_t i = 0; i < n; ++i) out.push_back(a.Get(i).ToBoolean().Value());
+      return c10::IValue(out);
+    }
+    case c10::TypeKind::TensorType: {
+      c10::List<at::Tensor> out;
+      out.reserve(n);
+      for (uint32_t i = 0; i < n; ++i) out.push_back(UnwrapTensor(env, a.Get(i), "argument '" + arg.name() + "'"));
+      return c10::IValue(out);
+    }
+    case c10::TypeKind::OptionalType: {  // Tensor?[] (index)
+      c10::List<c10::optional<at::Tensor>> out;
+      for (uint32_t i = 0; i < n; ++i) {
+        Napi::Value x = a.Get(i);
+        if (x.IsNull() || x.IsUndefined()) out.push_back(c10::nullopt);
+        else out.push_back(UnwrapTensor(env, x, "argument '" + arg.name() + "'"));
+      }
+      return c10::IValue(out);
+    }
+    default:
+      BadArg(env, arg, "a supported list type (got schema type " + type->str() + ")");
+  }
+}
+
+c10::IValue ToIValue(Napi::Env env, const Napi::Value& v, const c10::TypePtr& type, const c10::Argument& arg) {
+  switch (type->kind()) {
+    case c10::TypeKind::OptionalType:
+      if (v.IsNull() || v.IsUndefined()) return c10::IValue();
+      return ToIValue(env, v, type->expectRef<c10::OptionalType>().getElementType(), arg);
+    case c10::TypeKind::TensorType:
+      return c10::IValue(UnwrapTensor(env, v, "argument '" + arg.name() + "'"));
+    case c10::TypeKind::IntType:
+    case c10::TypeKind::SymIntType:
+    case c10::TypeKind::ScalarTypeType:
+    case c10::TypeKind::LayoutType:
+    case c10::TypeKind::MemoryFormatType:
+      return c10::IValue(ToInt(env, v, arg));
+    case c10::TypeKind::FloatType:
+    case c10::TypeKind::SymFloatType:
+      if (!v.IsNumber()) BadArg(env, arg, "a number");
+      return c10::IValue(v.As<Napi::Number>().DoubleValue());
+    case c10::TypeKind::BoolType:
+      if (!v.IsBoolean()) BadArg(env, arg, "a boolean");
+      return c10::IValue(v.As<Napi::Boolean>().Value());
+    case c10::TypeKind::NumberType: {  // Scalar: integral JS numbers are ints, as Python literals would be
+      if (v.IsBoolean()) return c10::IValue(v.As<Napi::Boolean>().Value());
+      if (v.IsBigInt()) return c10::IValue(ToInt(env, v, arg));
+      if (!v.IsNumber()) BadArg(env, arg, "a number");
+      double d = v.As<Napi::Number>().DoubleValue();
+      if (std::abs(d) < 9007199254740992.0 && d == static_cast<double>(static_cast<int64_t>(d)))
+        return c10::IValue(static_cast<int64_t>(d));
+      return c10::IValue(d);
+    }
+    case c10::TypeKind::StringType:
+      if (!v.IsString()) BadArg(env, arg, "a string");
+      return c10::IValue(v.As<Napi::String>().Utf8Value());
+    case c10::TypeKind::DeviceObjType:
+      return c10::IValue(DeviceFromValue(env, v));
+    case c10::TypeKind::GeneratorType: {
+      Napi::Value gen = v.IsObject() ? v.As<Napi::Object>().Get("_native") : v;
+      if (!gen.IsExternal()) BadArg(env, arg, "a Generator");
+      return c10::IValue(*gen.As<Napi::External<at::Generator>>().Data());
+    }
+    case c10::TypeKind::ListType:
+      return ToList(env, v, type->expect<c10::ListType>(), arg);
+    default:
+      BadArg(env, arg, "of a supported type (schema type " + type->str() + ")");
+  }
+}
+
+Napi::Value FromIValue(Napi::Env env, const c10::IValue& v) {
+  if (v.isTensor()) return WrapTensor(env, v.toTensor());
+  if (v.isNone()) return env.Null();
+  if (v.isInt()) return Napi::Number::New(env, static_cast<double>(v.toInt()));
+  if (v.isDouble()) return Napi::Number::New(env, v.toDouble());
+  if (v.isBool()) return Napi::Boolean::New(env, v.toBool());
+  if (v.isString()) return Napi::String::New(env, v.toStringRef());
+  if (v.isTensorList()) {
+    auto list = v.toTensorList();
+    Napi::Array a = Napi::Array::New(env, list.size());
+    for (size_t i = 0; i < list.size(); ++i) a.Set(static_cast<uint32_t>(i), WrapTensor(env, list.get(i)));
+    return a;
+  }
+  if (v.isTuple()) {
+    const auto& elems = v.toTupleRef().elements();
+    Napi::Array a = Napi::Array::New(env, elems.size());
+    for (size_t i = 0; i < elems.size(); ++i) a.Set(static_cast<uint32_t>(i), FromIValue(env, elems[i]));
+    return a;
+  }
+  if (v.isList()) {
+    auto list = v.toListRef();
+    Napi::Array a = Napi::Array::New(env, list.size());
+    for (size_t i = 0; i < list.size(); ++i) a.Set(static_cast<uint32_t>(i), FromIValue(env, list[i]));
+    return a;
+  }
+  if (v.isDevice()) return Napi::String::New(env, v.toDevice().str());
+  throw Napi::TypeError::New(env, std::string("cannot return a value of type ") + v.tagKind() + " to JS");
+}
+
+// op(name, overload) → index for call(). Unknown names are an error at resolve time, not call time.
+Napi::Value ResolveOp(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string name = info[0].As<Napi::String>();
+  std::string overload = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "";
+  auto handle = c10::Dispatcher::singleton().findOp(c10::OperatorName(name, overload));
+  if (!handle) throw Napi::Error::New(env, "unknown operator " + name + (overload.empty() ? "" : "." + overload) + " in this libtorch (" TORCH_VERSION ")");
+  AddonData& d = Data(env);
+  d.ops.push_back(*handle);
+  return Napi::Number::New(env, static_cast<double>(d.ops.size() - 1));
+}
+
+// call(index, ...args): positional arguments in schema order; missing or undefined ones take the
+// schema default. A single result is returned as is, several as an array. callVoid drops the results
+// (in-place ops, whose result is their input: no JS object is made for it).
+Napi::Value CallOpImpl(const Napi::CallbackInfo& info, bool wantResult) {
+  Napi::Env env = info.Env();
+  AddonData& d = Data(env);
+  uint32_t index = info[0].As<Napi::Number>().Uint32Value();
+  if (index >= d.ops.size()) throw Napi::RangeError::New(env, "no operator with index " + std::to_string(index));
+  const c10::OperatorHandle& op = d.ops[index];
+  const c10::FunctionSchema& schema = op.schema();
+  const auto& args = schema.arguments();
+  size_t given = info.Length() - 1;
+  if (given > args.size()) {
+    throw Napi::TypeError::New(env, CallDescription(info, op) + ": too many arguments for " + toString(schema));
+  }
+  torch::jit::Stack stack;
+  stack.reserve(args.size());
+  try {
+    for (size_t i = 0; i < args.size(); ++i) {
+      const c10::Argument& arg = args[i];
+      Napi::Value v = i < given ? info[i + 1] : env.Undefined();
+      if (v.IsUndefined()) {
+        if (arg.default_value()) { stack.push_back(*arg.default_value()); continue; }
+        if (arg.type()->kind() == c10::TypeKind::OptionalType) { stack.emplace_back(); continue; }
+        throw Napi::TypeError::New(env, "missing argument '" + arg.name() + "'");
+      }
+      stack.push_back(ToIValue(env, v, arg.type(), arg));
+    }
+  } catch (const Napi::Error& e) {
+    throw Napi::TypeError::New(env, CallDescription(info, op) + ": " + e.Message() + " (schema: " + toString(schema) + ")");
+  }
+  Guard(env, [&] { return CallDescription(info, op); }, [&] { op.callBoxed(&stack); });
+  if (stack.empty() || !wantResult) return env.Undefined();
+  if (stack.size() == 1) return FromIValue(env, stack[0]);
+  Napi::Array out = Napi::Array::New(env, stack.size());
+  for (size_t i = 0; i < stack.size(); ++i) out.Set(static_cast<uint32_t>(i), FromIValue(env, stack[i]));
+  return out;
+}
+
+Napi::Value CallOp(const Napi::CallbackInfo& info) { return CallOpImpl(info, true); }
+Napi::Value CallOpVoid(const Napi::CallbackInfo& info) { return CallOpImpl(info, false); }
+
+// schema(index) → the operator's schema as text, for docs and error messages in TS.
+Napi::Value OpSchema(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  AddonData& d = Data(env);
+  uint32_t index = info[0].As<Napi::Number>().Uint32Value();
+  if (index >= d.ops.size()) throw Napi::RangeError::New(env, "no operator with index " + std::to_string(index));
+  return Napi::String::New(env, toString(d.ops[index].schema()));
+}
+
+}  // namespace
+
+void InitDispatch(Napi::Env env, Napi::Object exports) {
+  exports.Set("op", Napi::Function::New(env, ResolveOp, "op"));
+  exports.Set("call", Napi::Function::New(env, CallOp, "call"));
+  exports.Set("callVoid", Napi::Function::New(env, CallOpVoid, "callVoid"));
+  exports.Set("schema", Napi::Function::New(env, OpSchema, "schema"));
+}
+
+}  // namespace difflora
