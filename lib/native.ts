@@ -84,12 +84,10 @@ export interface NativeAddon {
 
 const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
-/** Where the addon may be: an explicit path, then the cmake-js build, then a node-gyp build. */
+/** Where the addon may be: only $DIFFLORA_ADDON when set, else the cmake-js build, then the node-gyp one. */
 function candidates(): string[] {
-  const list: string[] = [];
-  if (process.env.DIFFLORA_ADDON) list.push(resolve(process.env.DIFFLORA_ADDON));
-  list.push(join(packageRoot, 'build', 'Release', 'difflora.node'));
-  return list;
+  if (process.env.DIFFLORA_ADDON) return [resolve(process.env.DIFFLORA_ADDON)];
+  return [join(packageRoot, 'build', 'Release', 'difflora.node'), join(packageRoot, 'build-gyp', 'build', 'Release', 'difflora.node')];
 }
 
 /**

@@ -137,3 +137,5 @@ export function cat(tensors: Tensor[], dim = 0): Tensor { return A.cat(tensors, 
 export function stack(tensors: Tensor[], dim = 0): Tensor { return A.stack(tensors, dim) as Tensor; }
 export function where(condition: Tensor, x: Tensor, y: Tensor): Tensor { return A.where(condition, x, y) as Tensor; }
 export function einsum(equation: string, ...tensors: Tensor[]): Tensor { return A.einsum(equation, tensors) as Tensor; }
+
+export { Generator, defaultGenerator, manualSeed } from './random.js';

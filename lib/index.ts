@@ -1,0 +1,38 @@
+// difflora's public API, by group. Every name is listed here explicitly.
+
+// ---- Tensors: `torch` mirrors PyTorch's namespace (creation, scopes, autograd modes, randomness)
+import * as creation from './torch.js';
+import * as functional from './functional.js';
+import { Tensor } from './tensor.js';
+import { dispose, emptyCache, keep, memory, tidy } from './scope.js';
+import { autocast, enableGrad, inferenceMode, isAutocastEnabled, isGradEnabled, noGrad } from './autograd.js';
+import { Generator, defaultGenerator, manualSeed } from './random.js';
+import { native } from './native.js';
+
+export const torch = {
+  ...creation,
+  Tensor, Generator, defaultGenerator, manualSeed,
+  tidy, keep, dispose, memory, emptyCache,
+  noGrad, enableGrad, inferenceMode, autocast, isAutocastEnabled, isGradEnabled,
+  setNumThreads: (n: number): void => native.setNumThreads(n),
+  info: () => native.info(),
+  /** Waits for queued CUDA work (no-op on CPU). */
+  synchronize: (): void => native.synchronize(),
+  nn: { functional },
+} as const;
+export { functional as F, Tensor, Generator, tidy, keep, dispose, memory, noGrad, autocast };
+export type { DType } from './dtype.js';
+export type { Device, Scalar, Shape } from './tensor.js';
+export type { TensorOptions, RandomOptions } from './torch.js';
+
+// ---- nn basics
+export { Module, parameter, buffer } from './nn/module.js';
+export type { StateDict, LoadResult } from './nn/module.js';
+export { ModuleList, Sequential } from './nn/container.js';
+export { Linear, Conv2d, GroupNorm, LayerNorm, Embedding, Dropout } from './nn/layers.js';
+
+// ---- Optimisation
+export { AdamW } from './optim/adamw.js';
+export type { AdamWOptions } from './optim/adamw.js';
+export { GradScaler } from './optim/grad_scaler.js';
+export { clipGradNorm } from './optim/clip.js';

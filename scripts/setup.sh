@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian/Ubuntu machine to a working difflora checkout:
+#   system packages (libtorch and the build tools) when missing, npm dependencies, the native addon
+#   (cmake-js, and the node-gyp build that CI also exercises), and the compiled TypeScript.
+# Set LIBTORCH=/path/to/libtorch (or have PyTorch importable by python3) to build against libtorch 2.x/CUDA
+# instead of Debian's CPU libtorch; apt's libtorch is then not installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+for pkg in cmake g++ make python3; do
+  command -v "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [[ -z "${LIBTORCH:-}${TORCH_DIR:-}" ]] && ! python3 -c 'import torch' >/dev/null 2>&1; then
+  have_pkg libtorch-dev || need_apt+=(libtorch-dev)
+fi
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]} with apt-get"
+  SUDO=""
+  [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${need_apt[@]}"
+fi
+
+if [[ -f package-lock.json ]]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+npm run build:native
+npm run build:gyp
+npm run build:ts
+echo "setup: done. Run the tests with: npm test"

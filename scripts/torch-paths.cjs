@@ -1,0 +1,54 @@
+#!/usr/bin/env node
+// Prints libtorch's include dirs, link flags, C++ ABI define or the addon's sources, for binding.gyp.
+// libtorch is looked up in the same order as CMakeLists.txt: $LIBTORCH / $TORCH_DIR, a PyTorch install,
+// then the system (Debian's libtorch-dev).
+'use strict';
+const { execFileSync } = require('node:child_process');
+const { existsSync, readdirSync } = require('node:fs');
+const { join, resolve } = require('node:path');
+
+function fromPython() {
+  try {
+    const out = execFileSync('python3', ['-c',
+      'import torch, os, sys; sys.stdout.write(os.path.dirname(torch.__file__) + "\\n" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)))'],
+    { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] });
+    const [root, abi] = out.trim().split('\n');
+    return { root, abi: Number(abi) };
+  } catch {
+    return null;
+  }
+}
+
+function locate() {
+  const env = process.env.LIBTORCH || process.env.TORCH_DIR;
+  if (env) return { include: join(env, 'include'), lib: join(env, 'lib'), abi: 1 };
+  const py = fromPython();
+  if (py) return { include: join(py.root, 'include'), lib: join(py.root, 'lib'), abi: py.abi };
+  const arch = { x64: 'x86_64', arm64: 'aarch64' }[process.arch] || process.arch;
+  const lib = `/usr/lib/${arch}-linux-gnu`;
+  if (existsSync('/usr/include/torch/csrc/api/include')) return { include: '/usr/include', lib, abi: 1 };
+  console.error('difflora: libtorch not found. Install it with `npm run setup` (Debian libtorch-dev) or set LIBTORCH.');
+  process.exit(1);
+}
+
+const what = process.argv[2];
+if (what === 'sources') {
+  const dir = resolve(__dirname, '..', 'native');
+  console.log(readdirSync(dir).filter((f) => f.endsWith('.cc') && !f.startsWith('test_')).map((f) => `native/${f}`).join(' '));
+  process.exit(0);
+}
+const t = locate();
+if (what === 'include') {
+  console.log([t.include, join(t.include, 'torch/csrc/api/include')].join(' '));
+} else if (what === 'libs') {
+  const libs = ['torch', 'torch_cpu', 'c10'];
+  for (const extra of ['torch_cuda', 'c10_cuda']) {
+    if (existsSync(join(t.lib, `lib${extra}.so`))) libs.push(extra);
+  }
+  console.log([`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, ...libs.map((l) => `-l${l}`)].join(' '));
+} else if (what === 'abi') {
+  console.log(`_GLIBCXX_USE_CXX11_ABI=${t.abi}`);
+} else {
+  console.error('usage: torch-paths.cjs include|libs|abi|sources');
+  process.exit(2);
+}

@@ -1,0 +1,26 @@
+// Shared test helpers: fixture paths and the relative error used for every parity check.
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { tidy } from '../lib/scope.js';
+import type { Tensor } from '../lib/tensor.js';
+
+export const fixtures = join(dirname(fileURLToPath(import.meta.url)), 'fixtures');
+
+/** ‖ours − ref‖ / ‖ref‖ in float64 (0 when both are all zeros). */
+export function relErr(ours: Tensor, ref: Tensor): number {
+  return tidy(() => {
+    const a = ours.detach().to({ dtype: 'float64', device: 'cpu' });
+    const b = ref.detach().to({ dtype: 'float64', device: 'cpu' });
+    if (a.shape.join() !== b.shape.join()) throw new Error(`shape mismatch: [${a.shape}] vs [${b.shape}]`);
+    const num = a.sub(b).norm().item();
+    const den = b.norm().item();
+    return den === 0 ? num : num / den;
+  });
+}
+
+/** True when both tensors hold exactly the same bits. */
+export function bitEqual(a: Tensor, b: Tensor): boolean {
+  const x = new Uint8Array(a._toBuffer());
+  const y = new Uint8Array(b._toBuffer());
+  return x.length === y.length && x.every((v, i) => v === y[i]);
+}

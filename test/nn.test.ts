@@ -1,0 +1,137 @@
+// nn.Module: dotted names equal PyTorch's, strict state-dict loading, dtype moves, freezing.
+import { describe, expect, it } from 'vitest';
+import { Module, parameter, buffer } from '../lib/nn/module.js';
+import { ModuleList, Sequential } from '../lib/nn/container.js';
+import { Conv2d, Dropout, Embedding, GroupNorm, LayerNorm, Linear } from '../lib/nn/layers.js';
+import { dispose, memory, tidy } from '../lib/scope.js';
+import type { Tensor } from '../lib/tensor.js';
+import * as torch from '../lib/torch.js';
+import * as F from '../lib/functional.js';
+
+// The shape of diffusers' Attention: to_out is a ModuleList [Linear, Dropout], so its weight is `to_out.0.weight`.
+class Attention extends Module {
+  to_q = new Linear(8, 8, false);
+  to_k = new Linear(8, 8, false);
+  to_v = new Linear(8, 8, false);
+  to_out = new ModuleList<Module>([new Linear(8, 8), new Dropout(0)]);
+}
+
+class Block extends Module {
+  norm = new LayerNorm(8);
+  attn1 = new Attention();
+  counter: Tensor = buffer(torch.zeros([1]));
+  scratch: Tensor = buffer(torch.zeros([2]), false);
+}
+
+describe('Module', () => {
+  it('names parameters with PyTorch dotted paths, in declaration order', () => {
+    const b = new Block();
+    expect(b.namedParameters().map(([n]) => n)).toEqual([
+      'norm.weight', 'norm.bias', 'attn1.to_q.weight', 'attn1.to_k.weight', 'attn1.to_v.weight',
+      'attn1.to_out.0.weight', 'attn1.to_out.0.bias',
+    ]);
+    expect(b.namedBuffers().map(([n]) => n)).toEqual(['counter', 'scratch']);
+    // non-persistent buffers stay out of the state dict, as in PyTorch
+    expect([...b.stateDict().keys()]).toEqual(['counter', 'norm.weight', 'norm.bias', 'attn1.to_q.weight', 'attn1.to_k.weight',
+      'attn1.to_v.weight', 'attn1.to_out.0.weight', 'attn1.to_out.0.bias']);
+    expect(b.numParameters()).toBe(8 + 8 + 64 * 4 + 8);
+    b.dispose();
+  });
+
+  it('loads a state dict strictly, reporting missing, unexpected and mis-shaped keys', () => {
+    const a = new Block();
+    const b = new Block();
+    b.loadStateDict(a.stateDict());
+    for (const [k, t] of a.stateDict()) expect(tidy(() => t.eq(b.stateDict().get(k)!).all().item())).toBe(true);
+
+    const sd = new Map(a.stateDict());
+    sd.delete('norm.bias');
+    const extra = torch.zeros([3]);
+    sd.set('attn1.to_x.weight', extra);
+    expect(() => b.loadStateDict(sd)).toThrow(/missing key\(s\) \(1\): "norm.bias"[\s\S]*unexpected key\(s\) \(1\): "attn1.to_x.weight"/);
+    expect(b.loadStateDict(sd, { strict: false })).toEqual({ missingKeys: ['norm.bias'], unexpectedKeys: ['attn1.to_x.weight'] });
+
+    const wrong = new Map(a.stateDict());
+    const bad = torch.zeros([4, 8]);
+    wrong.set('attn1.to_q.weight', bad);
+    expect(() => b.loadStateDict(wrong)).toThrow(/size mismatch for 1 key\(s\):\n {2}attn1.to_q.weight: checkpoint \[4, 8\] vs model \[8, 8\]/);
+    dispose([extra, bad]);
+    a.dispose();
+    b.dispose();
+  });
+
+  it('moves to another dtype in place, keeping the same tensor objects', () => {
+    const l = new Linear(4, 3);
+    const w = l.weight;
+    const before = w.toFloat64Array();
+    l.to('float64');
+    expect(l.weight).toBe(w);
+    expect(w.dtype).toBe('float64');
+    expect(w.requiresGrad).toBe(true);
+    expect(w.toFloat64Array()).toEqual(before);
+    l.to('bfloat16');
+    expect(l.bias!.dtype).toBe('bfloat16');
+    l.dispose();
+  });
+
+  it('freezes and unfreezes, switches train/eval recursively, zeroes grads', () => {
+    const b = new Block();
+    b.requiresGrad_(false);
+    expect(b.parameters().every((p) => !p.requiresGrad)).toBe(true);
+    b.attn1.to_q.requiresGrad_(true);
+    expect(b.parameters().filter((p) => p.requiresGrad).length).toBe(1);
+    b.eval();
+    expect(b.namedModules().every(([, m]) => !m.training)).toBe(true);
+    b.train();
+    expect(b.attn1.to_out.at(1).training).toBe(true);
+    tidy(() => b.attn1.to_q.forward(torch.ones([1, 8])).sum().backward());
+    expect(b.attn1.to_q.weight.grad).not.toBeNull();
+    b.zeroGrad();
+    expect(b.attn1.to_q.weight.grad).toBeNull();
+    b.dispose();
+  });
+
+  it('parameters survive tidy scopes; temporaries do not', () => {
+    const before = memory().numTensors;
+    const l = tidy(() => new Linear(16, 16));
+    expect(memory().numTensors).toBe(before + 2);
+    tidy(() => { l.forward(torch.randn([2, 16])); });
+    expect(memory().numTensors).toBe(before + 2);
+    l.dispose();
+    expect(memory().numTensors).toBe(before);
+  });
+
+  it('layers compute what the functional ops compute, with PyTorch init bounds', () => {
+    tidy(() => {
+      torch.manualSeed(0);
+      const lin = new Linear(100, 10);
+      expect(lin.weight.abs().max().item()).toBeLessThanOrEqual(0.1);
+      const x = torch.randn([3, 100]);
+      expect(lin.forward(x).sub(x.matmul(lin.weight.t()).add(lin.bias!)).abs().max().item()).toBeLessThan(1e-5);
+      const conv = new Conv2d(4, 6, 3, { padding: 1 });
+      const img = torch.randn([1, 4, 5, 5]);
+      expect(conv.forward(img).shape).toEqual([1, 6, 5, 5]);
+      const gn = new GroupNorm(2, 4);
+      const y = gn.forward(img);
+      expect(y.sub(F.groupNorm(img, 2, gn.weight, gn.bias)).abs().max().item()).toBe(0);
+      const emb = new Embedding(10, 3);
+      expect(emb.forward(torch.tensor([1n, 2n])).shape).toEqual([2, 3]);
+      const seq = new Sequential([new Linear(4, 4), new Dropout(0.5)]);
+      seq.eval();
+      const inp = torch.ones([2, 4]);
+      expect(seq.forward(inp).shape).toEqual([2, 4]);
+      for (const m of [lin, conv, gn, emb, seq]) m.dispose();
+    });
+  });
+
+  it('custom modules register parameters with parameter() and index children with ModuleList', () => {
+    class Scale extends Module {
+      gamma = parameter(torch.ones([2]));
+      blocks = new ModuleList([new Linear(2, 2), new Linear(2, 2)]);
+    }
+    const s = new Scale();
+    expect(s.namedParameters().map(([n]) => n)).toEqual(['gamma', 'blocks.0.weight', 'blocks.0.bias', 'blocks.1.weight', 'blocks.1.bias']);
+    expect(() => s.blocks.at(5)).toThrow(/out of range/);
+    s.dispose();
+  });
+});
