@@ -112,8 +112,9 @@ function attentionComposite(q: Tensor, k: Tensor, v: Tensor, scale: number, o: A
       ? (A.empty([batch, lq, lk], dtypeCode(q.dtype), null, q.device, null, null) as Tensor).fill_(0).maskedFill(mask.logicalNot(), -Infinity).baddbmm(q3, kt, 1, scale)
       : mask.baddbmm(q3, kt, 1, scale);
   } else {
-    const empty = A.empty([batch, lq, lk], dtypeCode(q.dtype), null, q.device, null, null) as Tensor;
-    scores = empty.baddbmm(q3, kt, 0, scale);
+    // Not baddbmm(empty, ..., beta=0): libtorch 1.13's small-batch kernel (k·m·n < 400) still reads the
+    // uninitialised output as out*0 + alpha*acc, so a recycled block holding inf/NaN poisons the scores.
+    scores = q3.bmm(kt).mul_(scale);
   }
   if (o.isCausal) {
     const causal = (A.empty([lq, lk], dtypeCode('bool'), null, q.device, null, null) as Tensor).fill_(true);

@@ -16,7 +16,7 @@ const NativeBase = native.TensorHandle as unknown as new () => NativeTensorHandl
 const A = {
   add: op('add.Tensor'), addScalar: op('add.Scalar'), sub: op('sub.Tensor'), subScalar: op('sub.Scalar'),
   mul: op('mul.Tensor'), mulScalar: op('mul.Scalar'), div: op('div.Tensor'), divScalar: op('div.Scalar'),
-  divMode: op('div.Tensor_mode'), pow: op('pow.Tensor_Scalar'), powTensor: op('pow.Tensor_Tensor'),
+  divMode: op('div.Tensor_mode'), divScalarMode: op('div.Scalar_mode'), pow: op('pow.Tensor_Scalar'), powTensor: op('pow.Tensor_Tensor'),
   neg: op('neg'), exp: op('exp'), log: op('log'), sqrt: op('sqrt'), rsqrt: op('rsqrt'), abs: op('abs'),
   sin: op('sin'), cos: op('cos'), tanh: op('tanh'), sigmoid: op('sigmoid'), relu: op('relu'), silu: op('silu'),
   gelu: op('gelu'), reciprocal: op('reciprocal'), square: op('square'), floor: op('floor'), round: op('round'),
@@ -70,7 +70,7 @@ export class Tensor extends NativeBase {
     return v;
   }
   get isCuda(): boolean { return this.device.startsWith('cuda'); }
-  toString(): string {
+  override toString(): string {
     return this.isDisposed ? 'Tensor(disposed)' : `Tensor[${this.shape.join(', ')}] ${this.dtype} ${this.device}`;
   }
   [Symbol.dispose](): void { this.dispose(); }
@@ -108,9 +108,10 @@ export class Tensor extends NativeBase {
     const t = this.to('float64');
     try { return t.dataSync() as Float64Array; } finally { t.dispose(); }
   }
-  /** Nested arrays of numbers, as torch's tolist(). */
+  /** Nested arrays of numbers (booleans for a bool tensor), as torch's tolist(). */
   tolist(): unknown {
-    const flat = Array.from(this.toFloat64Array());
+    const values = Array.from(this.toFloat64Array());
+    const flat: (number | boolean)[] = this.dtype === 'bool' ? values.map((v) => v !== 0) : values;
     const shape = this.shape;
     const build = (dim: number, offset: number): unknown => {
       if (dim === shape.length) return flat[offset];
@@ -143,7 +144,7 @@ export class Tensor extends NativeBase {
   sub(other: Tensor | Scalar, alpha: Scalar = 1): Tensor { return (other instanceof Tensor ? A.sub(this, other, alpha) : A.subScalar(this, other, alpha)) as Tensor; }
   mul(other: Tensor | Scalar): Tensor { return (other instanceof Tensor ? A.mul(this, other) : A.mulScalar(this, other)) as Tensor; }
   div(other: Tensor | Scalar, roundingMode?: 'trunc' | 'floor'): Tensor {
-    if (roundingMode !== undefined) return A.divMode(this, other instanceof Tensor ? other : scalarLike(other, this), roundingMode) as Tensor;
+    if (roundingMode !== undefined) return (other instanceof Tensor ? A.divMode(this, other, roundingMode) : A.divScalarMode(this, other, roundingMode)) as Tensor;
     return (other instanceof Tensor ? A.div(this, other) : A.divScalar(this, other)) as Tensor;
   }
   pow(exponent: Tensor | Scalar): Tensor { return (exponent instanceof Tensor ? A.powTensor(this, exponent) : A.pow(this, exponent)) as Tensor; }
@@ -280,9 +281,4 @@ function dims(d: number | number[]): number[] { return typeof d === 'number' ? [
 function shapeArg(args: number[] | [number[]]): number[] {
   const first = args[0];
   return Array.isArray(first) ? first : (args as number[]);
-}
-
-const scalarTensor = op('scalar_tensor');
-function scalarLike(value: Scalar, like: Tensor): Tensor {
-  return scalarTensor(value, dtypeCode(like.dtype), null, like.device, null) as Tensor;
 }

@@ -76,11 +76,21 @@ const typedDtype = (data: TypedArray): DType | undefined => {
 };
 
 type Nested = number | boolean | bigint | Nested[];
-function flatten(data: Nested, shape: number[], out: (number | boolean | bigint)[], depth: number): void {
-  if (!Array.isArray(data)) { out.push(data); return; }
+/** Flattens nested arrays into out and their sizes into shape; every element must sit at the same depth. */
+function flatten(data: Nested, shape: number[], out: (number | boolean | bigint)[], depth: number, leaf = { depth: -1 }): void {
+  if (!Array.isArray(data)) {
+    if (typeof data !== 'number' && typeof data !== 'boolean' && typeof data !== 'bigint') {
+      throw new TypeError(`tensor(): elements must be numbers, booleans or bigints, got ${data === null ? 'null' : typeof data}`);
+    }
+    if (leaf.depth < 0) leaf.depth = depth;
+    if (leaf.depth !== depth || shape.length !== depth) throw new TypeError(`tensor(): ragged nested array (a number at depth ${depth}, where the shape is [${shape.join(', ')}])`);
+    out.push(data);
+    return;
+  }
+  if (leaf.depth >= 0 && depth >= leaf.depth) throw new TypeError(`tensor(): ragged nested array (an array at depth ${depth}, where numbers were found)`);
   if (shape.length === depth) shape.push(data.length);
   else if (shape[depth] !== data.length) throw new TypeError(`tensor(): ragged nested array at depth ${depth} (expected ${shape[depth]} elements, got ${data.length})`);
-  for (const x of data) flatten(x, shape, out, depth + 1);
+  for (const x of data) flatten(x, shape, out, depth + 1, leaf);
 }
 
 function toTyped(values: (number | boolean | bigint)[], dtype: DType): TypedArray {
@@ -109,6 +119,10 @@ export function tensor(data: TypedArray | Nested, o: TensorOptions & { shape?: r
     dtype = o.dtype ?? inferred ?? 'float32';
     if (inferred === undefined && o.dtype !== 'float16' && o.dtype !== 'bfloat16') {
       throw new TypeError('tensor(): a Uint16Array holds raw float16/bfloat16 bits; pass dtype float16 or bfloat16');
+    }
+    if (inferred !== undefined && (dtype === 'float16' || dtype === 'bfloat16')) {
+      const t = tensor(data, { shape: o.shape });
+      try { return finish(t.to({ dtype, device: o.device ?? 'cpu' }), o); } finally { t.dispose(); }
     }
     typed = inferred === undefined || inferred === dtype || (dtype === 'bool' && inferred === 'uint8') ? data : toTyped(Array.from(data as ArrayLike<number>), dtype);
     shape = o.shape ? [...o.shape] : [data.length];

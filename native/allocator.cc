@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -296,15 +297,15 @@ CachingCpuAllocator* allocatorInstance() {
   return instance;
 }
 
-// DIFFLORA_ALLOC_CACHE_MB, when set to a non-negative integer, overrides the default cap.
+// DIFFLORA_ALLOC_CACHE_MB, when set to a plain decimal number of MiB, overrides the default cap.
+// Anything else (empty, signs, spaces, units) is ignored.
 void applyCapFromEnv() {
   const char* env = std::getenv("DIFFLORA_ALLOC_CACHE_MB");
-  if (env == nullptr || *env == '\0') return;
-  char* end = nullptr;
+  if (env == nullptr || *env == '\0' || std::strspn(env, "0123456789") != std::strlen(env)) return;
   errno = 0;
-  unsigned long long mb = std::strtoull(env, &end, 10);
-  if (errno != 0 || *end != '\0' || env[0] == '-') return;  // ignore malformed values
-  cache().setCap(static_cast<uint64_t>(mb) * MiB);
+  unsigned long long mb = std::strtoull(env, nullptr, 10);
+  const uint64_t maxMb = UINT64_MAX / MiB;
+  cache().setCap(errno != 0 || mb > maxMb ? UINT64_MAX : static_cast<uint64_t>(mb) * MiB);
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Standalone test of the caching CPU allocator (native/allocator.cc); not part of the addon.
-// Build and run:
-//   g++ -O2 -std=c++17 -D_GLIBCXX_USE_CXX11_ABI=1 native/allocator.cc native/test_allocator.cc \
-//     -I/usr/include -I/usr/include/torch/csrc/api/include -ltorch -ltorch_cpu -lc10 -lpthread \
+// Build and run (one command):
+//   g++ -O2 -std=c++17 -D_GLIBCXX_USE_CXX11_ABI=1 native/allocator.cc native/test_allocator.cc
+//     -I/usr/include -I/usr/include/torch/csrc/api/include -ltorch -ltorch_cpu -lc10 -lpthread
 //     -o /tmp/test_allocator && /tmp/test_allocator
 // Prints one line per check group and PASS/FAIL at the end; exits non-zero on any failure.
 #include "allocator.h"
@@ -16,6 +16,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <random>
@@ -29,7 +30,7 @@ namespace {
 
 int failures = 0;
 
-#define CHECK(cond, ...)                                         \
+#define EXPECT(cond, ...)                                        \
   do {                                                           \
     if (!(cond)) {                                               \
       ++failures;                                                \
@@ -68,7 +69,7 @@ void printStats(const char* label) {
 
 void expectNothingLive(const char* where) {
   alloc::Stats s = alloc::stats();
-  CHECK(s.allocatedBytes == 0 && s.requestedBytes == 0 && s.numLiveBlocks == 0,
+  EXPECT(s.allocatedBytes == 0 && s.requestedBytes == 0 && s.numLiveBlocks == 0,
         "%s: allocated=%llu requested=%llu live=%llu", where, (unsigned long long)s.allocatedBytes,
         (unsigned long long)s.requestedBytes, (unsigned long long)s.numLiveBlocks);
 }
@@ -78,18 +79,24 @@ const std::vector<int64_t> kSizes = {0, 1, 100, 4 * KiB, 300 * KiB, 1 * MiB, 5 *
 // Tensors and raw blocks made by c10's default allocator before install() must still free correctly.
 void testInstall(at::Tensor& preTensor, void*& preRaw) {
   std::printf("install\n");
-  CHECK(!alloc::installed(), "installed before install()");
-  CHECK(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "unexpected CPU allocator at start");
+  EXPECT(!alloc::installed(), "installed before install()");
+  EXPECT(c10::GetCPUAllocator() == c10::GetDefaultCPUAllocator(), "unexpected CPU allocator at start");
   preTensor = at::ones({256 * KiB}, at::kFloat);  // 1 MiB, default allocator
   preRaw = c10::GetCPUAllocator()->raw_allocate(64 * KiB);
   alloc::install();
-  CHECK(alloc::installed(), "not installed after install()");
+  EXPECT(alloc::installed(), "not installed after install()");
   alloc::install();  // idempotent
-  CHECK(alloc::installed(), "not installed after second install()");
-  CHECK(c10::GetCPUAllocator()->raw_deleter() != nullptr, "raw_deleter is null");
+  EXPECT(alloc::installed(), "not installed after second install()");
+  EXPECT(c10::GetCPUAllocator()->raw_deleter() != nullptr, "raw_deleter is null");
+  const char* envCap = std::getenv("DIFFLORA_ALLOC_CACHE_MB");
+  // Malformed values are ignored by install(); an all-digit value is a cap in MiB.
+  bool envValid = envCap != nullptr && *envCap != '\0' && std::strspn(envCap, "0123456789") == std::strlen(envCap);
+  uint64_t expectCap = envValid ? std::strtoull(envCap, nullptr, 10) * MiB : 2048ull * MiB;
+  EXPECT(alloc::stats().cacheCapBytes == expectCap, "cap %llu, expected %llu",
+         (unsigned long long)alloc::stats().cacheCapBytes, (unsigned long long)expectCap);
   expectNothingLive("after install");
 
-  CHECK(preTensor.sum().item<float>() == 256 * KiB, "pre-install tensor content");
+  EXPECT(preTensor.sum().item<float>() == 256 * KiB, "pre-install tensor content");
   preTensor = at::Tensor();  // frees through the default allocator's own deleter
   // oneDNN frees its scratch memory with raw_deallocate() on whatever allocator is current.
   c10::GetCPUAllocator()->raw_deallocate(preRaw);
@@ -104,31 +111,31 @@ void testSizes() {
     for (int64_t n : kSizes) {
       at::Tensor t = bytes(n);
       uint8_t* p = t.data_ptr<uint8_t>();
-      CHECK(t.numel() == n, "numel %lld", (long long)n);
-      CHECK(aligned64(p), "size %lld not 64-byte aligned: %p", (long long)n, (void*)p);
+      EXPECT(t.numel() == n, "numel %lld", (long long)n);
+      EXPECT(aligned64(p), "size %lld not 64-byte aligned: %p", (long long)n, (void*)p);
       if (n > 0) {
         std::memset(p, 0xAB, n);
-        CHECK(p[0] == 0xAB && p[n - 1] == 0xAB, "write size %lld", (long long)n);
+        EXPECT(p[0] == 0xAB && p[n - 1] == 0xAB, "write size %lld", (long long)n);
         alloc::Stats s = alloc::stats();
-        CHECK(s.requestedBytes >= static_cast<uint64_t>(n) && s.allocatedBytes >= s.requestedBytes,
+        EXPECT(s.requestedBytes >= static_cast<uint64_t>(n) && s.allocatedBytes >= s.requestedBytes,
               "live accounting for size %lld", (long long)n);
       }
       // Float tensors through an op, too.
       if (n >= 4) {
         at::Tensor r = at::randn({n / 4});
-        CHECK(aligned64(r.data_ptr()), "randn %lld not aligned", (long long)n);
+        EXPECT(aligned64(r.data_ptr()), "randn %lld not aligned", (long long)n);
         float* f = r.data_ptr<float>();
         for (int64_t i = 0; i < n / 4; ++i) f[i] = 1.0f;
-        CHECK(r.sum().item<float>() == static_cast<float>(n / 4), "randn sum %lld", (long long)n);
+        EXPECT(r.sum().item<float>() == static_cast<float>(n / 4), "randn sum %lld", (long long)n);
       }
     }
   }
   alloc::Stats after = alloc::stats();
   expectNothingLive("after size round trips");
-  CHECK(after.cacheHits > before.cacheHits, "no cache hits on repeated sizes");
-  CHECK(after.cachedBytes <= after.cacheCapBytes, "cached over cap");
-  CHECK(after.numAllocs > before.numAllocs, "numAllocs did not move");
-  CHECK(after.peakAllocatedBytes >= static_cast<uint64_t>(33 * MiB), "peak below largest tensor");
+  EXPECT(after.cacheHits > before.cacheHits, "no cache hits on repeated sizes");
+  EXPECT(after.cachedBytes <= after.cacheCapBytes, "cached over cap");
+  EXPECT(after.numAllocs > before.numAllocs, "numAllocs did not move");
+  EXPECT(after.peakAllocatedBytes >= static_cast<uint64_t>(33 * MiB), "peak below largest tensor");
   printStats("sizes");
 }
 
@@ -147,9 +154,9 @@ void testSizeClasses() {
     uint64_t base = alloc::stats().allocatedBytes;
     at::Tensor t = bytes(n);
     uint64_t cls = alloc::stats().allocatedBytes - base;
-    CHECK(cls >= static_cast<uint64_t>(n), "class %llu < request %lld", (unsigned long long)cls, (long long)n);
+    EXPECT(cls >= static_cast<uint64_t>(n), "class %llu < request %lld", (unsigned long long)cls, (long long)n);
     // <= 64 bytes of rounding below 4 KiB, <= 12.5% above, <= one page between 256 KiB and 1 MiB.
-    CHECK(cls <= static_cast<uint64_t>(n) + 63 || cls <= static_cast<uint64_t>(n) + n / 8 + 1 ||
+    EXPECT(cls <= static_cast<uint64_t>(n) + 63 || cls <= static_cast<uint64_t>(n) + n / 8 + 1 ||
               (cls <= static_cast<uint64_t>(n) + 4095 && n <= 1 * MiB),
           "class %llu too wasteful for %lld", (unsigned long long)cls, (long long)n);
   }
@@ -161,13 +168,13 @@ void testZeroSize() {
   uint64_t allocs = alloc::stats().numAllocs;
   {
     at::Tensor t = at::empty({0});
-    CHECK(t.numel() == 0, "numel");
+    EXPECT(t.numel() == 0, "numel");
     at::Tensor u = at::cat({t, at::ones({3})});
-    CHECK(u.numel() == 3 && u.sum().item<float>() == 3.0f, "cat with empty");
+    EXPECT(u.numel() == 3 && u.sum().item<float>() == 3.0f, "cat with empty");
     c10::DataPtr d = c10::GetCPUAllocator()->allocate(0);  // direct zero-byte allocation
-    CHECK(d.device().is_cpu(), "device");
+    EXPECT(d.device().is_cpu(), "device");
   }
-  CHECK(alloc::stats().numAllocs > allocs, "zero-size allocations not counted");
+  EXPECT(alloc::stats().numAllocs > allocs, "zero-size allocations not counted");
   expectNothingLive("after zero size");
 }
 
@@ -176,7 +183,7 @@ void testRaw() {
   c10::Allocator* a = c10::GetCPUAllocator();
   for (size_t n : {size_t(1), size_t(5000), size_t(300 * KiB), size_t(3 * MiB)}) {
     void* p = a->raw_allocate(n);
-    CHECK(p != nullptr && aligned64(p), "raw_allocate %zu", n);
+    EXPECT(p != nullptr && aligned64(p), "raw_allocate %zu", n);
     std::memset(p, 1, n);
     a->raw_deallocate(p);
   }
@@ -192,14 +199,14 @@ void testCap() {
     for (int i = 0; i < 6; ++i) ts.push_back(bytes(512 * KiB));
   }  // six 512 KiB blocks freed: only two fit
   alloc::Stats s = alloc::stats();
-  CHECK(s.cachedBytes <= 1 * MiB && s.cachedBytes > 0, "cached=%llu with cap 1 MiB", (unsigned long long)s.cachedBytes);
+  EXPECT(s.cachedBytes <= 1 * MiB && s.cachedBytes > 0, "cached=%llu with cap 1 MiB", (unsigned long long)s.cachedBytes);
   alloc::setCacheCap(256 * KiB);  // trims immediately
   s = alloc::stats();
-  CHECK(s.cachedBytes <= 256 * KiB, "cached=%llu after lowering cap", (unsigned long long)s.cachedBytes);
-  CHECK(s.cacheCapBytes == static_cast<uint64_t>(256 * KiB), "cap not reported");
+  EXPECT(s.cachedBytes <= 256 * KiB, "cached=%llu after lowering cap", (unsigned long long)s.cachedBytes);
+  EXPECT(s.cacheCapBytes == static_cast<uint64_t>(256 * KiB), "cap not reported");
   alloc::setCacheCap(0);  // no caching at all
   { at::Tensor t = bytes(2 * MiB); }
-  CHECK(alloc::stats().cachedBytes == 0, "cap 0 still caches");
+  EXPECT(alloc::stats().cachedBytes == 0, "cap 0 still caches");
   alloc::setCacheCap(2048ull * MiB);
   expectNothingLive("after cap");
   printStats("cap");
@@ -210,17 +217,17 @@ void testEmptyCache() {
   at::Tensor live1 = bytes(3 * MiB);
   at::Tensor live2 = bytes(1000);
   { at::Tensor a = bytes(7 * MiB), b = bytes(2000), c = bytes(400 * KiB); }
-  CHECK(alloc::stats().cachedBytes > 0, "nothing cached before emptyCache");
+  EXPECT(alloc::stats().cachedBytes > 0, "nothing cached before emptyCache");
   alloc::emptyCache();
-  CHECK(alloc::stats().cachedBytes == 0, "cachedBytes=%llu after emptyCache", (unsigned long long)alloc::stats().cachedBytes);
+  EXPECT(alloc::stats().cachedBytes == 0, "cachedBytes=%llu after emptyCache", (unsigned long long)alloc::stats().cachedBytes);
   // Tensors that outlive emptyCache() still free correctly (back into the cache).
   std::memset(live1.data_ptr(), 7, 3 * MiB);
   live1 = at::Tensor();
   live2 = at::Tensor();
-  CHECK(alloc::stats().cachedBytes > 0, "freed-after-empty blocks not cached");
+  EXPECT(alloc::stats().cachedBytes > 0, "freed-after-empty blocks not cached");
   expectNothingLive("after emptyCache");
   alloc::resetPeak();
-  CHECK(alloc::stats().peakAllocatedBytes == 0, "resetPeak");
+  EXPECT(alloc::stats().peakAllocatedBytes == 0, "resetPeak");
 }
 
 // Real kernels, some on OpenMP worker threads and (where libtorch has it) through oneDNN, which
@@ -229,13 +236,13 @@ void testOps() {
   std::printf("ops (mkldnn=%d, threads=2)\n", at::hasMKLDNN() ? 1 : 0);
   at::set_num_threads(2);
   {
-    at::Tensor x = at::randn({4, 8, 32, 32}, at::TensorOptions().requires_grad(true));
-    at::Tensor w = at::randn({16, 8, 3, 3}, at::TensorOptions().requires_grad(true));
+    at::Tensor x = at::randn({4, 8, 32, 32}).requires_grad_();
+    at::Tensor w = at::randn({16, 8, 3, 3}).requires_grad_();
     at::Tensor y = at::conv2d(x, w, {}, 1, 1);
     at::Tensor z = at::matmul(y.flatten(1), at::randn({16 * 32 * 32, 10}));
     z.sum().backward();
-    CHECK(x.grad().defined() && w.grad().defined(), "grads");
-    CHECK(aligned64(y.data_ptr()), "conv output aligned");
+    EXPECT(x.grad().defined() && w.grad().defined(), "grads");
+    EXPECT(aligned64(y.data_ptr()), "conv output aligned");
   }
   expectNothingLive("after ops");
 }
@@ -272,10 +279,10 @@ void testThreads() {
   std::vector<std::thread> threads;
   for (int id = 0; id < 4; ++id) threads.emplace_back(worker, id);
   for (auto& t : threads) t.join();
-  CHECK(bad.load() == 0, "%d corrupted tensors", bad.load());
+  EXPECT(bad.load() == 0, "%d corrupted tensors", bad.load());
   expectNothingLive("after threads");
   alloc::Stats s = alloc::stats();
-  CHECK(s.cachedBytes <= s.cacheCapBytes, "cached over cap");
+  EXPECT(s.cachedBytes <= s.cacheCapBytes, "cached over cap");
   printStats("threads");
 }
 
@@ -300,7 +307,7 @@ void testRssLoop() {
   std::printf("  rss warm=%.1f MB end=%.1f MB growth=%.1f MB, %.2f us/iter (incl. 1 MiB memset)\n",
               rssWarm / double(MiB), rssEnd / double(MiB), growthMb, secs * 1e6 / iterations);
   // 64k small objects of ~96 bytes each account for ~6 MB of the growth.
-  CHECK(growthMb < 32.0, "RSS grew %.1f MB", growthMb);
+  EXPECT(growthMb < 32.0, "RSS grew %.1f MB", growthMb);
   expectNothingLive("after rss loop");
 }
 
@@ -321,7 +328,7 @@ int main() {
     testThreads();
     testRssLoop();
     alloc::emptyCache();
-    CHECK(alloc::stats().cachedBytes == 0, "final emptyCache");
+    EXPECT(alloc::stats().cachedBytes == 0, "final emptyCache");
     printStats("final");
   } catch (const std::exception& e) {
     ++failures;

@@ -23,7 +23,7 @@ function runWith(addon: string) {
 }
 
 describe('builds', () => {
-  for (const [name, path] of [['cmake-js', 'build/Release/difflora.node'], ['node-gyp', 'build-gyp/build/Release/difflora.node']]) {
+  for (const [name, path] of [['cmake-js', 'build/Release/difflora.node'], ['node-gyp', 'build-gyp/build/Release/difflora.node']] as const) {
     it(`the ${name} build loads and computes`, () => {
       expect(existsSync(join(root, path)), `${path} is missing: run npm run setup`).toBe(true);
       const r = runWith(join(root, path));

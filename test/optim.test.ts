@@ -126,9 +126,9 @@ describe('AdamW against torch.optim.AdamW', () => {
     const state = withMasters.stateDict();
     const master = state.tensors.get('0.master')!;
     expect(master.dtype).toBe('float32');
-    // 100 steps of ~lr each: 1 - 0.01 = 0.99, representable in bf16 only as 0.98828125 or 0.9921875
+    // 100 steps of ~lr each: 1 - 0.01 = 0.99; bf16 holds only 0.98828125 or 0.9921875 near it
     expect(Math.abs(master.mean().item() - 0.99)).toBeLessThan(1e-4);
-    expect(p.to('float32').mean().item()).toBeCloseTo(0.9921875, 6);
+    expect(p.to('float32').mean().item()).toBe(0.98828125); // nearest bf16 to 0.99
     // without masters each 1e-4 step is below bf16 resolution at 1.0 and is lost
     expect(q.to('float32').mean().item()).toBe(1);
     withMasters.dispose();
