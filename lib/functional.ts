@@ -84,7 +84,7 @@ let nativeSdpa: boolean | undefined;
 export interface AttentionOptions { attnMask?: Tensor | null; isCausal?: boolean; scale?: number; dropoutP?: number }
 /**
  * softmax(q kᵀ · scale + mask) v over the last two dims. Uses libtorch's fused kernel where it exists
- * (2.x); otherwise the classic composition diffusers' AttnProcessor uses (baddbmm, softmax, bmm).
+ * (2.x); otherwise the classic composition diffusers' AttnProcessor uses (q kᵀ by bmm, or baddbmm onto the mask; softmax; bmm).
  */
 export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions = {}): Tensor {
   const scale = o.scale ?? 1 / Math.sqrt(q.shape[q.shape.length - 1] ?? 1);

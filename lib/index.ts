@@ -16,6 +16,8 @@ export const torch = {
   noGrad, enableGrad, inferenceMode, autocast, isAutocastEnabled, isGradEnabled,
   setNumThreads: (n: number): void => native.setNumThreads(n),
   info: () => native.info(),
+  /** TF32 math for CUDA matmul/conv (--allow_tf32); returns the previous setting. */
+  setAllowTF32: (on: boolean): boolean => native.setAllowTF32(on),
   /** Waits for queued CUDA work (no-op on CPU). */
   synchronize: (): void => native.synchronize(),
   nn: { functional },
@@ -36,3 +38,6 @@ export { AdamW } from './optim/adamw.js';
 export type { AdamWOptions } from './optim/adamw.js';
 export { GradScaler } from './optim/grad_scaler.js';
 export { clipGradNorm } from './optim/clip.js';
+
+// ---- I/O
+export { loadSafetensors, saveSafetensors, readSafetensorsHeader } from './io/safetensors.js';

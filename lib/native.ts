@@ -79,6 +79,7 @@ export interface NativeAddon {
   setCacheCap(bytes: number): void;
   resetPeakMemory(): void;
   fromBuffer(data: ArrayBufferView, dtypeCode: number, shape: number[], device?: string): NativeTensorHandle;
+  setAllowTF32(on: boolean): boolean;
   synchronize(): void;
 }
 

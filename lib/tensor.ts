@@ -108,10 +108,9 @@ export class Tensor extends NativeBase {
     const t = this.to('float64');
     try { return t.dataSync() as Float64Array; } finally { t.dispose(); }
   }
-  /** Nested arrays of numbers (booleans for a bool tensor), as torch's tolist(). */
+  /** Nested arrays of numbers, as torch's tolist(). */
   tolist(): unknown {
-    const values = Array.from(this.toFloat64Array());
-    const flat: (number | boolean)[] = this.dtype === 'bool' ? values.map((v) => v !== 0) : values;
+    const flat = Array.from(this.toFloat64Array());
     const shape = this.shape;
     const build = (dim: number, offset: number): unknown => {
       if (dim === shape.length) return flat[offset];

@@ -92,6 +92,16 @@ Napi::Value FromBuffer(const Napi::CallbackInfo& info) {
   return WrapTensor(env, t);
 }
 
+// setAllowTF32(on): TF32 tensor-core math for CUDA matmuls and cuDNN convolutions (Ampere and newer), as
+// torch.backends.cuda.matmul.allow_tf32 / torch.backends.cudnn.allow_tf32. Returns the previous matmul flag.
+Napi::Value SetAllowTF32(const Napi::CallbackInfo& info) {
+  bool on = info[0].ToBoolean();
+  bool prev = at::globalContext().allowTF32CuBLAS();
+  at::globalContext().setAllowTF32CuBLAS(on);
+  at::globalContext().setAllowTF32CuDNN(on);
+  return Napi::Boolean::New(info.Env(), prev);
+}
+
 Napi::Value Synchronize(const Napi::CallbackInfo& info) {
   if (at::hasCUDA()) at::detail::getCUDAHooks().deviceSynchronize(at::detail::getCUDAHooks().current_device());
   return info.Env().Undefined();
@@ -107,6 +117,7 @@ void InitRuntime(Napi::Env env, Napi::Object exports) {
   exports.Set("setCacheCap", Napi::Function::New(env, SetCacheCap));
   exports.Set("resetPeakMemory", Napi::Function::New(env, ResetPeak));
   exports.Set("fromBuffer", Napi::Function::New(env, FromBuffer));
+  exports.Set("setAllowTF32", Napi::Function::New(env, SetAllowTF32));
   exports.Set("synchronize", Napi::Function::New(env, Synchronize));
 }
 

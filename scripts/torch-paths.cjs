@@ -45,7 +45,8 @@ if (what === 'include') {
   for (const extra of ['torch_cuda', 'c10_cuda']) {
     if (existsSync(join(t.lib, `lib${extra}.so`))) libs.push(extra);
   }
-  console.log([`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, ...libs.map((l) => `-l${l}`)].join(' '));
+  // --no-as-needed: nothing references libtorch_cuda's symbols directly, but it must load to register CUDA kernels
+  console.log([`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, '-Wl,--no-as-needed', ...libs.map((l) => `-l${l}`)].join(' '));
 } else if (what === 'abi') {
   console.log(`_GLIBCXX_USE_CXX11_ABI=${t.abi}`);
 } else {
