@@ -1,0 +1,112 @@
+// diffusers' `Attention`: owns the projections (to_q, to_k, to_v, to_out.0) and delegates the math to a
+// processor. LoRA attaches to the projections; the processor stays the same.
+import * as F from '../functional.js';
+import { Module } from '../nn/module.js';
+import { ModuleList } from '../nn/container.js';
+import { Dropout, GroupNorm, Linear } from '../nn/layers.js';
+import type { Tensor } from '../tensor.js';
+
+export interface AttentionConfig {
+  queryDim: number;
+  /** Dimension of encoder_hidden_states (cross-attention); self-attention when omitted. */
+  crossAttentionDim?: number;
+  heads?: number;
+  dimHead?: number;
+  dropout?: number;
+  /** Bias of to_q/to_k/to_v. */
+  bias?: boolean;
+  outBias?: boolean;
+  upcastAttention?: boolean;
+  /** GroupNorm before the projections (VAE mid-block attention). */
+  normNumGroups?: number;
+  eps?: number;
+  residualConnection?: boolean;
+  rescaleOutputFactor?: number;
+}
+
+/** Computes attention from an Attention module's weights (diffusers' AttnProcessor2_0). */
+export interface AttentionProcessor {
+  call(attn: Attention, hiddenStates: Tensor, encoderHiddenStates?: Tensor | null, attentionMask?: Tensor | null): Tensor;
+}
+
+export class Attention extends Module {
+  group_norm: GroupNorm | null;
+  to_q: Module & { forward(x: Tensor): Tensor };
+  to_k: Module & { forward(x: Tensor): Tensor };
+  to_v: Module & { forward(x: Tensor): Tensor };
+  to_out: ModuleList<Module & { forward(x: Tensor): Tensor }>;
+  readonly heads: number;
+  readonly dimHead: number;
+  readonly scale: number;
+  readonly upcastAttention: boolean;
+  readonly residualConnection: boolean;
+  readonly rescaleOutputFactor: number;
+  processor: AttentionProcessor = new AttnProcessor();
+
+  constructor(c: AttentionConfig) {
+    super();
+    this.heads = c.heads ?? 8;
+    this.dimHead = c.dimHead ?? 64;
+    this.scale = this.dimHead ** -0.5;
+    this.upcastAttention = c.upcastAttention ?? false;
+    this.residualConnection = c.residualConnection ?? false;
+    this.rescaleOutputFactor = c.rescaleOutputFactor ?? 1;
+    const inner = this.heads * this.dimHead;
+    const cross = c.crossAttentionDim ?? c.queryDim;
+    const bias = c.bias ?? false;
+    this.group_norm = c.normNumGroups ? new GroupNorm(c.normNumGroups, c.queryDim, c.eps ?? 1e-5, true) : null;
+    this.to_q = new Linear(c.queryDim, inner, bias);
+    this.to_k = new Linear(cross, inner, bias);
+    this.to_v = new Linear(cross, inner, bias);
+    this.to_out = new ModuleList([new Linear(inner, c.queryDim, c.outBias ?? true), new Dropout(c.dropout ?? 0)]);
+  }
+
+  forward(hiddenStates: Tensor, encoderHiddenStates?: Tensor | null, attentionMask?: Tensor | null): Tensor {
+    return this.processor.call(this, hiddenStates, encoderHiddenStates, attentionMask);
+  }
+
+  /** [B, L, heads·d] → [B, heads, L, d] */
+  headToBatchDim(x: Tensor): Tensor {
+    const [b, l] = x.shape as [number, number, number];
+    return x.view(b, l, this.heads, -1).transpose(1, 2);
+  }
+
+  /** [B, heads, L, d] → [B, L, heads·d] */
+  batchToHeadDim(x: Tensor): Tensor {
+    const [b, , l] = x.shape as [number, number, number, number];
+    return x.transpose(1, 2).reshape(b, l, -1);
+  }
+}
+
+/**
+ * Scaled-dot-product attention over the projections: libtorch's fused kernel where it exists, else the
+ * exact composition. Handles 4-D (image) input by flattening the spatial dims, as diffusers does.
+ */
+export class AttnProcessor implements AttentionProcessor {
+  call(attn: Attention, hiddenStates: Tensor, encoderHiddenStates?: Tensor | null, attentionMask?: Tensor | null): Tensor {
+    const residual = hiddenStates;
+    const image = hiddenStates.ndim === 4;
+    const [b, c, h, w] = hiddenStates.shape as [number, number, number, number];
+    let x = image ? hiddenStates.view(b, c, h * w).transpose(1, 2) : hiddenStates;
+    if (attn.group_norm) x = attn.group_norm.forward(x.transpose(1, 2)).transpose(1, 2);
+    const context = encoderHiddenStates ?? x;
+    let q = attn.headToBatchDim(attn.to_q.forward(x));
+    let k = attn.headToBatchDim(attn.to_k.forward(context));
+    const v = attn.headToBatchDim(attn.to_v.forward(context));
+    const dtype = q.dtype;
+    if (attn.upcastAttention && dtype !== 'float32') {
+      // upcast_attention: scores in fp32 (SD 2.x configs), as diffusers' get_attention_scores
+      q = q.float();
+      k = k.float();
+    }
+    let out = F.scaledDotProductAttention(q, k, attn.upcastAttention && dtype !== 'float32' ? v.float() : v, { attnMask: attentionMask ?? null, scale: attn.scale });
+    if (out.dtype !== dtype) out = out.to(dtype);
+    out = attn.batchToHeadDim(out);
+    out = attn.to_out.at(0).forward(out);
+    out = attn.to_out.at(1).forward(out);
+    if (image) out = out.transpose(-1, -2).reshape(b, c, h, w);
+    if (attn.residualConnection) out = out.add(residual);
+    if (attn.rescaleOutputFactor !== 1) out = out.div(attn.rescaleOutputFactor);
+    return out;
+  }
+}
