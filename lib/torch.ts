@@ -15,6 +15,21 @@ const A = {
   zerosLike: op('zeros_like'), onesLike: op('ones_like'), einsum: op('einsum'),
 };
 
+// Device for creation functions given no device (torch.set_default_device). Building a model under
+// withDefaultDevice('meta', ...) allocates no memory: shapes only, e.g. to check a full-size key set.
+let defaultDevice: Device | null = null;
+
+/** Runs fn with creation functions defaulting to `device` (restored afterwards, also on a throw). */
+export function withDefaultDevice<T>(device: Device, fn: () => T): T {
+  const prev = defaultDevice;
+  defaultDevice = device;
+  try {
+    return fn();
+  } finally {
+    defaultDevice = prev;
+  }
+}
+
 function finish(t: Tensor, o: TensorOptions): Tensor {
   if (o.requiresGrad) t.requiresGrad = true;
   return t;
@@ -22,16 +37,16 @@ function finish(t: Tensor, o: TensorOptions): Tensor {
 const code = (o: TensorOptions, fallback: DType = 'float32'): number => dtypeCode(o.dtype ?? fallback);
 
 export function zeros(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.zeros(shape, code(o), null, o.device ?? null, null) as Tensor, o);
+  return finish(A.zeros(shape, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
 }
 export function ones(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.ones(shape, code(o), null, o.device ?? null, null) as Tensor, o);
+  return finish(A.ones(shape, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
 }
 export function full(shape: readonly number[], value: Scalar, o: TensorOptions = {}): Tensor {
-  return finish(A.full(shape, value, code(o), null, o.device ?? null, null) as Tensor, o);
+  return finish(A.full(shape, value, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
 }
 export function empty(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.empty(shape, code(o), null, o.device ?? null, null, null) as Tensor, o);
+  return finish(A.empty(shape, code(o), null, o.device ?? defaultDevice, null, null) as Tensor, o);
 }
 export function zerosLike(t: Tensor, o: TensorOptions = {}): Tensor {
   return finish(A.zerosLike(t, o.dtype ? dtypeCode(o.dtype) : null, null, o.device ?? null, null, null) as Tensor, o);
@@ -43,21 +58,21 @@ export function onesLike(t: Tensor, o: TensorOptions = {}): Tensor {
 /** arange(end) or arange(start, end, step); integral arguments give int64, as in PyTorch. */
 export function arange(startOrEnd: number, end?: number, step = 1, o: TensorOptions = {}): Tensor {
   const [s, e] = end === undefined ? [0, startOrEnd] : [startOrEnd, end];
-  return finish(A.arange(s, e, step, o.dtype ? dtypeCode(o.dtype) : null, null, o.device ?? null, null) as Tensor, o);
+  return finish(A.arange(s, e, step, o.dtype ? dtypeCode(o.dtype) : null, null, o.device ?? defaultDevice, null) as Tensor, o);
 }
 export function linspace(start: number, end: number, steps: number, o: TensorOptions = {}): Tensor {
-  return finish(A.linspace(start, end, steps, code(o), null, o.device ?? null, null) as Tensor, o);
+  return finish(A.linspace(start, end, steps, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
 }
 
 export function rand(shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return finish(A.rand(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? null, null) as Tensor, o);
+  return finish(A.rand(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor, o);
 }
 export function randn(shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return finish(A.randn(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? null, null) as Tensor, o);
+  return finish(A.randn(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor, o);
 }
 /** Integers uniform in [low, high). */
 export function randint(low: number, high: number, shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return A.randint(low, high, shape, o.generator ?? null, code(o, 'int64'), null, o.device ?? o.generator?.device ?? null, null) as Tensor;
+  return A.randint(low, high, shape, o.generator ?? null, code(o, 'int64'), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor;
 }
 /** randn with the shape, dtype and device of t (a generator may be given, unlike torch.randn_like). */
 export function randnLike(t: Tensor, o: RandomOptions = {}): Tensor {
