@@ -75,6 +75,8 @@ Napi::Value WrapTensor(Napi::Env env, at::Tensor t);
 // Returns the tensor behind a JS tensor object, or throws a TypeError naming `what`.
 at::Tensor& UnwrapTensor(Napi::Env env, const Napi::Value& v, const std::string& what);
 bool IsTensor(Napi::Env env, const Napi::Value& v);
+// The live tensor behind v, or nullptr when v is no tensor or a disposed one (no error built: hot path).
+at::Tensor* TryUnwrapTensor(napi_env env, napi_value v);
 std::vector<at::Tensor> UnwrapTensorList(Napi::Env env, const Napi::Value& v, const std::string& what);
 
 // Human-readable description of a tensor for error messages: "Tensor[2, 3] float32 cpu".

@@ -90,7 +90,11 @@ c10::IValue ToList(Napi::Env env, const Napi::Value& v, const c10::ListTypePtr& 
     case c10::TypeKind::TensorType: {
       c10::List<at::Tensor> out;
       out.reserve(n);
-      for (uint32_t i = 0; i < n; ++i) out.push_back(UnwrapTensor(env, a.Get(i), "argument '" + arg.name() + "'"));
+      for (uint32_t i = 0; i < n; ++i) {
+        Napi::Value x = a.Get(i);
+        at::Tensor* t = TryUnwrapTensor(env, x);
+        out.push_back(t ? *t : UnwrapTensor(env, x, "argument '" + arg.name() + "'"));
+      }
       return c10::IValue(out);
     }
     case c10::TypeKind::OptionalType: {  // Tensor?[] (index)
@@ -113,7 +117,8 @@ c10::IValue ToIValue(Napi::Env env, const Napi::Value& v, const c10::TypePtr& ty
       if (v.IsNull() || v.IsUndefined()) return c10::IValue();
       return ToIValue(env, v, type->expectRef<c10::OptionalType>().getElementType(), arg);
     case c10::TypeKind::TensorType:
-      return c10::IValue(UnwrapTensor(env, v, "argument '" + arg.name() + "'"));
+      if (at::Tensor* t = TryUnwrapTensor(env, v)) return c10::IValue(*t);
+      return c10::IValue(UnwrapTensor(env, v, "argument '" + arg.name() + "'"));  // throws the right error
     case c10::TypeKind::IntType:
     case c10::TypeKind::SymIntType:
     case c10::TypeKind::ScalarTypeType:

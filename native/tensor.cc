@@ -7,6 +7,11 @@ namespace difflora {
 
 AddonData& Data(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }
 
+// Every tensor object carries this tag: recognising one is a private-symbol lookup, much cheaper than
+// instanceof (which walks prototypes and looks up Symbol.hasInstance), and objects wrapped by other
+// addons can never be mistaken for ours.
+static const napi_type_tag kTensorTag = {0x6469666c6f726121ULL, 0x74656e736f72f00dULL};
+
 std::string DTypeName(c10::ScalarType t) {
   switch (t) {
     case at::kFloat: return "float32";
@@ -81,6 +86,7 @@ TensorHandle::TensorHandle(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Te
   d.pending = at::Tensor();
   d.hasPending = false;
   defined_ = true;
+  Value().TypeTag(&kTensorTag);
   live_ = d.liveTensors;
   (*live_)++;
 }
@@ -117,10 +123,20 @@ Napi::Value WrapTensor(Napi::Env env, at::Tensor t) {
 
 bool IsTensor(Napi::Env env, const Napi::Value& v) {
   if (!v.IsObject()) return false;
-  return v.As<Napi::Object>().InstanceOf(Data(env).tensorClass.Value());
+  return v.As<Napi::Object>().CheckTypeTag(&kTensorTag);
+}
+
+at::Tensor* TryUnwrapTensor(napi_env env, napi_value v) {
+  bool tagged = false;
+  if (napi_check_object_type_tag(env, v, &kTensorTag, &tagged) != napi_ok || !tagged) return nullptr;
+  void* wrapped = nullptr;
+  if (napi_unwrap(env, v, &wrapped) != napi_ok || !wrapped) return nullptr;
+  TensorHandle* h = static_cast<TensorHandle*>(wrapped);
+  return h->disposed() ? nullptr : &h->tensor(Napi::Env(env));
 }
 
 at::Tensor& UnwrapTensor(Napi::Env env, const Napi::Value& v, const std::string& what) {
+  if (at::Tensor* t = TryUnwrapTensor(env, v)) return *t;
   if (!IsTensor(env, v)) throw Napi::TypeError::New(env, what + ": expected a Tensor");
   TensorHandle* h = TensorHandle::Unwrap(v.As<Napi::Object>());
   if (h->disposed()) throw Napi::Error::New(env, what + ": Tensor is disposed");
