@@ -8,12 +8,13 @@ import { dispose, emptyCache, keep, memory, tidy } from './scope.js';
 import { autocast, enableGrad, inferenceMode, isAutocastEnabled, isGradEnabled, noGrad } from './autograd.js';
 import { Generator, defaultGenerator, manualSeed } from './random.js';
 import { native } from './native.js';
+import { checkpoint } from './checkpoint.js';
 
 export const torch = {
   ...creation,
   Tensor, Generator, defaultGenerator, manualSeed,
   tidy, keep, dispose, memory, emptyCache,
-  noGrad, enableGrad, inferenceMode, autocast, isAutocastEnabled, isGradEnabled,
+  noGrad, enableGrad, inferenceMode, autocast, isAutocastEnabled, isGradEnabled, checkpoint,
   setNumThreads: (n: number): void => native.setNumThreads(n),
   info: () => native.info(),
   /** TF32 math for CUDA matmul/conv (--allow_tf32); returns the previous setting. */
@@ -22,7 +23,7 @@ export const torch = {
   synchronize: (): void => native.synchronize(),
   nn: { functional },
 } as const;
-export { functional as F, Tensor, Generator, tidy, keep, dispose, memory, noGrad, autocast };
+export { functional as F, Tensor, Generator, tidy, keep, dispose, memory, noGrad, autocast, checkpoint };
 export type { DType } from './dtype.js';
 export type { Device, Scalar, Shape } from './tensor.js';
 export type { TensorOptions, RandomOptions } from './torch.js';

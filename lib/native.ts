@@ -71,6 +71,10 @@ export interface NativeAddon {
   // safetensors.cc
   mapTensors(path: string, fileSize: number, dataOffset: number, entries: SafetensorsEntry[]): NativeTensorHandle[];
   writeFileAtomic(path: string, header: Uint8Array, tensors: NativeTensorHandle[]): void;
+  // checkpoint.cc
+  tapeBegin(inputs: NativeTensorHandle[]): void;
+  tapeAbort(): void;
+  tapeEnd(inputs: NativeTensorHandle[], outputs: NativeTensorHandle[]): NativeTensorHandle[];
   // runtime.cc
   info(): NativeInfo;
   setNumThreads(n: number): void;

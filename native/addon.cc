@@ -26,6 +26,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitOptim(env, exports);
   InitSafetensors(env, exports);
   InitRuntime(env, exports);
+  InitCheckpoint(env, exports);
   return exports;
 }
 

@@ -36,6 +36,22 @@ void SetAutocastDType(c10::DeviceType d, c10::ScalarType t) {
 }
 #endif
 
+}  // namespace
+
+AutocastState CurrentAutocast() {
+  return {AutocastEnabled(c10::DeviceType::CPU), AutocastEnabled(c10::DeviceType::CUDA),
+          AutocastDType(c10::DeviceType::CPU), AutocastDType(c10::DeviceType::CUDA)};
+}
+
+void SetAutocast(const AutocastState& s) {
+  SetAutocastEnabled(c10::DeviceType::CPU, s.cpuEnabled);
+  SetAutocastEnabled(c10::DeviceType::CUDA, s.cudaEnabled);
+  SetAutocastDType(c10::DeviceType::CPU, s.cpuDtype);
+  SetAutocastDType(c10::DeviceType::CUDA, s.cudaDtype);
+}
+
+namespace {
+
 // autocastEnter(deviceType, enabled, dtypeCode) → [prevEnabled, prevDtypeCode]
 Napi::Value AutocastEnter(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

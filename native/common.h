@@ -19,6 +19,8 @@
 
 namespace difflora {
 
+struct Tape;  // checkpoint.cc: the op calls recorded inside a checkpointed region
+
 // Per-addon state lives in the env's instance data (never in C++ statics): vitest may load the addon
 // in several workers of one process.
 struct AddonData {
@@ -31,6 +33,7 @@ struct AddonData {
   std::shared_ptr<int64_t> liveTensors = std::make_shared<int64_t>(0);
   std::vector<c10::OperatorHandle> ops;   // resolved once by name, then called by index
   std::vector<std::unique_ptr<c10::InferenceMode>> inferenceGuards;  // entered/exited from JS, LIFO
+  std::shared_ptr<Tape> tape;             // set while a checkpointed function runs
 };
 
 AddonData& Data(Napi::Env env);
@@ -99,11 +102,28 @@ auto Guard(Napi::Env env, const std::function<std::string()>& what, F&& body) ->
   }
 }
 
+// Autocast state of CPU and CUDA (autograd.cc), captured and re-entered around a checkpoint replay.
+struct AutocastState {
+  bool cpuEnabled = false, cudaEnabled = false;
+  c10::ScalarType cpuDtype = at::kBFloat16, cudaDtype = at::kHalf;
+};
+AutocastState CurrentAutocast();
+void SetAutocast(const AutocastState& s);
+struct AutocastGuard {
+  AutocastState saved;
+  explicit AutocastGuard(const AutocastState& s) : saved(CurrentAutocast()) { SetAutocast(s); }
+  ~AutocastGuard() { SetAutocast(saved); }
+};
+
 // Registration functions of each source file.
 void InitDispatch(Napi::Env env, Napi::Object exports);
 void InitAutograd(Napi::Env env, Napi::Object exports);
 void InitOptim(Napi::Env env, Napi::Object exports);
 void InitSafetensors(Napi::Env env, Napi::Object exports);
 void InitRuntime(Napi::Env env, Napi::Object exports);
+void InitCheckpoint(Napi::Env env, Napi::Object exports);
+
+// Called by the dispatcher for every op while a tape records (args as passed, results as returned).
+void RecordOp(Tape& tape, const c10::OperatorHandle& op, const torch::jit::Stack& args, const torch::jit::Stack& results);
 
 }  // namespace difflora

@@ -230,7 +230,13 @@ Napi::Value CallOpImpl(const Napi::CallbackInfo& info, bool wantResult) {
   } catch (const Napi::Error& e) {
     throw Napi::TypeError::New(env, CallDescription(info, op) + ": " + e.Message() + " (schema: " + toString(schema) + ")");
   }
-  Guard(env, [&] { return CallDescription(info, op); }, [&] { op.callBoxed(&stack); });
+  if (d.tape) {
+    torch::jit::Stack args = stack;  // IValues are reference-counted: a cheap copy, only while recording
+    Guard(env, [&] { return CallDescription(info, op); }, [&] { op.callBoxed(&stack); });
+    RecordOp(*d.tape, op, args, stack);
+  } else {
+    Guard(env, [&] { return CallDescription(info, op); }, [&] { op.callBoxed(&stack); });
+  }
   if (stack.empty() || !wantResult) return env.Undefined();
   if (stack.size() == 1) return FromIValue(env, stack[0]);
   Napi::Array out = Napi::Array::New(env, stack.size());
