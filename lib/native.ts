@@ -34,6 +34,9 @@ export interface CpuMemory {
   numAllocs: number; cacheHits: number; cacheMisses: number; numLiveBlocks: number; cacheCapBytes: number;
 }
 
+/** Per CUDA device, from libtorch's CUDA caching allocator (empty on CPU-only builds). */
+export interface CudaMemory { allocatedBytes: number; peakAllocatedBytes: number; reservedBytes: number }
+
 export interface NativeInfo {
   torchVersion: string; cudaAvailable: boolean; cudaDeviceCount: number; numThreads: number;
   numInteropThreads: number; parallelInfo: string; mkldnn: boolean; allocator: string;
@@ -78,7 +81,7 @@ export interface NativeAddon {
   // runtime.cc
   info(): NativeInfo;
   setNumThreads(n: number): void;
-  memory(): { numTensors: number; cpu: CpuMemory };
+  memory(): { numTensors: number; cpu: CpuMemory; cuda: CudaMemory[] };
   emptyCache(): void;
   setCacheCap(bytes: number): void;
   resetPeakMemory(): void;

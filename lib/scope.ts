@@ -92,6 +92,8 @@ export interface MemoryInfo {
   numTensors: number;
   /** CPU allocator counters (bytes in use, cached, peak, hits). */
   cpu: ReturnType<typeof native.memory>['cpu'];
+  /** Per CUDA device: bytes allocated, peak, and reserved by libtorch's CUDA caching allocator. */
+  cuda: ReturnType<typeof native.memory>['cuda'];
 }
 
 /** Live tensor count and allocator counters. */
@@ -99,7 +101,7 @@ export function memory(): MemoryInfo {
   return native.memory();
 }
 
-/** Returns cached CPU blocks to the operating system. */
+/** Returns cached CPU blocks to the operating system and cached CUDA blocks to the driver. */
 export function emptyCache(): void {
   native.emptyCache();
 }

@@ -3,6 +3,9 @@
 #include "allocator.h"
 
 #include <ATen/Parallel.h>
+#ifdef DIFFLORA_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
 
 namespace difflora {
 namespace {
@@ -45,11 +48,28 @@ Napi::Value Memory(const Napi::CallbackInfo& info) {
   cpu.Set("numLiveBlocks", static_cast<double>(s.numLiveBlocks));
   cpu.Set("cacheCapBytes", static_cast<double>(s.cacheCapBytes));
   o.Set("cpu", cpu);
+  Napi::Array cuda = Napi::Array::New(env);
+#ifdef DIFFLORA_WITH_CUDA
+  // Index 0 of each stat array is the aggregate over pool types (StatType::AGGREGATE in every version).
+  int n = at::hasCUDA() ? at::detail::getCUDAHooks().getNumGPUs() : 0;
+  for (int i = 0; i < n; ++i) {
+    auto st = c10::cuda::CUDACachingAllocator::getDeviceStats(static_cast<c10::DeviceIndex>(i));
+    Napi::Object dev = Napi::Object::New(env);
+    dev.Set("allocatedBytes", static_cast<double>(st.allocated_bytes[0].current));
+    dev.Set("peakAllocatedBytes", static_cast<double>(st.allocated_bytes[0].peak));
+    dev.Set("reservedBytes", static_cast<double>(st.reserved_bytes[0].current));
+    cuda.Set(static_cast<uint32_t>(i), dev);
+  }
+#endif
+  o.Set("cuda", cuda);
   return o;
 }
 
 Napi::Value EmptyCache(const Napi::CallbackInfo& info) {
   alloc::emptyCache();
+#ifdef DIFFLORA_WITH_CUDA
+  if (at::hasCUDA()) c10::cuda::CUDACachingAllocator::emptyCache();
+#endif
   return info.Env().Undefined();
 }
 

@@ -1,7 +1,7 @@
 // GPU checks for the device machine (no Node test runner there): CUDA tensors, autograd, autocast,
 // AdamW/GradScaler/clipping against the CPU, generators, safetensors to CUDA, flat memory.
 // Usage: node bench/gpu/check.mjs   (after building the addon against a CUDA libtorch and `npm run build:ts`)
-import { torch, F, AdamW, GradScaler, clipGradNorm, loadSafetensors, saveSafetensors, Linear } from '../../dist/index.js';
+import { torch, F, AdamW, GradScaler, clipGradNorm, loadSafetensors, saveSafetensors, Linear, checkpoint } from '../../dist/index.js';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -152,6 +152,26 @@ check('safetensors: save from cuda, load to cuda', () => {
   assert(u.device === 'cuda:0' && u.dtype === 'bfloat16', `${u.device} ${u.dtype}`);
   assert(relErr(u, t) === 0, 'values');
 });
+check('gradient checkpointing on cuda: replay on the device thread gives the same grads (with dropout)', () => {
+  torch.manualSeed(5);
+  const l1 = new Linear(64, 128).to(dev);
+  const l2 = new Linear(128, 64).to(dev);
+  const params = [...l1.parameters(), ...l2.parameters()];
+  const f = (x) => l2.forward(F.dropout(l1.forward(x).gelu(), 0.3, true)).add(x);
+  const x = torch.keep(torch.randn([16, 64], { device: dev, requiresGrad: true }));
+  const run = (useCkpt) => {
+    for (const p of params) p.grad = null;
+    x.grad = null;
+    torch.manualSeed(11);
+    torch.tidy(() => { (useCkpt ? checkpoint(f, checkpoint(f, x)) : f(f(x))).square().mean().backward(); });
+    return [...params, x].map((p) => torch.keep(p.grad));
+  };
+  const a = run(false);
+  const b = run(true);
+  a.forEach((g, i) => assert(relErr(b[i], g) === 0, `grad ${i} differs: ${relErr(b[i], g)}`));
+  torch.dispose([...a, ...b, x]);
+  l1.dispose(); l2.dispose();
+});
 check('memory flat over 2,000 cuda training steps', () => {
   const lin = new Linear(64, 64).to(dev);
   const opt = new AdamW(lin.parameters(), { lr: 1e-3 });
@@ -165,6 +185,9 @@ check('memory flat over 2,000 cuda training steps', () => {
   const before = torch.memory().numTensors;
   for (let i = 0; i < 2000; i++) step();
   assert(torch.memory().numTensors === before, `${torch.memory().numTensors} vs ${before}`);
+  const cudaMem = torch.memory().cuda[0];
+  assert(cudaMem && cudaMem.allocatedBytes > 0 && cudaMem.reservedBytes >= cudaMem.allocatedBytes, `cuda memory ${JSON.stringify(cudaMem)}`);
+  console.log('      cuda memory', JSON.stringify(cudaMem));
   opt.dispose();
   lin.dispose();
 });
