@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Prints libtorch's include dirs, link flags, C++ ABI define or the addon's sources, for binding.gyp.
+// Prints libtorch's include dirs, link flags, defines (C++ ABI, CUDA) or the addon's sources, for binding.gyp.
 // libtorch is looked up in the same order as CMakeLists.txt: $LIBTORCH / $TORCH_DIR, a PyTorch install,
 // then the system (Debian's libtorch-dev).
 'use strict';
@@ -39,7 +39,9 @@ if (what === 'sources') {
 }
 const t = locate();
 if (what === 'include') {
-  console.log([t.include, join(t.include, 'torch/csrc/api/include')].join(' '));
+  const cudaHome = process.env.CUDA_HOME || '/usr/local/cuda';
+  const cudaInclude = existsSync(join(t.lib, 'libtorch_cuda.so')) && existsSync(join(cudaHome, 'include')) ? [join(cudaHome, 'include')] : [];
+  console.log([t.include, join(t.include, 'torch/csrc/api/include'), ...cudaInclude].join(' '));
 } else if (what === 'libs') {
   const libs = ['torch', 'torch_cpu', 'c10'];
   for (const extra of ['torch_cuda', 'c10_cuda']) {
@@ -47,9 +49,11 @@ if (what === 'include') {
   }
   // --no-as-needed: nothing references libtorch_cuda's symbols directly, but it must load to register CUDA kernels
   console.log([`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, '-Wl,--no-as-needed', ...libs.map((l) => `-l${l}`)].join(' '));
-} else if (what === 'abi') {
-  console.log(`_GLIBCXX_USE_CXX11_ABI=${t.abi}`);
+} else if (what === 'defines') {
+  // DIFFLORA_WITH_CUDA enables the CUDA allocator counters (needs the CUDA toolkit's headers).
+  const cuda = existsSync(join(t.lib, 'libtorch_cuda.so'));
+  console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...(cuda ? ['DIFFLORA_WITH_CUDA'] : [])].join(' '));
 } else {
-  console.error('usage: torch-paths.cjs include|libs|abi|sources');
+  console.error('usage: torch-paths.cjs include|libs|defines|sources');
   process.exit(2);
 }

@@ -26,7 +26,7 @@ else
   echo "trying the plain g++ build (same flags as binding.gyp)"
   mkdir -p build-manual
   inc=$(node scripts/torch-paths.cjs include | sed 's/[^ ]*/-I&/g')
-  flags="-O2 -fPIC -std=c++17 -I.dev/node-include -Inode_modules/node-addon-api $inc -D$(node scripts/torch-paths.cjs abi) -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL"
+  flags="-O2 -fPIC -std=c++17 -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL"
   ok=1
   for f in $(node scripts/torch-paths.cjs sources); do
     g++ $flags -c "$f" -o "build-manual/$(basename "$f" .cc).o" >> "$OUT/gxx.log" 2>&1 &
