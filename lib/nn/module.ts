@@ -4,7 +4,7 @@
 import { keep } from '../scope.js';
 import { noGrad } from '../autograd.js';
 import { Tensor, type Device } from '../tensor.js';
-import type { DType } from '../dtype.js';
+import { isFloatingPoint, type DType } from '../dtype.js';
 
 const buffers = new WeakSet<Tensor>();
 const nonPersistent = new WeakSet<Tensor>();
@@ -106,11 +106,15 @@ export class Module {
     return { missingKeys, unexpectedKeys };
   }
 
-  /** Moves/casts every parameter and buffer in place (the Tensor objects stay the same). */
+  /**
+   * Moves/casts every parameter and buffer in place (the Tensor objects stay the same). As in PyTorch, a
+   * dtype applies to floating-point tensors only: integer buffers (CLIP's position_ids) keep theirs.
+   */
   to(target: DType | Device | { dtype?: DType; device?: Device }): this {
+    const o = typeof target === 'string' ? (isDType(target) ? { dtype: target } : { device: target }) : target;
     noGrad(() => {
       for (const [, t] of [...this.namedParameters(), ...this.namedBuffers()]) {
-        const moved = t.to(target);
+        const moved = t.to(isFloatingPoint(t.dtype) ? o : { device: o.device });
         t.setData(moved);
         moved.dispose();
       }
@@ -154,3 +158,6 @@ function listKeys(keys: string[]): string {
   const shown = keys.slice(0, 20).map((k) => `"${k}"`).join(', ');
   return keys.length > 20 ? `${shown}, ... (${keys.length - 20} more)` : shown;
 }
+
+const dtypeNames: readonly string[] = ['float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool'];
+function isDType(s: string): s is DType { return dtypeNames.includes(s); }

@@ -1,0 +1,216 @@
+// transformers' CLIPTextModel (modeling_clip.py, 4.45): the text encoder of Stable Diffusion. Paths equal
+// the checkpoint's keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`), the config is the
+// component's config.json with transformers' field names and defaults, and the numbers match its eager
+// attention path.
+import * as torch from '../torch.js';
+import { Module, buffer } from '../nn/module.js';
+import { Embedding, LayerNorm } from '../nn/layers.js';
+import type { DType } from '../dtype.js';
+import type { Tensor } from '../tensor.js';
+import { CLIP_ACTIVATIONS, CLIPEncoder, type CLIPActivation, type CLIPEncoderConfig, type Init } from './clip_encoder.js';
+import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+
+/** CLIPTextConfig's fields the model reads (config.json names). */
+export interface CLIPTextConfig extends CLIPEncoderConfig {
+  vocab_size: number;
+  max_position_embeddings: number;
+  /** Selects the pooled token (see poolIndices). */
+  eos_token_id: number;
+  /** Read for completeness: pooling never uses it, as the pad id may equal the eos id. */
+  pad_token_id: number;
+}
+
+// CLIPTextConfig's defaults (transformers 4.45), used where config.json omits a field.
+const DEFAULTS: CLIPTextConfig = {
+  vocab_size: 49408, hidden_size: 512, intermediate_size: 2048, num_hidden_layers: 12, num_attention_heads: 8,
+  max_position_embeddings: 77, hidden_act: 'quick_gelu', layer_norm_eps: 1e-5, attention_dropout: 0,
+  pad_token_id: 1, eos_token_id: 49407,
+};
+
+/** Validates config.json against what this model implements; an error names the offending field. */
+export function parseCLIPTextConfig(raw: Record<string, unknown>): CLIPTextConfig {
+  const pick = (field: keyof CLIPTextConfig, ok: (v: number) => boolean, what: string): number => {
+    const v = raw[field] ?? DEFAULTS[field];
+    if (typeof v !== 'number' || !ok(v)) throw new Error(`CLIPTextConfig: ${field} must be ${what}, got ${JSON.stringify(v)}`);
+    return v;
+  };
+  const positive = (v: number): boolean => Number.isInteger(v) && v > 0;
+  const c: CLIPTextConfig = {
+    vocab_size: pick('vocab_size', positive, 'a positive integer'),
+    hidden_size: pick('hidden_size', positive, 'a positive integer'),
+    intermediate_size: pick('intermediate_size', positive, 'a positive integer'),
+    num_hidden_layers: pick('num_hidden_layers', positive, 'a positive integer'),
+    num_attention_heads: pick('num_attention_heads', positive, 'a positive integer'),
+    max_position_embeddings: pick('max_position_embeddings', positive, 'a positive integer'),
+    layer_norm_eps: pick('layer_norm_eps', (v) => v > 0, 'a positive number'),
+    attention_dropout: pick('attention_dropout', (v) => v >= 0 && v <= 1, 'in [0, 1]'),
+    eos_token_id: pick('eos_token_id', Number.isInteger, 'an integer'),
+    pad_token_id: pick('pad_token_id', Number.isInteger, 'an integer'),
+    hidden_act: parseActivation(raw.hidden_act ?? DEFAULTS.hidden_act),
+  };
+  if (c.hidden_size % c.num_attention_heads !== 0) {
+    throw new Error(`CLIPTextConfig: hidden_size (${c.hidden_size}) must be divisible by num_attention_heads (${c.num_attention_heads})`);
+  }
+  return c;
+}
+
+function parseActivation(v: unknown): CLIPActivation {
+  if (typeof v === 'string' && Object.hasOwn(CLIP_ACTIVATIONS, v)) return v as CLIPActivation;
+  throw new Error(`CLIPTextConfig: unsupported hidden_act ${JSON.stringify(v)} (supported: ${Object.keys(CLIP_ACTIVATIONS).join(', ')})`);
+}
+
+/** Token embedding plus learned absolute position embedding. */
+export class CLIPTextEmbeddings extends Module {
+  token_embedding: Embedding;
+  position_embedding: Embedding;
+  /** arange(max_position_embeddings) as [1, max]; non-persistent, so not in the 4.45 checkpoint. */
+  position_ids: Tensor;
+
+  constructor(c: CLIPTextConfig, o: Init = {}) {
+    super();
+    this.token_embedding = new Embedding(c.vocab_size, c.hidden_size, o);
+    this.position_embedding = new Embedding(c.max_position_embeddings, c.hidden_size, o);
+    this.position_ids = buffer(torch.arange(c.max_position_embeddings, undefined, 1, { dtype: 'int64', device: o.device }).unsqueeze(0), false);
+  }
+
+  forward(inputIds: Tensor): Tensor {
+    const length = inputIds.shape[inputIds.ndim - 1] ?? 0;
+    const max = this.position_ids.shape[1] ?? 0;
+    if (length > max) throw new Error(`CLIPTextEmbeddings: sequence length ${length} exceeds max_position_embeddings ${max}`);
+    const positions = this.position_ids.slice(1, 0, length);
+    return this.token_embedding.forward(inputIds).add(this.position_embedding.forward(positions));
+  }
+}
+
+export interface CLIPTextForwardOptions {
+  /** [B, L], 1 = attend, 0 = padding; combined with the causal mask as transformers does. */
+  attentionMask?: Tensor | null;
+  /** Also return the embeddings and every layer's output (for clip skip). */
+  outputHiddenStates?: boolean;
+}
+
+export interface CLIPTextModelOutput {
+  /** [B, L, D] after final_layer_norm: SD's encoder_hidden_states. */
+  lastHiddenState: Tensor;
+  /** [B, D]: last_hidden_state at the eos token of each sequence. */
+  poolerOutput: Tensor;
+  /**
+   * num_hidden_layers + 1 tensors: the embeddings, then each layer's output, before final_layer_norm.
+   * Clip skip n uses final_layer_norm(hiddenStates[length - 1 - n]), as diffusers' encode_prompt.
+   */
+  hiddenStates?: Tensor[];
+}
+
+/** Embeddings, causal pre-norm encoder, final LayerNorm, eos pooling. */
+export class CLIPTextTransformer extends Module {
+  embeddings: CLIPTextEmbeddings;
+  encoder: CLIPEncoder;
+  final_layer_norm: LayerNorm;
+  readonly eosTokenId: number;
+
+  constructor(c: CLIPTextConfig, o: Init = {}) {
+    super();
+    this.embeddings = new CLIPTextEmbeddings(c, o);
+    this.encoder = new CLIPEncoder(c, o);
+    this.final_layer_norm = new LayerNorm(c.hidden_size, c.layer_norm_eps, true, o);
+    this.eosTokenId = c.eos_token_id;
+  }
+
+  forward(inputIds: Tensor, o: CLIPTextForwardOptions = {}): CLIPTextModelOutput {
+    // 1. ids as [B, L] (transformers flattens any leading dims)
+    const ids = inputIds.view(-1, inputIds.shape[inputIds.ndim - 1] ?? 0);
+    // 2. embeddings
+    const embeddings = this.embeddings.forward(ids);
+    // 3. causal mask, plus the padding mask when given
+    const mask = attentionBias(ids, embeddings.dtype, o.attentionMask ?? null);
+    // 4. encoder
+    const hiddenStates: Tensor[] | undefined = o.outputHiddenStates ? [] : undefined;
+    const encoded = this.encoder.forward(embeddings, mask, hiddenStates);
+    // 5. final LayerNorm; pooled output at each sequence's eos token
+    const lastHiddenState = this.final_layer_norm.forward(encoded);
+    const poolerOutput = pool(lastHiddenState, poolIndices(ids, this.eosTokenId));
+    return hiddenStates ? { lastHiddenState, poolerOutput, hiddenStates } : { lastHiddenState, poolerOutput };
+  }
+}
+
+/** torch.finfo(dtype).min: transformers masks with it rather than -inf. */
+function finfoMin(dtype: DType): number {
+  switch (dtype) {
+    case 'float16': return -65504;
+    case 'bfloat16': return -3.3895313892515355e38;
+    case 'float64': return -Number.MAX_VALUE;
+    default: return -3.4028234663852886e38;
+  }
+}
+
+/**
+ * The additive attention bias: finfo.min above the diagonal ([L, L]), plus finfo.min at padded keys
+ * ([B, 1, 1, L] → [B, 1, L, L]) when a padding mask is given (_create_4d_causal_attention_mask and
+ * _prepare_4d_attention_mask). Adding the two is what transformers' SDPA path does; its eager path adds
+ * them to the scores one after the other, which masks the same positions.
+ */
+function attentionBias(ids: Tensor, dtype: DType, attentionMask: Tensor | null): Tensor {
+  const [b, l] = ids.shape as [number, number];
+  const min = finfoMin(dtype);
+  const pos = torch.arange(l, undefined, 1, { device: ids.device });
+  const causal = torch.zeros([l, l], { dtype, device: ids.device }).maskedFill(pos.unsqueeze(0).gt(pos.unsqueeze(1)), min);
+  if (!attentionMask) return causal;
+  if (attentionMask.shape.join() !== `${b},${l}`) {
+    throw new Error(`CLIPTextModel: attentionMask must be [${b}, ${l}] like the input ids, got [${attentionMask.shape.join(', ')}]`);
+  }
+  // 1 - mask, with every non-zero entry set to finfo.min
+  const inverted = attentionMask.to({ dtype, device: ids.device }).neg().add(1).view(b, 1, 1, l);
+  return causal.add(inverted.maskedFill(inverted.ne(0), min));
+}
+
+/**
+ * The pooled position per sequence. eos_token_id == 2 is the legacy config (before the tokenizer's
+ * real eos id was written to it): the largest id, which is eos in CLIP's vocabulary. Otherwise the first
+ * eos, since the pad id may equal the eos id.
+ */
+function poolIndices(ids: Tensor, eosTokenId: number): Tensor {
+  const asInt = ids.to('int32');
+  return eosTokenId === 2 ? asInt.argmax(-1) : asInt.eq(eosTokenId).to('int32').argmax(-1);
+}
+
+/** hidden[b, index[b], :] for every b. */
+function pool(hidden: Tensor, index: Tensor): Tensor {
+  const [b, , d] = hidden.shape as [number, number, number];
+  return hidden.gather(1, index.to({ dtype: 'int64', device: hidden.device }).view(b, 1, 1).expand(b, 1, d)).squeeze(1);
+}
+
+export class CLIPTextModel extends Module {
+  text_model: CLIPTextTransformer;
+  readonly config: CLIPTextConfig;
+
+  /** From config.json's fields (validated; transformers' defaults fill the gaps); o places the parameters. */
+  constructor(config: Partial<CLIPTextConfig> | Record<string, unknown>, o: Init = {}) {
+    super();
+    this.config = parseCLIPTextConfig(config as Record<string, unknown>);
+    this.text_model = new CLIPTextTransformer(this.config, o);
+  }
+
+  /**
+   * Encodes int64 token ids [B, L]. SD conditions on `lastHiddenState` (text_encoder(ids)[0]).
+   */
+  forward(inputIds: Tensor, o: CLIPTextForwardOptions = {}): CLIPTextModelOutput {
+    return this.text_model.forward(inputIds, o);
+  }
+
+  /**
+   * A text encoder folder (or a pipeline folder with `subfolder: 'text_encoder'`): config.json and
+   * model.safetensors, loaded strictly, in eval mode as transformers' from_pretrained returns it.
+   */
+  static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): CLIPTextModel {
+    const dir = resolvePretrained(pathOrId, o);
+    // Built directly in the target dtype/device: no float32 CPU copy of the weights first.
+    const model = new CLIPTextModel(readConfig(dir), { dtype: o.dtype, device: o.device });
+    try {
+      loadModelWeights(model, dir, 'model', o);
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
+    return model.eval();
+  }
+}
