@@ -17,6 +17,8 @@ export interface AttentionConfig {
   bias?: boolean;
   outBias?: boolean;
   upcastAttention?: boolean;
+  /** Softmax in fp32 for half-precision inputs (the VAE's mid-block attention sets it, as diffusers does). */
+  upcastSoftmax?: boolean;
   /** GroupNorm before the projections (VAE mid-block attention). */
   normNumGroups?: number;
   eps?: number;
@@ -39,6 +41,7 @@ export class Attention extends Module {
   readonly dimHead: number;
   readonly scale: number;
   readonly upcastAttention: boolean;
+  readonly upcastSoftmax: boolean;
   readonly residualConnection: boolean;
   readonly rescaleOutputFactor: number;
   processor: AttentionProcessor = new AttnProcessor();
@@ -49,6 +52,7 @@ export class Attention extends Module {
     this.dimHead = c.dimHead ?? 64;
     this.scale = this.dimHead ** -0.5;
     this.upcastAttention = c.upcastAttention ?? false;
+    this.upcastSoftmax = c.upcastSoftmax ?? false;
     this.residualConnection = c.residualConnection ?? false;
     this.rescaleOutputFactor = c.rescaleOutputFactor ?? 1;
     const inner = this.heads * this.dimHead;
@@ -94,12 +98,14 @@ export class AttnProcessor implements AttentionProcessor {
     let k = attn.headToBatchDim(attn.to_k.forward(context));
     const v = attn.headToBatchDim(attn.to_v.forward(context));
     const dtype = q.dtype;
-    if (attn.upcastAttention && dtype !== 'float32') {
-      // upcast_attention: scores in fp32 (SD 2.x configs), as diffusers' get_attention_scores
+    // upcast_attention: scores in fp32 (SD 2.x configs), as diffusers' get_attention_scores. upcast_softmax
+    // (VAE): softmax in fp32; the fused kernels do that inside for fp16, the composite path needs fp32 inputs.
+    const upcast = (attn.upcastAttention || attn.upcastSoftmax) && dtype !== 'float32';
+    if (upcast) {
       q = q.float();
       k = k.float();
     }
-    let out = F.scaledDotProductAttention(q, k, attn.upcastAttention && dtype !== 'float32' ? v.float() : v, { attnMask: attentionMask ?? null, scale: attn.scale });
+    let out = F.scaledDotProductAttention(q, k, upcast ? v.float() : v, { attnMask: attentionMask ?? null, scale: attn.scale });
     if (out.dtype !== dtype) out = out.to(dtype);
     out = attn.batchToHeadDim(out);
     out = attn.to_out.at(0).forward(out);
