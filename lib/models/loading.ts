@@ -1,8 +1,10 @@
-// Finding and reading a model the way users have it: a diffusers folder (model_index.json + components),
-// a single component folder, `variant` weight files and sharded checkpoints. Pickled .bin/.ckpt files are
+// Finding and reading a model the way users have it: a local diffusers folder (model_index.json +
+// components), a single component folder, or a hub id ("org/name") already in the local Hugging Face cache
+// (difflora never downloads); `variant` weight files and sharded checkpoints. Pickled .bin/.ckpt files are
 // refused: unpickling runs arbitrary code.
-import { existsSync, readFileSync, statSync } from 'node:fs';
-import { join } from 'node:path';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { homedir } from 'node:os';
+import { isAbsolute, join, normalize, resolve } from 'node:path';
 import type { DType } from '../dtype.js';
 import { loadSafetensors } from '../io/safetensors.js';
 import type { Module } from '../nn/module.js';
@@ -12,19 +14,123 @@ import type { Device, Tensor } from '../tensor.js';
 export interface FromPretrainedOptions {
   /** Component folder inside a pipeline folder: 'unet', 'vae', 'text_encoder', 'tokenizer'. */
   subfolder?: string;
+  /** Hub revision: a branch or tag name (looked up in the cache's refs/) or a commit hash. Default 'main'. */
   revision?: string;
   /** e.g. 'fp16' → diffusion_pytorch_model.fp16.safetensors */
   variant?: string;
   dtype?: DType;
   device?: Device;
+  /** The Hugging Face hub cache (the folder holding models--org--name/), as diffusers' cache_dir. */
   cacheDir?: string;
 }
 
-/** The component folder for pathOrId (+ subfolder); throws an actionable error when it is not there. */
+const isDir = (p: string): boolean => existsSync(p) && statSync(p).isDirectory();
+const isFile = (p: string): boolean => existsSync(p) && statSync(p).isFile();
+const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? join(homedir(), p.slice(1)) : p);
+
+/** The hub cache folder and what chose it, in huggingface_hub's order. */
+export function hubCacheDir(o: Pick<FromPretrainedOptions, 'cacheDir'> = {}): { dir: string; from: string } {
+  const env = process.env;
+  const pick = (dir: string, from: string) => ({ dir: resolve(expandHome(dir)), from });
+  if (o.cacheDir) return pick(o.cacheDir, 'the cacheDir option');
+  if (env.HF_HUB_CACHE) return pick(env.HF_HUB_CACHE, 'HF_HUB_CACHE');
+  if (env.HUGGINGFACE_HUB_CACHE) return pick(env.HUGGINGFACE_HUB_CACHE, 'HUGGINGFACE_HUB_CACHE');
+  if (env.HF_HOME) return pick(join(env.HF_HOME, 'hub'), '$HF_HOME/hub');
+  if (env.XDG_CACHE_HOME) return pick(join(env.XDG_CACHE_HOME, 'huggingface', 'hub'), '$XDG_CACHE_HOME/huggingface/hub');
+  return pick(join(homedir(), '.cache', 'huggingface', 'hub'), 'the default ~/.cache/huggingface/hub');
+}
+
+/** huggingface_hub's repo id rule: "name" or "org/name", letters, digits, '-', '_', '.', no '--' or '..'. */
+export function isHubId(s: string): boolean {
+  return /^(?:[\w.-]+\/)?[\w.-]+$/.test(s) && !s.includes('--') && !s.includes('..') && !/^[.-]|[.-]$|[.-]\/|\/[.-]/.test(s) && s.length <= 96;
+}
+
+/** A path segment given by a user (subfolder, revision) must stay inside the folder it is joined to. */
+function checkInside(what: string, value: string): void {
+  if (isAbsolute(value) || normalize(value).split(/[\\/]/).includes('..')) {
+    throw new Error(`${what} '${value}' must be a relative path inside the model folder`);
+  }
+}
+
+const list = (dir: string, filter: (name: string) => boolean = () => true): string[] =>
+  isDir(dir) ? readdirSync(dir).filter(filter).sort() : [];
+const subfolders = (dir: string): string => {
+  const names = list(dir, (n) => isDir(join(dir, n)) && !n.startsWith('.'));
+  return names.length ? names.join(', ') : 'none';
+};
+
+/**
+ * The component folder for pathOrId (+ subfolder). A local folder that exists wins; otherwise a hub id is
+ * looked up, offline, in the Hugging Face cache: models--org--name/refs/<revision> names the commit,
+ * snapshots/<commit>/ holds the files. Throws an error listing every path looked at and how to get the
+ * files there.
+ */
 export function resolvePretrained(pathOrId: string, o: FromPretrainedOptions = {}): string {
-  const dir = o.subfolder ? join(pathOrId, o.subfolder) : pathOrId;
-  if (existsSync(dir) && statSync(dir).isDirectory()) return dir;
-  throw new Error(`model not found: '${dir}' is not a folder. Pass a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/).`);
+  if (o.subfolder) checkInside('subfolder', o.subfolder);
+  const local = resolve(expandHome(pathOrId));
+  if (existsSync(local)) {
+    if (!statSync(local).isDirectory()) {
+      throw new Error(`'${local}' is a file; pass a diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a component folder.`);
+    }
+    if (!o.subfolder) return local;
+    const dir = join(local, o.subfolder);
+    if (isDir(dir)) return dir;
+    throw new Error(`'${local}' has no '${o.subfolder}' folder (it has: ${subfolders(local)}). A diffusers pipeline folder holds one folder per component: unet/ vae/ text_encoder/ tokenizer/ scheduler/.`);
+  }
+  if (!isHubId(pathOrId)) {
+    throw new Error(`model not found: no folder '${local}'. Pass a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a hub id ("org/name") that is in the local Hugging Face cache.`);
+  }
+  return resolveFromCache(pathOrId, local, o);
+}
+
+function resolveFromCache(id: string, local: string, o: FromPretrainedOptions): string {
+  const cache = hubCacheDir(o);
+  const revision = o.revision ?? 'main';
+  checkInside('revision', revision);
+  const repoFolder = `models--${id.replace('/', '--')}`;
+  const repo = join(cache.dir, repoFolder);
+  const looked: string[] = [`${local} (local folder): does not exist`];
+  const fail = (reason: string, partial = false): never => {
+    const include = partial && o.subfolder ? ` --include "${o.subfolder}/*"` : '';
+    const rev = o.revision ? ` --revision ${o.revision}` : '';
+    throw new Error([
+      `model '${id}'${o.subfolder ? ` (subfolder '${o.subfolder}')` : ''} at revision '${revision}' not found offline: ${reason}.`,
+      'Looked at:',
+      ...looked.map((l) => `  - ${l}`),
+      `Hugging Face cache: ${cache.dir} (from ${cache.from}).`,
+      'difflora does not download models. To use this one, either:',
+      `  - on a machine with network run \`huggingface-cli download ${id}${rev}${include}\`, then copy its cache folder ${repoFolder}/ (in ~/.cache/huggingface/hub/ there) into ${cache.dir}/ here, or point HF_HUB_CACHE or cacheDir at the copy;`,
+      `  - or pass the path of a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. one made with \`huggingface-cli download ${id}${rev} --local-dir <folder>\`.`,
+    ].join('\n'));
+  };
+
+  if (!isDir(repo)) {
+    looked.push(`${repo}: does not exist`);
+    fail(`'${id}' is not in the Hugging Face cache`);
+  }
+  // As huggingface_hub: a ref file names the commit; otherwise the revision is taken as a commit hash.
+  const refFile = join(repo, 'refs', revision);
+  let commit = revision;
+  if (isFile(refFile)) {
+    commit = readFileSync(refFile, 'utf8').trim();
+    looked.push(`${refFile}: names commit ${commit}`);
+  } else {
+    looked.push(`${refFile}: does not exist${/^[0-9a-f]{40}$/.test(revision) ? ', so the revision is taken as a commit hash' : ''}`);
+  }
+  checkInside('commit', commit);
+  const snapshot = join(repo, 'snapshots', commit);
+  if (!isDir(snapshot)) {
+    const refs = list(join(repo, 'refs'));
+    const snaps = list(join(repo, 'snapshots'));
+    looked.push(`${snapshot}: does not exist (cached refs: ${refs.join(', ') || 'none'}; cached snapshots: ${snaps.join(', ') || 'none'})`);
+    fail(`revision '${revision}' is not in the cache`);
+  }
+  if (!o.subfolder) return snapshot;
+  const dir = join(snapshot, o.subfolder);
+  if (isDir(dir)) return dir;
+  looked.push(`${snapshot}: exists (folders: ${subfolders(snapshot)})`);
+  looked.push(`${dir}: does not exist`);
+  return fail(`the cached snapshot has no '${o.subfolder}' folder (downloaded only in part?)`, true);
 }
 
 /** The component's config.json as parsed JSON. */
@@ -38,31 +144,87 @@ export function readConfig(dir: string, name = 'config.json'): Record<string, un
   }
 }
 
+/** Index file names for a sharded checkpoint, with a variant as diffusers (old and new) and transformers write them. */
+function indexNames(stem: string, variant?: string): string[] {
+  if (!variant) return [`${stem}.safetensors.index.json`];
+  return [
+    `${stem}.safetensors.${variant}.index.json`, // diffusers ≥ 0.27 (_add_variant before ".index.json")
+    `${stem}.safetensors.index.${variant}.json`, // transformers and older diffusers
+    `${stem}.${variant}.safetensors.index.json`,
+  ];
+}
+
+/** A sharded checkpoint's weight_map (tensor name → shard file), validated. */
+function readIndex(index: string): Record<string, string> {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(index, 'utf8'));
+  } catch (e) {
+    throw new Error(`cannot parse '${index}': ${(e as Error).message}`);
+  }
+  const map = (parsed as { weight_map?: unknown } | null)?.weight_map;
+  if (!map || typeof map !== 'object' || Array.isArray(map)) throw new Error(`'${index}' has no weight_map`);
+  for (const [key, file] of Object.entries(map)) {
+    if (typeof file !== 'string') throw new Error(`'${index}': weight_map['${key}'] is not a file name`);
+    if (isAbsolute(file) || normalize(file).split(/[\\/]/).includes('..')) throw new Error(`'${index}': shard '${file}' is outside the model folder`);
+  }
+  return map as Record<string, string>;
+}
+
 /** Weight files of a component: one safetensors file or the shards listed by its index. */
 export function weightFiles(dir: string, stem: string, variant?: string): string[] {
+  return findWeights(dir, stem, variant).files;
+}
+
+function findWeights(dir: string, stem: string, variant?: string): { files: string[]; map?: Record<string, string> } {
   const base = variant ? `${stem}.${variant}` : stem;
   const single = join(dir, `${base}.safetensors`);
-  if (existsSync(single)) return [single];
-  const index = join(dir, `${base}.safetensors.index.json`);
-  if (existsSync(index)) {
-    const map = (JSON.parse(readFileSync(index, 'utf8')) as { weight_map?: Record<string, string> }).weight_map;
-    if (!map) throw new Error(`'${index}' has no weight_map`);
-    return [...new Set(Object.values(map))].map((f) => join(dir, f));
+  if (isFile(single)) return { files: [single] };
+  for (const name of indexNames(stem, variant)) {
+    const index = join(dir, name);
+    if (!isFile(index)) continue;
+    const map = readIndex(index);
+    const files = [...new Set(Object.values(map))].map((f) => join(dir, f));
+    const missing = files.filter((f) => !isFile(f));
+    if (missing.length) throw new Error(`'${index}' lists shards that are missing: ${missing.join(', ')}`);
+    if (!files.length) throw new Error(`'${index}' has an empty weight_map`);
+    return { files, map };
   }
-  for (const ext of ['bin', 'ckpt', 'pt', 'pth']) {
-    if (existsSync(join(dir, `${base}.${ext}`))) {
-      throw new Error(`'${join(dir, `${base}.${ext}`)}' is a pickled PyTorch file; difflora reads only .safetensors (unpickling can run arbitrary code). Convert it once in Python with safetensors.torch.save_file.`);
-    }
+  const pickled = [`${base}.bin`, `${base}.ckpt`, `${base}.pt`, `${base}.pth`, `${base}.bin.index.json`, `pytorch_${base}.bin`, `pytorch_${base}.bin.index.json`]
+    .map((f) => join(dir, f)).find(isFile);
+  if (pickled) {
+    throw new Error(`'${pickled}' is a pickled PyTorch checkpoint; difflora reads only .safetensors (unpickling can run arbitrary code). Convert it once in Python: safetensors.torch.save_file(torch.load(path, weights_only=True), '${base}.safetensors') (for shards, save each and write ${base}.safetensors.index.json), or download the model's .safetensors files.`);
   }
-  throw new Error(`no weights in '${dir}': expected ${base}.safetensors or ${base}.safetensors.index.json${variant ? ` (variant '${variant}')` : ''}`);
+  const found = list(dir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json'));
+  const expected = [`${base}.safetensors`, ...indexNames(stem, variant)].join(' or ');
+  let hint = found.length ? ` Found: ${found.join(', ')}.` : ' The folder has no .safetensors files.';
+  if (variant && (isFile(join(dir, `${stem}.safetensors`)) || isFile(join(dir, `${stem}.safetensors.index.json`)))) {
+    hint += ` The non-variant weights are there: drop variant '${variant}' to load them.`;
+  }
+  throw new Error(`no weights in '${dir}': expected ${expected}${variant ? ` (variant '${variant}')` : ''}.${hint}`);
 }
 
 /** All tensors of a component's weight files, cast/moved as asked (caller owns them). */
 export function loadWeights(dir: string, stem: string, o: FromPretrainedOptions = {}): Map<string, Tensor> {
+  const { files, map } = findWeights(dir, stem, o.variant);
   const out = new Map<string, Tensor>();
-  for (const file of weightFiles(dir, stem, o.variant)) {
-    const { tensors } = loadSafetensors(file, { dtype: o.dtype, device: o.device });
-    for (const [k, t] of tensors) out.set(k, t);
+  try {
+    for (const file of files) {
+      const { tensors } = loadSafetensors(file, { dtype: o.dtype, device: o.device });
+      const dup = [...tensors.keys()].find((k) => out.has(k));
+      if (dup !== undefined) {
+        dispose([...tensors.values()]);
+        throw new Error(`tensor '${dup}' is in more than one shard (again in '${file}')`);
+      }
+      for (const [k, t] of tensors) out.set(k, t);
+    }
+    if (map) {
+      const absent = Object.keys(map).filter((k) => !out.has(k));
+      if (absent.length) throw new Error(`the index of '${dir}' lists tensors its shards lack: ${absent.slice(0, 5).join(', ')}${absent.length > 5 ? ` and ${absent.length - 5} more` : ''}`);
+    }
+  } catch (e) {
+    dispose([...out.values()]);
+    throw e;
   }
   return out;
 }
