@@ -42,3 +42,15 @@ export { clipGradNorm } from './optim/clip.js';
 
 // ---- I/O
 export { loadSafetensors, saveSafetensors, readSafetensorsHeader } from './io/safetensors.js';
+
+// ---- Models (diffusers / transformers names; fromPretrained reads local folders and the offline HF cache)
+export { CLIPTokenizer } from './models/clip_tokenizer.js';
+export { CLIPTextModel } from './models/clip_text_model.js';
+export type { CLIPTextConfig, CLIPTextModelOutput } from './models/clip_text_model.js';
+export { AutoencoderKL } from './models/autoencoder_kl.js';
+export type { AutoencoderKLConfig } from './models/autoencoder_kl.js';
+export { DiagonalGaussianDistribution } from './models/vae.js';
+export { Attention, AttnProcessor } from './models/attention_processor.js';
+export type { AttentionProcessor } from './models/attention_processor.js';
+export { resolvePretrained } from './models/loading.js';
+export type { FromPretrainedOptions } from './models/loading.js';
