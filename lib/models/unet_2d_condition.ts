@@ -1,0 +1,320 @@
+// UNet2DConditionModel (diffusers' unets/unet_2d_condition.py): the noise predictor of SD 1.x/2.x. Built from
+// the component's config.json (diffusers 0.31 field names, camelCased); every field that SD 1.x/2.x
+// checkpoints use is honoured, and a value that would change the math in a way not implemented here is an
+// error naming the field, never ignored.
+import * as torch from '../torch.js';
+import { Module } from '../nn/module.js';
+import { ModuleList } from '../nn/container.js';
+import { Conv2d, GroupNorm } from '../nn/layers.js';
+import type { Tensor } from '../tensor.js';
+import { TimestepEmbedding, Timesteps } from './embeddings.js';
+import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { getDownBlock, getMidBlock, getUpBlock, type DownBlock, type MidBlock, type UpBlock } from './unet_2d_blocks.js';
+
+/** config.json of a UNet2DConditionModel: diffusers 0.31's fields, camelCased. */
+export interface UNet2DConditionModelConfig {
+  sampleSize: number | number[] | null;
+  inChannels: number;
+  outChannels: number;
+  centerInputSample: boolean;
+  flipSinToCos: boolean;
+  freqShift: number;
+  downBlockTypes: string[];
+  midBlockType: string | null;
+  upBlockTypes: string[];
+  onlyCrossAttention: boolean | boolean[];
+  blockOutChannels: number[];
+  layersPerBlock: number | number[];
+  downsamplePadding: number;
+  midBlockScaleFactor: number;
+  dropout: number;
+  actFn: string;
+  normNumGroups: number | null;
+  normEps: number;
+  crossAttentionDim: number | number[];
+  transformerLayersPerBlock: number | number[];
+  reverseTransformerLayersPerBlock: number[][] | null;
+  encoderHidDim: number | null;
+  encoderHidDimType: string | null;
+  /** In SD configs this is the NUMBER OF HEADS per block (a naming slip diffusers keeps for compatibility). */
+  attentionHeadDim: number | number[];
+  /** Refused when set, as diffusers 0.31 refuses it (attentionHeadDim carries the head count). */
+  numAttentionHeads: number | number[] | null;
+  dualCrossAttention: boolean;
+  useLinearProjection: boolean;
+  classEmbedType: string | null;
+  additionEmbedType: string | null;
+  additionTimeEmbedDim: number | null;
+  numClassEmbeds: number | null;
+  upcastAttention: boolean;
+  resnetTimeScaleShift: string;
+  resnetSkipTimeAct: boolean;
+  resnetOutScaleFactor: number;
+  timeEmbeddingType: string;
+  timeEmbeddingDim: number | null;
+  timeEmbeddingActFn: string | null;
+  timestepPostAct: string | null;
+  timeCondProjDim: number | null;
+  convInKernel: number;
+  convOutKernel: number;
+  projectionClassEmbeddingsInputDim: number | null;
+  attentionType: string;
+  classEmbeddingsConcat: boolean;
+  midBlockOnlyCrossAttention: boolean | null;
+  crossAttentionNorm: string | null;
+  additionEmbedTypeNumHeads: number;
+}
+
+/** diffusers' defaults (UNet2DConditionModel.__init__), used for fields a config leaves out. */
+export const UNET_2D_CONDITION_DEFAULTS: Readonly<UNet2DConditionModelConfig> = {
+  sampleSize: null, inChannels: 4, outChannels: 4, centerInputSample: false, flipSinToCos: true, freqShift: 0,
+  downBlockTypes: ['CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D', 'DownBlock2D'],
+  midBlockType: 'UNetMidBlock2DCrossAttn',
+  upBlockTypes: ['UpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'CrossAttnUpBlock2D'],
+  onlyCrossAttention: false, blockOutChannels: [320, 640, 1280, 1280], layersPerBlock: 2, downsamplePadding: 1,
+  midBlockScaleFactor: 1, dropout: 0, actFn: 'silu', normNumGroups: 32, normEps: 1e-5, crossAttentionDim: 1280,
+  transformerLayersPerBlock: 1, reverseTransformerLayersPerBlock: null, encoderHidDim: null, encoderHidDimType: null,
+  attentionHeadDim: 8, numAttentionHeads: null, dualCrossAttention: false, useLinearProjection: false,
+  classEmbedType: null, additionEmbedType: null, additionTimeEmbedDim: null, numClassEmbeds: null,
+  upcastAttention: false, resnetTimeScaleShift: 'default', resnetSkipTimeAct: false, resnetOutScaleFactor: 1,
+  timeEmbeddingType: 'positional', timeEmbeddingDim: null, timeEmbeddingActFn: null, timestepPostAct: null,
+  timeCondProjDim: null, convInKernel: 3, convOutKernel: 3, projectionClassEmbeddingsInputDim: null,
+  attentionType: 'default', classEmbeddingsConcat: false, midBlockOnlyCrossAttention: null, crossAttentionNorm: null,
+  additionEmbedTypeNumHeads: 64,
+};
+
+export class UNet2DConditionModel extends Module {
+  conv_in: Conv2d;
+  time_proj: Timesteps;
+  time_embedding: TimestepEmbedding;
+  down_blocks: ModuleList<DownBlock>;
+  up_blocks: ModuleList<UpBlock>;
+  mid_block: MidBlock;
+  conv_norm_out: GroupNorm;
+  conv_out: Conv2d;
+  readonly config: UNet2DConditionModelConfig;
+
+  constructor(config: Partial<UNet2DConditionModelConfig> = {}) {
+    super();
+    const c = resolveConfig(config);
+    this.config = c;
+    const blocks = perBlock(c);
+    const n = blocks.length;
+    const width = item(blocks, 0).channels;
+    const timeEmbedDim = c.timeEmbeddingDim ?? width * 4;
+    const shared = { tembChannels: timeEmbedDim, resnetEps: c.normEps, resnetGroups: c.normNumGroups, dropout: c.dropout };
+    const attention = (s: BlockSettings) => ({
+      numAttentionHeads: s.heads, crossAttentionDim: s.crossAttentionDim, transformerLayersPerBlock: s.transformerLayers,
+      useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention,
+    });
+
+    this.conv_in = new Conv2d(c.inChannels, width, c.convInKernel, { padding: (c.convInKernel - 1) / 2 });
+    this.time_proj = new Timesteps(width, c.flipSinToCos, c.freqShift);
+    this.time_embedding = new TimestepEmbedding(width, timeEmbedDim, c.actFn as 'silu' | 'swish');
+
+    // down: block i goes from block i-1's width to its own; all but the last halve the resolution
+    this.down_blocks = new ModuleList(c.downBlockTypes.map((type, i) => {
+      const s = item(blocks, i);
+      return getDownBlock(type, {
+        ...shared, ...attention(s), numLayers: s.layers, inChannels: item(blocks, Math.max(i - 1, 0)).channels,
+        outChannels: s.channels, addDownsample: i < n - 1, downsamplePadding: c.downsamplePadding,
+      });
+    }));
+    // up: the down path mirrored, one more resnet per block (it also takes the downsampler's skip)
+    const reversed = [...blocks].reverse();
+    this.up_blocks = new ModuleList(c.upBlockTypes.map((type, i) => {
+      const s = item(reversed, i);
+      return getUpBlock(type, {
+        ...shared, ...attention(s), numLayers: s.layers + 1, inChannels: item(reversed, Math.min(i + 1, n - 1)).channels,
+        outChannels: s.channels, prevOutputChannel: item(reversed, Math.max(i - 1, 0)).channels, addUpsample: i < n - 1,
+      });
+    }));
+    const last = item(blocks, n - 1);
+    this.mid_block = getMidBlock(c.midBlockType, {
+      ...shared, ...attention(last), numLayers: 1, inChannels: last.channels, outputScaleFactor: c.midBlockScaleFactor,
+    });
+
+    this.conv_norm_out = new GroupNorm(c.normNumGroups, width, c.normEps);
+    this.conv_out = new Conv2d(width, c.outChannels, c.convOutKernel, { padding: (c.convOutKernel - 1) / 2 });
+  }
+
+  /** From a parsed config.json (snake_case, as diffusers writes it); unknown fields are an error. */
+  static fromConfig(json: Record<string, unknown>): UNet2DConditionModel {
+    return new UNet2DConditionModel(configFromJson(json));
+  }
+
+  /**
+   * From a diffusers folder: `fromPretrained('path/to/sd', { subfolder: 'unet' })`, a UNet folder itself, or
+   * a cached hub id. Weights load strictly (missing, unexpected or mis-shaped keys are an error), then the
+   * model is cast/moved to dtype/device and put in eval mode.
+   */
+  static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): UNet2DConditionModel {
+    const dir = resolvePretrained(pathOrId, o);
+    const model = UNet2DConditionModel.fromConfig(readConfig(dir));
+    try {
+      // load in fp32 on the CPU and cast once afterwards: copy_ converts from the file's dtype exactly
+      loadModelWeights(model, dir, 'diffusion_pytorch_model', { variant: o.variant });
+      if (o.dtype !== undefined || o.device !== undefined) model.to({ dtype: o.dtype, device: o.device });
+      return model.eval();
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
+  }
+
+  /** Up-sampling steps (one per up block but the last): inputs whose H, W it does not divide get sizes forwarded. */
+  get numUpsamplers(): number { return this.up_blocks.length - 1; }
+
+  /**
+   * The predicted noise (or v) for latents `sample` [B, in, H, W] at `timestep` (a number, a 0-d tensor or
+   * one per batch item), conditioned on `encoderHiddenStates` [B, S, cross_attention_dim].
+   */
+  forward(sample: Tensor, timestep: Tensor | number, encoderHiddenStates: Tensor): Tensor {
+    // 0. centre the input when the config asks (2x − 1)
+    let x = this.config.centerInputSample ? sample.mul(2).sub(1) : sample;
+    // 1. time
+    const emb = this.time_embedding.forward(this.timeProjection(x, timestep));
+    // 2. pre-process
+    x = this.conv_in.forward(x);
+    // 3. down, collecting the skip connections (conv_in's output first)
+    const skips: Tensor[] = [x];
+    for (const block of this.down_blocks) {
+      const [h, res] = block.kind === 'CrossAttnDownBlock2D' ? block.forward(x, emb, encoderHiddenStates) : block.forward(x, emb);
+      x = h;
+      skips.push(...res);
+    }
+    // 4. mid
+    x = this.mid_block.forward(x, emb, encoderHiddenStates);
+    // 5. up, each block taking its skips from the end; odd sizes need the skip's size forwarded to the upsampler
+    const factor = 2 ** this.numUpsamplers;
+    const forwardUpsampleSize = sample.shape.slice(-2).some((d) => d % factor !== 0);
+    for (let i = 0; i < this.up_blocks.length; i++) {
+      const block = this.up_blocks.at(i);
+      const res = skips.splice(skips.length - block.resnets.length);
+      const next = skips[skips.length - 1];
+      const size = forwardUpsampleSize && next && i < this.up_blocks.length - 1 ? next.shape.slice(2) as [number, number] : undefined;
+      x = block.kind === 'CrossAttnUpBlock2D' ? block.forward(x, res, emb, encoderHiddenStates, size) : block.forward(x, res, emb, size);
+    }
+    // 6. post-process
+    return this.conv_out.forward(this.conv_norm_out.forward(x).silu());
+  }
+
+  /** Timesteps → sinusoids [B, block_out_channels[0]] in the sample's dtype (diffusers' get_time_embed). */
+  private timeProjection(sample: Tensor, timestep: Tensor | number): Tensor {
+    // A number becomes float32 directly: diffusers makes int64/float64 and Timesteps casts to float32, which
+    // gives the same value.
+    let t = typeof timestep === 'number' ? torch.tensor([timestep], { device: sample.device }) : timestep;
+    if (t.ndim === 0) t = t.reshape(1);
+    if (t.device !== sample.device) t = t.to({ device: sample.device });
+    // broadcast to the batch (one timestep for all, or one each)
+    const proj = this.time_proj.forward(t.expand(sample.shape[0] ?? 1));
+    // Timesteps always computes in fp32; the embedding MLP may run in half precision
+    return proj.dtype === sample.dtype ? proj : proj.to(sample.dtype);
+  }
+}
+
+// ---- config
+
+type Config = UNet2DConditionModelConfig;
+const snake = (k: string): string => k.replace(/[A-Z]/g, (m) => `_${m.toLowerCase()}`);
+const camel = (k: string): string => k.replace(/_([a-z0-9])/g, (_, m: string) => m.toUpperCase());
+const fail = (field: string, what: string): never => {
+  throw new Error(`UNet2DConditionModel config: '${snake(field)}' ${what}`);
+};
+
+/** config.json (snake_case) → the camelCase config; fields diffusers 0.31 does not know are an error. */
+export function configFromJson(json: Record<string, unknown>): Partial<Config> {
+  const out: Record<string, unknown> = {};
+  for (const [key, value] of Object.entries(json)) {
+    if (key.startsWith('_')) continue; // _class_name, _diffusers_version, _name_or_path
+    const name = camel(key);
+    if (!(name in UNET_2D_CONDITION_DEFAULTS)) {
+      throw new Error(`UNet2DConditionModel config: unknown field '${key}' (diffusers 0.31 fields: ${Object.keys(UNET_2D_CONDITION_DEFAULTS).map(snake).join(', ')})`);
+    }
+    out[name] = value;
+  }
+  return out as Partial<Config>;
+}
+
+/** Values that change the math in ways not implemented here; the config must hold exactly these. */
+const ONLY: Partial<Record<keyof Config, unknown>> = {
+  dualCrossAttention: false, classEmbedType: null, numClassEmbeds: null, additionEmbedType: null,
+  encoderHidDim: null, encoderHidDimType: null, resnetTimeScaleShift: 'default', timeEmbeddingType: 'positional',
+  timeEmbeddingActFn: null, timestepPostAct: null, timeCondProjDim: null, attentionType: 'default',
+  classEmbeddingsConcat: false, reverseTransformerLayersPerBlock: null,
+};
+// Not checked because the implemented blocks never read them (diffusers passes them only to other block
+// types or embeddings that the ONLY values rule out): sample_size, resnet_skip_time_act,
+// resnet_out_scale_factor, mid_block_only_cross_attention, cross_attention_norm, addition_time_embed_dim,
+// addition_embed_type_num_heads, projection_class_embeddings_input_dim.
+
+type Resolved = Config & { normNumGroups: number; midBlockType: string };
+
+/** Fills diffusers' defaults and refuses what this implementation would get wrong. */
+export function resolveConfig(raw: Partial<Config>): Resolved {
+  const given = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined));
+  const c = { ...UNET_2D_CONDITION_DEFAULTS, ...given } as Config;
+  for (const [field, only] of Object.entries(ONLY)) {
+    const v = c[field as keyof Config];
+    if (v !== only) fail(field, `= ${JSON.stringify(v)} is not supported (only ${JSON.stringify(only)} is implemented)`);
+  }
+  if (c.numAttentionHeads !== null) {
+    fail('numAttentionHeads', `= ${JSON.stringify(c.numAttentionHeads)} is refused, as diffusers 0.31 refuses it: SD configs give the number of heads as attention_head_dim`);
+  }
+  if (!(c.onlyCrossAttention === false || (Array.isArray(c.onlyCrossAttention) && c.onlyCrossAttention.every((v) => v === false)))) {
+    fail('onlyCrossAttention', `= ${JSON.stringify(c.onlyCrossAttention)} is not supported (only false is implemented)`);
+  }
+  // swish is diffusers' other name for silu
+  if (c.actFn !== 'silu' && c.actFn !== 'swish') fail('actFn', `= ${JSON.stringify(c.actFn)} is not supported (only silu is implemented)`);
+  if (typeof c.midBlockType !== 'string') fail('midBlockType', `= ${JSON.stringify(c.midBlockType)} is not supported (only UNetMidBlock2DCrossAttn is implemented)`);
+  for (const k of ['inChannels', 'outChannels', 'normNumGroups'] as const) positiveInt(k, c[k]);
+  for (const k of ['convInKernel', 'convOutKernel'] as const) if (positiveInt(k, c[k]) % 2 !== 1) fail(k, `must be odd, got ${c[k]}`);
+  if (!Number.isInteger(c.downsamplePadding) || c.downsamplePadding < 0) fail('downsamplePadding', `must be a non-negative integer, got ${JSON.stringify(c.downsamplePadding)}`);
+  if (c.timeEmbeddingDim !== null) positiveInt('timeEmbeddingDim', c.timeEmbeddingDim);
+  for (const k of ['freqShift', 'normEps', 'midBlockScaleFactor', 'dropout'] as const) {
+    if (typeof c[k] !== 'number' || !Number.isFinite(c[k])) fail(k, `must be a number, got ${JSON.stringify(c[k])}`);
+  }
+  for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection', 'upcastAttention'] as const) {
+    if (typeof c[k] !== 'boolean') fail(k, `must be true or false, got ${JSON.stringify(c[k])}`);
+  }
+  if (!Array.isArray(c.blockOutChannels) || c.blockOutChannels.length === 0) fail('blockOutChannels', `must be a non-empty list, got ${JSON.stringify(c.blockOutChannels)}`);
+  c.blockOutChannels.forEach((v) => positiveInt('blockOutChannels', v));
+  for (const k of ['downBlockTypes', 'upBlockTypes'] as const) {
+    const types = c[k];
+    if (!Array.isArray(types) || types.length !== c.blockOutChannels.length || !types.every((t) => typeof t === 'string')) {
+      fail(k, `must list one block type per block_out_channels entry (${c.blockOutChannels.length}), got ${JSON.stringify(types)}`);
+    }
+  }
+  return c as Resolved;
+}
+
+function positiveInt(field: keyof Config, v: unknown): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) fail(field, `must be a positive integer, got ${JSON.stringify(v)}`);
+  return v as number;
+}
+
+interface BlockSettings { channels: number; heads: number; crossAttentionDim: number; layers: number; transformerLayers: number }
+
+/** Per-block settings: an int in the config means the same for every block, a list gives one per block. */
+function perBlock(c: Config): BlockSettings[] {
+  const n = c.blockOutChannels.length;
+  const list = (field: keyof Config): number[] => {
+    const v = c[field];
+    const values = Array.isArray(v) ? v : Array<unknown>(n).fill(v);
+    if (values.length !== n) fail(field, `must be an integer or a list of ${n} (one per block), got ${JSON.stringify(v)}`);
+    return values.map((x) => positiveInt(field, x));
+  };
+  const heads = list('attentionHeadDim');
+  const crossDims = list('crossAttentionDim');
+  const layers = list('layersPerBlock');
+  const transformerLayers = list('transformerLayersPerBlock');
+  return c.blockOutChannels.map((channels, i) => ({
+    channels, heads: item(heads, i), crossAttentionDim: item(crossDims, i), layers: item(layers, i), transformerLayers: item(transformerLayers, i),
+  }));
+}
+
+function item<T>(list: readonly T[], i: number): T {
+  const v = list[i];
+  if (v === undefined) throw new RangeError(`index ${i} out of range (length ${list.length})`);
+  return v;
+}
