@@ -26,7 +26,7 @@ struct Step {
   c10::OperatorHandle op;
   torch::jit::Stack args;           // slot tensors replaced at replay time
   std::vector<TensorRef> refs;
-  std::vector<std::pair<size_t, size_t>> results;  // (stack index, slot)
+  std::vector<TensorRef> results;   // where each result tensor goes (element >= 0: inside a Tensor[] result)
 };
 }  // namespace
 
@@ -81,12 +81,18 @@ void RecordOp(Tape& tape, const c10::OperatorHandle& op, const torch::jit::Stack
       for (size_t k = 0; k < list.size(); ++k) if (list[k].isTensor()) NoteTensor(tape, step, list[k].toTensor(), i, static_cast<int64_t>(k));
     }
   }
-  for (size_t i = 0; i < results.size(); ++i) {
-    if (!results[i].isTensor()) continue;
-    const at::Tensor& t = results[i].toTensor();
+  // an in-place op returns its input: keep the slot it already has
+  auto slotOfResult = [&](const at::Tensor& t) {
     auto it = tape.slotOf.find(t.unsafeGetTensorImpl());
-    // an in-place op returns its input: keep the slot it already has
-    step.results.emplace_back(i, it != tape.slotOf.end() ? it->second : SlotFor(tape, t));
+    return it != tape.slotOf.end() ? it->second : SlotFor(tape, t);
+  };
+  for (size_t i = 0; i < results.size(); ++i) {
+    if (results[i].isTensor()) {
+      step.results.push_back({i, -1, slotOfResult(results[i].toTensor())});
+    } else if (results[i].isTensorList()) {  // chunk, split, unbind...
+      auto list = results[i].toTensorList();
+      for (size_t k = 0; k < list.size(); ++k) step.results.push_back({i, static_cast<int64_t>(k), slotOfResult(list.get(k))});
+    }
   }
   tape.steps.push_back(std::move(step));
 }
@@ -113,7 +119,9 @@ std::vector<at::Tensor> Replay(const Tape& tape, const std::vector<at::Tensor>& 
       }
     }
     step.op.callBoxed(&stack);
-    for (const auto& [index, slot] : step.results) slots[slot] = stack[index].toTensor();
+    for (const TensorRef& r : step.results) {
+      slots[r.slot] = r.element < 0 ? stack[r.arg].toTensor() : stack[r.arg].toTensorList().get(static_cast<size_t>(r.element));
+    }
   }
   return slots;
 }

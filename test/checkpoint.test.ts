@@ -42,6 +42,18 @@ describe('checkpoint', () => {
     dispose([...plain, ...ckpt, x, xPlain]);
   });
 
+  it('follows ops that return several tensors (chunk, as in GEGLU)', () => {
+    const x = keep(torch.randn([4, 16], { requiresGrad: true }));
+    const f = (t: Tensor) => {
+      const [a, b] = l1.forward(t).chunk(2, -1) as [Tensor, Tensor];
+      return a.mul(b.gelu());
+    };
+    const plain = grads(params.slice(0, 2), () => f(x));
+    const ckpt = grads(params.slice(0, 2), () => checkpoint(f, x));
+    plain.forEach((g, i) => expect(bitEqual(g, ckpt[i]!)).toBe(true));
+    dispose([...plain, ...ckpt, x]);
+  });
+
   it('replays dropout with the forward random state', () => {
     const x = keep(torch.randn([8, 16], { requiresGrad: true }));
     const f = block(l1, l2, 0.5);
