@@ -54,3 +54,16 @@ export { Attention, AttnProcessor } from './models/attention_processor.js';
 export type { AttentionProcessor } from './models/attention_processor.js';
 export { resolvePretrained } from './models/loading.js';
 export type { FromPretrainedOptions } from './models/loading.js';
+export { UNet2DConditionModel } from './models/unet_2d_condition.js';
+
+// ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files)
+export {
+  LoraLinear, attachLora, detachLora, setLoraEnabled, setLoraScale, mergeLora, unmergeLora,
+  loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights, loadLoraIntoModel,
+} from './lora/index.js';
+export type { LoraConfig, LoraHandle, LoraInit } from './lora/index.js';
+
+// ---- Training pieces (the loop and the CLI arrive with the next issues)
+export { DDPMScheduler, computeSnr } from './schedulers/scheduling_ddpm.js';
+export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
+export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
