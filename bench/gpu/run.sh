@@ -41,5 +41,11 @@ export DIFFLORA_ADDON=$ADDON
 
 echo "== GPU checks"
 node bench/gpu/check.mjs 2>&1 | tee "$OUT/check.log"
-echo "== per-op benchmark (1 thread)"
-for d in cuda cpu; do node bench/ops.mjs $d; python3 bench/ops_torch.py $d; done 2>&1 | tee "$OUT/bench.log"
+echo "== model checks"
+node bench/gpu/models.mjs 2>&1 | tee "$OUT/models.log"
+echo "== UNet benchmark (small-sd)"
+node bench/unet.mjs cuda 2>&1 | tee "$OUT/unet.log"
+if [ "${BENCH_OPS:-0}" = 1 ]; then
+  echo "== per-op benchmark (1 thread)"
+  for d in cuda cpu; do node bench/ops.mjs $d; python3 bench/ops_torch.py $d; done 2>&1 | tee "$OUT/bench.log"
+fi
