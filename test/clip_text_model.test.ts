@@ -244,6 +244,9 @@ describe('CLIPTextModel lifetimes, autograd and dtypes', () => {
 
   it('runs frozen under noGrad with no autograd graph', () => {
     const x = ref('input_ids');
+    // fromPretrained returns the model frozen, as the training script freezes it
+    expect(model.parameters().every((p) => !p.requiresGrad)).toBe(true);
+    model.requiresGrad_(true);
     tidy(() => {
       // control: trainable parameters outside noGrad do record a graph
       expect(model.forward(x).lastHiddenState.requiresGrad).toBe(true);
@@ -261,6 +264,7 @@ describe('CLIPTextModel lifetimes, autograd and dtypes', () => {
       }
       expect(noGrad(() => model.forward(x).lastHiddenState.requiresGrad)).toBe(false);
     });
+    model.requiresGrad_(false);
   });
 
   it('casts to bfloat16 (fromPretrained dtype and Module.to) keeping position_ids int64', () => {

@@ -130,8 +130,11 @@ describe('UNet2DConditionModel parity with diffusers 0.31 (tiny-sd, fp32 CPU)', 
     const before = memory().numTensors;
     noGrad(() => tidy(() => { unet.forward(...inputs); }));
     expect(memory().numTensors).toBe(before);
+    expect(unet.parameters().every((p) => !p.requiresGrad)).toBe(true); // fromPretrained freezes
+    unet.requiresGrad_(true);
     tidy(() => { unet.forward(...inputs).sum().backward(); });
     unet.zeroGrad();
+    unet.requiresGrad_(false);
     expect(memory().numTensors).toBe(before);
   });
 });

@@ -133,7 +133,7 @@ export class AutoencoderKL extends Module {
         dispose([...loaded.values(), ...converted.values()]);
       }
       if (o.dtype !== undefined || o.device !== undefined) model.to({ dtype: o.dtype, device: o.device });
-      return model.eval();
+      return model.eval().requiresGrad_(false); // frozen by default, as the training script freezes it
     } catch (e) {
       model.dispose();
       throw e;

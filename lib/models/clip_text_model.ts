@@ -211,6 +211,6 @@ export class CLIPTextModel extends Module {
       model.dispose();
       throw e;
     }
-    return model.eval();
+    return model.eval().requiresGrad_(false); // frozen by default, as the training script freezes it
   }
 }

@@ -158,7 +158,7 @@ export class UNet2DConditionModel extends Module {
       // load in fp32 on the CPU and cast once afterwards: copy_ converts from the file's dtype exactly
       loadModelWeights(model, dir, 'diffusion_pytorch_model', { variant: o.variant });
       if (o.dtype !== undefined || o.device !== undefined) model.to({ dtype: o.dtype, device: o.device });
-      return model.eval();
+      return model.eval().requiresGrad_(false); // frozen by default, as the training script freezes it
     } catch (e) {
       model.dispose();
       throw e;
