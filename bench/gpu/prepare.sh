@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Prepares what bench/gpu/run.sh needs on a GPU machine without Node or network: a compressed Node binary
+# and Node's N-API headers in .dev/ (git-ignored), and the compiled TypeScript in dist/. Then carry
+# .dev, dist and node_modules/node-addon-api to the machine and run `bash bench/gpu/run.sh` there.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .dev/node-include
+node_bin=$(command -v node)
+inc=$(dirname "$(dirname "$node_bin")")/include/node
+cp "$inc"/{node_api.h,node_api_types.h,js_native_api.h,js_native_api_types.h} .dev/node-include/
+xz -T2 -6 -c "$node_bin" > .dev/node.xz
+npm run build:ts
+echo "ready: carry .dev dist node_modules/node-addon-api; run: bash bench/gpu/run.sh"
