@@ -1,5 +1,6 @@
 // torch.nn.functional: the layers' math, one ATen operator each (attention falls back to an exact
 // composition where libtorch lacks scaled_dot_product_attention).
+import { native } from './native.js';
 import { dtypeCode } from './dtype.js';
 import { hasOp, op } from './ops.js';
 import { Tensor } from './tensor.js';
@@ -21,12 +22,32 @@ export function conv2d(input: Tensor, weight: Tensor, bias?: Tensor | null, o: C
   return A.conv2d(input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1) as Tensor;
 }
 
+/**
+ * Under autocast, norms run in float32 (CUDA autocast's fp32 policy for group_norm/layer_norm). libtorch
+ * 1.13's CPU autocast lacks that rule, so a bf16 activation would meet fp32 affine weights and fail: upcast
+ * it here, as CUDA autocast does.
+ */
+function normInput(input: Tensor, weight: Tensor | null | undefined): Tensor {
+  if (!weight || weight.dtype !== 'float32' || (input.dtype !== 'bfloat16' && input.dtype !== 'float16')) return input;
+  return native.isAutocastEnabled(input.isCuda ? 'cuda' : 'cpu') ? input.float() : input;
+}
+
 export function groupNorm(input: Tensor, numGroups: number, weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
-  return A.groupNorm(input, numGroups, weight ?? null, bias ?? null, eps, true) as Tensor;
+  const x = normInput(input, weight);
+  try {
+    return A.groupNorm(x, numGroups, weight ?? null, bias ?? null, eps, true) as Tensor;
+  } finally {
+    if (x !== input) x.dispose();
+  }
 }
 
 export function layerNorm(input: Tensor, normalizedShape: number[], weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
-  return A.layerNorm(input, normalizedShape, weight ?? null, bias ?? null, eps, true) as Tensor;
+  const x = normInput(input, weight);
+  try {
+    return A.layerNorm(x, normalizedShape, weight ?? null, bias ?? null, eps, true) as Tensor;
+  } finally {
+    if (x !== input) x.dispose();
+  }
 }
 
 export function embedding(input: Tensor, weight: Tensor): Tensor {

@@ -67,3 +67,5 @@ export type { LoraConfig, LoraHandle, LoraInit } from './lora/index.js';
 export { DDPMScheduler, computeSnr } from './schedulers/scheduling_ddpm.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
+export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, sampleNoise, sampleTimesteps } from './training/step.js';
+export type { TrainingStep } from './training/step.js';

@@ -1,0 +1,282 @@
+// The inner loop of diffusers' examples/text_to_image/train_text_to_image_lora.py (0.31), as small parts:
+//
+//   latents = vae.encode(pixel_values.to(weight_dtype)).latent_dist.sample() * scaling_factor   encodeLatents
+//   noise = randn_like(latents) (+ noise_offset * randn(B, C, 1, 1))                             sampleNoise
+//   timesteps = randint(0, num_train_timesteps, (B,))                                            sampleTimesteps
+//   noisy = add_noise(latents, noise, t); ehs = text_encoder(input_ids)[0]; pred = unet(...)     loraTrainingStep
+//   loss = mse or Min-SNR (fp32); accelerator.backward(loss / accumulation [· scale])            loraTrainingStep
+//   at the boundary: unscale, clip_grad_norm_, optimizer.step, lr_scheduler.step, zero_grad     Accumulator
+//
+// Differences from the script, on purpose (REFERENCE.md): the gradient clipping is real (the script's is a
+// no-op), and an fp16 step skipped by the GradScaler does not advance the LR schedule (accelerate's
+// AcceleratedScheduler semantics, which the script gets through accelerate).
+import { autocast, noGrad } from '../autograd.js';
+import type { AutoencoderKL } from '../models/autoencoder_kl.js';
+import type { CLIPTextModel } from '../models/clip_text_model.js';
+import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import type { AdamW } from '../optim/adamw.js';
+import { clipGradNorm } from '../optim/clip.js';
+import type { GradScaler } from '../optim/grad_scaler.js';
+import type { Generator } from '../random.js';
+import type { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
+import { tidy } from '../scope.js';
+import type { Device, Tensor } from '../tensor.js';
+import * as torch from '../torch.js';
+import { diffusionLoss, resolvePredictionType, trainingTarget } from './loss.js';
+import { lrAt, type LrScheduleOptions } from './lr_schedule.js';
+
+/** --mixed_precision. */
+export type MixedPrecision = 'no' | 'bf16' | 'fp16';
+
+const deviceTypeOf = (device: string): 'cpu' | 'cuda' => (device.startsWith('cuda') ? 'cuda' : 'cpu');
+
+/** Normal draws as diffusers' randn_tensor: on the generator's device (a CPU generator works for CUDA tensors), then moved. */
+function randnOn(shape: readonly number[], like: Tensor, generator?: Generator): Tensor {
+  const drawOn = generator?.device ?? like.device;
+  const t = torch.randn(shape, { generator, dtype: like.dtype, device: drawOn });
+  return t.device === like.device ? t : t.to({ device: like.device });
+}
+
+/**
+ * Images [B, 3, H, W] in [-1, 1] → scaled latents: vae.encode(pixels in the VAE's dtype).sample(generator) ×
+ * scaling_factor, without gradients.
+ */
+export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Generator): Tensor {
+  const weight = vae.parameters()[0];
+  return noGrad(() => tidy(() => {
+    const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
+    return vae.encode(pixels).sample(generator).mul(vae.scalingFactor);
+  }));
+}
+
+export interface SampleNoiseOptions {
+  /** --noise_offset: adds noiseOffset · randn(B, C, 1, 1) when > 0 (offset noise). */
+  noiseOffset?: number;
+  generator?: Generator;
+}
+
+/** randn like the latents, plus the script's offset noise when noiseOffset > 0. */
+export function sampleNoise(latents: Tensor, o: SampleNoiseOptions = {}): Tensor {
+  const offset = o.noiseOffset ?? 0;
+  if (!(offset >= 0) || !Number.isFinite(offset)) throw new RangeError(`noise_offset must be a finite number ≥ 0, got ${offset}`);
+  return tidy(() => {
+    const noise = randnOn(latents.shape, latents, o.generator);
+    if (offset === 0) return noise;
+    const [b, c] = latents.shape;
+    if (b === undefined || c === undefined) throw new RangeError(`sampleNoise: latents need [B, C, ...], got [${latents.shape.join(', ')}]`);
+    const perChannel = Array.from({ length: latents.ndim }, (_, i) => (i === 0 ? b : i === 1 ? c : 1));
+    return noise.add(randnOn(perChannel, latents, o.generator).mul(offset));
+  });
+}
+
+/** One timestep per item, uniform in [0, numTrainTimesteps), int64. */
+export function sampleTimesteps(batch: number, numTrainTimesteps: number, generator?: Generator, device?: Device): Tensor {
+  if (!Number.isInteger(batch) || batch < 1) throw new RangeError(`sampleTimesteps: batch must be a positive integer, got ${batch}`);
+  if (!Number.isInteger(numTrainTimesteps) || numTrainTimesteps < 1) throw new RangeError(`sampleTimesteps: numTrainTimesteps must be a positive integer, got ${numTrainTimesteps}`);
+  const target = device ?? generator?.device ?? 'cpu';
+  const drawOn = generator?.device ?? target;
+  return tidy(() => {
+    const t = torch.randint(0, numTrainTimesteps, [batch], { generator, dtype: 'int64', device: drawOn });
+    return t.device === target ? t : t.to({ device: target });
+  });
+}
+
+/** One micro-batch: clean latents or images, and prompt embeddings or token ids. */
+export interface TrainingBatch {
+  /** Scaled latents [B, 4, h, w] (already × scaling_factor); else pixelValues and `vae` are needed. */
+  latents?: Tensor;
+  /** Images [B, 3, H, W] in [-1, 1]. */
+  pixelValues?: Tensor;
+  /** Prompt embeddings [B, 77, D]; else inputIds and `textEncoder` are needed. */
+  encoderHiddenStates?: Tensor;
+  /** Token ids [B, 77], int64. */
+  inputIds?: Tensor;
+}
+
+/** Everything one forward/backward of the script needs. */
+export interface TrainingStep {
+  unet: UNet2DConditionModel;
+  scheduler: DDPMScheduler;
+  batch: TrainingBatch;
+  vae?: AutoencoderKL;
+  textEncoder?: CLIPTextModel;
+  /** Noise like the latents; drawn with sampleNoise(generator, noiseOffset) when absent. */
+  noise?: Tensor;
+  /** int64 [B]; drawn with sampleTimesteps(generator) when absent. */
+  timesteps?: Tensor;
+  generator?: Generator;
+  noiseOffset?: number;
+  /** --prediction_type; default the scheduler config's. */
+  predictionType?: string | null;
+  /** --snr_gamma. */
+  snrGamma?: number | null;
+  /** --gradient_accumulation_steps: the loss is divided by it before backward. Default 1. */
+  accumulationSteps?: number;
+  /** Default 'no'. 'fp16' needs CUDA and a GradScaler. */
+  mixedPrecision?: MixedPrecision;
+  /** Dynamic loss scaling (required for fp16; usable in any mode). */
+  scaler?: GradScaler | null;
+}
+
+function autocastDtype(mixedPrecision: MixedPrecision, device: string): 'float16' | 'bfloat16' | null {
+  if (mixedPrecision === 'no') return null;
+  if (mixedPrecision === 'bf16') return 'bfloat16';
+  if (mixedPrecision === 'fp16') {
+    if (deviceTypeOf(device) !== 'cuda') {
+      throw new Error(
+        `mixed_precision 'fp16' needs a CUDA device (the tensors are on '${device}'): libtorch has no fp16 matmul on CPU ` +
+        `and CPU autocast is bfloat16 only; use mixed_precision 'bf16' or 'no' on CPU`,
+      );
+    }
+    return 'float16';
+  }
+  throw new Error(`unknown mixed_precision ${JSON.stringify(mixedPrecision)}; choose 'no', 'bf16' or 'fp16'`);
+}
+
+/**
+ * One micro-batch forward and backward, as the script's loop body up to accelerator.backward: the LoRA
+ * gradients accumulate into `.grad` (divided by accumulationSteps, × the scaler's scale when given).
+ * Returns the batch loss (fp32, neither divided nor scaled). Every temporary tensor is freed.
+ */
+export function loraTrainingStep(s: TrainingStep): number {
+  const accumulationSteps = s.accumulationSteps ?? 1;
+  if (!Number.isInteger(accumulationSteps) || accumulationSteps < 1) throw new RangeError(`accumulationSteps must be a positive integer, got ${accumulationSteps}`);
+  const mixedPrecision = s.mixedPrecision ?? 'no';
+  const predictionType = resolvePredictionType(s.scheduler, s.predictionType);
+  if (mixedPrecision === 'fp16' && !s.scaler) throw new Error(`mixed_precision 'fp16' needs a GradScaler (pass scaler)`);
+
+  return tidy(() => {
+    // 1. clean latents
+    let latents = s.batch.latents;
+    if (!latents) {
+      if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, or pixelValues and a vae');
+      latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator);
+    }
+    const lowPrecision = autocastDtype(mixedPrecision, latents.device);
+    const batchSize = latents.shape[0] ?? 0;
+    // 2. noise and timesteps
+    const noise = s.noise ?? sampleNoise(latents, { noiseOffset: s.noiseOffset, generator: s.generator });
+    const timesteps = s.timesteps ?? sampleTimesteps(batchSize, s.scheduler.config.num_train_timesteps, s.generator, latents.device);
+    if (noise.shape.join() !== latents.shape.join()) throw new RangeError(`noise [${noise.shape}] must have the latents' shape [${latents.shape}]`);
+    if (timesteps.shape.join() !== String(batchSize)) throw new RangeError(`timesteps [${timesteps.shape}] must be [${batchSize}]`);
+    // 3. forward diffusion
+    const noisyLatents = s.scheduler.addNoise(latents, noise, timesteps);
+    // 4. prompt embeddings (the text encoder is frozen)
+    let encoderHiddenStates = s.batch.encoderHiddenStates;
+    if (!encoderHiddenStates) {
+      const { inputIds } = s.batch;
+      const textEncoder = s.textEncoder;
+      if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
+      encoderHiddenStates = noGrad(() => textEncoder.forward(inputIds).lastHiddenState);
+    }
+    // 5. target and prediction (under autocast for mixed precision)
+    const target = trainingTarget(s.scheduler, latents, noise, timesteps, predictionType);
+    const ehs = encoderHiddenStates;
+    const predict = (): Tensor => s.unet.forward(noisyLatents, timesteps, ehs);
+    const modelPred = lowPrecision ? autocast({ deviceType: deviceTypeOf(latents.device), dtype: lowPrecision }, predict) : predict();
+    // 6. the fp32 loss, divided for accumulation and scaled for fp16, then backward
+    const loss = diffusionLoss(modelPred, target, { scheduler: s.scheduler, timesteps, snrGamma: s.snrGamma, predictionType });
+    const divided = accumulationSteps === 1 ? loss : loss.div(accumulationSteps);
+    (s.scaler ? s.scaler.scaleLoss(divided) : divided).backward();
+    return loss.item();
+  });
+}
+
+/** Where the loop stands, as plain numbers a checkpoint can save and restore. */
+export interface AccumulatorState {
+  /** Optimizer steps taken, skipped fp16 steps included (the script's global_step). */
+  globalStep: number;
+  /** Steps the LR schedule has advanced (skipped fp16 steps excluded, as accelerate). */
+  lrStep: number;
+  /** Micro-batches accumulated since the last optimizer step. */
+  microStep: number;
+}
+
+export interface OptimizerStepOptions {
+  optimizer: AdamW;
+  /** The trainable parameters to clip (default: the optimizer's). */
+  params?: Tensor[];
+  /** --max_grad_norm; null/undefined: no clipping. */
+  maxGradNorm?: number | null;
+  scaler?: GradScaler | null;
+}
+
+export interface OptimizerStepResult {
+  /** False when the GradScaler found inf/NaN gradients and skipped the update. */
+  stepped: boolean;
+  /** Total gradient norm before clipping (after unscaling); null without clipping. */
+  gradNorm: number | null;
+}
+
+/**
+ * The accumulation boundary: unscale (GradScaler), clip, step (skipped on overflow), update the scale,
+ * drop the gradients.
+ */
+export function optimizerStep(o: OptimizerStepOptions): OptimizerStepResult {
+  const { optimizer, scaler } = o;
+  const params = o.params ?? optimizer.params;
+  if (scaler) scaler.unscale_(optimizer);
+  const gradNorm = o.maxGradNorm === undefined || o.maxGradNorm === null ? null : clipGradNorm(params, o.maxGradNorm);
+  let stepped = true;
+  if (scaler) {
+    stepped = scaler.step(optimizer);
+    scaler.update();
+  } else {
+    optimizer.step();
+  }
+  optimizer.zeroGrad();
+  return { stepped, gradNorm };
+}
+
+export interface AccumulatorOptions extends OptimizerStepOptions {
+  /** --gradient_accumulation_steps (default 1). */
+  accumulationSteps?: number;
+  /** --lr_scheduler name (lr_schedule.ts); the optimizer's LR is set from lrAt(name, state.lrStep, lrOptions). */
+  lrScheduler: string;
+  lrOptions: LrScheduleOptions & { baseLr: number };
+  /** Restored state (e.g. from a checkpoint); default all zero. */
+  state?: AccumulatorState;
+}
+
+/** accelerate's accumulate(): counts micro-batches and runs optimizerStep at each boundary. */
+export class Accumulator {
+  readonly state: AccumulatorState;
+  readonly accumulationSteps: number;
+  private readonly o: AccumulatorOptions;
+
+  constructor(o: AccumulatorOptions) {
+    this.o = o;
+    this.accumulationSteps = o.accumulationSteps ?? 1;
+    if (!Number.isInteger(this.accumulationSteps) || this.accumulationSteps < 1) throw new RangeError(`accumulationSteps must be a positive integer, got ${this.accumulationSteps}`);
+    this.state = { globalStep: 0, lrStep: 0, microStep: 0, ...o.state };
+    this.o.optimizer.lr = this.lr;
+  }
+
+  /** The learning rate of the next optimizer step. */
+  get lr(): number {
+    return lrAt(this.o.lrScheduler, this.state.lrStep, this.o.lrOptions);
+  }
+
+  /** Whether the next micro-batch ends the accumulation window (accelerate's sync_gradients). */
+  get syncGradients(): boolean {
+    return this.state.microStep + 1 >= this.accumulationSteps;
+  }
+
+  /**
+   * Call after each micro-batch's backward. At the boundary it steps the optimizer, advances the LR schedule
+   * unless the step was skipped, sets the next LR and returns the step's result; otherwise null.
+   */
+  afterBackward(): (OptimizerStepResult & { lr: number }) | null {
+    if (!this.syncGradients) {
+      this.state.microStep += 1;
+      return null;
+    }
+    const lr = this.o.optimizer.lr;
+    const r = optimizerStep(this.o);
+    this.state.microStep = 0;
+    this.state.globalStep += 1;
+    if (r.stepped) this.state.lrStep += 1;
+    this.o.optimizer.lr = this.lr;
+    return { ...r, lr };
+  }
+}
