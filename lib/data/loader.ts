@@ -1,0 +1,224 @@
+// Batches of (pixel values, captions) over a Dataset, as the script's DataLoader (shuffle=True,
+// drop_last=False), with images decoded ahead of use and a small state for exact resume.
+//
+// Reproducibility: the epoch order is a permutation seeded by (seed, epoch); each item's crop, flip and
+// caption choice come from its own Rng seeded by (seed, epoch, position). So the output depends only on
+// { seed, epoch, position } — not on how far decoding has run ahead — and restoring a saved state
+// continues exactly.
+import type { Dataset } from './imagefolder.js';
+import { permutation } from './imagefolder.js';
+import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
+
+export interface LoaderState {
+  epoch: number;
+  /** Items of this epoch's order already consumed. */
+  position: number;
+  seed: number;
+}
+
+export interface LoaderOptions {
+  batchSize: number;
+  resolution: number;
+  centerCrop?: boolean;
+  randomFlip?: boolean;
+  interpolation?: Interpolation;
+  seed?: number;
+  /** Shuffle each epoch (default true); false keeps dataset order. */
+  shuffle?: boolean;
+  /** Items decoded ahead of the consumer (default 2 batches; at least 1). */
+  prefetch?: number;
+  /** Skip images that fail to decode (counted in `skipped`) instead of throwing. */
+  skipBroken?: boolean;
+}
+
+export interface Batch {
+  /** float32 B·3·R·R, NCHW, in [-1, 1]. */
+  pixelValues: Float32Array;
+  shape: [number, number, number, number];
+  captions: string[];
+  imagePaths: string[];
+  cropTopLeft: [number, number][];
+  originalSizes: [number, number][];
+}
+
+interface Decoded { ok: true; image: TrainImage; caption: string; imagePath: string }
+interface Failed { ok: false; error: Error; imagePath: string }
+type Outcome = Decoded | Failed;
+
+interface Pending { epoch: number; position: number; promise: Promise<Outcome> }
+
+export class ImageCaptionLoader {
+  readonly batchSize: number;
+  readonly resolution: number;
+  /** Images skipped so far because they failed to decode (skipBroken). */
+  skipped = 0;
+  /** The files skipped so far, with their errors. */
+  readonly skippedErrors: Error[] = [];
+
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed'>>;
+  private seed: number;
+  private epoch = 0;
+  private position = 0;
+  /** Epoch orders in use (the consumer's epoch and, when decoding runs ahead across the boundary, the next). */
+  private orders = new Map<number, Uint32Array>();
+  /** Decodes started ahead, in consumption order, starting at (epoch, position). */
+  private queue: Pending[] = [];
+  private busy: Promise<unknown> = Promise.resolve();
+
+  constructor(readonly dataset: Dataset, options: LoaderOptions) {
+    if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new RangeError(`batchSize must be a positive integer, got ${options.batchSize}`);
+    if (!Number.isInteger(options.resolution) || options.resolution < 1) throw new RangeError(`resolution must be a positive integer, got ${options.resolution}`);
+    if (dataset.length === 0) throw new Error('the dataset is empty');
+    this.batchSize = options.batchSize;
+    this.resolution = options.resolution;
+    this.seed = options.seed ?? 0;
+    this.opts = {
+      centerCrop: options.centerCrop ?? false,
+      randomFlip: options.randomFlip ?? false,
+      interpolation: options.interpolation ?? 'lanczos',
+      shuffle: options.shuffle ?? true,
+      prefetch: Math.max(1, options.prefetch ?? 2 * options.batchSize),
+      skipBroken: options.skipBroken ?? false,
+    };
+  }
+
+  /** Batches per epoch when nothing is skipped (ceil, the last batch may be partial). */
+  get batchesPerEpoch(): number { return Math.ceil(this.dataset.length / this.batchSize); }
+
+  /** The state to save with a checkpoint: what next() will return depends only on it. */
+  getState(): LoaderState { return { epoch: this.epoch, position: this.position, seed: this.seed }; }
+
+  /** Restores a saved state; decodes already running ahead are dropped. */
+  setState(state: LoaderState): void {
+    const n = this.dataset.length;
+    if (!Number.isInteger(state.epoch) || state.epoch < 0 || !Number.isInteger(state.position) || state.position < 0 || state.position > n) {
+      throw new RangeError(`invalid loader state ${JSON.stringify(state)} for a dataset of ${n}`);
+    }
+    this.seed = state.seed;
+    this.epoch = state.epoch;
+    this.position = state.position;
+    this.normalise();
+    this.orders.clear();
+    this.queue = [];
+  }
+
+  /** The next batch; batches never span two epochs. Calls are served one after another. */
+  next(): Promise<Batch> {
+    const run = this.busy.then(() => this.nextBatch());
+    this.busy = run.catch(() => undefined);
+    return run;
+  }
+
+  private normalise(): void {
+    if (this.position >= this.dataset.length) { this.epoch += 1; this.position = 0; }
+  }
+
+  private orderOf(epoch: number): Uint32Array {
+    let order = this.orders.get(epoch);
+    if (order === undefined) {
+      const n = this.dataset.length;
+      if (this.opts.shuffle) order = permutation(n, deriveSeed(this.seed, epoch));
+      else { order = new Uint32Array(n); for (let i = 0; i < n; i++) order[i] = i; }
+      for (const e of [...this.orders.keys()]) if (e < this.epoch) this.orders.delete(e);
+      this.orders.set(epoch, order);
+    }
+    return order;
+  }
+
+  private start(epoch: number, position: number): Pending {
+    const index = this.orderOf(epoch)[position]!;
+    const item = this.dataset.get(index);
+    const rng = new Rng(deriveSeed(this.seed, epoch, position));
+    const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
+      resolution: this.resolution,
+      centerCrop: this.opts.centerCrop,
+      randomFlip: this.opts.randomFlip,
+      interpolation: this.opts.interpolation,
+      rng,
+    }).then(
+      (image): Outcome => {
+        const caption = item.captions.length === 1 ? item.captions[0]! : item.captions[rng.nextInt(item.captions.length)]!;
+        return { ok: true, image, caption, imagePath: item.imagePath };
+      },
+      (e: unknown): Outcome => ({
+        ok: false,
+        error: e instanceof Error ? e : new Error(`cannot read image '${item.imagePath}': ${String(e)}`),
+        imagePath: item.imagePath,
+      }),
+    );
+    return { epoch, position, promise };
+  }
+
+  /** Starts decodes, in consumption order (across the epoch boundary), until `target` are queued. */
+  private fill(target: number): void {
+    const n = this.dataset.length;
+    let last = this.queue[this.queue.length - 1];
+    let epoch = last ? last.epoch : this.epoch;
+    let position = last ? last.position + 1 : this.position;
+    while (this.queue.length < target) {
+      if (position >= n) { epoch += 1; position = 0; }
+      last = this.start(epoch, position);
+      this.queue.push(last);
+      position += 1;
+    }
+  }
+
+  private async nextBatch(): Promise<Batch> {
+    const n = this.dataset.length;
+    const R = this.resolution;
+    const good: Decoded[] = [];
+    let consecutiveFailures = 0;
+    // Work on a cursor and commit (epoch, position, queue) only when the batch is complete, so a thrown
+    // error leaves the loader where it was.
+    let epoch = this.epoch;
+    let position = this.position;
+    let consumed = 0;
+    const skippedHere: Error[] = [];
+    for (;;) {
+      if (good.length === this.batchSize) break;
+      if (position >= n) {
+        if (good.length > 0) break; // last, partial batch of the epoch
+        epoch += 1; position = 0;   // everything left in the epoch was broken: go on into the next one
+      }
+      // Keep `prefetch` decodes in flight beyond the one awaited now.
+      this.fill(consumed + 1 + this.opts.prefetch);
+      const pending = this.queue[consumed]!;
+      if (pending.epoch !== epoch || pending.position !== position) throw new Error('internal: loader queue out of step');
+      const outcome = await pending.promise;
+      consumed += 1;
+      position += 1;
+      if (outcome.ok) {
+        good.push(outcome);
+        consecutiveFailures = 0;
+      } else {
+        if (!this.opts.skipBroken) throw outcome.error;
+        skippedHere.push(outcome.error);
+        consecutiveFailures += 1;
+        if (consecutiveFailures >= n) {
+          throw new Error(`every image of the dataset failed to load (${n}); the last: ${outcome.error.message}`);
+        }
+      }
+    }
+
+    this.queue.splice(0, consumed);
+    this.epoch = epoch;
+    this.position = position;
+    this.normalise();
+    this.skipped += skippedHere.length;
+    this.skippedErrors.push(...skippedHere);
+    this.fill(this.opts.prefetch);
+
+    const B = good.length;
+    const per = 3 * R * R;
+    const pixelValues = new Float32Array(B * per);
+    good.forEach((g, i) => pixelValues.set(g.image.data, i * per));
+    return {
+      pixelValues,
+      shape: [B, 3, R, R],
+      captions: good.map((g) => g.caption),
+      imagePaths: good.map((g) => g.imagePath),
+      cropTopLeft: good.map((g) => g.image.cropTopLeft),
+      originalSizes: good.map((g) => g.image.originalSize),
+    };
+  }
+}

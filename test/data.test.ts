@@ -1,0 +1,386 @@
+// The data pipeline: imagefolder metadata (jsonl / csv, subfolders, list captions, errors), the training
+// transform (resize shorter side, crops, flip, EXIF, colour modes, normalisation) and the loader (seeded
+// order, exact resume, prefetch order, broken images). Images are generated here with sharp.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadImageFolder, parseCsv, shuffleAndTruncate, type Dataset, type DatasetItem } from '../lib/data/imagefolder.js';
+import { Rng, loadTrainImage, resizedSize } from '../lib/data/transforms.js';
+import { ImageCaptionLoader, type Batch } from '../lib/data/loader.js';
+
+let tmp: string;
+const p = (...parts: string[]): string => path.join(tmp, ...parts);
+
+const RED = { r: 255, g: 0, b: 0 };
+const BLUE = { r: 0, g: 0, b: 255 };
+
+/** A w×h PNG/JPEG whose left `split` columns are `left` and the rest `right`. */
+async function splitImage(w: number, h: number, split: number, left: typeof RED, right: typeof RED): Promise<sharp.Sharp> {
+  const raw = Buffer.alloc(w * h * 3);
+  for (let y = 0; y < h; y++) for (let x = 0; x < w; x++) {
+    const c = x < split ? left : right;
+    raw.set([c.r, c.g, c.b], (y * w + x) * 3);
+  }
+  return sharp(raw, { raw: { width: w, height: h, channels: 3 } });
+}
+
+const solid = (w: number, h: number, c: { r: number; g: number; b: number; alpha?: number }, channels: 3 | 4 = 3): sharp.Sharp =>
+  sharp({ create: { width: w, height: h, channels, background: c } });
+
+beforeAll(async () => {
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'difflora-data-'));
+  fs.mkdirSync(p('img'));
+  await (await splitImage(40, 30, 20, RED, BLUE)).png().toFile(p('img', 'split.png'));
+  await solid(10, 10, { r: 10, g: 20, b: 30, alpha: 0 }, 4).png().toFile(p('img', 'rgba.png'));
+  await solid(24, 20, { r: 90, g: 90, b: 90 }).toColourspace('b-w').jpeg({ quality: 95 }).toFile(p('img', 'gray.jpg'));
+  // Stored 32 wide × 16 tall, red left half; orientation 6 displays it rotated 90° clockwise:
+  // 16 wide × 32 tall with the red half on top.
+  await (await splitImage(32, 16, 16, RED, BLUE)).withMetadata({ orientation: 6 }).jpeg({ quality: 95 }).toFile(p('img', 'exif6.jpg'));
+  fs.writeFileSync(p('img', 'corrupt.png'), Buffer.from('\x89PNG\r\n\x1a\nthis is not a png at all'));
+
+  // An imagefolder with jsonl metadata, a subfolder and list captions.
+  fs.mkdirSync(p('ds_jsonl', 'sub'), { recursive: true });
+  await solid(20, 20, RED).png().toFile(p('ds_jsonl', 'a.png'));
+  await solid(24, 20, BLUE).jpeg().toFile(p('ds_jsonl', 'sub', 'b.JPG'));
+  await solid(20, 20, BLUE).png().toFile(p('ds_jsonl', 'unlisted.png'));
+  fs.writeFileSync(p('ds_jsonl', 'metadata.jsonl'), [
+    JSON.stringify({ file_name: 'a.png', text: 'a red square', extra: 1 }),
+    '',
+    JSON.stringify({ file_name: 'sub/b.JPG', text: ['blue one', 'blue two'], extra: 2 }),
+  ].join('\n') + '\n');
+
+  // csv metadata with quoted commas, quotes and a newline in a field, in a subfolder of its own.
+  fs.mkdirSync(p('ds_csv', 'part'), { recursive: true });
+  await solid(20, 20, RED).png().toFile(p('ds_csv', 'part', 'x.png'));
+  await solid(20, 20, BLUE).webp().toFile(p('ds_csv', 'part', 'y.webp'));
+  fs.writeFileSync(p('ds_csv', 'part', 'metadata.csv'),
+    'file_name,caption,score\r\n' +
+    'x.png,"a red, square thing",1\r\n' +
+    'y.webp,"blue ""quoted""\nsecond line",2\r\n');
+});
+
+afterAll(() => { fs.rmSync(tmp, { recursive: true, force: true }); });
+
+// ---- imagefolder
+
+describe('imagefolder', () => {
+  it('parses CSV with quotes, commas and newlines', () => {
+    expect(parseCsv('a,b,c\n1,"x, y","he said ""hi"""\r\n2,"multi\nline",\n')).toEqual([
+      ['a', 'b', 'c'], ['1', 'x, y', 'he said "hi"'], ['2', 'multi\nline', ''],
+    ]);
+    expect(parseCsv('\ufeffh\nv')).toEqual([['h'], ['v']]);
+    expect(() => parseCsv('a\n"open')).toThrow(/unterminated/);
+  });
+
+  it('reads metadata.jsonl with subfolders and list captions', () => {
+    const ds = loadImageFolder(p('ds_jsonl'));
+    expect(ds.length).toBe(2); // unlisted.png has no row
+    expect(ds.columns).toEqual(['image', 'text', 'extra']);
+    expect(ds.get(0)).toEqual({ imagePath: p('ds_jsonl', 'a.png'), captions: ['a red square'] });
+    expect(ds.get(1)).toEqual({ imagePath: p('ds_jsonl', 'sub', 'b.JPG'), captions: ['blue one', 'blue two'] });
+    expect(() => ds.get(2)).toThrow(RangeError);
+  });
+
+  it('reads metadata.csv (relative to its own folder) with another caption column', () => {
+    const ds = loadImageFolder(p('ds_csv'), { captionColumn: 'caption' });
+    expect(ds.length).toBe(2);
+    expect(ds.get(0).captions).toEqual(['a red, square thing']);
+    expect(ds.get(1)).toEqual({ imagePath: p('ds_csv', 'part', 'y.webp'), captions: ['blue "quoted"\nsecond line'] });
+  });
+
+  it('names the problem', () => {
+    expect(() => loadImageFolder(p('nope'))).toThrow(/--train_data_dir '.*nope' does not exist/);
+    const empty = p('empty');
+    fs.mkdirSync(empty);
+    fs.writeFileSync(path.join(empty, 'metadata.jsonl'), '{"file_name":"a.png","text":"x"}\n');
+    expect(() => loadImageFolder(empty)).toThrow(/no images in/);
+
+    expect(() => loadImageFolder(p('ds_jsonl'), { captionColumn: 'caption' }))
+      .toThrow("--caption_column' value 'caption' needs to be one of: image, text, extra");
+    expect(() => loadImageFolder(p('ds_jsonl'), { imageColumn: 'img' }))
+      .toThrow("--image_column' value 'img' needs to be one of: image, text, extra");
+    expect(() => loadImageFolder(p('img'))).toThrow("--caption_column' value 'text' needs to be one of: image");
+    expect(() => loadImageFolder(p('ds_csv'), { captionColumn: 'score' })).not.toThrow(); // csv values are strings
+
+    const missing = p('missing_file');
+    fs.mkdirSync(missing);
+    fs.copyFileSync(p('img', 'split.png'), path.join(missing, 'ok.png'));
+    fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"file_name":"ok.png","text":"x"}\n{"file_name":"gone.png","text":"y"}\n');
+    expect(() => loadImageFolder(missing)).toThrow(/row 2: file_name 'gone.png' does not exist/);
+
+    fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"file_name":"ok.png","text":3}\n');
+    expect(() => loadImageFolder(missing)).toThrow(/should contain either strings or lists of strings/);
+    fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"file_name":"ok.png","text":"x"}\n{oops\n');
+    expect(() => loadImageFolder(missing)).toThrow(/line 2 is not valid JSON/);
+    fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"name":"ok.png","text":"x"}\n');
+    expect(() => loadImageFolder(missing)).toThrow(/no 'file_name' column/);
+  });
+
+  it('shuffleAndTruncate shuffles with the seed, then keeps the first n', () => {
+    const items: DatasetItem[] = Array.from({ length: 50 }, (_, i) => ({ imagePath: `${i}.png`, captions: [`${i}`] }));
+    const ds: Dataset = { length: 50, columns: ['image', 'text'], get: (i) => items[i]! };
+    const a = shuffleAndTruncate(ds, 10, 42);
+    const b = shuffleAndTruncate(ds, 10, 42);
+    const c = shuffleAndTruncate(ds, 10, 43);
+    const ids = (d: Dataset): string[] => Array.from({ length: d.length }, (_, i) => d.get(i).captions[0]!);
+    expect(a.length).toBe(10);
+    expect(ids(a)).toEqual(ids(b));
+    expect(ids(a)).not.toEqual(ids(c));
+    expect(new Set(ids(a)).size).toBe(10);
+    expect(ids(a)).not.toEqual(ids(ds).slice(0, 10));
+    expect(shuffleAndTruncate(ds, undefined, 1)).toBe(ds);
+    expect(shuffleAndTruncate(ds, 500, 1).length).toBe(50);
+  });
+});
+
+// ---- transform
+
+/** The [r, g, b] values of pixel (y, x) of a CHW image of side R. */
+const px = (d: Float32Array, R: number, y: number, x: number): number[] => [0, 1, 2].map((c) => d[c * R * R + y * R + x]!);
+
+describe('loadTrainImage', () => {
+  it('resizes the shorter side as torchvision Resize(int)', () => {
+    expect(resizedSize(40, 30, 16)).toEqual([21, 16]);
+    expect(resizedSize(30, 40, 16)).toEqual([16, 21]);
+    expect(resizedSize(512, 512, 256)).toEqual([256, 256]);
+    expect(resizedSize(1000, 3, 8)).toEqual([2666, 8]);
+  });
+
+  it('center crops the middle columns, in [-1, 1]', async () => {
+    const img = await loadTrainImage(p('img', 'split.png'), { resolution: 16, centerCrop: true, interpolation: 'nearest' });
+    expect(img.data.length).toBe(3 * 16 * 16);
+    expect(img.cropTopLeft).toEqual([0, 2]); // 21×16, (21−16)/2 = 2.5 → 2 (round half to even)
+    expect(img.originalSize).toEqual([30, 40]);
+    expect(img.flipped).toBe(false);
+    for (const v of img.data) { expect(v).toBeGreaterThanOrEqual(-1); expect(v).toBeLessThanOrEqual(1); }
+    expect(px(img.data, 16, 5, 0)).toEqual([1, -1, -1]);
+    expect(px(img.data, 16, 5, 15)).toEqual([-1, -1, 1]);
+
+    // Without resizing (resolution 30 = shorter side), the crop starts at column 5: columns 5..19 of the
+    // source are red, so exactly 15 of the 30 output columns are.
+    const full = await loadTrainImage(p('img', 'split.png'), { resolution: 30, centerCrop: true, interpolation: 'bilinear' });
+    expect(full.cropTopLeft).toEqual([0, 5]);
+    let redColumns = 0;
+    for (let x = 0; x < 30; x++) if (px(full.data, 30, 10, x)[0] === 1) redColumns++;
+    expect(redColumns).toBe(15);
+    expect(px(full.data, 30, 10, 14)).toEqual([1, -1, -1]);
+    expect(px(full.data, 30, 10, 15)).toEqual([-1, -1, 1]);
+  });
+
+  it('every interpolation mode gives a clean image', async () => {
+    for (const interpolation of ['bilinear', 'lanczos', 'nearest', 'bicubic'] as const) {
+      const img = await loadTrainImage(p('img', 'split.png'), { resolution: 16, centerCrop: true, interpolation });
+      expect(img.data.length).toBe(768);
+      expect(px(img.data, 16, 8, 1)[0]).toBeCloseTo(1, 1);
+      expect(px(img.data, 16, 8, 14)[2]).toBeCloseTo(1, 1);
+    }
+  });
+
+  it('applies EXIF orientation', async () => {
+    const img = await loadTrainImage(p('img', 'exif6.jpg'), { resolution: 16, centerCrop: true, interpolation: 'nearest' });
+    expect(img.originalSize).toEqual([32, 16]); // displayed 16 wide × 32 tall
+    expect(img.cropTopLeft).toEqual([8, 0]);
+    // crop rows 8..23 of the display: rows 8..15 red (top half), 16..23 blue.
+    const top = px(img.data, 16, 2, 8), bottom = px(img.data, 16, 13, 8);
+    expect(top[0]).toBeGreaterThan(0.8); expect(top[2]).toBeLessThan(-0.8);
+    expect(bottom[2]).toBeGreaterThan(0.8); expect(bottom[0]).toBeLessThan(-0.8);
+  });
+
+  it('drops alpha without compositing and expands grayscale to RGB', async () => {
+    const rgba = await loadTrainImage(p('img', 'rgba.png'), { resolution: 10, centerCrop: true });
+    expect(rgba.data.length).toBe(300);
+    const f = (v: number): number => Math.fround(Math.fround(Math.fround(v / 255) - 0.5) / 0.5);
+    expect(px(rgba.data, 10, 3, 3)).toEqual([f(10), f(20), f(30)]);
+
+    const gray = await loadTrainImage(p('img', 'gray.jpg'), { resolution: 8, centerCrop: true });
+    expect(gray.data.length).toBe(3 * 64);
+    const [r, g, b] = px(gray.data, 8, 4, 4);
+    expect(r).toBe(g); expect(g).toBe(b);
+    expect(r!).toBeCloseTo(f(90), 1);
+  });
+
+  it('flip mirrors the unflipped crop; same seed, same result', async () => {
+    const opts = { resolution: 30, centerCrop: true, randomFlip: true, interpolation: 'bilinear' as const };
+    const runs = await Promise.all(Array.from({ length: 8 }, (_, s) => loadTrainImage(p('img', 'split.png'), { ...opts, rng: new Rng(s) })));
+    const flipped = runs.find((r) => r.flipped)!;
+    const plain = runs.find((r) => !r.flipped)!;
+    expect(flipped).toBeDefined(); expect(plain).toBeDefined();
+    const R = 30;
+    for (let c = 0; c < 3; c++) for (let y = 0; y < R; y += 7) for (let x = 0; x < R; x++) {
+      expect(flipped.data[c * R * R + y * R + x]).toBe(plain.data[c * R * R + y * R + (R - 1 - x)]);
+    }
+    expect(px(flipped.data, R, 0, 0)).toEqual([-1, -1, 1]);
+
+    const rand = { resolution: 16, randomFlip: true, interpolation: 'lanczos' as const };
+    const a = await loadTrainImage(p('img', 'split.png'), { ...rand, rng: new Rng(1234) });
+    const b = await loadTrainImage(p('img', 'split.png'), { ...rand, rng: new Rng(1234) });
+    expect(b.cropTopLeft).toEqual(a.cropTopLeft);
+    expect(b.flipped).toBe(a.flipped);
+    expect(b.data).toEqual(a.data);
+    const tops = new Set<string>();
+    for (let s = 0; s < 40; s++) {
+      const r = await loadTrainImage(p('img', 'split.png'), { resolution: 16, rng: new Rng(s) });
+      expect(r.cropTopLeft[0]).toBe(0);
+      expect(r.cropTopLeft[1]).toBeGreaterThanOrEqual(0);
+      expect(r.cropTopLeft[1]).toBeLessThanOrEqual(5);
+      tops.add(r.cropTopLeft.join());
+    }
+    expect(tops.size).toBe(6); // every left offset 0..5 occurs
+  });
+
+  it('reads BMP (which libvips cannot) in display orientation', async () => {
+    // 24-bit bottom-up BMP, 5×2: top row red, bottom row blue (rows padded to 16 bytes).
+    const w = 5, h = 2, stride = 16;
+    const buf = Buffer.alloc(54 + stride * h);
+    buf.write('BM', 0, 'latin1');
+    buf.writeUInt32LE(buf.length, 2); buf.writeUInt32LE(54, 10); buf.writeUInt32LE(40, 14);
+    buf.writeInt32LE(w, 18); buf.writeInt32LE(h, 22); buf.writeUInt16LE(1, 26); buf.writeUInt16LE(24, 28);
+    for (let x = 0; x < w; x++) {
+      buf.set([255, 0, 0], 54 + x * 3);          // file row 0 = bottom: blue (BGR)
+      buf.set([0, 0, 255], 54 + stride + x * 3); // file row 1 = top: red
+    }
+    fs.writeFileSync(p('img', 'tiny.bmp'), buf);
+    const img = await loadTrainImage(p('img', 'tiny.bmp'), { resolution: 2, centerCrop: true, interpolation: 'nearest' });
+    expect(img.originalSize).toEqual([2, 5]);
+    expect(px(img.data, 2, 0, 0)).toEqual([1, -1, -1]);
+    expect(px(img.data, 2, 1, 1)).toEqual([-1, -1, 1]);
+    fs.writeFileSync(p('img', 'bad.bmp'), buf.subarray(0, 60));
+    await expect(loadTrainImage(p('img', 'bad.bmp'), { resolution: 2, centerCrop: true })).rejects.toThrow(/cannot read image '.*bad\.bmp': truncated BMP/);
+  });
+
+  it('names the file it cannot read', async () => {
+    await expect(loadTrainImage(p('img', 'corrupt.png'), { resolution: 8, centerCrop: true }))
+      .rejects.toThrow(/cannot read image '.*corrupt\.png': /);
+    await expect(loadTrainImage(p('img', 'absent.png'), { resolution: 8, centerCrop: true }))
+      .rejects.toThrow(/cannot read image '.*absent\.png'/);
+  });
+
+  it('Rng: reproducible, uniform enough, state round-trips', () => {
+    const a = new Rng(5), b = new Rng(5);
+    const xs = Array.from({ length: 100 }, () => a.nextFloat());
+    expect(Array.from({ length: 100 }, () => b.nextFloat())).toEqual(xs);
+    for (const x of xs) { expect(x).toBeGreaterThanOrEqual(0); expect(x).toBeLessThan(1); }
+    const state = a.getState();
+    const next = [a.nextInt(7), a.nextInt(1000), a.nextFloat()];
+    const c = new Rng(999);
+    c.setState(state);
+    expect([c.nextInt(7), c.nextInt(1000), c.nextFloat()]).toEqual(next);
+    const counts = new Array(4).fill(0);
+    const r = new Rng(1);
+    for (let i = 0; i < 4000; i++) counts[r.nextInt(4)]++;
+    for (const k of counts) expect(Math.abs(k - 1000)).toBeLessThan(120);
+    expect(new Rng(1).nextU32()).not.toBe(new Rng(2).nextU32());
+  });
+});
+
+// ---- loader
+
+/** A dataset of n images of distinct sizes and colours, captioned by index. */
+async function makeDataset(n: number, dir: string, opts: { broken?: number[]; lists?: boolean } = {}): Promise<Dataset> {
+  fs.mkdirSync(dir, { recursive: true });
+  const items: DatasetItem[] = [];
+  for (let i = 0; i < n; i++) {
+    const file = path.join(dir, `${i}.png`);
+    if (opts.broken?.includes(i)) fs.writeFileSync(file, 'not an image');
+    else await (await splitImage(20 + 3 * i, 18 + (i % 4), 10, { r: 10 * i, g: 100, b: 0 }, { r: 0, g: 0, b: 255 - 10 * i })).png().toFile(file);
+    items.push({ imagePath: file, captions: opts.lists ? [`${i}a`, `${i}b`, `${i}c`] : [`${i}`] });
+  }
+  return { length: n, columns: ['image', 'text'], get: (i) => items[i]! };
+}
+
+async function take(loader: ImageCaptionLoader, k: number): Promise<Batch[]> {
+  const out: Batch[] = [];
+  for (let i = 0; i < k; i++) out.push(await loader.next());
+  return out;
+}
+
+describe('ImageCaptionLoader', () => {
+  let ds: Dataset;
+  beforeAll(async () => { ds = await makeDataset(7, p('loader')); });
+  const options = { batchSize: 3, resolution: 16, randomFlip: true, interpolation: 'bilinear' as const };
+
+  it('batches an epoch in a seeded order, last batch partial', async () => {
+    const loader = new ImageCaptionLoader(ds, { ...options, seed: 3 });
+    expect(loader.batchesPerEpoch).toBe(3);
+    const batches = await take(loader, 6);
+    expect(batches.map((b) => b.captions.length)).toEqual([3, 3, 1, 3, 3, 1]);
+    const b0 = batches[0]!;
+    expect(b0.shape).toEqual([3, 3, 16, 16]);
+    expect(b0.pixelValues.length).toBe(3 * 3 * 16 * 16);
+    const epoch0 = batches.slice(0, 3).flatMap((b) => b.captions);
+    const epoch1 = batches.slice(3).flatMap((b) => b.captions);
+    expect([...epoch0].sort()).toEqual(['0', '1', '2', '3', '4', '5', '6']);
+    expect([...epoch1].sort()).toEqual(['0', '1', '2', '3', '4', '5', '6']);
+    expect(epoch0).not.toEqual(epoch1);
+    expect(loader.getState()).toEqual({ epoch: 2, position: 0, seed: 3 });
+
+    // The same seed gives the same order, crops and flips; another seed another order.
+    const again = await take(new ImageCaptionLoader(ds, { ...options, seed: 3 }), 6);
+    again.forEach((b, i) => {
+      expect(b.captions).toEqual(batches[i]!.captions);
+      expect(b.cropTopLeft).toEqual(batches[i]!.cropTopLeft);
+      expect(b.pixelValues).toEqual(batches[i]!.pixelValues);
+    });
+    const other = await take(new ImageCaptionLoader(ds, { ...options, seed: 4 }), 3);
+    expect(other.flatMap((b) => b.captions)).not.toEqual(epoch0);
+    const ordered = await take(new ImageCaptionLoader(ds, { ...options, shuffle: false }), 3);
+    expect(ordered.flatMap((b) => b.captions)).toEqual(['0', '1', '2', '3', '4', '5', '6']);
+  });
+
+  it('resumes exactly from a saved state, mid-epoch and across epochs', async () => {
+    const a = new ImageCaptionLoader(ds, { ...options, seed: 11, prefetch: 5 });
+    await take(a, 1);
+    const state = a.getState();
+    expect(state).toEqual({ epoch: 0, position: 3, seed: 11 });
+    const rest = await take(a, 4);
+    const b = new ImageCaptionLoader(ds, { ...options, seed: 0, prefetch: 1 });
+    await take(b, 2); // some other progress, then restore
+    b.setState(JSON.parse(JSON.stringify(state)));
+    const resumed = await take(b, 4);
+    resumed.forEach((r, i) => {
+      expect(r.captions).toEqual(rest[i]!.captions);
+      expect(r.cropTopLeft).toEqual(rest[i]!.cropTopLeft);
+      expect(r.pixelValues).toEqual(rest[i]!.pixelValues);
+    });
+    expect(() => b.setState({ epoch: 0, position: 99, seed: 1 })).toThrow(RangeError);
+  });
+
+  it('prefetch and concurrent next() calls keep batches in order', async () => {
+    const ref = await take(new ImageCaptionLoader(ds, { ...options, seed: 5, prefetch: 1 }), 5);
+    const deep = await take(new ImageCaptionLoader(ds, { ...options, seed: 5, prefetch: 20 }), 5);
+    const l = new ImageCaptionLoader(ds, { ...options, seed: 5, prefetch: 4 });
+    const concurrent = await Promise.all([l.next(), l.next(), l.next(), l.next(), l.next()]);
+    for (const run of [deep, concurrent]) run.forEach((b, i) => {
+      expect(b.captions).toEqual(ref[i]!.captions);
+      expect(b.pixelValues).toEqual(ref[i]!.pixelValues);
+    });
+  });
+
+  it('picks one caption of a list at random', async () => {
+    const lists = await makeDataset(2, p('lists'), { lists: true });
+    const loader = new ImageCaptionLoader(lists, { batchSize: 2, resolution: 8, centerCrop: true, seed: 1 });
+    const seen = new Set((await take(loader, 20)).flatMap((b) => b.captions));
+    expect([...seen].sort()).toEqual(['0a', '0b', '0c', '1a', '1b', '1c']);
+  });
+
+  it('broken images: an error naming the file, or skipped and counted', async () => {
+    const broken = await makeDataset(5, p('broken'), { broken: [2] });
+    const strict = new ImageCaptionLoader(broken, { batchSize: 5, resolution: 8, centerCrop: true });
+    await expect(strict.next()).rejects.toThrow(/cannot read image '.*broken[/\\]2\.png'/);
+    expect(strict.getState()).toEqual({ epoch: 0, position: 0, seed: 0 }); // nothing consumed
+
+    const lenient = new ImageCaptionLoader(broken, { batchSize: 2, resolution: 8, centerCrop: true, skipBroken: true, seed: 2 });
+    const epoch = await take(lenient, 2); // 4 good images → two full batches
+    expect(epoch.map((b) => b.captions.length)).toEqual([2, 2]);
+    expect(epoch.flatMap((b) => b.captions).sort()).toEqual(['0', '1', '3', '4']);
+    expect(lenient.skipped).toBe(1);
+    expect(lenient.skippedErrors[0]!.message).toMatch(/2\.png/);
+    expect(lenient.getState().epoch).toBe(1);
+
+    const allBroken = await makeDataset(2, p('all_broken'), { broken: [0, 1] });
+    const hopeless = new ImageCaptionLoader(allBroken, { batchSize: 1, resolution: 8, centerCrop: true, skipBroken: true });
+    await expect(hopeless.next()).rejects.toThrow(/every image of the dataset failed/);
+  });
+});
