@@ -1,0 +1,148 @@
+// `difflora <command>`: train (the flags of train_text_to_image_lora.py), env (what libtorch this build runs on).
+// Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error, 3 not available in this build.
+import { existsSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import yargs from 'yargs';
+import type { NativeInfo } from '../native.js';
+import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
+
+export interface Io {
+  stdout: { write(s: string): unknown };
+  stderr: { write(s: string): unknown };
+  env: NodeJS.ProcessEnv;
+}
+
+/** The training entry point, as lib/training/train.ts is to export it. */
+export type TrainFn = (args: TrainArgs, hooks?: { onProgress?: (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => void }) => Promise<unknown> | unknown;
+
+export interface MainOptions extends Partial<Io> {
+  /** Finds the training loop; undefined when this build has none. Default: lib/training/train.{ts,js}. */
+  loadTrainer?: () => Promise<TrainFn | undefined>;
+  /** Loads the native addon's info(); default imports lib/native.js (which throws an actionable error). */
+  loadNativeInfo?: () => Promise<NativeInfo>;
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+function packageVersion(): string {
+  try {
+    // lib/cli → package root, and dist/cli → package root: both two levels up.
+    const pkg = JSON.parse(readFileSync(join(here, '..', '..', 'package.json'), 'utf8')) as { version?: unknown };
+    return typeof pkg.version === 'string' ? pkg.version : 'unknown';
+  } catch {
+    return 'unknown';
+  }
+}
+
+/** The training loop (lib/training/train.ts), imported only when `train` runs (keeps --help fast). */
+async function defaultLoadTrainer(): Promise<TrainFn | undefined> {
+  const mod = await import('../training/train.js');
+  return mod.trainTextToImageLora as unknown as TrainFn;
+}
+
+async function defaultLoadNativeInfo(): Promise<NativeInfo> {
+  const { native } = await import('../native.js');
+  return native.info();
+}
+
+const errorMessage = (e: unknown): string => (e instanceof Error ? e.message : String(e));
+
+async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<TrainFn | undefined>): Promise<number> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    io.stdout.write(`${await trainHelp()}\n`);
+    return 0;
+  }
+  const args = parseTrainArgs(argv, io.env);
+  for (const w of args.warnings) io.stderr.write(`difflora train: warning: ${w}\n`);
+  const train = await loadTrainer();
+  if (train === undefined) {
+    io.stderr.write('difflora train: the arguments are valid, but the training loop is not available in this build '
+      + '(lib/training/train is not there yet): nothing was trained. The training step itself exists '
+      + '(lib/training/step.ts) and can be driven from the library.\n');
+    return 3;
+  }
+  const onProgress = (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => {
+    io.stderr.write(`step ${p.step}/${p.maxTrainSteps} epoch ${p.epoch} loss ${p.loss.toFixed(4)} lr ${p.lr.toExponential(3)}` +
+      `${p.gradNorm === null ? '' : ` grad_norm ${p.gradNorm.toExponential(3)}`}\n`);
+  };
+  const result = await train(args, { onProgress });
+  if (typeof result === 'number') return result;
+  const outputFile = (result as { outputFile?: unknown } | undefined)?.outputFile;
+  if (typeof outputFile === 'string') io.stdout.write(`difflora train: LoRA weights written to ${outputFile}\n`);
+  return 0;
+}
+
+async function runEnv(io: Io, loadNativeInfo: () => Promise<NativeInfo>): Promise<number> {
+  let info: NativeInfo;
+  try {
+    info = await loadNativeInfo();
+  } catch (e) {
+    io.stderr.write(`${errorMessage(e)}\n`);
+    return 1;
+  }
+  const lines = [
+    `difflora ${packageVersion()}`,
+    `Node.js: ${process.version} (${process.platform}-${process.arch})`,
+    `libtorch: ${info.torchVersion}`,
+    `CUDA: ${info.cudaAvailable ? `available, ${info.cudaDeviceCount} device(s)` : 'not available (CPU only)'}`,
+    `threads: ${info.numThreads} intra-op, ${info.numInteropThreads} inter-op`,
+    `MKL-DNN: ${info.mkldnn ? 'yes' : 'no'}`,
+    `CPU allocator: ${info.allocator}`,
+    'BLAS: whatever libtorch links (Debian: libblas.so.3 → install OpenBLAS, else fp32 matmuls are ~36x slower; see README)',
+    `environment: OMP_WAIT_POLICY=${io.env.OMP_WAIT_POLICY ?? '(unset)'} OPENBLAS_CORETYPE=${io.env.OPENBLAS_CORETYPE ?? '(unset)'} DIFFLORA_NUM_THREADS=${io.env.DIFFLORA_NUM_THREADS ?? '(unset)'}`,
+    'parallel info:',
+    ...info.parallelInfo.trimEnd().split('\n').map((l) => `  ${l}`),
+  ];
+  io.stdout.write(`${lines.join('\n')}\n`);
+  return 0;
+}
+
+/** Top level: --help, --version, and unknown commands (yargs prints help/version into `output`). */
+async function runTop(argv: string[], io: Io): Promise<number> {
+  const parser = yargs(argv)
+    .scriptName('difflora')
+    .usage('Usage: difflora <command> [flags]')
+    .command('train', "Fine-tune Stable Diffusion with LoRA (the flags of diffusers' train_text_to_image_lora.py; see 'difflora train --help')")
+    .command('env', 'Print the libtorch version, CUDA devices, threads and allocator of this build')
+    .demandCommand(1, 'Give a command: train or env')
+    .strictCommands()
+    .strict()
+    .version(packageVersion())
+    .help()
+    .exitProcess(false)
+    .wrap(Math.min(120, process.stdout.columns ?? 100));
+  let failure: string | undefined;
+  let printed = '';
+  parser.fail((msg: string | undefined, err: Error | undefined) => { failure = msg ?? err?.message ?? 'invalid arguments'; });
+  await new Promise<void>((resolveParse) => {
+    void parser.parse(argv, {}, (_err: Error | undefined, _parsed: unknown, output: string) => { printed = output; resolveParse(); });
+  });
+  if (failure !== undefined) {
+    io.stderr.write(`difflora: ${failure}\nRun 'difflora --help' for the commands.\n`);
+    return 2;
+  }
+  if (printed) io.stdout.write(`${printed}\n`);
+  return 0;
+}
+
+/** Runs the CLI on `argv` (without node and the script) and returns the exit code. */
+export async function main(argv: string[], options: MainOptions = {}): Promise<number> {
+  const io: Io = { stdout: options.stdout ?? process.stdout, stderr: options.stderr ?? process.stderr, env: options.env ?? process.env };
+  const [command, ...rest] = argv;
+  try {
+    if (command === 'train') return await runTrain(rest, io, options.loadTrainer ?? defaultLoadTrainer);
+    if (command === 'env') {
+      if (rest.length > 0) throw new UsageError(`difflora env takes no arguments (got '${rest.join(' ')}')`);
+      return await runEnv(io, options.loadNativeInfo ?? defaultLoadNativeInfo);
+    }
+    return await runTop(argv, io);
+  } catch (e) {
+    if (e instanceof UsageError) {
+      io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${command === 'env' ? 'env' : 'train'} --help' for the flags.\n`);
+      return 2;
+    }
+    io.stderr.write(`difflora ${command ?? ''}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    return 1;
+  }
+}

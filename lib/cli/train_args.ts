@@ -1,0 +1,368 @@
+// The flags of diffusers' `train_text_to_image_lora.py`, same names, defaults and meaning (REFERENCE.md),
+// parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
+// not silently accepted; stand-ins (8-bit Adam → AdamW, xformers → SDPA) are reported in `warnings`.
+import yargs, { type Options } from 'yargs';
+
+/** A command-line mistake: main.ts prints the message and exits with code 2. */
+export class UsageError extends Error {
+  override name = 'UsageError';
+}
+
+export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
+export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
+export const PREDICTION_TYPE_CHOICES = ['epsilon', 'v_prediction'] as const;
+/** torchvision's `InterpolationMode` members, lower-cased (the script builds its choices the same way). */
+export const INTERPOLATION_CHOICES = ['bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest', 'nearest_exact'] as const;
+export const REPORT_TO_CHOICES = ['tensorboard', 'wandb', 'comet_ml', 'all'] as const;
+
+export type LrSchedulerChoice = (typeof LR_SCHEDULER_CHOICES)[number];
+export type MixedPrecision = (typeof MIXED_PRECISION_CHOICES)[number];
+export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
+export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
+
+/** Parsed flags; `undefined` where the script's default is `None`. */
+export interface TrainArgs {
+  // model
+  pretrainedModelNameOrPath: string;
+  revision: string | undefined;
+  variant: string | undefined;
+  // data
+  datasetName: string | undefined;
+  datasetConfigName: string | undefined;
+  trainDataDir: string | undefined;
+  imageColumn: string;
+  captionColumn: string;
+  maxTrainSamples: number | undefined;
+  cacheDir: string | undefined;
+  // preprocessing
+  resolution: number;
+  centerCrop: boolean;
+  randomFlip: boolean;
+  imageInterpolationMode: InterpolationMode;
+  dataloaderNumWorkers: number;
+  // LoRA
+  rank: number;
+  // optimisation
+  trainBatchSize: number;
+  numTrainEpochs: number;
+  maxTrainSteps: number | undefined;
+  gradientAccumulationSteps: number;
+  gradientCheckpointing: boolean;
+  learningRate: number;
+  scaleLr: boolean;
+  lrScheduler: LrSchedulerChoice;
+  lrWarmupSteps: number;
+  use8bitAdam: boolean;
+  adamBeta1: number;
+  adamBeta2: number;
+  adamWeightDecay: number;
+  adamEpsilon: number;
+  maxGradNorm: number;
+  allowTf32: boolean;
+  // objective
+  snrGamma: number | undefined;
+  predictionType: PredictionType | undefined;
+  noiseOffset: number;
+  // precision
+  mixedPrecision: MixedPrecision | undefined;
+  enableXformersMemoryEfficientAttention: boolean;
+  // validation
+  validationPrompt: string | undefined;
+  numValidationImages: number;
+  validationEpochs: number;
+  // checkpoints
+  outputDir: string;
+  checkpointingSteps: number;
+  checkpointsTotalLimit: number | undefined;
+  resumeFromCheckpoint: string | undefined;
+  // logging
+  loggingDir: string;
+  reportTo: 'tensorboard';
+  // hub (always off: refused when given)
+  pushToHub: false;
+  hubToken: undefined;
+  hubModelId: undefined;
+  // misc
+  seed: number | undefined;
+  localRank: number;
+  /** What was accepted with a stand-in (8-bit Adam, xformers), for the caller to show. */
+  warnings: string[];
+}
+
+type Kind = 'string' | 'int' | 'float' | 'boolean';
+interface FlagSpec {
+  kind: Kind;
+  group: string;
+  describe: string;
+  default?: string | number | boolean;
+  choices?: readonly string[];
+}
+
+/** Every flag of the script, in its order within each group. Help text paraphrases the script's. */
+export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
+  // model
+  pretrained_model_name_or_path: { kind: 'string', group: 'Model', describe: 'Hub id of the pretrained model (read from the offline Hugging Face cache) or a local diffusers folder. Required.' },
+  revision: { kind: 'string', group: 'Model', describe: 'Revision of the pretrained model (tokenizer, text_encoder, vae, unet).' },
+  variant: { kind: 'string', group: 'Model', describe: "Variant of the model files, e.g. 'fp16' (vae and unet; not the text encoder)." },
+  // data
+  dataset_name: { kind: 'string', group: 'Data', describe: 'Dataset to train on (id in the local datasets cache, or a path). This or --train_data_dir is required.' },
+  dataset_config_name: { kind: 'string', group: 'Data', describe: "The dataset's configuration; leave unset if it has only one." },
+  train_data_dir: { kind: 'string', group: 'Data', describe: 'A folder of training images in imagefolder layout with a metadata.jsonl of captions. Ignored when --dataset_name is given.' },
+  image_column: { kind: 'string', group: 'Data', default: 'image', describe: 'The dataset column holding the images.' },
+  caption_column: { kind: 'string', group: 'Data', default: 'text', describe: 'The dataset column holding a caption or a list of captions (a list: one picked at random per sample).' },
+  max_train_samples: { kind: 'int', group: 'Data', describe: 'For debugging or quicker runs: shuffle with the seed, then keep this many training examples.' },
+  cache_dir: { kind: 'string', group: 'Data', describe: 'Where downloaded models and datasets are cached.' },
+  // preprocessing
+  resolution: { kind: 'int', group: 'Preprocessing', default: 512, describe: 'Input image resolution: every image is resized (shorter side) to it, then cropped square.' },
+  center_crop: { kind: 'boolean', group: 'Preprocessing', default: false, describe: 'Center-crop images to the resolution; without it the crop is random.' },
+  random_flip: { kind: 'boolean', group: 'Preprocessing', default: false, describe: 'Flip images horizontally at random (p = 0.5).' },
+  image_interpolation_mode: { kind: 'string', group: 'Preprocessing', default: 'lanczos', choices: INTERPOLATION_CHOICES, describe: 'The filter used to resize images (torchvision names, lower case).' },
+  dataloader_num_workers: { kind: 'int', group: 'Preprocessing', default: 0, describe: 'Number of data-loading workers; 0 loads in the main thread.' },
+  // LoRA
+  rank: { kind: 'int', group: 'LoRA', default: 4, describe: 'Dimension of the LoRA update matrices (lora_alpha = rank, scale 1.0).' },
+  // optimisation
+  train_batch_size: { kind: 'int', group: 'Optimisation', default: 16, describe: 'Batch size per device for the training dataloader.' },
+  num_train_epochs: { kind: 'int', group: 'Optimisation', default: 100, describe: 'Number of training epochs (recomputed from --max_train_steps when given).' },
+  max_train_steps: { kind: 'int', group: 'Optimisation', describe: 'Total number of optimizer steps; overrides --num_train_epochs when given.' },
+  gradient_accumulation_steps: { kind: 'int', group: 'Optimisation', default: 1, describe: 'Number of batches whose gradients are accumulated before one optimizer step.' },
+  gradient_checkpointing: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Save memory by recomputing activations in the backward pass (slower).' },
+  learning_rate: { kind: 'float', group: 'Optimisation', default: 1e-4, describe: 'Initial learning rate (after any warmup).' },
+  scale_lr: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Scale the learning rate by accumulation steps × batch size × number of processes.' },
+  lr_scheduler: { kind: 'string', group: 'Optimisation', default: 'constant', choices: LR_SCHEDULER_CHOICES, describe: 'The learning-rate schedule.' },
+  lr_warmup_steps: { kind: 'int', group: 'Optimisation', default: 500, describe: "Warmup steps of the schedule (ignored by 'constant')." },
+  use_8bit_adam: { kind: 'boolean', group: 'Optimisation', default: false, describe: '8-bit Adam (bitsandbytes in Python). Not available here: falls back to AdamW, with a warning.' },
+  adam_beta1: { kind: 'float', group: 'Optimisation', default: 0.9, describe: "Adam's beta1." },
+  adam_beta2: { kind: 'float', group: 'Optimisation', default: 0.999, describe: "Adam's beta2." },
+  adam_weight_decay: { kind: 'float', group: 'Optimisation', default: 1e-2, describe: 'Weight decay.' },
+  adam_epsilon: { kind: 'float', group: 'Optimisation', default: 1e-8, describe: "Adam's epsilon." },
+  max_grad_norm: { kind: 'float', group: 'Optimisation', default: 1.0, describe: 'Clip the total gradient norm to this (really applied here; a no-op in the Python script).' },
+  allow_tf32: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Allow TF32 matmuls on Ampere and newer GPUs (faster training).' },
+  // objective
+  snr_gamma: { kind: 'float', group: 'Objective', describe: 'Min-SNR weighting gamma for loss rebalancing (5.0 recommended); unset: plain MSE.' },
+  prediction_type: { kind: 'string', group: 'Objective', choices: PREDICTION_TYPE_CHOICES, describe: "Training target, 'epsilon' or 'v_prediction'; unset: the scheduler config's." },
+  noise_offset: { kind: 'float', group: 'Objective', default: 0, describe: 'Scale of offset noise.' },
+  // precision
+  mixed_precision: { kind: 'string', group: 'Precision', choices: MIXED_PRECISION_CHOICES, describe: 'Mixed precision: no, fp16 or bf16 (bf16 needs an Ampere GPU or a CPU).' },
+  enable_xformers_memory_efficient_attention: { kind: 'boolean', group: 'Precision', default: false, describe: 'Memory-efficient attention (xformers in Python); here: scaled-dot-product attention.' },
+  // validation
+  validation_prompt: { kind: 'string', group: 'Validation', describe: 'A prompt sampled during training to check progress; enables validation.' },
+  num_validation_images: { kind: 'int', group: 'Validation', default: 4, describe: 'Number of images generated from --validation_prompt.' },
+  validation_epochs: { kind: 'int', group: 'Validation', default: 1, describe: 'Run validation every X epochs.' },
+  // checkpoints
+  output_dir: { kind: 'string', group: 'Checkpoints', default: 'sd-model-finetuned-lora', describe: 'Where the LoRA weights and checkpoints are written.' },
+  checkpointing_steps: { kind: 'int', group: 'Checkpoints', default: 500, describe: 'Save a resumable checkpoint every X optimizer steps.' },
+  checkpoints_total_limit: { kind: 'int', group: 'Checkpoints', describe: 'Keep at most this many checkpoints (the oldest are removed first).' },
+  resume_from_checkpoint: { kind: 'string', group: 'Checkpoints', describe: "Resume from a checkpoint folder, or 'latest' for the newest in --output_dir." },
+  // logging
+  logging_dir: { kind: 'string', group: 'Logging', default: 'logs', describe: 'TensorBoard log folder, under --output_dir.' },
+  report_to: { kind: 'string', group: 'Logging', default: 'tensorboard', choices: REPORT_TO_CHOICES, describe: "Where to report results; only 'tensorboard' is supported here (wandb, comet_ml and all are refused)." },
+  // hub
+  push_to_hub: { kind: 'boolean', group: 'Hub', default: false, describe: 'Push the model to the Hub. Refused: difflora runs without network access.' },
+  hub_token: { kind: 'string', group: 'Hub', describe: 'Token for pushing to the Hub. Refused, as --push_to_hub.' },
+  hub_model_id: { kind: 'string', group: 'Hub', describe: 'Repository to push to. Refused, as --push_to_hub.' },
+  // misc
+  seed: { kind: 'int', group: 'Misc', describe: 'A seed for reproducible training.' },
+  local_rank: { kind: 'int', group: 'Misc', default: -1, describe: 'For distributed training: local rank (overridden by the LOCAL_RANK environment variable).' },
+} satisfies Record<string, FlagSpec>);
+
+const INT_RE = /^[+-]?\d+$/;
+const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
+
+function levenshtein(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const sub = (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1);
+      cur.push(Math.min((prev[j] ?? 0) + 1, (cur[j - 1] ?? 0) + 1, sub));
+    }
+    prev = cur;
+  }
+  return prev[b.length] ?? 0;
+}
+
+/** The known flag closest to `name` (also matching hyphens for underscores and a known flag's prefix). */
+export function closestFlag(name: string): string | undefined {
+  const norm = name.toLowerCase().replace(/-/g, '_');
+  let best: string | undefined;
+  let bestDist = Infinity;
+  for (const flag of Object.keys(TRAIN_FLAGS)) {
+    const d = flag.startsWith(norm) || norm.startsWith(flag) ? Math.min(1, levenshtein(norm, flag)) : levenshtein(norm, flag);
+    if (d < bestDist) { bestDist = d; best = flag; }
+  }
+  return best !== undefined && bestDist <= Math.max(3, Math.floor(norm.length / 3)) ? best : undefined;
+}
+
+function unknownFlag(token: string, name: string): UsageError {
+  const hint = closestFlag(name);
+  return new UsageError(`unknown flag '${token}'${hint ? ` (did you mean '--${hint}'?)` : ''}`);
+}
+
+/**
+ * What yargs cannot say the way argparse does: unknown flags with a suggestion, a flag missing its value,
+ * numbers that are not numbers, a value given to a switch, stray positional arguments.
+ */
+function checkTokens(argv: readonly string[]): void {
+  for (let i = 0; i < argv.length; i++) {
+    const token = argv[i] ?? '';
+    if (token === '--') throw new UsageError("unexpected '--': difflora train takes flags only");
+    if (!token.startsWith('-') || token === '-') throw new UsageError(`unexpected argument '${token}': difflora train takes flags only (--flag=value or --flag value)`);
+    if (!token.startsWith('--')) throw unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? '');
+    const eq = token.indexOf('=');
+    const name = token.slice(2, eq < 0 ? undefined : eq);
+    const spec = TRAIN_FLAGS[name];
+    if (!spec) throw unknownFlag(eq < 0 ? token : token.slice(0, eq), name);
+    let value: string;
+    if (spec.kind === 'boolean') {
+      if (eq >= 0) throw new UsageError(`--${name} is a switch and takes no value (got '${token.slice(eq + 1)}')`);
+      continue;
+    }
+    if (eq >= 0) {
+      value = token.slice(eq + 1);
+    } else {
+      const next = argv[i + 1];
+      const looksNumeric = next !== undefined && (spec.kind === 'int' || spec.kind === 'float') && FLOAT_RE.test(next);
+      if (next === undefined || (next.startsWith('-') && !looksNumeric)) throw new UsageError(`--${name} expects a value`);
+      value = next;
+      i++;
+    }
+    if (spec.kind === 'int' && !INT_RE.test(value.trim())) throw new UsageError(`--${name} expects an integer, got '${value}'`);
+    if (spec.kind === 'float' && !FLOAT_RE.test(value.trim())) throw new UsageError(`--${name} expects a number, got '${value}'`);
+  }
+}
+
+/** The yargs parser for the flags (also the source of `difflora train --help`). */
+export function trainParser(argv: readonly string[] = []) {
+  let parser = yargs([...argv])
+    .scriptName('difflora')
+    .usage('Usage: difflora train --pretrained_model_name_or_path=<model> (--dataset_name=<name> | --train_data_dir=<dir>) [flags]\n\n'
+      + 'Fine-tune Stable Diffusion with LoRA: the flags of diffusers\' train_text_to_image_lora.py, same names and defaults.')
+    .parserConfiguration({
+      'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false,
+      'duplicate-arguments-array': false, 'strip-aliased': true,
+    })
+    .exitProcess(false)
+    .strict()
+    .version(false)
+    .help(false)
+    .wrap(Math.min(120, process.stdout.columns ?? 100))
+    .fail((msg: string | undefined, err: Error | undefined) => { throw new UsageError(msg ?? err?.message ?? 'invalid arguments'); });
+  for (const [name, spec] of Object.entries(TRAIN_FLAGS)) {
+    const option: Options = {
+      type: spec.kind === 'boolean' ? 'boolean' : spec.kind === 'string' ? 'string' : 'number',
+      describe: spec.describe,
+      group: `${spec.group}:`,
+    };
+    if (spec.default !== undefined) option.default = spec.default;
+    if (spec.choices) option.choices = [...spec.choices];
+    parser = parser.option(name, option);
+  }
+  return parser;
+}
+
+/** The help text of `difflora train`. */
+export async function trainHelp(): Promise<string> {
+  return trainParser().getHelp();
+}
+
+const str = (r: Record<string, unknown>, k: string): string | undefined => (typeof r[k] === 'string' ? r[k] : undefined);
+const num = (r: Record<string, unknown>, k: string): number | undefined => (typeof r[k] === 'number' ? r[k] : undefined);
+function need<T>(v: T | undefined, k: string): T {
+  if (v === undefined) throw new Error(`internal: --${k} has no value after parsing`);
+  return v;
+}
+
+/**
+ * Parses the flags of `difflora train` (without the subcommand). `env` supplies LOCAL_RANK, as os.environ in
+ * the script. Throws UsageError for anything the script would reject and for flags that cannot act here.
+ */
+export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): TrainArgs {
+  checkTokens(argv);
+  const r = trainParser(argv).parseSync() as Record<string, unknown>;
+  const warnings: string[] = [];
+
+  const model = str(r, 'pretrained_model_name_or_path');
+  if (model === undefined || model === '') throw new UsageError('--pretrained_model_name_or_path is required (a hub id in the offline cache or a local diffusers folder)');
+  const datasetName = str(r, 'dataset_name');
+  const trainDataDir = str(r, 'train_data_dir');
+  if (datasetName === undefined && trainDataDir === undefined) throw new UsageError('Need either a dataset name or a training folder: give --dataset_name or --train_data_dir');
+
+  if (r.push_to_hub === true || str(r, 'hub_token') !== undefined || str(r, 'hub_model_id') !== undefined) {
+    throw new UsageError('cannot push to the Hugging Face Hub: difflora runs offline (no network); drop --push_to_hub/--hub_token/--hub_model_id and upload the files in --output_dir yourself');
+  }
+  const reportTo = str(r, 'report_to');
+  if (reportTo !== 'tensorboard') throw new UsageError(`--report_to=${reportTo} is not supported: difflora reports to 'tensorboard' only (wandb and comet_ml need their services)`);
+  if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');
+  if (r.enable_xformers_memory_efficient_attention === true) warnings.push('--enable_xformers_memory_efficient_attention: xformers is not used; attention already runs through libtorch\'s scaled-dot-product attention (memory-efficient kernels on CUDA)');
+
+  for (const k of ['resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps', 'rank', 'checkpointing_steps', 'validation_epochs'] as const) {
+    if ((num(r, k) ?? 1) < 1) throw new UsageError(`--${k} must be at least 1, got ${num(r, k)}`);
+  }
+  for (const k of ['max_train_steps', 'max_train_samples', 'checkpoints_total_limit'] as const) {
+    const v = num(r, k);
+    if (v !== undefined && v < 1) throw new UsageError(`--${k} must be at least 1, got ${v}`);
+  }
+
+  // As the script: a LOCAL_RANK in the environment wins over --local_rank.
+  let localRank = need(num(r, 'local_rank'), 'local_rank');
+  if (env.LOCAL_RANK !== undefined && env.LOCAL_RANK !== '') {
+    if (!INT_RE.test(env.LOCAL_RANK.trim())) throw new UsageError(`LOCAL_RANK must be an integer, got '${env.LOCAL_RANK}'`);
+    const envRank = Number(env.LOCAL_RANK);
+    if (envRank !== -1 && envRank !== localRank) localRank = envRank;
+  }
+
+  return {
+    pretrainedModelNameOrPath: model,
+    revision: str(r, 'revision'),
+    variant: str(r, 'variant'),
+    datasetName,
+    datasetConfigName: str(r, 'dataset_config_name'),
+    trainDataDir,
+    imageColumn: need(str(r, 'image_column'), 'image_column'),
+    captionColumn: need(str(r, 'caption_column'), 'caption_column'),
+    maxTrainSamples: num(r, 'max_train_samples'),
+    cacheDir: str(r, 'cache_dir'),
+    resolution: need(num(r, 'resolution'), 'resolution'),
+    centerCrop: r.center_crop === true,
+    randomFlip: r.random_flip === true,
+    imageInterpolationMode: need(str(r, 'image_interpolation_mode'), 'image_interpolation_mode') as InterpolationMode,
+    dataloaderNumWorkers: need(num(r, 'dataloader_num_workers'), 'dataloader_num_workers'),
+    rank: need(num(r, 'rank'), 'rank'),
+    trainBatchSize: need(num(r, 'train_batch_size'), 'train_batch_size'),
+    numTrainEpochs: need(num(r, 'num_train_epochs'), 'num_train_epochs'),
+    maxTrainSteps: num(r, 'max_train_steps'),
+    gradientAccumulationSteps: need(num(r, 'gradient_accumulation_steps'), 'gradient_accumulation_steps'),
+    gradientCheckpointing: r.gradient_checkpointing === true,
+    learningRate: need(num(r, 'learning_rate'), 'learning_rate'),
+    scaleLr: r.scale_lr === true,
+    lrScheduler: need(str(r, 'lr_scheduler'), 'lr_scheduler') as LrSchedulerChoice,
+    lrWarmupSteps: need(num(r, 'lr_warmup_steps'), 'lr_warmup_steps'),
+    use8bitAdam: r.use_8bit_adam === true,
+    adamBeta1: need(num(r, 'adam_beta1'), 'adam_beta1'),
+    adamBeta2: need(num(r, 'adam_beta2'), 'adam_beta2'),
+    adamWeightDecay: need(num(r, 'adam_weight_decay'), 'adam_weight_decay'),
+    adamEpsilon: need(num(r, 'adam_epsilon'), 'adam_epsilon'),
+    maxGradNorm: need(num(r, 'max_grad_norm'), 'max_grad_norm'),
+    allowTf32: r.allow_tf32 === true,
+    snrGamma: num(r, 'snr_gamma'),
+    predictionType: str(r, 'prediction_type') as PredictionType | undefined,
+    noiseOffset: need(num(r, 'noise_offset'), 'noise_offset'),
+    mixedPrecision: str(r, 'mixed_precision') as MixedPrecision | undefined,
+    enableXformersMemoryEfficientAttention: r.enable_xformers_memory_efficient_attention === true,
+    validationPrompt: str(r, 'validation_prompt'),
+    numValidationImages: need(num(r, 'num_validation_images'), 'num_validation_images'),
+    validationEpochs: need(num(r, 'validation_epochs'), 'validation_epochs'),
+    outputDir: need(str(r, 'output_dir'), 'output_dir'),
+    checkpointingSteps: need(num(r, 'checkpointing_steps'), 'checkpointing_steps'),
+    checkpointsTotalLimit: num(r, 'checkpoints_total_limit'),
+    resumeFromCheckpoint: str(r, 'resume_from_checkpoint'),
+    loggingDir: need(str(r, 'logging_dir'), 'logging_dir'),
+    reportTo,
+    pushToHub: false,
+    hubToken: undefined,
+    hubModelId: undefined,
+    seed: num(r, 'seed'),
+    localRank,
+    warnings,
+  };
+}

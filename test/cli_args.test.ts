@@ -1,0 +1,258 @@
+// `difflora train` flags against REFERENCE.md's table of train_text_to_image_lora.py (names, defaults, meaning),
+// the refusals of flags that cannot act here, and the `difflora` entry point (train / env / --help / exit codes).
+import { describe, expect, it } from 'vitest';
+import { main, type MainOptions, type TrainFn } from '../lib/cli/main.js';
+import { TRAIN_FLAGS, UsageError, closestFlag, parseTrainArgs, type TrainArgs } from '../lib/cli/train_args.js';
+
+const MODEL = '--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5';
+const DATA = '--dataset_name=lambdalabs/naruto-blip-captions';
+const base = [MODEL, DATA];
+const noEnv: NodeJS.ProcessEnv = {};
+const parse = (...flags: string[]) => parseTrainArgs([...base, ...flags], noEnv);
+
+function usageError(fn: () => unknown): UsageError {
+  try {
+    fn();
+  } catch (e) {
+    expect(e).toBeInstanceOf(UsageError);
+    return e as UsageError;
+  }
+  throw new Error('expected a UsageError');
+}
+
+async function run(argv: string[], options: MainOptions = {}) {
+  let out = '';
+  let err = '';
+  const code = await main(argv, {
+    stdout: { write: (s: string) => { out += s; } },
+    stderr: { write: (s: string) => { err += s; } },
+    env: {},
+    ...options,
+  });
+  return { code, out, err };
+}
+
+// Every flag of REFERENCE.md's table, sorted.
+const TABLE_FLAGS = [
+  'adam_beta1', 'adam_beta2', 'adam_epsilon', 'adam_weight_decay', 'allow_tf32', 'cache_dir', 'caption_column',
+  'center_crop', 'checkpointing_steps', 'checkpoints_total_limit', 'dataloader_num_workers', 'dataset_config_name',
+  'dataset_name', 'enable_xformers_memory_efficient_attention', 'gradient_accumulation_steps',
+  'gradient_checkpointing', 'hub_model_id', 'hub_token', 'image_column', 'image_interpolation_mode',
+  'learning_rate', 'local_rank', 'logging_dir', 'lr_scheduler', 'lr_warmup_steps', 'max_grad_norm',
+  'max_train_samples', 'max_train_steps', 'mixed_precision', 'noise_offset', 'num_train_epochs',
+  'num_validation_images', 'output_dir', 'prediction_type', 'pretrained_model_name_or_path', 'push_to_hub',
+  'random_flip', 'rank', 'report_to', 'resolution', 'resume_from_checkpoint', 'revision', 'scale_lr', 'seed',
+  'snr_gamma', 'train_batch_size', 'train_data_dir', 'use_8bit_adam', 'validation_epochs', 'validation_prompt',
+  'variant',
+];
+
+// The guide's command (diffusers' text2image LoRA docs), with `=` throughout.
+const GUIDE = [
+  '--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5',
+  '--dataset_name=lambdalabs/naruto-blip-captions',
+  '--resolution=512', '--center_crop', '--random_flip',
+  '--train_batch_size=1', '--gradient_accumulation_steps=4', '--max_train_steps=15000',
+  '--learning_rate=1e-04', '--max_grad_norm=1', '--lr_scheduler=cosine', '--lr_warmup_steps=0',
+  '--output_dir=/tmp/naruto-lora', '--checkpointing_steps=500',
+  '--validation_prompt=A naruto with blue eyes.', '--seed=1337',
+];
+
+describe('parseTrainArgs', () => {
+  it("parses the guide's command", () => {
+    const a = parseTrainArgs(GUIDE, noEnv);
+    expect(a).toMatchObject({
+      pretrainedModelNameOrPath: 'stable-diffusion-v1-5/stable-diffusion-v1-5',
+      datasetName: 'lambdalabs/naruto-blip-captions', trainDataDir: undefined,
+      resolution: 512, centerCrop: true, randomFlip: true, trainBatchSize: 1, gradientAccumulationSteps: 4,
+      maxTrainSteps: 15000, learningRate: 1e-4, maxGradNorm: 1, lrScheduler: 'cosine', lrWarmupSteps: 0,
+      outputDir: '/tmp/naruto-lora', checkpointingSteps: 500, validationPrompt: 'A naruto with blue eyes.', seed: 1337,
+      warnings: [],
+    });
+  });
+
+  it('accepts --flag value as well as --flag=value, the last occurrence winning', () => {
+    const spaced = GUIDE.flatMap((t) => {
+      const eq = t.indexOf('=');
+      return eq < 0 ? [t] : [t.slice(0, eq), t.slice(eq + 1)];
+    });
+    expect(parseTrainArgs(spaced, noEnv)).toEqual(parseTrainArgs(GUIDE, noEnv));
+    expect(parse('--rank', '8', '--rank=16').rank).toBe(16);
+    expect(parse('--local_rank', '-1').localRank).toBe(-1);
+    expect(parse('--noise_offset', '-0.05').noiseOffset).toBe(-0.05);
+  });
+
+  it("has the script's defaults (REFERENCE.md table)", () => {
+    const a = parseTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=data'], noEnv);
+    const expected: Omit<TrainArgs, 'pretrainedModelNameOrPath' | 'trainDataDir'> = {
+      revision: undefined, variant: undefined,
+      datasetName: undefined, datasetConfigName: undefined, imageColumn: 'image', captionColumn: 'text',
+      maxTrainSamples: undefined, cacheDir: undefined,
+      resolution: 512, centerCrop: false, randomFlip: false, imageInterpolationMode: 'lanczos', dataloaderNumWorkers: 0,
+      rank: 4,
+      trainBatchSize: 16, numTrainEpochs: 100, maxTrainSteps: undefined, gradientAccumulationSteps: 1,
+      gradientCheckpointing: false, learningRate: 1e-4, scaleLr: false, lrScheduler: 'constant', lrWarmupSteps: 500,
+      use8bitAdam: false, adamBeta1: 0.9, adamBeta2: 0.999, adamWeightDecay: 1e-2, adamEpsilon: 1e-8,
+      maxGradNorm: 1.0, allowTf32: false,
+      snrGamma: undefined, predictionType: undefined, noiseOffset: 0,
+      mixedPrecision: undefined, enableXformersMemoryEfficientAttention: false,
+      validationPrompt: undefined, numValidationImages: 4, validationEpochs: 1,
+      outputDir: 'sd-model-finetuned-lora', checkpointingSteps: 500, checkpointsTotalLimit: undefined,
+      resumeFromCheckpoint: undefined,
+      loggingDir: 'logs', reportTo: 'tensorboard',
+      pushToHub: false, hubToken: undefined, hubModelId: undefined,
+      seed: undefined, localRank: -1, warnings: [],
+    };
+    expect(a).toEqual({ pretrainedModelNameOrPath: 'm', trainDataDir: 'data', ...expected });
+    // Every flag of REFERENCE.md's table is declared, and nothing else (51 flags).
+    expect(Object.keys(TRAIN_FLAGS).sort()).toEqual(TABLE_FLAGS);
+    // ... and each maps to a TrainArgs field.
+    for (const flag of Object.keys(TRAIN_FLAGS)) {
+      const camel = flag.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+      expect(a, flag).toHaveProperty(camel);
+    }
+  });
+
+  it('carries the flags that change nothing numerically', () => {
+    const a = parse('--allow_tf32', '--gradient_checkpointing', '--cache_dir=/c', '--revision=main', '--variant=fp16',
+      '--dataloader_num_workers=2', '--scale_lr', '--snr_gamma=5.0', '--prediction_type=v_prediction',
+      '--mixed_precision=bf16', '--image_interpolation_mode=bilinear', '--resume_from_checkpoint=latest',
+      '--checkpoints_total_limit=3', '--max_train_samples=100', '--image_column=img', '--caption_column=caption',
+      '--dataset_config_name=default', '--logging_dir=tb', '--num_validation_images=2', '--validation_epochs=5',
+      '--num_train_epochs=3', '--adam_beta1=0.8', '--adam_beta2=0.99', '--adam_weight_decay=0', '--adam_epsilon=1e-6');
+    expect(a).toMatchObject({
+      allowTf32: true, gradientCheckpointing: true, cacheDir: '/c', revision: 'main', variant: 'fp16',
+      dataloaderNumWorkers: 2, scaleLr: true, snrGamma: 5, predictionType: 'v_prediction', mixedPrecision: 'bf16',
+      imageInterpolationMode: 'bilinear', resumeFromCheckpoint: 'latest', checkpointsTotalLimit: 3,
+      maxTrainSamples: 100, imageColumn: 'img', captionColumn: 'caption', datasetConfigName: 'default',
+      loggingDir: 'tb', numValidationImages: 2, validationEpochs: 5, numTrainEpochs: 3, adamBeta1: 0.8,
+      adamBeta2: 0.99, adamWeightDecay: 0, adamEpsilon: 1e-6, warnings: [],
+    });
+    // A prompt that looks like a number stays a string.
+    expect(parse('--validation_prompt=1337').validationPrompt).toBe('1337');
+  });
+
+  it('refuses unknown flags, naming them and suggesting the closest', () => {
+    expect(usageError(() => parse('--learning_rte=1e-4')).message).toMatch(/unknown flag '--learning_rte'.*did you mean '--learning_rate'/);
+    expect(usageError(() => parse('--train-batch-size', '2')).message).toMatch(/'--train-batch-size'.*'--train_batch_size'/);
+    expect(usageError(() => parse('--trainBatchSize=2')).message).toMatch(/'--trainBatchSize'.*'--train_batch_size'/);
+    expect(usageError(() => parse('--no-center_crop')).message).toMatch(/unknown flag '--no-center_crop'/);
+    expect(usageError(() => parse('--zzzzzzzzzzzzzzzzzzzz')).message).not.toMatch(/did you mean/);
+    expect(usageError(() => parse('extra')).message).toMatch(/unexpected argument 'extra'/);
+    expect(usageError(() => parse('-x')).message).toMatch(/unknown flag '-x'/);
+    expect(closestFlag('snr_gama')).toBe('snr_gamma');
+  });
+
+  it('requires the model and a dataset, as the script does', () => {
+    expect(usageError(() => parseTrainArgs([DATA], noEnv)).message).toMatch(/--pretrained_model_name_or_path is required/);
+    expect(usageError(() => parseTrainArgs([MODEL], noEnv)).message).toMatch(/Need either a dataset name or a training folder/);
+    expect(parseTrainArgs([MODEL, '--train_data_dir', './data'], noEnv).trainDataDir).toBe('./data');
+  });
+
+  it('checks choices, numbers and values', () => {
+    expect(usageError(() => parse('--lr_scheduler=cosine_annealing')).message).toMatch(/lr_scheduler.*cosine_annealing/s);
+    expect(usageError(() => parse('--mixed_precision=fp8')).message).toMatch(/mixed_precision/);
+    expect(usageError(() => parse('--prediction_type=sample')).message).toMatch(/prediction_type/);
+    expect(usageError(() => parse('--image_interpolation_mode=LANCZOS')).message).toMatch(/image_interpolation_mode/);
+    expect(usageError(() => parse('--learning_rate=abc')).message).toMatch(/--learning_rate expects a number, got 'abc'/);
+    expect(usageError(() => parse('--learning_rate', 'abc')).message).toMatch(/--learning_rate expects a number/);
+    expect(usageError(() => parse('--train_batch_size=1.5')).message).toMatch(/--train_batch_size expects an integer, got '1.5'/);
+    expect(usageError(() => parse('--seed=0x10')).message).toMatch(/--seed expects an integer/);
+    expect(usageError(() => parse('--resolution')).message).toMatch(/--resolution expects a value/);
+    expect(usageError(() => parse('--output_dir', '--center_crop')).message).toMatch(/--output_dir expects a value/);
+    expect(usageError(() => parse('--center_crop=false')).message).toMatch(/--center_crop is a switch/);
+    expect(usageError(() => parse('--train_batch_size=0')).message).toMatch(/--train_batch_size must be at least 1/);
+    for (const s of ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']) {
+      expect(parse(`--lr_scheduler=${s}`).lrScheduler).toBe(s);
+    }
+  });
+
+  it('refuses what cannot act here and warns about stand-ins', () => {
+    expect(usageError(() => parse('--push_to_hub')).message).toMatch(/cannot push/);
+    expect(usageError(() => parse('--hub_token=hf_x')).message).toMatch(/cannot push/);
+    expect(usageError(() => parse('--hub_model_id=me/lora')).message).toMatch(/cannot push/);
+    for (const r of ['wandb', 'comet_ml', 'all']) {
+      expect(usageError(() => parse(`--report_to=${r}`)).message).toMatch(new RegExp(`--report_to=${r} is not supported.*'tensorboard'`));
+    }
+    expect(parse('--report_to', 'tensorboard').reportTo).toBe('tensorboard');
+    const adam = parse('--use_8bit_adam');
+    expect(adam.use8bitAdam).toBe(true);
+    expect(adam.warnings).toHaveLength(1);
+    expect(adam.warnings[0]).toMatch(/--use_8bit_adam.*falling back to AdamW/);
+    const xf = parse('--enable_xformers_memory_efficient_attention');
+    expect(xf.enableXformersMemoryEfficientAttention).toBe(true);
+    expect(xf.warnings[0]).toMatch(/scaled-dot-product attention/);
+  });
+
+  it('lets LOCAL_RANK override --local_rank, as the script', () => {
+    expect(parseTrainArgs(base, { LOCAL_RANK: '2' }).localRank).toBe(2);
+    expect(parseTrainArgs([...base, '--local_rank=1'], { LOCAL_RANK: '3' }).localRank).toBe(3);
+    expect(parseTrainArgs([...base, '--local_rank=1'], { LOCAL_RANK: '-1' }).localRank).toBe(1);
+    expect(parseTrainArgs([...base, '--local_rank=1'], {}).localRank).toBe(1);
+    expect(usageError(() => parseTrainArgs(base, { LOCAL_RANK: 'x' })).message).toMatch(/LOCAL_RANK/);
+  });
+});
+
+describe('difflora main', () => {
+  it('train: usage errors exit 2 with the message and a pointer to --help', async () => {
+    const r = await run(['train', ...base, '--learning_rte=1']);
+    expect(r.code).toBe(2);
+    expect(r.err).toMatch(/unknown flag '--learning_rte'.*did you mean '--learning_rate'/);
+    expect(r.err).toContain("Run 'difflora train --help' for the flags.");
+    expect((await run(['train', DATA])).code).toBe(2);
+    expect((await run(['train', ...base, '--push_to_hub'])).err).toMatch(/cannot push/);
+  });
+
+  it('train: hands the parsed args to the training loop, warnings on stderr', async () => {
+    let got: TrainArgs | undefined;
+    const trainer: TrainFn = (args) => { got = args; return { outputFile: '/tmp/x/pytorch_lora_weights.safetensors' }; };
+    const r = await run(['train', ...GUIDE, '--use_8bit_adam'], { loadTrainer: async () => trainer });
+    expect(r.code).toBe(0);
+    expect(got?.maxTrainSteps).toBe(15000);
+    expect(r.err).toMatch(/warning: --use_8bit_adam/);
+    expect(r.out).toContain('pytorch_lora_weights.safetensors');
+  });
+
+  it('train: says honestly when the training loop is not in this build (exit 3)', async () => {
+    const r = await run(['train', ...GUIDE], { loadTrainer: async () => undefined });
+    expect(r.code).toBe(3);
+    expect(r.err).toMatch(/training loop is not available in this build.*nothing was trained/);
+  });
+
+  it('train --help documents every flag', async () => {
+    const r = await run(['train', '--help']);
+    expect(r.code).toBe(0);
+    for (const flag of Object.keys(TRAIN_FLAGS)) expect(r.out).toContain(`--${flag}`);
+    expect(r.out).toMatch(/--snr_gamma\s+Min-SNR/);
+    expect(r.out).toMatch(/--rank\s+Dimension of the LoRA/);
+    expect(r.out).toMatch(/\[default: 16\]/);
+  });
+
+  it('env prints the libtorch version and returns 0', async () => {
+    const { native } = await import('../lib/native.js');
+    const r = await run(['env']);
+    expect(r.code).toBe(0);
+    expect(r.out).toContain(`libtorch: ${native.info().torchVersion}`);
+    expect(r.out).toMatch(/CUDA: /);
+    expect(r.out).toContain(`Node.js: ${process.version}`);
+  });
+
+  it("env returns 1 with the loader's error when the addon does not load", async () => {
+    const r = await run(['env'], { loadNativeInfo: async () => { throw new Error('difflora: could not load the native addon (x).\nPossible solutions:'); } });
+    expect(r.code).toBe(1);
+    expect(r.err).toContain('Possible solutions:');
+  });
+
+  it('--help, --version, unknown commands', async () => {
+    const help = await run(['--help']);
+    expect(help.code).toBe(0);
+    expect(help.out).toMatch(/train/);
+    expect(help.out).toMatch(/env/);
+    const version = await run(['--version']);
+    expect(version.code).toBe(0);
+    expect(version.out.trim()).toMatch(/^\d+\.\d+\.\d+/);
+    const bad = await run(['trian']);
+    expect(bad.code).toBe(2);
+    expect(bad.err).toMatch(/trian/);
+    expect((await run([])).code).toBe(2);
+  });
+});
