@@ -1,0 +1,204 @@
+// trainTextToImageLora: the loop of diffusers' train_text_to_image_lora.py over the tested parts — models
+// (fromPretrained), LoRA (attachLora), data (imagefolder + sharp transforms), the step (loraTrainingStep,
+// Accumulator), checkpoints with exact resume, and the final pytorch_lora_weights.safetensors.
+import { mkdirSync } from 'node:fs';
+import { native } from '../native.js';
+import { AutoencoderKL } from '../models/autoencoder_kl.js';
+import { CLIPTextModel } from '../models/clip_text_model.js';
+import { CLIPTokenizer } from '../models/clip_tokenizer.js';
+import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import type { FromPretrainedOptions } from '../models/loading.js';
+import { attachLora } from '../lora/attach.js';
+import { saveLoraWeights } from '../lora/save.js';
+import { AdamW } from '../optim/adamw.js';
+import { GradScaler } from '../optim/grad_scaler.js';
+import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
+import { defaultGenerator, manualSeed } from '../random.js';
+import { dispose, tidy } from '../scope.js';
+import type { Tensor } from '../tensor.js';
+import { noGrad } from '../autograd.js';
+import type { DType } from '../dtype.js';
+import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
+import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
+import { openTrainData, type TrainData } from './train_data.js';
+
+/** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
+export interface TrainOptions {
+  pretrainedModelNameOrPath: string;
+  revision?: string | null;
+  variant?: string | null;
+  cacheDir?: string | null;
+  trainDataDir?: string | null;
+  datasetName?: string | null;
+  imageColumn?: string;
+  captionColumn?: string;
+  maxTrainSamples?: number | null;
+  resolution?: number;
+  centerCrop?: boolean;
+  randomFlip?: boolean;
+  imageInterpolationMode?: string;
+  rank?: number;
+  trainBatchSize?: number;
+  numTrainEpochs?: number;
+  maxTrainSteps?: number | null;
+  gradientAccumulationSteps?: number;
+  gradientCheckpointing?: boolean;
+  learningRate?: number;
+  scaleLr?: boolean;
+  lrScheduler?: string;
+  lrWarmupSteps?: number;
+  adamBeta1?: number;
+  adamBeta2?: number;
+  adamWeightDecay?: number;
+  adamEpsilon?: number;
+  maxGradNorm?: number | null;
+  allowTf32?: boolean;
+  snrGamma?: number | null;
+  predictionType?: string | null;
+  noiseOffset?: number;
+  mixedPrecision?: MixedPrecision | null;
+  outputDir?: string;
+  checkpointingSteps?: number;
+  checkpointsTotalLimit?: number | null;
+  resumeFromCheckpoint?: string | null;
+  seed?: number | null;
+  /** 'cpu' or 'cuda[:n]'; default CUDA when available. */
+  device?: string;
+}
+
+export interface TrainProgress { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }
+export interface TrainResult { outputFile: string; globalStep: number; lastLoss: number; checkpoints: string[] }
+
+/** Steps arithmetic of the script: optimizer steps per epoch, total steps and epochs. */
+export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, numTrainEpochs: number, maxTrainSteps?: number | null) {
+  const updateStepsPerEpoch = Math.ceil(batchesPerEpoch / accumulation);
+  const maxSteps = maxTrainSteps ?? numTrainEpochs * updateStepsPerEpoch;
+  return { updateStepsPerEpoch, maxTrainSteps: maxSteps, numTrainEpochs: Math.ceil(maxSteps / updateStepsPerEpoch) };
+}
+
+export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal } = {}): Promise<TrainResult> {
+  const device = o.device ?? (native.info().cudaAvailable ? 'cuda:0' : 'cpu');
+  const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
+  if (mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
+    throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
+  }
+  const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
+  const outputDir = o.outputDir ?? 'sd-model-finetuned-lora';
+  mkdirSync(outputDir, { recursive: true });
+  if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
+  if (o.allowTf32) native.setAllowTF32(true);
+
+  // 1. models: frozen, in the weight dtype; LoRA parameters in fp32 (attached after the cast)
+  const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
+  const model = o.pretrainedModelNameOrPath;
+  const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
+  const scheduler = DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' });
+  const textEncoder = CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype: weightDtype, device });
+  const vae = AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant: o.variant ?? undefined, dtype: weightDtype, device });
+  const unet = UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant: o.variant ?? undefined, dtype: weightDtype, device });
+  const rank = o.rank ?? 4;
+  const lora = attachLora(unet, { rank, alpha: rank, init: 'gaussian' });
+  unet.train();
+  if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
+  const params = lora.parameters();
+
+  // 2. data and steps arithmetic
+  const data: TrainData = await openTrainData(o, { tokenizer, device });
+  const accumulation = o.gradientAccumulationSteps ?? 1;
+  const batchSize = o.trainBatchSize ?? 16;
+  const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs ?? 100, o.maxTrainSteps);
+
+  // 3. optimisation
+  const baseLr = (o.learningRate ?? 1e-4) * (o.scaleLr ? accumulation * batchSize : 1);
+  const optimizer = new AdamW(params, {
+    lr: baseLr, betas: [o.adamBeta1 ?? 0.9, o.adamBeta2 ?? 0.999], weightDecay: o.adamWeightDecay ?? 1e-2, eps: o.adamEpsilon ?? 1e-8,
+  });
+  const scaler = mixedPrecision === 'fp16' ? new GradScaler() : null;
+  const accumulator = new Accumulator({
+    optimizer, params, scaler, maxGradNorm: o.maxGradNorm === undefined ? 1.0 : o.maxGradNorm, accumulationSteps: accumulation,
+    lrScheduler: o.lrScheduler ?? 'constant',
+    lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps ?? 500, totalSteps: steps.maxTrainSteps },
+  });
+
+  const saved: string[] = [];
+  const generators = () => [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
+  const checkpointNow = () => {
+    pruneCheckpoints(outputDir, o.checkpointsTotalLimit);
+    const tensors = new Map<string, Tensor>();
+    const opt = optimizer.stateDict();
+    for (const [k, t] of opt.tensors) tensors.set(`optimizer.${k}`, t);
+    for (const [n, p] of lora.namedParameters()) tensors.set(`lora.${n}`, p);
+    const rng = generators().map((g) => g.getState());
+    rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
+    try {
+      saved.push(saveCheckpoint(outputDir, accumulator.state.globalStep, {
+        tensors,
+        state: { accumulator: accumulator.state, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data.state(), epoch },
+      }, (dir) => saveLoraWeights(dir, unet)));
+    } finally {
+      dispose(rng);
+    }
+  };
+
+  // 4. resume: every piece of state restored, so the run continues as if never stopped
+  let epoch = 0;
+  if (o.resumeFromCheckpoint) {
+    const { contents } = loadCheckpoint(outputDir, o.resumeFromCheckpoint);
+    try {
+      noGrad(() => { for (const [n, p] of lora.namedParameters()) p.copy_(need(contents.tensors, `lora.${n}`)); });
+      const optTensors = new Map([...contents.tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, t]) => [k.slice('optimizer.'.length), t]));
+      optimizer.loadStateDict({ tensors: optTensors, meta: contents.state.optimizer as { steps: number[]; lr: number } });
+      Object.assign(accumulator.state, contents.state.accumulator);
+      optimizer.lr = accumulator.lr;
+      if (scaler && contents.state.scaler) scaler.loadStateDict(contents.state.scaler as { scale: number; growthTracker: number });
+      data.restore(contents.state.data);
+      epoch = contents.state.epoch as number;
+      generators().forEach((g, i) => g.setState(need(contents.tensors, `rng.${i}`)));
+    } finally {
+      disposeCheckpoint(contents);
+    }
+  }
+
+  // 5. the loop
+  let lastLoss = NaN;
+  try {
+    for (; epoch < steps.numTrainEpochs && accumulator.state.globalStep < steps.maxTrainSteps; epoch++) {
+      while (accumulator.state.globalStep < steps.maxTrainSteps) {
+        if (hooks.signal?.aborted) throw new Error('training aborted');
+        const batch = await data.next();
+        if (!batch) break; // end of epoch
+        const loss = tidy(() => loraTrainingStep({
+          unet, vae, textEncoder, scheduler, batch: { pixelValues: batch.pixelValues, inputIds: batch.inputIds },
+          accumulationSteps: accumulation, mixedPrecision, scaler, noiseOffset: o.noiseOffset ?? 0,
+          snrGamma: o.snrGamma ?? null, predictionType: o.predictionType ?? null,
+        }));
+        dispose([batch.pixelValues, batch.inputIds]);
+        if (!Number.isFinite(loss)) {
+          throw new Error(`loss is ${loss} at step ${accumulator.state.globalStep + 1} (epoch ${epoch}); nothing more was saved` +
+            (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : ''));
+        }
+        lastLoss = loss;
+        const r = accumulator.afterBackward();
+        if (!r) continue;
+        hooks.onProgress?.({ step: accumulator.state.globalStep, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
+        if (o.checkpointingSteps && accumulator.state.globalStep % o.checkpointingSteps === 0) checkpointNow();
+      }
+      if (accumulator.state.globalStep < steps.maxTrainSteps) data.nextEpoch();
+    }
+    // 6. the result, in diffusers' format
+    const outputFile = saveLoraWeights(outputDir, unet);
+    return { outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved };
+  } finally {
+    await data.close();
+    optimizer.dispose();
+    for (const m of [unet, vae, textEncoder]) m.dispose();
+    scheduler.dispose();
+  }
+}
+
+function need(m: Map<string, Tensor>, k: string): Tensor {
+  const t = m.get(k);
+  if (!t) throw new Error(`checkpoint is missing '${k}'`);
+  return t;
+}
+

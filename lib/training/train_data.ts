@@ -1,0 +1,71 @@
+// The training data of the loop: a dataset (imagefolder today), the prefetching loader with its resumable
+// state, and each batch turned into tensors (pixel values, tokenized captions) on the training device.
+import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
+import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
+import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
+import type { Interpolation } from '../data/transforms.js';
+import type { Tensor } from '../tensor.js';
+import * as torch from '../torch.js';
+
+export interface TrainDataOptions {
+  trainDataDir?: string | null;
+  datasetName?: string | null;
+  imageColumn?: string;
+  captionColumn?: string;
+  maxTrainSamples?: number | null;
+  resolution?: number;
+  centerCrop?: boolean;
+  randomFlip?: boolean;
+  imageInterpolationMode?: string;
+  trainBatchSize?: number;
+  seed?: number | null;
+}
+
+export interface TrainData {
+  readonly batchesPerEpoch: number;
+  /** The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. */
+  next(): Promise<{ pixelValues: Tensor; inputIds: Tensor } | null>;
+  nextEpoch(): void;
+  state(): { epoch: number; loader: LoaderState };
+  restore(state: unknown): void;
+  close(): Promise<void>;
+}
+
+const interpolations = new Set(['bilinear', 'lanczos', 'nearest', 'bicubic']);
+
+export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
+  if (o.datasetName) {
+    throw new Error(`--dataset_name is not supported yet in this build (parquet / Hugging Face datasets come next); ` +
+      `export the images to a folder with metadata.jsonl and pass --train_data_dir`);
+  }
+  if (!o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
+  const mode = o.imageInterpolationMode ?? 'lanczos';
+  if (!interpolations.has(mode)) throw new Error(`--image_interpolation_mode '${mode}' is not supported here (use one of: ${[...interpolations].join(', ')})`);
+  const seed = o.seed ?? 0;
+  let dataset = loadImageFolder(o.trainDataDir, { imageColumn: o.imageColumn ?? 'image', captionColumn: o.captionColumn ?? 'text' });
+  if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
+  const loader = new ImageCaptionLoader(dataset, {
+    batchSize: o.trainBatchSize ?? 16, resolution: o.resolution ?? 512, centerCrop: o.centerCrop ?? false,
+    randomFlip: o.randomFlip ?? false, interpolation: mode as Interpolation, seed,
+  });
+  let epoch = loader.getState().epoch;
+  return {
+    batchesPerEpoch: loader.batchesPerEpoch,
+    async next() {
+      if (loader.getState().epoch !== epoch) return null;
+      const b = await loader.next();
+      const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
+      const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
+      if (pixelValues !== pixels) pixels.dispose();
+      return { pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) };
+    },
+    nextEpoch() { epoch += 1; },
+    state() { return { epoch, loader: loader.getState() }; },
+    restore(state: unknown) {
+      const s = state as { epoch: number; loader: LoaderState };
+      loader.setState(s.loader);
+      epoch = s.epoch;
+    },
+    async close() {},
+  };
+}
