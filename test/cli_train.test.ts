@@ -39,6 +39,7 @@ describe('difflora train', () => {
     expect(code, c.err()).toBe(0);
     expect(c.err()).toMatch(/step 1\/3 epoch 0 loss \d+\.\d{4} lr 1\.000e-4 grad_norm/);
     expect(c.err()).toMatch(/step 3\/3/);
+    expect(c.err()).toContain('TensorBoard event files are not written yet');
     expect(c.out()).toContain('pytorch_lora_weights.safetensors');
     expect(existsSync(join(out, 'checkpoint-2'))).toBe(true);
     expect(readSafetensorsHeader(join(out, 'pytorch_lora_weights.safetensors')).tensors.length).toBe(96);
