@@ -1,7 +1,8 @@
 // Shared test helpers: fixture paths and the relative error used for every parity check.
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { tidy } from '../lib/scope.js';
+import { loadSafetensors } from '../lib/io/safetensors.js';
+import { dispose, keep, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 
 export const fixtures = join(dirname(fileURLToPath(import.meta.url)), 'fixtures');
@@ -23,4 +24,22 @@ export function bitEqual(a: Tensor, b: Tensor): boolean {
   const x = new Uint8Array(a._toBuffer());
   const y = new Uint8Array(b._toBuffer());
   return x.length === y.length && x.every((v, i) => v === y[i]);
+}
+
+/** A golden file's tensors, loaded on first use: `get` names a missing key, `dispose` frees them all. */
+export function goldenFile(file: string): { get(name: string): Tensor; dispose(): void } {
+  let tensors: Map<string, Tensor> | undefined;
+  return {
+    get(name: string): Tensor {
+      // kept: the first use may be inside a test's tidy(), which must not free the goldens
+      tensors ??= new Map([...loadSafetensors(join(fixtures, 'goldens', file)).tensors].map(([k, t]) => [k, keep(t)]));
+      const t = tensors.get(name);
+      if (!t) throw new Error(`golden '${name}' missing from ${file}`);
+      return t;
+    },
+    dispose(): void {
+      if (tensors) dispose([...tensors.values()]);
+      tensors = undefined;
+    },
+  };
 }

@@ -14,7 +14,7 @@ import { Conv2d, Linear } from '../lib/nn/layers.js';
 import { dispose, keep, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { bitEqual, fixtures, relErr } from './helpers.js';
+import { bitEqual, fixtures, relErr, goldenFile } from './helpers.js';
 
 const TOL = 1e-4;
 const tinySd = join(fixtures, 'tiny-sd');
@@ -26,21 +26,16 @@ interface GoldenMeta { tensors: Record<string, { shape: number[]; call: string }
 const goldenMeta = readJson<GoldenMeta>('goldens', 'unet.json');
 
 let unet: UNet2DConditionModel;
-let golden: Map<string, Tensor>;
-const g = (name: string): Tensor => {
-  const t = golden.get(name);
-  if (!t) throw new Error(`golden '${name}' missing`);
-  return t;
-};
+const golden = goldenFile('unet.safetensors');
+const g = (name: string): Tensor => golden.get(name);
 
 beforeAll(() => {
   unet = UNet2DConditionModel.fromPretrained(tinySd, { subfolder: 'unet' });
-  golden = loadSafetensors(join(fixtures, 'goldens', 'unet.safetensors')).tensors;
 });
 
 afterAll(() => {
   unet.dispose();
-  dispose([...golden.values()]);
+  golden.dispose();
 });
 
 /** A block's i-th Transformer2DModel (an error for the blocks without attention). */

@@ -12,7 +12,7 @@ import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import { noGrad } from '../lib/autograd.js';
 import * as torch from '../lib/torch.js';
-import { bitEqual, fixtures, relErr } from './helpers.js';
+import { bitEqual, fixtures, relErr, goldenFile } from './helpers.js';
 
 const tinySd = join(fixtures, 'tiny-sd');
 const tinyVae = join(tinySd, 'vae');
@@ -22,21 +22,16 @@ interface GoldenMeta { scaling_factor: number; tensors: Record<string, { shape: 
 const goldenMeta = JSON.parse(readFileSync(join(fixtures, 'goldens', 'vae.json'), 'utf8')) as GoldenMeta;
 
 let vae: AutoencoderKL;
-let golden: Map<string, Tensor>;
-const g = (name: string): Tensor => {
-  const t = golden.get(name);
-  if (!t) throw new Error(`golden '${name}' missing`);
-  return t;
-};
+const golden = goldenFile('vae.safetensors');
+const g = (name: string): Tensor => golden.get(name);
 
 beforeAll(() => {
   vae = AutoencoderKL.fromPretrained(tinySd, { subfolder: 'vae' });
-  golden = loadSafetensors(join(fixtures, 'goldens', 'vae.safetensors')).tensors;
 });
 
 afterAll(() => {
   vae.dispose();
-  dispose([...golden.values()]);
+  golden.dispose();
 });
 
 describe('AutoencoderKL parity with diffusers 0.31 (tiny-sd, fp32 CPU)', () => {

@@ -20,25 +20,15 @@ import { noGrad } from '../autograd.js';
 import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
 import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
-import { openTrainData, type TrainData } from './train_data.js';
+import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions {
+export interface TrainOptions extends TrainDataOptions {
   pretrainedModelNameOrPath: string;
   revision?: string | null;
   variant?: string | null;
   cacheDir?: string | null;
-  trainDataDir?: string | null;
-  datasetName?: string | null;
-  imageColumn?: string;
-  captionColumn?: string;
-  maxTrainSamples?: number | null;
-  resolution?: number;
-  centerCrop?: boolean;
-  randomFlip?: boolean;
-  imageInterpolationMode?: string;
   rank?: number;
-  trainBatchSize?: number;
   numTrainEpochs?: number;
   maxTrainSteps?: number | null;
   gradientAccumulationSteps?: number;
@@ -61,7 +51,6 @@ export interface TrainOptions {
   checkpointingSteps?: number;
   checkpointsTotalLimit?: number | null;
   resumeFromCheckpoint?: string | null;
-  seed?: number | null;
   /** 'cpu' or 'cuda[:n]'; default CUDA when available. */
   device?: string;
 }
