@@ -79,6 +79,15 @@ describe('trainTextToImageLora', () => {
     expect(readdirSync(out).filter((f) => f.startsWith('checkpoint-')).sort()).toEqual(['checkpoint-2', 'checkpoint-3']);
   }, 120_000);
 
+  it('stops on a non-finite loss with the step named, keeping the last checkpoint and writing no result', async () => {
+    const out = join(tmp, 'diverged');
+    // an absurd learning rate makes the LoRA weights explode after the first update
+    await expect(trainTextToImageLora({ ...base(out), learningRate: 1e30, lrScheduler: 'constant', maxGradNorm: null, checkpointingSteps: 1 }))
+      .rejects.toThrow(/loss is (NaN|Infinity) at step \d+ .*the last checkpoint is .*checkpoint-\d+/);
+    expect(existsSync(join(out, 'checkpoint-1'))).toBe(true);
+    expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(false);
+  }, 120_000);
+
   it('refuses what it cannot do with clear errors', async () => {
     await expect(trainTextToImageLora({ ...base(join(tmp, 'x')), mixedPrecision: 'fp16' })).rejects.toThrow(/fp16 needs a CUDA GPU/);
     await expect(trainTextToImageLora({ ...base(join(tmp, 'y')), trainDataDir: null, datasetName: 'lambdalabs/pokemon' })).rejects.toThrow(/--dataset_name is not supported yet/);
