@@ -1,12 +1,13 @@
 // `difflora train` end to end through the CLI entry: the guide's flags on the tiny pipeline and an
 // imagefolder dataset, progress on stderr, the LoRA file and a checkpoint on disk, exit code 0.
-import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
+import { readTensorBoardEvents } from '../lib/logging/tensorboard.js';
 import { fixtures } from './helpers.js';
 
 let tmp: string;
@@ -39,7 +40,12 @@ describe('difflora train', () => {
     expect(code, c.err()).toBe(0);
     expect(c.err()).toMatch(/step 1\/3 epoch 0 loss \d+\.\d{4} lr 1\.000e-4 grad_norm/);
     expect(c.err()).toMatch(/step 3\/3/);
-    expect(c.err()).toContain('TensorBoard event files are not written yet');
+    // --report_to=tensorboard (the default): event files with train_loss and lr per optimizer step
+    const logDir = join(out, 'logs');
+    const events = readTensorBoardEvents(join(logDir, readdirSync(logDir)[0]!));
+    const losses = events.flatMap((e) => e.scalars.filter((s) => s.tag === 'train_loss').map((s) => [e.step, s.value]));
+    expect(losses.map(([step]) => step)).toEqual([1, 2, 3]);
+    expect(losses.every(([, v]) => Number.isFinite(v) && v! > 0)).toBe(true);
     expect(c.out()).toContain('pytorch_lora_weights.safetensors');
     expect(existsSync(join(out, 'checkpoint-2'))).toBe(true);
     expect(readSafetensorsHeader(join(out, 'pytorch_lora_weights.safetensors')).tensors.length).toBe(96);

@@ -57,7 +57,6 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   // Not silently accepted: what this build does not do yet is said before training starts.
   const pending = [
     ...(args.validationPrompt !== undefined ? ['--validation_prompt: validation images are not generated yet in this build (the inference pipeline comes next); training runs without them'] : []),
-    '--report_to=tensorboard: TensorBoard event files are not written yet in this build; progress (step, loss, lr, grad norm) goes to stderr',
   ];
   for (const w of [...args.warnings, ...pending]) io.stderr.write(`difflora train: warning: ${w}\n`);
   const train = await loadTrainer();

@@ -21,6 +21,8 @@ import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
 import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
+import { TensorBoardWriter } from '../logging/tensorboard.js';
+import { join } from 'node:path';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
 export interface TrainOptions extends TrainDataOptions {
@@ -51,6 +53,9 @@ export interface TrainOptions extends TrainDataOptions {
   checkpointingSteps?: number;
   checkpointsTotalLimit?: number | null;
   resumeFromCheckpoint?: string | null;
+  /** 'tensorboard' writes event files (train_loss, lr) under outputDir/loggingDir; null: no logs. */
+  reportTo?: string | null;
+  loggingDir?: string;
   /** 'cpu' or 'cuda[:n]'; default CUDA when available. */
   device?: string;
 }
@@ -148,8 +153,10 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
     }
   }
 
-  // 5. the loop
+  // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
+  const logs = (o.reportTo ?? 'tensorboard') === 'tensorboard' ? new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs')) : null;
   let lastLoss = NaN;
+  let trainLoss = 0;
   try {
     for (; epoch < steps.numTrainEpochs && accumulator.state.globalStep < steps.maxTrainSteps; epoch++) {
       while (accumulator.state.globalStep < steps.maxTrainSteps) {
@@ -167,8 +174,12 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
             (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : ''));
         }
         lastLoss = loss;
+        trainLoss += loss / accumulation;
         const r = accumulator.afterBackward();
         if (!r) continue;
+        logs?.addScalar('train_loss', trainLoss, accumulator.state.globalStep);
+        logs?.addScalar('lr', r.lr, accumulator.state.globalStep);
+        trainLoss = 0;
         hooks.onProgress?.({ step: accumulator.state.globalStep, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
         if (o.checkpointingSteps && accumulator.state.globalStep % o.checkpointingSteps === 0) checkpointNow();
       }
@@ -178,6 +189,7 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
     const outputFile = saveLoraWeights(outputDir, unet);
     return { outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved };
   } finally {
+    logs?.close();
     await data.close();
     optimizer.dispose();
     for (const m of [unet, vae, textEncoder]) m.dispose();
