@@ -4,6 +4,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
+import { parquetWriteBuffer } from 'hyparquet-writer';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors, readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { dispose } from '../lib/scope.js';
@@ -73,6 +74,31 @@ describe('trainTextToImageLora', () => {
     dispose([...a.tensors.values(), ...b.tensors.values()]);
   }, 120_000);
 
+  it('trains on a parquet dataset (--dataset_name), the pokemon-blip-captions layout', async () => {
+    const images = await Promise.all([[250, 10, 10], [10, 250, 10]].map(async ([r, g, b]) =>
+      new Uint8Array(await sharp({ create: { width: 40, height: 36, channels: 3, background: { r: r!, g: g!, b: b! } } }).png().toBuffer())));
+    const dir = join(tmp, 'pq', 'data');
+    mkdirSync(dir, { recursive: true });
+    const buf = parquetWriteBuffer({
+      columnData: [
+        { name: 'image', data: images.map((bytes) => ({ bytes, path: null })) },
+        { name: 'text', data: ['a red thing', 'a green thing'] },
+      ],
+      schema: [
+        { name: 'root', num_children: 2 },
+        { name: 'image', repetition_type: 'OPTIONAL', num_children: 2 },
+        { name: 'bytes', type: 'BYTE_ARRAY', repetition_type: 'OPTIONAL' },
+        { name: 'path', type: 'BYTE_ARRAY', converted_type: 'UTF8', repetition_type: 'OPTIONAL' },
+        { name: 'text', type: 'BYTE_ARRAY', converted_type: 'UTF8', repetition_type: 'OPTIONAL' },
+      ],
+    });
+    writeFileSync(join(dir, 'train-00000-of-00001.parquet'), new Uint8Array(buf));
+    const out = join(tmp, 'pq-out');
+    const r = await trainTextToImageLora({ ...base(out), trainDataDir: null, datasetName: join(tmp, 'pq'), maxTrainSteps: 2 });
+    expect(r.globalStep).toBe(2);
+    expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(true);
+  }, 120_000);
+
   it('keeps at most --checkpoints_total_limit checkpoints', async () => {
     const out = join(tmp, 'limited');
     await trainTextToImageLora({ ...base(out), maxTrainSteps: 3, checkpointingSteps: 1, checkpointsTotalLimit: 2 });
@@ -90,7 +116,8 @@ describe('trainTextToImageLora', () => {
 
   it('refuses what it cannot do with clear errors', async () => {
     await expect(trainTextToImageLora({ ...base(join(tmp, 'x')), mixedPrecision: 'fp16' })).rejects.toThrow(/fp16 needs a CUDA GPU/);
-    await expect(trainTextToImageLora({ ...base(join(tmp, 'y')), trainDataDir: null, datasetName: 'lambdalabs/pokemon' })).rejects.toThrow(/--dataset_name is not supported yet/);
+    await expect(trainTextToImageLora({ ...base(join(tmp, 'y')), trainDataDir: null, datasetName: 'lambdalabs/pokemon', cacheDir: join(tmp, 'empty-cache') }))
+      .rejects.toThrow(/lambdalabs\/pokemon[\s\S]*huggingface-cli download --repo-type dataset/);
     await expect(trainTextToImageLora({ ...base(join(tmp, 'z')), pretrainedModelNameOrPath: join(tmp, 'nope') })).rejects.toThrow(/nope/);
   });
 });

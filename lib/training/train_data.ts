@@ -2,6 +2,7 @@
 // state, and each batch turned into tensors (pixel values, tokenized captions) on the training device.
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
+import { loadParquetDataset } from '../data/parquet_dataset.js';
 import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
 import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
@@ -10,6 +11,7 @@ import * as torch from '../torch.js';
 export interface TrainDataOptions {
   trainDataDir?: string | null;
   datasetName?: string | null;
+  cacheDir?: string | null;
   imageColumn?: string;
   captionColumn?: string;
   maxTrainSamples?: number | null;
@@ -34,15 +36,15 @@ export interface TrainData {
 const interpolations = new Set(['bilinear', 'lanczos', 'nearest', 'bicubic']);
 
 export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
-  if (o.datasetName) {
-    throw new Error(`--dataset_name is not supported yet in this build (parquet / Hugging Face datasets come next); ` +
-      `export the images to a folder with metadata.jsonl and pass --train_data_dir`);
-  }
-  if (!o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
+  if (!o.datasetName && !o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
   const mode = o.imageInterpolationMode ?? 'lanczos';
   if (!interpolations.has(mode)) throw new Error(`--image_interpolation_mode '${mode}' is not supported here (use one of: ${[...interpolations].join(', ')})`);
   const seed = o.seed ?? 0;
-  let dataset = loadImageFolder(o.trainDataDir, { imageColumn: o.imageColumn ?? 'image', captionColumn: o.captionColumn ?? 'text' });
+  const columns = { imageColumn: o.imageColumn ?? 'image', captionColumn: o.captionColumn ?? 'text' };
+  // --dataset_name wins over --train_data_dir, as in the script: a local folder or a cached hub dataset of parquet files
+  let dataset = o.datasetName
+    ? await loadParquetDataset(o.datasetName, { ...columns, cacheDir: o.cacheDir ?? undefined })
+    : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize ?? 16, resolution: o.resolution ?? 512, centerCrop: o.centerCrop ?? false,
