@@ -1,6 +1,6 @@
 // The training loop end to end on the tiny pipeline: an imagefolder dataset, LoRA steps, checkpoints,
 // pruning, exact resume (bit-for-bit on CPU) and the final diffusers-format file.
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -52,6 +52,14 @@ describe('trainTextToImageLora', () => {
     expect(r.globalStep).toBe(4);
     expect(Number.isFinite(r.lastLoss)).toBe(true);
     expect(readdirSync(straight).filter((f) => f.startsWith('checkpoint-')).sort()).toEqual(['checkpoint-2', 'checkpoint-4']);
+    // metrics.jsonl: one line per optimizer step; README.md: the model card diffusers writes
+    const metrics = readFileSync(join(straight, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { step: number; loss: number; lr: number });
+    expect(metrics.map((m) => m.step)).toEqual([1, 2, 3, 4]);
+    expect(metrics.every((m) => Number.isFinite(m.loss) && m.lr >= 0)).toBe(true);
+    expect(metrics[0]!.lr).toBe(0); // warmup: the first update runs at LR 0, as the script
+    const card = readFileSync(join(straight, 'README.md'), 'utf8');
+    expect(card).toContain(`base_model: ${join(fixtures, 'tiny-sd')}`);
+    expect(card).toContain('pipe.load_lora_weights');
     const header = readSafetensorsHeader(join(straight, 'pytorch_lora_weights.safetensors'));
     expect(header.metadata).toEqual({ format: 'pt' });
     expect(header.tensors.length).toBe(96);

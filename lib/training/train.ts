@@ -22,6 +22,8 @@ import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
 import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
+import { saveModelCard } from './model_card.js';
+import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
@@ -155,6 +157,7 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
 
   // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
   const logs = (o.reportTo ?? 'tensorboard') === 'tensorboard' ? new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs')) : null;
+  const metricsFile = join(outputDir, 'metrics.jsonl');
   let lastLoss = NaN;
   let trainLoss = 0;
   try {
@@ -178,6 +181,8 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
         const r = accumulator.afterBackward();
         if (!r) continue;
         logs?.addScalar('train_loss', trainLoss, accumulator.state.globalStep);
+        // one JSON line per optimizer step: easy to plot or grep, and appended across resumes
+        appendFileSync(metricsFile, `${JSON.stringify({ step: accumulator.state.globalStep, epoch, loss: trainLoss, lr: r.lr, grad_norm: r.gradNorm, skipped: !r.stepped, time: Date.now() / 1000 })}\n`);
         logs?.addScalar('lr', r.lr, accumulator.state.globalStep);
         trainLoss = 0;
         hooks.onProgress?.({ step: accumulator.state.globalStep, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
@@ -187,6 +192,10 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
     }
     // 6. the result, in diffusers' format
     const outputFile = saveLoraWeights(outputDir, unet);
+    saveModelCard(outputDir, {
+      baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank, steps: accumulator.state.globalStep,
+      learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: (o as { validationPrompt?: string | null }).validationPrompt ?? null,
+    });
     return { outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved };
   } finally {
     logs?.close();

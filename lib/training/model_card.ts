@@ -1,0 +1,47 @@
+// The README.md that diffusers' script writes next to the LoRA (save_model_card), so a Hub upload or a
+// human finds the base model, the data and the settings. Written atomically (temp file + rename).
+import { renameSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
+
+export interface ModelCardInfo {
+  baseModel: string;
+  dataset: string;
+  rank: number;
+  steps: number;
+  learningRate: number;
+  resolution: number;
+  validationPrompt?: string | null;
+}
+
+export function modelCard(c: ModelCardInfo): string {
+  return [
+    '---',
+    'license: creativeml-openrail-m',
+    `base_model: ${c.baseModel}`,
+    'tags:',
+    ...['stable-diffusion', 'stable-diffusion-diffusers', 'text-to-image', 'diffusers', 'diffusers-training', 'lora', 'difflora'].map((t) => `- ${t}`),
+    'inference: true',
+    '---',
+    '',
+    `# LoRA text2image fine-tuning - ${basename(c.dataset)}`,
+    '',
+    `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
+      `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
+    ...(c.validationPrompt ? ['', `Validation prompt: ${c.validationPrompt}`] : []),
+    '',
+    '```python',
+    'from diffusers import StableDiffusionPipeline',
+    `pipe = StableDiffusionPipeline.from_pretrained("${c.baseModel}")`,
+    'pipe.load_lora_weights("path/to/this/folder")',
+    '```',
+    '',
+  ].join('\n');
+}
+
+export function saveModelCard(outputDir: string, c: ModelCardInfo): string {
+  const path = join(outputDir, 'README.md');
+  const tmp = `${path}.tmp-${process.pid}`;
+  writeFileSync(tmp, modelCard(c));
+  renameSync(tmp, path);
+  return path;
+}
