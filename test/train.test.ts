@@ -57,6 +57,8 @@ describe('trainTextToImageLora', () => {
     expect(metrics.map((m) => m.step)).toEqual([1, 2, 3, 4]);
     expect(metrics.every((m) => Number.isFinite(m.loss) && m.lr >= 0)).toBe(true);
     expect(metrics[0]!.lr).toBe(0); // warmup: the first update runs at LR 0, as the script
+    const plot = await sharp(join(straight, 'loss.png')).metadata();
+    expect([plot.format, plot.width, plot.height]).toEqual(['png', 640, 360]);
     const card = readFileSync(join(straight, 'README.md'), 'utf8');
     expect(card).toContain(`base_model: ${join(fixtures, 'tiny-sd')}`);
     expect(card).toContain('pipe.load_lora_weights');

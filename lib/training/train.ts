@@ -23,6 +23,8 @@ import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } f
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
 import { saveModelCard } from './model_card.js';
+import { saveLossPlot, type LossPoint } from './loss_plot.js';
+import { existsSync, readFileSync } from 'node:fs';
 import { appendFileSync } from 'node:fs';
 import { join } from 'node:path';
 
@@ -196,6 +198,7 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
       baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank, steps: accumulator.state.globalStep,
       learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: (o as { validationPrompt?: string | null }).validationPrompt ?? null,
     });
+    await saveLossPlot(join(outputDir, 'loss.png'), readMetrics(metricsFile));
     return { outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved };
   } finally {
     logs?.close();
@@ -204,6 +207,12 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
     for (const m of [unet, vae, textEncoder]) m.dispose();
     scheduler.dispose();
   }
+}
+
+/** The loss curve from metrics.jsonl (which spans resumed runs). */
+function readMetrics(file: string): LossPoint[] {
+  if (!existsSync(file)) return [];
+  return readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as LossPoint);
 }
 
 function need(m: Map<string, Tensor>, k: string): Tensor {
