@@ -46,6 +46,14 @@ async function defaultLoadNativeInfo(): Promise<NativeInfo> {
   return native.info();
 }
 
+function formatSeconds(s: number): string {
+  const t = Math.round(s);
+  const h = Math.floor(t / 3600);
+  const m = Math.floor((t % 3600) / 60);
+  const sec = t % 60;
+  return h ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(sec).padStart(2, '0')}s`;
+}
+
 const errorMessage = (e: unknown): string => (e instanceof Error ? e.message : String(e));
 
 async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<TrainFn | undefined>): Promise<number> {
@@ -66,9 +74,18 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
       + '(lib/training/step.ts) and can be driven from the library.\n');
     return 3;
   }
+  // one line per optimizer step: step, loss, lr, grad norm, it/s and ETA (rewritten in place on a terminal)
+  const tty = (io.stderr as { isTTY?: boolean }).isTTY === true;
+  let started = 0;
+  let firstStep = 0;
   const onProgress = (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => {
-    io.stderr.write(`step ${p.step}/${p.maxTrainSteps} epoch ${p.epoch} loss ${p.loss.toFixed(4)} lr ${p.lr.toExponential(3)}` +
-      `${p.gradNorm === null ? '' : ` grad_norm ${p.gradNorm.toExponential(3)}`}\n`);
+    const now = Date.now();
+    if (started === 0) { started = now; firstStep = p.step - 1; }
+    const rate = (p.step - firstStep) / Math.max((now - started) / 1000, 1e-9);
+    const eta = rate > 0 ? (p.maxTrainSteps - p.step) / rate : 0;
+    const line = `step ${p.step}/${p.maxTrainSteps} epoch ${p.epoch} loss ${p.loss.toFixed(4)} lr ${p.lr.toExponential(3)}` +
+      `${p.gradNorm === null ? '' : ` grad_norm ${p.gradNorm.toExponential(3)}`} ${rate.toFixed(2)} it/s eta ${formatSeconds(eta)}`;
+    io.stderr.write(tty ? `\r${line}\x1b[K${p.step === p.maxTrainSteps ? '\n' : ''}` : `${line}\n`);
   };
   const result = await train(args, { onProgress });
   if (typeof result === 'number') return result;
