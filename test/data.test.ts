@@ -384,3 +384,20 @@ describe('ImageCaptionLoader', () => {
     await expect(hopeless.next()).rejects.toThrow(/every image of the dataset failed/);
   });
 });
+
+describe('imagefolder safety', () => {
+  it('refuses metadata that points outside the dataset folder', async () => {
+    const { mkdtempSync, writeFileSync, rmSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const { loadImageFolder } = await import('../lib/data/imagefolder.js');
+    const sharpMod = (await import('sharp')).default;
+    const dir = mkdtempSync(join(tmpdir(), 'difflora-escape-'));
+    await sharpMod({ create: { width: 4, height: 4, channels: 3, background: { r: 1, g: 2, b: 3 } } }).png().toFile(join(dir, 'a.png'));
+    for (const bad of ['../../etc/passwd', '/etc/passwd']) {
+      writeFileSync(join(dir, 'metadata.jsonl'), `${JSON.stringify({ file_name: 'a.png', text: 'ok' })}\n${JSON.stringify({ file_name: bad, text: 'x' })}\n`);
+      expect(() => loadImageFolder(dir)).toThrow(/points outside the dataset folder/);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  });
+});

@@ -182,6 +182,11 @@ export function loadImageFolder(dir: string, options: ImageFolderOptions = {}): 
           throw new Error(`${meta}: row ${where}: '${key}' must be a relative file path, got ${JSON.stringify(value)}`);
         }
         const p = path.resolve(base, value.replace(/\\/g, '/'));
+        // a dataset may only point at its own files (no '../../etc/passwd', no absolute paths elsewhere)
+        const inside = path.relative(root, p);
+        if (inside.startsWith('..') || path.isAbsolute(inside)) {
+          throw new Error(`${meta}: row ${where}: ${key} '${value}' points outside the dataset folder '${root}'`);
+        }
         if (!fs.existsSync(p)) throw new Error(`${meta}: row ${where}: ${key} '${value}' does not exist (looked for ${p})`);
         imgs.set(col, p);
       }
