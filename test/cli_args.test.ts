@@ -84,7 +84,7 @@ describe('parseTrainArgs', () => {
   it("has the script's defaults (REFERENCE.md table)", () => {
     const a = parseTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=data'], noEnv);
     const expected: Omit<TrainArgs, 'pretrainedModelNameOrPath' | 'trainDataDir'> = {
-      revision: undefined, variant: undefined,
+      revision: undefined, variant: undefined, builtinDefault: false,
       datasetName: undefined, datasetConfigName: undefined, imageColumn: 'image', captionColumn: 'text',
       maxTrainSamples: undefined, cacheDir: undefined,
       resolution: 512, centerCrop: false, randomFlip: false, imageInterpolationMode: 'lanczos', dataloaderNumWorkers: 0,

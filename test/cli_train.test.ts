@@ -58,3 +58,26 @@ describe('difflora train', () => {
     expect(c.err()).toContain('missing');
   });
 });
+
+describe('difflora train with no model or data flags', () => {
+  it('trains the built-in default (generated tiny model and pictures) for real', async () => {
+    const c = capture();
+    const out = join(tmp, 'builtin');
+    // fewer steps than the default run to keep the suite fast; everything else is the built-in setting
+    const code = await main(['train', `--output_dir=${out}`, '--max_train_steps=20', '--checkpointing_steps=10'], c.io);
+    expect(code, c.err()).toBe(0);
+    expect(c.err()).toContain('training the built-in default');
+    expect(c.err()).toMatch(/step 20\/20 /);
+    const header = readSafetensorsHeader(join(out, 'pytorch_lora_weights.safetensors'));
+    expect(header.metadata).toEqual({ format: 'pt' });
+    expect(header.tensors.length).toBeGreaterThan(0);
+    expect(existsSync(join(out, 'checkpoint-20'))).toBe(true);
+    expect(existsSync(join(out, 'loss.png'))).toBe(true);
+  }, 120_000);
+
+  it('still requires both model and data once either is given', async () => {
+    const c = capture();
+    expect(await main(['train', '--train_data_dir=x'], c.io)).toBe(2);
+    expect(c.err()).toContain('--pretrained_model_name_or_path is required');
+  });
+});

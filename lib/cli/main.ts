@@ -46,6 +46,23 @@ async function defaultLoadNativeInfo(): Promise<NativeInfo> {
   return native.info();
 }
 
+/** Fills model, data and (for flags not given) the settings of the built-in default run. */
+async function useBuiltinDefault(args: TrainArgs, argv: string[], io: Io): Promise<void> {
+  const { prepareBuiltinDefault, BUILTIN_SETTINGS } = await import('../builtin/default.js');
+  const { model, data } = await prepareBuiltinDefault();
+  args.pretrainedModelNameOrPath = model;
+  args.trainDataDir = data;
+  const given = (flag: string) => argv.some((a) => a === `--${flag}` || a.startsWith(`--${flag}=`));
+  const mutable = args as unknown as Record<string, unknown>;
+  for (const [key, value] of Object.entries(BUILTIN_SETTINGS)) {
+    const flag = key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+    if (!given(flag)) mutable[key] = value;
+  }
+  io.stderr.write(`difflora train: no model or data given — training the built-in default: a tiny random-weight SD pipeline (${model}) ` +
+    `on 8 generated captioned pictures (${data}), ${args.maxTrainSteps} steps at ${args.resolution} px into '${args.outputDir}'.\n` +
+    `Give --pretrained_model_name_or_path and --train_data_dir or --dataset_name to train on your own.\n`);
+}
+
 function formatSeconds(s: number): string {
   const t = Math.round(s);
   const h = Math.floor(t / 3600);
@@ -62,6 +79,7 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
     return 0;
   }
   const args = parseTrainArgs(argv, io.env);
+  if (args.builtinDefault) await useBuiltinDefault(args, argv, io);
   // Not silently accepted: what this build does not do yet is said before training starts.
   const pending = [
     ...(args.validationPrompt !== undefined ? ['--validation_prompt: validation images are not generated yet in this build (the inference pipeline comes next); training runs without them'] : []),

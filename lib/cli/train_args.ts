@@ -87,6 +87,8 @@ export interface TrainArgs {
   localRank: number;
   /** What was accepted with a stand-in (8-bit Adam, xformers), for the caller to show. */
   warnings: string[];
+  /** No model and no data flags: train the built-in default (lib/builtin/default.ts). */
+  builtinDefault: boolean;
 }
 
 type Kind = 'string' | 'int' | 'float' | 'boolean';
@@ -282,10 +284,12 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
   const warnings: string[] = [];
 
   const model = str(r, 'pretrained_model_name_or_path');
-  if (model === undefined || model === '') throw new UsageError('--pretrained_model_name_or_path is required (a hub id in the offline cache or a local diffusers folder)');
   const datasetName = str(r, 'dataset_name');
   const trainDataDir = str(r, 'train_data_dir');
-  if (datasetName === undefined && trainDataDir === undefined) throw new UsageError('Need either a dataset name or a training folder: give --dataset_name or --train_data_dir');
+  // no model and no data flags at all: the built-in default (a generated tiny model and picture set)
+  const builtinDefault = model === undefined && datasetName === undefined && trainDataDir === undefined;
+  if (!builtinDefault && (model === undefined || model === '')) throw new UsageError('--pretrained_model_name_or_path is required (a hub id in the offline cache or a local diffusers folder)');
+  if (!builtinDefault && datasetName === undefined && trainDataDir === undefined) throw new UsageError('Need either a dataset name or a training folder: give --dataset_name or --train_data_dir');
 
   if (r.push_to_hub === true || str(r, 'hub_token') !== undefined || str(r, 'hub_model_id') !== undefined) {
     throw new UsageError('cannot push to the Hugging Face Hub: difflora runs offline (no network); drop --push_to_hub/--hub_token/--hub_model_id and upload the files in --output_dir yourself');
@@ -312,7 +316,8 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
   }
 
   return {
-    pretrainedModelNameOrPath: model,
+    pretrainedModelNameOrPath: model ?? '',
+    builtinDefault,
     revision: str(r, 'revision'),
     variant: str(r, 'variant'),
     datasetName,

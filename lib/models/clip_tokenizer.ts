@@ -70,7 +70,7 @@ const CONTROL = /^\p{C}$/u;
 const SPACE_SEPARATOR = /^\p{Zs}$/u;
 
 /** GPT-2's bytes_to_unicode: printable bytes map to themselves, the others to U+0100 upwards. */
-function bytesToUnicode(): string[] {
+export function bytesToUnicode(): string[] {
   const table = new Array<string>(256);
   const printable = (b: number) => (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || (b >= 0xae && b <= 0xff);
   let n = 0;

@@ -1,0 +1,126 @@
+// The built-in default of `difflora train` with no model or data flags: a tiny Stable Diffusion pipeline
+// with random weights in diffusers layout and a small set of synthetic captioned pictures, both generated
+// here (nothing is downloaded), so a newcomer sees the whole job run in about a minute on 2 CPU cores.
+import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { saveSafetensors } from '../io/safetensors.js';
+import { AutoencoderKL } from '../models/autoencoder_kl.js';
+import { CLIPTextModel } from '../models/clip_text_model.js';
+import { bytesToUnicode } from '../models/clip_tokenizer.js';
+import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import { manualSeed } from '../random.js';
+
+const VERSION = 'builtin-v1';
+
+// A byte-level vocabulary (every byte, alone and word-final) and no merges: any caption tokenizes, and the
+// text encoder stays tiny. '<|endoftext|>' has the largest id, as CLIP's legacy pooling (eos id 2) assumes.
+function tokenizerFiles(): Record<string, string> {
+  const chars = bytesToUnicode();
+  const vocab: Record<string, number> = {};
+  for (const c of chars) vocab[c] = Object.keys(vocab).length;
+  for (const c of chars) vocab[`${c}</w>`] = Object.keys(vocab).length;
+  vocab['<|startoftext|>'] = Object.keys(vocab).length;
+  vocab['<|endoftext|>'] = Object.keys(vocab).length;
+  return {
+    'vocab.json': JSON.stringify(vocab),
+    'merges.txt': '#version: 0.2\n',
+    'tokenizer_config.json': JSON.stringify({ model_max_length: 77, bos_token: '<|startoftext|>', eos_token: '<|endoftext|>', unk_token: '<|endoftext|>', pad_token: '<|endoftext|>', tokenizer_class: 'CLIPTokenizer' }),
+    'special_tokens_map.json': JSON.stringify({ bos_token: '<|startoftext|>', eos_token: '<|endoftext|>', unk_token: '<|endoftext|>', pad_token: '<|endoftext|>' }),
+  };
+}
+
+const configs = {
+  unet: {
+    _class_name: 'UNet2DConditionModel', sample_size: 16, in_channels: 4, out_channels: 4, layers_per_block: 1,
+    block_out_channels: [32, 64], down_block_types: ['CrossAttnDownBlock2D', 'DownBlock2D'], up_block_types: ['UpBlock2D', 'CrossAttnUpBlock2D'],
+    cross_attention_dim: 32, attention_head_dim: 4, norm_num_groups: 32,
+  },
+  vae: {
+    _class_name: 'AutoencoderKL', in_channels: 3, out_channels: 3, latent_channels: 4, block_out_channels: [32, 64], layers_per_block: 1,
+    down_block_types: ['DownEncoderBlock2D', 'DownEncoderBlock2D'], up_block_types: ['UpDecoderBlock2D', 'UpDecoderBlock2D'], norm_num_groups: 32, sample_size: 32,
+  },
+  text_encoder: {
+    architectures: ['CLIPTextModel'], hidden_size: 32, intermediate_size: 37, num_attention_heads: 4, num_hidden_layers: 2,
+    max_position_embeddings: 77, vocab_size: 514, hidden_act: 'quick_gelu', layer_norm_eps: 1e-5, bos_token_id: 0, eos_token_id: 2, pad_token_id: 1,
+  },
+  scheduler: {
+    _class_name: 'DDPMScheduler', num_train_timesteps: 1000, beta_start: 0.00085, beta_end: 0.012, beta_schedule: 'scaled_linear',
+    prediction_type: 'epsilon', clip_sample: false,
+  },
+};
+
+function writeModel(dir: string): void {
+  manualSeed(0);
+  const files: [string, Record<string, string>][] = [
+    ['tokenizer', tokenizerFiles()],
+    ['scheduler', { 'scheduler_config.json': JSON.stringify(configs.scheduler) }],
+    ['unet', { 'config.json': JSON.stringify(configs.unet) }],
+    ['vae', { 'config.json': JSON.stringify(configs.vae) }],
+    ['text_encoder', { 'config.json': JSON.stringify(configs.text_encoder) }],
+  ];
+  for (const [sub, contents] of files) {
+    mkdirSync(join(dir, sub), { recursive: true });
+    for (const [name, text] of Object.entries(contents)) writeFileSync(join(dir, sub, name), text);
+  }
+  writeFileSync(join(dir, 'model_index.json'), JSON.stringify({ _class_name: 'StableDiffusionPipeline', _difflora: VERSION }));
+  const models = [
+    ['unet', 'diffusion_pytorch_model', UNet2DConditionModel.fromConfig(configs.unet)],
+    ['vae', 'diffusion_pytorch_model', new AutoencoderKL(configs.vae)],
+    ['text_encoder', 'model', new CLIPTextModel(configs.text_encoder)],
+  ] as const;
+  for (const [sub, stem, m] of models) {
+    saveSafetensors(join(dir, sub, `${stem}.safetensors`), m.stateDict(), { format: 'pt' });
+    m.dispose();
+  }
+}
+
+const COLORS = { red: '#d62728', green: '#2ca02c', blue: '#1f77b4', yellow: '#e7ba00' } as const;
+const SHAPES = ['circle', 'square'] as const;
+
+async function writeData(dir: string): Promise<void> {
+  mkdirSync(dir, { recursive: true });
+  const lines: string[] = [];
+  let i = 0;
+  for (const [fg, fgHex] of Object.entries(COLORS)) {
+    for (const shape of SHAPES) {
+      const bg = fg === 'yellow' ? '#202020' : '#f0f0f0';
+      const body = shape === 'circle' ? `<circle cx="32" cy="32" r="20" fill="${fgHex}"/>` : `<rect x="14" y="14" width="36" height="36" fill="${fgHex}"/>`;
+      const svg = `<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64"><rect width="64" height="64" fill="${bg}"/>${body}</svg>`;
+      const file = `${String(i++).padStart(2, '0')}_${fg}_${shape}.png`;
+      await sharp(Buffer.from(svg)).png().toFile(join(dir, file));
+      lines.push(JSON.stringify({ file_name: file, text: [`a ${fg} ${shape}`, `a simple picture of a ${fg} ${shape}`] }));
+    }
+  }
+  writeFileSync(join(dir, 'metadata.jsonl'), `${lines.join('\n')}\n`);
+}
+
+/**
+ * Creates (once) the built-in model and dataset under `root` (default: <tmpdir>/difflora-builtin) and
+ * returns their folders. Written to a temporary folder and renamed, so a half-made default is never used.
+ */
+export async function prepareBuiltinDefault(root = join(tmpdir(), 'difflora-builtin')): Promise<{ model: string; data: string }> {
+  const dir = join(root, VERSION);
+  const out = { model: join(dir, 'model'), data: join(dir, 'data') };
+  if (existsSync(join(out.model, 'model_index.json')) && existsSync(join(out.data, 'metadata.jsonl'))) return out;
+  const tmp = `${dir}.tmp-${process.pid}`;
+  rmSync(tmp, { recursive: true, force: true });
+  writeModel(join(tmp, 'model'));
+  await writeData(join(tmp, 'data'));
+  mkdirSync(root, { recursive: true });
+  try {
+    renameSync(tmp, dir);
+  } catch (e) {
+    // another process finished first: use its copy
+    rmSync(tmp, { recursive: true, force: true });
+    if (!existsSync(join(out.model, 'model_index.json'))) throw e;
+  }
+  return out;
+}
+
+/** The settings of the built-in run (used for flags the user did not give). */
+export const BUILTIN_SETTINGS = {
+  resolution: 32, trainBatchSize: 4, maxTrainSteps: 300, learningRate: 1e-3, checkpointingSteps: 100, seed: 0,
+  outputDir: 'difflora-builtin-lora', lrWarmupSteps: 0, randomFlip: true,
+} as const;
