@@ -14,7 +14,7 @@ import {
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { bitEqual, fixtures, relErr } from './helpers.js';
+import { bitEqual, fixtures, relErr, goldenFile } from './helpers.js';
 
 const TOL = 1e-6;
 
@@ -27,21 +27,16 @@ const variant = (name: string): Variant => {
   return v;
 };
 
-let golden: Map<string, Tensor>;
+const golden = goldenFile('lora_train.safetensors');
 let scheduler: DDPMScheduler;
-const g = (name: string): Tensor => {
-  const t = golden.get(name);
-  if (!t) throw new Error(`golden '${name}' missing`);
-  return t;
-};
+const g = (name: string): Tensor => golden.get(name);
 
 beforeAll(() => {
-  golden = loadSafetensors(join(fixtures, 'goldens', 'lora_train.safetensors')).tensors;
   scheduler = DDPMScheduler.fromPretrained(join(fixtures, 'tiny-sd'), { subfolder: 'scheduler' });
 });
 
 afterAll(() => {
-  dispose([...golden.values()]);
+  golden.dispose();
   scheduler.dispose();
 });
 

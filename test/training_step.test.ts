@@ -20,7 +20,7 @@ import * as torch from '../lib/torch.js';
 import {
   Accumulator, encodeLatents, loraTrainingStep, sampleNoise, sampleTimesteps, type TrainingStep,
 } from '../lib/training/step.js';
-import { bitEqual, fixtures, relErr } from './helpers.js';
+import { bitEqual, fixtures, relErr, goldenFile } from './helpers.js';
 
 const TOL = 1e-4;
 const tinySd = join(fixtures, 'tiny-sd');
@@ -34,15 +34,11 @@ const variant = (name: string): Variant => {
   return v;
 };
 
-let golden: Map<string, Tensor>;
+const golden = goldenFile('lora_train.safetensors');
 let scheduler: DDPMScheduler;
 let unet: UNet2DConditionModel;
 let h: LoraHandle;
-const g = (name: string): Tensor => {
-  const t = golden.get(name);
-  if (!t) throw new Error(`golden '${name}' missing`);
-  return t;
-};
+const g = (name: string): Tensor => golden.get(name);
 
 /** LoRA back to lora_init, no gradients. */
 function resetLora(): void {
@@ -91,7 +87,6 @@ function gradCopies(): Map<string, Tensor> {
 }
 
 beforeAll(() => {
-  golden = loadSafetensors(join(goldens, 'lora_train.safetensors')).tensors;
   scheduler = DDPMScheduler.fromPretrained(tinySd, { subfolder: 'scheduler' });
   unet = UNet2DConditionModel.fromPretrained(tinySd, { subfolder: 'unet' });
   h = attachLora(unet, { rank: 4, alpha: 4, init: 'gaussian' });
@@ -101,7 +96,7 @@ beforeAll(() => {
 afterAll(() => {
   unet.dispose();
   scheduler.dispose();
-  dispose([...golden.values()]);
+  golden.dispose();
 });
 
 describe('loraTrainingStep + Accumulator vs diffusers/PEFT (goldens/lora_train)', () => {

@@ -123,13 +123,15 @@ function walk(dir: string, out: string[] = []): string[] {
 
 const isImage = (p: string): boolean => IMAGE_EXTENSIONS.includes(path.extname(p).toLowerCase());
 
-function captionsOf(value: unknown, captionColumn: string, where: string): string[] {
+/** A caption cell as the script accepts it: a string or a non-empty list of strings. */
+export function captionsOf(value: unknown, captionColumn: string, where: string): string[] {
   if (typeof value === 'string') return [value];
   if (Array.isArray(value) && value.length > 0 && value.every((v) => typeof v === 'string')) return value as string[];
   throw new Error(`Caption column \`${captionColumn}\` should contain either strings or lists of strings (${where}: ${JSON.stringify(value)})`);
 }
 
-function columnError(flag: string, value: string, columns: readonly string[]): Error {
+/** The script's message for a missing --image_column / --caption_column. */
+export function columnError(flag: string, value: string, columns: readonly string[]): Error {
   return new Error(`--${flag}' value '${value}' needs to be one of: ${columns.join(', ')}`);
 }
 

@@ -10,7 +10,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { parquetMetadata, parquetReadObjects, parquetSchema } from 'hyparquet';
 import { hubCacheDir, isHubId } from '../models/loading.js';
-import type { Dataset, DatasetItem } from './imagefolder.js';
+import { captionsOf, columnError, type Dataset, type DatasetItem } from './imagefolder.js';
 
 export interface ParquetDatasetOptions {
   /** Default 'image'. */
@@ -153,16 +153,6 @@ function imageBytesOf(value: unknown, imageColumn: string, where: string): { byt
     throw new Error(`${where}: image column '${imageColumn}' has no image bytes${cellPath ? ` (path '${cellPath}' is not a readable absolute file)` : ''}`);
   }
   throw new Error(`${where}: image column '${imageColumn}' should hold {bytes, path} structs or binary, got ${value === null ? 'null' : typeof value}`);
-}
-
-function captionsOf(value: unknown, captionColumn: string, where: string): string[] {
-  if (typeof value === 'string') return [value];
-  if (Array.isArray(value) && value.length > 0 && value.every((v) => typeof v === 'string')) return value as string[];
-  throw new Error(`Caption column \`${captionColumn}\` should contain either strings or lists of strings (${where}: ${JSON.stringify(value)})`);
-}
-
-function columnError(flag: string, value: string, columns: readonly string[]): Error {
-  return new Error(`--${flag}' value '${value}' needs to be one of: ${columns.join(', ')}`);
 }
 
 /** Writes bytes to file unless a file of that size is already there (written by an earlier load). */
