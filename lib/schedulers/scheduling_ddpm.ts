@@ -1,23 +1,28 @@
-// DDPMScheduler for training (diffusers 0.31 schedulers/scheduling_ddpm.py): the noise schedule built from a
-// pipeline's scheduler/scheduler_config.json, and the two things a training step asks of it, add_noise (the
-// forward process q(x_t | x_0)) and get_velocity (the v-prediction target). Plus compute_snr from diffusers'
-// training_utils, the signal-to-noise ratio that Min-SNR loss weighting needs.
+// DDPMScheduler (diffusers 0.31 schedulers/scheduling_ddpm.py): the noise schedule built from a pipeline's
+// scheduler/scheduler_config.json, the two things a training step asks of it, add_noise (the forward process
+// q(x_t | x_0)) and get_velocity (the v-prediction target), and ancestral sampling (set_timesteps/step). Plus
+// compute_snr from diffusers' training_utils, the signal-to-noise ratio that Min-SNR loss weighting needs.
 //
 // The arithmetic copies diffusers op for op, in float32 as it does (linspace in float32, then squared, for
 // 'scaled_linear'; the cosine schedule in float64 Python floats then cast), so alphas_cumprod is
-// bit-identical to the reference on the same libtorch. Sampling (set_timesteps/step) is the inference
-// pipeline's business and is not here.
+// bit-identical to the reference on the same libtorch.
+//
+// This file also holds what every sampling scheduler shares (lib/schedulers/scheduling_*.ts import it from
+// here rather than from scheduler.ts, which imports them all): config resolution, the betas → alphas_cumprod
+// schedule, numpy's rounding/linspace/interp in float64, float32 scalar arithmetic, and randn_tensor.
 import { op } from '../ops.js';
 import { dispose, keep, tidy } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { readConfig, resolvePretrained, type FromPretrainedOptions } from '../models/loading.js';
+import type { Generator } from '../random.js';
+import type { Scheduler } from './scheduler.js';
 
 export type BetaSchedule = 'linear' | 'scaled_linear' | 'squaredcos_cap_v2' | 'sigmoid';
 export type PredictionType = 'epsilon' | 'v_prediction' | 'sample';
 
 /** scheduler_config.json of a DDPMScheduler: diffusers 0.31's __init__ arguments, same names. */
-export interface DDPMSchedulerConfig {
+export type DDPMSchedulerConfig = {
   num_train_timesteps: number;
   beta_start: number;
   beta_end: number;
@@ -33,7 +38,7 @@ export interface DDPMSchedulerConfig {
   timestep_spacing: string;
   steps_offset: number;
   rescale_betas_zero_snr: boolean;
-}
+};
 
 /** diffusers' defaults (DDPMScheduler.__init__), used for fields a config leaves out. */
 export const DDPM_SCHEDULER_DEFAULTS: Readonly<DDPMSchedulerConfig> = Object.freeze({
@@ -147,8 +152,12 @@ export function rescaleZeroTerminalSnr(betas: Tensor): Tensor {
   });
 }
 
+/** The config fields that define the beta schedule (every scheduler class has them, same names). */
+export type BetaScheduleConfig = Pick<DDPMSchedulerConfig, 'num_train_timesteps' | 'beta_start' | 'beta_end' | 'beta_schedule' | 'trained_betas'>
+  & { rescale_betas_zero_snr?: boolean };
+
 /** The config's betas (float32, CPU), before any zero-SNR rescaling. */
-export function betasFromConfig(c: DDPMSchedulerConfig): Tensor {
+export function betasFromConfig(c: BetaScheduleConfig): Tensor {
   const n = c.num_train_timesteps;
   if (c.trained_betas !== null) return torch.tensor(Float32Array.from(c.trained_betas));
   switch (c.beta_schedule) {
@@ -167,7 +176,159 @@ export function betasFromConfig(c: DDPMSchedulerConfig): Tensor {
   }
 }
 
-export class DDPMScheduler {
+/**
+ * alphas_cumprod of a beta schedule (float32, CPU; the caller owns it): betas, optionally rescaled to zero
+ * terminal SNR, then cumprod(1 − β). With `clampLast` (Euler, DPM-Solver) a zero-SNR schedule's last value
+ * becomes 2⁻²⁴ instead of 0, as those diffusers classes do so that σ stays finite.
+ */
+export function alphasCumprodFromConfig(c: BetaScheduleConfig, clampLast = false): Tensor {
+  return tidy(() => {
+    const raw = betasFromConfig(c);
+    const betas = c.rescale_betas_zero_snr ? rescaleZeroTerminalSnr(raw) : raw;
+    const acp = cumprod(rsub(betas, 1), 0);
+    if (clampLast && c.rescale_betas_zero_snr) acp.select(0, c.num_train_timesteps - 1).fill_(2 ** -24);
+    return acp;
+  });
+}
+
+// ---- shared by every sampling scheduler ------------------------------------------------------------------
+
+/** How a config value is shown in errors (JSON, except non-finite numbers, which JSON cannot write). */
+export function showValue(v: unknown): string {
+  return typeof v === 'number' && !Number.isFinite(v) ? String(v) : JSON.stringify(v);
+}
+
+/** Throws `<Class> config: '<field>' = <value> <why>`. */
+export function configError(className: string, field: string, value: unknown, why: string): never {
+  throw new Error(`${className} config: '${field}' = ${showValue(value)} ${why}`);
+}
+
+/**
+ * `<Class>.from_config(raw, **overrides)`: the keys the class knows, its defaults for the rest (keys it does
+ * not know are ignored, as diffusers does). Values are type-checked against the defaults' types (a null
+ * default accepts null, a number, a string or a list); `-Infinity`/`Infinity` numbers pass.
+ */
+export function resolveSchedulerConfig<T extends Record<string, unknown>>(className: string, defaults: T, raw: object, overrides: Record<string, unknown> = {}): T {
+  const given = { ...definedEntries(raw), ...definedEntries(overrides) };
+  const c: Record<string, unknown> = { ...defaults };
+  for (const [k, v] of Object.entries(given)) if (Object.hasOwn(defaults, k)) c[k] = v;
+  for (const [k, d] of Object.entries(defaults)) {
+    const v = c[k];
+    const ok = d === null ? v === null || ['number', 'string'].includes(typeof v) || Array.isArray(v)
+      : typeof d === 'number' ? typeof v === 'number' && !Number.isNaN(v)
+        : typeof v === typeof d;
+    if (!ok) configError(className, k, v, `must be ${d === null ? 'null or a value' : `a ${typeof d}`}`);
+  }
+  if (!Number.isInteger(c.num_train_timesteps) || (c.num_train_timesteps as number) < 1) configError(className, 'num_train_timesteps', c.num_train_timesteps, 'must be a positive integer');
+  if ('steps_offset' in c && !Number.isInteger(c.steps_offset)) configError(className, 'steps_offset', c.steps_offset, 'must be an integer');
+  return c as T;
+}
+
+/** Throws unless c[field] is one of `allowed` (what difflora implements of what diffusers accepts). */
+export function checkOneOf(className: string, c: Record<string, unknown>, field: string, allowed: readonly unknown[]): void {
+  if (!allowed.includes(c[field])) {
+    configError(className, field, c[field], `is not supported (difflora implements ${allowed.map(showValue).join(', ')})`);
+  }
+}
+
+/** The beta-schedule checks of every class but DDPMScheduler (only DDPMScheduler has 'sigmoid'). */
+export function checkBetaConfig(className: string, c: BetaScheduleConfig): void {
+  if (c.trained_betas !== null) {
+    if (!Array.isArray(c.trained_betas) || !c.trained_betas.every((b) => typeof b === 'number' && Number.isFinite(b))) configError(className, 'trained_betas', c.trained_betas, 'must be null or a list of numbers');
+    if (c.trained_betas.length !== c.num_train_timesteps) configError(className, 'trained_betas', `${c.trained_betas.length} values`, `but num_train_timesteps is ${c.num_train_timesteps}`);
+  } else {
+    checkOneOf(className, c, 'beta_schedule', ['linear', 'scaled_linear', 'squaredcos_cap_v2']);
+  }
+}
+
+/** Python's round() and numpy's .round(): halves to even. */
+export function roundHalfEven(x: number): number {
+  const r = Math.round(x);
+  return r - x === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}
+
+/** np.linspace(start, stop, num) in float64: start + i·step, the last element exactly stop. */
+export function linspace64(start: number, stop: number, num: number): number[] {
+  if (num === 1) return [start];
+  const step = (stop - start) / (num - 1);
+  return Array.from({ length: num }, (_, i) => (i === num - 1 ? stop : i * step + start));
+}
+
+/** np.arange(start, stop, step) for a negative step (as numpy: ceil((stop − start) / step) elements). */
+export function arangeDown(start: number, stop: number, step: number): number[] {
+  const n = Math.max(0, Math.ceil((stop - start) / step));
+  return Array.from({ length: n }, (_, i) => start + i * step);
+}
+
+/** np.interp(x, arange(len(fp)), fp) in float64, as numpy's C loop computes it (slope·(x − x_j) + f_j). */
+export function interpOnIndex(x: readonly number[], fp: ArrayLike<number>): number[] {
+  const last = fp.length - 1;
+  return x.map((v) => {
+    if (Number.isNaN(v)) return v;
+    if (v <= 0) return fp[0] as number;
+    if (v >= last) return fp[last] as number;
+    const j = Math.floor(v);
+    const fj = fp[j] as number;
+    if (j === v) return fj;
+    const slope = ((fp[j + 1] as number) - fj) / 1;
+    return slope * (v - j) + fj;
+  });
+}
+
+/** x ** 0.5 of a float32 (torch's pow(0.5) is sqrt, correctly rounded). */
+export const sqrt32 = (x: number): number => Math.fround(Math.sqrt(x));
+/** torch.log of a float32 0-dim tensor (libm's, not JavaScript's). */
+export const log32 = (x: number): number => tidy(() => torch.scalarTensor(x).log().item());
+/** torch.exp of a float32 0-dim tensor. */
+export const exp32 = (x: number): number => tidy(() => torch.scalarTensor(x).exp().item());
+
+/**
+ * diffusers' randn_tensor: a CPU generator draws on the CPU and the result moves to `like`'s device; no
+ * generator draws on that device with its default generator. Same shape and dtype as `like`.
+ */
+export function randnTensor(like: Tensor, generator?: Generator): Tensor {
+  const device = generator?.device ?? like.device;
+  const noise = torch.randn(like.shape, { dtype: like.dtype, device, generator });
+  return device === like.device ? noise : noise.to({ device: like.device });
+}
+
+/** The scheduler's state was used before set_timesteps (diffusers raises the same). */
+export function needTimesteps(className: string): never {
+  throw new Error(`${className}: number of inference steps is not set; call setTimesteps(n) before step()`);
+}
+
+/** A timestep the schedule does not contain (diffusers fails with an IndexError). */
+export function timestepNotFound(className: string, t: number, timesteps: readonly number[]): never {
+  throw new Error(`${className}: timestep ${t} is not in the schedule (timesteps: ${timesteps.slice(0, 6).join(', ')}${timesteps.length > 6 ? ', …' : ''})`);
+}
+
+/**
+ * The timesteps of DDPMScheduler and DDIMScheduler.set_timesteps (descending integers): 'linspace' rounds
+ * np.linspace(0, T − 1, n); 'leading' takes multiples of T // n plus steps_offset; 'trailing' rounds
+ * np.arange(T, 0, −T / n) and subtracts 1.
+ */
+export function spacedTimesteps(className: string, spacing: string, numTrain: number, n: number, stepsOffset: number): number[] {
+  if (!Number.isInteger(n) || n < 1) throw new Error(`${className}: numInferenceSteps must be a positive integer, got ${n}`);
+  if (n > numTrain) throw new Error(`${className}: numInferenceSteps (${n}) cannot be larger than num_train_timesteps (${numTrain}): the unet model trained with this scheduler can only handle maximal ${numTrain} timesteps`);
+  switch (spacing) {
+    case 'linspace':
+      return linspace64(0, numTrain - 1, n).map(roundHalfEven).reverse();
+    case 'leading': {
+      const ratio = Math.floor(numTrain / n);
+      return Array.from({ length: n }, (_, i) => i * ratio + stepsOffset).reverse();
+    }
+    case 'trailing':
+      return arangeDown(numTrain, 0, -numTrain / n).map((t) => roundHalfEven(t) - 1);
+    default:
+      return configError(className, 'timestep_spacing', spacing, "is not supported (difflora implements 'linspace', 'leading', 'trailing')");
+  }
+}
+
+export class DDPMScheduler implements Scheduler {
+  readonly name = 'ddpm';
+  readonly className = 'DDPMScheduler';
+  readonly order = 1;
+  readonly initNoiseSigma = 1.0;
   readonly config: DDPMSchedulerConfig;
   /** Keys of the config JSON this scheduler does not use (see parseDDPMSchedulerConfig). */
   readonly ignoredKeys: readonly string[];
@@ -180,6 +341,10 @@ export class DDPMScheduler {
   // diffusers moves alphas_cumprod to the sample's device once and keeps it there; so do we, per device
   private readonly onDevice = new Map<Device, Tensor>();
   private disposed = false;
+  // sampling: alphas_cumprod as float32 numbers, the schedule, and set_timesteps' step count
+  private acp: Float32Array | null = null;
+  private schedule: number[] | null = null;
+  private numInferenceSteps: number | null = null;
 
   constructor(config: Partial<DDPMSchedulerConfig> | Record<string, unknown> = {}, overrides: Partial<DDPMSchedulerConfig> = {}) {
     const parsed = parseDDPMSchedulerConfig(config, overrides);
@@ -253,6 +418,88 @@ export class DDPMScheduler {
     return [unsqueezeTo(picked.pow(0.5), like.ndim), unsqueezeTo(rsub(picked, 1).pow(0.5), like.ndim)];
   }
 
+  // ---- sampling (diffusers' set_timesteps / step, variance_type fixed_small[_log] / fixed_large)
+
+  /** Refuses the config values sampling does not implement (training ignores them); the factory calls it. */
+  checkSamplingConfig(): void {
+    const c = this.config as unknown as Record<string, unknown>;
+    checkOneOf('DDPMScheduler', c, 'thresholding', [false]);
+    checkOneOf('DDPMScheduler', c, 'variance_type', ['fixed_small', 'fixed_small_log', 'fixed_large']);
+    checkOneOf('DDPMScheduler', c, 'timestep_spacing', ['linspace', 'leading', 'trailing']);
+    checkOneOf('DDPMScheduler', c, 'clip_sample', [true, false]);
+  }
+
+  /** After setTimesteps the sampling schedule; before it, every training timestep (T − 1 … 0) as diffusers. */
+  get timesteps(): number[] {
+    this.schedule ??= Array.from({ length: this.config.num_train_timesteps }, (_, i) => this.config.num_train_timesteps - 1 - i);
+    return this.schedule;
+  }
+
+  setTimesteps(numInferenceSteps: number): void {
+    this.checkAlive();
+    this.checkSamplingConfig();
+    const c = this.config;
+    this.schedule = spacedTimesteps('DDPMScheduler', c.timestep_spacing, c.num_train_timesteps, numInferenceSteps, c.steps_offset);
+    this.numInferenceSteps = numInferenceSteps;
+  }
+
+  scaleModelInput(sample: Tensor, _timestep: number): Tensor {
+    return sample;
+  }
+
+  /** The timestep after t: the next in the schedule (−1 after the last), or t − 1 without setTimesteps. */
+  private previousTimestep(t: number): number {
+    if (this.numInferenceSteps === null) return t - 1;
+    const ts = this.timesteps;
+    const i = ts.indexOf(t);
+    if (i < 0) return timestepNotFound('DDPMScheduler', t, ts);
+    return i === ts.length - 1 ? -1 : (ts[i + 1] as number);
+  }
+
+  /**
+   * One ancestral step: x₀ from the model output, the posterior mean μ̃(x_t, x₀), plus σ_t·z for t > 0 (z
+   * from randn_tensor with `generator`). Coefficients in float32 as diffusers' 0-dim tensors.
+   */
+  step(modelOutput: Tensor, timestep: number, sample: Tensor, options: { generator?: Generator } = {}): Tensor {
+    this.checkAlive();
+    this.checkSamplingConfig();
+    const c = this.config;
+    const t = timestep;
+    if (!Number.isInteger(t) || t < 0 || t >= c.num_train_timesteps) throw new Error(`DDPMScheduler: timestep must be an integer in [0, ${c.num_train_timesteps}), got ${t}`);
+    const prevT = this.previousTimestep(t);
+    const f = Math.fround;
+    this.acp ??= this.alphasCumprod.dataSync() as Float32Array;
+    // 1. alphas, betas
+    const alphaProdT = this.acp[t] as number;
+    const alphaProdTPrev = prevT >= 0 ? (this.acp[prevT] as number) : 1;
+    const betaProdT = f(1 - alphaProdT);
+    const betaProdTPrev = f(1 - alphaProdTPrev);
+    const currentAlphaT = f(alphaProdT / alphaProdTPrev);
+    const currentBetaT = f(1 - currentAlphaT);
+    // 2.–6. on the sample, in a scope
+    return tidy(() => {
+      // 2. predicted x₀
+      let predOriginal: Tensor;
+      if (c.prediction_type === 'epsilon') predOriginal = sample.sub(modelOutput.mul(sqrt32(betaProdT))).div(sqrt32(alphaProdT));
+      else if (c.prediction_type === 'sample') predOriginal = modelOutput;
+      else predOriginal = sample.mul(sqrt32(alphaProdT)).sub(modelOutput.mul(sqrt32(betaProdT)));
+      // 3. clip
+      if (c.clip_sample) predOriginal = predOriginal.clamp(-c.clip_sample_range, c.clip_sample_range);
+      // 4. coefficients of x₀ and x_t in μ̃ (formula (7) of the DDPM paper)
+      const predOriginalCoeff = f(f(sqrt32(alphaProdTPrev) * currentBetaT) / betaProdT);
+      const currentSampleCoeff = f(f(sqrt32(currentAlphaT) * betaProdTPrev) / betaProdT);
+      // 5. μ̃
+      const predPrev = predOriginal.mul(predOriginalCoeff).add(sample.mul(currentSampleCoeff));
+      // 6. noise
+      if (t <= 0) return predPrev;
+      const noise = randnTensor(modelOutput, options.generator);
+      let variance = Math.max(f(f(betaProdTPrev / betaProdT) * currentBetaT), f(1e-20));
+      if (c.variance_type === 'fixed_small_log') return predPrev.add(noise.mul(exp32(f(0.5 * log32(variance)))));
+      if (c.variance_type === 'fixed_large') variance = currentBetaT;
+      return predPrev.add(noise.mul(sqrt32(variance)));
+    });
+  }
+
   /** Frees betas, alphas, alphasCumprod and the per-device copies (idempotent). */
   dispose(): void {
     if (this.disposed) return;
@@ -286,5 +533,19 @@ export function computeSnr(scheduler: DDPMScheduler, timesteps: Tensor): Tensor 
     const alpha = alphasCumprod.pow(0.5).indexSelect(0, index).float().reshape(timesteps.shape);
     const sigma = rsub(alphasCumprod, 1).pow(0.5).indexSelect(0, index).float().reshape(timesteps.shape);
     return alpha.div(sigma).pow(2);
+  });
+}
+
+/**
+ * diffusers' add_noise of the alphas_cumprod schedulers (DDPM, DDIM, PNDM): sqrt(ᾱ_t)·x₀ + sqrt(1 − ᾱ_t)·noise,
+ * ᾱ in the sample's dtype and device, one timestep per batch item.
+ */
+export function addNoiseWithAlphasCumprod(alphasCumprod: Tensor, originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor {
+  return tidy(() => {
+    const acp = alphasCumprod.to({ dtype: originalSamples.dtype, device: originalSamples.device });
+    const picked = acp.indexSelect(0, timesteps.to({ device: originalSamples.device }).flatten());
+    const sqrtAlphaProd = unsqueezeTo(picked.pow(0.5), originalSamples.ndim);
+    const sqrtOneMinusAlphaProd = unsqueezeTo(rsub(picked, 1).pow(0.5), originalSamples.ndim);
+    return sqrtAlphaProd.mul(originalSamples).add(sqrtOneMinusAlphaProd.mul(noise));
   });
 }
