@@ -8,6 +8,7 @@ import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { Linear } from '../nn/layers.js';
 import type { Tensor } from '../tensor.js';
+import { LoraLayer } from './lora_layer.js';
 import { LoraLinear, type LoraInit } from './lora_linear.js';
 
 export const DEFAULT_TARGET_MODULES: readonly string[] = ['to_q', 'to_k', 'to_v', 'to_out.0'];
@@ -29,7 +30,7 @@ export interface LoraConfig {
 /** What attachLora returns: the injected layers and their parameters under PEFT's names. */
 export interface LoraHandle {
   /** [module path, layer] in module order, e.g. ['down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q', …]. */
-  readonly layers: [string, LoraLinear][];
+  readonly layers: [string, LoraLayer][];
   /** The LoRA parameters in PEFT's named_parameters order (module order, A before B), adapter name dropped. */
   namedParameters(): [string, Tensor][];
   parameters(): Tensor[];
@@ -68,9 +69,9 @@ export function getModule(root: Module, path: string): Module {
   return found[1];
 }
 
-/** Every LoraLinear in the model, [path, layer], in module order. */
-export function loraLayers(model: Module): [string, LoraLinear][] {
-  return model.namedModules().filter((e): e is [string, LoraLinear] => e[1] instanceof LoraLinear);
+/** Every LoRA layer (LoraLinear, LoraConv2d) in the model, [path, layer], in module order. */
+export function loraLayers(model: Module): [string, LoraLayer][] {
+  return model.namedModules().filter((e): e is [string, LoraLayer] => e[1] instanceof LoraLayer);
 }
 
 function handleFor(model: Module): LoraHandle {
@@ -146,8 +147,8 @@ function attachTo(
 }
 
 /**
- * Removes every LoRA layer, putting the original Linear objects back (their weights untouched, bit for bit,
- * unless merged), and restores the requiresGrad flags attachLora changed. With merge: true the adapters are
+ * Removes every LoRA layer with all its adapters, putting the original Linear/Conv2d objects back (their
+ * weights bit for bit, unless merged), and restores the requiresGrad flags attachLora changed. With merge: true the adapters are
  * folded into the base weights first (diffusers' fuse_lora + unload_lora_weights). Returns the paths.
  */
 export function detachLora(model: Module, options: { merge?: boolean } = {}): string[] {
@@ -156,8 +157,7 @@ export function detachLora(model: Module, options: { merge?: boolean } = {}): st
     if (options.merge) layer.merge();
     else layer.unmerge();
     replaceModule(model, path, layer.base_layer);
-    layer.lora_A.dispose();
-    layer.lora_B.dispose();
+    layer.disposeAdapters();
   }
   const flags = frozenBy.get(model);
   if (flags) {
@@ -185,7 +185,7 @@ export function setLoraScale(model: Module, scale: number): void {
 export function mergeLora(model: Module): void { for (const [, l] of requireLora(model, 'mergeLora')) l.merge(); }
 export function unmergeLora(model: Module): void { for (const [, l] of requireLora(model, 'unmergeLora')) l.unmerge(); }
 
-function requireLora(model: Module, what: string): [string, LoraLinear][] {
+function requireLora(model: Module, what: string): [string, LoraLayer][] {
   const layers = loraLayers(model);
   if (!layers.length) throw new Error(`${what}: ${model.constructor.name} has no LoRA layers (call attachLora first)`);
   return layers;

@@ -17,6 +17,7 @@ import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { attachLoraToPaths, loraLayers } from './attach.js';
+import type { LoraLayer } from './lora_layer.js';
 import type { LoraLinear } from './lora_linear.js';
 
 export const LORA_WEIGHT_NAME = 'pytorch_lora_weights.safetensors';
@@ -26,7 +27,7 @@ export function kohyaName(modulePath: string, prefix = 'lora_unet'): string {
   return `${prefix}_${modulePath.replace(/\./g, '_')}`;
 }
 
-function requireLayers(model: Module, what: string): [string, LoraLinear][] {
+function requireLayers(model: Module, what: string): [string, LoraLayer][] {
   const layers = loraLayers(model);
   if (!layers.length) throw new Error(`${what}: ${model.constructor.name} has no LoRA layers (call attachLora first)`);
   return layers;
@@ -257,7 +258,8 @@ export function loadLoraIntoModel(model: Module, source: string | Map<string, Te
   }
 }
 
-function withRandomStateKept<T>(model: Module, fn: () => T): T {
+/** Runs fn (which may draw initialisations the caller overwrites) with every generator's state put back afterwards. */
+export function withRandomStateKept<T>(model: Module, fn: () => T): T {
   const devices = new Set(['cpu', ...model.parameters().map((p) => p.device).filter((d) => d.startsWith('cuda'))]);
   const saved = [...devices].map((d) => {
     const g = defaultGenerator(d);
