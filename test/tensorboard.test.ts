@@ -105,7 +105,7 @@ describe('TensorBoardWriter', () => {
     expect(() => w.addScalar('x', 1, 1)).toThrow(/closed/);
     const events = readTensorBoardEvents(w.path);
     expect(events).toHaveLength(2);
-    expect(events[1]).toEqual({ wallTime: 1234.25, step: 2 ** 50, scalars: [{ tag: 'x', value: 1 }] });
+    expect(events[1]).toEqual({ wallTime: 1234.25, step: 2 ** 50, scalars: [{ tag: 'x', value: 1 }], images: [] });
   });
 
   it('writes each event immediately (readable before flush/close)', () => {
@@ -143,6 +143,19 @@ describe('TensorBoardWriter', () => {
 
     writeFileSync(w.path, good.subarray(0, good.length - 3));
     expect(() => readTensorBoardEvents(w.path)).toThrow(/record 2: truncated/);
+  });
+
+  it('writes PNG image summaries (Summary.Image) that read back byte for byte', () => {
+    const w = new TensorBoardWriter(join(dir, 'images'));
+    // a 1×1 PNG is enough: the writer stores the encoded bytes
+    const png = Buffer.from('89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c4944415408d763f8cfc0000003010100c9fe92ef0000000049454e44ae426082', 'hex');
+    w.addImagePng('validation', png, { height: 1, width: 1 }, 3);
+    expect(() => w.addImagePng('bad', Buffer.from('not a png'), { height: 1, width: 1 }, 3)).toThrow(/not a PNG/);
+    w.close();
+    const events = readTensorBoardEvents(w.path);
+    expect(events[1]!.step).toBe(3);
+    expect(events[1]!.scalars).toEqual([]);
+    expect(events[1]!.images).toEqual([{ tag: 'validation', height: 1, width: 1, colorspace: 3, png }]);
   });
 
   it('gives two writers in one directory distinct files', () => {

@@ -1,4 +1,4 @@
-// TensorBoard scalar logging with no dependencies: a hand-rolled protobuf encoder for tensorflow.Event /
+// TensorBoard scalar and image logging with no dependencies: a hand-rolled protobuf encoder for tensorflow.Event /
 // Summary, written as TFRecord frames (length + masked CRC32C, data + masked CRC32C), one synchronous append
 // per event so a crash loses nothing already logged. readTensorBoardEvents parses such files back and verifies
 // every CRC.
@@ -87,6 +87,14 @@ interface EventFields {
   step?: bigint;
   fileVersion?: string;
   scalars?: readonly { tag: string; value: number }[];
+  images?: readonly TensorBoardImage[];
+}
+
+/** An image summary: an encoded PNG and its size (TensorBoard's Summary.Image). */
+export interface TensorBoardImage { tag: string; height: number; width: number; colorspace: number; png: Buffer }
+
+function varintField(field: number, value: number): Buffer {
+  return Buffer.concat([key(field, WIRE_VARINT), varint(BigInt(value))]);
 }
 
 /** tensorflow.Event: wall_time = 1 (double), step = 2 (int64), file_version = 3 (string), summary = 5. */
@@ -98,6 +106,14 @@ export function encodeEvent(e: EventFields): Buffer {
     // Summary { repeated Value value = 1 }, Value { string tag = 1; float simple_value = 2 }.
     const values = e.scalars.map((s) =>
       lenField(1, Buffer.concat([lenField(1, Buffer.from(s.tag, 'utf8')), floatField(2, s.value)])));
+    parts.push(lenField(5, Buffer.concat(values)));
+  }
+  if (e.images !== undefined && e.images.length > 0) {
+    // Value { string tag = 1; Image image = 4 }, Image { int32 height = 1; int32 width = 2; int32 colorspace = 3; bytes encoded_image_string = 4 }.
+    const values = e.images.map((im) => lenField(1, Buffer.concat([
+      lenField(1, Buffer.from(im.tag, 'utf8')),
+      lenField(4, Buffer.concat([varintField(1, im.height), varintField(2, im.width), varintField(3, im.colorspace), lenField(4, im.png)])),
+    ])));
     parts.push(lenField(5, Buffer.concat(values)));
   }
   return Buffer.concat(parts);
@@ -152,6 +168,16 @@ export class TensorBoardWriter {
     this.writeEvent({ wallTime, step: toStep(step), scalars: [{ tag, value }] });
   }
 
+  /**
+   * Logs a PNG as an image summary (what SummaryWriter.add_image(s) writes: TensorBoard's Images tab).
+   * `height`/`width` are the PNG's; colorspace 3 = RGB, 4 = RGBA.
+   */
+  addImagePng(tag: string, png: Buffer, size: { height: number; width: number; channels?: number }, step: number | bigint, wallTime: number = Date.now() / 1000): void {
+    if (typeof tag !== 'string' || tag.length === 0) throw new TypeError('addImagePng: tag must be a non-empty string');
+    if (png.subarray(0, 8).toString('latin1') !== '\x89PNG\r\n\x1a\n') throw new TypeError(`addImagePng: '${tag}' is not a PNG`);
+    this.writeEvent({ wallTime, step: toStep(step), images: [{ tag, height: size.height, width: size.width, colorspace: size.channels ?? 3, png }] });
+  }
+
   /** Forces what has been written to disk. */
   flush(): void {
     fsyncSync(this.openFd());
@@ -190,6 +216,7 @@ export interface TensorBoardEvent {
   step: number;
   fileVersion?: string;
   scalars: { tag: string; value: number }[];
+  images: TensorBoardImage[];
 }
 
 class ProtoReader {
@@ -237,9 +264,22 @@ class ProtoReader {
   }
 }
 
+function decodeImage(data: Buffer, what: string): Omit<TensorBoardImage, 'tag'> {
+  const r = new ProtoReader(data, what);
+  const im = { height: 0, width: 0, colorspace: 0, png: Buffer.alloc(0) };
+  while (!r.done) {
+    const k = Number(r.varint());
+    const field = k >>> 3;
+    if (field >= 1 && field <= 3 && (k & 7) === WIRE_VARINT) im[(['height', 'width', 'colorspace'] as const)[field - 1]!] = Number(r.varint());
+    else if (field === 4 && (k & 7) === WIRE_LEN) im.png = Buffer.from(r.bytes());
+    else r.skip(k & 7);
+  }
+  return im;
+}
+
 function decodeEvent(data: Buffer, what: string): TensorBoardEvent {
   const r = new ProtoReader(data, what);
-  const event: TensorBoardEvent = { wallTime: 0, step: 0, scalars: [] };
+  const event: TensorBoardEvent = { wallTime: 0, step: 0, scalars: [], images: [] };
   while (!r.done) {
     const k = Number(r.varint());
     const field = k >>> 3;
@@ -255,14 +295,17 @@ function decodeEvent(data: Buffer, what: string): TensorBoardEvent {
         const v = new ProtoReader(s.bytes(), what);
         let tag = '';
         let value: number | undefined;
+        let image: Omit<TensorBoardImage, 'tag'> | undefined;
         while (!v.done) {
           const vk = Number(v.varint());
           if (vk >>> 3 === 1 && (vk & 7) === WIRE_LEN) tag = v.bytes().toString('utf8');
           else if (vk >>> 3 === 2 && (vk & 7) === WIRE_FIXED32) value = v.fixed(4).readFloatLE(0);
+          else if (vk >>> 3 === 4 && (vk & 7) === WIRE_LEN) image = decodeImage(v.bytes(), what);
           else v.skip(vk & 7);
         }
-        // Values without simple_value (images, histograms, ...) are not scalars.
+        // Values without simple_value or image (histograms, ...) are skipped.
         if (value !== undefined) event.scalars.push({ tag, value });
+        if (image !== undefined) event.images.push({ tag, ...image });
       }
     } else r.skip(wire);
   }
