@@ -56,16 +56,37 @@ export { resolvePretrained } from './models/loading.js';
 export type { FromPretrainedOptions } from './models/loading.js';
 export { UNet2DConditionModel } from './models/unet_2d_condition.js';
 
-// ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files)
+// ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files; named adapters for inference)
 export {
-  LoraLinear, attachLora, detachLora, setLoraEnabled, setLoraScale, mergeLora, unmergeLora,
+  LoraLinear, LoraConv2d, attachLora, detachLora, setLoraEnabled, setLoraScale, mergeLora, unmergeLora,
   loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights, loadLoraIntoModel,
+  loadLoraWeights, setAdapters, getActiveAdapters, getListAdapters, deleteAdapters, disableLora, enableLora,
+  fuseLora, unfuseLora, unloadLoraWeights, withLoraScale,
 } from './lora/index.js';
-export type { LoraConfig, LoraHandle, LoraInit } from './lora/index.js';
+export type { LoraConfig, LoraHandle, LoraInit, LoraTargets, LoadLoraWeightsOptions, LoadLoraWeightsResult } from './lora/index.js';
+export { convertLoraFile, kohyaToModulePath } from './lora/convert.js';
+export type { LoraLayout } from './lora/convert.js';
 
-// ---- Training pieces (the loop and the CLI arrive with the next issues)
-export { DDPMScheduler, computeSnr } from './schedulers/scheduling_ddpm.js';
+// ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
+export {
+  loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
+  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, computeSnr,
+} from './schedulers/index.js';
+export type { Scheduler, SchedulerName } from './schedulers/index.js';
+
+// ---- Pipelines
+export { StableDiffusionPipeline } from './pipelines/stable_diffusion.js';
+export type {
+  GenerateOptions, PipelineOutput, PipelineFromPretrainedOptions, StableDiffusionComponents, StepInfo, OutputType,
+} from './pipelines/stable_diffusion.js';
+
+// ---- Training: the whole loop (what `difflora train` runs) and its pieces
+export { trainTextToImageLora, stepsArithmetic } from './training/train.js';
+export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
 export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, sampleNoise, sampleTimesteps } from './training/step.js';
 export type { TrainingStep } from './training/step.js';
+
+// ---- Logging
+export { TensorBoardWriter, readTensorBoardEvents } from './logging/tensorboard.js';

@@ -43,7 +43,7 @@ function collect(value: unknown, out: Set<Disposable>, isTensor: (v: unknown) =>
   }
 }
 
-let tensorTest: (v: unknown) => v is Disposable = (v): v is Disposable => false;
+let tensorTest: (v: unknown) => v is Disposable = (_v): _v is Disposable => false;
 /** Called once by lib/tensor.ts so this module need not import the Tensor class. */
 export function setTensorTest(test: (v: unknown) => v is Disposable): void {
   tensorTest = test;

@@ -4,8 +4,18 @@
 #   (cmake-js, and the node-gyp build that CI also exercises), and the compiled TypeScript.
 # Set LIBTORCH=/path/to/libtorch (or have PyTorch importable by python3) to build against libtorch 2.x/CUDA
 # instead of Debian's CPU libtorch; apt's libtorch is then not installed.
+# `npm run setup -- --jupyter` also installs Jupyter from Debian (nbconvert, jupyter-client, ipykernel) and the
+# tslab TypeScript kernel (scripts/jupyter), registered for this user, for examples/notebook.ipynb.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+jupyter=0
+for arg in "$@"; do
+  case "$arg" in
+    --jupyter) jupyter=1 ;;
+    *) echo "setup: unknown option '$arg' (known: --jupyter)" >&2; exit 2 ;;
+  esac
+done
 
 need_apt=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
@@ -17,6 +27,16 @@ if [[ -z "${LIBTORCH:-}${TORCH_DIR:-}" ]] && ! python3 -c 'import torch' >/dev/n
   # Debian's libtorch links libblas.so.3, which is the slow reference BLAS unless OpenBLAS provides it
   # (measured: 64x320 @ 320x320 fp32 matmul 2.5 ms with reference BLAS, 71 us with OpenBLAS).
   have_pkg libopenblas0-pthread || have_pkg libopenblas0-openmp || have_pkg libopenblas0-serial || need_apt+=(libopenblas0-pthread)
+fi
+# Jupyter: Debian's packages live in /usr/bin/python3 (another python3 may come first on PATH)
+jupyter_python() {
+  for py in python3 /usr/bin/python3; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import nbconvert, nbclient, jupyter_client, ipykernel' >/dev/null 2>&1; then command -v "$py"; return 0; fi
+  done
+  return 1
+}
+if ((jupyter)) && ! jupyter_python >/dev/null; then
+  need_apt+=(jupyter-nbconvert python3-nbconvert jupyter-client python3-ipykernel)
 fi
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]} with apt-get"
@@ -30,4 +50,10 @@ if [[ -f package-lock.json ]]; then npm ci --no-audit --no-fund; else npm instal
 npm run build:native
 npm run build:gyp
 npm run build:ts
+if ((jupyter)); then
+  npm ci --prefix scripts/jupyter --no-audit --no-fund
+  tslab="$PWD/scripts/jupyter/node_modules/.bin/tslab"
+  "$tslab" install --python="$(jupyter_python)" --user --binary="$tslab"
+  echo "setup: the tslab kernel is registered; open examples/notebook.ipynb in Jupyter, or run it headless: bash scripts/check-notebook.sh"
+fi
 echo "setup: done. Run the tests with: npm test"

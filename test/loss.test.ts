@@ -5,13 +5,12 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadSafetensors } from '../lib/io/safetensors.js';
 import { DDPMScheduler } from '../lib/schedulers/scheduling_ddpm.js';
 import {
   diffusionLoss, minSnrLossWeights, resolvePredictionType, trainingTarget, weightedMseLoss,
   type TrainablePredictionType,
 } from '../lib/training/loss.js';
-import { dispose, memory, tidy } from '../lib/scope.js';
+import { memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
 import { bitEqual, fixtures, relErr, goldenFile } from './helpers.js';

@@ -15,7 +15,6 @@ import * as torch from '../lib/torch.js';
 import { bitEqual, fixtures, relErr } from './helpers.js';
 
 const tinySd = join(fixtures, 'tiny-sd');
-const TOL = 1e-6;
 
 interface SchedulersMeta { resolved_configs: Record<string, Record<string, unknown>> }
 // Python's json writes -Infinity (DPM-Solver's lambda_min_clipped), which JSON.parse refuses

@@ -6,7 +6,6 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { noGrad } from '../lib/autograd.js';
-import { loadSafetensors } from '../lib/io/safetensors.js';
 import { attachLora, type LoraHandle } from '../lib/lora/attach.js';
 import { AutoencoderKL } from '../lib/models/autoencoder_kl.js';
 import { UNet2DConditionModel } from '../lib/models/unet_2d_condition.js';

@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { noGrad } from '../lib/autograd.js';
-import { loadSafetensors, readSafetensorsHeader } from '../lib/io/safetensors.js';
+import { readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { Attention } from '../lib/models/attention_processor.js';
 import { getTimestepEmbedding } from '../lib/models/embeddings.js';
 import { Transformer2DModel } from '../lib/models/transformer_2d.js';

@@ -4,7 +4,7 @@ import { copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadSafetensors, readSafetensorsHeader, saveSafetensors } from '../lib/io/safetensors.js';
+import { readSafetensorsHeader, saveSafetensors } from '../lib/io/safetensors.js';
 import { AutoencoderKL, parseConfig } from '../lib/models/autoencoder_kl.js';
 import { DiagonalGaussianDistribution } from '../lib/models/vae.js';
 import { Generator } from '../lib/random.js';
