@@ -89,6 +89,8 @@ export interface TrainArgs {
   warnings: string[];
   /** No model and no data flags: train the built-in default (lib/builtin/default.ts). */
   builtinDefault: boolean;
+  /** difflora's own --skip_broken_images: unreadable images are skipped and counted instead of stopping the run. */
+  skipBrokenImages?: boolean;
 }
 
 type Kind = 'string' | 'int' | 'float' | 'boolean';
@@ -167,6 +169,14 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   local_rank: { kind: 'int', group: 'Misc', default: -1, describe: 'For distributed training: local rank (overridden by the LOCAL_RANK environment variable).' },
 } satisfies Record<string, FlagSpec>);
 
+/** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
+export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
+  skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: false, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
+} satisfies Record<string, FlagSpec>);
+
+const flagSpec = (name: string): FlagSpec | undefined =>
+  Object.hasOwn(TRAIN_FLAGS, name) ? TRAIN_FLAGS[name] : Object.hasOwn(DIFFLORA_FLAGS, name) ? DIFFLORA_FLAGS[name] : undefined;
+
 const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
@@ -188,7 +198,7 @@ export function closestFlag(name: string): string | undefined {
   const norm = name.toLowerCase().replace(/-/g, '_');
   let best: string | undefined;
   let bestDist = Infinity;
-  for (const flag of Object.keys(TRAIN_FLAGS)) {
+  for (const flag of [...Object.keys(TRAIN_FLAGS), ...Object.keys(DIFFLORA_FLAGS)]) {
     const d = flag.startsWith(norm) || norm.startsWith(flag) ? Math.min(1, levenshtein(norm, flag)) : levenshtein(norm, flag);
     if (d < bestDist) { bestDist = d; best = flag; }
   }
@@ -212,7 +222,7 @@ function checkTokens(argv: readonly string[]): void {
     if (!token.startsWith('--')) throw unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? '');
     const eq = token.indexOf('=');
     const name = token.slice(2, eq < 0 ? undefined : eq);
-    const spec = TRAIN_FLAGS[name];
+    const spec = flagSpec(name);
     if (!spec) throw unknownFlag(eq < 0 ? token : token.slice(0, eq), name);
     let value: string;
     if (spec.kind === 'boolean') {
@@ -249,7 +259,7 @@ export function trainParser(argv: readonly string[] = []) {
     .help(false)
     .wrap(Math.min(120, process.stdout.columns ?? 100))
     .fail((msg: string | undefined, err: Error | undefined) => { throw new UsageError(msg ?? err?.message ?? 'invalid arguments'); });
-  for (const [name, spec] of Object.entries(TRAIN_FLAGS)) {
+  for (const [name, spec] of [...Object.entries(TRAIN_FLAGS), ...Object.entries(DIFFLORA_FLAGS)]) {
     const option: Options = {
       type: spec.kind === 'boolean' ? 'boolean' : spec.kind === 'string' ? 'string' : 'number',
       describe: spec.describe,
@@ -369,5 +379,7 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     seed: num(r, 'seed'),
     localRank,
     warnings,
+    // set only when given, so the parsed flags of the script compare equal with or without difflora's own
+    ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
   };
 }

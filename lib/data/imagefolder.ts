@@ -196,6 +196,7 @@ export function loadImageFolder(dir: string, options: ImageFolderOptions = {}): 
       resolved.push({ row, file: meta, line: where, images: imgs });
     });
   }
+  if (resolved.length === 0) throw new Error(`the metadata under '${dir}' has no rows`);
   for (const r of resolved) for (const c of r.images.keys()) addColumn(c);
   for (const r of resolved) for (const k of Object.keys(r.row)) if (k !== 'file_name' && !k.endsWith('_file_name')) addColumn(k);
 

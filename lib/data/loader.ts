@@ -1,11 +1,16 @@
 // Batches of (pixel values, captions) over a Dataset, as the script's DataLoader (shuffle=True,
 // drop_last=False), with images decoded ahead of use and a small state for exact resume.
 //
+// Workers (`numWorkers`, the script's --dataloader_num_workers): as torch's DataLoader with prefetch_factor 2,
+// N workers mean N images decoded at once (sharp/libvips, in libuv's thread pool — at most UV_THREADPOOL_SIZE,
+// default 4, really run in parallel) and up to 2 batches per worker decoded ahead of the consumer. 0 means
+// no decoding ahead: each image is decoded when the training loop asks for its batch.
+//
 // Reproducibility: the epoch order is a permutation seeded by (seed, epoch); each item's crop, flip and
 // caption choice come from its own Rng seeded by (seed, epoch, position). So the output depends only on
 // { seed, epoch, position } — not on how far decoding has run ahead — and restoring a saved state
 // continues exactly.
-import type { Dataset } from './imagefolder.js';
+import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
 import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
 
@@ -25,8 +30,16 @@ export interface LoaderOptions {
   seed?: number;
   /** Shuffle each epoch (default true); false keeps dataset order. */
   shuffle?: boolean;
-  /** Items decoded ahead of the consumer (default 2 batches; at least 1). */
+  /**
+   * Decoding workers: `numWorkers` images decoded at once and `2 · numWorkers · batchSize` items decoded
+   * ahead of the consumer; 0 decodes each item only when its batch is asked for. When given, it sets both
+   * `prefetch` and `concurrency`.
+   */
+  numWorkers?: number;
+  /** Items decoded ahead of the consumer (default 2 batches; 0: none). Ignored when numWorkers is given. */
   prefetch?: number;
+  /** Decodes running at once (default: unbounded). Ignored when numWorkers is given. */
+  concurrency?: number;
   /** Skip images that fail to decode (counted in `skipped`) instead of throwing. */
   skipBroken?: boolean;
 }
@@ -45,7 +58,7 @@ interface Decoded { ok: true; image: TrainImage; caption: string; imagePath: str
 interface Failed { ok: false; error: Error; imagePath: string }
 type Outcome = Decoded | Failed;
 
-interface Pending { epoch: number; position: number; promise: Promise<Outcome> }
+interface Pending { epoch: number; position: number; promise: Promise<Outcome>; begin: () => void; started: boolean }
 
 export class ImageCaptionLoader {
   readonly batchSize: number;
@@ -54,8 +67,12 @@ export class ImageCaptionLoader {
   skipped = 0;
   /** The files skipped so far, with their errors. */
   readonly skippedErrors: Error[] = [];
+  /** The paths of the images skipped so far (one entry per skip, as skippedErrors). */
+  readonly skippedFiles: string[] = [];
+  /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
+  readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
-  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed'>>;
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers'>>;
   private seed: number;
   private epoch = 0;
   private position = 0;
@@ -69,6 +86,8 @@ export class ImageCaptionLoader {
     if (!Number.isInteger(options.batchSize) || options.batchSize < 1) throw new RangeError(`batchSize must be a positive integer, got ${options.batchSize}`);
     if (!Number.isInteger(options.resolution) || options.resolution < 1) throw new RangeError(`resolution must be a positive integer, got ${options.resolution}`);
     if (dataset.length === 0) throw new Error('the dataset is empty');
+    const workers = options.numWorkers;
+    if (workers !== undefined && (!Number.isInteger(workers) || workers < 0)) throw new RangeError(`numWorkers must be a non-negative integer, got ${workers}`);
     this.batchSize = options.batchSize;
     this.resolution = options.resolution;
     this.seed = options.seed ?? 0;
@@ -77,7 +96,8 @@ export class ImageCaptionLoader {
       randomFlip: options.randomFlip ?? false,
       interpolation: options.interpolation ?? 'lanczos',
       shuffle: options.shuffle ?? true,
-      prefetch: Math.max(1, options.prefetch ?? 2 * options.batchSize),
+      prefetch: workers !== undefined ? 2 * workers * options.batchSize : Math.max(0, options.prefetch ?? 2 * options.batchSize),
+      concurrency: workers !== undefined ? Math.max(1, workers) : Math.max(1, options.concurrency ?? Infinity),
       skipBroken: options.skipBroken ?? false,
     };
   }
@@ -125,10 +145,31 @@ export class ImageCaptionLoader {
     return order;
   }
 
+  /** Queues the decode of one item; it begins when a worker is free (items begin in queue order). */
   private start(epoch: number, position: number): Pending {
-    const index = this.orderOf(epoch)[position]!;
-    const item = this.dataset.get(index);
+    let begin!: () => void;
+    const gate = new Promise<void>((resolve) => { begin = resolve; });
+    // what the item is and its random draws are fixed now; only the decoding waits for a worker
+    const item = this.dataset.get(this.orderOf(epoch)[position]!);
     const rng = new Rng(deriveSeed(this.seed, epoch, position));
+    return { epoch, position, promise: gate.then(() => this.decode(item, rng)), begin, started: false };
+  }
+
+  /** Begins queued decodes, oldest first, while fewer than `concurrency` run. */
+  private pump(): void {
+    for (const p of this.queue) {
+      if (this.stats.inFlight >= this.opts.concurrency) return;
+      if (p.started) continue;
+      p.started = true;
+      this.stats.started += 1;
+      this.stats.inFlight += 1;
+      this.stats.peakInFlight = Math.max(this.stats.peakInFlight, this.stats.inFlight);
+      p.promise.finally(() => { this.stats.inFlight -= 1; this.pump(); }).catch(() => undefined);
+      p.begin();
+    }
+  }
+
+  private decode(item: DatasetItem, rng: Rng): Promise<Outcome> {
     const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
@@ -146,7 +187,7 @@ export class ImageCaptionLoader {
         imagePath: item.imagePath,
       }),
     );
-    return { epoch, position, promise };
+    return promise;
   }
 
   /** Starts decodes, in consumption order (across the epoch boundary), until `target` are queued. */
@@ -161,6 +202,7 @@ export class ImageCaptionLoader {
       this.queue.push(last);
       position += 1;
     }
+    this.pump();
   }
 
   private async nextBatch(): Promise<Batch> {
@@ -173,7 +215,7 @@ export class ImageCaptionLoader {
     let epoch = this.epoch;
     let position = this.position;
     let consumed = 0;
-    const skippedHere: Error[] = [];
+    const skippedHere: Failed[] = [];
     for (;;) {
       if (good.length === this.batchSize) break;
       if (position >= n) {
@@ -192,7 +234,7 @@ export class ImageCaptionLoader {
         consecutiveFailures = 0;
       } else {
         if (!this.opts.skipBroken) throw outcome.error;
-        skippedHere.push(outcome.error);
+        skippedHere.push(outcome);
         consecutiveFailures += 1;
         if (consecutiveFailures >= n) {
           throw new Error(`every image of the dataset failed to load (${n}); the last: ${outcome.error.message}`);
@@ -205,7 +247,8 @@ export class ImageCaptionLoader {
     this.position = position;
     this.normalise();
     this.skipped += skippedHere.length;
-    this.skippedErrors.push(...skippedHere);
+    this.skippedErrors.push(...skippedHere.map((f) => f.error));
+    this.skippedFiles.push(...skippedHere.map((f) => f.imagePath));
     this.fill(this.opts.prefetch);
 
     const B = good.length;

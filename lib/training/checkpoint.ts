@@ -3,7 +3,7 @@
 // every random generator's state. A checkpoint is written to a temporary folder and renamed into place, so
 // it is never half-written; older ones are pruned to --checkpoints_total_limit before a new one is saved.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { loadSafetensors, saveSafetensors } from '../io/safetensors.js';
 import type { Tensor } from '../tensor.js';
 import { dispose } from '../scope.js';
@@ -27,13 +27,39 @@ export function checkpointDirs(outputDir: string): { step: number; path: string 
     .sort((a, b) => a.step - b.step);
 }
 
-/** Removes the oldest checkpoints so that, with the one about to be saved, at most `limit` remain. */
+/**
+ * Removes the oldest checkpoints so that at most `limit` remain. Called after a new checkpoint is saved (not
+ * before, as the Python script does): if the save fails, e.g. on a full disk, the older ones are still there.
+ * Also removes temporary folders (`checkpoint-N.tmp-<pid>`) left by a process that was killed while saving.
+ */
 export function pruneCheckpoints(outputDir: string, limit: number | null | undefined): string[] {
+  if (!existsSync(outputDir)) return [];
+  const stale = readdirSync(outputDir).filter((n) => /^checkpoint-\d+\.tmp-\d+$/.test(n) && !n.endsWith(`.tmp-${process.pid}`));
+  for (const n of stale) rmSync(join(outputDir, n), { recursive: true, force: true });
   if (!limit || limit < 1) return [];
   const all = checkpointDirs(outputDir);
-  const remove = all.slice(0, Math.max(0, all.length - limit + 1));
+  const remove = all.slice(0, Math.max(0, all.length - limit));
   for (const c of remove) rmSync(c.path, { recursive: true, force: true });
   return remove.map((c) => c.path);
+}
+
+/**
+ * Creates `dir` and checks that a file can be written in it (read-only mount, full disk, a file in the way),
+ * so that a run fails at once with a clear message instead of after loading the models or at its first save.
+ */
+export function ensureWritableDir(dir: string, flag = '--output_dir'): void {
+  const probe = join(dir, `.difflora-write-test-${process.pid}`);
+  try {
+    // one level at a time: a recursive mkdir reports ENOENT, not EROFS, under a read-only mount
+    const missing: string[] = [];
+    for (let d = resolve(dir); !existsSync(d) && dirname(d) !== d; d = dirname(d)) missing.unshift(d);
+    for (const d of missing) mkdirSync(d);
+    writeFileSync(probe, Buffer.alloc(4096));
+  } catch (e) {
+    try { rmSync(probe, { force: true }); } catch { /* the folder itself is the problem */ }
+    throw new Error(`${flag} '${dir}' is not writable: ${(e as Error).message}`);
+  }
+  rmSync(probe, { force: true });
 }
 
 export function saveCheckpoint(outputDir: string, step: number, c: CheckpointContents, extraFiles: (dir: string) => void = () => {}): string {

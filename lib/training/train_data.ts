@@ -21,6 +21,10 @@ export interface TrainDataOptions {
   imageInterpolationMode?: string;
   trainBatchSize?: number;
   seed?: number | null;
+  /** --dataloader_num_workers: images decoded at once, and 2 batches per worker decoded ahead (0: none ahead). */
+  dataloaderNumWorkers?: number;
+  /** --skip_broken_images: an image that cannot be read is skipped and counted instead of stopping the run. */
+  skipBrokenImages?: boolean;
 }
 
 export interface TrainData {
@@ -30,6 +34,8 @@ export interface TrainData {
   nextEpoch(): void;
   state(): { epoch: number; loader: LoaderState };
   restore(state: unknown): void;
+  /** Images skipped so far (--skip_broken_images): how many times, and which files. */
+  skipped(): { count: number; files: string[] };
   close(): Promise<void>;
 }
 
@@ -49,6 +55,7 @@ export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPT
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize ?? 16, resolution: o.resolution ?? 512, centerCrop: o.centerCrop ?? false,
     randomFlip: o.randomFlip ?? false, interpolation: mode as Interpolation, seed,
+    numWorkers: o.dataloaderNumWorkers ?? 0, skipBroken: o.skipBrokenImages ?? false,
   });
   let epoch = loader.getState().epoch;
   return {
@@ -67,6 +74,9 @@ export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPT
       const s = state as { epoch: number; loader: LoaderState };
       loader.setState(s.loader);
       epoch = s.epoch;
+    },
+    skipped() {
+      return { count: loader.skipped, files: [...new Set(loader.skippedFiles)] };
     },
     async close() {},
   };
