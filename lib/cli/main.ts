@@ -1,6 +1,7 @@
-// `difflora <command>`: train (the flags of train_text_to_image_lora.py), env (what libtorch this build runs on).
+// `difflora <command>`: train (the flags of train_text_to_image_lora.py), generate and convert-lora (lib/cli/generate.ts),
+// env (what libtorch this build runs on).
 // Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error, 3 not available in this build.
-import { existsSync, readFileSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
@@ -80,11 +81,12 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   }
   const args = parseTrainArgs(argv, io.env);
   if (args.builtinDefault) await useBuiltinDefault(args, argv, io);
-  // Not silently accepted: what this build does not do yet is said before training starts.
-  const pending = [
-    ...(args.validationPrompt !== undefined ? ['--validation_prompt: validation images are not generated yet in this build (the inference pipeline comes next); training runs without them'] : []),
+  // accepted flags that do not act here are said, not silently dropped
+  const notActing = [
+    ...(args.datasetConfigName !== undefined ? [`--dataset_config_name=${args.datasetConfigName}: not used; difflora reads the parquet files of the train split under --dataset_name (point --dataset_name at the configuration's folder to pick one)`] : []),
+    ...(args.localRank !== -1 ? [`--local_rank=${args.localRank} (or LOCAL_RANK): distributed training is not supported; this process trains alone on its device`] : []),
   ];
-  for (const w of [...args.warnings, ...pending]) io.stderr.write(`difflora train: warning: ${w}\n`);
+  for (const w of [...args.warnings, ...notActing]) io.stderr.write(`difflora train: warning: ${w}\n`);
   const train = await loadTrainer();
   if (train === undefined) {
     io.stderr.write('difflora train: the arguments are valid, but the training loop is not available in this build '
@@ -94,11 +96,12 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   }
   // one line per optimizer step: step, loss, lr, grad norm, it/s and ETA (rewritten in place on a terminal)
   const tty = (io.stderr as { isTTY?: boolean }).isTTY === true;
-  let started = 0;
-  let firstStep = 0;
+  const started = Date.now();
+  let firstStep = -1;
   const onProgress = (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => {
     const now = Date.now();
-    if (started === 0) { started = now; firstStep = p.step - 1; }
+    // the rate counts from the start of the run (model loading included) until a second step is seen
+    if (firstStep < 0) firstStep = p.step - 1;
     const rate = (p.step - firstStep) / Math.max((now - started) / 1000, 1e-9);
     const eta = rate > 0 ? (p.maxTrainSteps - p.step) / rate : 0;
     const line = `step ${p.step}/${p.maxTrainSteps} epoch ${p.epoch} loss ${p.loss.toFixed(4)} lr ${p.lr.toExponential(3)}` +
@@ -108,6 +111,10 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   const result = await train(args, { onProgress });
   if (typeof result === 'number') return result;
   const outputFile = (result as { outputFile?: unknown } | undefined)?.outputFile;
+  const skipped = (result as { skippedImages?: { count: number; files: string[] } } | undefined)?.skippedImages;
+  if (skipped && skipped.count > 0) {
+    io.stderr.write(`difflora train: warning: skipped ${skipped.count} unreadable image(s) (--skip_broken_images): ${skipped.files.join(', ')}\n`);
+  }
   if (typeof outputFile === 'string') io.stdout.write(`difflora train: LoRA weights written to ${outputFile}\n`);
   return 0;
 }
@@ -143,8 +150,10 @@ async function runTop(argv: string[], io: Io): Promise<number> {
     .scriptName('difflora')
     .usage('Usage: difflora <command> [flags]')
     .command('train', "Fine-tune Stable Diffusion with LoRA (the flags of diffusers' train_text_to_image_lora.py; see 'difflora train --help')")
+    .command('generate', "Text to image with a Stable Diffusion pipeline and LoRA files (see 'difflora generate --help')")
+    .command('convert-lora', "Convert a LoRA file between the diffusers/PEFT and Kohya layouts (see 'difflora convert-lora --help')")
     .command('env', 'Print the libtorch version, CUDA devices, threads and allocator of this build')
-    .demandCommand(1, 'Give a command: train or env')
+    .demandCommand(1, 'Give a command: train, generate, convert-lora or env')
     .strictCommands()
     .strict()
     .version(packageVersion())
@@ -171,6 +180,8 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
   const [command, ...rest] = argv;
   try {
     if (command === 'train') return await runTrain(rest, io, options.loadTrainer ?? defaultLoadTrainer);
+    if (command === 'generate') return await (await import('./generate.js')).runGenerate(rest, io);
+    if (command === 'convert-lora') return await (await import('./generate.js')).runConvertLora(rest, io);
     if (command === 'env') {
       if (rest.length > 0) throw new UsageError(`difflora env takes no arguments (got '${rest.join(' ')}')`);
       return await runEnv(io, options.loadNativeInfo ?? defaultLoadNativeInfo);
@@ -178,10 +189,14 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
     return await runTop(argv, io);
   } catch (e) {
     if (e instanceof UsageError) {
-      io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${command === 'env' ? 'env' : 'train'} --help' for the flags.\n`);
+      const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' ? command : 'train';
+      io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;
     }
-    io.stderr.write(`difflora ${command ?? ''}: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}\n`);
+    // the message names the problem (file, flag, step); the stack trace only on request
+    const debug = io.env.DIFFLORA_DEBUG !== undefined && io.env.DIFFLORA_DEBUG !== '' && io.env.DIFFLORA_DEBUG !== '0';
+    io.stderr.write(`difflora ${command ?? ''}: error: ${e instanceof Error ? (debug ? (e.stack ?? e.message) : e.message) : String(e)}\n` +
+      (debug ? '' : '(set DIFFLORA_DEBUG=1 for the stack trace)\n'));
     return 1;
   }
 }

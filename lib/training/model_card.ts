@@ -11,6 +11,8 @@ export interface ModelCardInfo {
   learningRate: number;
   resolution: number;
   validationPrompt?: string | null;
+  /** Validation images, relative to the output folder (shown in the card, as diffusers' save_model_card). */
+  images?: string[];
 }
 
 export function modelCard(c: ModelCardInfo): string {
@@ -28,6 +30,7 @@ export function modelCard(c: ModelCardInfo): string {
     `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
       `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
     ...(c.validationPrompt ? ['', `Validation prompt: ${c.validationPrompt}`] : []),
+    ...(c.images?.length ? ['', 'Some example images are below.', '', ...c.images.map((p, i) => `![img_${i}](./${p})`)] : []),
     '',
     '```python',
     'from diffusers import StableDiffusionPipeline',

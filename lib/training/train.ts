@@ -1,7 +1,6 @@
 // trainTextToImageLora: the loop of diffusers' train_text_to_image_lora.py over the tested parts — models
 // (fromPretrained), LoRA (attachLora), data (imagefolder + sharp transforms), the step (loraTrainingStep,
 // Accumulator), checkpoints with exact resume, and the final pytorch_lora_weights.safetensors.
-import { mkdirSync } from 'node:fs';
 import { native } from '../native.js';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { CLIPTextModel } from '../models/clip_text_model.js';
@@ -19,14 +18,16 @@ import type { Tensor } from '../tensor.js';
 import { noGrad } from '../autograd.js';
 import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
-import { disposeCheckpoint, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
+import { disposeCheckpoint, ensureWritableDir, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
 import { saveModelCard } from './model_card.js';
+import { runValidation } from './validation.js';
+import { StableDiffusionPipeline } from '../pipelines/stable_diffusion.js';
+import { loadScheduler } from '../schedulers/scheduler.js';
 import { saveLossPlot, type LossPoint } from './loss_plot.js';
-import { existsSync, readFileSync } from 'node:fs';
-import { appendFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { appendFileSync, existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
 export interface TrainOptions extends TrainDataOptions {
@@ -57,6 +58,10 @@ export interface TrainOptions extends TrainDataOptions {
   checkpointingSteps?: number;
   checkpointsTotalLimit?: number | null;
   resumeFromCheckpoint?: string | null;
+  /** Validation as the script's log_validation: images of this prompt every `validationEpochs` epochs and after training. */
+  validationPrompt?: string | null;
+  numValidationImages?: number;
+  validationEpochs?: number;
   /** 'tensorboard' writes event files (train_loss, lr) under outputDir/loggingDir; null: no logs. */
   reportTo?: string | null;
   loggingDir?: string;
@@ -65,7 +70,7 @@ export interface TrainOptions extends TrainDataOptions {
 }
 
 export interface TrainProgress { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }
-export interface TrainResult { outputFile: string; globalStep: number; lastLoss: number; checkpoints: string[] }
+export interface TrainResult { validationImages: string[]; outputFile: string; globalStep: number; lastLoss: number; checkpoints: string[]; skippedImages: { count: number; files: string[] } }
 
 /** Steps arithmetic of the script: optimizer steps per epoch, total steps and epochs. */
 export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, numTrainEpochs: number, maxTrainSteps?: number | null) {
@@ -82,7 +87,7 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
   }
   const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const outputDir = o.outputDir ?? 'sd-model-finetuned-lora';
-  mkdirSync(outputDir, { recursive: true });
+  ensureWritableDir(outputDir); // a read-only or full disk fails here, before anything is loaded
   if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
   if (o.allowTf32) native.setAllowTF32(true);
 
@@ -121,7 +126,6 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
   const saved: string[] = [];
   const generators = () => [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
   const checkpointNow = () => {
-    pruneCheckpoints(outputDir, o.checkpointsTotalLimit);
     const tensors = new Map<string, Tensor>();
     const opt = optimizer.stateDict();
     for (const [k, t] of opt.tensors) tensors.set(`optimizer.${k}`, t);
@@ -133,9 +137,12 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
         tensors,
         state: { accumulator: accumulator.state, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data.state(), epoch },
       }, (dir) => saveLoraWeights(dir, unet)));
+    } catch (e) {
+      throw new Error(`${(e as Error).message}${saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : ''}`);
     } finally {
       dispose(rng);
     }
+    pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
   };
 
   // 4. resume: every piece of state restored, so the run continues as if never stopped
@@ -151,6 +158,7 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
       if (scaler && contents.state.scaler) scaler.loadStateDict(contents.state.scaler as { scale: number; growthTracker: number });
       data.restore(contents.state.data);
       epoch = contents.state.epoch as number;
+      trimMetrics(join(outputDir, 'metrics.jsonl'), accumulator.state.globalStep);
       generators().forEach((g, i) => g.setState(need(contents.tensors, `rng.${i}`)));
     } finally {
       disposeCheckpoint(contents);
@@ -160,13 +168,25 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
   // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
   const logs = (o.reportTo ?? 'tensorboard') === 'tensorboard' ? new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs')) : null;
   const metricsFile = join(outputDir, 'metrics.jsonl');
+  const lastCheckpoint = () => (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : '');
+  // a log write that fails (full disk) names its file and where the run can be resumed from
+  const logged = (file: string | undefined, write: () => void) => {
+    try { write(); } catch (e) { throw new Error(`cannot write ${file ?? 'the logs'}: ${(e as Error).message}${lastCheckpoint()}`); }
+  };
   let lastLoss = NaN;
   let trainLoss = 0;
+  // the last epoch that ran, as Python's loop variable after `for epoch in range(...)` (the final images' step)
+  let lastEpoch = epoch;
   try {
     for (; epoch < steps.numTrainEpochs && accumulator.state.globalStep < steps.maxTrainSteps; epoch++) {
+      lastEpoch = epoch;
       while (accumulator.state.globalStep < steps.maxTrainSteps) {
         if (hooks.signal?.aborted) throw new Error('training aborted');
-        const batch = await data.next();
+        let batch: Awaited<ReturnType<TrainData['next']>>;
+        try { batch = await data.next(); } catch (e) {
+          throw new Error(`${(e as Error).message} (at step ${accumulator.state.globalStep + 1}, epoch ${epoch})${lastCheckpoint()}; ` +
+            'replace the file and resume with --resume_from_checkpoint latest, or pass --skip_broken_images to skip and count unreadable images');
+        }
         if (!batch) break; // end of epoch
         const loss = tidy(() => loraTrainingStep({
           unet, vae, textEncoder, scheduler, batch: { pixelValues: batch.pixelValues, inputIds: batch.inputIds },
@@ -175,31 +195,57 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
         }));
         dispose([batch.pixelValues, batch.inputIds]);
         if (!Number.isFinite(loss)) {
-          throw new Error(`loss is ${loss} at step ${accumulator.state.globalStep + 1} (epoch ${epoch}); nothing more was saved` +
-            (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : ''));
+          throw new Error(`loss is ${loss} at step ${accumulator.state.globalStep + 1} (epoch ${epoch}); nothing more was saved${lastCheckpoint()}`);
         }
         lastLoss = loss;
         trainLoss += loss / accumulation;
         const r = accumulator.afterBackward();
         if (!r) continue;
-        logs?.addScalar('train_loss', trainLoss, accumulator.state.globalStep);
+        logged(logs?.path, () => logs?.addScalar('train_loss', trainLoss, accumulator.state.globalStep));
         // one JSON line per optimizer step: easy to plot or grep, and appended across resumes
-        appendFileSync(metricsFile, `${JSON.stringify({ step: accumulator.state.globalStep, epoch, loss: trainLoss, lr: r.lr, grad_norm: r.gradNorm, skipped: !r.stepped, time: Date.now() / 1000 })}\n`);
-        logs?.addScalar('lr', r.lr, accumulator.state.globalStep);
+        const line = `${JSON.stringify({ step: accumulator.state.globalStep, epoch, loss: trainLoss, lr: r.lr, grad_norm: r.gradNorm, skipped: !r.stepped, time: Date.now() / 1000 })}\n`;
+        logged(metricsFile, () => appendFileSync(metricsFile, line));
+        logged(logs?.path, () => logs?.addScalar('lr', r.lr, accumulator.state.globalStep));
         trainLoss = 0;
         hooks.onProgress?.({ step: accumulator.state.globalStep, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
         if (o.checkpointingSteps && accumulator.state.globalStep % o.checkpointingSteps === 0) checkpointNow();
+      }
+      if (o.validationPrompt && epoch % (o.validationEpochs ?? 1) === 0) {
+        // the current LoRA, in the training models themselves (the script wraps the same unet in a pipeline)
+        const sampler = loadScheduler(model, { ...load, subfolder: 'scheduler' });
+        try {
+          await runValidation({ unet, vae, textEncoder, tokenizer, scheduler: sampler }, {
+            prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'validation', epoch,
+            dir: join(outputDir, 'validation', `epoch-${epoch}`), logs,
+          });
+        } finally {
+          sampler.dispose();
+        }
       }
       if (accumulator.state.globalStep < steps.maxTrainSteps) data.nextEpoch();
     }
     // 6. the result, in diffusers' format
     const outputFile = saveLoraWeights(outputDir, unet);
+    // final inference as the script: the base pipeline loaded afresh, with the saved file through loadLoraWeights
+    let validationImages: string[] = [];
+    if (o.validationPrompt) {
+      const pipe = StableDiffusionPipeline.fromPretrained(model, { ...load, variant: o.variant ?? undefined, dtype: weightDtype, device });
+      try {
+        pipe.loadLoraWeights(outputDir);
+        validationImages = await runValidation(pipe, {
+          prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs,
+        });
+      } finally {
+        pipe.dispose();
+      }
+    }
     saveModelCard(outputDir, {
       baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank, steps: accumulator.state.globalStep,
-      learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: (o as { validationPrompt?: string | null }).validationPrompt ?? null,
+      learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: o.validationPrompt ?? null,
+      images: validationImages.map((p) => basename(p)),
     });
     await saveLossPlot(join(outputDir, 'loss.png'), readMetrics(metricsFile));
-    return { outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved };
+    return { validationImages, outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved, skippedImages: data.skipped() };
   } finally {
     logs?.close();
     await data.close();
@@ -209,10 +255,18 @@ export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?
   }
 }
 
-/** The loss curve from metrics.jsonl (which spans resumed runs). */
+/** The loss curve from metrics.jsonl (which spans resumed runs; a line cut short by a crash is left out). */
 function readMetrics(file: string): LossPoint[] {
   if (!existsSync(file)) return [];
-  return readFileSync(file, 'utf8').split('\n').filter(Boolean).map((l) => JSON.parse(l) as LossPoint);
+  return readFileSync(file, 'utf8').split('\n').filter(Boolean).flatMap((l) => { try { return [JSON.parse(l) as LossPoint]; } catch { return []; } });
+}
+
+/** On resume: drops the lines of steps after the checkpoint (a killed run logged them; they are redone). */
+function trimMetrics(file: string, globalStep: number): void {
+  if (!existsSync(file)) return;
+  const kept = readMetrics(file).filter((m) => m.step <= globalStep);
+  writeFileSync(`${file}.tmp-${process.pid}`, kept.map((m) => `${JSON.stringify(m)}\n`).join(''));
+  renameSync(`${file}.tmp-${process.pid}`, file);
 }
 
 function need(m: Map<string, Tensor>, k: string): Tensor {

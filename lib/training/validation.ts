@@ -1,0 +1,80 @@
+// Validation images during and after training, as the script's log_validation: the current LoRA (or, at the
+// end, the saved file loaded into a fresh pipeline) generates `numValidationImages` images of the prompt
+// with 30 steps, one generator seeded with --seed drawn across the images, in the models' dtype. Images go to disk (output_dir/validation/…) and to TensorBoard as one grid per call.
+//
+// The generator is a dedicated one: the training's random streams are untouched, so a run with validation
+// trains exactly as one without it, and resuming stays exact.
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { writeFileAtomic } from '../io/atomic.js';
+import type { TensorBoardWriter } from '../logging/tensorboard.js';
+import { StableDiffusionPipeline, type StableDiffusionComponents } from '../pipelines/stable_diffusion.js';
+import { Generator } from '../random.js';
+
+/** The script runs its validation pipeline with 30 inference steps. */
+export const VALIDATION_INFERENCE_STEPS = 30;
+
+export interface ValidationOptions {
+  prompt: string;
+  numImages: number;
+  seed: number | null | undefined;
+  /** 'validation' during training, 'test' for the final run (the script's phase names). */
+  phase: 'validation' | 'test';
+  /** Epoch (the TensorBoard step of the grid, as the script logs it). */
+  epoch: number;
+  /** Folder the PNGs are written into. */
+  dir: string;
+  /** File name stem: `${stem}${i}.png`. */
+  stem?: string;
+  logs?: TensorBoardWriter | null;
+  height?: number;
+  width?: number;
+  numInferenceSteps?: number;
+}
+
+/** Generates, writes and logs the validation images; returns their paths. Does not dispose the models. */
+export async function runValidation(components: StableDiffusionComponents, o: ValidationOptions): Promise<string[]> {
+  const pipe = new StableDiffusionPipeline(components);
+  const device = components.unet.conv_in.weight.device;
+  const generator = new Generator(device.startsWith('cuda') ? device : 'cpu');
+  generator.manualSeed(o.seed ?? Math.floor(Math.random() * 2 ** 31));
+  const wasTraining = components.unet.training;
+  components.unet.eval();
+  const pngs: Buffer[] = [];
+  try {
+    for (let i = 0; i < o.numImages; i++) {
+      const out = await pipe.generate({
+        prompt: o.prompt, numInferenceSteps: o.numInferenceSteps ?? VALIDATION_INFERENCE_STEPS, generator, height: o.height, width: o.width, outputType: 'png',
+      });
+      pngs.push(...(out.images ?? []));
+    }
+  } finally {
+    if (wasTraining) components.unet.train();
+  }
+  mkdirSync(o.dir, { recursive: true });
+  const paths = pngs.map((png, i) => {
+    const path = join(o.dir, `${o.stem ?? 'image_'}${i}.png`);
+    writeFileAtomic(path, png);
+    return path;
+  });
+  if (o.logs && pngs.length) {
+    const grid = await imageRow(pngs);
+    o.logs.addImagePng(o.phase, grid.png, grid, o.epoch);
+  }
+  return paths;
+}
+
+/** The images side by side in one PNG (TensorBoard's add_images shows a batch as one grid). */
+async function imageRow(pngs: Buffer[]): Promise<{ png: Buffer; height: number; width: number }> {
+  const metas = await Promise.all(pngs.map((p) => sharp(p).metadata()));
+  const height = Math.max(...metas.map((m) => m.height ?? 0));
+  const widths = metas.map((m) => m.width ?? 0);
+  const width = widths.reduce((a, b) => a + b, 0);
+  let left = 0;
+  const png = await sharp({ create: { width, height, channels: 3, background: { r: 0, g: 0, b: 0 } } })
+    .composite(pngs.map((input, i) => { const c = { input, left, top: 0 }; left += widths[i] as number; return c; }))
+    .png()
+    .toBuffer();
+  return { png, height, width };
+}

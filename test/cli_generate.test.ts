@@ -1,0 +1,172 @@
+// `difflora generate` and `difflora convert-lora` through the CLI entry: images on disk equal to the
+// library's, LoRA files combined with weights, conversions that keep the effective weights, bad input.
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { main } from '../lib/cli/main.js';
+import { kohyaToModulePath } from '../lib/lora/convert.js';
+import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
+import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
+import { dispose, tidy } from '../lib/scope.js';
+import type { Tensor } from '../lib/tensor.js';
+import { fixtures, goldenFile, relErr } from './helpers.js';
+
+const tinySd = join(fixtures, 'tiny-sd');
+const loraFile = join(fixtures, 'goldens', 'lora-diffusers', 'pytorch_lora_weights.safetensors');
+const kohyaFile = join(fixtures, 'goldens', 'lora-kohya', 'tiny_sd_kohya_lora.safetensors');
+let tmp: string;
+beforeAll(() => { tmp = mkdtempSync(join(tmpdir(), 'difflora-gen-')); });
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+function capture() {
+  let out = '';
+  let err = '';
+  return { io: { stdout: { write: (s: string) => { out += s; } }, stderr: { write: (s: string) => { err += s; } }, env: {} }, out: () => out, err: () => err };
+}
+
+const base = ['generate', `--pretrained_model_name_or_path=${tinySd}`, '--prompt', 'a pokemon with blue eyes', '--num_inference_steps=4', '--height=64', '--width=64'];
+
+describe('difflora generate', () => {
+  it('writes the same PNG as the library for the golden latents, with a LoRA', async () => {
+    const latents = join(tmp, 'latents.safetensors');
+    const golden = goldenFile('inference.safetensors');
+    saveSafetensors(latents, { latents: golden.get('latents') });
+    const c = capture();
+    const output = join(tmp, 'cli.png');
+    const code = await main([...base, `--latents=${latents}`, `--lora=${loraFile}`, `--output=${output}`], c.io);
+    expect(code, c.err()).toBe(0);
+    expect(c.out()).toContain(output);
+    expect(c.err()).toMatch(/step 5\/5/);
+    const cli = await sharp(output).raw().toBuffer({ resolveWithObject: true });
+    expect([cli.info.width, cli.info.height, cli.info.channels]).toEqual([64, 64, 3]);
+    // the golden image, rounded to 8 bits as diffusers' numpy_to_pil does
+    const ref = golden.get('lora/image').dataSync() as Float32Array;
+    let worst = 0;
+    ref.forEach((v, i) => { worst = Math.max(worst, Math.abs(v * 255 - (cli.data[i] as number))); });
+    expect(worst).toBeLessThanOrEqual(1);
+    golden.dispose();
+  }, 60_000);
+
+  it('combines LoRA files with weights and writes one file per image', async () => {
+    const c = capture();
+    const output = join(tmp, 'many.png');
+    const code = await main([...base, '--num_inference_steps=2', '--seed=7', '--num_images=2', '--scheduler=euler_a',
+      `--lora=${loraFile}:0.5`, `--lora=${kohyaFile}:0.8`, `--output=${output}`], c.io);
+    expect(code, c.err()).toBe(0);
+    expect(existsSync(join(tmp, 'many-0.png')) && existsSync(join(tmp, 'many-1.png'))).toBe(true);
+    expect(c.err()).toMatch(/weight 0\.5/);
+    expect(c.err()).toMatch(/weight 0\.8/);
+    // an existing folder gets image-<i>.png
+    mkdirSync(join(tmp, 'dir'));
+    expect(await main([...base, '--num_inference_steps=1', '--seed=1', `--output=${join(tmp, 'dir')}`], capture().io)).toBe(0);
+    expect(readdirSync(join(tmp, 'dir'))).toEqual(['image-0.png']);
+  }, 60_000);
+
+  it('refuses bad flags with exit 2 and a message naming them', async () => {
+    const cases: [string[], RegExp][] = [
+      [['generate', '--num_inference_steps=2'], /--prompt is required/],
+      [[...base, '--height=60'], /--height must be a multiple of 8/],
+      [[...base, '--scheduler=heun'], /heun/],
+      [[...base, '--lora=/nowhere/x.safetensors'], /--lora: '\/nowhere\/x.safetensors' does not exist/],
+      [[...base, '--no_such_flag=1'], /no_such_flag/],
+      [[...base, 'stray'], /stray/],
+    ];
+    for (const [argv, message] of cases) {
+      const c = capture();
+      expect(await main(argv, c.io), argv.join(' ')).toBe(2);
+      expect(c.err()).toMatch(message);
+    }
+  });
+
+  it('exits 1 naming the problem for a LoRA of another model, and writes nothing', async () => {
+    const foreign = join(tmp, 'foreign.safetensors');
+    tidy(() => {
+      const { tensors } = loadSafetensors(loraFile);
+      const renamed = new Map([...tensors].map(([k, t]) => [k.replace('down_blocks.0', 'down_blocks.7'), t]));
+      saveSafetensors(foreign, renamed);
+      dispose([...tensors.values()]);
+    });
+    const c = capture();
+    const output = join(tmp, 'never.png');
+    expect(await main([...base, `--lora=${foreign}`, `--output=${output}`], c.io)).toBe(1);
+    expect(c.err()).toMatch(/down_blocks\.7/);
+    expect(existsSync(output)).toBe(false);
+  });
+});
+
+describe('difflora convert-lora', () => {
+  it('rebuilds module paths from Kohya names', () => {
+    expect(kohyaToModulePath('down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0')).toBe('down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0');
+    expect(kohyaToModulePath('mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj')).toBe('mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj');
+    expect(kohyaToModulePath('text_model_encoder_layers_11_self_attn_q_proj')).toBe('text_model.encoder.layers.11.self_attn.q_proj');
+    expect(kohyaToModulePath('text_model_encoder_layers_3_mlp_fc1')).toBe('text_model.encoder.layers.3.mlp.fc1');
+  });
+
+  it('Kohya → diffusers → Kohya keeps every effective weight, and the pipeline loads the result the same', async () => {
+    const toDiffusers = join(tmp, 'k2d.safetensors');
+    const back = join(tmp, 'k2d2k.safetensors');
+    const c = capture();
+    expect(await main(['convert-lora', `--input=${kohyaFile}`, `--output=${toDiffusers}`, '--to=diffusers'], c.io), c.err()).toBe(0);
+    expect(c.out()).toMatch(/50 layers, kohya → diffusers/);
+    expect(await main(['convert-lora', `--input=${toDiffusers}`, `--output=${back}`, '--to=kohya'], capture().io)).toBe(0);
+    const effective = (file: string): Map<string, Tensor> => tidy(() => {
+      const { tensors } = loadSafetensors(file);
+      const out = new Map<string, Tensor>();
+      for (const [k, down] of tensors) {
+        const m = /^(.*)\.(lora_down\.weight|lora\.down\.weight)$/.exec(k);
+        if (!m) continue;
+        const up = tensors.get(`${m[1]}.${m[2] === 'lora_down.weight' ? 'lora_up.weight' : 'lora.up.weight'}`)!;
+        const alpha = tensors.get(`${m[1]}.alpha`)?.item() ?? down.shape[0]!;
+        const name = m[1]!.startsWith('lora_unet_') ? kohyaToModulePath(m[1]!.slice('lora_unet_'.length)) : m[1]!.replace(/^unet\./, '');
+        out.set(name, up.matmul(down).mul(alpha / down.shape[0]!));
+      }
+      return out;
+    });
+    const a = effective(kohyaFile);
+    const b = effective(toDiffusers);
+    const d = effective(back);
+    expect([...b.keys()].sort()).toEqual([...a.keys()].sort());
+    for (const [k, t] of a) {
+      expect(relErr(b.get(k)!, t), k).toBeLessThan(1e-6);
+      expect(relErr(d.get(k)!, t), k).toBeLessThan(1e-6);
+    }
+    dispose([...a.values(), ...b.values(), ...d.values()]);
+    // diffusers reads the converted file as it reads the original
+    const pipe = StableDiffusionPipeline.fromPretrained(tinySd);
+    try {
+      const run = async (file: string) => {
+        pipe.loadLoraWeights(file);
+        try {
+          return (await pipe.generate({ prompt: 'x', numInferenceSteps: 1, height: 32, width: 32, seed: 0, outputType: 'tensor' })).tensor!;
+        } finally {
+          pipe.unloadLoraWeights();
+        }
+      };
+      const x = await run(kohyaFile);
+      const y = await run(toDiffusers);
+      expect(relErr(y, x)).toBeLessThan(1e-5);
+      dispose([x, y]);
+    } finally {
+      pipe.dispose();
+    }
+  }, 60_000);
+
+  it('refuses to overwrite, unknown layouts and missing input', async () => {
+    const junk = join(tmp, 'junk.safetensors');
+    tidy(() => saveSafetensors(junk, { 'model.weight': loadSafetensors(loraFile).tensors.values().next().value! }));
+    const cases: [string[], number, RegExp][] = [
+      [['convert-lora', `--input=${loraFile}`, `--output=${junk}`, '--to=kohya'], 2, /exists; give --force/],
+      [['convert-lora', `--input=${join(tmp, 'none.safetensors')}`, `--output=${join(tmp, 'o.safetensors')}`, '--to=kohya'], 2, /does not exist/],
+      [['convert-lora', `--input=${loraFile}`, `--output=${join(tmp, 'o.safetensors')}`, '--to=a1111'], 2, /a1111/],
+      [['convert-lora', `--input=${junk}`, `--output=${join(tmp, 'o.safetensors')}`, '--to=kohya'], 1, /model\.weight/],
+    ];
+    for (const [argv, code, message] of cases) {
+      const c = capture();
+      expect(await main(argv, c.io), argv.join(' ')).toBe(code);
+      expect(c.err()).toMatch(message);
+    }
+    expect(existsSync(join(tmp, 'o.safetensors'))).toBe(false);
+  });
+});

@@ -1,0 +1,52 @@
+// startTraining: the training loop as a handle with progress events, abort, and the run's metrics.
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTraining } from '../lib/training/handle.js';
+import type { TrainOptions, TrainProgress } from '../lib/training/train.js';
+import { fixtures } from './helpers.js';
+
+let tmp: string;
+beforeAll(async () => {
+  tmp = mkdtempSync(join(tmpdir(), 'difflora-handle-'));
+  mkdirSync(join(tmp, 'data'));
+  const lines: string[] = [];
+  for (let i = 0; i < 4; i++) {
+    await sharp({ create: { width: 32, height: 32, channels: 3, background: { r: 50 * i, g: 80, b: 90 } } }).png().toFile(join(tmp, 'data', `${i}.png`));
+    lines.push(JSON.stringify({ file_name: `${i}.png`, text: `picture ${i}` }));
+  }
+  writeFileSync(join(tmp, 'data', 'metadata.jsonl'), lines.join('\n'));
+});
+afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+const options = (out: string, steps: number): TrainOptions => ({
+  pretrainedModelNameOrPath: join(fixtures, 'tiny-sd'), trainDataDir: join(tmp, 'data'), outputDir: join(tmp, out), resolution: 32,
+  trainBatchSize: 2, maxTrainSteps: steps, learningRate: 1e-3, seed: 3, device: 'cpu', imageInterpolationMode: 'bilinear',
+});
+
+describe('startTraining', () => {
+  it('emits progress per step and resolves with the result and metrics', async () => {
+    const run = startTraining(options('ok', 3));
+    const seen: TrainProgress[] = [];
+    run.on('progress', (p) => seen.push(p));
+    const r = await run.result;
+    expect(seen.map((p) => p.step)).toEqual([1, 2, 3]);
+    expect(r.globalStep).toBe(3);
+    expect(r.metrics.steps).toBe(3);
+    expect(r.metrics.losses).toEqual(seen.map((p) => p.loss));
+    expect(r.metrics.finalLoss).toBe(seen[2]!.loss);
+    expect(r.metrics.stepsPerSecond).toBeGreaterThan(0);
+    expect(r.outputFile).toBe(join(tmp, 'ok', 'pytorch_lora_weights.safetensors'));
+  }, 60_000);
+
+  it('abort() stops between steps with an AbortError; an outer signal does the same', async () => {
+    const run = startTraining(options('aborted', 50));
+    run.on('progress', (p) => { if (p.step === 2) run.abort('enough'); });
+    await expect(run.result).rejects.toMatchObject({ name: 'AbortError', message: expect.stringMatching(/after step 2: enough/) });
+    const outer = new AbortController();
+    outer.abort('before start');
+    await expect(startTraining(options('outer', 5), { signal: outer.signal }).result).rejects.toMatchObject({ name: 'AbortError' });
+  }, 60_000);
+});
