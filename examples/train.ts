@@ -6,7 +6,7 @@
 // --stop-at=N aborts the run after step N (what Ctrl-C does), to show how an aborted run ends.
 import { parseArgs } from 'node:util';
 import { prepareBuiltinDefault, BUILTIN_SETTINGS } from '../lib/builtin/default.js';
-import { trainTextToImageLora, type TrainProgress } from '../lib/training/train.js';
+import { trainTextToImageLora, type TrainProgress } from '../lib/index.js';
 
 const { values } = parseArgs({
   options: {

@@ -81,10 +81,10 @@ export type {
 } from './pipelines/stable_diffusion.js';
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
-export { trainTextToImageLora, stepsArithmetic } from './training/train.js';
+export { trainTextToImageLora, startTraining } from './training/handle.js';
+export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
+export { runTraining, stepsArithmetic } from './training/train.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
-export { startTraining } from './training/handle.js';
-export type { TrainingRun, TrainMetrics } from './training/handle.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
 export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, sampleNoise, sampleTimesteps } from './training/step.js';

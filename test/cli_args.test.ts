@@ -1,7 +1,7 @@
 // `difflora train` flags against REFERENCE.md's table of train_text_to_image_lora.py (names, defaults, meaning),
 // the refusals of flags that cannot act here, and the `difflora` entry point (train / env / --help / exit codes).
 import { describe, expect, it } from 'vitest';
-import { main, type MainOptions, type TrainFn } from '../lib/cli/main.js';
+import { blasReport, main, type MainOptions, type TrainFn } from '../lib/cli/main.js';
 import { TRAIN_FLAGS, UsageError, closestFlag, parseTrainArgs, type TrainArgs } from '../lib/cli/train_args.js';
 
 const MODEL = '--pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5';
@@ -234,6 +234,20 @@ describe('difflora main', () => {
     expect(r.out).toContain(`libtorch: ${native.info().torchVersion}`);
     expect(r.out).toMatch(/CUDA: /);
     expect(r.out).toContain(`Node.js: ${process.version}`);
+    expect(r.out).toMatch(/^BLAS: /m);
+    expect(r.out).toMatch(/^missing:( nothing)?$/m);
+    if (!native.info().cudaAvailable) expect(r.out).toMatch(/^ {2}- CUDA: /m);
+  });
+
+  it('env names the BLAS library mapped, and the reference BLAS as missing OpenBLAS', () => {
+    const line = (f: string) => `7f00-7f10 r-xp 00000000 08:01 123 ${f}`;
+    expect(blasReport([line('/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3'), line('/usr/lib/x86_64-linux-gnu/libc.so.6')].join('\n')))
+      .toEqual({ line: 'BLAS: OpenBLAS (/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3)', missing: null });
+    const ref = blasReport(line('/usr/lib/x86_64-linux-gnu/blas/libblas.so.3'));
+    expect(ref.line).toBe('BLAS: the reference BLAS (/usr/lib/x86_64-linux-gnu/blas/libblas.so.3)');
+    expect(ref.missing).toMatch(/^OpenBLAS: .*36x slower.*libopenblas0-pthread/);
+    expect(blasReport(line('/opt/intel/lib/libmkl_rt.so.2')).line).toMatch(/^BLAS: MKL /);
+    expect(blasReport(null).missing).toBeNull();
   });
 
   it("env returns 1 with the loader's error when the addon does not load", async () => {

@@ -8,7 +8,7 @@ import { parquetWriteBuffer } from 'hyparquet-writer';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors, readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { dispose } from '../lib/scope.js';
-import { stepsArithmetic, trainTextToImageLora, type TrainOptions } from '../lib/training/train.js';
+import { stepsArithmetic, runTraining, type TrainOptions } from '../lib/training/train.js';
 import { bitEqual, fixtures } from './helpers.js';
 
 let tmp: string;
@@ -38,7 +38,7 @@ function loraOf(dir: string) {
   return { tensors, metadata };
 }
 
-describe('trainTextToImageLora', () => {
+describe('runTraining', () => {
   it('follows the script\'s steps arithmetic', () => {
     expect(stepsArithmetic(3, 1, 100, null)).toEqual({ updateStepsPerEpoch: 3, maxTrainSteps: 300, numTrainEpochs: 100 });
     expect(stepsArithmetic(5, 4, 100, 15000)).toEqual({ updateStepsPerEpoch: 2, maxTrainSteps: 15000, numTrainEpochs: 7500 });
@@ -47,7 +47,7 @@ describe('trainTextToImageLora', () => {
   it('trains, checkpoints, prunes, and a resumed run ends bit-identical to an uninterrupted one', async () => {
     const straight = join(tmp, 'straight');
     const progress: number[] = [];
-    const r = await trainTextToImageLora(base(straight), { onProgress: (p) => progress.push(p.step) });
+    const r = await runTraining(base(straight), { onProgress: (p) => progress.push(p.step) });
     expect(progress).toEqual([1, 2, 3, 4]);
     expect(r.globalStep).toBe(4);
     expect(Number.isFinite(r.lastLoss)).toBe(true);
@@ -69,12 +69,12 @@ describe('trainTextToImageLora', () => {
     // interrupted after the checkpoint at step 2, then resumed from 'latest'
     const broken = join(tmp, 'resumed');
     const abort = new AbortController();
-    await expect(trainTextToImageLora(base(broken), { signal: abort.signal, onProgress: (p) => { if (p.step === 2) abort.abort(); } }))
+    await expect(runTraining(base(broken), { signal: abort.signal, onProgress: (p) => { if (p.step === 2) abort.abort(); } }))
       .rejects.toThrow(/aborted/);
     expect(existsSync(join(broken, 'checkpoint-2'))).toBe(true);
     expect(existsSync(join(broken, 'pytorch_lora_weights.safetensors'))).toBe(false);
     const steps: number[] = [];
-    await trainTextToImageLora({ ...base(broken), resumeFromCheckpoint: 'latest' }, { onProgress: (p) => steps.push(p.step) });
+    await runTraining({ ...base(broken), resumeFromCheckpoint: 'latest' }, { onProgress: (p) => steps.push(p.step) });
     expect(steps).toEqual([3, 4]);
 
     const a = loraOf(straight);
@@ -104,30 +104,30 @@ describe('trainTextToImageLora', () => {
     });
     writeFileSync(join(dir, 'train-00000-of-00001.parquet'), new Uint8Array(buf));
     const out = join(tmp, 'pq-out');
-    const r = await trainTextToImageLora({ ...base(out), trainDataDir: null, datasetName: join(tmp, 'pq'), maxTrainSteps: 2 });
+    const r = await runTraining({ ...base(out), trainDataDir: null, datasetName: join(tmp, 'pq'), maxTrainSteps: 2 });
     expect(r.globalStep).toBe(2);
     expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(true);
   }, 120_000);
 
   it('keeps at most --checkpoints_total_limit checkpoints', async () => {
     const out = join(tmp, 'limited');
-    await trainTextToImageLora({ ...base(out), maxTrainSteps: 3, checkpointingSteps: 1, checkpointsTotalLimit: 2 });
+    await runTraining({ ...base(out), maxTrainSteps: 3, checkpointingSteps: 1, checkpointsTotalLimit: 2 });
     expect(readdirSync(out).filter((f) => f.startsWith('checkpoint-')).sort()).toEqual(['checkpoint-2', 'checkpoint-3']);
   }, 120_000);
 
   it('stops on a non-finite loss with the step named, keeping the last checkpoint and writing no result', async () => {
     const out = join(tmp, 'diverged');
     // an absurd learning rate makes the LoRA weights explode after the first update
-    await expect(trainTextToImageLora({ ...base(out), learningRate: 1e30, lrScheduler: 'constant', maxGradNorm: null, checkpointingSteps: 1 }))
+    await expect(runTraining({ ...base(out), learningRate: 1e30, lrScheduler: 'constant', maxGradNorm: null, checkpointingSteps: 1 }))
       .rejects.toThrow(/loss is (NaN|Infinity) at step \d+ .*the last checkpoint is .*checkpoint-\d+/);
     expect(existsSync(join(out, 'checkpoint-1'))).toBe(true);
     expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(false);
   }, 120_000);
 
   it('refuses what it cannot do with clear errors', async () => {
-    await expect(trainTextToImageLora({ ...base(join(tmp, 'x')), mixedPrecision: 'fp16' })).rejects.toThrow(/fp16 needs a CUDA GPU/);
-    await expect(trainTextToImageLora({ ...base(join(tmp, 'y')), trainDataDir: null, datasetName: 'lambdalabs/pokemon', cacheDir: join(tmp, 'empty-cache') }))
+    await expect(runTraining({ ...base(join(tmp, 'x')), mixedPrecision: 'fp16' })).rejects.toThrow(/fp16 needs a CUDA GPU/);
+    await expect(runTraining({ ...base(join(tmp, 'y')), trainDataDir: null, datasetName: 'lambdalabs/pokemon', cacheDir: join(tmp, 'empty-cache') }))
       .rejects.toThrow(/lambdalabs\/pokemon[\s\S]*huggingface-cli download --repo-type dataset/);
-    await expect(trainTextToImageLora({ ...base(join(tmp, 'z')), pretrainedModelNameOrPath: join(tmp, 'nope') })).rejects.toThrow(/nope/);
+    await expect(runTraining({ ...base(join(tmp, 'z')), pretrainedModelNameOrPath: join(tmp, 'nope') })).rejects.toThrow(/nope/);
   });
 });

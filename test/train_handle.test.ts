@@ -1,10 +1,10 @@
-// startTraining: the training loop as a handle with progress events, abort, and the run's metrics.
+// trainTextToImageLora (alias startTraining): the training loop as an awaitable handle with progress events, abort, and the run's metrics.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { startTraining } from '../lib/training/handle.js';
+import { startTraining, trainTextToImageLora } from '../lib/index.js';
 import type { TrainOptions, TrainProgress } from '../lib/training/train.js';
 import { fixtures } from './helpers.js';
 
@@ -26,13 +26,16 @@ const options = (out: string, steps: number): TrainOptions => ({
   trainBatchSize: 2, maxTrainSteps: steps, learningRate: 1e-3, seed: 3, device: 'cpu', imageInterpolationMode: 'bilinear',
 });
 
-describe('startTraining', () => {
+describe('trainTextToImageLora', () => {
   it('emits progress per step and resolves with the result and metrics', async () => {
-    const run = startTraining(options('ok', 3));
     const seen: TrainProgress[] = [];
+    const hooked: number[] = [];
+    const run = trainTextToImageLora(options('ok', 3), { onProgress: (p) => hooked.push(p.step) });
     run.on('progress', (p) => seen.push(p));
-    const r = await run.result;
+    const r = await run; // the handle is awaitable: the same as await run.result
+    expect(r).toBe(await run.result);
     expect(seen.map((p) => p.step)).toEqual([1, 2, 3]);
+    expect(hooked).toEqual([1, 2, 3]);
     expect(r.globalStep).toBe(3);
     expect(r.metrics.steps).toBe(3);
     expect(r.metrics.losses).toEqual(seen.map((p) => p.loss));
@@ -45,6 +48,7 @@ describe('startTraining', () => {
     const run = startTraining(options('aborted', 50));
     run.on('progress', (p) => { if (p.step === 2) run.abort('enough'); });
     await expect(run.result).rejects.toMatchObject({ name: 'AbortError', message: expect.stringMatching(/after step 2: enough/) });
+    expect(startTraining).toBe(trainTextToImageLora);
     const outer = new AbortController();
     outer.abort('before start');
     await expect(startTraining(options('outer', 5), { signal: outer.signal }).result).rejects.toMatchObject({ name: 'AbortError' });

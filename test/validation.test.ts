@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors } from '../lib/io/safetensors.js';
 import { readTensorBoardEvents } from '../lib/logging/tensorboard.js';
 import { dispose } from '../lib/scope.js';
-import { trainTextToImageLora, type TrainOptions } from '../lib/training/train.js';
+import { runTraining, type TrainOptions } from '../lib/training/train.js';
 import { bitEqual, fixtures } from './helpers.js';
 
 let tmp: string;
@@ -37,8 +37,8 @@ describe('validation images', () => {
   it('per epoch and at the end, on disk, in TensorBoard and the model card; training unchanged', async () => {
     const plain = join(tmp, 'plain');
     const validated = join(tmp, 'validated');
-    await trainTextToImageLora(base(plain));
-    const r = await trainTextToImageLora({ ...base(validated), validationPrompt: 'a blue square', numValidationImages: 2, validationEpochs: 1 });
+    await runTraining(base(plain));
+    const r = await runTraining({ ...base(validated), validationPrompt: 'a blue square', numValidationImages: 2, validationEpochs: 1 });
 
     // every epoch: output_dir/validation/epoch-<n>/image_<i>.png
     for (const epoch of [0, 1]) {

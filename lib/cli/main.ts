@@ -39,7 +39,7 @@ function packageVersion(): string {
 /** The training loop (lib/training/train.ts), imported only when `train` runs (keeps --help fast). */
 async function defaultLoadTrainer(): Promise<TrainFn | undefined> {
   const mod = await import('../training/train.js');
-  return mod.trainTextToImageLora as unknown as TrainFn;
+  return mod.runTraining as unknown as TrainFn;
 }
 
 async function defaultLoadNativeInfo(): Promise<NativeInfo> {
@@ -119,6 +119,26 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   return 0;
 }
 
+/**
+ * Which BLAS the process mapped (from /proc/self/maps's text): OpenBLAS and MKL are fast; Debian's reference
+ * libblas.so.3 (…/blas/libblas.so.3) makes fp32 matmuls ~36× slower.
+ */
+export function blasReport(maps: string | null): { line: string; missing: string | null } {
+  if (maps === null) return { line: 'BLAS: unknown (no /proc/self/maps)', missing: null };
+  const libs = [...new Set(maps.split('\n').map((l) => l.trim().split(/\s+/).pop() ?? '').filter((f) => /\/lib[^/]*(blas|mkl)[^/]*\.so/i.test(f)))];
+  const fast = libs.find((f) => /openblas|mkl/i.test(f));
+  if (fast) return { line: `BLAS: ${/mkl/i.test(fast) ? 'MKL' : 'OpenBLAS'} (${fast})`, missing: null };
+  const ref = libs.find((f) => /libblas\.so/.test(f));
+  if (ref) {
+    return { line: `BLAS: the reference BLAS (${ref})`, missing: 'OpenBLAS: fp32 matmuls are ~36x slower with the reference BLAS (apt-get install libopenblas0-pthread, or npm run setup)' };
+  }
+  return { line: 'BLAS: linked into libtorch (no separate BLAS library mapped)', missing: null };
+}
+
+function readMaps(): string | null {
+  try { return readFileSync('/proc/self/maps', 'utf8'); } catch { return null; }
+}
+
 async function runEnv(io: Io, loadNativeInfo: () => Promise<NativeInfo>): Promise<number> {
   let info: NativeInfo;
   try {
@@ -127,6 +147,10 @@ async function runEnv(io: Io, loadNativeInfo: () => Promise<NativeInfo>): Promis
     io.stderr.write(`${errorMessage(e)}\n`);
     return 1;
   }
+  const blas = blasReport(readMaps());
+  const missing: string[] = [];
+  if (!info.cudaAvailable) missing.push('CUDA: this libtorch has no CUDA or sees no GPU (CPU only: --mixed_precision=fp16 and --device=cuda are unavailable; see README "Which libtorch")');
+  if (blas.missing) missing.push(blas.missing);
   const lines = [
     `difflora ${packageVersion()}`,
     `Node.js: ${process.version} (${process.platform}-${process.arch})`,
@@ -135,8 +159,10 @@ async function runEnv(io: Io, loadNativeInfo: () => Promise<NativeInfo>): Promis
     `threads: ${info.numThreads} intra-op, ${info.numInteropThreads} inter-op`,
     `MKL-DNN: ${info.mkldnn ? 'yes' : 'no'}`,
     `CPU allocator: ${info.allocator}`,
-    'BLAS: whatever libtorch links (Debian: libblas.so.3 → install OpenBLAS, else fp32 matmuls are ~36x slower; see README)',
+    blas.line,
     `environment: OMP_WAIT_POLICY=${io.env.OMP_WAIT_POLICY ?? '(unset)'} OPENBLAS_CORETYPE=${io.env.OPENBLAS_CORETYPE ?? '(unset)'} DIFFLORA_NUM_THREADS=${io.env.DIFFLORA_NUM_THREADS ?? '(unset)'}`,
+    `missing:${missing.length ? '' : ' nothing'}`,
+    ...missing.map((m) => `  - ${m}`),
     'parallel info:',
     ...info.parallelInfo.trimEnd().split('\n').map((l) => `  ${l}`),
   ];

@@ -1,12 +1,13 @@
-// A training run as a handle: start it, listen to its progress, abort it, await its result with the run's
-// metrics. A thin layer over trainTextToImageLora for UIs and notebooks that prefer events to callbacks.
+// trainTextToImageLora: the library's entry to training. It starts the loop (train.ts's runTraining) and
+// returns a handle: listen to its progress, abort it, await it (it is a promise of the result and the run's
+// metrics). The CLI runs the same loop.
 //
-//   const run = startTraining({ pretrainedModelNameOrPath, trainDataDir, maxTrainSteps: 100 });
+//   const run = trainTextToImageLora({ pretrainedModelNameOrPath, trainDataDir, maxTrainSteps: 100 });
 //   run.on('progress', (p) => console.log(p.step, p.loss));
 //   setTimeout(() => run.abort(), 60_000);
-//   const { outputFile, metrics } = await run.result;
+//   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
-import { trainTextToImageLora, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
+import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
 
 export interface TrainMetrics {
   /** Optimizer steps done in this run (a resumed run counts from where it resumed). */
@@ -19,9 +20,12 @@ export interface TrainMetrics {
   finalLoss: number;
 }
 
-export interface TrainingRun {
+export type TrainOutcome = TrainResult & { metrics: TrainMetrics };
+
+/** A running training: awaitable (the result), abortable, and an emitter of 'progress' events. */
+export interface TrainingRun extends PromiseLike<TrainOutcome> {
   /** Resolves with the run's result and metrics; rejects with an AbortError after abort(), or with the failure. */
-  readonly result: Promise<TrainResult & { metrics: TrainMetrics }>;
+  readonly result: Promise<TrainOutcome>;
   /** Stops the run between two steps; nothing after the last checkpoint is saved. */
   abort(reason?: string): void;
   readonly signal: AbortSignal;
@@ -29,8 +33,15 @@ export interface TrainingRun {
   off(event: 'progress', listener: (p: TrainProgress) => void): this;
 }
 
+export interface TrainHooks {
+  /** Aborts the run between two steps, as abort(). */
+  signal?: AbortSignal;
+  /** Called after every optimizer step (the same as a 'progress' listener). */
+  onProgress?: (p: TrainProgress) => void;
+}
+
 class Run extends EventEmitter implements TrainingRun {
-  readonly result: Promise<TrainResult & { metrics: TrainMetrics }>;
+  readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
   constructor(options: TrainOptions, outer?: AbortSignal) {
@@ -45,7 +56,7 @@ class Run extends EventEmitter implements TrainingRun {
       // started on the next turn, so listeners attached right after startTraining() see every event
       await new Promise<void>((resolve) => setImmediate(resolve));
       try {
-        const r = await trainTextToImageLora(options, {
+        const r = await runTraining(options, {
           signal: this.controller.signal,
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
         });
@@ -63,10 +74,22 @@ class Run extends EventEmitter implements TrainingRun {
 
   get signal(): AbortSignal { return this.controller.signal; }
 
+  then<A = TrainOutcome, B = never>(onFulfilled?: ((r: TrainOutcome) => A | PromiseLike<A>) | null, onRejected?: ((e: unknown) => B | PromiseLike<B>) | null): Promise<A | B> {
+    return this.result.then(onFulfilled, onRejected);
+  }
+
   abort(reason = 'abort()'): void { this.controller.abort(reason); }
 }
 
-/** Starts trainTextToImageLora in the background and returns its handle (`signal`: an outer AbortSignal). */
-export function startTraining(options: TrainOptions, o: { signal?: AbortSignal } = {}): TrainingRun {
-  return new Run(options, o.signal);
+/**
+ * Trains a LoRA as diffusers' train_text_to_image_lora.py (options = its flags in camelCase). Returns at once
+ * with the run's handle; `await` it for the result and metrics.
+ */
+export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
+  const run = new Run(options, hooks.signal);
+  if (hooks.onProgress) run.on('progress', hooks.onProgress);
+  return run;
 }
+
+/** The same as trainTextToImageLora (a name for code that reads better as "start, then await"). */
+export const startTraining = trainTextToImageLora;

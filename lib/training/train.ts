@@ -1,4 +1,4 @@
-// trainTextToImageLora: the loop of diffusers' train_text_to_image_lora.py over the tested parts — models
+// runTraining: the loop of diffusers' train_text_to_image_lora.py over the tested parts — models
 // (fromPretrained), LoRA (attachLora), data (imagefolder + sharp transforms), the step (loraTrainingStep,
 // Accumulator), checkpoints with exact resume, and the final pytorch_lora_weights.safetensors.
 import { native } from '../native.js';
@@ -79,7 +79,7 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
   return { updateStepsPerEpoch, maxTrainSteps: maxSteps, numTrainEpochs: Math.ceil(maxSteps / updateStepsPerEpoch) };
 }
 
-export async function trainTextToImageLora(o: TrainOptions, hooks: { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal } = {}): Promise<TrainResult> {
+export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal } = {}): Promise<TrainResult> {
   const device = o.device ?? (native.info().cudaAvailable ? 'cuda:0' : 'cpu');
   const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
   if (mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
