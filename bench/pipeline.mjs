@@ -2,7 +2,9 @@
 //  1. seconds per image, 64×64 latents (512×512 pixels), PNDM, CFG 7.5, fp32 and bf16;
 //  2. LoRA load time for a diffusers file with 128 layers (small-sd has SD 1.5's 16 transformer blocks ×
 //     to_q/to_k/to_v/to_out.0), and memory across 100 load/unload cycles.
-// node bench/pipeline.mjs [threads] [steps]   — after `npm run build:ts`. One JSON line per case.
+// node bench/pipeline.mjs [threads] [steps] [cases]   — after `npm run build:ts`. One JSON line per case.
+// cases: comma-separated of fp32, fp32-me (memory-efficient attention), bf16, lora (default: fp32,bf16,lora);
+// each line carries the process's peak RSS so far: run fp32 and fp32-me in separate processes to compare it.
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
@@ -14,6 +16,8 @@ import {
 
 const threads = Number(process.argv[2] ?? 2);
 const steps = Number(process.argv[3] ?? 10);
+const cases = (process.argv[4] ?? 'fp32,bf16,lora').split(',');
+const peakMiB = () => +(process.resourceUsage().maxRSS / 1024).toFixed(0);
 torch.setNumThreads(threads);
 const here = dirname(fileURLToPath(import.meta.url));
 const dir = join(here, 'fixtures/small-sd');
@@ -30,8 +34,11 @@ const pipe = new StableDiffusionPipeline({
 });
 
 // 1. seconds per image
-for (const dtype of ['float32', 'bfloat16']) {
+const generateCases = { fp32: ['float32', false], 'fp32-me': ['float32', true], bf16: ['bfloat16', false] };
+for (const [name, [dtype, memoryEfficient]] of Object.entries(generateCases)) {
+  if (!cases.includes(name)) continue;
   pipe.to({ dtype });
+  pipe.enableMemoryEfficientAttention(memoryEfficient);
   const run = async () => {
     const t0 = process.hrtime.bigint();
     let unetSteps = 0;
@@ -40,9 +47,11 @@ for (const dtype of ['float32', 'bfloat16']) {
   };
   await run(); // warm-up
   const { s, unetSteps } = await run();
-  console.log(JSON.stringify({ case: 'generate 512x512 (64x64 latents), CFG 7.5, PNDM', dtype, threads, inference_steps: steps, unet_evaluations: unetSteps, seconds_per_image: +s.toFixed(2), seconds_per_step: +(s / unetSteps).toFixed(3) }));
+  console.log(JSON.stringify({ case: 'generate 512x512 (64x64 latents), CFG 7.5, PNDM', dtype, memoryEfficient, peak_rss_mib: peakMiB(), threads, inference_steps: steps, unet_evaluations: unetSteps, seconds_per_image: +s.toFixed(2), seconds_per_step: +(s / unetSteps).toFixed(3) }));
 }
 pipe.to({ dtype: 'float32' });
+pipe.enableMemoryEfficientAttention(false);
+if (!cases.includes('lora')) process.exit(0);
 
 // 2. a 128-layer LoRA file, loaded and unloaded 100 times
 const tmp = mkdtempSync(join(tmpdir(), 'difflora-bench-'));

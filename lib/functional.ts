@@ -1,12 +1,13 @@
 // torch.nn.functional: the layers' math, one ATen operator each (attention falls back to an exact
 // composition where libtorch lacks scaled_dot_product_attention).
 import { native } from './native.js';
-import { dtypeCode } from './dtype.js';
+import { dtypeCode, elementSize } from './dtype.js';
+import { checkpoint } from './checkpoint.js';
 import { hasOp, op } from './ops.js';
 import { Tensor } from './tensor.js';
 
 const A = {
-  linear: op('linear'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
+  linear: op('linear'), cat: op('cat'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
   embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
@@ -102,7 +103,16 @@ export function mseLoss(input: Tensor, target: Tensor, reduction: keyof typeof r
 }
 
 let nativeSdpa: boolean | undefined;
-export interface AttentionOptions { attnMask?: Tensor | null; isCausal?: boolean; scale?: number; dropoutP?: number }
+export interface AttentionOptions {
+  attnMask?: Tensor | null; isCausal?: boolean; scale?: number; dropoutP?: number;
+  /**
+   * Memory-efficient attention where libtorch has no fused kernel (1.13): the queries in chunks whose scores
+   * take at most this many bytes, each chunk recomputed in backward (the trade xformers makes: memory
+   * O(chunk·Lk) instead of O(Lq·Lk), one more forward of the attention in backward). libtorch 2.x's fused
+   * kernel is memory-efficient by itself and ignores it.
+   */
+  memoryEfficient?: { maxScoresBytes: number };
+}
 /**
  * softmax(q kᵀ · scale + mask) v over the last two dims. Uses libtorch's fused kernel where it exists
  * (2.x); otherwise the classic composition diffusers' AttnProcessor uses (q kᵀ by bmm, or baddbmm onto the mask; softmax; bmm).
@@ -113,7 +123,33 @@ export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: At
   if (nativeSdpa && !o.isCausal) {
     return A.sdpa(q, k, v, o.attnMask ?? null, o.dropoutP ?? 0, false, scale) as Tensor;
   }
+  if (o.memoryEfficient && !o.isCausal && !o.dropoutP) {
+    const chunk = queryChunk(q, k, o.memoryEfficient.maxScoresBytes);
+    if (chunk < (q.shape[q.shape.length - 2] ?? 0)) return attentionChunked(q, k, v, scale, o.attnMask ?? null, chunk);
+  }
   return attentionComposite(q, k, v, scale, o);
+}
+
+/** Query rows per chunk so that one chunk's scores [batch·heads, rows, Lk] stay within `maxBytes`. */
+function queryChunk(q: Tensor, k: Tensor, maxBytes: number): number {
+  const lead = q.shape.slice(0, -2).reduce((a, b) => a * b, 1);
+  const lk = k.shape[k.shape.length - 2] ?? 1;
+  return Math.max(1, Math.floor(maxBytes / (lead * lk * elementSize(q.dtype))));
+}
+
+/** Attention over query chunks, each a checkpointed block: backward recomputes one chunk's scores at a time. */
+function attentionChunked(q: Tensor, k: Tensor, v: Tensor, scale: number, mask: Tensor | null, chunk: number): Tensor {
+  const dim = q.ndim - 2;
+  const lq = q.shape[dim] ?? 0;
+  // a mask with a query dimension is cut with the queries; one broadcast over queries is used whole
+  const maskRows = mask !== null && mask.ndim >= 2 && (mask.shape[mask.ndim - 2] ?? 1) > 1;
+  const parts: Tensor[] = [];
+  for (let start = 0; start < lq; start += chunk) {
+    const rows = Math.min(chunk, lq - start);
+    const m = mask && maskRows ? mask.narrow(mask.ndim - 2, start, rows) : mask;
+    parts.push(checkpoint((qc, kc, vc) => attentionComposite(qc, kc, vc, scale, { attnMask: m }), q.narrow(dim, start, rows), k, v));
+  }
+  return A.cat(parts, dim) as Tensor;
 }
 
 function attentionComposite(q: Tensor, k: Tensor, v: Tensor, scale: number, o: AttentionOptions): Tensor {
@@ -142,6 +178,9 @@ function attentionComposite(q: Tensor, k: Tensor, v: Tensor, scale: number, o: A
     scores = scores.maskedFill(triu(causal, 1), -Infinity);
   }
   let probs = scores.softmax(-1);
+  // the scores are as large as the probabilities: free them now rather than at the scope's end (softmax's
+  // backward needs only its output, so autograd keeps nothing of them)
+  scores.dispose();
   if (o.dropoutP) probs = dropout(probs, o.dropoutP, true);
   return probs.bmm(v3).reshape([...lead, lq, dv]);
 }

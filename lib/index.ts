@@ -50,7 +50,7 @@ export type { CLIPTextConfig, CLIPTextModelOutput } from './models/clip_text_mod
 export { AutoencoderKL } from './models/autoencoder_kl.js';
 export type { AutoencoderKLConfig } from './models/autoencoder_kl.js';
 export { DiagonalGaussianDistribution } from './models/vae.js';
-export { Attention, AttnProcessor } from './models/attention_processor.js';
+export { Attention, AttnProcessor, setMemoryEfficientAttention } from './models/attention_processor.js';
 export type { AttentionProcessor } from './models/attention_processor.js';
 export { resolvePretrained } from './models/loading.js';
 export type { FromPretrainedOptions } from './models/loading.js';

@@ -49,6 +49,27 @@ describe('difflora generate', () => {
     golden.dispose();
   }, 60_000);
 
+  it('--enable_xformers_memory_efficient_attention: every attention layer set, the same picture', async () => {
+    const run = async (name: string, ...more: string[]) => {
+      const c = capture();
+      const output = join(tmp, name);
+      const code = await main([...base, '--seed=3', `--output=${output}`, ...more], c.io);
+      expect(code, c.err()).toBe(0);
+      return { err: c.err(), pixels: (await sharp(output).raw().toBuffer()) };
+    };
+    const plain = await run('plain.png');
+    const efficient = await run('efficient.png', '--enable_xformers_memory_efficient_attention');
+    // every Attention of the UNet and the VAE, counted from the model
+    const pipe = StableDiffusionPipeline.fromPretrained(tinySd);
+    const layers = [...pipe.unet.namedModules(), ...pipe.vae.namedModules()].filter(([, m]) => m.constructor.name === 'Attention').length;
+    pipe.dispose();
+    expect(plain.err).not.toMatch(/memory-efficient/);
+    expect(efficient.err).toContain(`memory-efficient attention in ${layers} attention layers`);
+    let worst = 0;
+    plain.pixels.forEach((v, i) => { worst = Math.max(worst, Math.abs(v - (efficient.pixels[i] as number))); });
+    expect(worst).toBeLessThanOrEqual(1);
+  }, 60_000);
+
   it('combines LoRA files with weights and writes one file per image', async () => {
     const c = capture();
     const output = join(tmp, 'many.png');

@@ -1,6 +1,6 @@
 // The flags of diffusers' `train_text_to_image_lora.py`, same names, defaults and meaning (REFERENCE.md),
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
-// not silently accepted; stand-ins (8-bit Adam → AdamW, xformers → SDPA) are reported in `warnings`.
+// not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
@@ -85,7 +85,7 @@ export interface TrainArgs {
   // misc
   seed: number | undefined;
   localRank: number;
-  /** What was accepted with a stand-in (8-bit Adam, xformers), for the caller to show. */
+  /** What was accepted with a stand-in (8-bit Adam), for the caller to show. */
   warnings: string[];
   /** No model and no data flags: train the built-in default (lib/builtin/default.ts). */
   builtinDefault: boolean;
@@ -147,7 +147,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   noise_offset: { kind: 'float', group: 'Objective', default: 0, describe: 'Scale of offset noise.' },
   // precision
   mixed_precision: { kind: 'string', group: 'Precision', choices: MIXED_PRECISION_CHOICES, describe: 'Mixed precision: no, fp16 or bf16 (bf16 needs an Ampere GPU or a CPU).' },
-  enable_xformers_memory_efficient_attention: { kind: 'boolean', group: 'Precision', default: false, describe: 'Memory-efficient attention (xformers in Python); here: scaled-dot-product attention.' },
+  enable_xformers_memory_efficient_attention: { kind: 'boolean', group: 'Precision', default: false, describe: 'Memory-efficient attention in the UNet (xformers in Python): libtorch 2.x\'s fused kernel; on libtorch 1.13, attention by query chunks of ≤ 64 MiB of scores, recomputed in backward.' },
   // validation
   validation_prompt: { kind: 'string', group: 'Validation', describe: 'A prompt sampled during training to check progress; enables validation.' },
   num_validation_images: { kind: 'int', group: 'Validation', default: 4, describe: 'Number of images generated from --validation_prompt.' },
@@ -307,7 +307,6 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
   const reportTo = str(r, 'report_to');
   if (reportTo !== 'tensorboard') throw new UsageError(`--report_to=${reportTo} is not supported: difflora reports to 'tensorboard' only (wandb and comet_ml need their services)`);
   if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');
-  if (r.enable_xformers_memory_efficient_attention === true) warnings.push('--enable_xformers_memory_efficient_attention: xformers is not used; attention already runs through libtorch\'s scaled-dot-product attention (memory-efficient kernels on CUDA)');
 
   for (const k of ['resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps', 'rank', 'checkpointing_steps', 'validation_epochs'] as const) {
     if ((num(r, k) ?? 1) < 1) throw new UsageError(`--${k} must be at least 1, got ${num(r, k)}`);

@@ -4,6 +4,7 @@
 import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { Dropout, LayerNorm, Linear } from '../nn/layers.js';
+import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { Attention } from './attention_processor.js';
 
@@ -72,11 +73,14 @@ export class BasicTransformerBlock extends Module {
 
   /** hiddenStates [B, L, dim], encoderHiddenStates [B, S, crossAttentionDim] → [B, L, dim]. */
   forward(hiddenStates: Tensor, encoderHiddenStates: Tensor): Tensor {
-    // 1. self-attention over the image tokens
-    let h = this.attn1.forward(this.norm1.forward(hiddenStates)).add(hiddenStates);
-    // 2. cross-attention: image tokens query the text tokens
-    h = this.attn2.forward(this.norm2.forward(h), encoderHiddenStates).add(h);
-    // 3. feed-forward
-    return this.ff.forward(this.norm3.forward(h)).add(h);
+    // tidy: intermediates freed when the block returns (see ResnetBlock2D.forward)
+    return tidy(() => {
+      // 1. self-attention over the image tokens
+      let h = this.attn1.forward(this.norm1.forward(hiddenStates)).add(hiddenStates);
+      // 2. cross-attention: image tokens query the text tokens
+      h = this.attn2.forward(this.norm2.forward(h), encoderHiddenStates).add(h);
+      // 3. feed-forward
+      return this.ff.forward(this.norm3.forward(h)).add(h);
+    });
   }
 }

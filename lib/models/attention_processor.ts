@@ -4,6 +4,7 @@ import * as F from '../functional.js';
 import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { Dropout, GroupNorm, Linear } from '../nn/layers.js';
+import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 
 export interface AttentionConfig {
@@ -66,7 +67,8 @@ export class Attention extends Module {
   }
 
   forward(hiddenStates: Tensor, encoderHiddenStates?: Tensor | null, attentionMask?: Tensor | null): Tensor {
-    return this.processor.call(this, hiddenStates, encoderHiddenStates, attentionMask);
+    // tidy: scores and probabilities (the largest tensors of a forward) are freed as soon as attention returns
+    return tidy(() => this.processor.call(this, hiddenStates, encoderHiddenStates, attentionMask));
   }
 
   /** [B, L, heads·d] → [B, heads, L, d] */
@@ -85,8 +87,12 @@ export class Attention extends Module {
 /**
  * Scaled-dot-product attention over the projections: libtorch's fused kernel where it exists, else the
  * exact composition. Handles 4-D (image) input by flattening the spatial dims, as diffusers does.
+ * `memoryEfficient`: on libtorch without the fused kernel, attention by query chunks recomputed in backward
+ * (see F.scaledDotProductAttention) — what `--enable_xformers_memory_efficient_attention` selects.
  */
 export class AttnProcessor implements AttentionProcessor {
+  constructor(readonly options: { memoryEfficient?: { maxScoresBytes: number } } = {}) {}
+
   call(attn: Attention, hiddenStates: Tensor, encoderHiddenStates?: Tensor | null, attentionMask?: Tensor | null): Tensor {
     const residual = hiddenStates;
     const image = hiddenStates.ndim === 4;
@@ -105,7 +111,9 @@ export class AttnProcessor implements AttentionProcessor {
       q = q.float();
       k = k.float();
     }
-    let out = F.scaledDotProductAttention(q, k, upcast ? v.float() : v, { attnMask: attentionMask ?? null, scale: attn.scale });
+    let out = F.scaledDotProductAttention(q, k, upcast ? v.float() : v, {
+      attnMask: attentionMask ?? null, scale: attn.scale, memoryEfficient: this.options.memoryEfficient,
+    });
     if (out.dtype !== dtype) out = out.to(dtype);
     out = attn.batchToHeadDim(out);
     out = attn.to_out.at(0).forward(out);
@@ -115,4 +123,24 @@ export class AttnProcessor implements AttentionProcessor {
     if (attn.rescaleOutputFactor !== 1) out = out.div(attn.rescaleOutputFactor);
     return out;
   }
+}
+
+/** Default budget for one chunk's attention scores under memory-efficient attention. */
+export const MEMORY_EFFICIENT_SCORES_BYTES = 64 * 2 ** 20;
+
+/**
+ * Sets every Attention of `model` to memory-efficient attention (diffusers'
+ * enable_xformers_memory_efficient_attention) or back to the plain processor (`false`). Returns how many
+ * attention modules were set.
+ */
+export function setMemoryEfficientAttention(model: Module, on: boolean | { maxScoresBytes?: number } = true): number {
+  const memoryEfficient = on === false ? undefined : { maxScoresBytes: (on === true ? undefined : on.maxScoresBytes) ?? MEMORY_EFFICIENT_SCORES_BYTES };
+  let n = 0;
+  for (const [, m] of model.namedModules()) {
+    if (m instanceof Attention) {
+      m.processor = new AttnProcessor({ memoryEfficient });
+      n++;
+    }
+  }
+  return n;
 }

@@ -4,6 +4,7 @@
 // attention path.
 import * as torch from '../torch.js';
 import { Module, buffer } from '../nn/module.js';
+import { tidy } from '../scope.js';
 import { Embedding, LayerNorm } from '../nn/layers.js';
 import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
@@ -70,7 +71,8 @@ export class CLIPTextEmbeddings extends Module {
     super();
     this.token_embedding = new Embedding(c.vocab_size, c.hidden_size, o);
     this.position_embedding = new Embedding(c.max_position_embeddings, c.hidden_size, o);
-    this.position_ids = buffer(torch.arange(c.max_position_embeddings, undefined, 1, { dtype: 'int64', device: o.device }).unsqueeze(0), false);
+    // tidy: the arange itself is freed; only its [1, L] view is kept as the buffer
+    this.position_ids = buffer(tidy(() => torch.arange(c.max_position_embeddings, undefined, 1, { dtype: 'int64', device: o.device }).unsqueeze(0)), false);
   }
 
   forward(inputIds: Tensor): Tensor {

@@ -3,6 +3,7 @@
 import * as F from '../functional.js';
 import { Module } from '../nn/module.js';
 import { Conv2d, Dropout, GroupNorm, Linear } from '../nn/layers.js';
+import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 
 export interface ResnetBlock2DConfig {
@@ -52,15 +53,19 @@ export class ResnetBlock2D extends Module {
   }
 
   forward(input: Tensor, temb?: Tensor | null): Tensor {
-    let h = this.conv1.forward(this.norm1.forward(input).silu());
-    if (this.time_emb_proj && temb) {
-      const t = this.time_emb_proj.forward(temb.silu());
-      h = h.add(t.unsqueeze(-1).unsqueeze(-1));
-    }
-    h = this.conv2.forward(this.dropout.forward(this.norm2.forward(h).silu()));
-    const shortcut = this.conv_shortcut ? this.conv_shortcut.forward(input.contiguous()) : input;
-    const out = shortcut.add(h);
-    return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
+    // tidy: the block's intermediates are freed when it returns, not at the end of the caller's scope (in
+    // inference that bounds memory to one block's activations; autograd keeps what backward needs)
+    return tidy(() => {
+      let h = this.conv1.forward(this.norm1.forward(input).silu());
+      if (this.time_emb_proj && temb) {
+        const t = this.time_emb_proj.forward(temb.silu());
+        h = h.add(t.unsqueeze(-1).unsqueeze(-1));
+      }
+      h = this.conv2.forward(this.dropout.forward(this.norm2.forward(h).silu()));
+      const shortcut = this.conv_shortcut ? this.conv_shortcut.forward(input.contiguous()) : input;
+      const out = shortcut.add(h);
+      return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
+    });
   }
 }
 

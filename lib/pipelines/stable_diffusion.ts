@@ -16,6 +16,7 @@ import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { Generator } from '../random.js';
 import { dispose, keep, tidy } from '../scope.js';
 import { loadScheduler, type Scheduler, type SchedulerName } from '../schedulers/scheduler.js';
+import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import type { Device, Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
@@ -175,6 +176,16 @@ export class StableDiffusionPipeline {
   fuseLora(o: { loraScale?: number; adapterNames?: string[] } = {}): void { fuseLora(this.loraTargets, o); }
   unfuseLora(): void { unfuseLora(this.loraTargets); }
   unloadLoraWeights(): void { unloadLoraWeights(this.loraTargets); }
+
+  /**
+   * Memory-efficient attention in the UNet and the VAE (diffusers' enable_xformers_memory_efficient_attention;
+   * `false` turns it off): see setMemoryEfficientAttention.
+   */
+  enableMemoryEfficientAttention(on: boolean | { maxScoresBytes?: number } = true): this {
+    setMemoryEfficientAttention(this.unet, on);
+    setMemoryEfficientAttention(this.vae, on);
+    return this;
+  }
 
   // ---- prompt
 

@@ -6,6 +6,7 @@ import { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { CLIPTextModel } from '../models/clip_text_model.js';
 import { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import type { FromPretrainedOptions } from '../models/loading.js';
 import { attachLora } from '../lora/attach.js';
 import { saveLoraWeights } from '../lora/save.js';
@@ -40,6 +41,8 @@ export interface TrainOptions extends TrainDataOptions {
   maxTrainSteps?: number | null;
   gradientAccumulationSteps?: number;
   gradientCheckpointing?: boolean;
+  /** Memory-efficient attention in the UNet (the script's xformers flag): see setMemoryEfficientAttention. */
+  enableXformersMemoryEfficientAttention?: boolean;
   learningRate?: number;
   scaleLr?: boolean;
   lrScheduler?: string;
@@ -103,6 +106,7 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
   const lora = attachLora(unet, { rank, alpha: rank, init: 'gaussian' });
   unet.train();
   if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
+  if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
   const params = lora.parameters();
 
   // 2. data and steps arithmetic
