@@ -40,6 +40,11 @@ struct Tape {
   std::vector<std::pair<at::Generator, at::Tensor>> rng;  // default generators and their states at the start
   AutocastState autocast;  // replayed under the same autocast as the forward
   std::string error;
+  // Set by tapeEnd: the last step that reads or writes each slot, and the slots a replay must keep to the end
+  // (inputs and outputs). Replay drops every other slot after its last use, so a replayed block holds no more
+  // than autograd saves for backward (a block's attention scores, say, are gone once softmax has run).
+  std::vector<size_t> lastUse;
+  std::vector<bool> pinned;
 };
 
 namespace {
@@ -122,6 +127,13 @@ std::vector<at::Tensor> Replay(const Tape& tape, const std::vector<at::Tensor>& 
     for (const TensorRef& r : step.results) {
       slots[r.slot] = r.element < 0 ? stack[r.arg].toTensor() : stack[r.arg].toTensorList().get(static_cast<size_t>(r.element));
     }
+    stack.clear();
+    const size_t index = static_cast<size_t>(&step - tape.steps.data());
+    auto release = [&](const TensorRef& r) {
+      if (!tape.pinned[r.slot] && tape.lastUse[r.slot] == index) slots[r.slot].reset();
+    };
+    for (const TensorRef& r : step.refs) release(r);
+    for (const TensorRef& r : step.results) release(r);
   }
   return slots;
 }
@@ -165,6 +177,7 @@ struct CheckpointBackward : torch::autograd::Node {
         grads.push_back(gradOutputs[i]);
       }
     }
+    slots.clear();  // what backward needs, autograd holds
     if (!outs.empty()) torch::autograd::backward(outs, grads);  // also accumulates captured parameters' grads
     torch::autograd::variable_list result;
     for (size_t i = 0; i < leaves.size(); ++i) result.push_back(inputRequiresGrad[i] ? leaves[i].grad() : at::Tensor());
@@ -223,6 +236,14 @@ Napi::Value TapeEnd(const Napi::CallbackInfo& info) {
       node->outputSlots.push_back(it->second);
     }
     node->set_next_edges(torch::autograd::collect_next_edges(originals));
+    tape->lastUse.assign(tape->numSlots, 0);
+    tape->pinned.assign(tape->numSlots, false);
+    for (size_t i = 0; i < tape->numInputs; ++i) tape->pinned[i] = true;
+    for (size_t slot : node->outputSlots) tape->pinned[slot] = true;
+    for (size_t i = 0; i < tape->steps.size(); ++i) {
+      for (const TensorRef& r : tape->steps[i].refs) tape->lastUse[r.slot] = i;
+      for (const TensorRef& r : tape->steps[i].results) tape->lastUse[r.slot] = std::max(tape->lastUse[r.slot], i);
+    }
     // The forward's intermediates are recomputed in backward: drop every reference to them, keeping only
     // the inputs, the captured constants and the non-tensor arguments.
     tape->alive.resize(tape->numInputs);
