@@ -2,12 +2,11 @@
 // composition where libtorch lacks scaled_dot_product_attention).
 import { native } from './native.js';
 import { dtypeCode, elementSize } from './dtype.js';
-import { checkpoint } from './checkpoint.js';
 import { hasOp, op } from './ops.js';
 import { Tensor } from './tensor.js';
 
 const A = {
-  linear: op('linear'), cat: op('cat'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
+  linear: op('linear'), chunkedAttention: op('difflora::chunked_attention'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
   embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
@@ -107,9 +106,9 @@ export interface AttentionOptions {
   attnMask?: Tensor | null; isCausal?: boolean; scale?: number; dropoutP?: number;
   /**
    * Memory-efficient attention where libtorch has no fused kernel (1.13): the queries in chunks whose scores
-   * take at most this many bytes, each chunk recomputed in backward (the trade xformers makes: memory
-   * O(chunk·Lk) instead of O(Lq·Lk), one more forward of the attention in backward). libtorch 2.x's fused
-   * kernel is memory-efficient by itself and ignores it.
+   * take at most this many bytes; autograd keeps q, k, v, the output and a log-sum-exp per row, and backward
+   * recomputes one chunk at a time (xformers' trade: memory O(chunk·Lk) instead of O(Lq·Lk), one more
+   * q·kᵀ in backward). libtorch 2.x's fused kernel is memory-efficient by itself and ignores it.
    */
   memoryEfficient?: { maxScoresBytes: number };
 }
@@ -123,11 +122,18 @@ export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: At
   if (nativeSdpa && !o.isCausal) {
     return A.sdpa(q, k, v, o.attnMask ?? null, o.dropoutP ?? 0, false, scale) as Tensor;
   }
-  if (o.memoryEfficient && !o.isCausal && !o.dropoutP) {
+  if (o.memoryEfficient && !o.isCausal && !o.dropoutP && sameLead(q, k, v)) {
     const chunk = queryChunk(q, k, o.memoryEfficient.maxScoresBytes);
-    if (chunk < (q.shape[q.shape.length - 2] ?? 0)) return attentionChunked(q, k, v, scale, o.attnMask ?? null, chunk);
+    // native/attention.cc: chunked forward, backward recomputing one chunk at a time from the saved log-sum-exp
+    if (chunk < (q.shape[q.shape.length - 2] ?? 0)) return A.chunkedAttention(q, k, v, o.attnMask ?? null, scale, chunk) as Tensor;
   }
   return attentionComposite(q, k, v, scale, o);
+}
+
+/** q, k, v with the same leading (batch, head) dimensions, and k, v of one length: what the chunked kernel takes. */
+function sameLead(q: Tensor, k: Tensor, v: Tensor): boolean {
+  const lead = (t: Tensor, drop: number) => t.shape.slice(0, t.shape.length - drop).join();
+  return q.ndim === k.ndim && k.ndim === v.ndim && lead(q, 2) === lead(k, 2) && lead(k, 1) === lead(v, 1);
 }
 
 /** Query rows per chunk so that one chunk's scores [batch·heads, rows, Lk] stay within `maxBytes`. */
@@ -135,21 +141,6 @@ function queryChunk(q: Tensor, k: Tensor, maxBytes: number): number {
   const lead = q.shape.slice(0, -2).reduce((a, b) => a * b, 1);
   const lk = k.shape[k.shape.length - 2] ?? 1;
   return Math.max(1, Math.floor(maxBytes / (lead * lk * elementSize(q.dtype))));
-}
-
-/** Attention over query chunks, each a checkpointed block: backward recomputes one chunk's scores at a time. */
-function attentionChunked(q: Tensor, k: Tensor, v: Tensor, scale: number, mask: Tensor | null, chunk: number): Tensor {
-  const dim = q.ndim - 2;
-  const lq = q.shape[dim] ?? 0;
-  // a mask with a query dimension is cut with the queries; one broadcast over queries is used whole
-  const maskRows = mask !== null && mask.ndim >= 2 && (mask.shape[mask.ndim - 2] ?? 1) > 1;
-  const parts: Tensor[] = [];
-  for (let start = 0; start < lq; start += chunk) {
-    const rows = Math.min(chunk, lq - start);
-    const m = mask && maskRows ? mask.narrow(mask.ndim - 2, start, rows) : mask;
-    parts.push(checkpoint((qc, kc, vc) => attentionComposite(qc, kc, vc, scale, { attnMask: m }), q.narrow(dim, start, rows), k, v));
-  }
-  return A.cat(parts, dim) as Tensor;
 }
 
 function attentionComposite(q: Tensor, k: Tensor, v: Tensor, scale: number, o: AttentionOptions): Tensor {

@@ -1,7 +1,8 @@
 // Memory-efficient attention (what --enable_xformers_memory_efficient_attention selects): on libtorch
-// without a fused kernel (Debian's 1.13 here) attention runs by query chunks, each recomputed in backward.
-// Same outputs and gradients as the plain composition, far fewer bytes held for backward, and the LoRA
-// training step still matches goldens/lora_train.
+// without a fused kernel (Debian's 1.13 here) attention runs by query chunks (native/attention.cc), saving
+// only q, k, v, the output and a log-sum-exp per row for backward. Same outputs and gradients as the plain
+// composition, far fewer bytes held for backward, and the LoRA training step still matches
+// goldens/lora_train — alone and inside gradient checkpointing's replay.
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import * as F from '../lib/functional.js';
@@ -110,17 +111,22 @@ describe('setMemoryEfficientAttention on the UNet', () => {
     // 16 KiB: every attention of tiny-sd runs in several chunks
     setMemoryEfficientAttention(unet, { maxScoresBytes: 16 * 1024 });
     const efficient = step();
-    expect(Math.abs(efficient.loss - plain.loss) / plain.loss).toBeLessThan(1e-6);
-    let worstPlain = 0;
-    let worstGolden = 0;
-    efficient.grads.forEach(([n, grad], i) => {
-      worstPlain = Math.max(worstPlain, relErr(grad, plain.grads[i]![1]));
-      worstGolden = Math.max(worstGolden, relErr(grad, g(`eps_mse/grad/${n}`)));
-    });
-    console.log('memory-efficient attention, LoRA grads', { worstPlain, worstGolden });
-    expect(worstPlain).toBeLessThan(1e-5);
-    expect(worstGolden).toBeLessThan(1e-4);
-    dispose([...plain.grads.map(([, t]) => t), ...efficient.grads.map(([, t]) => t)]);
+    // and inside gradient checkpointing, whose replay runs the chunked operator again
+    unet.enableGradientCheckpointing();
+    const both = step();
+    for (const [label, run] of [['memory-efficient', efficient], ['memory-efficient + checkpointing', both]] as const) {
+      expect(Math.abs(run.loss - plain.loss) / plain.loss).toBeLessThan(1e-6);
+      let worstPlain = 0;
+      let worstGolden = 0;
+      run.grads.forEach(([n, grad], i) => {
+        worstPlain = Math.max(worstPlain, relErr(grad, plain.grads[i]![1]));
+        worstGolden = Math.max(worstGolden, relErr(grad, g(`eps_mse/grad/${n}`)));
+      });
+      console.log(`${label} attention, LoRA grads`, { worstPlain, worstGolden });
+      expect(worstPlain).toBeLessThan(1e-5);
+      expect(worstGolden).toBeLessThan(1e-4);
+    }
+    dispose([plain, efficient, both].flatMap((r) => r.grads.map(([, t]) => t)));
     unet.dispose();
     scheduler.dispose();
   });
