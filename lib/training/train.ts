@@ -236,6 +236,8 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
       const pipe = StableDiffusionPipeline.fromPretrained(model, { ...load, variant: o.variant ?? undefined, dtype: weightDtype, device });
       try {
         pipe.loadLoraWeights(outputDir);
+        // same images either way; keeps the final run within the memory the training was given
+        if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
         validationImages = await runValidation(pipe, {
           prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs,
         });
