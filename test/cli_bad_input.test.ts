@@ -96,6 +96,19 @@ describe('difflora train: bad input names the problem, exits non-zero, loses not
     expect(treeHashes(dir)).toEqual(before);
   });
 
+  it('metadata pointing outside the dataset folder (../../etc/passwd)', async () => {
+    const { dir, before } = priorOutput('out-escape');
+    const escape = join(tmp, 'escape');
+    cpSync(data, escape, { recursive: true });
+    const meta = join(escape, 'metadata.jsonl');
+    writeFileSync(meta, `${readFileSync(meta, 'utf8').trim()}\n${JSON.stringify({ file_name: '../../etc/passwd', text: 'x' })}\n`);
+    const r = await runCli(base(escape, dir));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/'\.\.\/\.\.\/etc\/passwd'.*points outside the dataset folder|points outside the dataset folder.*\.\.\/\.\.\/etc\/passwd/);
+    expect(r.stderr).not.toMatch(/^\s+at /m);
+    expect(treeHashes(dir)).toEqual(before);
+  });
+
   it('a caption column that does not exist', async () => {
     const { dir, before } = priorOutput('out-caption');
     const r = await runCli([...base(data, dir), '--caption_column=prompt']);
