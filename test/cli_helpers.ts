@@ -4,11 +4,12 @@
 // file-tree hashes to show that nothing already written was touched.
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { dirname, join, relative } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import sharp from 'sharp';
-import { fixtures } from './helpers.js';
+import { fixtures, makeImageFolder } from './helpers.js';
+
+export { makeImageFolder };
 
 export const repoRoot = join(dirname(fileURLToPath(import.meta.url)), '..');
 export const tinySd = join(fixtures, 'tiny-sd');
@@ -61,22 +62,6 @@ export function canMountTmpfs(scratch: string): boolean {
   mkdirSync(scratch, { recursive: true });
   const r = spawnSync('unshare', ['-m', '--propagation', 'private', 'sh', '-c', 'mount -t tmpfs -o size=64k tmpfs "$1" && mount -o remount,ro "$1"', 'sh', scratch], { encoding: 'utf8' });
   return r.status === 0;
-}
-
-/** An imagefolder dataset of `n` small pictures (40×36 … , different colours) with metadata.jsonl. */
-export async function makeImageFolder(dir: string, n: number): Promise<string[]> {
-  mkdirSync(dir, { recursive: true });
-  const lines: string[] = [];
-  const files: string[] = [];
-  for (let i = 0; i < n; i++) {
-    const file = `${i}.png`;
-    await sharp({ create: { width: 40 + 2 * i, height: 36, channels: 3, background: { r: (50 * i) % 256, g: 120, b: 255 - ((40 * i) % 256) } } })
-      .png().toFile(join(dir, file));
-    lines.push(JSON.stringify({ file_name: file, text: `a test picture number ${i}` }));
-    files.push(join(dir, file));
-  }
-  writeFileSync(join(dir, 'metadata.jsonl'), lines.join('\n'));
-  return files;
 }
 
 /** Path → sha256 of every file under dir (relative paths, sorted), to compare a tree before and after. */

@@ -376,7 +376,7 @@ describe('ImageCaptionLoader', () => {
     expect(epoch.map((b) => b.captions.length)).toEqual([2, 2]);
     expect(epoch.flatMap((b) => b.captions).sort()).toEqual(['0', '1', '3', '4']);
     expect(lenient.skipped).toBe(1);
-    expect(lenient.skippedErrors[0]!.message).toMatch(/2\.png/);
+    expect(lenient.skippedImages[0]!.error.message).toMatch(/2\.png/);
     expect(lenient.getState().epoch).toBe(1);
 
     const allBroken = await makeDataset(2, p('all_broken'), { broken: [0, 1] });

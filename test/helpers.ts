@@ -1,6 +1,8 @@
 // Shared test helpers: fixture paths and the relative error used for every parity check.
+import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import sharp from 'sharp';
 import { loadSafetensors } from '../lib/io/safetensors.js';
 import { dispose, keep, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
@@ -42,4 +44,20 @@ export function goldenFile(file: string): { get(name: string): Tensor; dispose()
       tensors = undefined;
     },
   };
+}
+
+/** An imagefolder dataset of `n` small pictures (40×36 … , different colours) with metadata.jsonl. */
+export async function makeImageFolder(dir: string, n: number): Promise<string[]> {
+  mkdirSync(dir, { recursive: true });
+  const lines: string[] = [];
+  const files: string[] = [];
+  for (let i = 0; i < n; i++) {
+    const file = `${i}.png`;
+    await sharp({ create: { width: 40 + 2 * i, height: 36, channels: 3, background: { r: (50 * i) % 256, g: 120, b: 255 - ((40 * i) % 256) } } })
+      .png().toFile(join(dir, file));
+    lines.push(JSON.stringify({ file_name: file, text: `a test picture number ${i}` }));
+    files.push(join(dir, file));
+  }
+  writeFileSync(join(dir, 'metadata.jsonl'), lines.join('\n'));
+  return files;
 }

@@ -1,23 +1,16 @@
 // trainTextToImageLora (alias startTraining): the training loop as an awaitable handle with progress events, abort, and the run's metrics.
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTraining, trainTextToImageLora } from '../lib/index.js';
 import type { TrainOptions, TrainProgress } from '../lib/training/train.js';
-import { fixtures } from './helpers.js';
+import { fixtures, makeImageFolder } from './helpers.js';
 
 let tmp: string;
 beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), 'difflora-handle-'));
-  mkdirSync(join(tmp, 'data'));
-  const lines: string[] = [];
-  for (let i = 0; i < 4; i++) {
-    await sharp({ create: { width: 32, height: 32, channels: 3, background: { r: 50 * i, g: 80, b: 90 } } }).png().toFile(join(tmp, 'data', `${i}.png`));
-    lines.push(JSON.stringify({ file_name: `${i}.png`, text: `picture ${i}` }));
-  }
-  writeFileSync(join(tmp, 'data', 'metadata.jsonl'), lines.join('\n'));
+  await makeImageFolder(join(tmp, 'data'), 4);
 });
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 

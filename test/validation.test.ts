@@ -1,7 +1,7 @@
 // Validation during training (--validation_prompt, --num_validation_images, --validation_epochs): images
 // of the current LoRA per epoch and of the saved file at the end, on disk, in TensorBoard and in the model
 // card — and the training itself unchanged by them (same final LoRA as a run without validation).
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -10,20 +10,14 @@ import { loadSafetensors } from '../lib/io/safetensors.js';
 import { readTensorBoardEvents } from '../lib/logging/tensorboard.js';
 import { dispose } from '../lib/scope.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
-import { bitEqual, fixtures } from './helpers.js';
+import { bitEqual, fixtures, makeImageFolder } from './helpers.js';
 
 let tmp: string;
 let data: string;
 beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), 'difflora-val-'));
   data = join(tmp, 'data');
-  mkdirSync(data);
-  const lines: string[] = [];
-  for (let i = 0; i < 4; i++) {
-    await sharp({ create: { width: 32, height: 32, channels: 3, background: { r: 60 * i, g: 90, b: 200 - 40 * i } } }).png().toFile(join(data, `${i}.png`));
-    lines.push(JSON.stringify({ file_name: `${i}.png`, text: `a square number ${i}` }));
-  }
-  writeFileSync(join(data, 'metadata.jsonl'), lines.join('\n'));
+  await makeImageFolder(data, 4);
 });
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 

@@ -171,7 +171,6 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');
-  const { setMemoryEfficientAttention } = await import('../models/attention_processor.js');
   let model = a.pretrainedModelNameOrPath;
   if (model === undefined) {
     const { prepareBuiltinDefault } = await import('../builtin/default.js');
@@ -183,7 +182,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     revision: a.revision, variant: a.variant, cacheDir: a.cacheDir, dtype, device: a.device, scheduler: a.scheduler,
   });
   if (a.memoryEfficientAttention) {
-    const n = setMemoryEfficientAttention(pipe.unet, true) + setMemoryEfficientAttention(pipe.vae, true);
+    const n = pipe.enableMemoryEfficientAttention();
     io.stderr.write(`difflora generate: memory-efficient attention in ${n} attention layers\n`);
   }
   let latents;

@@ -63,12 +63,9 @@ interface Pending { epoch: number; position: number; promise: Promise<Outcome>; 
 export class ImageCaptionLoader {
   readonly batchSize: number;
   readonly resolution: number;
-  /** Images skipped so far because they failed to decode (skipBroken). */
-  skipped = 0;
-  /** The files skipped so far, with their errors. */
-  readonly skippedErrors: Error[] = [];
-  /** The paths of the images skipped so far (one entry per skip, as skippedErrors). */
-  readonly skippedFiles: string[] = [];
+  /** The images skipped so far (skipBroken), one entry per skip, with their errors. */
+  readonly skippedImages: { file: string; error: Error }[] = [];
+  get skipped(): number { return this.skippedImages.length; }
   /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
   readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
@@ -246,9 +243,7 @@ export class ImageCaptionLoader {
     this.epoch = epoch;
     this.position = position;
     this.normalise();
-    this.skipped += skippedHere.length;
-    this.skippedErrors.push(...skippedHere.map((f) => f.error));
-    this.skippedFiles.push(...skippedHere.map((f) => f.imagePath));
+    this.skippedImages.push(...skippedHere.map((f) => ({ file: f.imagePath, error: f.error })));
     this.fill(this.opts.prefetch);
 
     const B = good.length;

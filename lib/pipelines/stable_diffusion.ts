@@ -179,12 +179,10 @@ export class StableDiffusionPipeline {
 
   /**
    * Memory-efficient attention in the UNet and the VAE (diffusers' enable_xformers_memory_efficient_attention;
-   * `false` turns it off): see setMemoryEfficientAttention.
+   * `false` turns it off): see setMemoryEfficientAttention. Returns how many attention layers were set.
    */
-  enableMemoryEfficientAttention(on: boolean | { maxScoresBytes?: number } = true): this {
-    setMemoryEfficientAttention(this.unet, on);
-    setMemoryEfficientAttention(this.vae, on);
-    return this;
+  enableMemoryEfficientAttention(on: boolean | { maxScoresBytes?: number } = true): number {
+    return setMemoryEfficientAttention(this.unet, on) + setMemoryEfficientAttention(this.vae, on);
   }
 
   // ---- prompt

@@ -1,7 +1,7 @@
 // Training checkpoints: `output_dir/checkpoint-N/` holds everything needed to continue exactly — the LoRA
 // weights, optimizer moments and master weights, loss-scaler state, the step counters, the data position and
 // every random generator's state. A checkpoint is written to a temporary folder and renamed into place, so
-// it is never half-written; older ones are pruned to --checkpoints_total_limit before a new one is saved.
+// it is never half-written; older ones are pruned to --checkpoints_total_limit after a new one is saved.
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { loadSafetensors, saveSafetensors } from '../io/safetensors.js';

@@ -76,7 +76,7 @@ export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPT
       epoch = s.epoch;
     },
     skipped() {
-      return { count: loader.skipped, files: [...new Set(loader.skippedFiles)] };
+      return { count: loader.skipped, files: [...new Set(loader.skippedImages.map((s) => s.file))] };
     },
     async close() {},
   };
