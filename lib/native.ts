@@ -38,7 +38,7 @@ export interface CpuMemory {
 export interface CudaMemory { allocatedBytes: number; peakAllocatedBytes: number; reservedBytes: number }
 
 export interface NativeInfo {
-  torchVersion: string; cudaAvailable: boolean; cudaDeviceCount: number; numThreads: number;
+  torchVersion: string; cudaAvailable: boolean; cudaCompiled: boolean; cudaDeviceCount: number; numThreads: number;
   numInteropThreads: number; parallelInfo: string; mkldnn: boolean; allocator: string;
 }
 

@@ -1,6 +1,7 @@
 // Seedable random generators per device, with state save/restore (exact resume depends on it).
 import { native, type NativeGenerator } from './native.js';
 import type { Tensor } from './tensor.js';
+import { checkDevice } from './device.js';
 
 export class Generator {
   /** Read by the dispatcher when a Generator is passed to an op. */
@@ -8,6 +9,7 @@ export class Generator {
   readonly device: string;
 
   constructor(device = 'cpu', nativeGenerator?: NativeGenerator) {
+    checkDevice(device);
     this.device = device;
     this._native = nativeGenerator ?? native.generatorNew(device);
   }

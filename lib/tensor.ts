@@ -5,6 +5,7 @@ import { dtypeCode, dtypeName, type DType } from './dtype.js';
 import { op, opVoid } from './ops.js';
 import { setTensorTest, track } from './scope.js';
 import type { Generator } from './random.js';
+import { checkDevice } from './device.js';
 
 export type Device = string;
 export type Scalar = number | boolean;
@@ -125,6 +126,7 @@ export class Tensor extends NativeBase {
   // ---- conversion
   to(target: DType | Device | { dtype?: DType; device?: Device; copy?: boolean }): Tensor {
     const o = typeof target === 'string' ? (isDType(target) ? { dtype: target } : { device: target }) : target;
+    checkDevice(o.device);
     return A.toDtypeLayout(this, o.dtype === undefined ? null : dtypeCode(o.dtype), null, o.device ?? null, null, false, o.copy ?? false) as Tensor;
   }
   float(): Tensor { return this.to('float32'); }

@@ -4,6 +4,7 @@ import { dtypeCode, type DType } from './dtype.js';
 import { op } from './ops.js';
 import { Tensor, type Device, type Scalar, type TypedArray } from './tensor.js';
 import type { Generator } from './random.js';
+import { checkDevice } from './device.js';
 
 export interface TensorOptions { dtype?: DType; device?: Device; requiresGrad?: boolean }
 export interface RandomOptions extends TensorOptions { generator?: Generator }
@@ -35,18 +36,24 @@ function finish(t: Tensor, o: TensorOptions): Tensor {
   return t;
 }
 const code = (o: TensorOptions, fallback: DType = 'float32'): number => dtypeCode(o.dtype ?? fallback);
+/** The device a creation function uses: the option, else the generator's, else the default; checked. */
+function dev(o: TensorOptions, generatorDevice?: Device): Device | null {
+  const d = o.device ?? generatorDevice ?? defaultDevice;
+  checkDevice(d);
+  return d;
+}
 
 export function zeros(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.zeros(shape, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.zeros(shape, code(o), null, dev(o), null) as Tensor, o);
 }
 export function ones(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.ones(shape, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.ones(shape, code(o), null, dev(o), null) as Tensor, o);
 }
 export function full(shape: readonly number[], value: Scalar, o: TensorOptions = {}): Tensor {
-  return finish(A.full(shape, value, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.full(shape, value, code(o), null, dev(o), null) as Tensor, o);
 }
 export function empty(shape: readonly number[], o: TensorOptions = {}): Tensor {
-  return finish(A.empty(shape, code(o), null, o.device ?? defaultDevice, null, null) as Tensor, o);
+  return finish(A.empty(shape, code(o), null, dev(o), null, null) as Tensor, o);
 }
 export function zerosLike(t: Tensor, o: TensorOptions = {}): Tensor {
   return finish(A.zerosLike(t, o.dtype ? dtypeCode(o.dtype) : null, null, o.device ?? null, null, null) as Tensor, o);
@@ -58,21 +65,21 @@ export function onesLike(t: Tensor, o: TensorOptions = {}): Tensor {
 /** arange(end) or arange(start, end, step); integral arguments give int64, as in PyTorch. */
 export function arange(startOrEnd: number, end?: number, step = 1, o: TensorOptions = {}): Tensor {
   const [s, e] = end === undefined ? [0, startOrEnd] : [startOrEnd, end];
-  return finish(A.arange(s, e, step, o.dtype ? dtypeCode(o.dtype) : null, null, o.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.arange(s, e, step, o.dtype ? dtypeCode(o.dtype) : null, null, dev(o), null) as Tensor, o);
 }
 export function linspace(start: number, end: number, steps: number, o: TensorOptions = {}): Tensor {
-  return finish(A.linspace(start, end, steps, code(o), null, o.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.linspace(start, end, steps, code(o), null, dev(o), null) as Tensor, o);
 }
 
 export function rand(shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return finish(A.rand(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.rand(shape, o.generator ?? null, code(o), null, dev(o, o.generator?.device), null) as Tensor, o);
 }
 export function randn(shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return finish(A.randn(shape, o.generator ?? null, code(o), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor, o);
+  return finish(A.randn(shape, o.generator ?? null, code(o), null, dev(o, o.generator?.device), null) as Tensor, o);
 }
 /** Integers uniform in [low, high). */
 export function randint(low: number, high: number, shape: readonly number[], o: RandomOptions = {}): Tensor {
-  return A.randint(low, high, shape, o.generator ?? null, code(o, 'int64'), null, o.device ?? o.generator?.device ?? defaultDevice, null) as Tensor;
+  return A.randint(low, high, shape, o.generator ?? null, code(o, 'int64'), null, dev(o, o.generator?.device), null) as Tensor;
 }
 /** randn with the shape, dtype and device of t (a generator may be given, unlike torch.randn_like). */
 export function randnLike(t: Tensor, o: RandomOptions = {}): Tensor {

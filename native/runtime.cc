@@ -15,6 +15,11 @@ Napi::Value Info(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("torchVersion", TORCH_VERSION);
   o.Set("cudaAvailable", at::hasCUDA());
+#ifdef DIFFLORA_WITH_CUDA
+  o.Set("cudaCompiled", true);
+#else
+  o.Set("cudaCompiled", false);
+#endif
   o.Set("cudaDeviceCount", static_cast<double>(at::hasCUDA() ? at::detail::getCUDAHooks().getNumGPUs() : 0));
   o.Set("numThreads", at::get_num_threads());
   o.Set("numInteropThreads", at::get_num_interop_threads());

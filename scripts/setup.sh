@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian/Ubuntu machine to a working difflora checkout:
-#   system packages (libtorch and the build tools) when missing, npm dependencies, the native addon
-#   (cmake-js, and the node-gyp build that CI also exercises), and the compiled TypeScript.
+#   system packages (libtorch and the build tools) when missing, npm dependencies, the native addon (built
+#   once, with cmake-js; the node-gyp build of binding.gyp is checked by CI alone: scripts/check-gyp.sh), and the
+#   compiled TypeScript.
 # Set LIBTORCH=/path/to/libtorch (or have PyTorch importable by python3) to build against libtorch 2.x/CUDA
 # instead of Debian's CPU libtorch; apt's libtorch is then not installed.
 # `npm run setup -- --jupyter` also installs Jupyter from Debian (nbconvert, jupyter-client, ipykernel) and the
@@ -48,7 +49,6 @@ fi
 
 if [[ -f package-lock.json ]]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
 npm run build:native
-npm run build:gyp
 npm run build:ts
 if ((jupyter)); then
   npm ci --prefix scripts/jupyter --no-audit --no-fund

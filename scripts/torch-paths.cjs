@@ -1,7 +1,7 @@
 #!/usr/bin/env node
-// Prints libtorch's include dirs, link flags, defines (C++ ABI, CUDA) or the addon's sources, for binding.gyp.
-// libtorch is looked up in the same order as CMakeLists.txt: $LIBTORCH / $TORCH_DIR, a PyTorch install,
-// then the system (Debian's libtorch-dev).
+// The one place that locates libtorch, for both builds: $LIBTORCH / $TORCH_DIR, a PyTorch install, then the
+// system (Debian's libtorch-dev). Prints the CMake prefix (CMakeLists.txt), or libtorch's include dirs, link
+// flags, defines (C++ ABI, CUDA) and the addon's sources (binding.gyp).
 'use strict';
 const { execFileSync } = require('node:child_process');
 const { existsSync, readdirSync } = require('node:fs');
@@ -21,12 +21,12 @@ function fromPython() {
 
 function locate() {
   const env = process.env.LIBTORCH || process.env.TORCH_DIR;
-  if (env) return { include: join(env, 'include'), lib: join(env, 'lib'), abi: 1 };
+  if (env) return { include: join(env, 'include'), lib: join(env, 'lib'), abi: 1, cmakePrefix: [env, join(env, 'share/cmake')] };
   const py = fromPython();
-  if (py) return { include: join(py.root, 'include'), lib: join(py.root, 'lib'), abi: py.abi };
+  if (py) return { include: join(py.root, 'include'), lib: join(py.root, 'lib'), abi: py.abi, cmakePrefix: [join(py.root, 'share/cmake')] };
   const arch = { x64: 'x86_64', arm64: 'aarch64' }[process.arch] || process.arch;
   const lib = `/usr/lib/${arch}-linux-gnu`;
-  if (existsSync('/usr/include/torch/csrc/api/include')) return { include: '/usr/include', lib, abi: 1 };
+  if (existsSync('/usr/include/torch/csrc/api/include')) return { include: '/usr/include', lib, abi: 1, cmakePrefix: [] };
   console.error('difflora: libtorch not found. Install it with `npm run setup` (Debian libtorch-dev) or set LIBTORCH.');
   process.exit(1);
 }
@@ -38,7 +38,9 @@ if (what === 'sources') {
   process.exit(0);
 }
 const t = locate();
-if (what === 'include') {
+if (what === 'cmake-prefix') {
+  console.log(t.cmakePrefix.join(';'));
+} else if (what === 'include') {
   const cudaHome = process.env.CUDA_HOME || '/usr/local/cuda';
   const cudaInclude = existsSync(join(t.lib, 'libtorch_cuda.so')) && existsSync(join(cudaHome, 'include')) ? [join(cudaHome, 'include')] : [];
   console.log([t.include, join(t.include, 'torch/csrc/api/include'), ...cudaInclude].join(' '));
@@ -54,6 +56,6 @@ if (what === 'include') {
   const cuda = existsSync(join(t.lib, 'libtorch_cuda.so'));
   console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...(cuda ? ['DIFFLORA_WITH_CUDA'] : [])].join(' '));
 } else {
-  console.error('usage: torch-paths.cjs include|libs|defines|sources');
+  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources');
   process.exit(2);
 }
