@@ -118,15 +118,29 @@ function setThreadingEnv(): void {
   }
 }
 
+/**
+ * The command that rebuilds the addon where the user is: inside a checkout of difflora the package's own script;
+ * installed as a dependency (node_modules/difflora), `npm rebuild difflora` from the user's project.
+ */
+function rebuildCommand(): string {
+  return /[\\/]node_modules[\\/]/.test(packageRoot) ? 'npm rebuild difflora' : 'npm run build:native';
+}
+
 function loadError(tried: string[], cause: unknown): Error {
   const message = cause instanceof Error ? cause.message : String(cause);
+  const rebuild = rebuildCommand();
+  const installed = rebuild === 'npm rebuild difflora';
   const lines = [`difflora: could not load the native addon (${message}).`, `Tried: ${tried.join(', ')}`, 'Possible solutions:'];
   if (/libtorch|libc10|libtorch_cpu|libtorch_cuda/.test(message)) {
-    lines.push('- libtorch is missing: run `npm run setup` (installs Debian\'s libtorch-dev), or point LIBTORCH at a libtorch 2.x and rebuild with `npm run build:native`.');
+    lines.push(installed
+      ? `- libtorch is missing: install it (Debian/Ubuntu: \`sudo apt-get install libtorch-dev libopenblas0-pthread\`), or point LIBTORCH at a libtorch 2.x, then run \`${rebuild}\`.`
+      : `- libtorch is missing: run \`npm run setup\` (installs Debian's libtorch-dev), or point LIBTORCH at a libtorch 2.x and rebuild with \`${rebuild}\`.`);
   } else if (!tried.some((p) => existsSync(p))) {
-    lines.push('- the addon is not built: run `npm run build:native` (or `npm run setup` on a fresh machine).');
+    lines.push(installed
+      ? `- the addon is not built (its install step was skipped or failed): install cmake, a C++17 compiler and libtorch (Debian/Ubuntu: \`sudo apt-get install cmake g++ make libtorch-dev libopenblas0-pthread\`), then run \`${rebuild}\`.`
+      : `- the addon is not built: run \`${rebuild}\` (or \`npm run setup\` on a fresh machine).`);
   } else {
-    lines.push('- rebuild the addon for this Node.js and libtorch: `npm run build:native`.');
+    lines.push(`- rebuild the addon for this Node.js and libtorch: \`${rebuild}\`.`);
   }
   lines.push('- set DIFFLORA_ADDON=/path/to/difflora.node to use an addon built elsewhere.');
   const err = new Error(lines.join('\n'));

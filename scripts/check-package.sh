@@ -64,6 +64,12 @@ console.log(`library ok: libtorch ${torch.info().torchVersion}`);
 EOF
 node check.mjs
 
+# 3b. a broken addon in the user's project names the command that exists there (`npm rebuild difflora`)
+msg=$(DIFFLORA_ADDON=/nonexistent/difflora.node node -e "import('difflora').catch((e) => console.log(e.message))")
+grep -q 'npm rebuild difflora' <<<"$msg" || fail "the load error in an installed package does not name 'npm rebuild difflora': $msg"
+grep -q 'npm run build:native' <<<"$msg" && fail "the load error in an installed package names a script the user's project lacks: $msg"
+echo "check-package: the load error names npm rebuild difflora"
+
 # 4. the shipped types, under the settings of a strict NodeNext project
 cat >check.ts <<'EOF'
 import { torch, type Tensor, UNet2DConditionModel } from 'difflora';

@@ -1,7 +1,8 @@
 // The addon set-up builds (cmake-js) loads and computes, and a missing addon fails with an actionable message.
 // The node-gyp build (binding.gyp) runs the same computation in CI's scripts/check-gyp.sh.
 import { spawnSync } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, symlinkSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
@@ -43,5 +44,16 @@ describe('builds', () => {
     expect(r.stderr).toContain('could not load the native addon');
     expect(r.stderr).toContain('Possible solutions');
     expect(r.stderr).toContain('npm run build:native');
+  });
+
+  it('installing without a compiler stops with what to install, before touching the build', () => {
+    const bin = mkdtempSync(join(tmpdir(), 'difflora-nocc-'));
+    symlinkSync(process.execPath, join(bin, 'node'));
+    const r = spawnSync(join(bin, 'node'), [join(root, 'scripts/install-addon.cjs')], {
+      cwd: root, env: { PATH: bin, DIFFLORA_FORCE_BUILD: '1', HOME: tmpdir() }, encoding: 'utf8',
+    });
+    expect(r.status).toBe(1);
+    expect(r.stderr).toMatch(/cannot build the native addon: cmake, c\+\+, make not found/);
+    expect(r.stderr).toContain('apt-get install cmake g++ make libtorch-dev');
   });
 });
