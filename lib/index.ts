@@ -82,6 +82,7 @@ export type {
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
 export { trainTextToImageLora, startTraining } from './training/handle.js';
+export { BUILTIN_SETTINGS, prepareBuiltinDefault } from './builtin/default.js';
 export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
 export { runTraining, stepsArithmetic } from './training/train.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';

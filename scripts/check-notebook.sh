@@ -18,6 +18,8 @@ for cand in python3 /usr/bin/python3; do
 done
 [[ -n "$py" ]] || fail "Jupyter is not installed (no python3 imports nbconvert, nbclient and jupyter_client): run \`npm run setup -- --jupyter\` (Debian: apt-get install jupyter-nbconvert jupyter-client python3-ipykernel)"
 [[ -f dist/index.js ]] || npm run build:ts
+# 'difflora' in the notebook resolves to this checkout, as `npm run setup -- --jupyter` links it
+[[ -e node_modules/difflora ]] || ln -sfn .. node_modules/difflora
 
 if [[ ! -x scripts/jupyter/node_modules/.bin/tslab || scripts/jupyter/package-lock.json -nt scripts/jupyter/node_modules/.package-lock.json ]]; then
   npm ci --prefix scripts/jupyter --no-audit --no-fund --loglevel=error
@@ -67,6 +69,11 @@ for cell in nb["cells"]:
                 pngs[tag] = pngs.get(tag, 0) + 1
     if "train" in tags and not any("steps, last loss" in "".join(o.get("text", "")) for o in cell.get("outputs", [])):
         problems.append("the training cell did not report its result")
+    if "train" in tags:
+        # the progress bar is one display entry updated in place: one output, showing the last step
+        bars = [o for o in cell.get("outputs", []) if "<progress" in "".join(o.get("data", {}).get("text/html", ""))]
+        if len(bars) != 1 or 'value="40" max="40"' not in "".join(bars[0]["data"]["text/html"]):
+            problems.append(f"the training cell should show one progress bar updated in place to step 40, found {len(bars)}: {[''.join(b['data']['text/html'])[:120] for b in bars]}")
 for tag, want in (("loss-plot", 1), ("generate", 2)):
     if pngs.get(tag, 0) < want:
         problems.append(f"cell '{tag}' shows {pngs.get(tag, 0)} PNG image(s), expected at least {want}")

@@ -52,6 +52,9 @@ npm run build:native
 npm run build:ts
 if ((jupyter)); then
   npm ci --prefix scripts/jupyter --no-audit --no-fund
+  # the notebook imports 'difflora' as a user's project does; in the checkout that name is this package
+  # (what `npm link difflora` would make; tslab's TypeScript does not resolve a package's own name by itself)
+  ln -sfn .. node_modules/difflora
   tslab="$PWD/scripts/jupyter/node_modules/.bin/tslab"
   "$tslab" install --python="$(jupyter_python)" --user --binary="$tslab"
   echo "setup: the tslab kernel is registered; open examples/notebook.ipynb in Jupyter, or run it headless: bash scripts/check-notebook.sh"
