@@ -18,12 +18,13 @@ import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
 import {
-  attachLora, detachLora, getLoraHandle, loraLayers, mergeLora, setLoraEnabled, setLoraScale, unmergeLora,
-} from '../lib/lora/attach.js';
+  disableLora, enableLora, fuseLora, loadLoraWeights, setAdapters, unfuseLora, unloadLoraWeights, withLoraScale,
+} from '../lib/lora/adapters.js';
+import { attachLora, getLoraHandle, loraLayers } from '../lib/lora/attach.js';
+import { kohyaName } from '../lib/lora/formats.js';
+import { setPeftModelStateDict } from '../lib/lora/load.js';
 import { LoraLinear } from '../lib/lora/lora_linear.js';
-import {
-  kohyaName, loadLoraIntoModel, loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights,
-} from '../lib/lora/save.js';
+import { loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights } from '../lib/lora/save.js';
 import { bitEqual, fixtures, relErr } from './helpers.js';
 
 const goldens = join(fixtures, 'goldens');
@@ -288,7 +289,7 @@ describe('LoraLinear', () => {
 
 // ---- attaching to a model
 
-describe('attachLora / detachLora on Attention modules', () => {
+describe('attachLora / unloadLoraWeights on Attention modules', () => {
   it('replaces to_q/to_k/to_v/to_out.0 of every Attention; names and order are PEFT\'s (lora_train.json)', () => {
     const model = tinyAttentionModel();
     const h = attachLora(model, { rank: 4 });
@@ -331,23 +332,21 @@ describe('attachLora / detachLora on Attention modules', () => {
     randomizeLora(model, 11);
     const full = attentionOutputs(model);
     expect(relErr(full, before)).toBeGreaterThan(1e-3);
-    setLoraEnabled(model, false);
+    disableLora(model);
     const off = attentionOutputs(model);
     expect(bitEqual(off, before)).toBe(true);
-    setLoraEnabled(model, true);
-    setLoraScale(model, 0);
-    const zero = attentionOutputs(model);
+    enableLora(model);
+    const zero = withLoraScale(model, 0, () => attentionOutputs(model));
     expect(bitEqual(zero, before)).toBe(true);
-    setLoraScale(model, 1);
-    mergeLora(model);
+    fuseLora(model);
     const merged = attentionOutputs(model);
     expect(relErr(merged, full)).toBeLessThan(1e-5);
-    unmergeLora(model);
+    unfuseLora(model);
     dispose([before, fresh, full, off, zero, merged]);
     model.dispose();
   });
 
-  it('detachLora puts the original Linears back, weights bit for bit, and restores requiresGrad', () => {
+  it('unloadLoraWeights puts the original Linears back, weights bit for bit, and restores requiresGrad', () => {
     const model = tinyAttentionModel(true);
     const originals = new Map(model.namedModules().filter(([, m]) => m instanceof Linear));
     const weights = new Map([...model.stateDict()].map(([k, t]) => [k, t.clone()]));
@@ -355,10 +354,10 @@ describe('attachLora / detachLora on Attention modules', () => {
     const live = memory().numTensors;
     attachLora(model, { rank: 4 });
     randomizeLora(model, 1);
-    mergeLora(model);
-    unmergeLora(model);
-    const removed = detachLora(model);
-    expect(removed.length).toBe(48);
+    fuseLora(model);
+    unfuseLora(model);
+    expect(loraLayers(model).length).toBe(48);
+    unloadLoraWeights(model);
     expect(loraLayers(model).length).toBe(0);
     expect(memory().numTensors).toBe(live); // the LoRA weights were disposed
     for (const [p, m] of model.namedModules()) if (m instanceof Linear) expect(m).toBe(originals.get(p));
@@ -377,7 +376,7 @@ describe('attachLora / detachLora on Attention modules', () => {
     model.stateDict().forEach((t, k) => { if (k.endsWith('.bias')) t.requiresGrad = false; });
     attachLora(model, { rank: 4 });
     randomizeLora(model, 2);
-    detachLora(model);
+    unloadLoraWeights(model);
     for (const [k, t] of model.stateDict()) expect([k, bitEqual(t, weights2.get(k) as Tensor)]).toEqual([k, true]);
     for (const [k, p] of model.namedParameters()) expect([k, p.requiresGrad]).toEqual([k, !k.endsWith('.bias')]);
     const out2 = attentionOutputs(model);
@@ -393,8 +392,9 @@ describe('attachLora / detachLora on Attention modules', () => {
     attachLora(model, { rank: 2, targetModules: ['attn2.to_k'] });
     expect(loraLayers(model).map(([p]) => p).every((p) => p.endsWith('attn2.to_k'))).toBe(true);
     expect(() => attachLora(model, { rank: 2 })).toThrow(/already has LoRA layers/);
-    detachLora(model);
-    expect(() => setLoraScale(model, 0.5)).toThrow(/no LoRA layers/);
+    unloadLoraWeights(model);
+    expect(loraLayers(model).length).toBe(0);
+    expect(() => setAdapters(model, 'default')).toThrow(/no adapter 'default'; the adapters are: \(none loaded\)/);
     model.dispose();
   });
 
@@ -491,10 +491,10 @@ describe('LoRA files', () => {
     const check = (file: string, alpha: number, out: Tensor, attachFirst: boolean) => {
       const dst = tinyAttentionModel();
       if (attachFirst) attachLora(dst, { rank: 4, init: 'kaiming' });
-      const r = loadLoraIntoModel(dst, file);
-      expect(r.attached).toBe(!attachFirst);
-      expect(r.loaded.length).toBe(48);
-      expect(r.notInFile).toEqual([]);
+      // into the trained adapter (as a resume does), or as a new adapter of the plain model
+      const r = attachFirst ? setPeftModelStateDict(dst, file) : loadLoraWeights(dst, file);
+      expect(r.unetLayers).toBe(48);
+      expect(loraLayers(dst).length).toBe(48);
       const got = loraValues(dst);
       for (const [n, t] of want) expect([n, bitEqual(got.get(n) as Tensor, t)]).toEqual([n, true]);
       for (const [, l] of loraLayers(dst)) expect([l.rank, l.alpha]).toEqual([4, alpha]);
@@ -521,7 +521,7 @@ describe('LoRA files', () => {
     const out = attentionOutputs(src);
     const file = saveLoraWeights(join(tmp, 'folded'), src);
     const dst = tinyAttentionModel();
-    loadLoraIntoModel(dst, file);
+    loadLoraWeights(dst, file);
     for (const [, l] of loraLayers(dst)) expect(l.alpha).toBe(4);
     const got = attentionOutputs(dst);
     const err = relErr(got, out);
@@ -540,15 +540,15 @@ describe('LoRA files', () => {
       const a = torch.randn([4, 32]);
       const b = torch.randn([32, 4]);
       const good = 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q';
-      expect(() => loadLoraIntoModel(model, new Map([
+      expect(() => setPeftModelStateDict(model, new Map([
         [`${good}.lora.down.weight`, a], [`${good}.lora.up.weight`, b],
         ['unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_z.lora.down.weight', a],
         ['text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight', a],
         ['lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha', torch.scalarTensor(1)],
-      ]))).toThrow(/3 key\(s\) match no LoRA layer of Node:\n {2}unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_z\.lora\.down\.weight\n {2}text_encoder\.text_model.*q_proj\.lora\.down\.weight\n {2}lora_te_text_model_encoder_layers_0_self_attn_q_proj\.alpha/);
-      expect(() => loadLoraIntoModel(model, new Map([[`${good}.lora.down.weight`, a]]))).toThrow(/attn1\.to_q: up\/B weight missing/);
-      expect(() => loadLoraIntoModel(model, new Map([[`${good}.lora.down.weight`, torch.randn([8, 32])], [`${good}.lora.up.weight`, torch.randn([32, 8])]])))
-        .toThrow(/attn1\.to_q: file down\/A \[8, 32\], up\/B \[32, 8\]; layer needs \[4, 32\], \[32, 4\]/);
+      ]))).toThrow(/3 key\(s\) match no layer of adapter 'default' in the UNet[^\n]*:\n {2}unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_z\.lora\.down\.weight\n {2}text_encoder\.text_model.*q_proj\.lora\.down\.weight\n {2}lora_te_text_model_encoder_layers_0_self_attn_q_proj\.alpha/);
+      expect(() => setPeftModelStateDict(model, new Map([[`${good}.lora.down.weight`, a]]))).toThrow(/attn1\.to_q: up\/B weight missing/);
+      expect(() => setPeftModelStateDict(model, new Map([[`${good}.lora.down.weight`, torch.randn([8, 32])], [`${good}.lora.up.weight`, torch.randn([32, 8])]])))
+        .toThrow(/attn1\.to_q: file down\/A \[8, 32\], up\/B \[32, 8\]; the adapter 'default' needs \[4, 32\], \[32, 4\]/);
     });
     const after = loraValues(model);
     for (const [n, t] of before) expect([n, bitEqual(after.get(n) as Tensor, t)]).toEqual([n, true]);
@@ -557,7 +557,7 @@ describe('LoRA files', () => {
     const plain = tinyAttentionModel();
     const file = join(tmp, 'bad.safetensors');
     tidy(() => saveSafetensors(file, new Map([['unet.mid_block.attentions.0.norm.lora.down.weight', torch.randn([4, 64])]])));
-    expect(() => loadLoraIntoModel(plain, file)).toThrow(/1 key\(s\) match no Linear layer of Node:\n {2}unet\.mid_block\.attentions\.0\.norm\.lora\.down\.weight/);
+    expect(() => loadLoraWeights(plain, file)).toThrow(/1 key\(s\) match no Linear\/Conv2d layer of the UNet[^\n]*:\n {2}unet\.mid_block\.attentions\.0\.norm\.lora\.down\.weight/);
     expect(loraLayers(plain).length).toBe(0);
     plain.dispose();
     model.dispose();
@@ -566,15 +566,15 @@ describe('LoRA files', () => {
   it('Kohya golden (alpha 2 / 8 per layer, ff layers too) attaches where the file says; merged weights equal PEFT\'s', () => {
     const model = tinyAttentionModel(true);
     const golden = loadSafetensors(join(goldens, 'kohya.safetensors')).tensors;
-    const r = loadLoraIntoModel(model, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
+    const r = loadLoraWeights(model, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
     expect(r.formats).toEqual(['kohya']);
-    expect(r.loaded.length).toBe(50);
+    expect(r.unetLayers).toBe(50);
     const layers = new Map(loraLayers(model));
     for (const [path, s] of Object.entries(kohyaMeta.per_layer_scaling)) {
       const l = layers.get(path);
       expect([path, l?.rank, l?.alpha, l?.scaling]).toEqual([path, s.rank, s.alpha, s.peft_scaling]);
     }
-    mergeLora(model);
+    fuseLora(model);
     const errs: Record<string, number> = {};
     for (const [k, t] of golden) {
       if (!k.startsWith('merged_weight/')) continue;
