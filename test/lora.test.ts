@@ -3,7 +3,8 @@
 // peft 0.13. The attention model here is a stand-in with the tiny-sd UNet's module paths (every Attention
 // and every other Linear of the UNet, at their checkpoint paths, with its weights); test/lora_unet.test.ts
 // repeats the parity checks on the real UNet.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -18,9 +19,11 @@ import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
 import {
-  disableLora, enableLora, fuseLora, loadLoraWeights, setAdapters, unfuseLora, unloadLoraWeights, withLoraScale,
+  disableLora, enableLora, fuseLora, getActiveAdapters, getListAdapters, loadLoraWeights, setAdapters, unfuseLora, unloadLoraWeights,
+  withLoraScale,
 } from '../lib/lora/adapters.js';
 import { attachLora, getLoraHandle, loraLayers } from '../lib/lora/attach.js';
+import { convertLoraFile } from '../lib/lora/convert.js';
 import { kohyaName } from '../lib/lora/formats.js';
 import { setPeftModelStateDict } from '../lib/lora/load.js';
 import { LoraLinear } from '../lib/lora/lora_linear.js';
@@ -586,6 +589,102 @@ describe('LoRA files', () => {
     console.log('Kohya merged weights vs PEFT, rel err', errs);
     expect(Object.keys(errs).length).toBe(5);
     dispose([...golden.values()]);
+    model.dispose();
+  });
+});
+
+// ---- hostile input (issue #12): every refusal names the key (and the file), and changes nothing
+
+describe('bad LoRA input is refused, the model unchanged', () => {
+  const Q = 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q';
+  const KQ = 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q';
+  const golden = join(goldens, 'lora-diffusers', 'pytorch_lora_weights.safetensors');
+
+  /** The weights (cloned) and the adapter lists: what must not change. */
+  function snapshot(model: Module): { weights: Map<string, Tensor>; adapters: string } {
+    const weights = tidy(() => new Map([...model.stateDict()].map(([k, t]) => [k, t.clone()])));
+    return { weights, adapters: JSON.stringify([getListAdapters(model), getActiveAdapters(model)]) };
+  }
+  function expectUnchanged(model: Module, s: { weights: Map<string, Tensor>; adapters: string }, what: string): void {
+    const now = model.stateDict();
+    expect([what, [...now.keys()]]).toEqual([what, [...s.weights.keys()]]);
+    const differ = [...now].filter(([k, t]) => !bitEqual(t, s.weights.get(k) as Tensor)).map(([k]) => k);
+    expect([what, differ]).toEqual([what, []]);
+    expect([what, JSON.stringify([getListAdapters(model), getActiveAdapters(model)])]).toEqual([what, s.adapters]);
+  }
+
+  it('dtypes, dimensions, ranks, shapes, alphas, NaN/inf, unknown keys, two layouts for one target: each named, nothing loaded', () => {
+    const model = tinyAttentionModel();
+    attachLora(model, { rank: 4 });
+    randomizeLora(model, 5);
+    loadLoraWeights(model, golden, { adapterName: 'a' });
+    const snap = snapshot(model);
+    const randn = (shape: number[]) => torch.randn(shape).mul(0.1);
+    const pair = (down: Tensor, up: Tensor): Map<string, Tensor> => new Map([[`${Q}.lora.down.weight`, down], [`${Q}.lora.up.weight`, up]]);
+    const kohya = (alpha: Tensor): Map<string, Tensor> => new Map([[`${KQ}.alpha`, alpha], [`${KQ}.lora_down.weight`, randn([4, 32])], [`${KQ}.lora_up.weight`, randn([32, 4])]]);
+    const nan = randn([4, 32]);
+    const inf = randn([32, 4]);
+    tidy(() => noGrad(() => {
+      nan.view(-1).narrow(0, 7, 1).fill_(Number.NaN);
+      inf.view(-1).narrow(0, 3, 1).fill_(Number.POSITIVE_INFINITY);
+    }));
+    const cases: [string, Map<string, Tensor>, RegExp][] = [
+      ['int32 weight', pair(torch.zeros([4, 32], { dtype: 'int32' }), randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: dtype int32; LoRA weights must be floating point/],
+      ['bool weight', pair(randn([4, 32]), torch.zeros([32, 4], { dtype: 'bool' })), /attn1\.to_q\.lora\.up\.weight: dtype bool/],
+      ['71 dimensions', pair(torch.zeros(Array<number>(71).fill(1)), randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: shape \[1(, 1){70}\] has 71 dimensions/],
+      ['3 dimensions', pair(randn([4, 32, 1]), randn([32, 4])), /lora\.down\.weight: shape \[4, 32, 1\] has 3 dimensions/],
+      ['down/up ranks differ', pair(randn([4, 32]), randn([32, 2])), /attn1\.to_q \(.*lora\.down\.weight, .*lora\.up\.weight\): down has rank 4 \(\[4, 32\]\) but up has rank 2 \(\[32, 2\]\)/],
+      ['shape of another layer', pair(randn([4, 33]), randn([32, 4])), /attn1\.to_q: file down\/A \[4, 33\], up\/B \[32, 4\]; the (Linear|adapter 'default') needs \[4, 32\], \[32, 4\] \(rank 4\) \(.*to_q\.lora\.down\.weight/],
+      ['conv pair on a Linear', pair(randn([4, 32, 1, 1]), randn([32, 4, 1, 1])), /attn1\.to_q: file down\/A \[4, 32, 1, 1\].*the (Linear|adapter 'default') needs \[4, 32\]/],
+      ['3×3 up', pair(randn([4, 32, 3, 3]), randn([32, 4, 3, 3])), /lora\.up\.weight\): up \[32, 4, 3, 3\] must be a 1×1 convolution/],
+      ['NaN', pair(nan, randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: holds NaN or infinite values/],
+      ['inf', pair(randn([4, 32]), inf), /attn1\.to_q\.lora\.up\.weight: holds NaN or infinite values/],
+      ['alpha NaN', kohya(torch.scalarTensor(Number.NaN)), new RegExp(`${KQ}\\.alpha: alpha NaN; it must be a finite number > 0`)],
+      ['alpha negative', kohya(torch.scalarTensor(-2)), new RegExp(`${KQ}\\.alpha: alpha -2`)],
+      ['alpha zero', kohya(torch.scalarTensor(0)), new RegExp(`${KQ}\\.alpha: alpha 0`)],
+      ['alpha of shape [2]', kohya(torch.tensor([2, 2])), new RegExp(`${KQ}\\.alpha: alpha must be a scalar, has shape \\[2\\]`)],
+      ['unknown key', new Map([...pair(randn([4, 32]), randn([32, 4])), ['model.weird_thing', randn([2])]]), /1 key\(s\) match no .*:\n {2}model\.weird_thing$/m],
+      ['two layouts for one target', new Map([...pair(randn([4, 32]), randn([32, 4])), [`${Q}.lora_A.weight`, randn([4, 32])]]), /attn1\.to_q: two keys give its down: unet\..*to_q\.lora\.down\.weight, unet\..*to_q\.lora_A\.weight/],
+      ['Kohya and diffusers keys', new Map([...pair(randn([4, 32]), randn([32, 4])), ...kohya(torch.scalarTensor(2))]), /mixes the Kohya and diffusers\/PEFT layouts \(e\.g\. lora_unet_.*\.alpha and unet\..*\)/],
+      ['no LoRA weights', new Map(), /cannot load:\n {2}holds no LoRA weights/],
+    ];
+    for (const [what, source, msg] of cases) {
+      expect(() => loadLoraWeights(model, source), what).toThrow(msg);
+      expectUnchanged(model, snap, `loadLoraWeights: ${what}`);
+      expect(() => setPeftModelStateDict(model, source), what).toThrow(msg);
+      expectUnchanged(model, snap, `setPeftModelStateDict: ${what}`);
+    }
+    // a resume file must cover the whole adapter; a fused layer takes nothing
+    expect(() => setPeftModelStateDict(model, pair(randn([4, 32]), randn([32, 4])))).toThrow(/the file has no weights for 47 layer\(s\) of adapter 'default'/);
+    fuseLora(model, { adapterNames: ['a'] });
+    const fused = snapshot(model);
+    expect(() => loadLoraWeights(model, pair(randn([4, 32]), randn([32, 4])))).toThrow(/attn1\.to_q: the layer is fused; unfuseLora first/);
+    expectUnchanged(model, fused, 'fused');
+    unfuseLora(model);
+    expectUnchanged(model, snap, 'unfused');
+    for (const [, m] of cases) dispose([...m.values()]);
+    dispose([...snap.weights.values(), ...fused.weights.values()]);
+    model.dispose();
+  });
+
+  it('a FIFO, an empty file and a file of int32 weights: the loaders refuse naming the file, convert-lora writes nothing', () => {
+    const model = tinyAttentionModel();
+    loadLoraWeights(model, golden, { adapterName: 'a' });
+    const snap = snapshot(model);
+    const fifo = join(tmp, 'lora.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const empty = join(tmp, 'empty.safetensors');
+    writeFileSync(empty, '');
+    const ints = join(tmp, 'ints.safetensors');
+    tidy(() => saveSafetensors(ints, new Map([[`${Q}.lora.down.weight`, torch.zeros([4, 32], { dtype: 'int32' })], [`${Q}.lora.up.weight`, torch.zeros([32, 4], { dtype: 'int32' })]])));
+    const out = join(tmp, 'converted.safetensors');
+    for (const [file, msg] of [[fifo, /lora\.fifo' is a FIFO/], [empty, /empty\.safetensors/], [ints, /ints\.safetensors\): cannot load:\n {2}unet\..*to_q\.lora\.down\.weight: dtype int32/]] as const) {
+      expect(() => loadLoraWeights(model, file)).toThrow(msg);
+      expectUnchanged(model, snap, file);
+      expect(() => convertLoraFile(file, out, 'kohya')).toThrow(msg);
+      expect(existsSync(out)).toBe(false);
+    }
+    dispose([...snap.weights.values()]);
     model.dispose();
   });
 });

@@ -132,7 +132,7 @@ function weightProblems(key: string, t: Tensor): string[] {
   const finite = noGrad(() => {
     const f = t.isfinite();
     const all = f.all();
-    const ok = all.item() !== 0;
+    const ok = Boolean(all.item()); // a bool tensor's item() is true/false
     f.dispose();
     all.dispose();
     return ok;
