@@ -95,7 +95,7 @@ export function attachLora(model: Module, config: LoraConfig): LoraHandle {
 }
 
 function attachTo(model: Module, config: LoraConfig): LoraHandle {
-  if (loraLayers(model).length) throw new Error(`attachLora: ${model.constructor.name} already has LoRA layers; call detachLora first`);
+  if (loraLayers(model).length) throw new Error(`attachLora: ${model.constructor.name} already has LoRA layers; call unloadLoraWeights first`);
   const targets = config.targetModules ?? DEFAULT_TARGET_MODULES;
   const modules = model.namedModules();
   const selected = modules.filter(([p]) => p !== '' && matchesTarget(p, targets));

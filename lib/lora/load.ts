@@ -46,6 +46,8 @@ export interface ReadLoraOptions {
   weightName?: string;
   /** Only keys under this prefix are read, with it stripped (a training checkpoint's 'lora.'). */
   keyPrefix?: string;
+  /** For a state dict: the file it came from, named in errors (e.g. a checkpoint's tensors file). */
+  file?: string;
 }
 
 /** A read LoRA: its description and a dispose() for the tensors read from a file (a Map source stays the caller's). */
@@ -57,7 +59,7 @@ export interface ReadLora { description: LoraDescription; dispose(): void }
  * assertValidLora, or apply it (applyLora reports them together with what does not fit the models).
  */
 export function readLora(source: string | Map<string, Tensor>, what: string, options: ReadLoraOptions = {}): ReadLora {
-  if (typeof source !== 'string') return { description: parseLoraFile(source, '', options), dispose: () => {} };
+  if (typeof source !== 'string') return { description: parseLoraFile(source, options.file ?? '', options), dispose: () => {} };
   let isDir: boolean;
   try { isDir = statSync(source).isDirectory(); } catch { throw new Error(`${what}: no file or folder ${source}`); }
   const file = isDir ? join(source, options.weightName ?? LORA_WEIGHT_NAME) : source;
