@@ -688,3 +688,22 @@ describe('bad LoRA input is refused, the model unchanged', () => {
     model.dispose();
   });
 });
+
+describe('Kohya names the rebuilt path misses', () => {
+  it('match the model\'s own paths by their Kohya name (a module name with an underscore the rebuild splits)', () => {
+    const model = new Node();
+    place(model, 'extra_proj.inner', new Linear(6, 5, false));
+    const name = kohyaName('extra_proj.inner');
+    expect(name).toBe('lora_unet_extra_proj_inner');
+    const down = torch.randn([2, 6]);
+    const up = torch.randn([5, 2]);
+    const alpha = torch.scalarTensor(1);
+    const r = loadLoraWeights(model, new Map([[`${name}.alpha`, alpha], [`${name}.lora_down.weight`, down], [`${name}.lora_up.weight`, up]]));
+    expect([r.unetLayers, r.formats]).toEqual([1, ['kohya']]);
+    const [[path, layer]] = loraLayers(model) as [[string, LoraLinear]];
+    expect([path, layer.rank, layer.alpha]).toEqual(['extra_proj.inner', 2, 1]);
+    expect(bitEqual(layer.lora_A.weight, down) && bitEqual(layer.lora_B.weight, up)).toBe(true);
+    dispose([down, up, alpha]);
+    model.dispose();
+  });
+});
