@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import {
-  torch, AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel, StableDiffusionPipeline, attachLora, detachLora,
+  torch, AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel, StableDiffusionPipeline, attachLora, unloadLoraWeights,
   saveLoraWeights, schedulerFromConfig,
 } from '../dist/index.js';
 
@@ -57,7 +57,7 @@ if (!cases.includes('lora')) process.exit(0);
 const tmp = mkdtempSync(join(tmpdir(), 'difflora-bench-'));
 attachLora(unet, { rank: 4 });
 const file = saveLoraWeights(tmp, unet);
-detachLora(unet);
+unloadLoraWeights(unet);
 const once = () => {
   const t0 = process.hrtime.bigint();
   const r = pipe.loadLoraWeights(file);

@@ -6,7 +6,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
   AdamW, AutoencoderKL, CLIPTextModel, CLIPTokenizer, DDPMScheduler, UNet2DConditionModel, attachLora, clipGradNorm,
-  diffusionLoss, loadLoraIntoModel, saveLoraWeights, torch,
+  diffusionLoss, saveLoraWeights, setPeftModelStateDict, torch,
 } from '../lib/index.js';
 
 const sd = process.argv[2] ?? join(import.meta.dirname, '../test/fixtures/tiny-sd');
@@ -43,5 +43,5 @@ console.log(`loss ${loss.toFixed(4)}`);
 
 const file = saveLoraWeights(out, unet);
 saveLoraWeights(out, unet, { format: 'kohya', weightName: 'lora_kohya.safetensors' });
-loadLoraIntoModel(unet, join(out, 'lora_kohya.safetensors'));          // round trip through the Kohya format
+setPeftModelStateDict(unet, join(out, 'lora_kohya.safetensors'));      // round trip through the Kohya format, into the trained adapter
 console.log(`saved ${file}`);

@@ -56,16 +56,15 @@ export { resolvePretrained } from './models/loading.js';
 export type { FromPretrainedOptions } from './models/loading.js';
 export { UNet2DConditionModel } from './models/unet_2d_condition.js';
 
-// ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files; named adapters for inference)
+// ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files; diffusers' names, on a model or a pipeline's models)
 export {
-  LoraLinear, LoraConv2d, attachLora, detachLora, setLoraEnabled, setLoraScale, mergeLora, unmergeLora,
-  loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights, loadLoraIntoModel,
+  LoraLinear, LoraConv2d, attachLora, loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights, setPeftModelStateDict,
   loadLoraWeights, setAdapters, getActiveAdapters, getListAdapters, deleteAdapters, disableLora, enableLora,
-  fuseLora, unfuseLora, unloadLoraWeights, withLoraScale,
+  fuseLora, unfuseLora, unloadLoraWeights, withLoraScale, convertLoraFile, kohyaToModulePath,
 } from './lora/index.js';
-export type { LoraConfig, LoraHandle, LoraInit, LoraTargets, LoadLoraWeightsOptions, LoadLoraWeightsResult } from './lora/index.js';
-export { convertLoraFile, kohyaToModulePath } from './lora/convert.js';
-export type { LoraLayout } from './lora/convert.js';
+export type {
+  LoraConfig, LoraHandle, LoraInit, LoraLayout, LoraTarget, LoraTargets, LoadLoraWeightsOptions, LoadLoraWeightsResult,
+} from './lora/index.js';
 
 // ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
 export {

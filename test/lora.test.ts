@@ -3,7 +3,8 @@
 // peft 0.13. The attention model here is a stand-in with the tiny-sd UNet's module paths (every Attention
 // and every other Linear of the UNet, at their checkpoint paths, with its weights); test/lora_unet.test.ts
 // repeats the parity checks on the real UNet.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -18,12 +19,15 @@ import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
 import {
-  attachLora, detachLora, getLoraHandle, loraLayers, mergeLora, setLoraEnabled, setLoraScale, unmergeLora,
-} from '../lib/lora/attach.js';
+  disableLora, enableLora, fuseLora, getActiveAdapters, getListAdapters, loadLoraWeights, setAdapters, unfuseLora, unloadLoraWeights,
+  withLoraScale,
+} from '../lib/lora/adapters.js';
+import { attachLora, getLoraHandle, loraLayers } from '../lib/lora/attach.js';
+import { convertLoraFile } from '../lib/lora/convert.js';
+import { kohyaName } from '../lib/lora/formats.js';
+import { setPeftModelStateDict } from '../lib/lora/load.js';
 import { LoraLinear } from '../lib/lora/lora_linear.js';
-import {
-  kohyaName, loadLoraIntoModel, loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights,
-} from '../lib/lora/save.js';
+import { loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights } from '../lib/lora/save.js';
 import { bitEqual, fixtures, relErr } from './helpers.js';
 
 const goldens = join(fixtures, 'goldens');
@@ -288,7 +292,7 @@ describe('LoraLinear', () => {
 
 // ---- attaching to a model
 
-describe('attachLora / detachLora on Attention modules', () => {
+describe('attachLora / unloadLoraWeights on Attention modules', () => {
   it('replaces to_q/to_k/to_v/to_out.0 of every Attention; names and order are PEFT\'s (lora_train.json)', () => {
     const model = tinyAttentionModel();
     const h = attachLora(model, { rank: 4 });
@@ -331,23 +335,21 @@ describe('attachLora / detachLora on Attention modules', () => {
     randomizeLora(model, 11);
     const full = attentionOutputs(model);
     expect(relErr(full, before)).toBeGreaterThan(1e-3);
-    setLoraEnabled(model, false);
+    disableLora(model);
     const off = attentionOutputs(model);
     expect(bitEqual(off, before)).toBe(true);
-    setLoraEnabled(model, true);
-    setLoraScale(model, 0);
-    const zero = attentionOutputs(model);
+    enableLora(model);
+    const zero = withLoraScale(model, 0, () => attentionOutputs(model));
     expect(bitEqual(zero, before)).toBe(true);
-    setLoraScale(model, 1);
-    mergeLora(model);
+    fuseLora(model);
     const merged = attentionOutputs(model);
     expect(relErr(merged, full)).toBeLessThan(1e-5);
-    unmergeLora(model);
+    unfuseLora(model);
     dispose([before, fresh, full, off, zero, merged]);
     model.dispose();
   });
 
-  it('detachLora puts the original Linears back, weights bit for bit, and restores requiresGrad', () => {
+  it('unloadLoraWeights puts the original Linears back, weights bit for bit, and restores requiresGrad', () => {
     const model = tinyAttentionModel(true);
     const originals = new Map(model.namedModules().filter(([, m]) => m instanceof Linear));
     const weights = new Map([...model.stateDict()].map(([k, t]) => [k, t.clone()]));
@@ -355,10 +357,10 @@ describe('attachLora / detachLora on Attention modules', () => {
     const live = memory().numTensors;
     attachLora(model, { rank: 4 });
     randomizeLora(model, 1);
-    mergeLora(model);
-    unmergeLora(model);
-    const removed = detachLora(model);
-    expect(removed.length).toBe(48);
+    fuseLora(model);
+    unfuseLora(model);
+    expect(loraLayers(model).length).toBe(48);
+    unloadLoraWeights(model);
     expect(loraLayers(model).length).toBe(0);
     expect(memory().numTensors).toBe(live); // the LoRA weights were disposed
     for (const [p, m] of model.namedModules()) if (m instanceof Linear) expect(m).toBe(originals.get(p));
@@ -377,7 +379,7 @@ describe('attachLora / detachLora on Attention modules', () => {
     model.stateDict().forEach((t, k) => { if (k.endsWith('.bias')) t.requiresGrad = false; });
     attachLora(model, { rank: 4 });
     randomizeLora(model, 2);
-    detachLora(model);
+    unloadLoraWeights(model);
     for (const [k, t] of model.stateDict()) expect([k, bitEqual(t, weights2.get(k) as Tensor)]).toEqual([k, true]);
     for (const [k, p] of model.namedParameters()) expect([k, p.requiresGrad]).toEqual([k, !k.endsWith('.bias')]);
     const out2 = attentionOutputs(model);
@@ -393,8 +395,9 @@ describe('attachLora / detachLora on Attention modules', () => {
     attachLora(model, { rank: 2, targetModules: ['attn2.to_k'] });
     expect(loraLayers(model).map(([p]) => p).every((p) => p.endsWith('attn2.to_k'))).toBe(true);
     expect(() => attachLora(model, { rank: 2 })).toThrow(/already has LoRA layers/);
-    detachLora(model);
-    expect(() => setLoraScale(model, 0.5)).toThrow(/no LoRA layers/);
+    unloadLoraWeights(model);
+    expect(loraLayers(model).length).toBe(0);
+    expect(() => setAdapters(model, 'default')).toThrow(/no adapter 'default'; the adapters are: \(none loaded\)/);
     model.dispose();
   });
 
@@ -491,10 +494,10 @@ describe('LoRA files', () => {
     const check = (file: string, alpha: number, out: Tensor, attachFirst: boolean) => {
       const dst = tinyAttentionModel();
       if (attachFirst) attachLora(dst, { rank: 4, init: 'kaiming' });
-      const r = loadLoraIntoModel(dst, file);
-      expect(r.attached).toBe(!attachFirst);
-      expect(r.loaded.length).toBe(48);
-      expect(r.notInFile).toEqual([]);
+      // into the trained adapter (as a resume does), or as a new adapter of the plain model
+      const r = attachFirst ? setPeftModelStateDict(dst, file) : loadLoraWeights(dst, file);
+      expect(r.unetLayers).toBe(48);
+      expect(loraLayers(dst).length).toBe(48);
       const got = loraValues(dst);
       for (const [n, t] of want) expect([n, bitEqual(got.get(n) as Tensor, t)]).toEqual([n, true]);
       for (const [, l] of loraLayers(dst)) expect([l.rank, l.alpha]).toEqual([4, alpha]);
@@ -521,7 +524,7 @@ describe('LoRA files', () => {
     const out = attentionOutputs(src);
     const file = saveLoraWeights(join(tmp, 'folded'), src);
     const dst = tinyAttentionModel();
-    loadLoraIntoModel(dst, file);
+    loadLoraWeights(dst, file);
     for (const [, l] of loraLayers(dst)) expect(l.alpha).toBe(4);
     const got = attentionOutputs(dst);
     const err = relErr(got, out);
@@ -540,15 +543,15 @@ describe('LoRA files', () => {
       const a = torch.randn([4, 32]);
       const b = torch.randn([32, 4]);
       const good = 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q';
-      expect(() => loadLoraIntoModel(model, new Map([
+      expect(() => setPeftModelStateDict(model, new Map([
         [`${good}.lora.down.weight`, a], [`${good}.lora.up.weight`, b],
         ['unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_z.lora.down.weight', a],
         ['text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora.down.weight', a],
         ['lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha', torch.scalarTensor(1)],
-      ]))).toThrow(/3 key\(s\) match no LoRA layer of Node:\n {2}unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_z\.lora\.down\.weight\n {2}text_encoder\.text_model.*q_proj\.lora\.down\.weight\n {2}lora_te_text_model_encoder_layers_0_self_attn_q_proj\.alpha/);
-      expect(() => loadLoraIntoModel(model, new Map([[`${good}.lora.down.weight`, a]]))).toThrow(/attn1\.to_q: up\/B weight missing/);
-      expect(() => loadLoraIntoModel(model, new Map([[`${good}.lora.down.weight`, torch.randn([8, 32])], [`${good}.lora.up.weight`, torch.randn([32, 8])]])))
-        .toThrow(/attn1\.to_q: file down\/A \[8, 32\], up\/B \[32, 8\]; layer needs \[4, 32\], \[32, 4\]/);
+      ]))).toThrow(/3 key\(s\) match no layer of adapter 'default' in the UNet[^\n]*:\n {2}unet\.down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.attn1\.to_z\.lora\.down\.weight\n {2}text_encoder\.text_model.*q_proj\.lora\.down\.weight\n {2}lora_te_text_model_encoder_layers_0_self_attn_q_proj\.alpha/);
+      expect(() => setPeftModelStateDict(model, new Map([[`${good}.lora.down.weight`, a]]))).toThrow(/attn1\.to_q: up\/B weight missing/);
+      expect(() => setPeftModelStateDict(model, new Map([[`${good}.lora.down.weight`, torch.randn([8, 32])], [`${good}.lora.up.weight`, torch.randn([32, 8])]])))
+        .toThrow(/attn1\.to_q: file down\/A \[8, 32\], up\/B \[32, 8\]; the adapter 'default' needs \[4, 32\], \[32, 4\]/);
     });
     const after = loraValues(model);
     for (const [n, t] of before) expect([n, bitEqual(after.get(n) as Tensor, t)]).toEqual([n, true]);
@@ -557,7 +560,7 @@ describe('LoRA files', () => {
     const plain = tinyAttentionModel();
     const file = join(tmp, 'bad.safetensors');
     tidy(() => saveSafetensors(file, new Map([['unet.mid_block.attentions.0.norm.lora.down.weight', torch.randn([4, 64])]])));
-    expect(() => loadLoraIntoModel(plain, file)).toThrow(/1 key\(s\) match no Linear layer of Node:\n {2}unet\.mid_block\.attentions\.0\.norm\.lora\.down\.weight/);
+    expect(() => loadLoraWeights(plain, file)).toThrow(/1 key\(s\) match no Linear\/Conv2d layer of the UNet[^\n]*:\n {2}unet\.mid_block\.attentions\.0\.norm\.lora\.down\.weight/);
     expect(loraLayers(plain).length).toBe(0);
     plain.dispose();
     model.dispose();
@@ -566,15 +569,15 @@ describe('LoRA files', () => {
   it('Kohya golden (alpha 2 / 8 per layer, ff layers too) attaches where the file says; merged weights equal PEFT\'s', () => {
     const model = tinyAttentionModel(true);
     const golden = loadSafetensors(join(goldens, 'kohya.safetensors')).tensors;
-    const r = loadLoraIntoModel(model, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
+    const r = loadLoraWeights(model, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
     expect(r.formats).toEqual(['kohya']);
-    expect(r.loaded.length).toBe(50);
+    expect(r.unetLayers).toBe(50);
     const layers = new Map(loraLayers(model));
     for (const [path, s] of Object.entries(kohyaMeta.per_layer_scaling)) {
       const l = layers.get(path);
       expect([path, l?.rank, l?.alpha, l?.scaling]).toEqual([path, s.rank, s.alpha, s.peft_scaling]);
     }
-    mergeLora(model);
+    fuseLora(model);
     const errs: Record<string, number> = {};
     for (const [k, t] of golden) {
       if (!k.startsWith('merged_weight/')) continue;
@@ -586,6 +589,121 @@ describe('LoRA files', () => {
     console.log('Kohya merged weights vs PEFT, rel err', errs);
     expect(Object.keys(errs).length).toBe(5);
     dispose([...golden.values()]);
+    model.dispose();
+  });
+});
+
+// ---- hostile input (issue #12): every refusal names the key (and the file), and changes nothing
+
+describe('bad LoRA input is refused, the model unchanged', () => {
+  const Q = 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q';
+  const KQ = 'lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q';
+  const golden = join(goldens, 'lora-diffusers', 'pytorch_lora_weights.safetensors');
+
+  /** The weights (cloned) and the adapter lists: what must not change. */
+  function snapshot(model: Module): { weights: Map<string, Tensor>; adapters: string } {
+    const weights = tidy(() => new Map([...model.stateDict()].map(([k, t]) => [k, t.clone()])));
+    return { weights, adapters: JSON.stringify([getListAdapters(model), getActiveAdapters(model)]) };
+  }
+  function expectUnchanged(model: Module, s: { weights: Map<string, Tensor>; adapters: string }, what: string): void {
+    const now = model.stateDict();
+    expect([what, [...now.keys()]]).toEqual([what, [...s.weights.keys()]]);
+    const differ = [...now].filter(([k, t]) => !bitEqual(t, s.weights.get(k) as Tensor)).map(([k]) => k);
+    expect([what, differ]).toEqual([what, []]);
+    expect([what, JSON.stringify([getListAdapters(model), getActiveAdapters(model)])]).toEqual([what, s.adapters]);
+  }
+
+  it('dtypes, dimensions, ranks, shapes, alphas, NaN/inf, unknown keys, two layouts for one target: each named, nothing loaded', () => {
+    const model = tinyAttentionModel();
+    attachLora(model, { rank: 4 });
+    randomizeLora(model, 5);
+    loadLoraWeights(model, golden, { adapterName: 'a' });
+    const snap = snapshot(model);
+    const randn = (shape: number[]) => torch.randn(shape).mul(0.1);
+    const pair = (down: Tensor, up: Tensor): Map<string, Tensor> => new Map([[`${Q}.lora.down.weight`, down], [`${Q}.lora.up.weight`, up]]);
+    const kohya = (alpha: Tensor): Map<string, Tensor> => new Map([[`${KQ}.alpha`, alpha], [`${KQ}.lora_down.weight`, randn([4, 32])], [`${KQ}.lora_up.weight`, randn([32, 4])]]);
+    const nan = randn([4, 32]);
+    const inf = randn([32, 4]);
+    tidy(() => noGrad(() => {
+      nan.view(-1).narrow(0, 7, 1).fill_(Number.NaN);
+      inf.view(-1).narrow(0, 3, 1).fill_(Number.POSITIVE_INFINITY);
+    }));
+    const cases: [string, Map<string, Tensor>, RegExp][] = [
+      ['int32 weight', pair(torch.zeros([4, 32], { dtype: 'int32' }), randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: dtype int32; LoRA weights must be floating point/],
+      ['bool weight', pair(randn([4, 32]), torch.zeros([32, 4], { dtype: 'bool' })), /attn1\.to_q\.lora\.up\.weight: dtype bool/],
+      ['71 dimensions', pair(torch.zeros(Array<number>(71).fill(1)), randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: shape \[1(, 1){70}\] has 71 dimensions/],
+      ['3 dimensions', pair(randn([4, 32, 1]), randn([32, 4])), /lora\.down\.weight: shape \[4, 32, 1\] has 3 dimensions/],
+      ['down/up ranks differ', pair(randn([4, 32]), randn([32, 2])), /attn1\.to_q \(.*lora\.down\.weight, .*lora\.up\.weight\): down has rank 4 \(\[4, 32\]\) but up has rank 2 \(\[32, 2\]\)/],
+      ['shape of another layer', pair(randn([4, 33]), randn([32, 4])), /attn1\.to_q: file down\/A \[4, 33\], up\/B \[32, 4\]; the (Linear|adapter 'default') needs \[4, 32\], \[32, 4\] \(rank 4\) \(.*to_q\.lora\.down\.weight/],
+      ['conv pair on a Linear', pair(randn([4, 32, 1, 1]), randn([32, 4, 1, 1])), /attn1\.to_q: file down\/A \[4, 32, 1, 1\].*the (Linear|adapter 'default') needs \[4, 32\]/],
+      ['3×3 up', pair(randn([4, 32, 3, 3]), randn([32, 4, 3, 3])), /lora\.up\.weight\): up \[32, 4, 3, 3\] must be a 1×1 convolution/],
+      ['NaN', pair(nan, randn([32, 4])), /attn1\.to_q\.lora\.down\.weight: holds NaN or infinite values/],
+      ['inf', pair(randn([4, 32]), inf), /attn1\.to_q\.lora\.up\.weight: holds NaN or infinite values/],
+      ['alpha NaN', kohya(torch.scalarTensor(Number.NaN)), new RegExp(`${KQ}\\.alpha: alpha NaN; it must be a finite number > 0`)],
+      ['alpha negative', kohya(torch.scalarTensor(-2)), new RegExp(`${KQ}\\.alpha: alpha -2`)],
+      ['alpha zero', kohya(torch.scalarTensor(0)), new RegExp(`${KQ}\\.alpha: alpha 0`)],
+      ['alpha of shape [2]', kohya(torch.tensor([2, 2])), new RegExp(`${KQ}\\.alpha: alpha must be a scalar, has shape \\[2\\]`)],
+      ['unknown key', new Map([...pair(randn([4, 32]), randn([32, 4])), ['model.weird_thing', randn([2])]]), /1 key\(s\) match no .*:\n {2}model\.weird_thing$/m],
+      ['two layouts for one target', new Map([...pair(randn([4, 32]), randn([32, 4])), [`${Q}.lora_A.weight`, randn([4, 32])]]), /attn1\.to_q: two keys give its down: unet\..*to_q\.lora\.down\.weight, unet\..*to_q\.lora_A\.weight/],
+      ['Kohya and diffusers keys', new Map([...pair(randn([4, 32]), randn([32, 4])), ...kohya(torch.scalarTensor(2))]), /mixes the Kohya and diffusers\/PEFT layouts \(e\.g\. lora_unet_.*\.alpha and unet\..*\)/],
+      ['no LoRA weights', new Map(), /cannot load:\n {2}holds no LoRA weights/],
+    ];
+    for (const [what, source, msg] of cases) {
+      expect(() => loadLoraWeights(model, source), what).toThrow(msg);
+      expectUnchanged(model, snap, `loadLoraWeights: ${what}`);
+      expect(() => setPeftModelStateDict(model, source), what).toThrow(msg);
+      expectUnchanged(model, snap, `setPeftModelStateDict: ${what}`);
+    }
+    // a resume file must cover the whole adapter; a fused layer takes nothing
+    expect(() => setPeftModelStateDict(model, pair(randn([4, 32]), randn([32, 4])))).toThrow(/the file has no weights for 47 layer\(s\) of adapter 'default'/);
+    fuseLora(model, { adapterNames: ['a'] });
+    const fused = snapshot(model);
+    expect(() => loadLoraWeights(model, pair(randn([4, 32]), randn([32, 4])))).toThrow(/attn1\.to_q: the layer is fused; unfuseLora first/);
+    expectUnchanged(model, fused, 'fused');
+    unfuseLora(model);
+    expectUnchanged(model, snap, 'unfused');
+    for (const [, m] of cases) dispose([...m.values()]);
+    dispose([...snap.weights.values(), ...fused.weights.values()]);
+    model.dispose();
+  });
+
+  it('a FIFO, an empty file and a file of int32 weights: the loaders refuse naming the file, convert-lora writes nothing', () => {
+    const model = tinyAttentionModel();
+    loadLoraWeights(model, golden, { adapterName: 'a' });
+    const snap = snapshot(model);
+    const fifo = join(tmp, 'lora.fifo');
+    execFileSync('mkfifo', [fifo]);
+    const empty = join(tmp, 'empty.safetensors');
+    writeFileSync(empty, '');
+    const ints = join(tmp, 'ints.safetensors');
+    tidy(() => saveSafetensors(ints, new Map([[`${Q}.lora.down.weight`, torch.zeros([4, 32], { dtype: 'int32' })], [`${Q}.lora.up.weight`, torch.zeros([32, 4], { dtype: 'int32' })]])));
+    const out = join(tmp, 'converted.safetensors');
+    for (const [file, msg] of [[fifo, /lora\.fifo' is a FIFO/], [empty, /empty\.safetensors/], [ints, /ints\.safetensors\): cannot load:\n {2}unet\..*to_q\.lora\.down\.weight: dtype int32/]] as const) {
+      expect(() => loadLoraWeights(model, file)).toThrow(msg);
+      expectUnchanged(model, snap, file);
+      expect(() => convertLoraFile(file, out, 'kohya')).toThrow(msg);
+      expect(existsSync(out)).toBe(false);
+    }
+    dispose([...snap.weights.values()]);
+    model.dispose();
+  });
+});
+
+describe('Kohya names the rebuilt path misses', () => {
+  it('match the model\'s own paths by their Kohya name (a module name with an underscore the rebuild splits)', () => {
+    const model = new Node();
+    place(model, 'extra_proj.inner', new Linear(6, 5, false));
+    const name = kohyaName('extra_proj.inner');
+    expect(name).toBe('lora_unet_extra_proj_inner');
+    const down = torch.randn([2, 6]);
+    const up = torch.randn([5, 2]);
+    const alpha = torch.scalarTensor(1);
+    const r = loadLoraWeights(model, new Map([[`${name}.alpha`, alpha], [`${name}.lora_down.weight`, down], [`${name}.lora_up.weight`, up]]));
+    expect([r.unetLayers, r.formats]).toEqual([1, ['kohya']]);
+    const [[path, layer]] = loraLayers(model) as [[string, LoraLinear]];
+    expect([path, layer.rank, layer.alpha]).toEqual(['extra_proj.inner', 2, 1]);
+    expect(bitEqual(layer.lora_A.weight, down) && bitEqual(layer.lora_B.weight, up)).toBe(true);
+    dispose([down, up, alpha]);
     model.dispose();
   });
 });

@@ -13,8 +13,9 @@ import { Generator, manualSeed } from '../lib/random.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { attachLora, detachLora, loraLayers, type LoraHandle } from '../lib/lora/attach.js';
-import { loadLoraIntoModel, saveLoraWeights } from '../lib/lora/save.js';
+import { fuseLora, loadLoraWeights, unloadLoraWeights } from '../lib/lora/adapters.js';
+import { attachLora, loraLayers, type LoraHandle } from '../lib/lora/attach.js';
+import { saveLoraWeights } from '../lib/lora/save.js';
 import { bitEqual, fixtures, relErr } from './helpers.js';
 
 const TOL = 1e-4;
@@ -115,8 +116,8 @@ describe('LoRA on the tiny-sd UNet (PEFT r=4, alpha=4, to_q/to_k/to_v/to_out.0)'
     expect(readFileSync(file).equals(readFileSync(join(goldens, 'lora-diffusers', 'pytorch_lora_weights.safetensors')))).toBe(true);
     // and it loads back into a fresh UNet with the same prediction
     const other = UNet2DConditionModel.fromPretrained(tinySd, { subfolder: 'unet' });
-    const r = loadLoraIntoModel(other, file);
-    expect([r.attached, r.loaded.length]).toEqual([true, 48]);
+    const r = loadLoraWeights(other, file);
+    expect([r.unetLayers, loraLayers(other).length]).toEqual([48, 48]);
     const err = noGrad(() => tidy(() => {
       const args = [g('inputs/sample'), g('inputs/timesteps'), g('inputs/encoder_hidden_states')] as const;
       return relErr(other.forward(...args), unet.forward(...args));
@@ -129,8 +130,8 @@ describe('LoRA on the tiny-sd UNet (PEFT r=4, alpha=4, to_q/to_k/to_v/to_out.0)'
   it('the Kohya golden loads with per-layer alpha (2, mid block 8) onto 50 layers; merged weights equal PEFT\'s', () => {
     const unet = UNet2DConditionModel.fromPretrained(tinySd, { subfolder: 'unet' });
     const kohya = loadSafetensors(join(goldens, 'kohya.safetensors')).tensors;
-    const r = loadLoraIntoModel(unet, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
-    expect([r.formats, r.loaded.length]).toEqual([['kohya'], 50]);
+    const r = loadLoraWeights(unet, join(goldens, 'lora-kohya', 'tiny_sd_kohya_lora.safetensors'));
+    expect([r.formats, r.unetLayers]).toEqual([['kohya'], 50]);
     const layers = new Map(loraLayers(unet));
     for (const [path, s] of Object.entries(kohyaMeta.per_layer_scaling)) {
       const l = layers.get(path);
@@ -140,8 +141,8 @@ describe('LoRA on the tiny-sd UNet (PEFT r=4, alpha=4, to_q/to_k/to_v/to_out.0)'
       if (!k.startsWith('base_weight/')) continue;
       expect(bitEqual(layers.get(k.slice('base_weight/'.length))?.base_layer.weight as Tensor, t)).toBe(true);
     }
-    detachLora(unet, { merge: true });
-    const params = new Map(unet.namedParameters());
+    fuseLora(unet);
+    const params = new Map(loraLayers(unet).map(([p, l]) => [`${p}.weight`, l.base_layer.weight]));
     let worst = 0;
     for (const [k, t] of kohya) {
       if (!k.startsWith('merged_weight/')) continue;
@@ -153,7 +154,7 @@ describe('LoRA on the tiny-sd UNet (PEFT r=4, alpha=4, to_q/to_k/to_v/to_out.0)'
     unet.dispose();
   });
 
-  it('detachLora gives back the plain UNet: state dict bit for bit, same prediction, no tensors left', () => {
+  it('unloadLoraWeights gives back the plain UNet: state dict bit for bit, same prediction, no tensors left', () => {
     const unet = UNet2DConditionModel.fromPretrained(tinySd, { subfolder: 'unet' });
     const args = [g('inputs/sample'), g('inputs/timesteps'), g('inputs/encoder_hidden_states')] as const;
     const before = noGrad(() => tidy(() => unet.forward(...args)));
@@ -163,7 +164,7 @@ describe('LoRA on the tiny-sd UNet (PEFT r=4, alpha=4, to_q/to_k/to_v/to_out.0)'
     tidy(() => noGrad(() => { for (const [, l] of loraLayers(unet)) l.lora_B.weight.copy_(torch.randnLike(l.lora_B.weight)); }));
     const withLora = noGrad(() => tidy(() => unet.forward(...args)));
     expect(relErr(withLora, before)).toBeGreaterThan(1e-3);
-    detachLora(unet);
+    unloadLoraWeights(unet);
     expect(memory().numTensors).toBe(live + 1);
     expect([...unet.stateDict().keys()]).toEqual([...sd.keys()]);
     for (const [k, t] of unet.stateDict()) expect([k, bitEqual(t, sd.get(k) as Tensor)]).toEqual([k, true]);

@@ -81,7 +81,7 @@ function handleFor(model: Module): LoraHandle {
   return { layers, namedParameters: named, parameters: () => named().map(([, t]) => t) };
 }
 
-/** The handle of a model that already carries LoRA layers (e.g. after loadLoraIntoModel attached them). */
+/** The handle of a model that already carries LoRA layers (e.g. after loadLoraWeights added them). */
 export function getLoraHandle(model: Module): LoraHandle {
   return handleFor(model);
 }
@@ -91,37 +91,16 @@ export function getLoraHandle(model: Module): LoraHandle {
  * nothing matches, when a target names a module that is not a Linear, or when the model already has LoRA.
  */
 export function attachLora(model: Module, config: LoraConfig): LoraHandle {
-  return attachTo(model, null, config);
+  return attachTo(model, config);
 }
 
-/**
- * attachLora on an explicit list of module paths, with a rank/alpha per path when given (loading a file
- * whose layers differ: Kohya files carry a rank and an alpha per layer).
- */
-export function attachLoraToPaths(
-  model: Module, paths: readonly string[], config: LoraConfig & { perLayer?: Map<string, { rank?: number; alpha?: number }> },
-): LoraHandle {
-  return attachTo(model, paths, config);
-}
-
-function attachTo(
-  model: Module, paths: readonly string[] | null, config: LoraConfig & { perLayer?: Map<string, { rank?: number; alpha?: number }> },
-): LoraHandle {
-  if (loraLayers(model).length) throw new Error(`attachLora: ${model.constructor.name} already has LoRA layers; call detachLora first`);
+function attachTo(model: Module, config: LoraConfig): LoraHandle {
+  if (loraLayers(model).length) throw new Error(`attachLora: ${model.constructor.name} already has LoRA layers; call unloadLoraWeights first`);
   const targets = config.targetModules ?? DEFAULT_TARGET_MODULES;
   const modules = model.namedModules();
-  let selected: [string, Module][];
-  if (paths === null) {
-    selected = modules.filter(([p]) => p !== '' && matchesTarget(p, targets));
-    if (!selected.length) {
-      throw new Error(`attachLora: no module of ${model.constructor.name} matches target modules [${targets.join(', ')}]`);
-    }
-  } else {
-    const byPath = new Map(modules);
-    const unknown = paths.filter((p) => !byPath.has(p));
-    if (unknown.length) throw new Error(`attachLora: no module at ${unknown.length} path(s): ${unknown.join(', ')}`);
-    const wanted = new Set(paths);
-    selected = modules.filter(([p]) => wanted.has(p));
+  const selected = modules.filter(([p]) => p !== '' && matchesTarget(p, targets));
+  if (!selected.length) {
+    throw new Error(`attachLora: no module of ${model.constructor.name} matches target modules [${targets.join(', ')}]`);
   }
   const notLinear = selected.filter(([, m]) => !(m instanceof Linear));
   if (notLinear.length) {
@@ -130,10 +109,8 @@ function attachTo(
   const flags = new Map<Tensor, boolean>();
   for (const p of model.parameters()) flags.set(p, p.requiresGrad);
   for (const [path, m] of selected) {
-    const per = config.perLayer?.get(path);
-    const rank = per?.rank ?? config.rank;
     const layer = new LoraLinear(m as Linear, {
-      rank, alpha: per?.alpha ?? config.alpha, dropout: config.dropout, init: config.init,
+      rank: config.rank, alpha: config.alpha, dropout: config.dropout, init: config.init,
       dtype: config.dtype, generator: config.generator,
     });
     replaceModule(model, path, layer);
@@ -148,14 +125,13 @@ function attachTo(
 
 /**
  * Removes every LoRA layer with all its adapters, putting the original Linear/Conv2d objects back (their
- * weights bit for bit, unless merged), and restores the requiresGrad flags attachLora changed. With merge: true the adapters are
- * folded into the base weights first (diffusers' fuse_lora + unload_lora_weights). Returns the paths.
+ * weights bit for bit: fused layers are unfused first), and restores the requiresGrad flags attachLora changed.
+ * Returns the paths. The public name is unloadLoraWeights (adapters.ts).
  */
-export function detachLora(model: Module, options: { merge?: boolean } = {}): string[] {
+export function detachLora(model: Module): string[] {
   const layers = loraLayers(model);
   for (const [path, layer] of layers) {
-    if (options.merge) layer.merge();
-    else layer.unmerge();
+    layer.unmerge();
     replaceModule(model, path, layer.base_layer);
     layer.disposeAdapters();
   }
@@ -168,25 +144,4 @@ export function detachLora(model: Module, options: { merge?: boolean } = {}): st
     frozenBy.delete(model);
   }
   return layers.map(([p]) => p);
-}
-
-/** Turns every LoRA branch on or off (PEFT's enable_adapters/disable_adapters). */
-export function setLoraEnabled(model: Module, enabled: boolean): void {
-  for (const [, l] of requireLora(model, 'setLoraEnabled')) l.enabled = enabled;
-}
-
-/** Sets the run-time multiplier of every LoRA branch (diffusers' cross_attention_kwargs={"scale": s}). */
-export function setLoraScale(model: Module, scale: number): void {
-  if (!Number.isFinite(scale)) throw new RangeError(`setLoraScale: scale must be finite, got ${scale}`);
-  for (const [, l] of requireLora(model, 'setLoraScale')) l.scale = scale;
-}
-
-/** Folds every adapter into its base weight (diffusers' fuse_lora), or undoes it. */
-export function mergeLora(model: Module): void { for (const [, l] of requireLora(model, 'mergeLora')) l.merge(); }
-export function unmergeLora(model: Module): void { for (const [, l] of requireLora(model, 'unmergeLora')) l.unmerge(); }
-
-function requireLora(model: Module, what: string): [string, LoraLayer][] {
-  const layers = loraLayers(model);
-  if (!layers.length) throw new Error(`${what}: ${model.constructor.name} has no LoRA layers (call attachLora first)`);
-  return layers;
 }

@@ -1,21 +1,27 @@
 // LoRA: adapters on Linear and Conv2d layers (PEFT's layout), attaching them to a model for training, their
-// weight files, and diffusers-style loading for inference (named adapters, weights, fuse/unfuse, unload).
+// weight files in every layout (one parser: formats.ts; one check-then-apply loader: load.ts), and diffusers'
+// vocabulary for inference (loadLoraWeights, setAdapters, fuseLora/unfuseLora, disableLora/enableLora,
+// unloadLoraWeights), on a model or on a pipeline's { unet, textEncoder }.
 export { LoraLinear } from './lora_linear.js';
 export type { LoraInit, LoraLinearOptions } from './lora_linear.js';
 export { LoraConv2d } from './lora_conv2d.js';
 export { LoraLayer, LoraBranch, LoraBranches } from './lora_layer.js';
 export type { LoraAdapterView, WeightLayer } from './lora_layer.js';
-export {
-  attachLora, attachLoraToPaths, detachLora, getLoraHandle, loraLayers, mergeLora, unmergeLora, setLoraEnabled, setLoraScale,
-  DEFAULT_TARGET_MODULES,
-} from './attach.js';
+export { attachLora, getLoraHandle, loraLayers, DEFAULT_TARGET_MODULES } from './attach.js';
 export type { LoraConfig, LoraHandle } from './attach.js';
+export { loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights } from './save.js';
+export type { SaveLoraOptions } from './save.js';
 export {
-  loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights, loadLoraIntoModel, kohyaName, LORA_WEIGHT_NAME,
-} from './save.js';
-export type { SaveLoraOptions, LoadLoraOptions, LoadLoraResult, LoraFileFormat } from './save.js';
+  kohyaName, kohyaToModulePath, parseLoraFile, parseLoraKey, toDiffusersKeys, toKohyaKeys,
+} from './formats.js';
+export type {
+  LoraComponent, LoraDescription, LoraEntry, LoraKeyLayout, LoraLayout, LoraWeights, RejectedLoraEntry,
+} from './formats.js';
+export { LORA_WEIGHT_NAME, setPeftModelStateDict } from './load.js';
+export type { ApplyLoraResult, LoraTarget, LoraTargets, SetPeftModelStateDictOptions } from './load.js';
 export {
   loadLoraWeights, setAdapters, getActiveAdapters, getListAdapters, deleteAdapters, disableLora, enableLora, fuseLora, unfuseLora,
   unloadLoraWeights, withLoraScale,
 } from './adapters.js';
-export type { LoraTargets, LoadLoraWeightsOptions, LoadLoraWeightsResult } from './adapters.js';
+export type { LoadLoraWeightsOptions, LoadLoraWeightsResult } from './adapters.js';
+export { convertLoraFile } from './convert.js';

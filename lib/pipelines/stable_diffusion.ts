@@ -21,7 +21,7 @@ import type { Device, Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
   deleteAdapters, disableLora, enableLora, fuseLora, getActiveAdapters, getListAdapters, loadLoraWeights,
-  setAdapters, unfuseLora, unloadLoraWeights, withLoraScale, type LoraTargets,
+  setAdapters, unfuseLora, unloadLoraWeights, withLoraScale, type LoadLoraWeightsOptions, type LoadLoraWeightsResult, type LoraTargets,
 } from '../lora/adapters.js';
 
 export interface StableDiffusionComponents {
@@ -163,8 +163,11 @@ export class StableDiffusionPipeline {
 
   // ---- LoRA (diffusers' StableDiffusionLoraLoaderMixin)
 
-  /** A LoRA file or folder in diffusers, PEFT or Kohya format, as a named adapter (UNet and text encoder keys). */
-  loadLoraWeights(source: string | Map<string, Tensor>, o: { adapterName?: string; weightName?: string } = {}) {
+  /**
+   * A LoRA file or folder in diffusers, PEFT or Kohya format, as a named adapter (UNet and text encoder keys).
+   * Everything is checked first: a refused file names the key and leaves the pipeline as it was.
+   */
+  loadLoraWeights(source: string | Map<string, Tensor>, o: LoadLoraWeightsOptions = {}): LoadLoraWeightsResult {
     return loadLoraWeights(this.loraTargets, source, o);
   }
   setAdapters(names: string | string[], weights?: number | number[]): void { setAdapters(this.loraTargets, names, weights); }
@@ -219,7 +222,7 @@ export class StableDiffusionPipeline {
       return { promptEmbeds: place(cond), negativePromptEmbeds: uncond ? place(uncond) : null };
     }));
     // diffusers scales the text encoder's LoRA layers by lora_scale while encoding
-    return o.loraScale !== undefined && o.loraScale !== 1 ? withLoraScale({ unet: this.unet, textEncoder: this.textEncoder }, o.loraScale, encode) : encode();
+    return o.loraScale !== undefined && o.loraScale !== 1 ? withLoraScale(this.loraTargets, o.loraScale, encode) : encode();
   }
 
   private encodeText(texts: string[], clipSkip: number | undefined): Tensor {

@@ -10,13 +10,13 @@ import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import type { FromPretrainedOptions } from '../models/loading.js';
 import { attachLora } from '../lora/attach.js';
 import { saveLoraWeights } from '../lora/save.js';
+import { setPeftModelStateDict } from '../lora/load.js';
 import { AdamW } from '../optim/adamw.js';
 import { GradScaler } from '../optim/grad_scaler.js';
 import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import { defaultGenerator, manualSeed } from '../random.js';
 import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import { noGrad } from '../autograd.js';
 import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
 import { disposeCheckpoint, ensureWritableDir, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
@@ -154,7 +154,7 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
   if (o.resumeFromCheckpoint) {
     const { contents } = loadCheckpoint(outputDir, o.resumeFromCheckpoint);
     try {
-      noGrad(() => { for (const [n, p] of lora.namedParameters()) p.copy_(need(contents.tensors, `lora.${n}`)); });
+      setPeftModelStateDict(unet, contents.tensors, { keyPrefix: 'lora.' }); // the trained adapter, checked before any copy
       const optTensors = new Map([...contents.tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, t]) => [k.slice('optimizer.'.length), t]));
       optimizer.loadStateDict({ tensors: optTensors, meta: contents.state.optimizer as { steps: number[]; lr: number } });
       Object.assign(accumulator.state, contents.state.accumulator);

@@ -1,0 +1,297 @@
+// LoRA weight files, every layout in one place: reading keys into one description, and writing it back.
+//
+//   diffusers  [unet.|text_encoder.]<module path>.lora.down.weight (A, [r, in]) / .lora.up.weight (B, [out, r]),
+//              also `…lora_linear_layer.up.weight` and the old attention processors
+//              `…attn1.processor.to_q_lora.down.weight`; no alpha (read as alpha = rank) unless `<path>.alpha`
+//   PEFT       [unet.][base_model.model.]<module path>.lora_A[.<adapter>].weight / .lora_B…
+//   Kohya      lora_unet_<path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha (0-dim), lora_te[1]_…
+//
+// Conv layers (LoCon, SD 1.x's 1×1 proj_in/proj_out) have 4-D weights: A [r, in, kh, kw], B [out, r, 1, 1].
+// Renaming happens here, at the edge; the models only ever see module paths. Nothing here knows a model:
+// parseLoraFile checks what a file can be checked for alone (key names, dtypes, dimensions, ranks, alphas,
+// finite values) and load.ts checks the description against the layers.
+import { isFloatingPoint } from '../dtype.js';
+import { noGrad } from '../autograd.js';
+import type { Tensor } from '../tensor.js';
+import * as torch from '../torch.js';
+
+export type LoraComponent = 'unet' | 'text_encoder';
+/** The key layout of one entry: diffusers' own, PEFT's (lora_A/lora_B), Kohya's (lora_unet_…). */
+export type LoraKeyLayout = 'diffusers' | 'peft' | 'kohya';
+/** Files are written in one of two layouts. */
+export type LoraLayout = 'diffusers' | 'kohya';
+
+/** One layer's LoRA as a file gives it. */
+export interface LoraEntry {
+  component: LoraComponent;
+  /** Module path in diffusers' naming ('down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'). */
+  path: string;
+  /** A [rank, in] or [rank, in, kh, kw]. */
+  down: Tensor;
+  /** B [out, rank] or [out, rank, 1, 1]. */
+  up: Tensor;
+  /** The file's alpha; null when it carries none (diffusers then means alpha = rank; PEFT: the adapter's own). */
+  alpha: number | null;
+  rank: number;
+  kind: 'linear' | 'conv';
+  layout: LoraKeyLayout;
+  /** The file's keys of this entry (down, up[, alpha]), for error messages. */
+  keys: string[];
+}
+
+/** A layer's keys that parseLoraFile refused, with why (one line per problem, naming the keys). */
+export interface RejectedLoraEntry { component: LoraComponent; path: string; layout: LoraKeyLayout; keys: string[]; problems: string[] }
+
+/** A whole LoRA file as one list. Valid when unknownKeys, rejected and problems are all empty. */
+export interface LoraDescription {
+  /** The file ('' for an in-memory state dict), named in every error. */
+  file: string;
+  entries: LoraEntry[];
+  /** Keys in no known layout. */
+  unknownKeys: string[];
+  /** Layers whose keys were refused (a loader reports them as unmatched when the model has no such layer). */
+  rejected: RejectedLoraEntry[];
+  /** Problems of the file as a whole (mixed layouts, no weights). */
+  problems: string[];
+}
+
+/** Kohya/A1111 name of a module: prefix + '_' + the path with every '.' replaced by '_'. */
+export function kohyaName(modulePath: string, prefix = 'lora_unet'): string {
+  return `${prefix}_${modulePath.replace(/\./g, '_')}`;
+}
+
+// Multi-word module names of SD UNets and CLIP text encoders, longest first.
+const COMPOUNDS = [
+  'final_layer_norm', 'time_emb_proj', 'conv_norm_out', 'position_embedding', 'token_embedding',
+  'down_blocks', 'up_blocks', 'mid_block', 'transformer_blocks', 'to_q', 'to_k', 'to_v', 'to_out', 'proj_in', 'proj_out',
+  'conv_shortcut', 'conv_in', 'conv_out', 'time_embedding', 'linear_1', 'linear_2', 'text_model', 'self_attn',
+  'q_proj', 'k_proj', 'v_proj', 'out_proj', 'layer_norm1', 'layer_norm2',
+].map((c) => c.split('_')).sort((a, b) => b.length - a.length);
+
+/**
+ * Kohya names replaced every '.' of the module path by '_'; the path is rebuilt from the names SD 1.x/2.x UNets
+ * and CLIP text encoders use: 'down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q' →
+ * 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'. (A loader can also match kohyaName(path) against
+ * a model's own paths: kohyaName of the result is always the name it came from.)
+ */
+export function kohyaToModulePath(name: string): string {
+  const tokens = name.split('_');
+  const parts: string[] = [];
+  for (let i = 0; i < tokens.length;) {
+    const hit = COMPOUNDS.find((c) => c.every((w, j) => tokens[i + j] === w));
+    parts.push(hit ? hit.join('_') : (tokens[i] as string));
+    i += hit ? hit.length : 1;
+  }
+  return parts.join('.');
+}
+
+type Slot = 'down' | 'up' | 'alpha';
+interface ParsedKey { component: LoraComponent; path: string; slot: Slot; layout: LoraKeyLayout }
+
+const KOHYA = /^lora_(unet|te1?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$/;
+const PROCESSOR = /^(.+)\.processor\.(to_q|to_k|to_v|to_out(?:\.0)?)[._]lora\.(down|up)\.weight$/;
+const TE_PROCESSOR = /^(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$/;
+const DIFFUSERS = /^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$/;
+const PEFT = /^(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$/;
+const ALPHA = /^(.+)\.alpha$/;
+const TE_PROCS: Record<string, string> = { to_q: 'q_proj', to_k: 'k_proj', to_v: 'v_proj', to_out: 'out_proj' };
+
+/** The component, module path, slot and layout a key names; null when it is no LoRA key of a known layout. */
+export function parseLoraKey(key: string): ParsedKey | null {
+  let m = KOHYA.exec(key);
+  if (m) {
+    const slot: Slot = m[3] === 'alpha' ? 'alpha' : m[3] === 'lora_down.weight' ? 'down' : 'up';
+    return { component: m[1] === 'unet' ? 'unet' : 'text_encoder', path: kohyaToModulePath(m[2] as string), slot, layout: 'kohya' };
+  }
+  let component: LoraComponent = 'unet';
+  let rest = key;
+  if (rest.startsWith('unet.')) rest = rest.slice('unet.'.length);
+  else if (rest.startsWith('text_encoder.')) [component, rest] = ['text_encoder', rest.slice('text_encoder.'.length)];
+  if (rest.startsWith('base_model.model.')) rest = rest.slice('base_model.model.'.length);
+  const downUp = (s: string | undefined): Slot => (s === 'down' || s === 'A' ? 'down' : 'up');
+  if ((m = PROCESSOR.exec(rest))) {
+    const proj = m[2] === 'to_out' ? 'to_out.0' : (m[2] as string);
+    return { component, path: `${m[1] as string}.${proj}`, slot: downUp(m[3]), layout: 'diffusers' };
+  }
+  if (component === 'text_encoder' && (m = TE_PROCESSOR.exec(rest))) {
+    return { component, path: `${m[1] as string}.${TE_PROCS[m[2] as string] as string}`, slot: downUp(m[3]), layout: 'diffusers' };
+  }
+  if ((m = DIFFUSERS.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'diffusers' };
+  if ((m = PEFT.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'peft' };
+  if ((m = ALPHA.exec(rest))) return { component, path: m[1] as string, slot: 'alpha', layout: 'diffusers' };
+  return null;
+}
+
+const shapeOf = (t: Tensor): string => `[${t.shape.join(', ')}]`;
+
+/** Problems of one weight tensor alone: dtype, dimensions, finite values. */
+function weightProblems(key: string, t: Tensor): string[] {
+  if (!isFloatingPoint(t.dtype)) return [`${key}: dtype ${t.dtype}; LoRA weights must be floating point`];
+  if (t.ndim !== 2 && t.ndim !== 4) return [`${key}: shape ${shapeOf(t)} has ${t.ndim} dimensions; LoRA weights have 2 (Linear) or 4 (Conv2d)`];
+  if (t.numel() === 0) return [`${key}: shape ${shapeOf(t)} is empty`];
+  const finite = noGrad(() => {
+    const f = t.isfinite();
+    const all = f.all();
+    const ok = Boolean(all.item()); // a bool tensor's item() is true/false
+    f.dispose();
+    all.dispose();
+    return ok;
+  });
+  return finite ? [] : [`${key}: holds NaN or infinite values`];
+}
+
+/** An alpha tensor's value, or the problem with it (it must be one finite positive number). */
+function readAlpha(key: string, t: Tensor): number | string {
+  if (t.numel() !== 1 || t.ndim > 1) return `${key}: alpha must be a scalar, has shape ${shapeOf(t)}`;
+  if (t.dtype === 'bool') return `${key}: alpha of dtype bool`;
+  const v = t.item();
+  if (!Number.isFinite(v) || v <= 0) return `${key}: alpha ${v}; it must be a finite number > 0`;
+  return v;
+}
+
+interface Group {
+  component: LoraComponent; path: string; down?: [string, Tensor]; up?: [string, Tensor]; alpha?: [string, Tensor];
+  layouts: Set<LoraKeyLayout>; duplicates: string[]; keys: string[];
+}
+
+/** Problems of a complete down/up pair: matching dimensions and ranks, a 1×1 up for convs. */
+function pairProblems(at: string, down: Tensor, up: Tensor): string[] {
+  if (down.ndim !== up.ndim) return [`${at}: down ${shapeOf(down)} and up ${shapeOf(up)} differ in dimensions`];
+  const rank = down.shape[0] as number;
+  if (up.shape[1] !== rank) return [`${at}: down has rank ${rank} (${shapeOf(down)}) but up has rank ${up.shape[1]} (${shapeOf(up)})`];
+  if (up.ndim === 4 && (up.shape[2] !== 1 || up.shape[3] !== 1)) return [`${at}: up ${shapeOf(up)} must be a 1×1 convolution`];
+  return [];
+}
+
+/**
+ * Reads a LoRA state dict (a file's tensors, `file` naming it) into one description in diffusers' module paths.
+ * Refused, each with the key named: keys of no known layout, non-floating weights, weights that are not 2-D or
+ * 4-D, NaN/inf values, down/up pairs of different ranks or dimensions, half pairs, an alpha that is not one
+ * finite positive number, two keys for the same slot of a layer (two layouts naming one target), and a file
+ * that mixes Kohya with diffusers/PEFT keys. The tensors are the state dict's own (not copied).
+ * `keyPrefix`: only keys under it are read, with it stripped (a training checkpoint's `lora.` entries).
+ */
+export function parseLoraFile(tensors: Map<string, Tensor>, file = '', options: { keyPrefix?: string } = {}): LoraDescription {
+  const groups = new Map<string, Group>();
+  const unknownKeys: string[] = [];
+  const problems: string[] = [];
+  const families = new Map<'kohya' | 'diffusers', string>();
+  for (const [fullKey, t] of tensors) {
+    if (options.keyPrefix && !fullKey.startsWith(options.keyPrefix)) continue;
+    const key = options.keyPrefix ? fullKey.slice(options.keyPrefix.length) : fullKey;
+    const k = parseLoraKey(key);
+    if (!k) {
+      unknownKeys.push(fullKey);
+      continue;
+    }
+    const family = k.layout === 'kohya' ? 'kohya' : 'diffusers';
+    if (!families.has(family)) families.set(family, fullKey);
+    const id = `${k.component}:${k.path}`;
+    let g = groups.get(id);
+    if (!g) groups.set(id, (g = { component: k.component, path: k.path, layouts: new Set(), duplicates: [], keys: [] }));
+    g.keys.push(fullKey);
+    const had = g[k.slot];
+    if (had) g.duplicates.push(`${k.component} ${k.path}: two keys give its ${k.slot}: ${had[0]}, ${fullKey}`);
+    else g[k.slot] = [fullKey, t];
+    if (k.slot !== 'alpha') g.layouts.add(k.layout);
+  }
+  if (families.size > 1) {
+    problems.push(`mixes the Kohya and diffusers/PEFT layouts (e.g. ${families.get('kohya') as string} and ${families.get('diffusers') as string}); a file holds one`);
+  }
+  const entries: LoraEntry[] = [];
+  const rejected: RejectedLoraEntry[] = [];
+  for (const g of groups.values()) {
+    const entry = checkGroup(g);
+    if ('problems' in entry) rejected.push(entry);
+    else entries.push(entry);
+  }
+  if (!groups.size && !unknownKeys.length) problems.push('holds no LoRA weights');
+  return { file, entries, unknownKeys, rejected, problems };
+}
+
+/** A group as a checked entry, or as rejected with its problems. */
+function checkGroup(g: Group): LoraEntry | RejectedLoraEntry {
+  const at = `${g.component} ${g.path}`;
+  const keys = g.keys;
+  const layout = (g.layouts.size ? [...g.layouts][0] : 'diffusers') as LoraKeyLayout;
+  const found: string[] = [...g.duplicates];
+  if (!g.down || !g.up) found.push(`${at}: ${g.down ? 'up/B' : 'down/A'} weight missing (have ${keys.join(', ')})`);
+  if (g.layouts.size > 1) found.push(`${at}: keys of several layouts (${[...g.layouts].join(', ')}): ${keys.join(', ')}`);
+  for (const e of [g.down, g.up]) if (e) found.push(...weightProblems(e[0], e[1]));
+  const alpha = g.alpha ? readAlpha(g.alpha[0], g.alpha[1]) : null;
+  if (typeof alpha === 'string') found.push(alpha);
+  if (!found.length) found.push(...pairProblems(`${at} (${keys.join(', ')})`, (g.down as [string, Tensor])[1], (g.up as [string, Tensor])[1]));
+  if (found.length) return { component: g.component, path: g.path, layout, keys, problems: found };
+  const down = (g.down as [string, Tensor])[1];
+  const up = (g.up as [string, Tensor])[1];
+  return {
+    component: g.component, path: g.path, down, up, alpha: alpha as number | null, rank: down.shape[0] as number,
+    kind: down.ndim === 2 ? 'linear' : 'conv', layout, keys,
+  };
+}
+
+function listLines(lines: readonly string[]): string {
+  const shown = lines.slice(0, 30).join('\n  ');
+  return lines.length > 30 ? `${shown}\n  ... (${lines.length - 30} more)` : shown;
+}
+
+/** The error for a description's own problems and any further ones (`what`: the operation, e.g. 'convert-lora'). */
+export function loraError(what: string, file: string, sections: { unmatched?: string[]; unmatchedWhat?: string; problems: string[] }): Error {
+  const where = file ? ` (${file})` : '';
+  const parts: string[] = [];
+  if (sections.unmatched?.length) parts.push(`${sections.unmatched.length} key(s) ${sections.unmatchedWhat ?? 'are not LoRA weights in a known layout (diffusers, PEFT, Kohya)'}:\n  ${listLines(sections.unmatched)}`);
+  if (sections.problems.length) parts.push(`cannot load:\n  ${listLines(sections.problems)}`);
+  return new Error(`${what}${where}: ${parts.join('\n')}`);
+}
+
+/** Throws the description's problems, if any. */
+export function assertValidLora(d: LoraDescription, what: string): void {
+  const problems = [...d.problems, ...d.rejected.flatMap((r) => r.problems)];
+  if (d.unknownKeys.length || problems.length) throw loraError(what, d.file, { unmatched: d.unknownKeys, problems });
+}
+
+/** What a writer needs of a layer: its place, A, B and alpha (null: rank). */
+export interface LoraWeights { component: LoraComponent; path: string; down: Tensor; up: Tensor; alpha: number | null }
+
+/** Keys sorted by name, as the safetensors writers of Python and Rust order them. */
+export function sortedByKey(m: Map<string, Tensor>): Map<string, Tensor> {
+  return new Map([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
+}
+
+/**
+ * diffusers' keys (`unet.<path>.lora.down.weight` / `.lora.up.weight`), in the given order. diffusers reads
+ * these files with alpha = rank, so alpha/rank is folded into the up weight (a scaled copy, in up's dtype) when
+ * it is not 1. Every tensor is a new handle (a detached view or a copy): dispose them or work inside tidy().
+ * `prefix` replaces each layer's component as the key prefix ('' for none).
+ */
+export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string): Map<string, Tensor> {
+  const out = new Map<string, Tensor>();
+  noGrad(() => {
+    for (const l of layers) {
+      const rank = l.down.shape[0] as number;
+      const fold = (l.alpha ?? rank) / rank;
+      const p = prefix ?? l.component;
+      const key = p ? `${p}.${l.path}` : l.path;
+      out.set(`${key}.lora.down.weight`, l.down.detach());
+      out.set(`${key}.lora.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));
+    }
+  });
+  return out;
+}
+
+/**
+ * Kohya/sd-scripts keys (`lora_unet_…`, `lora_te_…`) in sd-scripts' order per layer (alpha, lora_down, lora_up);
+ * alpha is a 0-dim float32 tensor (rank when the layer has none). New handles, as toDiffusersKeys.
+ */
+export function toKohyaKeys(layers: readonly LoraWeights[]): Map<string, Tensor> {
+  const out = new Map<string, Tensor>();
+  noGrad(() => {
+    for (const l of layers) {
+      const name = kohyaName(l.path, l.component === 'unet' ? 'lora_unet' : 'lora_te');
+      out.set(`${name}.alpha`, torch.scalarTensor(l.alpha ?? (l.down.shape[0] as number), { dtype: 'float32' }));
+      out.set(`${name}.lora_down.weight`, l.down.detach());
+      out.set(`${name}.lora_up.weight`, l.up.detach());
+    }
+  });
+  return out;
+}
