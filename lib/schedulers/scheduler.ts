@@ -11,7 +11,9 @@ import { DPMSolverMultistepScheduler } from './scheduling_dpmsolver_multistep.js
 import { EulerAncestralDiscreteScheduler } from './scheduling_euler_ancestral_discrete.js';
 import { EulerDiscreteScheduler } from './scheduling_euler_discrete.js';
 import { PNDMScheduler } from './scheduling_pndm.js';
-import { SCHEDULER_CONFIG_NAME, namingFile, readSchedulerConfig, type Scheduler, type SchedulerName } from './scheduling_utils.js';
+import {
+  SCHEDULER_CONFIG_NAME, namingFile, readSchedulerConfig, type Scheduler, type SchedulerBase, type SchedulerName,
+} from './scheduling_utils.js';
 
 export type { Scheduler, SchedulerName } from './scheduling_utils.js';
 
@@ -95,7 +97,9 @@ export function loadScheduler(
   const direct = existsSync(join(pathOrId, SCHEDULER_CONFIG_NAME)) && !existsSync(join(pathOrId, subfolder));
   const dir = resolvePretrained(pathOrId, { ...rest, subfolder: direct ? undefined : subfolder });
   const { path, config } = readSchedulerConfig(dir);
-  return namingFile(path, () => schedulerFromConfig(kind ?? classNameOf(path, config), config, overrides));
+  const scheduler = namingFile(path, () => schedulerFromConfig(kind ?? classNameOf(path, config), config, overrides));
+  (scheduler as SchedulerBase).configPath = path;
+  return scheduler;
 }
 
 /** The config's `_class_name`, which must name a class difflora has. */

@@ -94,7 +94,9 @@ export class DDPMScheduler extends SchedulerBase<DDPMSchedulerConfig> {
    */
   static fromPretrained(pathOrId: string, o: Pick<FromPretrainedOptions, 'subfolder' | 'revision' | 'cacheDir'> = {}, overrides: Partial<DDPMSchedulerConfig> = {}): DDPMScheduler {
     const { path, config } = readSchedulerConfig(resolvePretrained(pathOrId, o));
-    return namingFile(path, () => DDPMScheduler.fromConfig(config, overrides));
+    const scheduler = namingFile(path, () => DDPMScheduler.fromConfig(config, overrides));
+    scheduler.configPath = path;
+    return scheduler;
   }
 
   get predictionType(): PredictionType { return this.config.prediction_type; }

@@ -139,7 +139,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
   private checkDistinct(timesteps: readonly number[], n: number): void {
     if (timesteps.every((t, i) => i === 0 || t < (timesteps[i - 1] as number))) return;
     const clip = this.config.lambda_min_clipped === -Infinity ? '' : ` (lambda_min_clipped ${this.config.lambda_min_clipped} leaves ${this.lastTimestep})`;
-    throw new Error(`${CLASS}: ${n} inference steps with timestep_spacing '${this.config.timestep_spacing}' repeat timesteps over the ${this.lastTimestep} usable training timesteps${clip}; use fewer steps`);
+    this.configFault(`${CLASS}: ${n} inference steps with timestep_spacing '${this.config.timestep_spacing}' repeat timesteps over the ${this.lastTimestep} usable training timesteps${clip}; use fewer steps`);
   }
 
   /** torch.searchsorted(flip(λ_t), lambda_min_clipped): how many training λ lie below the clip. */
@@ -154,8 +154,10 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     return lambdas.reduce((k, l) => (l < clip ? k + 1 : k), 0);
   }
 
-  /** index_for_timestep of DPM-Solver: an unknown timestep means the last step. */
+  /** index_for_timestep of DPM-Solver: a timestep not in the schedule means the last step (one outside [0, T) is an error). */
   protected override indexFor(t: number): number {
+    const T = this.numTrainTimesteps;
+    if (!(t >= 0 && t < T)) throw new Error(`${CLASS}: timestep ${t} is outside [0, ${T})`);
     const hits: number[] = [];
     this.schedule.forEach((s, i) => { if (s === t) hits.push(i); });
     return hits.length === 0 ? this.schedule.length - 1 : hits.length > 1 ? (hits[1] as number) : (hits[0] as number);

@@ -41,6 +41,8 @@ export interface Scheduler {
   readonly timesteps: number[];
   readonly initNoiseSigma: number;
   readonly order: number;
+  /** The scheduler_config.json it was loaded from, if any: errors the config causes later (setTimesteps) name it. */
+  readonly configPath?: string;
   /** Also resets any multistep state (PNDM's ets, DPM-Solver's history, the step index). */
   setTimesteps(numInferenceSteps: number): void;
   /** May return `sample` itself when no scaling applies. */
@@ -242,6 +244,8 @@ const DOMAINS: ReadonlyMap<string, Rule> = new Map<string, Rule>([
   ['dynamic_thresholding_ratio', (v) => (num(v) > 0 && num(v) <= 1 ? null : 'must be in (0, 1]')],
   ['sigma_min', nullOrPositiveFinite],
   ['sigma_max', nullOrPositiveFinite],
+  // Lin et al.'s rescaling pins the first and the last ᾱ: with one timestep it divides 0 by 0
+  ['rescale_betas_zero_snr', (v, c) => (v === true && num(c.num_train_timesteps) < 2 ? 'needs num_train_timesteps of 2 or more' : null)],
   // -Infinity (diffusers' default) clips nothing; +Infinity would clip every timestep
   ['lambda_min_clipped', (v) => (num(v) < Infinity ? null : 'must be a number below Infinity (-Infinity: no clipping)')],
 ]);
@@ -345,15 +349,20 @@ const MIN_ALPHA_CUMPROD = 2 ** -126;
  * zero-terminal-SNR schedule is 0 by design and is exempt.
  */
 function checkBetaSchedule(className: string, c: ScheduleConfig, alphas: Float32Array, acp: Float32Array): void {
-  const last = alphas.length - (c.rescale_betas_zero_snr ? 1 : 0);
-  for (let t = 0; t < last; t++) {
+  const T = alphas.length;
+  for (let t = 0; t < T; t++) {
     const a = alphas[t] as number;
     const p = acp[t] as number;
-    if (a > 0 && a < 1 && p >= MIN_ALPHA_CUMPROD) continue;
+    const zeroSnrEnd = c.rescale_betas_zero_snr === true && t === T - 1;
+    if (zeroSnrEnd ? a >= 0 && a < 1 && p >= 0 : a > 0 && a < 1 && p >= MIN_ALPHA_CUMPROD) continue;
     const source = c.trained_betas !== null ? 'trained_betas'
       : `beta_schedule '${String(c.beta_schedule)}' with beta_start ${showValue(c.beta_start)}, beta_end ${showValue(c.beta_end)}, num_train_timesteps ${c.num_train_timesteps}${c.rescale_betas_zero_snr ? ', rescale_betas_zero_snr' : ''}`;
-    const what = !(a > 0 && a < 1) ? `alpha = 1 − beta = ${a} at timestep ${t}, outside (0, 1)` : `alphas_cumprod ${p} at timestep ${t}: the signal has vanished`;
-    throw new Error(`${className} config: ${source} gives ${what}; the sampler would divide by zero. Use betas in (0, 1) that keep alphas_cumprod above 0 (e.g. a smaller beta_end or fewer num_train_timesteps)`);
+    const what = a >= 1
+      ? `a beta at timestep ${t} below float32's resolution (1 − beta rounds to 1, so 1 − alphas_cumprod is 0 and a step divides by it); use a larger beta_start`
+      : a > 0 && a < 1
+        ? `alphas_cumprod ${p} at timestep ${t}: the signal has vanished (σ is infinite and a step divides by zero); use a smaller beta_end or fewer num_train_timesteps`
+        : `alpha = 1 − beta = ${a} at timestep ${t}, outside (0, 1)`;
+    throw new Error(`${className} config: ${source} gives ${what}`);
   }
 }
 
@@ -454,6 +463,8 @@ export abstract class SchedulerBase<C extends ScheduleConfig = ScheduleConfig> i
   // diffusers moves alphas_cumprod to the sample's device once and keeps it there; so do we, per device
   private readonly onDevice = new Map<Device, Tensor>();
   private disposed = false;
+  /** Set by loadScheduler and fromPretrained. */
+  configPath: string | undefined = undefined;
 
   /** `config` is resolved and checked (resolveSchedulerConfig); the schedule built from it is checked here. */
   protected constructor(className: string, config: C, o: { clampLastAlphaCumprod?: boolean } = {}) {
@@ -529,6 +540,11 @@ export abstract class SchedulerBase<C extends ScheduleConfig = ScheduleConfig> i
   /** Frees what a subclass holds besides the schedule (multistep history, σ); called once by dispose. */
   protected releaseState(): void {}
 
+  /** An error the config causes (found only once the step count is known), naming the config file when known. */
+  protected configFault(message: string): never {
+    throw new Error(this.configPath === undefined ? message : `${this.configPath}: ${message}`);
+  }
+
   protected checkAlive(): void {
     if (this.disposed) throw new Error(`${this.className}: used after dispose()`);
   }
@@ -577,11 +593,11 @@ export abstract class SchedulerBase<C extends ScheduleConfig = ScheduleConfig> i
     const c = this.config as unknown as Record<string, unknown>;
     const outside = timesteps.find((t) => !(t >= 0 && t <= T - 1));
     if (outside !== undefined) {
-      throw new Error(`${this.className}: ${n} inference steps with timestep_spacing ${showValue(c.timestep_spacing)} and steps_offset ${showValue(c.steps_offset)} give timestep ${outside}, outside the trained [0, ${T - 1}]; use fewer steps or another spacing`);
+      this.configFault(`${this.className}: ${n} inference steps with timestep_spacing ${showValue(c.timestep_spacing)} and steps_offset ${showValue(c.steps_offset)} give timestep ${outside}, outside the trained [0, ${T - 1}]; use fewer steps or another spacing`);
     }
     const signalless = c.prediction_type === 'epsilon' ? timesteps.find((t) => this.acp[t] === 0) : undefined;
     if (signalless !== undefined) {
-      throw new Error(`${this.className}: timestep ${signalless} has alphas_cumprod 0 (rescale_betas_zero_snr true), where prediction_type 'epsilon' cannot recover x0; use prediction_type 'v_prediction', as zero-terminal-SNR models are trained, or timestep_spacing 'leading'`);
+      this.configFault(`${this.className}: timestep ${signalless} has alphas_cumprod 0 (rescale_betas_zero_snr true), where prediction_type 'epsilon' cannot recover x0; use prediction_type 'v_prediction', as zero-terminal-SNR models are trained, or timestep_spacing 'leading'`);
     }
   }
 }
