@@ -4,7 +4,7 @@
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, PREDICTION_TYPES, SAMPLE_CLIPPING_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SAMPLE_CLIPPING_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type PredictionType, type SampleClippingConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -18,11 +18,9 @@ export type DDIMSchedulerConfig = BetaScheduleConfig & SampleClippingConfig & {
 
 /** DDIMScheduler.__init__'s defaults. */
 export const DDIM_SCHEDULER_DEFAULTS: Readonly<DDIMSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
+  ...SCHEDULER_DEFAULTS,
   ...SAMPLE_CLIPPING_DEFAULTS,
   set_alpha_to_one: true,
-  steps_offset: 0,
-  prediction_type: 'epsilon',
   timestep_spacing: 'leading',
   rescale_betas_zero_snr: false,
 });
@@ -31,7 +29,7 @@ const CLASS = 'DDIMScheduler';
 
 /** What difflora implements of the values diffusers accepts. */
 const SUPPORTED = {
-  beta_schedule: ['linear', 'scaled_linear', 'squaredcos_cap_v2'],
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
   prediction_type: PREDICTION_TYPES,
   thresholding: [false],
   timestep_spacing: TIMESTEP_SPACINGS,

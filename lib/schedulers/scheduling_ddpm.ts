@@ -8,7 +8,7 @@ import { randnTensor, type Generator } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, BETA_SCHEDULES, PREDICTION_TYPES, SAMPLE_CLIPPING_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, checkOneOf, exp32, log32,
+  SCHEDULER_DEFAULTS, BETA_SCHEDULES, PREDICTION_TYPES, SAMPLE_CLIPPING_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, checkOneOf, exp32, log32,
   namingFile, readSchedulerConfig, resolveSchedulerConfig, sqrt32, timestepNotFound, unknownConfigKeys,
   type BetaScheduleConfig, type PredictionType, type SampleClippingConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
@@ -26,12 +26,10 @@ export type DDPMSchedulerConfig = BetaScheduleConfig & SampleClippingConfig & {
 
 /** diffusers' defaults (DDPMScheduler.__init__), used for fields a config leaves out. */
 export const DDPM_SCHEDULER_DEFAULTS: Readonly<DDPMSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
+  ...SCHEDULER_DEFAULTS,
   ...SAMPLE_CLIPPING_DEFAULTS,
   variance_type: 'fixed_small',
-  prediction_type: 'epsilon',
   timestep_spacing: 'leading',
-  steps_offset: 0,
   rescale_betas_zero_snr: false,
 });
 

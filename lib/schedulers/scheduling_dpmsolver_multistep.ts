@@ -8,7 +8,7 @@
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, arangeDown, exp32, linspace64, log32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, arangeDown, exp32, linspace64, log32,
   resolveSchedulerConfig, roundHalfEven, sqrt32, type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -36,9 +36,8 @@ export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
 
 /** DPMSolverMultistepScheduler.__init__'s defaults. */
 export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistepSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
+  ...SCHEDULER_DEFAULTS,
   solver_order: 2,
-  prediction_type: 'epsilon',
   thresholding: false,
   dynamic_thresholding_ratio: 0.995,
   sample_max_value: 1.0,
@@ -54,7 +53,6 @@ export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistep
   lambda_min_clipped: -Infinity,
   variance_type: null,
   timestep_spacing: 'linspace',
-  steps_offset: 0,
   rescale_betas_zero_snr: false,
 });
 
@@ -62,7 +60,7 @@ const CLASS = 'DPMSolverMultistepScheduler';
 
 /** What difflora implements of the values diffusers accepts. */
 const SUPPORTED = {
-  beta_schedule: ['linear', 'scaled_linear', 'squaredcos_cap_v2'],
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
   algorithm_type: ['dpmsolver++'],
   solver_order: [1, 2],
   solver_type: ['midpoint', 'heun'],
@@ -108,7 +106,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
 
   override get initNoiseSigma(): number { return 1.0; }
 
-  setTimesteps(numInferenceSteps: number): void {
+  override setTimesteps(numInferenceSteps: number): void {
     this.checkAlive();
     this.checkInferenceSteps(numInferenceSteps);
     const c = this.config;

@@ -6,7 +6,7 @@ import { randnTensor, type Generator } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -19,10 +19,8 @@ export type EulerAncestralDiscreteSchedulerConfig = BetaScheduleConfig & {
 
 /** EulerAncestralDiscreteScheduler.__init__'s defaults. */
 export const EULER_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS: Readonly<EulerAncestralDiscreteSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
-  prediction_type: 'epsilon',
+  ...SCHEDULER_DEFAULTS,
   timestep_spacing: 'linspace',
-  steps_offset: 0,
   rescale_betas_zero_snr: false,
 });
 
@@ -30,7 +28,7 @@ const CLASS = 'EulerAncestralDiscreteScheduler';
 
 /** What difflora implements of the values diffusers accepts. */
 const SUPPORTED = {
-  beta_schedule: ['linear', 'scaled_linear', 'squaredcos_cap_v2'],
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
   // diffusers: NotImplementedError("prediction_type not implemented yet: sample")
   prediction_type: ['epsilon', 'v_prediction'],
   timestep_spacing: TIMESTEP_SPACINGS,
@@ -42,11 +40,6 @@ export class EulerAncestralDiscreteScheduler extends SigmaSchedulerBase<EulerAnc
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveSchedulerConfig(CLASS, EULER_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS as EulerAncestralDiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
       'descending');
-  }
-
-  /** The Euler timesteps (float32, 'linspace' not rounded), ending at σ = 0. */
-  setTimesteps(numInferenceSteps: number): void {
-    this.setSigmaSchedule(this.spacedSchedule(numInferenceSteps, false), 'zero');
   }
 
   /** One ancestral Euler step: the ODE step to σ_down, plus σ_up·z with z from randn_tensor(generator). */

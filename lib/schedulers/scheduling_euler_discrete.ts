@@ -4,11 +4,12 @@
 // sqrt(σ² + 1), so the UNet input is divided by it and the initial noise multiplied by initNoiseSigma.
 //
 // σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) in float32, interpolated at the (fractional) inference timesteps in float64
-// as np.interp, then float32 again, as diffusers (SigmaSchedulerBase in scheduling_utils.ts).
+// as np.interp, then float32 again, as diffusers; set_timesteps, scale_model_input and add_noise are
+// SigmaSchedulerBase's (scheduling_utils.ts), shared with EulerAncestralDiscreteScheduler.
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig,
   sqrt32, type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -29,8 +30,7 @@ export type EulerDiscreteSchedulerConfig = BetaScheduleConfig & {
 
 /** EulerDiscreteScheduler.__init__'s defaults. */
 export const EULER_DISCRETE_SCHEDULER_DEFAULTS: Readonly<EulerDiscreteSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
-  prediction_type: 'epsilon',
+  ...SCHEDULER_DEFAULTS,
   interpolation_type: 'linear',
   use_karras_sigmas: false,
   use_exponential_sigmas: false,
@@ -39,7 +39,6 @@ export const EULER_DISCRETE_SCHEDULER_DEFAULTS: Readonly<EulerDiscreteSchedulerC
   sigma_max: null,
   timestep_spacing: 'linspace',
   timestep_type: 'discrete',
-  steps_offset: 0,
   rescale_betas_zero_snr: false,
   final_sigmas_type: 'zero',
 });
@@ -48,7 +47,7 @@ const CLASS = 'EulerDiscreteScheduler';
 
 /** What difflora implements of the values diffusers accepts. */
 const SUPPORTED = {
-  beta_schedule: ['linear', 'scaled_linear', 'squaredcos_cap_v2'],
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
   prediction_type: PREDICTION_TYPES,
   interpolation_type: ['linear'],
   use_karras_sigmas: [false],
@@ -65,11 +64,6 @@ export class EulerDiscreteScheduler extends SigmaSchedulerBase<EulerDiscreteSche
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveSchedulerConfig(CLASS, EULER_DISCRETE_SCHEDULER_DEFAULTS as EulerDiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
       'descending');
-  }
-
-  /** Euler's timesteps are float32 values: 'linspace' is not rounded. */
-  setTimesteps(numInferenceSteps: number): void {
-    this.setSigmaSchedule(this.spacedSchedule(numInferenceSteps, false), this.config.final_sigmas_type);
   }
 
   /** One Euler step from σ_i to σ_{i+1}: x + (x − x̂₀)/σ_i · (σ_{i+1} − σ_i), in float32. */

@@ -9,7 +9,7 @@
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  BETA_SCHEDULE_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, sqrt32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -23,19 +23,17 @@ export type PNDMSchedulerConfig = BetaScheduleConfig & {
 
 /** PNDMScheduler.__init__'s defaults. */
 export const PNDM_SCHEDULER_DEFAULTS: Readonly<PNDMSchedulerConfig> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
+  ...SCHEDULER_DEFAULTS,
   skip_prk_steps: false,
   set_alpha_to_one: false,
-  prediction_type: 'epsilon',
   timestep_spacing: 'leading',
-  steps_offset: 0,
 });
 
 const CLASS = 'PNDMScheduler';
 
 /** What difflora implements of the values diffusers accepts. */
 const SUPPORTED = {
-  beta_schedule: ['linear', 'scaled_linear', 'squaredcos_cap_v2'],
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
   // diffusers' _get_prev_sample raises for 'sample'
   prediction_type: ['epsilon', 'v_prediction'],
   timestep_spacing: TIMESTEP_SPACINGS,

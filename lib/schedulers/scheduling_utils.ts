@@ -82,6 +82,16 @@ export const BETA_SCHEDULE_DEFAULTS: Readonly<BetaScheduleConfig> = Object.freez
   trained_betas: null,
 });
 
+/**
+ * Defaults every class shares in diffusers: the beta schedule's, prediction_type 'epsilon' and steps_offset 0
+ * (each class adds its own fields, timestep_spacing among them: its default differs between classes).
+ */
+export const SCHEDULER_DEFAULTS: Readonly<BetaScheduleConfig & { prediction_type: 'epsilon'; steps_offset: number }> = Object.freeze({
+  ...BETA_SCHEDULE_DEFAULTS,
+  prediction_type: 'epsilon',
+  steps_offset: 0,
+});
+
 /** The x̂₀ clipping and dynamic thresholding fields of DDPMScheduler and DDIMScheduler (thresholding is refused). */
 export type SampleClippingConfig = {
   clip_sample: boolean;
@@ -100,6 +110,8 @@ export const SAMPLE_CLIPPING_DEFAULTS: Readonly<SampleClippingConfig> = Object.f
 });
 
 export const BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'];
+/** The beta schedules of diffusers' classes other than DDPMScheduler (only it has 'sigmoid'). */
+export const SAMPLER_BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear', 'squaredcos_cap_v2'];
 export const PREDICTION_TYPES: readonly PredictionType[] = ['epsilon', 'v_prediction', 'sample'];
 export const TIMESTEP_SPACINGS: readonly TimestepSpacing[] = ['linspace', 'leading', 'trailing'];
 /** A sanity cap on num_train_timesteps (diffusers' schedules use 1000; the tensors are that long). */
@@ -652,6 +664,15 @@ export abstract class SigmaSchedulerBase<C extends ScheduleConfig & { timestep_s
   get timesteps(): number[] { return this.schedule; }
   /** σ of each timestep and the final σ, float32, on the CPU. */
   get sigmas(): Tensor { return this.sigmaTensor; }
+
+  /**
+   * Euler's set_timesteps (also Euler ancestral's): the spacing's timesteps as float32 values ('linspace' not
+   * rounded), σ interpolated at them, then the final σ (final_sigmas_type; 0 where the class has no such field).
+   */
+  setTimesteps(numInferenceSteps: number): void {
+    const finalSigma = (this.config as { final_sigmas_type?: 'zero' | 'sigma_min' }).final_sigmas_type ?? 'zero';
+    this.setSigmaSchedule(this.spacedSchedule(numInferenceSteps, false), finalSigma);
+  }
 
   /** diffusers' init_noise_sigma: max σ for 'linspace'/'trailing' spacing, sqrt(max σ² + 1) for 'leading'. */
   override get initNoiseSigma(): number {

@@ -4,8 +4,8 @@
 // unknown enumeration values and prototype names, alone and in seeded pairs; hostile _class_name values, step
 // counts, timesteps, and files that are not JSON objects or not regular files.
 //
-// Each child process loads many configs in a loop (loadScheduler → setTimesteps → scaleModelInput → step →
-// addNoise) and prints one verdict line per config; the harness classifies the child (crash, hang), and the
+// Each child process loads many configs in a loop (loadScheduler → setTimesteps → scaleModelInput → step, then
+// the whole rollout, → addNoise) and prints one verdict line per config; the harness classifies the child (crash, hang), and the
 // check below classifies each config: refused with an Error naming the culprit (and, for a load, the file),
 // or accepted with finite outputs. A NaN or infinite output, or a refusal that names neither, is silent.
 import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -179,6 +179,15 @@ function run(c, dir) {
     const t = c.timestep ?? s.timesteps[0];
     let ok = Number.isFinite(s.initNoiseSigma) && s.timesteps.every(Number.isFinite);
     ok = tidy(() => finite(s.step(modelOutput, t, s.scaleModelInput(sample.mul(s.initNoiseSigma), t), { generator }))) && ok;
+    if (c.timestep === undefined) {
+      // the whole rollout too: a schedule can be finite at its first step and divide by zero at its last
+      s.setTimesteps(c.steps ?? ${STEPS});
+      ok = tidy(() => {
+        let x = sample.mul(s.initNoiseSigma);
+        for (const u of s.timesteps) x = s.step(modelOutput, u, s.scaleModelInput(x, u), { generator });
+        return finite(x);
+      }) && ok;
+    }
     phase = 'addNoise';
     const tn = c.addNoise ?? (Number.isInteger(t) ? { values: [t], dtype: 'int64' } : { values: [t], dtype: 'float32' });
     ok = tidy(() => {
