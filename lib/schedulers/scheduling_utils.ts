@@ -74,20 +74,16 @@ export type BetaScheduleConfig = {
 /** The same, with the zero-terminal-SNR switch most classes have. */
 export type ScheduleConfig = BetaScheduleConfig & { rescale_betas_zero_snr?: boolean };
 
-export const BETA_SCHEDULE_DEFAULTS: Readonly<BetaScheduleConfig> = Object.freeze({
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
-});
-
 /**
  * Defaults every class shares in diffusers: the beta schedule's, prediction_type 'epsilon' and steps_offset 0
  * (each class adds its own fields, timestep_spacing among them: its default differs between classes).
  */
 export const SCHEDULER_DEFAULTS: Readonly<BetaScheduleConfig & { prediction_type: 'epsilon'; steps_offset: number }> = Object.freeze({
-  ...BETA_SCHEDULE_DEFAULTS,
+  num_train_timesteps: 1000,
+  beta_start: 0.0001,
+  beta_end: 0.02,
+  beta_schedule: 'linear',
+  trained_betas: null,
   prediction_type: 'epsilon',
   steps_offset: 0,
 });
@@ -155,7 +151,7 @@ export function namingFile<T>(path: string, fn: () => T): T {
 }
 
 /** How a config value is shown in errors (JSON, except non-finite numbers, which JSON cannot write). */
-export function showValue(v: unknown): string {
+function showValue(v: unknown): string {
   if (typeof v === 'number' && !Number.isFinite(v)) return String(v);
   const s = JSON.stringify(v) ?? String(v);
   return s.length > 80 ? `${s.slice(0, 77)}...` : s;
@@ -292,7 +288,7 @@ export function betasForAlphaBar(numDiffusionTimesteps: number, maxBeta = 0.999)
  * are Flawed", Algorithm 1), as diffusers' rescale_zero_terminal_snr: sqrt(alphas_cumprod) is shifted so its
  * last value is 0 and scaled so its first is unchanged. alphas_cumprod[-1] becomes exactly 0.
  */
-export function rescaleZeroTerminalSnr(betas: Tensor): Tensor {
+function rescaleZeroTerminalSnr(betas: Tensor): Tensor {
   return tidy(() => {
     // 1. betas → sqrt(alphas_cumprod)
     const alphasBarSqrt = cumprod(rsub(betas, 1), 0).sqrt();
@@ -311,7 +307,7 @@ export function rescaleZeroTerminalSnr(betas: Tensor): Tensor {
 }
 
 /** The config's betas (float32, CPU), before any zero-SNR rescaling. */
-export function betasFromConfig(c: BetaScheduleConfig): Tensor {
+function betasFromConfig(c: BetaScheduleConfig): Tensor {
   const n = c.num_train_timesteps;
   if (c.trained_betas !== null) return torch.tensor(Float32Array.from(c.trained_betas));
   switch (c.beta_schedule) {
@@ -335,7 +331,7 @@ export function betasFromConfig(c: BetaScheduleConfig): Tensor {
  * zero terminal SNR. With `clampLast` (Euler, DPM-Solver) a zero-SNR schedule's last ᾱ becomes 2⁻²⁴ instead
  * of 0, as those diffusers classes do so that σ stays finite.
  */
-export function scheduleTensors(c: ScheduleConfig, clampLast = false): { betas: Tensor; alphas: Tensor; alphasCumprod: Tensor } {
+function scheduleTensors(c: ScheduleConfig, clampLast = false): { betas: Tensor; alphas: Tensor; alphasCumprod: Tensor } {
   return tidy(() => {
     const raw = betasFromConfig(c);
     const betas = c.rescale_betas_zero_snr ? rescaleZeroTerminalSnr(raw) : raw;
@@ -344,11 +340,6 @@ export function scheduleTensors(c: ScheduleConfig, clampLast = false): { betas: 
     if (clampLast && c.rescale_betas_zero_snr) alphasCumprod.select(0, c.num_train_timesteps - 1).fill_(2 ** -24);
     return { betas, alphas, alphasCumprod };
   });
-}
-
-/** alphas_cumprod of a config (float32, CPU; the caller owns it); see scheduleTensors. */
-export function alphasCumprodFromConfig(c: ScheduleConfig, clampLast = false): Tensor {
-  return tidy(() => scheduleTensors(c, clampLast).alphasCumprod);
 }
 
 // float32's smallest normal number: below it σ = sqrt((1 − ᾱ)/ᾱ) overflows float32
@@ -400,7 +391,7 @@ export function arangeDown(start: number, stop: number, step: number): number[] 
 }
 
 /** np.interp(x, arange(len(fp)), fp) in float64, as numpy's C loop computes it (slope·(x − x_j) + f_j). */
-export function interpOnIndex(x: readonly number[], fp: ArrayLike<number>): number[] {
+function interpOnIndex(x: readonly number[], fp: ArrayLike<number>): number[] {
   const last = fp.length - 1;
   return x.map((v) => {
     if (Number.isNaN(v)) return v;
@@ -422,7 +413,7 @@ export const log32 = (x: number): number => tidy(() => torch.scalarTensor(x).log
 export const exp32 = (x: number): number => tidy(() => torch.scalarTensor(x).exp().item());
 
 /** Appends trailing size-1 dimensions until x has `rank` dimensions (diffusers' `while ...: unsqueeze(-1)`). */
-export function unsqueezeTo(x: Tensor, rank: number): Tensor {
+function unsqueezeTo(x: Tensor, rank: number): Tensor {
   let out = x;
   while (out.ndim < rank) out = out.unsqueeze(-1);
   return out;
@@ -435,7 +426,7 @@ export function unsqueezeTo(x: Tensor, rank: number): Tensor {
  * Euler keeps them fractional), 'leading' (multiples of T // n plus steps_offset) and 'trailing'
  * (np.arange(T, 0, −T / n) rounded, minus 1), descending. The callers check n first.
  */
-export function spacedTimesteps(className: string, spacing: string, numTrain: number, n: number, stepsOffset: number, round = true): number[] {
+function spacedTimesteps(className: string, spacing: string, numTrain: number, n: number, stepsOffset: number, round = true): number[] {
   switch (spacing) {
     case 'linspace': {
       const ts = linspace64(0, numTrain - 1, n);
@@ -624,7 +615,7 @@ export function checkTimestepIndices(className: string, timesteps: Tensor, numTr
 }
 
 /** σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) for every training timestep, float32. */
-export function trainSigmas(alphasCumprod: Float32Array): Float32Array {
+function trainSigmas(alphasCumprod: Float32Array): Float32Array {
   const f = Math.fround;
   return alphasCumprod.map((a) => sqrt32(f(f(1 - a) / a)));
 }

@@ -103,6 +103,10 @@ function configCases(r: ReturnType<typeof rng>): Map<string, ConfigCase[]> {
     for (const [field, v] of [['beta_end', 2], ['beta_start', -1], ['beta_end', 0.9], ['num_train_timesteps', 1e9]] as const) {
       cases.push({ name: `${className} ${field}=${v} (issue #12)`, text: pythonJson({ ...tinyConfig, [field]: v }), kind: className, culprits: [field], mustRefuse: true });
     }
+    // zero terminal SNR with trailing spacing reaches ᾱ = 0: refused for epsilon where ᾱ is not clamped, run with v_prediction
+    const zeroSnr = { ...tinyConfig, rescale_betas_zero_snr: true, timestep_spacing: 'trailing' };
+    cases.push({ name: `${className} zero SNR, trailing, epsilon`, text: pythonJson(zeroSnr), kind: className, culprits: ['rescale_betas_zero_snr'] });
+    cases.push({ name: `${className} zero SNR, trailing, v_prediction`, text: pythonJson({ ...zeroSnr, prediction_type: 'v_prediction' }), kind: className, culprits: [] });
     // keys that would pollute a prototype if merged naively are ignored
     cases.push({ name: `${className} __proto__ and constructor keys`, text: `{"__proto__": {"beta_end": 2}, "constructor": {"beta_end": 2}, ${pythonJson(tinyConfig).slice(1)}`, kind: className, culprits: [] });
     byClass.set(className, cases);
