@@ -69,7 +69,7 @@ export type {
 // ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
 export {
   loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
-  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, computeSnr,
+  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
 } from './schedulers/index.js';
 export type { Scheduler, SchedulerName } from './schedulers/index.js';
 
@@ -86,6 +86,7 @@ export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './trai
 export { runTraining, stepsArithmetic } from './training/train.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
+export { computeSnr } from './training/training_utils.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
 export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, sampleNoise, sampleTimesteps } from './training/step.js';
 export type { TrainingStep } from './training/step.js';

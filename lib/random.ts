@@ -2,6 +2,7 @@
 import { native, type NativeGenerator } from './native.js';
 import type { Tensor } from './tensor.js';
 import { checkDevice } from './device.js';
+import * as torch from './torch.js';
 
 export class Generator {
   /** Read by the dispatcher when a Generator is passed to an op. */
@@ -42,4 +43,15 @@ export function defaultGenerator(device = 'cpu'): Generator {
 /** Seeds the CPU and every CUDA default generator, as torch.manual_seed. */
 export function manualSeed(seed: number): void {
   native.manualSeed(seed);
+}
+
+/**
+ * diffusers' randn_tensor (utils/torch_utils.py): a CPU generator draws on the CPU and the result moves to
+ * `like`'s device; without a generator the draw is on that device with its default generator. Same shape
+ * and dtype as `like`.
+ */
+export function randnTensor(like: Tensor, generator?: Generator): Tensor {
+  const device = generator?.device ?? like.device;
+  const noise = torch.randn(like.shape, { dtype: like.dtype, device, generator });
+  return device === like.device ? noise : noise.to({ device: like.device });
 }

@@ -2,16 +2,18 @@
 // scheduler config as `<Class>.from_pretrained(tiny-sd, subfolder='scheduler')`, set_timesteps(20), then a
 // 3-step rollout from rollout/sample0 with a fixed model output. Also the factory (names, aliases, class
 // names, refused config values), add_noise of the σ schedulers, v-prediction, and flat memory.
-import { readFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, type Scheduler } from '../lib/schedulers/scheduler.js';
+import { makePrivateTempDir } from '../lib/io/files.js';
+import { loadScheduler, schedulerFromConfig, schedulerName, SCHEDULER_NAMES, type Scheduler } from '../lib/schedulers/scheduler.js';
 import { DDPMScheduler } from '../lib/schedulers/scheduling_ddpm.js';
 import { DPMSolverMultistepScheduler } from '../lib/schedulers/scheduling_dpmsolver_multistep.js';
 import { EulerDiscreteScheduler } from '../lib/schedulers/scheduling_euler_discrete.js';
 import { memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
+import { computeSnr } from '../lib/training/training_utils.js';
 import { bitEqual, fixtures, goldenFile, relErr } from './helpers.js';
 
 const tinySd = join(fixtures, 'tiny-sd');
@@ -359,5 +361,160 @@ describe('state and lifetimes', () => {
     expect(relErr(out, g('ddpm/add_noise/out'))).toBeLessThan(TOL);
     out.dispose();
     s.dispose();
+  });
+});
+
+describe('hostile configs and arguments (issue #12): refused with the file, field and value', () => {
+  const root = makePrivateTempDir('difflora-sched-test-');
+  afterAll(() => rmSync(root, { recursive: true, force: true }));
+  let n = 0;
+  /** A scheduler folder holding `text` (or tiny-sd's config with `over` merged) as scheduler_config.json. */
+  const folder = (over: Record<string, unknown> | string): { dir: string; file: string } => {
+    const dir = join(root, String(n++));
+    mkdirSync(dir);
+    const file = join(dir, 'scheduler_config.json');
+    writeFileSync(file, typeof over === 'string' ? over : JSON.stringify({ ...rawConfig, ...over }));
+    return { dir, file };
+  };
+  const esc = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+  /** loadScheduler must throw naming the file, and leave no tensor behind. */
+  const refuses = (over: Record<string, unknown> | string, kind: string | undefined, message: RegExp): void => {
+    const { dir, file } = folder(over);
+    const before = memory().numTensors;
+    let error = '';
+    try {
+      loadScheduler(dir, kind === undefined ? {} : { kind }).dispose();
+    } catch (e) {
+      error = (e as Error).message;
+    }
+    expect(error, `${kind} ${JSON.stringify(over)}`).toMatch(message);
+    expect(error, 'names the file').toContain(file);
+    expect(memory().numTensors, 'no tensor left by the refused load').toBe(before);
+  };
+
+  it('betas out of (0, 1) or out of order: beta_end 2 and beta_start -1 gave NaN images', () => {
+    for (const kind of SCHEDULER_NAMES) {
+      refuses({ beta_end: 2 }, kind, /config: 'beta_end' = 2 must be in \(0, 1\)/);
+      refuses({ beta_start: -1 }, kind, /config: 'beta_start' = -1 must be in \(0, 1\)/);
+      refuses({ beta_start: 0 }, kind, /'beta_start' = 0 must be in \(0, 1\)/);
+      refuses({ beta_start: 0.5 }, kind, /'beta_end' = 0.012 must not be below beta_start \(0.5\)/);
+      refuses({ beta_end: 'Infinity' }, kind, /'beta_end' = "Infinity" must be a number/);
+    }
+  });
+
+  it('a beta schedule whose alphas_cumprod vanishes, or whose betas round away in float32', () => {
+    refuses({ beta_end: 0.9 }, 'euler', /beta_schedule 'scaled_linear' with beta_start 0.00085, beta_end 0.9, num_train_timesteps 1000 gives alphas_cumprod .* at timestep \d+: the signal has vanished/);
+    refuses({ beta_schedule: 'linear', beta_start: 1e-9, beta_end: 1e-9 }, 'ddim', /gives a beta at timestep 0 below float32's resolution/);
+    refuses({ trained_betas: Array.from({ length: 1000 }, () => 0.5) }, 'pndm', /PNDMScheduler config: trained_betas gives alphas_cumprod/);
+  });
+
+  it('num_train_timesteps, steps_offset and trained_betas outside their domain', () => {
+    refuses({ num_train_timesteps: 1e9 }, 'ddpm', /'num_train_timesteps' = 1000000000 must be an integer from 1 to 100000/);
+    refuses({ num_train_timesteps: 0 }, 'ddim', /'num_train_timesteps' = 0 must be an integer from 1 to 100000/);
+    refuses({ num_train_timesteps: 2.5 }, 'euler', /'num_train_timesteps' = 2.5 must be an integer/);
+    refuses({ steps_offset: -1 }, 'pndm', /'steps_offset' = -1 must be an integer from 0 to num_train_timesteps − 1 \(999\)/);
+    refuses({ steps_offset: 1000 }, 'dpmpp_2m', /'steps_offset' = 1000 must be an integer from 0/);
+    refuses({ trained_betas: [0.1, 2] }, 'ddpm', /'trained_betas\[1\]' = 2 must be a number in \(0, 1\)/);
+    refuses({ trained_betas: 'x' }, 'euler_a', /'trained_betas' = "x" must be null or a list of numbers/);
+    refuses({ trained_betas: [0.1, 0.2] }, 'ddim', /'trained_betas' has 2 values but num_train_timesteps is 1000/);
+    refuses({ rescale_betas_zero_snr: true, num_train_timesteps: 1, steps_offset: 0 }, 'ddpm', /'rescale_betas_zero_snr' = true needs num_train_timesteps of 2 or more/);
+    refuses({ clip_sample_range: -1 }, 'ddim', /'clip_sample_range' = -1 must be a positive finite number/);
+    refuses({ sigma_min: 'x' }, 'euler', /'sigma_min' = "x" must be null or a number/);
+    refuses({ lambda_min_clipped: 5 }, 'dpmpp_2m', /'lambda_min_clipped' = 5 is above the log-SNR λ of every training timestep/);
+  });
+
+  it('enumerations outside the known sets, also where only training reads the config', () => {
+    refuses({ timestep_spacing: 'karras' }, 'ddpm', /DDPMScheduler config: 'timestep_spacing' = "karras" is not supported \(difflora implements 'linspace', 'leading', 'trailing'\)/);
+    refuses({ prediction_type: '__proto__' }, 'euler', /'prediction_type' = "__proto__" is not supported/);
+    refuses({ beta_schedule: 'constructor' }, 'pndm', /'beta_schedule' = "constructor" is not supported/);
+    expect(() => DDPMScheduler.fromConfig({ variance_type: 'toString' })).toThrow(/DDPMScheduler config: 'variance_type' = "toString" is not supported \(difflora implements 'fixed_small'/);
+  });
+
+  it('_class_name is looked up in a Map: prototype names are unknown classes, naming the file', () => {
+    for (const cls of ['__proto__', 'constructor', 'toString', 'hasOwnProperty', 'Heun']) {
+      refuses({ _class_name: cls }, undefined, new RegExp(`unknown scheduler class '${esc(cls)}' in .*scheduler_config\\.json; known: PNDMScheduler, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler`));
+      expect(() => schedulerName(cls)).toThrow(new RegExp(`unknown scheduler "${esc(cls)}": supported are`));
+    }
+    refuses({ _class_name: 42 }, undefined, /unknown scheduler class 42 \(not a string\) in/);
+    // keys named like prototype properties are ignored, not merged
+    const { dir } = folder(`{"__proto__": {"beta_end": 2}, "constructor": 1, ${JSON.stringify(rawConfig).slice(1)}`);
+    const s = loadScheduler(dir);
+    expect(s.config.beta_end).toBe(0.012);
+    s.dispose();
+  });
+
+  it('the config file is read through lib/io: not an object, bad JSON, a directory, Python\'s bare -Infinity', () => {
+    refuses('[1, 2]', 'pndm', /scheduler config '.*' must hold a JSON object, not an array/);
+    refuses('{"beta_end": 0.012,\n "x": }', 'pndm', /scheduler config '.*' is not valid JSON: unexpected '}' at line 2 column 7/);
+    const { dir, file } = folder({});
+    expect(() => loadScheduler(join(dir, '..'), { subfolder: String(n - 1), kind: 'pndm' })).not.toThrow();
+    const d = join(root, 'dir-config');
+    mkdirSync(join(d, 'scheduler_config.json'), { recursive: true });
+    expect(() => loadScheduler(d, { kind: 'pndm', subfolder: 'none' })).toThrow(/scheduler config '.*scheduler_config.json' is a directory/);
+    writeFileSync(file, `{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity, "beta_schedule": "scaled_linear"}`);
+    const s = loadScheduler(dir);
+    expect(s.config.lambda_min_clipped).toBe(-Infinity);
+    s.dispose();
+  });
+
+  it('setTimesteps refuses 0, negative, fractional, NaN and more steps than num_train_timesteps', () => {
+    for (const kind of SCHEDULER_NAMES) {
+      const s = loadScheduler(tinySd, { kind });
+      for (const steps of [0, -1, 2.5, NaN, Infinity, 1001]) {
+        expect(() => s.setTimesteps(steps), `${kind} ${steps}`).toThrow(new RegExp(`numInferenceSteps must be an integer from 1 to num_train_timesteps \\(1000\\), got ${steps}`));
+      }
+      s.dispose();
+    }
+  });
+
+  it('a schedule the config pushes out of range is refused naming the file and the field', () => {
+    const file = join(tinySd, 'scheduler', 'scheduler_config.json');
+    // tiny-sd's steps_offset 1 with 'leading' spacing: 1000 steps would start at timestep 1000
+    for (const kind of ['pndm', 'ddim', 'ddpm']) {
+      const s = loadScheduler(tinySd, { kind });
+      expect(() => s.setTimesteps(1000), kind).toThrow(`${file}: ${s.className}: 1000 inference steps with timestep_spacing "leading" and steps_offset 1 give timestep 1000, outside the trained [0, 999]`);
+      s.setTimesteps(999);
+      s.dispose();
+    }
+    // DPM-Solver's n + 1 linspace points over T timesteps repeat some when n = T
+    const d = loadScheduler(tinySd, { kind: 'dpmpp_2m' });
+    expect(() => d.setTimesteps(1000)).toThrow(/1000 inference steps with timestep_spacing 'linspace' repeat timesteps/);
+    d.dispose();
+  });
+
+  it('zero terminal SNR: epsilon at ᾱ = 0 is refused, v_prediction runs finite', () => {
+    const over = { rescale_betas_zero_snr: true, timestep_spacing: 'trailing' };
+    for (const kind of ['ddim', 'ddpm']) {
+      const s = schedulerFromConfig(kind, rawConfig, over);
+      expect(() => s.setTimesteps(20), kind).toThrow(/timestep 999 has alphas_cumprod 0 \(rescale_betas_zero_snr true\), where prediction_type 'epsilon' cannot recover x0/);
+      s.dispose();
+      const v = schedulerFromConfig(kind, rawConfig, { ...over, prediction_type: 'v_prediction' });
+      v.setTimesteps(20);
+      const out = v.step(g('rollout/model_output'), v.timesteps[0] as number, g('rollout/sample0'), { generator: new torch.Generator().manualSeed(0) });
+      expect(Boolean(tidy(() => out.isfinite().all().item())), kind).toBe(true);
+      out.dispose();
+      v.dispose();
+    }
+  });
+
+  it('step and addNoise refuse timesteps outside [0, T) (and non-integer ones where ᾱ is indexed)', () => {
+    tidy(() => {
+      const x = g('rollout/sample0');
+      for (const kind of SCHEDULER_NAMES) {
+        const s = loadScheduler(tinySd, { kind });
+        s.setTimesteps(20);
+        for (const t of [-1, 1000, NaN, 1e9]) {
+          expect(() => s.step(x, t, x), `${kind} step ${t}`).toThrow(/timestep/);
+          expect(() => s.addNoise(x, x, torch.tensor(Float32Array.of(t))), `${kind} addNoise ${t}`).toThrow(/timestep/);
+        }
+        for (const t of [-1n, 1000n]) expect(() => s.addNoise(x, x, torch.tensor([t])), `${kind} addNoise ${t}`).toThrow(/timestep/);
+        s.dispose();
+      }
+      const ddpm = loadScheduler(tinySd, { kind: 'ddpm' });
+      expect(() => ddpm.addNoise(x, x, torch.tensor([1000n]))).toThrow('DDPMScheduler: timestep 1000 is outside [0, 1000)');
+      expect(() => ddpm.addNoise(x, x, torch.tensor(Float32Array.of(5)))).toThrow('DDPMScheduler: timesteps must be an integer tensor (int64), got float32');
+      expect(() => computeSnr(ddpm as DDPMScheduler, torch.tensor([-1n]))).toThrow('DDPMScheduler: timestep -1 is outside [0, 1000)');
+      ddpm.dispose();
+    });
   });
 });

@@ -6,9 +6,9 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors } from '../lib/io/safetensors.js';
-import {
-  DDPMScheduler, DDPM_SCHEDULER_DEFAULTS, betasForAlphaBar, computeSnr, parseDDPMSchedulerConfig,
-} from '../lib/schedulers/scheduling_ddpm.js';
+import { DDPMScheduler, DDPM_SCHEDULER_DEFAULTS, parseDDPMSchedulerConfig } from '../lib/schedulers/scheduling_ddpm.js';
+import { betasForAlphaBar } from '../lib/schedulers/scheduling_utils.js';
+import { computeSnr } from '../lib/training/training_utils.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
@@ -76,11 +76,11 @@ describe('config (tiny-sd scheduler_config.json, written for PNDMScheduler)', ()
   });
 
   it('refuses an unknown beta_schedule, naming it', () => {
-    expect(() => DDPMScheduler.fromConfig({ beta_schedule: 'karras_linear' })).toThrow(/beta_schedule "karras_linear" is not implemented.*'linear', 'scaled_linear', 'squaredcos_cap_v2'/);
+    expect(() => DDPMScheduler.fromConfig({ beta_schedule: 'karras_linear' })).toThrow(/DDPMScheduler config: 'beta_schedule' = "karras_linear" is not supported.*'linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'/);
   });
 
   it('refuses values the training math would get wrong', () => {
-    expect(() => parseDDPMSchedulerConfig({ prediction_type: 'x0' })).toThrow(/prediction_type.*'epsilon', 'v_prediction', 'sample'.*"x0"/);
+    expect(() => parseDDPMSchedulerConfig({ prediction_type: 'x0' })).toThrow(/'prediction_type' = "x0" is not supported.*'epsilon', 'v_prediction', 'sample'/);
     expect(() => parseDDPMSchedulerConfig({ num_train_timesteps: 0 })).toThrow(/num_train_timesteps/);
     expect(() => parseDDPMSchedulerConfig({ beta_end: '0.02' })).toThrow(/beta_end/);
     expect(() => parseDDPMSchedulerConfig({ trained_betas: [0.1, 0.2], num_train_timesteps: 3 })).toThrow(/trained_betas' has 2 values but num_train_timesteps is 3/);

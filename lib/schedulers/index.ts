@@ -1,10 +1,13 @@
-// The noise schedulers: the shared interface and factory, then one class per diffusers scheduler.
+// The noise schedulers: the factory, the shared interface and helpers, then one class per diffusers scheduler.
 export {
-  loadScheduler, schedulerFromConfig, schedulerName, SCHEDULER_NAMES, type Scheduler, type SchedulerName,
+  loadScheduler, schedulerFromConfig, schedulerName, SCHEDULER_NAMES,
 } from './scheduler.js';
 export {
-  DDPMScheduler, DDPM_SCHEDULER_DEFAULTS, computeSnr, parseDDPMSchedulerConfig, type DDPMSchedulerConfig,
-  type BetaSchedule, type PredictionType,
+  SchedulerBase, SigmaSchedulerBase, type BetaSchedule, type PredictionType, type Scheduler, type SchedulerName,
+  type TimestepSpacing,
+} from './scheduling_utils.js';
+export {
+  DDPMScheduler, DDPM_SCHEDULER_DEFAULTS, parseDDPMSchedulerConfig, type DDPMSchedulerConfig,
 } from './scheduling_ddpm.js';
 export { DDIMScheduler, DDIM_SCHEDULER_DEFAULTS, type DDIMSchedulerConfig } from './scheduling_ddim.js';
 export { PNDMScheduler, PNDM_SCHEDULER_DEFAULTS, type PNDMSchedulerConfig } from './scheduling_pndm.js';

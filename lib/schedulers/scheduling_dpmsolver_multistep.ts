@@ -7,20 +7,12 @@
 // they are libm's, not JavaScript's).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import * as torch from '../torch.js';
-import type { Scheduler } from './scheduler.js';
 import {
-  alphasCumprodFromConfig, arangeDown, checkBetaConfig, checkOneOf, configError, exp32, interpOnIndex, linspace64,
-  log32, resolveSchedulerConfig, roundHalfEven, sqrt32, type BetaSchedule, type PredictionType,
-} from './scheduling_ddpm.js';
-import { trainSigmas } from './scheduling_euler_discrete.js';
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, arangeDown, exp32, linspace64, log32,
+  resolveSchedulerConfig, roundHalfEven, sqrt32, type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+} from './scheduling_utils.js';
 
-export type DPMSolverMultistepSchedulerConfig = {
-  num_train_timesteps: number;
-  beta_start: number;
-  beta_end: number;
-  beta_schedule: BetaSchedule;
-  trained_betas: number[] | null;
+export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
   solver_order: number;
   prediction_type: PredictionType;
   thresholding: boolean;
@@ -37,20 +29,15 @@ export type DPMSolverMultistepSchedulerConfig = {
   final_sigmas_type: 'zero' | 'sigma_min';
   lambda_min_clipped: number;
   variance_type: string | null;
-  timestep_spacing: 'linspace' | 'leading' | 'trailing';
+  timestep_spacing: TimestepSpacing;
   steps_offset: number;
   rescale_betas_zero_snr: boolean;
 };
 
 /** DPMSolverMultistepScheduler.__init__'s defaults. */
 export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistepSchedulerConfig> = Object.freeze({
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
+  ...SCHEDULER_DEFAULTS,
   solver_order: 2,
-  prediction_type: 'epsilon',
   thresholding: false,
   dynamic_thresholding_ratio: 0.995,
   sample_max_value: 1.0,
@@ -66,11 +53,27 @@ export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistep
   lambda_min_clipped: -Infinity,
   variance_type: null,
   timestep_spacing: 'linspace',
-  steps_offset: 0,
   rescale_betas_zero_snr: false,
 });
 
 const CLASS = 'DPMSolverMultistepScheduler';
+
+/** What difflora implements of the values diffusers accepts. */
+const SUPPORTED = {
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
+  algorithm_type: ['dpmsolver++'],
+  solver_order: [1, 2],
+  solver_type: ['midpoint', 'heun'],
+  prediction_type: PREDICTION_TYPES,
+  thresholding: [false],
+  use_karras_sigmas: [false],
+  use_exponential_sigmas: [false],
+  use_beta_sigmas: [false],
+  use_lu_lambdas: [false],
+  final_sigmas_type: ['zero', 'sigma_min'],
+  variance_type: [null],
+  timestep_spacing: TIMESTEP_SPACINGS,
+};
 
 /** α_t = 1/sqrt(σ² + 1) and σ_t = σ·α_t of a σ (diffusers' _sigma_to_alpha_sigma_t), float32. */
 function alphaSigma(sigma: number): [number, number] {
@@ -82,76 +85,59 @@ function alphaSigma(sigma: number): [number, number] {
 /** λ = log α − log σ, float32. */
 const lambdaOf = (alpha: number, sigma: number): number => Math.fround(log32(alpha) - log32(sigma));
 
-export class DPMSolverMultistepScheduler implements Scheduler {
+export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMultistepSchedulerConfig> {
   readonly name = 'dpmpp_2m';
-  readonly className = CLASS;
-  readonly order = 1;
-  readonly initNoiseSigma = 1.0;
-  readonly config: Readonly<DPMSolverMultistepSchedulerConfig>;
-  /** ᾱ_t, float32 [num_train_timesteps] on the CPU. */
-  readonly alphasCumprod: Tensor;
-  private readonly trainSigmas: Float32Array;
-  /** σ of each timestep and the final σ, float32; a kept CPU tensor, replaced by setTimesteps. */
-  sigmas: Tensor;
-  private sigmaValues: Float32Array;
-  private schedule: number[];
-  private stepIndex: number | null = null;
+  /** One past the last timestep whose λ is above lambda_min_clipped (num_train_timesteps without clipping). */
+  private readonly lastTimestep: number;
   // the last solver_order data predictions x̂₀ (kept tensors; null before the first steps)
   private modelOutputs: (Tensor | null)[];
   private lowerOrderNums = 0;
-  private disposed = false;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    const c = resolveSchedulerConfig(CLASS, DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS as DPMSolverMultistepSchedulerConfig, rawConfig, overrides);
-    checkBetaConfig(CLASS, c);
-    checkOneOf(CLASS, c, 'algorithm_type', ['dpmsolver++']);
-    checkOneOf(CLASS, c, 'solver_order', [1, 2]);
-    checkOneOf(CLASS, c, 'solver_type', ['midpoint', 'heun']);
-    checkOneOf(CLASS, c, 'prediction_type', ['epsilon', 'v_prediction', 'sample']);
-    checkOneOf(CLASS, c, 'thresholding', [false]);
-    for (const k of ['use_karras_sigmas', 'use_exponential_sigmas', 'use_beta_sigmas', 'use_lu_lambdas'] as const) checkOneOf(CLASS, c, k, [false]);
-    checkOneOf(CLASS, c, 'final_sigmas_type', ['zero', 'sigma_min']);
-    checkOneOf(CLASS, c, 'variance_type', [null]);
-    checkOneOf(CLASS, c, 'timestep_spacing', ['linspace', 'leading', 'trailing']);
-    if (typeof c.lambda_min_clipped !== 'number' || Number.isNaN(c.lambda_min_clipped)) configError(CLASS, 'lambda_min_clipped', c.lambda_min_clipped, 'must be a number');
-    this.config = Object.freeze(c);
-    this.alphasCumprod = keep(alphasCumprodFromConfig(c, true));
-    this.trainSigmas = trainSigmas(this.alphasCumprod.dataSync() as Float32Array);
-    // before setTimesteps, as diffusers' __init__: every training timestep, σ not reversed and without a final 0
-    const T = c.num_train_timesteps;
-    this.schedule = Array.from({ length: T }, (_, i) => T - 1 - i);
-    this.sigmaValues = this.trainSigmas.slice();
-    this.sigmas = keep(torch.tensor(this.sigmaValues));
-    this.modelOutputs = new Array<Tensor | null>(c.solver_order).fill(null);
+    super(CLASS, resolveSchedulerConfig(CLASS, DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS as DPMSolverMultistepSchedulerConfig, rawConfig, overrides, SUPPORTED),
+      'training');
+    this.lastTimestep = this.config.num_train_timesteps - this.clippedIndex();
+    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    if (this.lastTimestep < 1) {
+      this.dispose();
+      throw new Error(`${CLASS} config: 'lambda_min_clipped' = ${this.config.lambda_min_clipped} is above the log-SNR λ of every training timestep, which leaves no timestep to sample`);
+    }
   }
 
-  get numTrainTimesteps(): number { return this.config.num_train_timesteps; }
-  get timesteps(): number[] { return this.schedule; }
+  override get initNoiseSigma(): number { return 1.0; }
 
-  setTimesteps(numInferenceSteps: number): void {
+  override setTimesteps(numInferenceSteps: number): void {
     this.checkAlive();
+    this.checkInferenceSteps(numInferenceSteps);
     const c = this.config;
     const T = c.num_train_timesteps;
     const n = numInferenceSteps;
-    if (!Number.isInteger(n) || n < 1 || n > T) throw new Error(`${CLASS}: numInferenceSteps must be an integer in [1, ${T}], got ${n}`);
     // 1. the timesteps, down to the last one whose λ is above lambda_min_clipped
-    const lastTimestep = T - this.clippedIndex();
+    const last = this.lastTimestep;
     let timesteps: number[];
     if (c.timestep_spacing === 'linspace') {
-      timesteps = linspace64(0, lastTimestep - 1, n + 1).map(roundHalfEven).reverse().slice(0, -1);
+      timesteps = linspace64(0, last - 1, n + 1).map(roundHalfEven).reverse().slice(0, -1);
     } else if (c.timestep_spacing === 'leading') {
-      const ratio = Math.floor(lastTimestep / (n + 1));
+      const ratio = Math.floor(last / (n + 1));
       timesteps = Array.from({ length: n + 1 }, (_, i) => i * ratio).reverse().slice(0, -1).map((t) => t + c.steps_offset);
     } else {
-      timesteps = arangeDown(lastTimestep, 0, -T / n).map((t) => roundHalfEven(t) - 1);
+      timesteps = arangeDown(last, 0, -T / n).map((t) => roundHalfEven(t) - 1);
     }
+    this.checkInferenceSchedule(timesteps, n);
+    this.checkDistinct(timesteps, n);
     // 2. σ at those timesteps (np.interp in float64 at integer points), then the final σ
-    const sigmaLast = c.final_sigmas_type === 'zero' ? 0 : (this.trainSigmas[0] as number);
-    this.sigmaValues = Float32Array.from([...interpOnIndex(timesteps, this.trainSigmas), sigmaLast]);
-    this.sigmas.dispose();
-    this.sigmas = keep(torch.tensor(this.sigmaValues));
-    this.schedule = timesteps;
+    this.setSigmaSchedule(timesteps, c.final_sigmas_type);
     this.resetState();
+  }
+
+  /**
+   * Too many steps for the usable timesteps repeat some (diffusers does too); two equal σ in a row make the
+   * second-order update divide by a zero step h and return inf.
+   */
+  private checkDistinct(timesteps: readonly number[], n: number): void {
+    if (timesteps.every((t, i) => i === 0 || t < (timesteps[i - 1] as number))) return;
+    const clip = this.config.lambda_min_clipped === -Infinity ? '' : ` (lambda_min_clipped ${this.config.lambda_min_clipped} leaves ${this.lastTimestep})`;
+    this.configFault(`${CLASS}: ${n} inference steps with timestep_spacing '${this.config.timestep_spacing}' repeat timesteps over the ${this.lastTimestep} usable training timesteps${clip}; use fewer steps`);
   }
 
   /** torch.searchsorted(flip(λ_t), lambda_min_clipped): how many training λ lie below the clip. */
@@ -166,16 +152,16 @@ export class DPMSolverMultistepScheduler implements Scheduler {
     return lambdas.reduce((k, l) => (l < clip ? k + 1 : k), 0);
   }
 
-  private initStepIndex(timestep: number): number {
-    if (this.stepIndex === null) {
-      const hits: number[] = [];
-      this.schedule.forEach((t, i) => { if (t === timestep) hits.push(i); });
-      this.stepIndex = hits.length === 0 ? this.schedule.length - 1 : hits.length > 1 ? (hits[1] as number) : (hits[0] as number);
-    }
-    return this.stepIndex;
+  /** index_for_timestep of DPM-Solver: a timestep not in the schedule means the last step (one outside [0, T) is an error). */
+  protected override indexFor(t: number): number {
+    const T = this.numTrainTimesteps;
+    if (!(t >= 0 && t < T)) throw new Error(`${CLASS}: timestep ${t} is outside [0, ${T})`);
+    const hits: number[] = [];
+    this.schedule.forEach((s, i) => { if (s === t) hits.push(i); });
+    return hits.length === 0 ? this.schedule.length - 1 : hits.length > 1 ? (hits[1] as number) : (hits[0] as number);
   }
 
-  scaleModelInput(sample: Tensor, _timestep: number): Tensor {
+  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
     return sample;
   }
 
@@ -183,8 +169,7 @@ export class DPMSolverMultistepScheduler implements Scheduler {
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
     this.checkAlive();
     const c = this.config;
-    const i = this.initStepIndex(timestep);
-    if (i + 1 >= this.sigmaValues.length) throw new Error(`${CLASS}: step() called after the last timestep; call setTimesteps() to start again`);
+    const i = this.nextStepIndex(timestep);
     const n = this.schedule.length;
     // 1. lower orders for stability at the end of short schedules
     const lowerOrderFinal = i === n - 1 && (c.euler_at_final || (c.lower_order_final && n < 15) || c.final_sigmas_type === 'zero');
@@ -249,17 +234,9 @@ export class DPMSolverMultistepScheduler implements Scheduler {
   }
 
   /** add_noise: α_t·x₀ + σ_t·noise with σ looked up per batch item (the last σ for unknown timesteps). */
-  addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor {
-    this.checkAlive();
-    const sigmas = Float32Array.from(timesteps.toFloat64Array(), (t) => {
-      const i = this.schedule.indexOf(t);
-      const hits = this.schedule.filter((s) => s === t).length;
-      const idx = i < 0 ? this.schedule.length - 1 : hits > 1 ? this.schedule.indexOf(t, i + 1) : i;
-      return this.sigmaValues[idx] as number;
-    });
+  override addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor {
     return tidy(() => {
-      let sigma = torch.tensor(sigmas).to({ dtype: originalSamples.dtype, device: originalSamples.device });
-      while (sigma.ndim < originalSamples.ndim) sigma = sigma.unsqueeze(-1);
+      const sigma = this.sigmasAt(timesteps, originalSamples);
       // α_t = 1/sqrt(σ² + 1), σ_t = σ·α_t, computed on the tensor as diffusers
       const alphaT = sigma.pow(2).add(1).pow(0.5).reciprocal();
       const sigmaT = sigma.mul(alphaT);
@@ -274,17 +251,8 @@ export class DPMSolverMultistepScheduler implements Scheduler {
     this.stepIndex = null;
   }
 
-  dispose(): void {
-    if (this.disposed) return;
-    this.disposed = true;
+  protected override releaseState(): void {
+    super.releaseState();
     this.resetState();
-    this.alphasCumprod.dispose();
-    this.sigmas.dispose();
-  }
-  [Symbol.dispose](): void { this.dispose(); }
-  get isDisposed(): boolean { return this.disposed; }
-
-  private checkAlive(): void {
-    if (this.disposed) throw new Error(`${CLASS}: used after dispose()`);
   }
 }

@@ -8,50 +8,48 @@
 // for the multistep formula (`ets`) are kept tensors, freed when they fall out of the window.
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import type { Scheduler } from './scheduler.js';
 import {
-  addNoiseWithAlphasCumprod, alphasCumprodFromConfig, arangeDown, checkBetaConfig, checkOneOf, configError, linspace64,
-  needTimesteps, resolveSchedulerConfig, roundHalfEven, sqrt32, type BetaSchedule,
-} from './scheduling_ddpm.js';
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, sqrt32,
+  type BetaScheduleConfig, type TimestepSpacing,
+} from './scheduling_utils.js';
 
-export type PNDMSchedulerConfig = {
-  num_train_timesteps: number;
-  beta_start: number;
-  beta_end: number;
-  beta_schedule: BetaSchedule;
-  trained_betas: number[] | null;
+export type PNDMSchedulerConfig = BetaScheduleConfig & {
   skip_prk_steps: boolean;
   set_alpha_to_one: boolean;
   prediction_type: 'epsilon' | 'v_prediction';
-  timestep_spacing: 'linspace' | 'leading' | 'trailing';
+  timestep_spacing: TimestepSpacing;
   steps_offset: number;
 };
 
 /** PNDMScheduler.__init__'s defaults. */
 export const PNDM_SCHEDULER_DEFAULTS: Readonly<PNDMSchedulerConfig> = Object.freeze({
-  num_train_timesteps: 1000,
-  beta_start: 0.0001,
-  beta_end: 0.02,
-  beta_schedule: 'linear',
-  trained_betas: null,
+  ...SCHEDULER_DEFAULTS,
   skip_prk_steps: false,
   set_alpha_to_one: false,
-  prediction_type: 'epsilon',
   timestep_spacing: 'leading',
-  steps_offset: 0,
 });
 
 const CLASS = 'PNDMScheduler';
 
-export class PNDMScheduler implements Scheduler {
+/** What difflora implements of the values diffusers accepts. */
+const SUPPORTED = {
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
+  // diffusers' _get_prev_sample raises for 'sample'
+  prediction_type: ['epsilon', 'v_prediction'],
+  timestep_spacing: TIMESTEP_SPACINGS,
+};
+
+/** The config, with skip_prk_steps false refused (PLMS only). */
+function resolvePNDMConfig(rawConfig: object, overrides: Record<string, unknown>): PNDMSchedulerConfig {
+  const c = resolveSchedulerConfig(CLASS, PNDM_SCHEDULER_DEFAULTS as PNDMSchedulerConfig, rawConfig, overrides, SUPPORTED);
+  if (!c.skip_prk_steps) {
+    configError(CLASS, 'skip_prk_steps', false, "is not supported: difflora implements PLMS only (the Runge-Kutta warm-up steps are not implemented); use skip_prk_steps true, as Stable Diffusion's configs do");
+  }
+  return c;
+}
+
+export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {
   readonly name = 'pndm';
-  readonly className = CLASS;
-  readonly order = 1;
-  readonly initNoiseSigma = 1.0;
-  readonly config: Readonly<PNDMSchedulerConfig>;
-  /** ᾱ_t, float32 [num_train_timesteps] on the CPU. */
-  readonly alphasCumprod: Tensor;
-  private readonly acp: Float32Array;
   /** ᾱ after the last step: 1 with set_alpha_to_one, else ᾱ_0. */
   private readonly finalAlphaCumprod: number;
   private schedule: number[] = [];
@@ -60,59 +58,29 @@ export class PNDMScheduler implements Scheduler {
   private ets: Tensor[] = [];
   private counter = 0;
   private curSample: Tensor | null = null;
-  private disposed = false;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    const c = resolveSchedulerConfig(CLASS, PNDM_SCHEDULER_DEFAULTS as PNDMSchedulerConfig, rawConfig, overrides);
-    checkBetaConfig(CLASS, c);
-    if (!c.skip_prk_steps) {
-      configError(CLASS, 'skip_prk_steps', false, "is not supported: difflora implements PLMS only (the Runge-Kutta warm-up steps are not implemented); use skip_prk_steps true, as Stable Diffusion's configs do");
-    }
-    // diffusers' _get_prev_sample raises for 'sample'
-    checkOneOf(CLASS, c, 'prediction_type', ['epsilon', 'v_prediction']);
-    checkOneOf(CLASS, c, 'timestep_spacing', ['linspace', 'leading', 'trailing']);
-    checkOneOf(CLASS, c, 'set_alpha_to_one', [true, false]);
-    this.config = Object.freeze(c);
-    this.alphasCumprod = keep(alphasCumprodFromConfig(c));
-    this.acp = this.alphasCumprod.dataSync() as Float32Array;
-    this.finalAlphaCumprod = c.set_alpha_to_one ? 1 : (this.acp[0] as number);
+    super(CLASS, resolvePNDMConfig(rawConfig, overrides));
+    this.finalAlphaCumprod = this.config.set_alpha_to_one ? 1 : (this.acp[0] as number);
   }
 
-  get numTrainTimesteps(): number { return this.config.num_train_timesteps; }
   get timesteps(): number[] { return this.schedule; }
 
   setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    const T = this.config.num_train_timesteps;
     const n = numInferenceSteps;
-    if (!Number.isInteger(n) || n < 1 || n > T) throw new Error(`${CLASS}: numInferenceSteps must be an integer in [1, ${T}], got ${n}`);
-    // 1. the base timesteps, ascending
-    let base: number[];
-    if (this.config.timestep_spacing === 'linspace') {
-      base = linspace64(0, T - 1, n).map(roundHalfEven);
-    } else if (this.config.timestep_spacing === 'leading') {
-      const ratio = Math.floor(T / n);
-      base = Array.from({ length: n }, (_, i) => i * ratio + this.config.steps_offset);
-    } else {
-      base = arangeDown(T, 0, -T / n).map(roundHalfEven).reverse().map((t) => t - 1);
-    }
+    // 1. the base timesteps (ascending)
+    const base = this.spacedSchedule(n).reverse();
     // 2. PLMS: the second-to-last base timestep repeated, then all descending
     this.schedule = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
     this.numInferenceSteps = n;
     this.resetState();
   }
 
-  scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
-  }
-
   /** One PLMS step (diffusers' step_plms). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
     this.checkAlive();
-    if (this.numInferenceSteps === null) return needTimesteps(CLASS);
-    if (!Number.isInteger(timestep) || timestep < 0 || timestep >= this.config.num_train_timesteps) {
-      throw new Error(`${CLASS}: timestep must be an integer in [0, ${this.config.num_train_timesteps}), got ${timestep}`);
-    }
+    if (this.numInferenceSteps === null) return this.timestepsNotSet();
+    this.checkTimestep(timestep);
     const stride = Math.floor(this.config.num_train_timesteps / this.numInferenceSteps);
     let t = timestep;
     let prevT = t - stride;
@@ -124,6 +92,8 @@ export class PNDMScheduler implements Scheduler {
       } else {
         prevT = t;
         t = t + stride;
+        // the redone first step goes back to the first timestep: out of range only when the caller skipped it
+        this.checkTimestep(t);
       }
       // 2. the linear multistep combination
       const e = (k: number): Tensor => this.ets[this.ets.length - k] as Tensor;
@@ -167,11 +137,6 @@ export class PNDMScheduler implements Scheduler {
     return sample.mul(sampleCoeff).sub(eps.mul(f(alphaProdTPrev - alphaProdT)).div(denom));
   }
 
-  addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor {
-    this.checkAlive();
-    return addNoiseWithAlphasCumprod(this.alphasCumprod, originalSamples, noise, timesteps);
-  }
-
   private resetState(): void {
     for (const t of this.ets) t.dispose();
     this.ets = [];
@@ -180,16 +145,7 @@ export class PNDMScheduler implements Scheduler {
     this.counter = 0;
   }
 
-  dispose(): void {
-    if (this.disposed) return;
-    this.disposed = true;
+  protected override releaseState(): void {
     this.resetState();
-    this.alphasCumprod.dispose();
-  }
-  [Symbol.dispose](): void { this.dispose(); }
-  get isDisposed(): boolean { return this.disposed; }
-
-  private checkAlive(): void {
-    if (this.disposed) throw new Error(`${CLASS}: used after dispose()`);
   }
 }

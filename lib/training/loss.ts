@@ -9,7 +9,9 @@ import * as F from '../functional.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
-import { computeSnr, type DDPMScheduler, type PredictionType } from '../schedulers/scheduling_ddpm.js';
+import type { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
+import type { PredictionType } from '../schedulers/scheduling_utils.js';
+import { computeSnr } from './training_utils.js';
 
 /** The prediction types the script can train: it raises "Unknown prediction type" for any other. */
 export type TrainablePredictionType = Extract<PredictionType, 'epsilon' | 'v_prediction'>;
