@@ -6,7 +6,7 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { isAbsolute, join, normalize, resolve } from 'node:path';
 import type { DType } from '../dtype.js';
-import { readJsonObject, readTextFile } from '../io/files.js';
+import { assertRegularFile, readJsonObject, readTextFile } from '../io/files.js';
 import { loadSafetensors } from '../io/safetensors.js';
 import type { Module } from '../nn/module.js';
 import { dispose } from '../scope.js';
@@ -27,6 +27,12 @@ export interface FromPretrainedOptions {
 
 const isDir = (p: string): boolean => existsSync(p) && statSync(p).isDirectory();
 const isFile = (p: string): boolean => existsSync(p) && statSync(p).isFile();
+/** Whether a file is there; something there that is not a regular file (a FIFO, a device) is an error naming it. */
+const present = (p: string, what: string): boolean => {
+  if (!existsSync(p) || isDir(p)) return false;
+  assertRegularFile(p, what);
+  return true;
+};
 const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? join(homedir(), p.slice(1)) : p);
 
 /** The hub cache folder and what chose it, in huggingface_hub's order. */
@@ -235,13 +241,13 @@ function findWeights(dir: string, stem: string, variant?: string): { files: stri
   if (variant !== undefined) checkPlainName('variant', variant);
   const base = variant ? `${stem}.${variant}` : stem;
   const single = join(dir, `${base}.safetensors`);
-  if (isFile(single)) return { files: [single] };
+  if (present(single, 'weights file')) return { files: [single] };
   for (const name of indexNames(stem, variant)) {
     const index = join(dir, name);
-    if (!isFile(index)) continue;
+    if (!present(index, 'sharded checkpoint index')) continue;
     const map = readIndex(index);
     const files = [...new Set(Object.values(map))].map((f) => join(dir, f));
-    const missing = files.filter((f) => !isFile(f));
+    const missing = files.filter((f) => !present(f, `shard listed by '${index}'`));
     if (missing.length) throw new Error(`'${index}' lists shards that are missing: ${missing.join(', ')}`);
     if (!files.length) throw new Error(`'${index}' has an empty weight_map`);
     return { files, map };
