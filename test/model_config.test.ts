@@ -182,3 +182,23 @@ describe('every field a model reads is checked, naming the file, the field and t
     expect(parseCLIPTextConfig({ ...clip, pad_token_id: null }).pad_token_id).toBeNull();
   });
 });
+
+describe('fields no layer reads still have their types checked', () => {
+  const unet = JSON.parse(readFileSync(join(fixtures, 'tiny-sd', 'unet', 'config.json'), 'utf8')) as Record<string, unknown>;
+  it.each([
+    ['mid_block_only_cross_attention', 'x', /'mid_block_only_cross_attention' must be true or false, got "x"/],
+    ['addition_embed_type_num_heads', 1e9, /'addition_embed_type_num_heads' must be a positive integer \(at most 1000000\)/],
+    ['projection_class_embeddings_input_dim', [1, 2], /'projection_class_embeddings_input_dim' must be a positive integer/],
+    ['addition_time_embed_dim', 'x', /'addition_time_embed_dim' must be a positive integer/],
+    ['cross_attention_norm', 3, /'cross_attention_norm' must be null or a string, got 3/],
+    ['resnet_out_scale_factor', null, /'resnet_out_scale_factor' must be a finite number, got null/],
+    ['resnet_skip_time_act', 0, /'resnet_skip_time_act' must be true or false, got 0/],
+  ])('UNet %s = %j', (field, value, message) => {
+    expect(() => UNet2DConditionModel.fromConfig({ ...unet, [field]: value })).toThrow(message);
+  });
+
+  it('a value too deeply nested for JSON.stringify is still shown, not a stack overflow', () => {
+    const deep = JSON.parse(`${'{"a":'.repeat(20_000)}1${'}'.repeat(20_000)}`) as unknown;
+    expect(() => UNet2DConditionModel.fromConfig({ ...unet, in_channels: deep })).toThrow(/'in_channels' must be a positive integer \(at most 1000000\), got \{…\} \(too deeply nested to show\)/);
+  });
+});

@@ -38,7 +38,7 @@ export function show(v: unknown): string {
   try {
     s = JSON.stringify(v) ?? String(v);
   } catch {
-    s = String(v);
+    s = Array.isArray(v) ? '[…] (too deeply nested to show)' : '{…} (too deeply nested to show)'; // JSON.stringify overflowed the stack
   }
   return s.length > 80 ? `${s.slice(0, 77)}...` : s;
 }

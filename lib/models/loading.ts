@@ -8,6 +8,7 @@ import { isAbsolute, join, normalize, resolve } from 'node:path';
 import type { DType } from '../dtype.js';
 import { assertRegularFile, readJsonObject, readTextFile } from '../io/files.js';
 import { loadSafetensors } from '../io/safetensors.js';
+import { show } from './config.js';
 import type { Module } from '../nn/module.js';
 import { dispose } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
@@ -58,7 +59,7 @@ export function isHubId(s: string): boolean {
  * variant is spliced into a file name: 'x.<variant>.safetensors').
  */
 export function checkPlainName(option: string, value: unknown): string {
-  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${JSON.stringify(value) ?? String(value)}`);
+  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
   const problem = value === '' ? 'is empty'
     : /[/\\]/.test(value) ? 'contains a path separator'
       : value.includes('\0') ? 'contains a NUL character'
@@ -73,7 +74,7 @@ export function checkPlainName(option: string, value: unknown): string {
  * '/'-separated segment must be a plain name, so the path stays inside the folder it is joined to.
  */
 function checkRelativePath(option: string, value: unknown): string {
-  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${JSON.stringify(value) ?? String(value)}`);
+  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
   if (isAbsolute(value) || value.startsWith('/')) throw new Error(`${option} '${value}' must be a relative path inside the model folder, not an absolute path`);
   for (const segment of value.split('/')) {
     try {
@@ -197,15 +198,15 @@ export function readModelIndex(dir: string): Record<string, unknown> {
   for (const [key, value] of Object.entries(index)) {
     const entry = `model_index.json '${path}': entry '${key}'`;
     if (key.startsWith('_')) {
-      if (key === '_class_name' && typeof value !== 'string') throw new Error(`${entry} must be the pipeline's class name (a string), got ${JSON.stringify(value)}`);
+      if (key === '_class_name' && typeof value !== 'string') throw new Error(`${entry} must be the pipeline's class name (a string), got ${show(value)}`);
       continue;
     }
     if (MODEL_INDEX_OPTIONS.has(key)) {
-      if (value !== null && typeof value === 'object') throw new Error(`${entry} must be a scalar option, got ${JSON.stringify(value).slice(0, 80)}`);
+      if (value !== null && typeof value === 'object') throw new Error(`${entry} must be a scalar option, got ${show(value)}`);
       continue;
     }
     const pair = Array.isArray(value) && value.length === 2 && value.every((v) => v === null || typeof v === 'string') && (value[0] === null) === (value[1] === null);
-    if (!pair) throw new Error(`${entry} must be a component's [library, class] pair (or [null, null]), got ${(JSON.stringify(value) ?? String(value)).slice(0, 80)}`);
+    if (!pair) throw new Error(`${entry} must be a component's [library, class] pair (or [null, null]), got ${show(value)}`);
     checkPlainName(`${entry} (a component folder name)`, key);
   }
   return index;

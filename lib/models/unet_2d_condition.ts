@@ -274,10 +274,16 @@ const ONLY: Partial<Record<keyof Config, unknown>> = {
   timeEmbeddingActFn: null, timestepPostAct: null, timeCondProjDim: null, attentionType: 'default',
   classEmbeddingsConcat: false, reverseTransformerLayersPerBlock: null,
 };
-// Not checked because nothing reads them (diffusers passes them only to other block types or embeddings that
-// the ONLY values rule out): resnet_skip_time_act, resnet_out_scale_factor, mid_block_only_cross_attention,
-// cross_attention_norm, addition_time_embed_dim, addition_embed_type_num_heads,
-// projection_class_embeddings_input_dim.
+// Nothing reads these (diffusers passes them only to block types or embeddings the ONLY values rule out), so
+// any value of the right type is accepted; a wrong type still means a corrupt config and is refused.
+function checkUnreadFields(f: ConfigFields, c: Config): void {
+  f.bool('resnetSkipTimeAct');
+  f.number('resnetOutScaleFactor');
+  if (c.midBlockOnlyCrossAttention !== null) f.bool('midBlockOnlyCrossAttention');
+  if (c.crossAttentionNorm !== null && typeof c.crossAttentionNorm !== 'string') f.fail('crossAttentionNorm', `must be null or a string, got ${show(c.crossAttentionNorm)}`);
+  for (const k of ['additionTimeEmbedDim', 'projectionClassEmbeddingsInputDim'] as const) if (c[k] !== null) f.int(k);
+  f.int('additionEmbedTypeNumHeads');
+}
 
 type Resolved = Config & { normNumGroups: number; midBlockType: string };
 
@@ -312,6 +318,7 @@ function checkConfig(raw: Partial<Config>, file?: string): { config: Resolved; b
   f.number('dropout', { min: 0, max: 1 });
   for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection', 'upcastAttention'] as const) f.bool(k);
   checkSampleSize(f, c.sampleSize);
+  checkUnreadFields(f, c);
 
   const channels = f.intList('blockOutChannels');
   const n = channels.length;
