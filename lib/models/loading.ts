@@ -1,7 +1,10 @@
 // Finding and reading a model the way users have it: a local diffusers folder (model_index.json +
 // components), a single component folder, or a hub id ("org/name") already in the local Hugging Face cache
 // (difflora never downloads); `variant` weight files and sharded checkpoints. Pickled .bin/.ckpt files are
-// refused: unpickling runs arbitrary code.
+// refused: unpickling runs arbitrary code. Hostile input: every option or entry that becomes a path component
+// (variant, subfolder, revision, the commit a ref names, model_index.json's component names) must be a plain
+// name, checked before a path is built; every file is read without blocking (a FIFO or device is refused) and
+// every JSON file must hold an object, errors naming the file.
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { isAbsolute, join, normalize, resolve } from 'node:path';
