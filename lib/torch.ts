@@ -31,6 +31,11 @@ export function withDefaultDevice<T>(device: Device, fn: () => T): T {
   }
 }
 
+/** The device creation functions use when given none (null: libtorch's default, the CPU). */
+export function getDefaultDevice(): Device | null {
+  return defaultDevice;
+}
+
 function finish(t: Tensor, o: TensorOptions): Tensor {
   if (o.requiresGrad) t.requiresGrad = true;
   return t;

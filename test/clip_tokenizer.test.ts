@@ -1,5 +1,6 @@
 // CLIPTokenizer against the ids transformers' slow CLIPTokenizer (no ftfy) produced for the goldens'
 // prompts, called as train_text_to_image_lora.py's tokenize_captions does.
+import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync, copyFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -148,5 +149,85 @@ describe('CLIPTokenizer.fromPretrained errors', () => {
     const sd2 = CLIPTokenizer.fromPretrained(dir);
     expect(sd2.padTokenId).toBe(0);
     expect(sd2.call('a cat', { padding: 'max_length', maxLength: 6 }).inputIds).toEqual([[49406, 320, 2368, 49407, 0, 0]]);
+  });
+});
+
+describe('CLIPTokenizer.fromPretrained on hostile files (issue #12)', () => {
+  const source = join(fixtures, 'tiny-sd', 'tokenizer');
+  const vocabText = readFileSync(join(source, 'vocab.json'), 'utf8');
+  const mergesText = readFileSync(join(source, 'merges.txt'), 'utf8');
+  /** A copy of the tiny-sd tokenizer with some files replaced. */
+  const folder = (files: Record<string, string> = {}): string => {
+    const dir = mkdtempSync(join(tmpdir(), 'difflora-tok-'));
+    temps.push(dir);
+    for (const f of ['vocab.json', 'merges.txt', 'tokenizer_config.json', 'special_tokens_map.json']) copyFileSync(join(source, f), join(dir, f));
+    for (const [f, text] of Object.entries(files)) writeFileSync(join(dir, f), text);
+    return dir;
+  };
+  const withVocab = (edit: (v: Record<string, unknown>) => void): string => {
+    const v = JSON.parse(vocabText) as Record<string, unknown>;
+    edit(v);
+    return folder({ 'vocab.json': JSON.stringify(v) });
+  };
+
+  it.each([
+    ['null', null, /vocab\.json '.*vocab\.json': token "cat<\/w>" has id null; ids must be integers in \[0, 10000000\)/],
+    ['1.5 (was: "cannot be converted to a BigInt")', 1.5, /vocab\.json '.*': token "cat<\/w>" has id 1\.5/],
+    ['-1', -1, /token "cat<\/w>" has id -1/],
+    ['"x"', 'x', /token "cat<\/w>" has id "x"/],
+    ['1e12', 1e12, /token "cat<\/w>" has id 1000000000000/],
+  ])('a vocabulary id of %s is an error naming vocab.json and the token', (_name, id, message) => {
+    expect(() => CLIPTokenizer.fromPretrained(withVocab((v) => { v['cat</w>'] = id; }))).toThrow(message);
+  });
+
+  it('two tokens with one id, an empty vocabulary and a non-object are errors naming vocab.json', () => {
+    expect(() => CLIPTokenizer.fromPretrained(withVocab((v) => { v['cat</w>'] = 320; }))).toThrow(/vocab\.json '.*': tokens "a<\/w>" and "cat<\/w>" both have id 320/);
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'vocab.json': '{}' }))).toThrow(/vocab\.json '.*' holds no tokens/);
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'vocab.json': '[1, 2]' }))).toThrow(/vocab\.json '.*vocab\.json' must hold a JSON object, not an array/);
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'vocab.json': '{"a": 1,' }))).toThrow(/vocab\.json '.*' is not valid JSON: unexpected end of file at line 1 column 9/);
+  });
+
+  it('merges.txt: each rule is two tokens, the header is required; errors give the line', () => {
+    const lines = mergesText.split('\n');
+    const garbage = [...lines.slice(0, 5), 'a b c', ...lines.slice(5)].join('\n');
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'merges.txt': garbage }))).toThrow(/merges\.txt '.*merges\.txt' line 6: "a b c" is not a merge rule/);
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'merges.txt': lines.slice(1).join('\n') }))).toThrow(/merges\.txt '.*' line 1: expected the '#version: …' header, got "i n"/);
+    expect(() => CLIPTokenizer.fromPretrained(folder({ 'merges.txt': '' }))).toThrow(/merges\.txt '.*' line 1: expected the '#version/);
+  });
+
+  it.each([
+    ['tokenizer_config.json', { pad_token: 42 }, /tokenizer_config\.json '.*': 'pad_token' must be a non-empty token string or an AddedToken object/],
+    // an empty token would match at every position of a prompt: the splitter would never advance
+    ['tokenizer_config.json', { bos_token: '' }, /tokenizer_config\.json '.*': 'bos_token' must be a non-empty token string/],
+    ['special_tokens_map.json', { eos_token: { content: null } }, /special_tokens_map\.json '.*': 'eos_token' must be a non-empty token string/],
+    ['special_tokens_map.json', { unk_token: null }, /special_tokens_map\.json '.*': 'unk_token' must be/],
+    ['special_tokens_map.json', { pad_token: '<|pad|>' }, /special_tokens_map\.json '.*special_tokens_map\.json': 'pad_token' "<\|pad\|>" is not in vocab\.json '.*vocab\.json'/],
+    ['tokenizer_config.json', { model_max_length: '77' }, /tokenizer_config\.json '.*': 'model_max_length' must be an integer ≥ 2 .*got "77"/],
+    ['tokenizer_config.json', { model_max_length: 1 }, /'model_max_length' must be an integer ≥ 2/],
+    ['tokenizer_config.json', { clean_up_tokenization_spaces: 'no' }, /'clean_up_tokenization_spaces' must be true or false, got "no"/],
+    ['tokenizer_config.json', { added_tokens_decoder: { x: '<a>' } }, /'added_tokens_decoder': key "x" is not a token id/],
+    ['tokenizer_config.json', { added_tokens_decoder: [] }, /'added_tokens_decoder' must be an object of id → token, got \[\]/],
+    ['tokenizer_config.json', [], /tokenizer_config\.json '.*' must hold a JSON object, not an array/],
+    ['added_tokens.json', { '<x>': 1.5 }, /added_tokens\.json '.*': token "<x>" has id 1\.5/],
+  ])('%s with %j is an error naming the file and the field', (file, content, message) => {
+    expect(() => CLIPTokenizer.fromPretrained(folder({ [file]: JSON.stringify(content) }))).toThrow(message);
+  });
+
+  it('a FIFO in place of vocab.json, merges.txt or tokenizer_config.json is refused at once, not waited on', () => {
+    for (const f of ['vocab.json', 'merges.txt', 'tokenizer_config.json']) {
+      const dir = folder();
+      rmSync(join(dir, f));
+      execFileSync('mkfifo', [join(dir, f)]);
+      expect(() => CLIPTokenizer.fromPretrained(dir)).toThrow(new RegExp(`${f.replace('.', '\\.')} '.*${f.replace('.', '\\.')}' is a (socket or )?FIFO`));
+    }
+  });
+
+  it('the constructor checks what it is given; toTensor refuses non-integer ids', () => {
+    const vocab = JSON.parse(vocabText) as Record<string, number>;
+    expect(() => new CLIPTokenizer({ ...vocab, x: null as unknown as number }, [])).toThrow(/CLIPTokenizer: vocab: token "x" has id null/);
+    expect(() => new CLIPTokenizer(vocab, [], {}, { '': 5 })).toThrow(/added token "" → 5 must be a non-empty token/);
+    expect(() => new CLIPTokenizer(vocab, [], { padToken: '' })).toThrow(/padToken must be a non-empty string/);
+    expect(() => new CLIPTokenizer(vocab, [], { modelMaxLength: 1.5 })).toThrow(/modelMaxLength must be an integer ≥ 2/);
+    expect(() => tok.toTensor([[1, 1.5]])).toThrow(/row 0, position 1: 1\.5 is not an integer token id/);
   });
 });

@@ -1,13 +1,14 @@
 // Finding models: local diffusers folders, hub ids resolved offline in a fake Hugging Face cache (refs,
 // named revisions, commit hashes, blobs behind symlinks), variants, sharded checkpoints, pickled files
 // refused, and errors that say where they looked.
+import { execFileSync } from 'node:child_process';
 import { lstatSync, mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { saveSafetensors } from '../lib/io/safetensors.js';
 import {
-  hubCacheDir, isHubId, loadModelWeights, loadWeights, readConfig, resolvePretrained, weightFiles,
+  hubCacheDir, isHubId, loadModelWeights, loadWeights, readConfig, readModelIndex, resolvePretrained, weightFiles,
 } from '../lib/models/loading.js';
 import { Linear } from '../lib/nn/layers.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
@@ -270,5 +271,107 @@ describe('weight files', () => {
     const dir = join(root, 'empty');
     write(join(dir, 'other.safetensors'), '');
     expect(() => weightFiles(dir, 'diffusion_pytorch_model')).toThrow(/expected diffusion_pytorch_model\.safetensors or diffusion_pytorch_model\.safetensors\.index\.json\. Found: other\.safetensors/);
+  });
+});
+
+describe('hostile names and files (issue #12)', () => {
+  const fifo = (path: string): void => {
+    mkdirSync(dirname(path), { recursive: true });
+    rmSync(path, { force: true });
+    execFileSync('mkfifo', [path]);
+  };
+
+  it("variant '/../../elsewhere/x' is refused before a path is built from it (it loaded a file outside the model)", () => {
+    const dir = join(root, 'escape', 'model', 'unet');
+    weights(join(dir, 'diffusion_pytorch_model.safetensors'), { w: [2] }, 1);
+    // the file the variant pointed at: join(dir, 'diffusion_pytorch_model./../../elsewhere/x.safetensors')
+    weights(join(root, 'escape', 'model', 'elsewhere', 'x.safetensors'), { w: [2] }, 666);
+    const variant = '/../../elsewhere/x';
+    expect(() => weightFiles(dir, 'diffusion_pytorch_model', variant)).toThrow(/variant '\/\.\.\/\.\.\/elsewhere\/x' contains a path separator: it must be a plain name, not a path/);
+    expect(() => loadWeights(dir, 'diffusion_pytorch_model', { variant })).toThrow(/variant '.*' contains a path separator/);
+    expect(() => resolvePretrained(join(root, 'escape', 'model'), { subfolder: 'unet', variant })).toThrow(/variant '.*' contains a path separator/);
+  });
+
+  it.each([
+    ['variant', 'a\\b', /variant 'a\\b' contains a path separator/],
+    ['variant', '..', /variant '\.\.' contains '\.\.'/],
+    ['variant', 'fp16..x', /variant 'fp16\.\.x' contains '\.\.'/],
+    ['variant', '', /variant '' is empty/],
+    ['variant', 'fp\0', /variant 'fp\\0' contains a NUL character/],
+    ['subfolder', '/etc', /subfolder '\/etc' must be a relative path inside the model folder, not an absolute path/],
+    ['subfolder', 'unet/../../x', /subfolder 'unet\/\.\.\/\.\.\/x' must be a relative path inside the model folder/],
+    ['subfolder', 'unet//x', /subfolder 'unet\/\/x' must be a relative path inside/],
+    ['subfolder', '..\\x', /subfolder '\.\.\\x' must be a relative path inside/],
+    ['revision', '../../x', /revision '\.\.\/\.\.\/x' must be a relative path inside/],
+    ['revision', 'main\0', /revision 'main\\0' must be a relative path inside/],
+  ])('%s %j is refused, naming the option and the value', (option, value, message) => {
+    expect(() => resolvePretrained(join(root, 'pipe'), { [option]: value })).toThrow(message);
+  });
+
+  it('a revision with slashes (refs/pr/1) still resolves through its ref file', () => {
+    const cache = join(root, 'hf-pr');
+    cachedSnapshot(cache, 'org/pr', COMMIT_V1, 5, ['refs/pr/1']);
+    expect(resolvePretrained('org/pr', { cacheDir: cache, revision: 'refs/pr/1' })).toBe(join(cache, 'models--org--pr', 'snapshots', COMMIT_V1));
+  });
+
+  it('a ref file naming a path, or a FIFO as a ref file, is an error naming the ref file', () => {
+    const cache = join(root, 'hf-bad-ref');
+    cachedSnapshot(cache, 'org/ref', COMMIT_MAIN, 6, ['main']);
+    const refs = join(cache, 'models--org--ref', 'refs');
+    write(join(refs, 'evil'), '../../../../elsewhere\n');
+    expect(() => resolvePretrained('org/ref', { cacheDir: cache, revision: 'evil' })).toThrow(/the commit named by ref file '.*refs\/evil' '\.\.\/\.\.\/\.\.\/\.\.\/elsewhere' contains a path separator/);
+    fifo(join(refs, 'piped'));
+    expect(() => resolvePretrained('org/ref', { cacheDir: cache, revision: 'piped' })).toThrow(/hub cache ref file '.*refs\/piped' is a (socket or )?FIFO/);
+  });
+
+  it('config.json must be a regular file holding a JSON object; errors name the file', () => {
+    const dir = join(root, 'configs');
+    for (const [text, message] of [
+      ['[]', /config\.json '.*configs\/config\.json' must hold a JSON object, not an array/],
+      ['null', /must hold a JSON object, not null/],
+      ['42', /must hold a JSON object, not a number/],
+      ['{"a": 1,\n  "b": }', /config\.json '.*' is not valid JSON: unexpected '}' at line 2 column 8/],
+      ['['.repeat(100_000), /config\.json '.*' is not valid JSON/],
+    ] as const) {
+      write(join(dir, 'config.json'), text);
+      expect(() => readConfig(dir)).toThrow(message);
+    }
+    fifo(join(dir, 'config.json'));
+    expect(() => readConfig(dir)).toThrow(/config\.json '.*configs\/config\.json' is a (socket or )?FIFO, not a regular file/);
+  });
+
+  it('model_index.json: an object of [library, class] pairs under plain names, each error naming the file and entry', () => {
+    const dir = join(root, 'index');
+    const good = { _class_name: 'StableDiffusionPipeline', requires_safety_checker: false, safety_checker: [null, null], unet: ['diffusers', 'UNet2DConditionModel'] };
+    write(join(dir, 'model_index.json'), JSON.stringify(good));
+    expect(readModelIndex(dir)).toEqual(good);
+    for (const [index, message] of [
+      [[], /model_index\.json '.*index\/model_index\.json' must hold a JSON object, not an array/],
+      [null, /must hold a JSON object, not null/],
+      [{ _class_name: 42 }, /model_index\.json '.*': entry '_class_name' must be the pipeline's class name \(a string\), got 42/],
+      [{ unet: 'diffusers' }, /entry 'unet' must be a component's \[library, class\] pair \(or \[null, null\]\), got "diffusers"/],
+      [{ unet: ['diffusers', null] }, /entry 'unet' must be a component's \[library, class\] pair/],
+      [{ '../unet': ['diffusers', 'UNet2DConditionModel'] }, /entry '\.\.\/unet' \(a component folder name\) '\.\.\/unet' contains a path separator/],
+      [{ requires_safety_checker: { deep: [] } }, /entry 'requires_safety_checker' must be a scalar option/],
+    ] as const) {
+      write(join(dir, 'model_index.json'), JSON.stringify(index));
+      expect(() => readModelIndex(dir)).toThrow(message);
+    }
+  });
+
+  it('weights that do not fit the config name the folder and the config', () => {
+    const dir = join(root, 'mismatch');
+    weights(join(dir, 'model.safetensors'), { weight: [4, 2], bias: [3] }, 0.5);
+    expect(() => loadModelWeights(new Linear(2, 3), dir, 'model', {}, undefined, join(dir, 'config.json')))
+      .toThrow(/the weights in '.*mismatch' do not fit the model described by '.*mismatch\/config\.json': Error\(s\) in loading state dict for Linear:\nsize mismatch for 1 key\(s\):\n {2}weight: checkpoint \[4, 2\] vs model \[3, 2\]/);
+  });
+
+  it('a sharded index that is a FIFO or not an object is refused, naming it', () => {
+    const dir = join(root, 'shard-fifo');
+    fifo(join(dir, 'model.safetensors.index.json'));
+    expect(() => weightFiles(dir, 'model')).toThrow(/sharded checkpoint index '.*model\.safetensors\.index\.json' is a (socket or )?FIFO/);
+    rmSync(join(dir, 'model.safetensors.index.json')); // writing into the FIFO would wait for a reader
+    write(join(dir, 'model.safetensors.index.json'), '[]');
+    expect(() => weightFiles(dir, 'model')).toThrow(/sharded checkpoint index '.*' must hold a JSON object, not an array/);
   });
 });

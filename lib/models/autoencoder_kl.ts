@@ -1,11 +1,15 @@
 // AutoencoderKL (diffusers' autoencoders/autoencoder_kl.py): images ↔ latents. Built from the component's
 // config.json with diffusers' field names and defaults; loaded strictly from its safetensors weights.
+import { join } from 'node:path';
 import { Module } from '../nn/module.js';
 import { Conv2d } from '../nn/layers.js';
 import { dispose } from '../scope.js';
 import type { Generator } from '../random.js';
 import type { Tensor } from '../tensor.js';
-import { loadWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { getDefaultDevice } from '../torch.js';
+import { CONFIG_LIMITS, ConfigFields, refuseUnknownFields, show, type ConfigSource } from './config.js';
+import { loadStateDictChecked, loadWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { attentionParams, checkModelFits, conv2dParams, normParams, resnetParams } from './model_size.js';
 import { Decoder, DiagonalGaussianDistribution, Encoder } from './vae.js';
 
 /** config.json of an AutoencoderKL, diffusers 0.31 field names. */
@@ -59,9 +63,14 @@ export class AutoencoderKL extends Module {
   post_quant_conv: Conv2d | null;
   readonly config: AutoencoderKLConfig;
 
-  constructor(config: Partial<AutoencoderKLConfig> | Record<string, unknown> = {}) {
+  /** `configFile` (where the config came from) is named in errors. */
+  constructor(config: Partial<AutoencoderKLConfig> | Record<string, unknown> = {}, o: { configFile?: string } = {}) {
     super();
-    const c = parseConfig(config);
+    const c = parseConfig(config, o.configFile);
+    // count before building: a config asking for more than the machine holds must not abort the process
+    checkModelFits(source(o.configFile), autoencoderKLParameterCount(c), 'float32', getDefaultDevice(), {
+      block_out_channels: c.block_out_channels, layers_per_block: c.layers_per_block, latent_channels: c.latent_channels,
+    });
     this.config = c;
     this.encoder = new Encoder({
       inChannels: c.in_channels,
@@ -122,13 +131,14 @@ export class AutoencoderKL extends Module {
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): AutoencoderKL {
     const dir = resolvePretrained(pathOrId, o);
-    const model = new AutoencoderKL(readConfig(dir));
+    const configFile = join(dir, 'config.json');
+    const model = new AutoencoderKL(readConfig(dir), { configFile });
     try {
       // cast/move once, after the copy: copy_ converts from the file's dtype exactly
       const loaded = loadWeights(dir, 'diffusion_pytorch_model', { variant: o.variant });
       const converted = convertDeprecatedAttention(loaded);
       try {
-        model.loadStateDict(converted);
+        loadStateDictChecked(model, converted, dir, configFile);
       } finally {
         dispose([...loaded.values(), ...converted.values()]);
       }
@@ -144,35 +154,70 @@ export class AutoencoderKL extends Module {
 // ---- config
 
 const BLOCK_TYPES = { down_block_types: 'DownEncoderBlock2D', up_block_types: 'UpDecoderBlock2D' } as const;
+const source = (file?: string): ConfigSource => ({ model: 'AutoencoderKL', file });
 
-/** Fills diffusers' defaults and refuses what this implementation would silently get wrong. */
-export function parseConfig(raw: object): AutoencoderKLConfig {
-  const known = new Set(Object.keys(AUTOENCODER_KL_DEFAULTS));
-  const unknown = Object.keys(raw).filter((k) => !k.startsWith('_') && !known.has(k));
-  if (unknown.length) throw new Error(`AutoencoderKL config: unknown field(s) ${unknown.map((k) => `'${k}'`).join(', ')} (diffusers 0.31 AutoencoderKL fields: ${[...known].join(', ')})`);
+/** Fills diffusers' defaults and refuses what this implementation would silently get wrong; `file` is named in errors. */
+export function parseConfig(raw: object, file?: string): AutoencoderKLConfig {
+  const src = source(file);
+  refuseUnknownFields(raw as Record<string, unknown>, new Set(Object.keys(AUTOENCODER_KL_DEFAULTS)), src, 'diffusers 0.31 AutoencoderKL');
   const c = { ...AUTOENCODER_KL_DEFAULTS, ...withoutUndefined(raw) } as AutoencoderKLConfig;
-  for (const k of ['in_channels', 'out_channels', 'layers_per_block', 'latent_channels', 'norm_num_groups'] as const) {
-    if (!Number.isInteger(c[k]) || c[k] < 1) throw new Error(`AutoencoderKL config: '${k}' must be a positive integer, got ${JSON.stringify(c[k])}`);
-  }
-  if (!Array.isArray(c.block_out_channels) || c.block_out_channels.length === 0 || !c.block_out_channels.every((n) => Number.isInteger(n) && n > 0)) {
-    throw new Error(`AutoencoderKL config: 'block_out_channels' must be a non-empty list of positive integers, got ${JSON.stringify(c.block_out_channels)}`);
-  }
+  const f = new ConfigFields(c as unknown as Record<string, unknown>, src);
+  for (const k of ['in_channels', 'out_channels', 'latent_channels', 'norm_num_groups'] as const) f.int(k);
+  f.int('layers_per_block', { max: CONFIG_LIMITS.layers });
+  const channels = f.intList('block_out_channels');
   for (const [field, supported] of Object.entries(BLOCK_TYPES) as [keyof typeof BLOCK_TYPES, string][]) {
     const types = c[field];
-    if (!Array.isArray(types) || types.length !== c.block_out_channels.length) {
-      throw new Error(`AutoencoderKL config: '${field}' must list one block per block_out_channels entry (${c.block_out_channels.length}), got ${JSON.stringify(types)}`);
+    if (!Array.isArray(types) || types.length !== channels.length) {
+      f.fail(field, `must list one block per block_out_channels entry (${channels.length}), got ${show(types)}`);
     }
     const bad = types.find((t) => t !== supported);
-    if (bad !== undefined) throw new Error(`AutoencoderKL config: '${field}' contains unsupported block type ${JSON.stringify(bad)}; only '${supported}' is implemented`);
+    if (bad !== undefined) f.fail(field, `contains unsupported block type ${show(bad)}; only '${supported}' is implemented`);
   }
+  // every GroupNorm runs over one block's width
+  const odd = channels.findIndex((ch) => ch % c.norm_num_groups !== 0);
+  if (odd >= 0) f.fail('norm_num_groups', `= ${c.norm_num_groups} does not divide block_out_channels[${odd}] = ${channels[odd]} (GroupNorm needs channels divisible by groups)`);
   // swish is diffusers' other name for silu
-  if (c.act_fn !== 'silu' && c.act_fn !== 'swish') throw new Error(`AutoencoderKL config: 'act_fn' ${JSON.stringify(c.act_fn)} is not supported; only 'silu' is implemented`);
-  if (typeof c.scaling_factor !== 'number') throw new Error(`AutoencoderKL config: 'scaling_factor' must be a number, got ${JSON.stringify(c.scaling_factor)}`);
-  if (c.shift_factor !== null && typeof c.shift_factor !== 'number') throw new Error(`AutoencoderKL config: 'shift_factor' must be a number or null, got ${JSON.stringify(c.shift_factor)}`);
-  for (const k of ['force_upcast', 'use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention'] as const) {
-    if (typeof c[k] !== 'boolean') throw new Error(`AutoencoderKL config: '${k}' must be true or false, got ${JSON.stringify(c[k])}`);
+  if (c.act_fn !== 'silu' && c.act_fn !== 'swish') f.fail('act_fn', `${show(c.act_fn)} is not supported; only 'silu' is implemented`);
+  f.number('scaling_factor', { above: 0 }); // latents are divided by it before decoding
+  if (c.shift_factor !== null) f.number('shift_factor');
+  // read by pipelines that normalise latents per channel (SDXL-era VAEs): one number per latent channel
+  for (const k of ['latents_mean', 'latents_std'] as const) {
+    const v = c[k];
+    if (v === null) continue;
+    if (!Array.isArray(v) || v.length !== c.latent_channels || !v.every((x) => typeof x === 'number' && Number.isFinite(x))) {
+      f.fail(k, `must be null or a list of ${c.latent_channels} numbers (one per latent channel), got ${show(v)}`);
+    }
   }
+  const size = c.sample_size;
+  if (Array.isArray(size)) f.intList('sample_size', {}, 2);
+  else f.int('sample_size');
+  for (const k of ['force_upcast', 'use_quant_conv', 'use_post_quant_conv', 'mid_block_add_attention'] as const) f.bool(k);
   return c;
+}
+
+/** Parameters of the AutoencoderKL `c` describes, counted as the constructor builds it. */
+export function autoencoderKLParameterCount(c: AutoencoderKLConfig): number {
+  const ch = c.block_out_channels;
+  const widest = ch[ch.length - 1] ?? 0;
+  const mid = 2 * resnetParams(widest, widest, null) + (c.mid_block_add_attention ? attentionParams(widest, widest, widest, { bias: true, groupNorm: true }) : 0);
+  // encoder: conv_in, per block layers resnets (the first widening) and a downsampler but in the last, mid, norm, conv_out to 2·latent
+  let total = conv2dParams(c.in_channels, ch[0] ?? 0, 3) + mid + normParams(widest) + conv2dParams(widest, 2 * c.latent_channels, 3);
+  ch.forEach((out, i) => {
+    const input = i === 0 ? out : (ch[i - 1] ?? out);
+    total += resnetParams(input, out, null) + (c.layers_per_block - 1) * resnetParams(out, out, null);
+    if (i < ch.length - 1) total += conv2dParams(out, out, 3);
+  });
+  // decoder: the same walked back, layers + 1 resnets per block, upsamplers
+  const reversed = [...ch].reverse();
+  total += conv2dParams(c.latent_channels, widest, 3) + mid + normParams(ch[0] ?? 0) + conv2dParams(ch[0] ?? 0, c.out_channels, 3);
+  reversed.forEach((out, i) => {
+    const input = i === 0 ? out : (reversed[i - 1] ?? out);
+    total += resnetParams(input, out, null) + c.layers_per_block * resnetParams(out, out, null);
+    if (i < reversed.length - 1) total += conv2dParams(out, out, 3);
+  });
+  if (c.use_quant_conv) total += conv2dParams(2 * c.latent_channels, 2 * c.latent_channels, 1);
+  if (c.use_post_quant_conv) total += conv2dParams(c.latent_channels, c.latent_channels, 1);
+  return total;
 }
 
 function withoutUndefined(o: object): Record<string, unknown> {

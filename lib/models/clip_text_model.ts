@@ -2,6 +2,7 @@
 // the checkpoint's keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`), the config is the
 // component's config.json with transformers' field names and defaults, and the numbers match its eager
 // attention path.
+import { join } from 'node:path';
 import * as torch from '../torch.js';
 import { Module, buffer } from '../nn/module.js';
 import { tidy } from '../scope.js';
@@ -9,7 +10,9 @@ import { Embedding, LayerNorm } from '../nn/layers.js';
 import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
 import { CLIP_ACTIVATIONS, CLIPEncoder, type CLIPActivation, type CLIPEncoderConfig, type Init } from './clip_encoder.js';
+import { CONFIG_LIMITS, ConfigFields, type ConfigSource } from './config.js';
 import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { checkModelFits, linearParams, normParams } from './model_size.js';
 
 /** CLIPTextConfig's fields the model reads (config.json names). */
 export interface CLIPTextConfig extends CLIPEncoderConfig {
@@ -17,8 +20,8 @@ export interface CLIPTextConfig extends CLIPEncoderConfig {
   max_position_embeddings: number;
   /** Selects the pooled token (see poolIndices). */
   eos_token_id: number;
-  /** Read for completeness: pooling never uses it, as the pad id may equal the eos id. */
-  pad_token_id: number;
+  /** Read for completeness: pooling never uses it, as the pad id may equal the eos id. null: none. */
+  pad_token_id: number | null;
 }
 
 // CLIPTextConfig's defaults (transformers 4.45), used where config.json omits a field.
@@ -28,36 +31,39 @@ const DEFAULTS: CLIPTextConfig = {
   pad_token_id: 1, eos_token_id: 49407,
 };
 
-/** Validates config.json against what this model implements; an error names the offending field. */
-export function parseCLIPTextConfig(raw: Record<string, unknown>): CLIPTextConfig {
-  const pick = (field: keyof CLIPTextConfig, ok: (v: number) => boolean, what: string): number => {
-    const v = raw[field] ?? DEFAULTS[field];
-    if (typeof v !== 'number' || !ok(v)) throw new Error(`CLIPTextConfig: ${field} must be ${what}, got ${JSON.stringify(v)}`);
-    return v;
-  };
-  const positive = (v: number): boolean => Number.isInteger(v) && v > 0;
+const source = (file?: string): ConfigSource => ({ model: 'CLIPTextModel', file });
+
+/** Validates config.json against what this model implements; an error names the file, the field and the value. */
+export function parseCLIPTextConfig(raw: Record<string, unknown>, file?: string): CLIPTextConfig {
+  // transformers' configs carry many fields this model does not read (architectures, projection_dim, …): not checked
+  const f = new ConfigFields(raw, source(file), DEFAULTS as unknown as Record<string, unknown>, (k) => k);
+  const vocab = f.int('vocab_size', { max: CONFIG_LIMITS.vocab });
   const c: CLIPTextConfig = {
-    vocab_size: pick('vocab_size', positive, 'a positive integer'),
-    hidden_size: pick('hidden_size', positive, 'a positive integer'),
-    intermediate_size: pick('intermediate_size', positive, 'a positive integer'),
-    num_hidden_layers: pick('num_hidden_layers', positive, 'a positive integer'),
-    num_attention_heads: pick('num_attention_heads', positive, 'a positive integer'),
-    max_position_embeddings: pick('max_position_embeddings', positive, 'a positive integer'),
-    layer_norm_eps: pick('layer_norm_eps', (v) => v > 0, 'a positive number'),
-    attention_dropout: pick('attention_dropout', (v) => v >= 0 && v <= 1, 'in [0, 1]'),
-    eos_token_id: pick('eos_token_id', Number.isInteger, 'an integer'),
-    pad_token_id: pick('pad_token_id', Number.isInteger, 'an integer'),
-    hidden_act: parseActivation(raw.hidden_act ?? DEFAULTS.hidden_act),
+    vocab_size: vocab,
+    hidden_size: f.int('hidden_size'),
+    intermediate_size: f.int('intermediate_size'),
+    num_hidden_layers: f.int('num_hidden_layers', { max: CONFIG_LIMITS.layers }),
+    num_attention_heads: f.int('num_attention_heads'),
+    max_position_embeddings: f.int('max_position_embeddings'),
+    layer_norm_eps: f.number('layer_norm_eps', { above: 0 }),
+    attention_dropout: f.number('attention_dropout', { min: 0, max: 1 }),
+    // pooling looks for this id in the input: one outside the vocabulary would pool at position 0 silently
+    eos_token_id: f.int('eos_token_id', { min: 0, max: vocab - 1 }),
+    pad_token_id: f.value('pad_token_id') === null ? null : f.int('pad_token_id', { min: 0, max: vocab - 1 }),
+    hidden_act: f.choice('hidden_act', Object.keys(CLIP_ACTIVATIONS) as CLIPActivation[]),
   };
   if (c.hidden_size % c.num_attention_heads !== 0) {
-    throw new Error(`CLIPTextConfig: hidden_size (${c.hidden_size}) must be divisible by num_attention_heads (${c.num_attention_heads})`);
+    f.fail('num_attention_heads', `(${c.num_attention_heads}) must divide hidden_size (${c.hidden_size})`);
   }
   return c;
 }
 
-function parseActivation(v: unknown): CLIPActivation {
-  if (typeof v === 'string' && Object.hasOwn(CLIP_ACTIVATIONS, v)) return v as CLIPActivation;
-  throw new Error(`CLIPTextConfig: unsupported hidden_act ${JSON.stringify(v)} (supported: ${Object.keys(CLIP_ACTIVATIONS).join(', ')})`);
+/** Parameters of the CLIPTextModel `c` describes, counted as the constructor builds it. */
+export function clipTextParameterCount(c: CLIPTextConfig): number {
+  const h = c.hidden_size;
+  // q, k, v, out projections; two LayerNorms; fc1, fc2
+  const layer = 4 * linearParams(h, h) + 2 * normParams(h) + linearParams(h, c.intermediate_size) + linearParams(c.intermediate_size, h);
+  return (c.vocab_size + c.max_position_embeddings) * h + c.num_hidden_layers * layer + normParams(h);
 }
 
 /** Token embedding plus learned absolute position embedding. */
@@ -185,11 +191,20 @@ export class CLIPTextModel extends Module {
   text_model: CLIPTextTransformer;
   readonly config: CLIPTextConfig;
 
-  /** From config.json's fields (validated; transformers' defaults fill the gaps); o places the parameters. */
-  constructor(config: Partial<CLIPTextConfig> | Record<string, unknown>, o: Init = {}) {
+  /**
+   * From config.json's fields (validated; transformers' defaults fill the gaps); o places the parameters.
+   * `configFile` (where the config came from) is named in errors.
+   */
+  constructor(config: Partial<CLIPTextConfig> | Record<string, unknown>, o: Init & { configFile?: string } = {}) {
     super();
-    this.config = parseCLIPTextConfig(config as Record<string, unknown>);
-    this.text_model = new CLIPTextTransformer(this.config, o);
+    const { configFile, ...init } = o;
+    this.config = parseCLIPTextConfig(config as Record<string, unknown>, configFile);
+    // count before building: a config asking for more than the machine holds must not abort the process
+    checkModelFits(source(configFile), clipTextParameterCount(this.config), init.dtype ?? 'float32', init.device ?? torch.getDefaultDevice(), {
+      vocab_size: this.config.vocab_size, hidden_size: this.config.hidden_size, intermediate_size: this.config.intermediate_size,
+      num_hidden_layers: this.config.num_hidden_layers, max_position_embeddings: this.config.max_position_embeddings,
+    });
+    this.text_model = new CLIPTextTransformer(this.config, init);
   }
 
   /**
@@ -206,9 +221,10 @@ export class CLIPTextModel extends Module {
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): CLIPTextModel {
     const dir = resolvePretrained(pathOrId, o);
     // Built directly in the target dtype/device: no float32 CPU copy of the weights first.
-    const model = new CLIPTextModel(readConfig(dir), { dtype: o.dtype, device: o.device });
+    const configFile = join(dir, 'config.json');
+    const model = new CLIPTextModel(readConfig(dir), { dtype: o.dtype, device: o.device, configFile });
     try {
-      loadModelWeights(model, dir, 'model', o);
+      loadModelWeights(model, dir, 'model', o, undefined, configFile);
     } catch (e) {
       model.dispose();
       throw e;

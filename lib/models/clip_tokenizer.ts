@@ -11,11 +11,15 @@
 //      `tokenizer(captions, max_length=77, padding="max_length", truncation=True)`.
 // With ftfy installed, transformers runs ftfy.fix_text instead of step 2 (it un-curls quotes, for example);
 // the goldens and this file follow the no-ftfy path.
-import { existsSync, readFileSync } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { tensor } from '../torch.js';
 import type { Device, Tensor } from '../tensor.js';
+import { readJsonObject, readTextFile } from '../io/files.js';
+import { CONFIG_LIMITS, show } from './config.js';
 import { resolvePretrained, type FromPretrainedOptions } from './loading.js';
+
+const snakeOf = (k: string): string => k.replace(/[A-Z]/g, (m) => `_${m.toLowerCase()}`);
 
 export interface TokenizerCallOptions {
   /** Defaults to `modelMaxLength` when truncating or padding to 'max_length'. */
@@ -99,19 +103,90 @@ export function basicClean(text: string): string {
   return out.normalize('NFC').split(/\s+/u).filter((w) => w.length > 0).map((w) => w.toLowerCase()).join(' ');
 }
 
-function readJson(path: string): Record<string, unknown> {
-  try {
-    return JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-  } catch (e) {
-    throw new Error(`CLIPTokenizer: cannot parse '${path}': ${(e as Error).message}`);
+/** Ids are safe integers below this (transformers' vocabularies are far smaller). */
+const MAX_TOKEN_ID = CONFIG_LIMITS.vocab;
+const tokenShown = (t: string): string => show(t);
+
+/**
+ * A vocabulary as token → id: every id a non-negative integer below MAX_TOKEN_ID and no id given to two
+ * tokens (the decoder would keep one silently). `where` names the source in errors.
+ */
+export function checkVocab(vocab: Readonly<Record<string, unknown>>, where: string): Record<string, number> {
+  const entries = Object.entries(vocab);
+  if (entries.length === 0) throw new Error(`${where} holds no tokens`);
+  const owner = new Map<number, string>();
+  for (const [token, id] of entries) {
+    if (typeof id !== 'number' || !Number.isSafeInteger(id) || id < 0 || id >= MAX_TOKEN_ID) {
+      throw new Error(`${where}: token ${tokenShown(token)} has id ${show(id)}; ids must be integers in [0, ${MAX_TOKEN_ID})`);
+    }
+    const other = owner.get(id);
+    if (other !== undefined) throw new Error(`${where}: tokens ${tokenShown(other)} and ${tokenShown(token)} both have id ${id}; each id must name one token`);
+    owner.set(id, token);
   }
+  return vocab as Record<string, number>;
 }
 
-/** A special token's text from tokenizer_config / special_tokens_map (a string or an AddedToken object). */
-function tokenText(v: unknown): string | undefined {
-  if (typeof v === 'string') return v;
-  if (v && typeof v === 'object' && typeof (v as { content?: unknown }).content === 'string') return (v as { content: string }).content;
-  return undefined;
+/** As transformers reads merges.txt: the first line is the "#version" header, then one "first second" rule a line. */
+function readMerges(path: string): string[] {
+  const lines = readTextFile(path, 'merges.txt').trim().split('\n');
+  const where = `merges.txt '${path}'`;
+  // transformers drops the first line unread: without the header that would silently drop the first merge
+  if (!lines[0]?.startsWith('#')) throw new Error(`${where} line 1: expected the '#version: …' header, got ${show(lines[0] ?? '')}`);
+  // keep at most 49152 - 256 - 2 merges, as transformers does
+  const merges = lines.slice(1, 49152 - 256 - 2 + 1);
+  merges.forEach((m, i) => {
+    const parts = m.trim().split(/\s+/);
+    if (parts.length !== 2 || parts[0] === '') throw new Error(`${where} line ${i + 2}: ${show(m)} is not a merge rule (two tokens separated by a space)`);
+  });
+  return merges;
+}
+
+type SpecialField = 'bosToken' | 'eosToken' | 'padToken' | 'unkToken';
+const SPECIAL_KEYS: Record<string, SpecialField> = { bos_token: 'bosToken', eos_token: 'eosToken', pad_token: 'padToken', unk_token: 'unkToken' };
+
+/** A special token's text (a string or an AddedToken object {content}); anything else is an error naming the file and field. */
+function tokenText(v: unknown, where: string): string {
+  const text = typeof v === 'string' ? v : v && typeof v === 'object' && !Array.isArray(v) ? (v as { content?: unknown }).content : undefined;
+  if (typeof text !== 'string' || text === '') {
+    throw new Error(`${where} must be a non-empty token string or an AddedToken object {"content": "…"}, got ${show(v)}`);
+  }
+  return text;
+}
+
+/**
+ * tokenizer_config.json / special_tokens_map.json: the special tokens, model_max_length,
+ * clean_up_tokenization_spaces and added_tokens_decoder, each checked. Returns what the file sets and, per
+ * special token, that it came from this file (for errors about it later).
+ */
+function readTokenizerConfig(path: string, name: string, config: Partial<CLIPTokenizerConfig>, origin: Partial<Record<SpecialField, string>>, added: Record<string, number>): void {
+  const j = readJsonObject(path, name);
+  const where = (key: string): string => `${name} '${path}': '${key}'`;
+  for (const [key, field] of Object.entries(SPECIAL_KEYS)) {
+    if (j[key] === undefined) continue;
+    config[field] = tokenText(j[key], where(key));
+    origin[field] = `${name} '${path}'`;
+  }
+  const max = j.model_max_length;
+  if (max !== undefined) {
+    if (typeof max !== 'number' || !Number.isInteger(max) || max < 2) throw new Error(`${where('model_max_length')} must be an integer ≥ 2 (room for BOS and EOS), got ${show(max)}`);
+    // transformers stores "no limit" as a huge number (int(1e30)); CLIP has 77 positions whatever it says.
+    if (max < 1e9) config.modelMaxLength = max;
+  }
+  const clean = j.clean_up_tokenization_spaces;
+  if (clean !== undefined) {
+    if (typeof clean !== 'boolean') throw new Error(`${where('clean_up_tokenization_spaces')} must be true or false, got ${show(clean)}`);
+    config.cleanUpTokenizationSpaces = clean;
+  }
+  // do_lower_case is not read: the slow tokenizer's BasicTokenizer lower-cases whatever the config says.
+  const decoder = j.added_tokens_decoder;
+  if (decoder !== undefined) {
+    if (decoder === null || typeof decoder !== 'object' || Array.isArray(decoder)) throw new Error(`${where('added_tokens_decoder')} must be an object of id → token, got ${show(decoder)}`);
+    for (const [id, v] of Object.entries(decoder as Record<string, unknown>)) {
+      const n = /^\d{1,15}$/.test(id) ? Number(id) : NaN;
+      if (!(n < MAX_TOKEN_ID)) throw new Error(`${where('added_tokens_decoder')}: key ${show(id)} is not a token id (an integer in [0, ${MAX_TOKEN_ID}))`);
+      added[tokenText(v, `${where('added_tokens_decoder')}[${id}]`)] = n;
+    }
+  }
 }
 
 export class CLIPTokenizer {
@@ -133,8 +208,15 @@ export class CLIPTokenizer {
    */
   constructor(vocab: Record<string, number>, merges: readonly string[], config: Partial<CLIPTokenizerConfig> = {}, addedTokens: Record<string, number> = {}) {
     this.config = { ...DEFAULTS, ...config };
+    checkVocab(vocab, 'CLIPTokenizer: vocab');
     this.encoder = new Map(Object.entries(vocab));
-    for (const [t, id] of Object.entries(addedTokens)) this.encoder.set(t, id);
+    for (const [t, id] of Object.entries(addedTokens)) {
+      // an empty added token would match everywhere and never advance the prompt splitter
+      if (t === '' || typeof id !== 'number' || !Number.isSafeInteger(id) || id < 0 || id >= MAX_TOKEN_ID) {
+        throw new Error(`CLIPTokenizer: added token ${show(t)} → ${show(id)} must be a non-empty token with an integer id in [0, ${MAX_TOKEN_ID})`);
+      }
+      this.encoder.set(t, id);
+    }
     this.decoder = new Map([...this.encoder].map(([t, id]) => [id, t]));
     this.ranks = new Map();
     merges.forEach((m, i) => {
@@ -144,8 +226,11 @@ export class CLIPTokenizer {
     this.byteDecoder = new Map(this.byteEncoder.map((c, b) => [c, b]));
     const { bosToken, eosToken, padToken, unkToken } = this.config;
     for (const [name, t] of Object.entries({ bosToken, eosToken, padToken, unkToken })) {
+      if (typeof t !== 'string' || t === '') throw new Error(`CLIPTokenizer: ${name} must be a non-empty string, got ${show(t)}`);
       if (!this.encoder.has(t)) throw new Error(`CLIPTokenizer: ${name} '${t}' is not in the vocabulary`);
     }
+    const max = this.config.modelMaxLength;
+    if (!Number.isInteger(max) || max < 2) throw new Error(`CLIPTokenizer: modelMaxLength must be an integer ≥ 2 (room for BOS and EOS), got ${show(max)}`);
     this.addedTokens = [...new Set([bosToken, eosToken, padToken, unkToken, ...Object.keys(addedTokens)])].sort((a, b) => b.length - a.length);
     // Special tokens matched by the regex bypass BPE (transformers seeds its BPE cache with them).
     for (const t of ['<|startoftext|>', '<|endoftext|>']) this.cache.set(t, [t]);
@@ -164,39 +249,32 @@ export class CLIPTokenizer {
         throw new Error(`CLIPTokenizer: missing ${f} in '${dir}'. A CLIP tokenizer folder holds vocab.json and merges.txt (a diffusers pipeline has them in tokenizer/).${hint}`);
       }
     }
-    const vocab = readJson(join(dir, 'vocab.json')) as Record<string, number>;
-    // As transformers: drop the "#version" header, keep at most 49152 - 256 - 2 merges.
-    const merges = readFileSync(join(dir, 'merges.txt'), 'utf8').trim().split('\n').slice(1, 49152 - 256 - 2 + 1);
-
+    // every file read without blocking (a FIFO is refused) and checked, each error naming the file and entry
+    const vocabPath = join(dir, 'vocab.json');
+    const vocab = checkVocab(readJsonObject(vocabPath, 'vocab.json'), `vocab.json '${vocabPath}'`);
+    const merges = readMerges(join(dir, 'merges.txt'));
     const config: Partial<CLIPTokenizerConfig> = {};
+    const origin: Partial<Record<SpecialField, string>> = {};
     const added: Record<string, number> = {};
-    const apply = (j: Record<string, unknown>) => {
-      const names = { bos_token: 'bosToken', eos_token: 'eosToken', pad_token: 'padToken', unk_token: 'unkToken' } as const;
-      for (const [key, field] of Object.entries(names)) {
-        const t = tokenText(j[key]);
-        if (t !== undefined) config[field] = t;
-      }
-    };
-    const cfgPath = join(dir, 'tokenizer_config.json');
-    if (existsSync(cfgPath)) {
-      const j = readJson(cfgPath);
-      apply(j);
-      // transformers stores "no limit" as a huge number (int(1e30)); CLIP has 77 positions whatever it says.
-      if (typeof j.model_max_length === 'number' && j.model_max_length < 1e9) config.modelMaxLength = j.model_max_length;
-      if (typeof j.clean_up_tokenization_spaces === 'boolean') config.cleanUpTokenizationSpaces = j.clean_up_tokenization_spaces;
-      // do_lower_case is not read: the slow tokenizer's BasicTokenizer lower-cases whatever the config says.
-      const decoder = j.added_tokens_decoder;
-      if (decoder && typeof decoder === 'object') {
-        for (const [id, v] of Object.entries(decoder as Record<string, unknown>)) {
-          const t = tokenText(v);
-          if (t !== undefined) added[t] = Number(id);
-        }
+    // special_tokens_map wins over tokenizer_config, as in transformers
+    for (const name of ['tokenizer_config.json', 'special_tokens_map.json']) {
+      const path = join(dir, name);
+      if (existsSync(path)) readTokenizerConfig(path, name, config, origin, added);
+    }
+    const addedPath = join(dir, 'added_tokens.json');
+    if (existsSync(addedPath)) {
+      const where = `added_tokens.json '${addedPath}'`;
+      for (const [t, id] of Object.entries(checkVocab(readJsonObject(addedPath, 'added_tokens.json'), where))) {
+        if (t === '') throw new Error(`${where}: an added token must not be empty`);
+        added[t] = id;
       }
     }
-    const mapPath = join(dir, 'special_tokens_map.json');
-    if (existsSync(mapPath)) apply(readJson(mapPath));
-    const addedPath = join(dir, 'added_tokens.json');
-    if (existsSync(addedPath)) Object.assign(added, readJson(addedPath));
+    for (const [field, file] of Object.entries(origin) as [SpecialField, string][]) {
+      const t = config[field];
+      if (t !== undefined && !Object.hasOwn(vocab, t) && !Object.hasOwn(added, t) && overrides[field] === undefined) {
+        throw new Error(`${file}: '${snakeOf(field)}' ${show(t)} is not in vocab.json '${vocabPath}'`);
+      }
+    }
     return new CLIPTokenizer(vocab, merges, { ...config, ...overrides }, added);
   }
 
@@ -267,7 +345,10 @@ export class CLIPTokenizer {
     const flat = new BigInt64Array(rows.length * length);
     rows.forEach((row, i) => {
       if (row.length !== length) throw new Error(`CLIPTokenizer.toTensor: rows differ in length (${length} and ${row.length}); pad them (padding: 'max_length')`);
-      row.forEach((id, j) => { flat[i * length + j] = BigInt(id); });
+      row.forEach((id, j) => {
+        if (!Number.isSafeInteger(id)) throw new RangeError(`CLIPTokenizer.toTensor: row ${i}, position ${j}: ${show(id)} is not an integer token id`);
+        flat[i * length + j] = BigInt(id);
+      });
     });
     return tensor(flat, { shape: [rows.length, length], device });
   }

@@ -1,12 +1,17 @@
 // Finding and reading a model the way users have it: a local diffusers folder (model_index.json +
 // components), a single component folder, or a hub id ("org/name") already in the local Hugging Face cache
 // (difflora never downloads); `variant` weight files and sharded checkpoints. Pickled .bin/.ckpt files are
-// refused: unpickling runs arbitrary code.
-import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+// refused: unpickling runs arbitrary code. Hostile input: every option or entry that becomes a path component
+// (variant, subfolder, revision, the commit a ref names, model_index.json's component names) must be a plain
+// name, checked before a path is built; every file is read without blocking (a FIFO or device is refused) and
+// every JSON file must hold an object, errors naming the file.
+import { existsSync, readdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { isAbsolute, join, normalize, resolve } from 'node:path';
 import type { DType } from '../dtype.js';
+import { assertRegularFile, readJsonObject, readTextFile } from '../io/files.js';
 import { loadSafetensors } from '../io/safetensors.js';
+import { show } from './config.js';
 import type { Module } from '../nn/module.js';
 import { dispose } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
@@ -26,6 +31,12 @@ export interface FromPretrainedOptions {
 
 const isDir = (p: string): boolean => existsSync(p) && statSync(p).isDirectory();
 const isFile = (p: string): boolean => existsSync(p) && statSync(p).isFile();
+/** Whether a file is there; something there that is not a regular file (a FIFO, a device) is an error naming it. */
+const present = (p: string, what: string): boolean => {
+  if (!existsSync(p) || isDir(p)) return false;
+  assertRegularFile(p, what);
+  return true;
+};
 const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? join(homedir(), p.slice(1)) : p);
 
 /** The hub cache folder and what chose it, in huggingface_hub's order. */
@@ -45,11 +56,44 @@ export function isHubId(s: string): boolean {
   return /^(?:[\w.-]+\/)?[\w.-]+$/.test(s) && !s.includes('--') && !s.includes('..') && !/^[.-]|[.-]$|[.-]\/|\/[.-]/.test(s) && s.length <= 96;
 }
 
-/** A path segment given by a user (subfolder, revision) must stay inside the folder it is joined to. */
-function checkInside(what: string, value: string): void {
-  if (isAbsolute(value) || normalize(value).split(/[\\/]/).includes('..')) {
-    throw new Error(`${what} '${value}' must be a relative path inside the model folder`);
+/**
+ * A name that becomes one path component (variant, weight file name, component name, commit): a plain name,
+ * so it can only ever name something inside the folder it is joined to. `..` anywhere is refused too (a
+ * variant is spliced into a file name: 'x.<variant>.safetensors').
+ */
+export function checkPlainName(option: string, value: unknown): string {
+  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
+  const problem = value === '' ? 'is empty'
+    : /[/\\]/.test(value) ? 'contains a path separator'
+      : value.includes('\0') ? 'contains a NUL character'
+        : value.includes('..') ? "contains '..'"
+          : value === '.' ? "is '.'" : undefined;
+  if (problem) throw new Error(`${option} '${value.replace(/\0/g, '\\0')}' ${problem}: it must be a plain name, not a path`);
+  return value;
+}
+
+/**
+ * A relative path given by a user (subfolder, revision: hub revisions may hold '/', as refs/pr/1): every
+ * '/'-separated segment must be a plain name, so the path stays inside the folder it is joined to.
+ */
+function checkRelativePath(option: string, value: unknown): string {
+  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
+  if (isAbsolute(value) || value.startsWith('/')) throw new Error(`${option} '${value}' must be a relative path inside the model folder, not an absolute path`);
+  for (const segment of value.split('/')) {
+    try {
+      checkPlainName(option, segment);
+    } catch {
+      throw new Error(`${option} '${value.replace(/\0/g, '\\0')}' must be a relative path inside the model folder (plain names separated by '/', no '..', '\\', empty parts or NUL)`);
+    }
   }
+  return value;
+}
+
+/** The options that become path components, checked before any path is built from them. */
+function checkPathOptions(o: FromPretrainedOptions): void {
+  if (o.subfolder !== undefined && o.subfolder !== '') checkRelativePath('subfolder', o.subfolder);
+  if (o.revision !== undefined) checkRelativePath('revision', o.revision);
+  if (o.variant !== undefined) checkPlainName('variant', o.variant);
 }
 
 const list = (dir: string, filter: (name: string) => boolean = () => true): string[] =>
@@ -66,7 +110,7 @@ const subfolders = (dir: string): string => {
  * files there.
  */
 export function resolvePretrained(pathOrId: string, o: FromPretrainedOptions = {}): string {
-  if (o.subfolder) checkInside('subfolder', o.subfolder);
+  checkPathOptions(o);
   const local = resolve(expandHome(pathOrId));
   if (existsSync(local)) {
     if (!statSync(local).isDirectory()) {
@@ -86,7 +130,6 @@ export function resolvePretrained(pathOrId: string, o: FromPretrainedOptions = {
 function resolveFromCache(id: string, local: string, o: FromPretrainedOptions): string {
   const cache = hubCacheDir(o);
   const revision = o.revision ?? 'main';
-  checkInside('revision', revision);
   const repoFolder = `models--${id.replace('/', '--')}`;
   const repo = join(cache.dir, repoFolder);
   const looked: string[] = [`${local} (local folder): does not exist`];
@@ -111,13 +154,14 @@ function resolveFromCache(id: string, local: string, o: FromPretrainedOptions): 
   // As huggingface_hub: a ref file names the commit; otherwise the revision is taken as a commit hash.
   const refFile = join(repo, 'refs', revision);
   let commit = revision;
-  if (isFile(refFile)) {
-    commit = readFileSync(refFile, 'utf8').trim();
+  if (existsSync(refFile) && !isDir(refFile)) {
+    // read without blocking (a FIFO here is refused, not waited on); a ref names one commit
+    commit = readTextFile(refFile, 'hub cache ref file', 4096).trim();
+    checkPlainName(`the commit named by ref file '${refFile}'`, commit);
     looked.push(`${refFile}: names commit ${commit}`);
   } else {
     looked.push(`${refFile}: does not exist${/^[0-9a-f]{40}$/.test(revision) ? ', so the revision is taken as a commit hash' : ''}`);
   }
-  checkInside('commit', commit);
   const snapshot = join(repo, 'snapshots', commit);
   if (!isDir(snapshot)) {
     const refs = list(join(repo, 'refs'));
@@ -133,15 +177,42 @@ function resolveFromCache(id: string, local: string, o: FromPretrainedOptions): 
   return fail(`the cached snapshot has no '${o.subfolder}' folder (downloaded only in part?)`, true);
 }
 
-/** The component's config.json as parsed JSON. */
+/**
+ * The component's config.json: a JSON object (arrays, null and scalars are refused; syntax errors give the
+ * line and column). Read without blocking: a FIFO or device in its place is an error, not a hang.
+ */
 export function readConfig(dir: string, name = 'config.json'): Record<string, unknown> {
   const path = join(dir, name);
   if (!existsSync(path)) throw new Error(`missing ${name} in '${dir}'`);
-  try {
-    return JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
-  } catch (e) {
-    throw new Error(`cannot parse '${path}': ${(e as Error).message}`);
+  return readJsonObject(path, name, 16 * 1024 * 1024);
+}
+
+/** What model_index.json may hold besides components: diffusers' pipeline-level options. */
+const MODEL_INDEX_OPTIONS = new Set(['requires_safety_checker', 'force_zeros_for_empty_prompt', 'add_watermarker', 'is_cosxl_edit']);
+
+/**
+ * A pipeline's model_index.json, checked: `_class_name` a string; every component a [library, class] pair
+ * (both null for an absent optional component) under a plain name, since diffusers loads each from the
+ * folder of that name; pipeline options scalars. Errors name the file and the entry.
+ */
+export function readModelIndex(dir: string): Record<string, unknown> {
+  const index = readConfig(dir, 'model_index.json');
+  const path = join(dir, 'model_index.json');
+  for (const [key, value] of Object.entries(index)) {
+    const entry = `model_index.json '${path}': entry '${key}'`;
+    if (key.startsWith('_')) {
+      if (key === '_class_name' && typeof value !== 'string') throw new Error(`${entry} must be the pipeline's class name (a string), got ${show(value)}`);
+      continue;
+    }
+    if (MODEL_INDEX_OPTIONS.has(key)) {
+      if (value !== null && typeof value === 'object') throw new Error(`${entry} must be a scalar option, got ${show(value)}`);
+      continue;
+    }
+    const pair = Array.isArray(value) && value.length === 2 && value.every((v) => v === null || typeof v === 'string') && (value[0] === null) === (value[1] === null);
+    if (!pair) throw new Error(`${entry} must be a component's [library, class] pair (or [null, null]), got ${show(value)}`);
+    checkPlainName(`${entry} (a component folder name)`, key);
   }
+  return index;
 }
 
 /** Index file names for a sharded checkpoint, with a variant as diffusers (old and new) and transformers write them. */
@@ -156,13 +227,7 @@ function indexNames(stem: string, variant?: string): string[] {
 
 /** A sharded checkpoint's weight_map (tensor name → shard file), validated. */
 function readIndex(index: string): Record<string, string> {
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(readFileSync(index, 'utf8'));
-  } catch (e) {
-    throw new Error(`cannot parse '${index}': ${(e as Error).message}`);
-  }
-  const map = (parsed as { weight_map?: unknown } | null)?.weight_map;
+  const map = readJsonObject(index, 'sharded checkpoint index').weight_map;
   if (!map || typeof map !== 'object' || Array.isArray(map)) throw new Error(`'${index}' has no weight_map`);
   for (const [key, file] of Object.entries(map)) {
     if (typeof file !== 'string') throw new Error(`'${index}': weight_map['${key}'] is not a file name`);
@@ -177,15 +242,16 @@ export function weightFiles(dir: string, stem: string, variant?: string): string
 }
 
 function findWeights(dir: string, stem: string, variant?: string): { files: string[]; map?: Record<string, string> } {
+  if (variant !== undefined) checkPlainName('variant', variant);
   const base = variant ? `${stem}.${variant}` : stem;
   const single = join(dir, `${base}.safetensors`);
-  if (isFile(single)) return { files: [single] };
+  if (present(single, 'weights file')) return { files: [single] };
   for (const name of indexNames(stem, variant)) {
     const index = join(dir, name);
-    if (!isFile(index)) continue;
+    if (!present(index, 'sharded checkpoint index')) continue;
     const map = readIndex(index);
     const files = [...new Set(Object.values(map))].map((f) => join(dir, f));
-    const missing = files.filter((f) => !isFile(f));
+    const missing = files.filter((f) => !present(f, `shard listed by '${index}'`));
     if (missing.length) throw new Error(`'${index}' lists shards that are missing: ${missing.join(', ')}`);
     if (!files.length) throw new Error(`'${index}' has an empty weight_map`);
     return { files, map };
@@ -231,14 +297,25 @@ export function loadWeights(dir: string, stem: string, o: FromPretrainedOptions 
 
 /**
  * Loads a component's weights into a model strictly (every key present, none unexpected, shapes equal),
- * after `rename` maps legacy names (e.g. the VAE's old query/key/value) onto the model's.
+ * after `rename` maps legacy names (e.g. the VAE's old query/key/value) onto the model's. A mismatch is an
+ * error naming the weights' folder and `configFile`, the config the model was built from.
  */
-export function loadModelWeights(model: Module, dir: string, stem: string, o: FromPretrainedOptions = {}, rename?: (key: string) => string): void {
+export function loadModelWeights(model: Module, dir: string, stem: string, o: FromPretrainedOptions = {}, rename?: (key: string) => string, configFile?: string): void {
   const loaded = loadWeights(dir, stem, o);
   try {
     const sd = rename ? new Map([...loaded].map(([k, t]) => [rename(k), t])) : loaded;
-    model.loadStateDict(sd);
+    loadStateDictChecked(model, sd, dir, configFile);
   } finally {
     dispose([...loaded.values()]);
+  }
+}
+
+/** model.loadStateDict, its error naming where the weights and the config came from. */
+export function loadStateDictChecked(model: Module, sd: Map<string, Tensor>, dir: string, configFile?: string): void {
+  try {
+    model.loadStateDict(sd);
+  } catch (e) {
+    const config = configFile ? ` do not fit the model described by '${configFile}'` : ' do not fit the model';
+    throw new Error(`the weights in '${dir}'${config}: ${(e as Error).message}`);
   }
 }

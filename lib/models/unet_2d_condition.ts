@@ -2,6 +2,7 @@
 // the component's config.json (diffusers 0.31 field names, camelCased); every field that SD 1.x/2.x
 // checkpoints use is honoured, and a value that would change the math in a way not implemented here is an
 // error naming the field, never ignored.
+import { join } from 'node:path';
 import * as torch from '../torch.js';
 import { isGradEnabled } from '../autograd.js';
 import { checkpoint } from '../checkpoint.js';
@@ -9,9 +10,13 @@ import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { Conv2d, GroupNorm } from '../nn/layers.js';
 import type { Tensor } from '../tensor.js';
+import { CONFIG_LIMITS, ConfigFields, configLabel, show, type ConfigSource } from './config.js';
 import { TimestepEmbedding, Timesteps } from './embeddings.js';
+import { checkModelFits, conv2dParams, linearParams, normParams, resnetParams, transformer2dParams } from './model_size.js';
 import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
-import { getDownBlock, getMidBlock, getUpBlock, type DownBlock, type MidBlock, type UpBlock } from './unet_2d_blocks.js';
+import {
+  DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, getDownBlock, getMidBlock, getUpBlock, type DownBlock, type MidBlock, type UpBlock,
+} from './unet_2d_blocks.js';
 
 /** config.json of a UNet2DConditionModel: diffusers 0.31's fields, camelCased. */
 export interface UNet2DConditionModelConfig {
@@ -97,11 +102,16 @@ export class UNet2DConditionModel extends Module {
   readonly config: UNet2DConditionModelConfig;
   private gradientCheckpointing = false;
 
-  constructor(config: Partial<UNet2DConditionModelConfig> = {}) {
+  /** `configFile` (where the config came from) is named in errors. */
+  constructor(config: Partial<UNet2DConditionModelConfig> = {}, o: { configFile?: string } = {}) {
     super();
-    const c = resolveConfig(config);
+    const { config: c, blocks } = checkConfig(config, o.configFile);
+    // count before building: a config asking for more than the machine holds must not abort the process
+    checkModelFits(source(o.configFile), countParameters(c, blocks), 'float32', torch.getDefaultDevice(), {
+      block_out_channels: c.blockOutChannels, layers_per_block: c.layersPerBlock, transformer_layers_per_block: c.transformerLayersPerBlock,
+      cross_attention_dim: c.crossAttentionDim, conv_in_kernel: c.convInKernel, conv_out_kernel: c.convOutKernel, time_embedding_dim: c.timeEmbeddingDim,
+    });
     this.config = c;
-    const blocks = perBlock(c);
     const n = blocks.length;
     const width = item(blocks, 0).channels;
     const timeEmbedDim = c.timeEmbeddingDim ?? width * 4;
@@ -142,8 +152,8 @@ export class UNet2DConditionModel extends Module {
   }
 
   /** From a parsed config.json (snake_case, as diffusers writes it); unknown fields are an error. */
-  static fromConfig(json: Record<string, unknown>): UNet2DConditionModel {
-    return new UNet2DConditionModel(configFromJson(json));
+  static fromConfig(json: Record<string, unknown>, o: { configFile?: string } = {}): UNet2DConditionModel {
+    return new UNet2DConditionModel(configFromJson(json, o.configFile), o);
   }
 
   /**
@@ -153,10 +163,11 @@ export class UNet2DConditionModel extends Module {
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): UNet2DConditionModel {
     const dir = resolvePretrained(pathOrId, o);
-    const model = UNet2DConditionModel.fromConfig(readConfig(dir));
+    const configFile = join(dir, 'config.json');
+    const model = UNet2DConditionModel.fromConfig(readConfig(dir), { configFile });
     try {
       // load in fp32 on the CPU and cast once afterwards: copy_ converts from the file's dtype exactly
-      loadModelWeights(model, dir, 'diffusion_pytorch_model', { variant: o.variant });
+      loadModelWeights(model, dir, 'diffusion_pytorch_model', { variant: o.variant }, undefined, configFile);
       if (o.dtype !== undefined || o.device !== undefined) model.to({ dtype: o.dtype, device: o.device });
       return model.eval().requiresGrad_(false); // frozen by default, as the training script freezes it
     } catch (e) {
@@ -240,18 +251,16 @@ export class UNet2DConditionModel extends Module {
 type Config = UNet2DConditionModelConfig;
 const snake = (k: string): string => k.replace(/[A-Z]/g, (m) => `_${m.toLowerCase()}`);
 const camel = (k: string): string => k.replace(/_([a-z0-9])/g, (_, m: string) => m.toUpperCase());
-const fail = (field: string, what: string): never => {
-  throw new Error(`UNet2DConditionModel config: '${snake(field)}' ${what}`);
-};
+const source = (file?: string): ConfigSource => ({ model: 'UNet2DConditionModel', file });
 
 /** config.json (snake_case) → the camelCase config; fields diffusers 0.31 does not know are an error. */
-export function configFromJson(json: Record<string, unknown>): Partial<Config> {
+export function configFromJson(json: Record<string, unknown>, file?: string): Partial<Config> {
   const out: Record<string, unknown> = {};
   for (const [key, value] of Object.entries(json)) {
     if (key.startsWith('_')) continue; // _class_name, _diffusers_version, _name_or_path
     const name = camel(key);
-    if (!(name in UNET_2D_CONDITION_DEFAULTS)) {
-      throw new Error(`UNet2DConditionModel config: unknown field '${key}' (diffusers 0.31 fields: ${Object.keys(UNET_2D_CONDITION_DEFAULTS).map(snake).join(', ')})`);
+    if (!Object.hasOwn(UNET_2D_CONDITION_DEFAULTS, name)) {
+      throw new Error(`${configLabel(source(file))}: unknown field '${key}' (diffusers 0.31 fields: ${Object.keys(UNET_2D_CONDITION_DEFAULTS).map(snake).join(', ')})`);
     }
     out[name] = value;
   }
@@ -265,74 +274,122 @@ const ONLY: Partial<Record<keyof Config, unknown>> = {
   timeEmbeddingActFn: null, timestepPostAct: null, timeCondProjDim: null, attentionType: 'default',
   classEmbeddingsConcat: false, reverseTransformerLayersPerBlock: null,
 };
-// Not checked because the implemented blocks never read them (diffusers passes them only to other block
-// types or embeddings that the ONLY values rule out): sample_size, resnet_skip_time_act,
-// resnet_out_scale_factor, mid_block_only_cross_attention, cross_attention_norm, addition_time_embed_dim,
-// addition_embed_type_num_heads, projection_class_embeddings_input_dim.
+// Nothing reads these (diffusers passes them only to block types or embeddings the ONLY values rule out), so
+// any value of the right type is accepted; a wrong type still means a corrupt config and is refused.
+function checkUnreadFields(f: ConfigFields, c: Config): void {
+  f.bool('resnetSkipTimeAct');
+  f.number('resnetOutScaleFactor');
+  if (c.midBlockOnlyCrossAttention !== null) f.bool('midBlockOnlyCrossAttention');
+  if (c.crossAttentionNorm !== null && typeof c.crossAttentionNorm !== 'string') f.fail('crossAttentionNorm', `must be null or a string, got ${show(c.crossAttentionNorm)}`);
+  for (const k of ['additionTimeEmbedDim', 'projectionClassEmbeddingsInputDim'] as const) if (c[k] !== null) f.int(k);
+  f.int('additionEmbedTypeNumHeads');
+}
 
 type Resolved = Config & { normNumGroups: number; midBlockType: string };
 
-/** Fills diffusers' defaults and refuses what this implementation would get wrong. */
-export function resolveConfig(raw: Partial<Config>): Resolved {
-  const given = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined));
-  const c = { ...UNET_2D_CONDITION_DEFAULTS, ...given } as Config;
-  for (const [field, only] of Object.entries(ONLY)) {
-    const v = c[field as keyof Config];
-    if (v !== only) fail(field, `= ${JSON.stringify(v)} is not supported (only ${JSON.stringify(only)} is implemented)`);
-  }
-  if (c.numAttentionHeads !== null) {
-    fail('numAttentionHeads', `= ${JSON.stringify(c.numAttentionHeads)} is refused, as diffusers 0.31 refuses it: SD configs give the number of heads as attention_head_dim`);
-  }
-  if (!(c.onlyCrossAttention === false || (Array.isArray(c.onlyCrossAttention) && c.onlyCrossAttention.every((v) => v === false)))) {
-    fail('onlyCrossAttention', `= ${JSON.stringify(c.onlyCrossAttention)} is not supported (only false is implemented)`);
-  }
-  // swish is diffusers' other name for silu
-  if (c.actFn !== 'silu' && c.actFn !== 'swish') fail('actFn', `= ${JSON.stringify(c.actFn)} is not supported (only silu is implemented)`);
-  if (typeof c.midBlockType !== 'string') fail('midBlockType', `= ${JSON.stringify(c.midBlockType)} is not supported (only UNetMidBlock2DCrossAttn is implemented)`);
-  for (const k of ['inChannels', 'outChannels', 'normNumGroups'] as const) positiveInt(k, c[k]);
-  for (const k of ['convInKernel', 'convOutKernel'] as const) if (positiveInt(k, c[k]) % 2 !== 1) fail(k, `must be odd, got ${c[k]}`);
-  if (!Number.isInteger(c.downsamplePadding) || c.downsamplePadding < 0) fail('downsamplePadding', `must be a non-negative integer, got ${JSON.stringify(c.downsamplePadding)}`);
-  if (c.timeEmbeddingDim !== null) positiveInt('timeEmbeddingDim', c.timeEmbeddingDim);
-  for (const k of ['freqShift', 'normEps', 'midBlockScaleFactor', 'dropout'] as const) {
-    if (typeof c[k] !== 'number' || !Number.isFinite(c[k])) fail(k, `must be a number, got ${JSON.stringify(c[k])}`);
-  }
-  for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection', 'upcastAttention'] as const) {
-    if (typeof c[k] !== 'boolean') fail(k, `must be true or false, got ${JSON.stringify(c[k])}`);
-  }
-  if (!Array.isArray(c.blockOutChannels) || c.blockOutChannels.length === 0) fail('blockOutChannels', `must be a non-empty list, got ${JSON.stringify(c.blockOutChannels)}`);
-  c.blockOutChannels.forEach((v) => positiveInt('blockOutChannels', v));
-  for (const k of ['downBlockTypes', 'upBlockTypes'] as const) {
-    const types = c[k];
-    if (!Array.isArray(types) || types.length !== c.blockOutChannels.length || !types.every((t) => typeof t === 'string')) {
-      fail(k, `must list one block type per block_out_channels entry (${c.blockOutChannels.length}), got ${JSON.stringify(types)}`);
-    }
-  }
-  return c as Resolved;
-}
-
-function positiveInt(field: keyof Config, v: unknown): number {
-  if (typeof v !== 'number' || !Number.isInteger(v) || v < 1) fail(field, `must be a positive integer, got ${JSON.stringify(v)}`);
-  return v as number;
-}
-
 interface BlockSettings { channels: number; heads: number; crossAttentionDim: number; layers: number; transformerLayers: number }
 
-/** Per-block settings: an int in the config means the same for every block, a list gives one per block. */
-function perBlock(c: Config): BlockSettings[] {
-  const n = c.blockOutChannels.length;
-  const list = (field: keyof Config): number[] => {
-    const v = c[field];
-    const values = Array.isArray(v) ? v : Array<unknown>(n).fill(v);
-    if (values.length !== n) fail(field, `must be an integer or a list of ${n} (one per block), got ${JSON.stringify(v)}`);
-    return values.map((x) => positiveInt(field, x));
+/** Fills diffusers' defaults and refuses what this implementation would get wrong; `file` is named in errors. */
+export function resolveConfig(raw: Partial<Config>, file?: string): Resolved {
+  return checkConfig(raw, file).config;
+}
+
+function checkConfig(raw: Partial<Config>, file?: string): { config: Resolved; blocks: BlockSettings[] } {
+  const given = Object.fromEntries(Object.entries(raw).filter(([, v]) => v !== undefined));
+  const c = { ...UNET_2D_CONDITION_DEFAULTS, ...given } as Config;
+  const f = new ConfigFields(c as unknown as Record<string, unknown>, source(file), {}, (k) => `'${snake(k)}'`);
+  for (const [field, only] of Object.entries(ONLY)) f.only(field, only);
+  if (c.numAttentionHeads !== null) {
+    f.fail('numAttentionHeads', `= ${show(c.numAttentionHeads)} is refused, as diffusers 0.31 refuses it: SD configs give the number of heads as attention_head_dim`);
+  }
+  if (!(c.onlyCrossAttention === false || (Array.isArray(c.onlyCrossAttention) && c.onlyCrossAttention.every((v) => v === false)))) {
+    f.fail('onlyCrossAttention', `= ${show(c.onlyCrossAttention)} is not supported (only false is implemented)`);
+  }
+  // swish is diffusers' other name for silu
+  f.choice('actFn', ['silu', 'swish']);
+  f.choice('midBlockType', MID_BLOCK_TYPES);
+  for (const k of ['inChannels', 'outChannels', 'normNumGroups'] as const) f.int(k);
+  for (const k of ['convInKernel', 'convOutKernel'] as const) if (f.int(k, { max: 31 }) % 2 !== 1) f.fail(k, `must be odd, got ${show(c[k])}`);
+  f.int('downsamplePadding', { min: 0, max: 2 });
+  if (c.timeEmbeddingDim !== null) f.int('timeEmbeddingDim');
+  f.number('freqShift');
+  f.number('normEps', { min: 0 });
+  f.number('midBlockScaleFactor', { above: 0 }); // the mid block's resnets divide by it
+  f.number('dropout', { min: 0, max: 1 });
+  for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection', 'upcastAttention'] as const) f.bool(k);
+  checkSampleSize(f, c.sampleSize);
+  checkUnreadFields(f, c);
+
+  const channels = f.intList('blockOutChannels');
+  const n = channels.length;
+  const types = (field: 'downBlockTypes' | 'upBlockTypes', supported: readonly string[]): void => {
+    const list = c[field];
+    if (!Array.isArray(list) || list.length !== n) f.fail(field, `must list one block type per block_out_channels entry (${n}), got ${show(list)}`);
+    list.forEach((t, i) => f.checkChoice(field, typeof t === 'string' ? stripPrefix(t) : t, supported, `[${i}] `));
   };
-  const heads = list('attentionHeadDim');
-  const crossDims = list('crossAttentionDim');
-  const layers = list('layersPerBlock');
-  const transformerLayers = list('transformerLayersPerBlock');
-  return c.blockOutChannels.map((channels, i) => ({
-    channels, heads: item(heads, i), crossAttentionDim: item(crossDims, i), layers: item(layers, i), transformerLayers: item(transformerLayers, i),
-  }));
+  types('downBlockTypes', DOWN_BLOCK_TYPES);
+  types('upBlockTypes', UP_BLOCK_TYPES);
+  // every GroupNorm runs over a block's width (or a sum of widths): the groups must divide each
+  const bad = channels.findIndex((ch) => ch % c.normNumGroups! !== 0);
+  if (bad >= 0) f.fail('normNumGroups', `= ${c.normNumGroups} does not divide block_out_channels[${bad}] = ${channels[bad]} (GroupNorm needs channels divisible by groups)`);
+
+  const heads = f.intPerBlock('attentionHeadDim', n);
+  const crossDims = f.intPerBlock('crossAttentionDim', n);
+  const layers = f.intPerBlock('layersPerBlock', n, { max: CONFIG_LIMITS.layers });
+  const transformerLayers = f.intPerBlock('transformerLayersPerBlock', n, { max: CONFIG_LIMITS.layers });
+  const blocks = channels.map((ch, i) => {
+    const h = item(heads, i);
+    // attention_head_dim is the head count here: each head is channels / heads wide
+    if (h > ch) f.fail('attentionHeadDim', `asks for ${h} heads in block ${i}, wider than its ${ch} channels`);
+    return { channels: ch, heads: h, crossAttentionDim: item(crossDims, i), layers: item(layers, i), transformerLayers: item(transformerLayers, i) };
+  });
+  return { config: c as Resolved, blocks };
+}
+
+/** sample_size (the pipeline's default latent size): null, an integer, or [height, width]. */
+function checkSampleSize(f: ConfigFields, v: unknown): void {
+  if (v === null) return;
+  if (Array.isArray(v)) f.intList('sampleSize', {}, 2);
+  else f.int('sampleSize');
+}
+
+/** diffusers accepts the old "UNetRes" prefix (UNetResDownBlock2D) for the same blocks. */
+const stripPrefix = (type: string): string => (type.startsWith('UNetRes') ? type.slice(7) : type);
+
+/** Parameters of the UNet a (camelCase) config describes, counted without building it; the config is checked first. */
+export function unetParameterCount(config: Partial<Config>): number {
+  const { config: c, blocks } = checkConfig(config);
+  return countParameters(c, blocks);
+}
+
+/** The count, as the constructor builds the model: the same walk over blocks, with building-block formulas. */
+function countParameters(c: Resolved, blocks: readonly BlockSettings[]): number {
+  const n = blocks.length;
+  const width = item(blocks, 0).channels;
+  const temb = c.timeEmbeddingDim ?? width * 4;
+  const cross = (type: string): boolean => stripPrefix(type).startsWith('CrossAttn');
+  const attention = (s: BlockSettings, count: number): number => count * transformer2dParams(s.channels, s.heads, s.crossAttentionDim, s.transformerLayers);
+  let total = conv2dParams(c.inChannels, width, c.convInKernel) + linearParams(width, temb) + linearParams(temb, temb);
+  blocks.forEach((s, i) => {
+    const input = item(blocks, Math.max(i - 1, 0)).channels;
+    total += resnetParams(input, s.channels, temb) + (s.layers - 1) * resnetParams(s.channels, s.channels, temb);
+    if (cross(item(c.downBlockTypes, i))) total += attention(s, s.layers);
+    if (i < n - 1) total += conv2dParams(s.channels, s.channels, 3);
+  });
+  const reversed = [...blocks].reverse();
+  reversed.forEach((s, i) => {
+    // resnet j takes the previous output (prev, then out) concatenated with a skip (out, the last one input)
+    const count = s.layers + 1;
+    const prev = item(reversed, Math.max(i - 1, 0)).channels;
+    const input = item(reversed, Math.min(i + 1, n - 1)).channels;
+    const out = s.channels;
+    for (let j = 0; j < count; j++) total += resnetParams((j === 0 ? prev : out) + (j === count - 1 ? input : out), out, temb);
+    if (cross(item(c.upBlockTypes, i))) total += attention(s, count);
+    if (i < n - 1) total += conv2dParams(out, out, 3);
+  });
+  const last = item(blocks, n - 1);
+  total += 2 * resnetParams(last.channels, last.channels, temb) + attention(last, 1);
+  return total + normParams(width) + conv2dParams(width, c.outChannels, c.convOutKernel);
 }
 
 function item<T>(list: readonly T[], i: number): T {

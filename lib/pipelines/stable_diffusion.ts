@@ -11,7 +11,7 @@ import type { DType } from '../dtype.js';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { CLIPTextModel } from '../models/clip_text_model.js';
 import { CLIPTokenizer } from '../models/clip_tokenizer.js';
-import { readConfig, resolvePretrained, type FromPretrainedOptions } from '../models/loading.js';
+import { readModelIndex, resolvePretrained, type FromPretrainedOptions } from '../models/loading.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { Generator } from '../random.js';
 import { dispose, keep, tidy } from '../scope.js';
@@ -115,7 +115,7 @@ export class StableDiffusionPipeline {
    */
   static fromPretrained(pathOrId: string, o: PipelineFromPretrainedOptions = {}): StableDiffusionPipeline {
     const dir = resolvePretrained(pathOrId, o);
-    const index = readConfig(dir, 'model_index.json');
+    const index = readModelIndex(dir); // checked: a JSON object of [library, class] pairs under plain names
     const cls = index._class_name;
     if (typeof cls === 'string' && !['StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline', 'StableDiffusionInpaintPipeline'].includes(cls)) {
       throw new Error(`StableDiffusionPipeline: '${dir}' holds a ${cls}; only Stable Diffusion 1.x/2.x pipelines (UNet2DConditionModel + CLIP) are supported`);
