@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImageFolder, parseCsv, shuffleAndTruncate, type Dataset, type DatasetItem } from '../lib/data/imagefolder.js';
 import { Rng, loadTrainImage, resizedSize } from '../lib/data/transforms.js';
 import { ImageCaptionLoader, type Batch } from '../lib/data/loader.js';
-import { MAX_CAPTION_CHARS, MAX_METADATA_BYTES } from '../lib/data/metadata.js';
+import { MAX_CAPTION_CHARS, MAX_METADATA_BYTES, parseCsvRecords, shortenLongStrings } from '../lib/data/metadata.js';
 import { checkOwnPrivateDir, defaultBuiltinRoot, prepareBuiltinDefault } from '../lib/builtin/default.js';
 
 let tmp: string;
@@ -516,6 +516,7 @@ describe('imagefolder: hostile input', () => {
       [{ file_name: null, text: 'x' }, /line 2: 'file_name' must be a relative file path, got null/],
       [{ file_name: ['a.png'], text: 'x' }, /line 2: 'file_name' must be a relative file path, got a list of 1/],
       [{ file_name: 'a.png\u0000.txt', text: 'x' }, /line 2: file_name 'a\.png.\.txt' contains a NUL character/],
+      [{ file_name: 'x'.repeat(200_000), text: 'x' }, /line 2: 'file_name' is longer than any file path \("x{80}"… \(\d+ characters\)\)$/],
       [{ file_name: 'a.png', text: 7 }, /Caption column `text` should contain either strings or lists of strings \(.*metadata\.jsonl: line 2: got 7 \(a number\)\)/],
       [{ file_name: 'a.png', text: [] }, /line 2: got a list of 0/],
       [{ file_name: 'a.png', text: ['ok', 1] }, /line 2: got a list of 2/],
@@ -583,6 +584,37 @@ describe('imagefolder: hostile input', () => {
 
     const longKey = dataset('long_key', [`{"file_name": "a.png", "${'k'.repeat(200_000)}": "x"}`]);
     expect(() => loadImageFolder(longKey)).toThrow(/metadata\.jsonl: line 1 has a key \(column name\) longer than/);
+  });
+
+  it('a capped CSV parse keeps exactly the first maxFieldChars + 1 characters of each long field', () => {
+    const alphabet = ['a', '"', ',', '\n', '\u00e9'];
+    const rand = new Rng(3);
+    for (let t = 0; t < 30; t++) {
+      const cells = Array.from({ length: 3 }, () => Array.from({ length: rand.nextInt(120) }, () => alphabet[rand.nextInt(alphabet.length)]!).join(''));
+      const text = `x,y,z\n${cells.map((c) => `"${c.replaceAll('"', '""')}"`).join(',')}\n`;
+      const full = parseCsvRecords(text);
+      const capped = parseCsvRecords(text, 40);
+      expect(full[1]!.cells).toEqual(cells);
+      expect(capped[1]!.cells).toEqual(cells.map((c) => c.slice(0, 41)));
+      expect(capped[1]!.line).toBe(2);
+    }
+  });
+
+  it('shortening long JSON strings never splits an escape or a UTF-8 sequence and keeps what the cut keeps', () => {
+    const alphabet = ['a', '"', '\\', '\n', '\u00e9', '\u{1F600}', '\u0000', '\u2028', ' '];
+    const rand = new Rng(7);
+    for (let t = 0; t < 12; t++) {
+      let text = '';
+      while (text.length < 120_000) text += alphabet[rand.nextInt(alphabet.length)]!.repeat(1 + rand.nextInt(40));
+      const line = Buffer.from(JSON.stringify({ file_name: 'a.png', text, other: text.slice(0, 50), last: text }));
+      const short = shortenLongStrings(line, 6 * (MAX_CAPTION_CHARS + 1));
+      expect(short).not.toBe('key');
+      const row = JSON.parse(short.toString()) as { text: string; other: string; last: string };
+      expect(row.text.length).toBeGreaterThan(MAX_CAPTION_CHARS);
+      expect(row.text.slice(0, MAX_CAPTION_CHARS)).toBe(text.slice(0, MAX_CAPTION_CHARS));
+      expect(row.other).toBe(text.slice(0, 50));
+      expect(row.last.slice(0, MAX_CAPTION_CHARS)).toBe(text.slice(0, MAX_CAPTION_CHARS));
+    }
   });
 
   it('a metadata file over MAX_METADATA_BYTES is refused with its size, before it is read', () => {

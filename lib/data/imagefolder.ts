@@ -48,6 +48,9 @@ export function parseCsv(text: string): string[][] {
   return parseCsvRecords(text).map((r) => r.cells);
 }
 
+/** Longer than Linux's PATH_MAX: no file has such a name (and an error should not quote megabytes of it). */
+const MAX_PATH_CHARS = 4096;
+
 const isImage = (p: string): boolean => IMAGE_EXTENSIONS.includes(path.extname(p).toLowerCase());
 const isMetadata = (name: string): boolean => name === 'metadata.jsonl' || name === 'metadata.csv';
 
@@ -84,6 +87,7 @@ function resolveRowFiles(row: Record<string, unknown>, where: string, base: stri
     if (typeof value !== 'string' || value === '') {
       throw new Error(`${where}: '${key}' must be a relative file path, got ${describeValue(value)}`);
     }
+    if (value.length > MAX_PATH_CHARS) throw new Error(`${where}: '${key}' is longer than any file path (${describeValue(value)})`);
     const p = path.resolve(base, value.replace(/\\/g, '/'));
     // a dataset may only point at its own files (no '../../etc/passwd', no absolute paths elsewhere) …
     const inside = path.relative(root, p);

@@ -40,13 +40,16 @@ export function cell(row: Record<string, unknown>, key: string): unknown {
 }
 
 /** A short description of any cell value for an error message (a huge string or binary is not pasted in). */
-export function describeValue(v: unknown): string {
+export function describeValue(v: unknown, depth = 0): string {
   if (v === null) return 'null';
   if (v === undefined) return 'no value';
   if (typeof v === 'bigint') return `${v} (an integer)`;
   if (typeof v === 'string') return v.length > 80 ? `${JSON.stringify(v.slice(0, 80))}… (${v.length} characters)` : JSON.stringify(v);
   if (v instanceof Uint8Array) return `binary data (${v.byteLength} bytes)`;
-  if (Array.isArray(v)) return `a list of ${v.length} (${v.slice(0, 3).map(describeValue).join(', ')}${v.length > 3 ? ', …' : ''})`;
+  if (Array.isArray(v)) {
+    if (depth > 0) return `a list of ${v.length}`; // one level shown: a hostile row may nest a million deep
+    return `a list of ${v.length} (${v.slice(0, 3).map((x) => describeValue(x, depth + 1)).join(', ')}${v.length > 3 ? ', …' : ''})`;
+  }
   if (typeof v === 'object') return `an object with keys ${Object.keys(v).slice(0, 5).join(', ') || '(none)'}`;
   return `${String(v)} (a ${typeof v})`;
 }
@@ -99,7 +102,8 @@ function readMetadataBytes(file: string): Buffer {
  * Shortens every string literal of a JSON line longer than `keep` bytes to its first `keep` bytes or a few
  * more (cut where no escape and no UTF-8 sequence is split), so that a huge caption is never materialised as
  * a JavaScript string. Returns the line itself when nothing is long, or 'key' when an object key is the long
- * string (a column name is not a caption: refused, not cut).
+ * string (a column name is not a caption: refused, not cut). Quotes are found with indexOf (memchr), so a
+ * 300 MB string costs one native scan.
  */
 export function shortenLongStrings(line: Buffer, keep: number): Buffer | 'key' {
   const parts: Buffer[] = [];
@@ -107,28 +111,40 @@ export function shortenLongStrings(line: Buffer, keep: number): Buffer | 'key' {
   let i = 0;
   const n = line.length;
   while (i < n) {
-    if (line[i] !== 0x22) { i++; continue; } // outside a string, a quote opens one
-    const start = i + 1;
+    const open = line.indexOf(0x22, i); // outside a string, a quote opens one
+    if (open < 0) break;
+    const start = open + 1;
+    // walk the first `keep` bytes escape by escape (\uXXXX is one unit of 6): j stays on unit boundaries
     let j = start;
-    let cut = -1;
-    while (j < n && line[j] !== 0x22) {
-      if (cut < 0 && j - start >= keep && (line[j]! & 0xc0) !== 0x80) cut = j;
-      // a backslash escapes one byte, or five (\uXXXX): never cut inside an escape
-      j += line[j] === 0x5c ? (line[j + 1] === 0x75 ? 6 : 2) : 1;
-    }
+    while (j < n && line[j] !== 0x22 && j - start < keep) j += line[j] === 0x5c ? (line[j + 1] === 0x75 ? 6 : 2) : 1;
     if (j >= n) break; // unterminated: left as is, JSON.parse names the error
-    if (cut >= 0) {
-      let k = j + 1;
-      while (k < n && (line[k] === 0x20 || line[k] === 0x09 || line[k] === 0x0d)) k++;
-      if (line[k] === 0x3a) return 'key';
-      parts.push(line.subarray(from, cut));
-      from = j; // the closing quote and what follows are kept
-    }
-    i = j + 1;
+    if (line[j] === 0x22) { i = j + 1; continue; } // a short string
+    while (j < n && (line[j]! & 0xc0) === 0x80) j++; // not inside a UTF-8 sequence
+    const cut = j;
+    const close = closingQuote(line, cut);
+    if (close >= n) break;
+    let k = close + 1;
+    while (k < n && (line[k] === 0x20 || line[k] === 0x09 || line[k] === 0x0d)) k++;
+    if (line[k] === 0x3a) return 'key';
+    parts.push(line.subarray(from, cut));
+    from = close; // the closing quote and what follows are kept
+    i = close + 1;
   }
   if (parts.length === 0) return line;
   parts.push(line.subarray(from));
   return Buffer.concat(parts);
+}
+
+/** The closing quote of a string, searching from `from` (a unit boundary inside it), or line.length. */
+function closingQuote(line: Buffer, from: number): number {
+  for (;;) {
+    const q = line.indexOf(0x22, from);
+    if (q < 0) return line.length;
+    let backslashes = 0;
+    for (let k = q - 1; k >= from && line[k] === 0x5c; k--) backslashes++;
+    if (backslashes % 2 === 0) return q;
+    from = q + 1;
+  }
 }
 
 function parseJsonLine(buf: Buffer, start: number, end: number, file: string, line: number): unknown {
@@ -192,9 +208,11 @@ export interface CsvRecord { cells: string[]; line: number }
  * Parses CSV text (RFC 4180): comma separated, fields optionally in double quotes, `""` inside quotes is a
  * quote, quoted fields may hold commas and newlines; LF or CRLF line ends; a leading BOM is ignored; empty
  * lines are skipped. Fields are sliced out of the text, never built a character at a time (a 50 MB field
- * built so takes minutes).
+ * built so takes minutes). A field longer than `maxFieldChars` keeps only its first maxFieldChars + 1
+ * characters (so that a caller still sees it was longer): undoing the quote doubling of a whole 50 MB field
+ * would cost seconds for characters the caption cap then drops.
  */
-export function parseCsvRecords(text: string): CsvRecord[] {
+export function parseCsvRecords(text: string, maxFieldChars = Infinity): CsvRecord[] {
   let i = text.charCodeAt(0) === 0xfeff ? 1 : 0;
   const n = text.length;
   let line = 1;
@@ -210,19 +228,14 @@ export function parseCsvRecords(text: string): CsvRecord[] {
     for (;;) {
       let field = '';
       if (text[i] === '"') {
-        const pieces: string[] = [];
-        let j = i + 1;
-        for (;;) {
-          const q = text.indexOf('"', j);
-          if (q < 0) throw new Error(`CSV: unterminated quoted field (the row starting at line ${record.line})`);
-          const piece = text.slice(j, q);
-          line += countNewlines(piece);
-          pieces.push(piece);
-          if (text[q + 1] === '"') { pieces.push('"'); j = q + 2; continue; }
-          i = q + 1;
-          break;
-        }
-        field = pieces.length === 1 ? pieces[0]! : pieces.join('');
+        // the closing quote is the first one not doubled; then one native replace undoes the doubling
+        let q = text.indexOf('"', i + 1);
+        while (q >= 0 && text[q + 1] === '"') q = text.indexOf('"', q + 2);
+        if (q < 0) throw new Error(`CSV: unterminated quoted field (the row starting at line ${record.line})`);
+        const raw = text.slice(i + 1, q);
+        line += countNewlines(raw);
+        field = undoubleQuotes(raw, maxFieldChars + 1);
+        i = q + 1;
       }
       // unquoted text, or text after a closing quote (kept, as Python's csv does), up to the field's end
       special.lastIndex = i;
@@ -231,7 +244,7 @@ export function parseCsvRecords(text: string): CsvRecord[] {
       if (m && m[0] === '"') throw new Error(`CSV: unexpected quote inside an unquoted field (line ${line})`);
       if (j > i) field = field === '' ? text.slice(i, j) : field + text.slice(i, j);
       i = j;
-      record.cells.push(field);
+      record.cells.push(field.length > maxFieldChars ? field.slice(0, maxFieldChars + 1) : field);
       if (i < n && text[i] === ',') { i++; continue; }
       if (i < n) { i += text[i] === '\r' && text[i + 1] === '\n' ? 2 : 1; line++; }
       break;
@@ -239,6 +252,22 @@ export function parseCsvRecords(text: string): CsvRecord[] {
     records.push(record);
   }
   return records;
+}
+
+/** The first `limit` characters of a quoted field's content with each `""` turned back into `"`. */
+function undoubleQuotes(raw: string, limit: number): string {
+  if (!raw.includes('"')) return raw.length > limit ? raw.slice(0, limit) : raw;
+  if (raw.length <= limit) return raw.replaceAll('""', '"');
+  let out = '';
+  for (let pos = 0; out.length < limit;) {
+    const k = raw.indexOf('""', pos);
+    const end = k < 0 ? raw.length : k;
+    out += raw.slice(pos, Math.min(end, pos + limit - out.length));
+    if (k < 0 || out.length >= limit) break;
+    out += '"';
+    pos = k + 2;
+  }
+  return out.slice(0, limit);
 }
 
 function countNewlines(s: string): number {
@@ -254,7 +283,7 @@ export function readCsvRows(file: string): MetaRow[] {
   let records: CsvRecord[];
   try {
     // decoded once: the bytes are dropped as soon as the text exists
-    records = parseCsvRecords(readMetadataBytes(file).toString('utf8'));
+    records = parseCsvRecords(readMetadataBytes(file).toString('utf8'), MAX_CAPTION_CHARS);
   } catch (e) {
     const msg = (e as Error).message;
     throw new Error(msg.includes(file) ? msg : `${file}: ${msg}`);
