@@ -3,6 +3,7 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import sharp from 'sharp';
+import { parquetMetadata } from 'hyparquet';
 import { parquetWriteBuffer } from 'hyparquet-writer';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MAX_CAPTION_CHARS } from '../lib/data/metadata.js';
@@ -244,6 +245,25 @@ describe('loadParquetDataset: hostile input', () => {
     fs.writeFileSync(path.join(garbage, 'train.parquet'), 'PAR1 but not really');
     await expect(loadParquetDataset(garbage, { tmpDir: out })).rejects.toThrow(/garbage\/train\.parquet: not a readable parquet file/);
     noTempLeft(); // the refused loads removed the folders they had begun
+  });
+
+  it('a file that makes the decoder loop for ever is stopped by the watchdog and named', async () => {
+    // a flipped byte in a page header (found by test/fuzz/data.test.ts): hyparquet's run-length decoder never advances
+    const images = [await png([1, 1, 1]), await png([2, 2, 2]), await png([3, 3, 3])];
+    const good = Buffer.from(parquetWriteBuffer({
+      columnData: [{ name: 'image', data: images.map((bytes, i) => ({ bytes, path: i === 0 ? 'a.png' : null })) }, { name: 'text', data: ['a', 'b', 'c'] }],
+      schema: STRUCT_SCHEMA,
+    }));
+    const page = Number(parquetMetadata(new Uint8Array(good).buffer).row_groups[0]!.columns[1]!.meta_data!.data_page_offset);
+    good[page + 13] = 0x11;
+    const dir = path.join(tmp, 'hostile', 'loop');
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, 'train.parquet'), good);
+    const t0 = Date.now();
+    await expect(loadParquetDataset(dir, { tmpDir: out, decodeTimeoutMs: 1500 }))
+      .rejects.toThrow(`${path.join(dir, 'train.parquet')}: not a readable parquet file: it is corrupt or hostile: decoding did not finish in 2 s`);
+    expect(Date.now() - t0).toBeLessThan(10_000);
+    noTempLeft();
   });
 
   it('a huge caption is cut with one warning naming the file and row; close() removes the private folder', async () => {

@@ -9,12 +9,12 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { parquetMetadataAsync, parquetReadObjects, parquetSchema, type AsyncBuffer } from 'hyparquet';
-import { openRegularFile, readTextFile } from '../io/files.js';
+import { readTextFile } from '../io/files.js';
 import { hubCacheDir, isHubId } from '../models/loading.js';
 import { makeDatasetTempDir, placeInside, realRoot, removeDatasetTempDir, walkDataset, writePrivateFile } from './dataset_files.js';
 import { captionsOf, columnError, type Dataset, type DatasetItem } from './imagefolder.js';
-import { CaptionCutter, describeValue, emitDataWarning } from './metadata.js';
+import { CaptionCutter, describeValue, emitDataWarning, MAX_CAPTION_CHARS } from './metadata.js';
+import { readParquetRows } from './parquet_reader.js';
 
 export interface ParquetDatasetOptions {
   /** Default 'image'. */
@@ -29,6 +29,8 @@ export interface ParquetDatasetOptions {
   tmpDir?: string;
   /** Receives the warnings of the load (captions cut); default: process.emitWarning. */
   onWarning?: (message: string) => void;
+  /** How long one parquet file may take to decode before it is called corrupt (default: 30 s + 1 s per 2 MiB). */
+  decodeTimeoutMs?: number;
 }
 
 class ParquetDataset implements Dataset {
@@ -188,47 +190,6 @@ function imageCellOf(value: unknown, imageColumn: string, where: string, dataset
   return { file };
 }
 
-/**
- * A parquet file as hyparquet's AsyncBuffer, read through a descriptor from files.ts's non-blocking open (a
- * FIFO named x.parquet is refused, not waited on): only the footer and the columns asked for are read, never
- * a second copy of the whole file.
- */
-function fileAsyncBuffer(fd: number, size: number): AsyncBuffer {
-  return {
-    byteLength: size,
-    slice(start: number, end = size): ArrayBuffer {
-      const from = Math.max(0, Math.min(size, start < 0 ? size + start : start));
-      const to = Math.max(from, Math.min(size, end < 0 ? size + end : end));
-      const out = new Uint8Array(to - from);
-      let off = 0;
-      while (off < out.length) {
-        const n = fs.readSync(fd, out, off, out.length - off, from + off);
-        if (n === 0) throw new Error(`it shrank while being read (${from + off} of ${size} bytes)`);
-        off += n;
-      }
-      return out.buffer;
-    },
-  };
-}
-
-/** The rows (image and caption columns) of one parquet file, and its column names. */
-async function readParquetRows(file: string, imageColumn: string, captionColumn: string): Promise<{ columns: string[]; rows: Record<string, unknown>[] | undefined }> {
-  const { fd, size } = openRegularFile(file, 'parquet file');
-  try {
-    const buffer = fileAsyncBuffer(fd, size);
-    const metadata = await parquetMetadataAsync(buffer);
-    const columns = parquetSchema(metadata).children.map((c) => c.element.name);
-    if (!columns.includes(imageColumn) || !columns.includes(captionColumn)) return { columns, rows: undefined };
-    // utf8: false keeps unannotated binary (image bytes) as Uint8Array; UTF8-annotated strings stay strings.
-    const rows = await parquetReadObjects({ file: buffer, metadata, columns: [imageColumn, captionColumn], utf8: false });
-    return { columns, rows };
-  } catch (e) {
-    throw new Error(`${file}: not a readable parquet file: ${(e as Error).message}`);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
 /** Where a load writes the images it extracts: a private folder made on first use. */
 class ImageSink {
   dir: string | undefined;
@@ -262,7 +223,7 @@ export async function loadParquetDataset(nameOrPath: string, o: ParquetDatasetOp
   const cutter = new CaptionCutter();
   try {
     for (const file of files) {
-      const { columns: fileColumns, rows } = await readParquetRows(file, imageColumn, captionColumn);
+      const { columns: fileColumns, rows } = await readParquetRows(file, { imageColumn, captionColumn, maxCaptionChars: MAX_CAPTION_CHARS + 1, timeoutMs: o.decodeTimeoutMs });
       if (columns === undefined) {
         columns = fileColumns;
         if (!columns.includes(imageColumn)) throw columnError('image_column', imageColumn, columns);
