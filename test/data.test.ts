@@ -1,6 +1,7 @@
 // The data pipeline: imagefolder metadata (jsonl / csv, subfolders, list captions, errors), the training
 // transform (resize shorter side, crops, flip, EXIF, colour modes, normalisation) and the loader (seeded
 // order, exact resume, prefetch order, broken images). Images are generated here with sharp.
+import { execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -9,6 +10,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadImageFolder, parseCsv, shuffleAndTruncate, type Dataset, type DatasetItem } from '../lib/data/imagefolder.js';
 import { Rng, loadTrainImage, resizedSize } from '../lib/data/transforms.js';
 import { ImageCaptionLoader, type Batch } from '../lib/data/loader.js';
+import { MAX_CAPTION_CHARS, MAX_METADATA_BYTES, parseCsvRecords, shortenLongStrings } from '../lib/data/metadata.js';
+import { checkOwnPrivateDir, defaultBuiltinRoot, prepareBuiltinDefault } from '../lib/builtin/default.js';
 
 let tmp: string;
 const p = (...parts: string[]): string => path.join(tmp, ...parts);
@@ -108,7 +111,7 @@ describe('imagefolder', () => {
     fs.mkdirSync(missing);
     fs.copyFileSync(p('img', 'split.png'), path.join(missing, 'ok.png'));
     fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"file_name":"ok.png","text":"x"}\n{"file_name":"gone.png","text":"y"}\n');
-    expect(() => loadImageFolder(missing)).toThrow(/row 2: file_name 'gone.png' does not exist/);
+    expect(() => loadImageFolder(missing)).toThrow(/metadata.jsonl: line 2: file_name 'gone.png' does not exist/);
 
     fs.writeFileSync(path.join(missing, 'metadata.jsonl'), '{"file_name":"ok.png","text":3}\n');
     expect(() => loadImageFolder(missing)).toThrow(/should contain either strings or lists of strings/);
@@ -399,5 +402,249 @@ describe('imagefolder safety', () => {
       expect(() => loadImageFolder(dir)).toThrow(/points outside the dataset folder/);
     }
     rmSync(dir, { recursive: true, force: true });
+  });
+});
+
+// ---- hostile datasets (issue #12): escapes, special files, unbounded input, malformed rows
+
+describe('imagefolder: hostile input', () => {
+  let root: string;
+  let secret: string;
+  let png: Buffer;
+  beforeAll(async () => {
+    root = fs.mkdtempSync(path.join(os.tmpdir(), 'difflora-hostile-'));
+    secret = path.join(root, 'outside', 'secret.png');
+    fs.mkdirSync(path.dirname(secret));
+    png = await solid(12, 10, RED).png().toBuffer();
+    fs.writeFileSync(secret, png);
+  });
+  afterAll(() => { fs.rmSync(root, { recursive: true, force: true }); });
+
+  /** A fresh dataset folder with a.png and the given metadata.jsonl lines (objects are JSON-encoded). */
+  const dataset = (name: string, lines: (string | object)[], file = 'metadata.jsonl'): string => {
+    const dir = path.join(root, name);
+    fs.mkdirSync(dir, { recursive: true });
+    fs.writeFileSync(path.join(dir, 'a.png'), png);
+    fs.writeFileSync(path.join(dir, file), lines.map((l) => (typeof l === 'string' ? l : JSON.stringify(l))).join('\n'));
+    return dir;
+  };
+
+  it('symlinks leading out of the dataset are refused like ../, naming the entry', () => {
+    const link = dataset('link_file', [{ file_name: 'a.png', text: 'x' }]);
+    fs.symlinkSync(secret, path.join(link, 'b.png'));
+    expect(() => loadImageFolder(link)).toThrow(/dataset entry '.*link_file\/b\.png' is a symbolic link that resolves to '.*secret\.png', outside the dataset folder/);
+
+    const dirLink = dataset('link_dir', [{ file_name: 'a.png', text: 'x' }]);
+    fs.symlinkSync(path.dirname(secret), path.join(dirLink, 'more'));
+    expect(() => loadImageFolder(dirLink)).toThrow(/dataset entry '.*link_dir\/more' is a symbolic link that resolves to '.*outside'/);
+
+    const dev = dataset('link_dev', [{ file_name: 'a.png', text: 'x' }, { file_name: 'zero.png', text: 'y' }]);
+    fs.symlinkSync('/dev/zero', path.join(dev, 'zero.png'));
+    expect(() => loadImageFolder(dev)).toThrow(/'.*link_dev\/zero\.png' is a symbolic link that resolves to '\/dev\/zero'/);
+
+    const meta = path.join(root, 'link_meta');
+    fs.mkdirSync(meta);
+    fs.writeFileSync(path.join(meta, 'a.png'), png);
+    fs.writeFileSync(path.join(root, 'outside', 'metadata.jsonl'), '{"file_name":"a.png","text":"planted"}\n');
+    fs.symlinkSync(path.join(root, 'outside', 'metadata.jsonl'), path.join(meta, 'metadata.jsonl'));
+    expect(() => loadImageFolder(meta)).toThrow(/link_meta\/metadata\.jsonl' is a symbolic link .*outside the dataset folder/);
+
+    // a row's other *_file_name column through a link with no image extension: checked per row too
+    const row = dataset('link_row', [{ file_name: 'a.png', text: 'x', mask_file_name: 'notes' }]);
+    fs.symlinkSync(secret, path.join(row, 'notes'));
+    expect(() => loadImageFolder(row)).toThrow(/metadata\.jsonl: line 1: mask_file_name 'notes' resolves to '.*secret\.png', outside the dataset folder/);
+  });
+
+  it('symlink loops and dangling links are refused; a link inside the dataset is followed', () => {
+    const loop = dataset('loop', [{ file_name: 'a.png', text: 'x' }]);
+    fs.mkdirSync(path.join(loop, 'sub'));
+    fs.symlinkSync('..', path.join(loop, 'sub', 'up'));
+    expect(() => loadImageFolder(loop)).toThrow(/dataset entry '.*loop\/sub\/up' is the folder '.*loop' again \(a symbolic link loop/);
+    const self = dataset('selfloop', [{ file_name: 'a.png', text: 'x' }]);
+    fs.symlinkSync('self.png', path.join(self, 'self.png'));
+    expect(() => loadImageFolder(self)).toThrow(/'.*selfloop\/self\.png' is a symbolic link that is a symbolic link loop/);
+    const dangling = dataset('dangling', [{ file_name: 'a.png', text: 'x' }]);
+    fs.symlinkSync(path.join(root, 'nowhere.png'), path.join(dangling, 'gone.png'));
+    expect(() => loadImageFolder(dangling)).toThrow(/'.*dangling\/gone\.png' is a symbolic link that is a dangling symbolic link/);
+
+    const ok = dataset('inner_link', [{ file_name: 'b.png', text: 'x' }, { file_name: 'pics/a.png', text: 'y' }]);
+    fs.symlinkSync('a.png', path.join(ok, 'b.png'));
+    fs.mkdirSync(path.join(ok, '.hidden'));
+    fs.symlinkSync('.hidden', path.join(ok, 'pics-real')); // a hidden folder is not walked, but a link to it is
+    fs.symlinkSync('.', path.join(ok, 'pics'));
+    expect(() => loadImageFolder(ok)).toThrow(/'.*inner_link\/pics' is the folder/); // the dataset folder itself, again
+    fs.rmSync(path.join(ok, 'pics'));
+    fs.mkdirSync(path.join(ok, 'pics'));
+    fs.copyFileSync(path.join(ok, 'a.png'), path.join(ok, 'pics', 'a.png'));
+    const ds = loadImageFolder(ok);
+    expect(ds.get(0).imagePath).toBe(path.join(ok, 'b.png'));
+    expect(ds.length).toBe(2);
+  });
+
+  it('a FIFO as metadata is refused without blocking; a FIFO, a folder or a device as an image is a broken image', async () => {
+    const fifoMeta = path.join(root, 'fifo_meta');
+    fs.mkdirSync(fifoMeta);
+    fs.writeFileSync(path.join(fifoMeta, 'a.png'), png);
+    execFileSync('mkfifo', [path.join(fifoMeta, 'metadata.jsonl')]);
+    expect(() => loadImageFolder(fifoMeta)).toThrow(/metadata file '.*fifo_meta\/metadata\.jsonl' is a FIFO, not a regular file/);
+    fs.rmSync(path.join(fifoMeta, 'metadata.jsonl'));
+    execFileSync('mkfifo', [path.join(fifoMeta, 'metadata.csv')]);
+    expect(() => loadImageFolder(fifoMeta)).toThrow(/metadata file '.*fifo_meta\/metadata\.csv' is a FIFO/);
+
+    const special = dataset('special', [{ file_name: 'a.png', text: 'good' }, { file_name: 'pipe.png', text: 'fifo' }, { file_name: 'dir.png', text: 'folder' }]);
+    execFileSync('mkfifo', [path.join(special, 'pipe.png')]);
+    fs.mkdirSync(path.join(special, 'dir.png'));
+    const ds = loadImageFolder(special);
+    const strict = new ImageCaptionLoader(ds, { batchSize: 3, resolution: 8, centerCrop: true, shuffle: false });
+    await expect(strict.next()).rejects.toThrow(/cannot read image '.*special\/pipe\.png': image '.*pipe\.png' is a FIFO, not a regular file/);
+    const lenient = new ImageCaptionLoader(ds, { batchSize: 3, resolution: 8, centerCrop: true, shuffle: false, skipBroken: true });
+    const batch = await lenient.next();
+    expect(batch.captions).toEqual(['good']);
+    expect(lenient.skippedImages.map((s) => path.basename(s.file))).toEqual(['pipe.png', 'dir.png']);
+    expect(lenient.skippedImages[1]!.error.message).toMatch(/dir\.png' is a directory/);
+    await expect(loadTrainImage('/dev/zero', { resolution: 8, centerCrop: true })).rejects.toThrow(/cannot read image '\/dev\/zero': .*character device/);
+  });
+
+  it('metadata rows: null, lists, numbers, missing or non-string file_name and bad captions name file:line and field', () => {
+    const cases: [object | string, RegExp][] = [
+      ['null', /line 2 is not a JSON object \(got null\)/],
+      ['[1, 2]', /line 2 is not a JSON object \(got a list of 2/],
+      ['42', /line 2 is not a JSON object \(got 42 \(a number\)\)/],
+      ['"a.png"', /line 2 is not a JSON object \(got "a\.png"\)/],
+      ['{"text": "no file"}', /metadata\.jsonl: line 2 has no 'file_name' column \(columns: text\)/],
+      [{ file_name: 3, text: 'x' }, /line 2: 'file_name' must be a relative file path, got 3 \(a number\)/],
+      [{ file_name: null, text: 'x' }, /line 2: 'file_name' must be a relative file path, got null/],
+      [{ file_name: ['a.png'], text: 'x' }, /line 2: 'file_name' must be a relative file path, got a list of 1/],
+      [{ file_name: 'a.png\u0000.txt', text: 'x' }, /line 2: file_name 'a\.png.\.txt' contains a NUL character/],
+      [{ file_name: 'x'.repeat(200_000), text: 'x' }, /line 2: 'file_name' is longer than any file path \("x{80}"… \(\d+ characters\)\)$/],
+      [{ file_name: 'a.png', text: 7 }, /Caption column `text` should contain either strings or lists of strings \(.*metadata\.jsonl: line 2: got 7 \(a number\)\)/],
+      [{ file_name: 'a.png', text: [] }, /line 2: got a list of 0/],
+      [{ file_name: 'a.png', text: ['ok', 1] }, /line 2: got a list of 2/],
+      [{ file_name: 'a.png', text: { en: 'x' } }, /line 2: got an object with keys en/],
+      [{ file_name: 'a.png' }, /line 2: no value for the caption column 'text'/],
+      ['{"file_name": "a.png", "text": "x"', /line 2 is not valid JSON/],
+    ];
+    for (const [bad, error] of cases) {
+      const dir = dataset('rows', [{ file_name: 'a.png', text: 'fine' }, bad]);
+      expect(() => loadImageFolder(dir), JSON.stringify(bad)).toThrow(error);
+    }
+    // a column named like an Object.prototype member is a column, not an inherited function
+    const proto = dataset('proto', [{ file_name: 'a.png', constructor: 'caption one' }, { file_name: 'a.png', text: 'x' }]);
+    expect(() => loadImageFolder(proto, { captionColumn: 'constructor' })).toThrow(/line 2: no value for the caption column 'constructor'/);
+  });
+
+  it('a BOM, CRLF line ends and blank lines are accepted (jsonl and csv); csv errors name the line', () => {
+    const bom = dataset('bom', ['\ufeff{"file_name": "a.png", "text": "one"}\r', '', '   ', '{"file_name": "a.png", "text": "two"}\r', '']);
+    expect([0, 1].map((i) => loadImageFolder(bom).get(i).captions[0])).toEqual(['one', 'two']);
+    const csv = dataset('csv', ['\ufefffile_name,text\r', '\r', 'a.png,"multi\r\nline"\r', 'a.png,plain\r', ''], 'metadata.csv');
+    const ds = loadImageFolder(csv);
+    expect([ds.get(0).captions[0], ds.get(1).captions[0]]).toEqual(['multi\r\nline', 'plain']);
+    const short = dataset('csv_short', ['file_name,text', 'a.png,"two\nlines"', 'a.png'], 'metadata.csv');
+    expect(() => loadImageFolder(short)).toThrow(/metadata\.csv: line 4 has 1 fields, the header \(line 1\) has 2/);
+    const quote = dataset('csv_quote', ['file_name,text', 'a.png,bad"quote'], 'metadata.csv');
+    expect(() => loadImageFolder(quote)).toThrow(/metadata\.csv: CSV: unexpected quote inside an unquoted field \(line 2\)/);
+  });
+
+  it('a huge caption is cut to MAX_CAPTION_CHARS with ONE warning naming file and line, fast, and never called a broken image', async () => {
+    const huge = 'a very long caption, '.repeat(300_000); // 6.3 MB
+    // written with \u escapes below (6 bytes a unit); the cut falls on a surrogate pair, which is kept whole
+    const escaped = `ZZ${'\u00e9\ud83d\ude00'.repeat(200_000)}`;
+    const dir = dataset('huge', [
+      JSON.stringify({ file_name: 'a.png', text: huge }),
+      `{"file_name": "a.png", "text": ${JSON.stringify(escaped).replace(/[^\x20-\x7e]/g, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, '0')}`)}}`,
+      { file_name: 'a.png', text: ['short', huge] },
+      { file_name: 'a.png', text: 'normal' },
+    ]);
+    const warnings: string[] = [];
+    const t0 = Date.now();
+    const ds = loadImageFolder(dir, { onWarning: (w) => warnings.push(w) });
+    console.log(`6 MB caption lines loaded in ${Date.now() - t0} ms`);
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(ds.get(0).captions[0]).toBe(huge.slice(0, MAX_CAPTION_CHARS));
+    expect(ds.get(1).captions[0]).toBe(escaped.slice(0, MAX_CAPTION_CHARS - 1)); // not cut inside an escape or a surrogate pair
+    expect(ds.get(2).captions).toEqual(['short', huge.slice(0, MAX_CAPTION_CHARS)]);
+    expect(ds.get(3).captions).toEqual(['normal']);
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]).toMatch(/^3 caption\(s\) longer than 16384 characters were cut .*huge\/metadata\.jsonl: line 1 \(column 'text'\); .*line 2 .*; .*line 3/);
+
+    const csv = dataset('huge_csv', ['file_name,text', `a.png,"${huge}"`, `a.png,${huge.replaceAll(',', ';')}`], 'metadata.csv');
+    const t1 = Date.now();
+    const fromCsv = loadImageFolder(csv, { onWarning: (w) => warnings.push(w) });
+    console.log(`6 MB csv fields loaded in ${Date.now() - t1} ms`);
+    expect(Date.now() - t1).toBeLessThan(5000); // was 91 s for 50 MB, one character at a time
+    expect(fromCsv.get(0).captions[0]).toBe(huge.slice(0, MAX_CAPTION_CHARS));
+    expect(fromCsv.get(1).captions[0]).toBe(huge.replaceAll(',', ';').slice(0, MAX_CAPTION_CHARS));
+    expect(warnings[1]).toMatch(/2 caption\(s\) .*metadata\.csv: line 2 \(column 'text'\); .*line 3/);
+
+    // through the loader: a batch, nothing skipped, no error about images
+    const loader = new ImageCaptionLoader(ds, { batchSize: 4, resolution: 8, centerCrop: true, shuffle: false, skipBroken: true });
+    const batch = await loader.next();
+    expect(batch.captions.map((c) => c.length)).toEqual([MAX_CAPTION_CHARS, MAX_CAPTION_CHARS - 1, expect.any(Number), 6]);
+    expect(loader.skipped).toBe(0);
+
+    const longKey = dataset('long_key', [`{"file_name": "a.png", "${'k'.repeat(200_000)}": "x"}`]);
+    expect(() => loadImageFolder(longKey)).toThrow(/metadata\.jsonl: line 1 has a key \(column name\) longer than/);
+  });
+
+  it('a capped CSV parse keeps exactly the first maxFieldChars + 1 characters of each long field', () => {
+    const alphabet = ['a', '"', ',', '\n', '\u00e9'];
+    const rand = new Rng(3);
+    for (let t = 0; t < 30; t++) {
+      const cells = Array.from({ length: 3 }, () => Array.from({ length: rand.nextInt(120) }, () => alphabet[rand.nextInt(alphabet.length)]!).join(''));
+      const text = `x,y,z\n${cells.map((c) => `"${c.replaceAll('"', '""')}"`).join(',')}\n`;
+      const full = parseCsvRecords(text);
+      const capped = parseCsvRecords(text, 40);
+      expect(full[1]!.cells).toEqual(cells);
+      expect(capped[1]!.cells).toEqual(cells.map((c) => c.slice(0, 41)));
+      expect(capped[1]!.line).toBe(2);
+    }
+  });
+
+  it('shortening long JSON strings never splits an escape or a UTF-8 sequence and keeps what the cut keeps', () => {
+    const alphabet = ['a', '"', '\\', '\n', '\u00e9', '\u{1F600}', '\u0000', '\u2028', ' '];
+    const rand = new Rng(7);
+    for (let t = 0; t < 12; t++) {
+      let text = '';
+      while (text.length < 120_000) text += alphabet[rand.nextInt(alphabet.length)]!.repeat(1 + rand.nextInt(40));
+      const line = Buffer.from(JSON.stringify({ file_name: 'a.png', text, other: text.slice(0, 50), last: text }));
+      const short = shortenLongStrings(line, 6 * (MAX_CAPTION_CHARS + 1));
+      expect(short).not.toBe('key');
+      const row = JSON.parse(short.toString()) as { text: string; other: string; last: string };
+      expect(row.text.length).toBeGreaterThan(MAX_CAPTION_CHARS);
+      expect(row.text.slice(0, MAX_CAPTION_CHARS)).toBe(text.slice(0, MAX_CAPTION_CHARS));
+      expect(row.other).toBe(text.slice(0, 50));
+      expect(row.last.slice(0, MAX_CAPTION_CHARS)).toBe(text.slice(0, MAX_CAPTION_CHARS));
+    }
+  });
+
+  it('a metadata file over MAX_METADATA_BYTES is refused with its size, before it is read', () => {
+    const dir = dataset('too_big', [{ file_name: 'a.png', text: 'x' }]);
+    fs.truncateSync(path.join(dir, 'metadata.jsonl'), MAX_METADATA_BYTES + 1); // sparse: nothing is written
+    expect(() => loadImageFolder(dir)).toThrow(`metadata file '${path.join(dir, 'metadata.jsonl')}' is ${MAX_METADATA_BYTES + 1} bytes, more than the ${MAX_METADATA_BYTES} allowed`);
+  });
+});
+
+describe('built-in default folder', () => {
+  it('is used only when it is this user\'s own and not writable by others', async () => {
+    const base = fs.mkdtempSync(path.join(os.tmpdir(), 'difflora-builtin-test-'));
+    const shared = path.join(base, 'shared');
+    fs.mkdirSync(shared);
+    fs.chmodSync(shared, 0o777);
+    await expect(prepareBuiltinDefault(shared)).rejects.toThrow(`built-in default folder '${shared}' is writable by its group and others (mode 777)`);
+    expect(fs.readdirSync(shared)).toEqual([]); // nothing was written into it
+    const link = path.join(base, 'link');
+    fs.symlinkSync(base, link);
+    await expect(prepareBuiltinDefault(link)).rejects.toThrow(/'.*link' is a symbolic link/);
+    if (process.getuid?.() === 0) {
+      const theirs = path.join(base, 'theirs');
+      fs.mkdirSync(theirs, { mode: 0o755 });
+      fs.chownSync(theirs, 4321, 4321);
+      await expect(prepareBuiltinDefault(theirs)).rejects.toThrow(/'.*theirs' belongs to user id 4321, not to you \(0\)/);
+    }
+    const own = path.join(base, 'own');
+    fs.mkdirSync(own, { mode: 0o755 });
+    expect(() => checkOwnPrivateDir(own)).not.toThrow();
+    expect(defaultBuiltinRoot()).toMatch(process.getuid ? /difflora-builtin-\d+$/ : /difflora-builtin$/);
+    fs.rmSync(base, { recursive: true, force: true });
   });
 });

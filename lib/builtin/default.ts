@@ -1,7 +1,7 @@
 // The built-in default of `difflora train` with no model or data flags: a tiny Stable Diffusion pipeline
 // with random weights in diffusers layout and a small set of synthetic captioned pictures, both generated
 // here (nothing is downloaded), so a newcomer sees the whole job run in about a minute on 2 CPU cores.
-import { existsSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -97,10 +97,46 @@ async function writeData(dir: string): Promise<void> {
 }
 
 /**
- * Creates (once) the built-in model and dataset under `root` (default: <tmpdir>/difflora-builtin) and
- * returns their folders. Written to a temporary folder and renamed, so a half-made default is never used.
+ * The default home of the built-in files: <tmpdir>/difflora-builtin-<uid>. The temp folder is shared by every
+ * user of the machine, so the name is per user: two users never collide, and a folder at that name that is
+ * not this user's own is not an accident (see checkOwnPrivateDir).
  */
-export async function prepareBuiltinDefault(root = join(tmpdir(), 'difflora-builtin')): Promise<{ model: string; data: string }> {
+export function defaultBuiltinRoot(): string {
+  const uid = process.getuid?.();
+  return join(tmpdir(), uid === undefined ? 'difflora-builtin' : `difflora-builtin-${uid}`);
+}
+
+/**
+ * Refuses `dir` unless it is a real folder (not a symbolic link), owned by this user and not writable by group
+ * or others: in a shared temp folder, anyone else could have made it first and planted the model or the
+ * pictures that difflora would then load and train on. The error names the folder and what is wrong. (Where
+ * there are no user ids, on Windows, only the symlink and folder checks apply.)
+ */
+export function checkOwnPrivateDir(dir: string, what = 'built-in default folder'): void {
+  const st = lstatSync(dir);
+  const fix = `remove it (or set TMPDIR to a folder of your own) and run again`;
+  if (st.isSymbolicLink()) throw new Error(`${what} '${dir}' is a symbolic link, not a folder of its own: ${fix}`);
+  if (!st.isDirectory()) throw new Error(`${what} '${dir}' exists and is not a folder: ${fix}`);
+  const uid = process.getuid?.();
+  if (uid !== undefined && st.uid !== uid) throw new Error(`${what} '${dir}' belongs to user id ${st.uid}, not to you (${uid}): ${fix}`);
+  if (uid !== undefined && (st.mode & 0o022) !== 0) {
+    const who = [st.mode & 0o020 ? 'its group' : '', st.mode & 0o002 ? 'others' : ''].filter(Boolean).join(' and ');
+    throw new Error(`${what} '${dir}' is writable by ${who} (mode ${(st.mode & 0o777).toString(8)}): ${fix}`);
+  }
+}
+
+/**
+ * Creates (once) the built-in model and dataset under `root` (default: defaultBuiltinRoot()) and returns their
+ * folders. `root` is made private (0700) if new, and refused unless it is this user's own, unwritable by
+ * others. Written to a temporary folder inside it and renamed, so a half-made default is never used.
+ */
+export async function prepareBuiltinDefault(root = defaultBuiltinRoot()): Promise<{ model: string; data: string }> {
+  try {
+    mkdirSync(root, { mode: 0o700 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new Error(`cannot create the built-in default folder '${root}': ${(e as Error).message}`);
+  }
+  checkOwnPrivateDir(root);
   const dir = join(root, VERSION);
   const out = { model: join(dir, 'model'), data: join(dir, 'data') };
   if (existsSync(join(out.model, 'model_index.json')) && existsSync(join(out.data, 'metadata.jsonl'))) return out;
@@ -108,7 +144,6 @@ export async function prepareBuiltinDefault(root = join(tmpdir(), 'difflora-buil
   rmSync(tmp, { recursive: true, force: true });
   writeModel(join(tmp, 'model'));
   await writeData(join(tmp, 'data'));
-  mkdirSync(root, { recursive: true });
   try {
     renameSync(tmp, dir);
   } catch (e) {

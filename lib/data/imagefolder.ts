@@ -4,6 +4,8 @@
 // `file_name` becomes the image column ("image"); `<name>_file_name` becomes column `<name>`.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { placeInside, realRoot, walkDataset } from './dataset_files.js';
+import { CaptionCutter, cell, describeValue, emitDataWarning, parseCsvRecords, readCsvRows, readJsonlRows } from './metadata.js';
 import { Rng } from './transforms.js';
 
 export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tiff', '.tif'];
@@ -19,115 +21,44 @@ export interface Dataset {
   /** Column names as datasets would show them: the image column first, then the metadata columns. */
   readonly columns: readonly string[];
   get(i: number): DatasetItem;
+  /** Releases what the dataset holds (a parquet dataset's temporary image folder); idempotent. */
+  close?(): void;
 }
 
 export interface ImageFolderOptions {
   imageColumn?: string;
   captionColumn?: string;
+  /** Receives the warnings of the load (captions cut); default: process.emitWarning. */
+  onWarning?: (message: string) => void;
 }
 
 class ArrayDataset implements Dataset {
-  constructor(readonly columns: readonly string[], private readonly items: readonly DatasetItem[]) {}
+  constructor(readonly columns: readonly string[], private readonly items: readonly DatasetItem[], private readonly onClose?: () => void) {}
   get length(): number { return this.items.length; }
   get(i: number): DatasetItem {
     const item = this.items[i];
     if (!Number.isInteger(i) || item === undefined) throw new RangeError(`dataset index ${i} out of range [0, ${this.items.length})`);
     return item;
   }
+  close(): void { this.onClose?.(); }
 }
 
-/**
- * Parses CSV text (RFC 4180): comma separated, fields optionally in double quotes, `""` inside quotes is a
- * quote, quoted fields may hold commas and newlines; LF or CRLF line ends; a leading BOM is ignored.
- */
+/** Parses CSV text (RFC 4180; see parseCsvRecords) into rows of fields. */
 export function parseCsv(text: string): string[][] {
-  if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
-  const rows: string[][] = [];
-  let row: string[] = [];
-  let field = '';
-  let inQuotes = false;
-  let fieldStarted = false; // distinguishes an empty last line from a row with one empty field
-  let i = 0;
-  const n = text.length;
-  while (i < n) {
-    const c = text[i]!;
-    if (inQuotes) {
-      if (c === '"') {
-        if (text[i + 1] === '"') { field += '"'; i += 2; continue; }
-        inQuotes = false; i++; continue;
-      }
-      field += c; i++; continue;
-    }
-    if (c === '"') {
-      if (field.length > 0) throw new Error(`CSV: unexpected quote inside an unquoted field (row ${rows.length + 1})`);
-      inQuotes = true; fieldStarted = true; i++; continue;
-    }
-    if (c === ',') { row.push(field); field = ''; fieldStarted = true; i++; continue; }
-    if (c === '\r' || c === '\n') {
-      if (c === '\r' && text[i + 1] === '\n') i++;
-      i++;
-      if (fieldStarted || field.length > 0 || row.length > 0) { row.push(field); rows.push(row); }
-      row = []; field = ''; fieldStarted = false;
-      continue;
-    }
-    field += c; fieldStarted = true; i++;
-  }
-  if (inQuotes) throw new Error(`CSV: unterminated quoted field (row ${rows.length + 1})`);
-  if (fieldStarted || field.length > 0 || row.length > 0) { row.push(field); rows.push(row); }
-  return rows;
+  return parseCsvRecords(text).map((r) => r.cells);
 }
 
-type Row = Record<string, unknown>;
-
-function readJsonl(file: string): Row[] {
-  const rows: Row[] = [];
-  const lines = fs.readFileSync(file, 'utf8').replace(/^\ufeff/, '').split(/\r?\n/);
-  lines.forEach((line, k) => {
-    if (line.trim() === '') return;
-    let v: unknown;
-    try { v = JSON.parse(line); } catch (e) {
-      throw new Error(`${file}: line ${k + 1} is not valid JSON: ${(e as Error).message}`);
-    }
-    if (v === null || typeof v !== 'object' || Array.isArray(v)) throw new Error(`${file}: line ${k + 1} is not a JSON object`);
-    rows.push(v as Row);
-  });
-  return rows;
-}
-
-function readCsv(file: string): Row[] {
-  let table: string[][];
-  try { table = parseCsv(fs.readFileSync(file, 'utf8')); } catch (e) { throw new Error(`${file}: ${(e as Error).message}`); }
-  const header = table[0];
-  if (header === undefined) return [];
-  return table.slice(1).map((cells, k) => {
-    if (cells.length !== header.length) {
-      throw new Error(`${file}: row ${k + 2} has ${cells.length} fields, the header has ${header.length}`);
-    }
-    const row: Row = {};
-    header.forEach((h, j) => { row[h] = cells[j]; });
-    return row;
-  });
-}
-
-/** Every file under dir (recursive, sorted, hidden folders skipped), as absolute paths. */
-function walk(dir: string, out: string[] = []): string[] {
-  const entries = fs.readdirSync(dir, { withFileTypes: true }).sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
-  for (const e of entries) {
-    if (e.name.startsWith('.')) continue;
-    const p = path.join(dir, e.name);
-    if (e.isDirectory()) walk(p, out);
-    else if (e.isFile() || e.isSymbolicLink()) out.push(p);
-  }
-  return out;
-}
+/** Longer than Linux's PATH_MAX: no file has such a name (and an error should not quote megabytes of it). */
+const MAX_PATH_CHARS = 4096;
 
 const isImage = (p: string): boolean => IMAGE_EXTENSIONS.includes(path.extname(p).toLowerCase());
+const isMetadata = (name: string): boolean => name === 'metadata.jsonl' || name === 'metadata.csv';
 
 /** A caption cell as the script accepts it: a string or a non-empty list of strings. */
 export function captionsOf(value: unknown, captionColumn: string, where: string): string[] {
   if (typeof value === 'string') return [value];
   if (Array.isArray(value) && value.length > 0 && value.every((v) => typeof v === 'string')) return value as string[];
-  throw new Error(`Caption column \`${captionColumn}\` should contain either strings or lists of strings (${where}: ${JSON.stringify(value)})`);
+  throw new Error(`Caption column \`${captionColumn}\` should contain either strings or lists of strings (${where}: got ${describeValue(value)})`);
 }
 
 /** The script's message for a missing --image_column / --caption_column. */
@@ -135,24 +66,80 @@ export function columnError(flag: string, value: string, columns: readonly strin
   return new Error(`--${flag}' value '${value}' needs to be one of: ${columns.join(', ')}`);
 }
 
+/** The column a `*file_name` key fills (datasets' imagefolder: file_name → image, x_file_name → x), or null. */
+function fileColumnOf(key: string): string | null {
+  if (key === 'file_name') return 'image';
+  return key.endsWith('_file_name') ? key.slice(0, -'_file_name'.length) : null;
+}
+
+interface Resolved { row: Record<string, unknown>; where: string; images: Map<string, string> }
+
+/**
+ * The files a metadata row names, each checked to lie inside the dataset folder after resolving symbolic
+ * links (the folder's real path is `real`).
+ */
+function resolveRowFiles(row: Record<string, unknown>, where: string, base: string, root: string, real: string): Map<string, string> {
+  const images = new Map<string, string>();
+  for (const key of Object.keys(row)) {
+    const col = fileColumnOf(key);
+    if (col === null) continue;
+    const value = row[key];
+    if (typeof value !== 'string' || value === '') {
+      throw new Error(`${where}: '${key}' must be a relative file path, got ${describeValue(value)}`);
+    }
+    if (value.length > MAX_PATH_CHARS) throw new Error(`${where}: '${key}' is longer than any file path (${describeValue(value)})`);
+    const p = path.resolve(base, value.replace(/\\/g, '/'));
+    // a dataset may only point at its own files (no '../../etc/passwd', no absolute paths elsewhere) …
+    const inside = path.relative(root, p);
+    if (inside === '..' || inside.startsWith(`..${path.sep}`) || path.isAbsolute(inside)) {
+      throw new Error(`${where}: ${key} '${value}' points outside the dataset folder '${root}'`);
+    }
+    // … nor reach out through a symbolic link
+    const placed = placeInside(real, p);
+    if (!placed.ok) {
+      const why = placed.why === 'does not exist' ? `does not exist (looked for ${p})` : placed.why.replace('outside the dataset folder', `outside the dataset folder '${root}'`);
+      throw new Error(`${where}: ${key} '${value}' ${why}`);
+    }
+    images.set(col, p);
+  }
+  if (images.size === 0) throw new Error(`${where} has no 'file_name' column (columns: ${Object.keys(row).join(', ') || 'none'})`);
+  return images;
+}
+
+/** Reads every metadata file's rows and the files they name. */
+function readRows(metaFiles: readonly string[], root: string, real: string): Resolved[] {
+  const resolved: Resolved[] = [];
+  for (const meta of metaFiles) {
+    const rows = meta.endsWith('.csv') ? readCsvRows(meta) : readJsonlRows(meta);
+    for (const { row, line } of rows) {
+      const where = `${meta}: line ${line}`;
+      resolved.push({ row, where, images: resolveRowFiles(row, where, path.dirname(meta), root, real) });
+    }
+  }
+  return resolved;
+}
+
 /**
  * Loads an imagefolder dataset. With metadata, the rows of every `metadata.jsonl`/`metadata.csv` under dir
  * are the examples (in folder then row order); images no row names are left out. Without metadata, every
- * image is an example with only the image column (so a caption column cannot be found).
+ * image is an example with only the image column (so a caption column cannot be found). Every file it uses
+ * lies inside dir (symbolic links included); captions longer than MAX_CAPTION_CHARS are cut, with one
+ * warning (to `onWarning`, else a process warning).
  */
 export function loadImageFolder(dir: string, options: ImageFolderOptions = {}): Dataset {
   const imageColumn = options.imageColumn ?? 'image';
   const captionColumn = options.captionColumn ?? 'text';
   const root = path.resolve(dir);
-  if (!fs.existsSync(root)) throw new Error(`--train_data_dir '${dir}' does not exist`);
-  if (!fs.statSync(root).isDirectory()) throw new Error(`--train_data_dir '${dir}' is not a folder`);
+  let st: fs.Stats;
+  try { st = fs.statSync(root); } catch { throw new Error(`--train_data_dir '${dir}' does not exist`); }
+  if (!st.isDirectory()) throw new Error(`--train_data_dir '${dir}' is not a folder`);
 
-  const files = walk(root);
+  const files = walkDataset(root, (name) => isImage(name) || isMetadata(name));
   const images = files.filter(isImage);
   if (images.length === 0) {
     throw new Error(`no images in '${dir}' (looked for ${IMAGE_EXTENSIONS.join(' ')} in it and its subfolders)`);
   }
-  const metaFiles = files.filter((f) => ['metadata.jsonl', 'metadata.csv'].includes(path.basename(f)));
+  const metaFiles = files.filter((f) => isMetadata(path.basename(f)));
   const metaDirs = new Set<string>();
   for (const m of metaFiles) {
     const d = path.dirname(m);
@@ -166,53 +153,28 @@ export function loadImageFolder(dir: string, options: ImageFolderOptions = {}): 
     throw columnError('caption_column', captionColumn, columns);
   }
 
-  // Read every row, resolving its file name column(s) to paths.
-  interface Resolved { row: Row; file: string; line: number; images: Map<string, string> }
-  const resolved: Resolved[] = [];
+  const resolved = readRows(metaFiles, root, realRoot(root));
+  if (resolved.length === 0) throw new Error(`the metadata under '${dir}' has no rows`);
   const columns: string[] = [];
   const addColumn = (c: string): void => { if (!columns.includes(c)) columns.push(c); };
-  for (const meta of metaFiles) {
-    const rows = meta.endsWith('.csv') ? readCsv(meta) : readJsonl(meta);
-    const base = path.dirname(meta);
-    rows.forEach((row, k) => {
-      const where = meta.endsWith('.csv') ? k + 2 : k + 1;
-      const imgs = new Map<string, string>();
-      for (const [key, value] of Object.entries(row)) {
-        const col = key === 'file_name' ? 'image' : key.endsWith('_file_name') ? key.slice(0, -'_file_name'.length) : null;
-        if (col === null) continue;
-        if (typeof value !== 'string' || value === '') {
-          throw new Error(`${meta}: row ${where}: '${key}' must be a relative file path, got ${JSON.stringify(value)}`);
-        }
-        const p = path.resolve(base, value.replace(/\\/g, '/'));
-        // a dataset may only point at its own files (no '../../etc/passwd', no absolute paths elsewhere)
-        const inside = path.relative(root, p);
-        if (inside.startsWith('..') || path.isAbsolute(inside)) {
-          throw new Error(`${meta}: row ${where}: ${key} '${value}' points outside the dataset folder '${root}'`);
-        }
-        if (!fs.existsSync(p)) throw new Error(`${meta}: row ${where}: ${key} '${value}' does not exist (looked for ${p})`);
-        imgs.set(col, p);
-      }
-      if (imgs.size === 0) throw new Error(`${meta}: row ${where} has no 'file_name' column (columns: ${Object.keys(row).join(', ')})`);
-      resolved.push({ row, file: meta, line: where, images: imgs });
-    });
-  }
-  if (resolved.length === 0) throw new Error(`the metadata under '${dir}' has no rows`);
   for (const r of resolved) for (const c of r.images.keys()) addColumn(c);
-  for (const r of resolved) for (const k of Object.keys(r.row)) if (k !== 'file_name' && !k.endsWith('_file_name')) addColumn(k);
+  for (const r of resolved) for (const k of Object.keys(r.row)) if (fileColumnOf(k) === null) addColumn(k);
 
   if (!columns.includes(imageColumn)) throw columnError('image_column', imageColumn, columns);
   if (!columns.includes(captionColumn)) throw columnError('caption_column', captionColumn, columns);
 
+  const cutter = new CaptionCutter();
   const items: DatasetItem[] = resolved.map((r) => {
-    const where = `${r.file} row ${r.line}`;
     const imagePath = r.images.get(imageColumn);
-    if (imagePath === undefined) throw new Error(`${where}: no value for the image column '${imageColumn}'`);
-    if (!isImage(imagePath)) throw new Error(`${where}: '${imagePath}' is not an image (${IMAGE_EXTENSIONS.join(' ')})`);
-    const cap = r.images.has(captionColumn) ? undefined : r.row[captionColumn];
-    if (cap === undefined) throw new Error(`${where}: no value for the caption column '${captionColumn}'`);
-    return { imagePath, captions: captionsOf(cap, captionColumn, where) };
+    if (imagePath === undefined) throw new Error(`${r.where}: no value for the image column '${imageColumn}'`);
+    if (!isImage(imagePath)) throw new Error(`${r.where}: '${imagePath}' is not an image (${IMAGE_EXTENSIONS.join(' ')})`);
+    const cap = r.images.has(captionColumn) ? undefined : cell(r.row, captionColumn);
+    if (cap === undefined) throw new Error(`${r.where}: no value for the caption column '${captionColumn}'`);
+    const captions = captionsOf(cap, captionColumn, r.where).map((c) => cutter.cap(c, `${r.where} (column '${captionColumn}')`));
+    return { imagePath, captions };
   });
-  if (items.length === 0) throw new Error(`the metadata under '${dir}' has no rows`);
+  const warning = cutter.warning();
+  if (warning) emitDataWarning(warning, options.onWarning);
   return new ArrayDataset(columns, items);
 }
 
@@ -240,5 +202,5 @@ export function shuffleAndTruncate(dataset: Dataset, maxTrainSamples: number | u
   const keep = Math.min(maxTrainSamples, dataset.length);
   const items: DatasetItem[] = [];
   for (let i = 0; i < keep; i++) items.push(dataset.get(perm[i]!));
-  return new ArrayDataset(dataset.columns, items);
+  return new ArrayDataset(dataset.columns, items, dataset.close?.bind(dataset));
 }

@@ -2,15 +2,19 @@
 // *.parquet files, or a Hugging Face dataset id ("org/name") already in the local Hugging Face cache
 // (datasets--org--name/snapshots/<commit>/…; difflora never downloads). Rows are read with hyparquet; the
 // image column holds `{bytes, path}` structs (the datasets `Image` feature, e.g. lambdalabs/pokemon-blip-captions)
-// or raw binary. The `Dataset` contract hands out file paths, so the image bytes are written once, at load,
-// to os.tmpdir()/difflora-parquet-<hash>/<row>.<ext>.
-import { createHash } from 'node:crypto';
+// or raw binary. The `Dataset` contract hands out file paths, so image bytes are written, at load, into a
+// fresh private folder (0700, files 0600) under os.tmpdir(), removed by `close()` or when the process exits.
+// A cell with no bytes but a `path` names a file of the dataset itself: it must lie inside the dataset
+// folder (after resolving symbolic links), and is then used where it is, never copied.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { parquetMetadata, parquetReadObjects, parquetSchema } from 'hyparquet';
+import { readTextFile } from '../io/files.js';
 import { hubCacheDir, isHubId } from '../models/loading.js';
+import { makeDatasetTempDir, placeInside, realRoot, removeDatasetTempDir, walkDataset, writePrivateFile } from './dataset_files.js';
 import { captionsOf, columnError, type Dataset, type DatasetItem } from './imagefolder.js';
+import { CaptionCutter, describeValue, emitDataWarning, MAX_CAPTION_CHARS } from './metadata.js';
+import { readParquetRows } from './parquet_reader.js';
 
 export interface ParquetDatasetOptions {
   /** Default 'image'. */
@@ -21,39 +25,41 @@ export interface ParquetDatasetOptions {
   cacheDir?: string;
   /** Hub revision: a branch or tag name (looked up in the cache's refs/) or a commit hash. Default 'main'. */
   revision?: string;
-  /** Where image files are written; default os.tmpdir(). */
+  /** Where the private image folder is made; default os.tmpdir(). */
   tmpDir?: string;
+  /** Receives the warnings of the load (captions cut); default: process.emitWarning. */
+  onWarning?: (message: string) => void;
+  /** How long one parquet file may take to decode before it is called corrupt (default: 30 s + 1 s per 2 MiB). */
+  decodeTimeoutMs?: number;
 }
 
 class ParquetDataset implements Dataset {
-  constructor(readonly columns: readonly string[], private readonly items: readonly DatasetItem[], readonly imageDir: string) {}
+  /** The private folder holding the images written from the parquet bytes (undefined when none was needed). */
+  readonly imageDir: string | undefined;
+  constructor(readonly columns: readonly string[], private readonly items: readonly DatasetItem[], imageDir: string | undefined) {
+    this.imageDir = imageDir;
+  }
   get length(): number { return this.items.length; }
   get(i: number): DatasetItem {
     const item = this.items[i];
     if (!Number.isInteger(i) || item === undefined) throw new RangeError(`dataset index ${i} out of range [0, ${this.items.length})`);
     return item;
   }
+  /** Removes the image folder (its paths stop working); idempotent. */
+  close(): void { if (this.imageDir !== undefined) removeDatasetTempDir(this.imageDir); }
 }
 
 const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? path.join(os.homedir(), p.slice(1)) : p);
-const isDir = (p: string): boolean => fs.existsSync(p) && fs.statSync(p).isDirectory();
-const isFile = (p: string): boolean => fs.existsSync(p) && fs.statSync(p).isFile();
+const isDir = (p: string): boolean => { try { return fs.statSync(p).isDirectory(); } catch { return false; } };
+const isFile = (p: string): boolean => { try { return fs.statSync(p).isFile(); } catch { return false; } };
 
-/** Every *.parquet file under dir (following symlinks, as the hub cache's snapshot files are), sorted. */
-export function findParquetFiles(dir: string): string[] {
-  const out: string[] = [];
-  const walk = (d: string): void => {
-    for (const name of fs.readdirSync(d).sort()) {
-      if (name.startsWith('.')) continue;
-      const p = path.join(d, name);
-      let st: fs.Stats;
-      try { st = fs.statSync(p); } catch { continue; } // a dangling symlink
-      if (st.isDirectory()) walk(p);
-      else if (st.isFile() && name.toLowerCase().endsWith('.parquet')) out.push(p);
-    }
-  };
-  walk(dir);
-  return out;
+/**
+ * Every *.parquet file under dir, depth first in name order. Symbolic links are followed only when they stay
+ * inside `containRoot` (the hub cache's snapshot files link to ../../blobs/, inside the dataset's repo folder);
+ * one that leads elsewhere is an error naming it.
+ */
+export function findParquetFiles(dir: string, containRoot = dir): string[] {
+  return walkDataset(dir, (name) => name.toLowerCase().endsWith('.parquet'), containRoot);
 }
 
 /**
@@ -78,10 +84,18 @@ function checkInside(what: string, value: string): void {
 
 /** The folder holding the dataset's parquet files: a local folder, or the cached snapshot of a hub id. */
 export function resolveDatasetDir(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cacheDir' | 'revision'> = {}): string {
+  return locateDataset(nameOrPath, o).dir;
+}
+
+/**
+ * The dataset's folder and the folder its files must stay inside: the folder itself, or for a hub snapshot
+ * the dataset's repo folder in the cache (its snapshot files are links into blobs/).
+ */
+function locateDataset(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cacheDir' | 'revision'>): { dir: string; containRoot: string } {
   const local = path.resolve(expandHome(nameOrPath));
   if (fs.existsSync(local)) {
     if (!fs.statSync(local).isDirectory()) throw new Error(`--dataset_name '${nameOrPath}' is a file; pass a folder holding *.parquet files or a dataset id ("org/name")`);
-    return local;
+    return { dir: local, containRoot: local };
   }
   const looked: string[] = [`${local} (local folder): does not exist`];
   if (!isHubId(nameOrPath)) {
@@ -111,7 +125,7 @@ export function resolveDatasetDir(nameOrPath: string, o: Pick<ParquetDatasetOpti
   const refFile = path.join(repo, 'refs', revision);
   let commit = revision;
   if (isFile(refFile)) {
-    commit = fs.readFileSync(refFile, 'utf8').trim();
+    commit = readTextFile(refFile, 'hub cache ref file', 4096).trim();
     looked.push(`${refFile}: names commit ${commit}`);
   } else {
     looked.push(`${refFile}: does not exist, so the revision is taken as a commit hash`);
@@ -122,7 +136,7 @@ export function resolveDatasetDir(nameOrPath: string, o: Pick<ParquetDatasetOpti
     looked.push(`${snapshot}: does not exist`);
     fail(`revision '${revision}' is not in the cache`);
   }
-  return snapshot;
+  return { dir: snapshot, containRoot: repo };
 }
 
 const MAGIC: readonly [string, (b: Uint8Array) => boolean][] = [
@@ -141,77 +155,97 @@ function imageExtension(bytes: Uint8Array, cellPath: string | undefined): string
   return /^\.[a-z0-9]{1,5}$/.test(fromPath) ? fromPath : '.img';
 }
 
-function imageBytesOf(value: unknown, imageColumn: string, where: string): { bytes: Uint8Array; cellPath?: string } {
+/** What an image cell holds: bytes to write out, or the path of a file of the dataset to use where it is. */
+type ImageCell = { bytes: Uint8Array; cellPath?: string } | { file: string };
+
+/**
+ * An image cell: binary, or a datasets `Image` struct `{bytes, path}`. With no bytes, `path` names a file of
+ * the dataset (relative to its folder, or absolute), which must lie inside the folder once symbolic links are
+ * resolved: a row never makes difflora read a file from elsewhere.
+ */
+function imageCellOf(value: unknown, imageColumn: string, where: string, dataset: { dir: string; contain: string; real: string }): ImageCell {
   if (value instanceof Uint8Array) return { bytes: value };
-  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
-    const { bytes, path: p } = value as { bytes?: unknown; path?: unknown };
-    const cellPath = typeof p === 'string' ? p : undefined;
-    if (bytes instanceof Uint8Array) return cellPath === undefined ? { bytes } : { bytes, cellPath };
-    if ((bytes === null || bytes === undefined) && cellPath !== undefined && path.isAbsolute(cellPath) && isFile(cellPath)) {
-      return { bytes: fs.readFileSync(cellPath), cellPath };
-    }
-    throw new Error(`${where}: image column '${imageColumn}' has no image bytes${cellPath ? ` (path '${cellPath}' is not a readable absolute file)` : ''}`);
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    throw new Error(`${where}: image column '${imageColumn}' should hold {bytes, path} structs or binary, got ${describeValue(value)}`);
   }
-  throw new Error(`${where}: image column '${imageColumn}' should hold {bytes, path} structs or binary, got ${value === null ? 'null' : typeof value}`);
+  const { bytes, path: p } = value as { bytes?: unknown; path?: unknown };
+  if (p !== undefined && p !== null && typeof p !== 'string') {
+    throw new Error(`${where}: image column '${imageColumn}': 'path' should be a string, got ${describeValue(p)}`);
+  }
+  const cellPath = typeof p === 'string' && p !== '' ? p : undefined;
+  if (bytes instanceof Uint8Array) return cellPath === undefined ? { bytes } : { bytes, cellPath };
+  if (bytes !== null && bytes !== undefined) {
+    throw new Error(`${where}: image column '${imageColumn}': 'bytes' should be binary, got ${describeValue(bytes)}`);
+  }
+  if (cellPath === undefined) throw new Error(`${where}: image column '${imageColumn}' has no image bytes and no path`);
+  const file = path.resolve(dataset.dir, cellPath);
+  const refuse = (why: string): never => {
+    throw new Error(`${where}: image column '${imageColumn}' has no bytes, and its path '${cellPath}' ${why}`);
+  };
+  // outside by its very spelling ('/home/me/.ssh/id_rsa', '../../x'): refused before anything there is looked at
+  const rel = path.relative(dataset.contain, file);
+  if (rel === '..' || rel.startsWith(`..${path.sep}`) || path.isAbsolute(rel)) refuse(`points outside the dataset folder '${dataset.contain}'`);
+  const placed = placeInside(dataset.real, file);
+  if (!placed.ok) refuse(placed.why.replace('outside the dataset folder', `outside the dataset folder '${dataset.contain}'`));
+  return { file };
 }
 
-/** Writes bytes to file unless a file of that size is already there (written by an earlier load). */
-function writeOnce(file: string, bytes: Uint8Array): void {
-  if (isFile(file) && fs.statSync(file).size === bytes.byteLength) return;
-  const tmp = `${file}.${process.pid}.tmp`;
-  fs.writeFileSync(tmp, bytes);
-  fs.renameSync(tmp, file);
+/** Where a load writes the images it extracts: a private folder made on first use. */
+class ImageSink {
+  dir: string | undefined;
+  private count = 0;
+  constructor(private readonly base: string | undefined) {}
+  write(bytes: Uint8Array, cellPath: string | undefined): string {
+    this.dir ??= makeDatasetTempDir('difflora-parquet-', this.base);
+    const file = path.join(this.dir, `${this.count++}${imageExtension(bytes, cellPath)}`);
+    writePrivateFile(file, bytes);
+    return file;
+  }
 }
 
 /**
  * Loads a parquet dataset (train split) from a local folder or the offline Hugging Face cache, checks the image
- * and caption columns, and writes every row's image to a temp file so that `get(i).imagePath` is a real path.
+ * and caption columns, and writes every row's image bytes to a private temporary folder so that
+ * `get(i).imagePath` is a real path (close() removes it; so does the end of the process).
  */
 export async function loadParquetDataset(nameOrPath: string, o: ParquetDatasetOptions = {}): Promise<Dataset> {
   const imageColumn = o.imageColumn ?? 'image';
   const captionColumn = o.captionColumn ?? 'text';
-  const root = resolveDatasetDir(nameOrPath, o);
-  const all = findParquetFiles(root);
+  const { dir: root, containRoot } = locateDataset(nameOrPath, o);
+  const all = findParquetFiles(root, containRoot);
   if (all.length === 0) throw new Error(`dataset '${nameOrPath}': no *.parquet files in '${root}' or its subfolders`);
   const files = trainSplitFiles(all, root);
-
-  // Same files (path, size, mtime) and image column → same folder, so a reload reuses the written images.
-  const hash = createHash('sha256');
-  hash.update(imageColumn);
-  for (const f of files) {
-    const st = fs.statSync(f);
-    hash.update(`\0${fs.realpathSync(f)}\0${st.size}\0${st.mtimeMs}`);
-  }
-  const imageDir = path.join(o.tmpDir ?? os.tmpdir(), `difflora-parquet-${hash.digest('hex').slice(0, 16)}`);
+  const dataset = { dir: root, contain: containRoot, real: realRoot(containRoot) };
 
   let columns: string[] | undefined;
   const items: DatasetItem[] = [];
-  for (const file of files) {
-    const rel = path.relative(root, file);
-    const buf = fs.readFileSync(file);
-    const ab = buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength) as ArrayBuffer;
-    let metadata;
-    try { metadata = parquetMetadata(ab); } catch (e) { throw new Error(`${file}: not a readable parquet file: ${(e as Error).message}`); }
-    const fileColumns = parquetSchema(metadata).children.map((c) => c.element.name);
-    if (columns === undefined) {
-      columns = fileColumns;
-      if (!columns.includes(imageColumn)) throw columnError('image_column', imageColumn, columns);
-      if (!columns.includes(captionColumn)) throw columnError('caption_column', captionColumn, columns);
-      fs.mkdirSync(imageDir, { recursive: true });
-    } else if (!fileColumns.includes(imageColumn) || !fileColumns.includes(captionColumn)) {
-      throw new Error(`${file}: columns ${fileColumns.join(', ')} lack '${imageColumn}' or '${captionColumn}' (the first file has ${columns.join(', ')})`);
+  const sink = new ImageSink(o.tmpDir);
+  const cutter = new CaptionCutter();
+  try {
+    for (const file of files) {
+      const { columns: fileColumns, rows } = await readParquetRows(file, { imageColumn, captionColumn, maxCaptionChars: MAX_CAPTION_CHARS + 1, timeoutMs: o.decodeTimeoutMs });
+      if (columns === undefined) {
+        columns = fileColumns;
+        if (!columns.includes(imageColumn)) throw columnError('image_column', imageColumn, columns);
+        if (!columns.includes(captionColumn)) throw columnError('caption_column', captionColumn, columns);
+      }
+      if (rows === undefined) {
+        throw new Error(`${file}: columns ${fileColumns.join(', ')} lack '${imageColumn}' or '${captionColumn}' (the first file has ${columns.join(', ')})`);
+      }
+      rows.forEach((row, k) => {
+        const where = `${file}: row ${k}`;
+        const cellValue = imageCellOf(row[imageColumn], imageColumn, where, dataset);
+        const captions = captionsOf(row[captionColumn], captionColumn, where).map((c) => cutter.cap(c, `${where} (column '${captionColumn}')`));
+        const imagePath = 'file' in cellValue ? cellValue.file : sink.write(cellValue.bytes, cellValue.cellPath);
+        items.push({ imagePath, captions });
+      });
     }
-    // utf8: false keeps unannotated binary (image bytes) as Uint8Array; UTF8-annotated strings stay strings.
-    const rows = await parquetReadObjects({ file: ab, metadata, columns: [imageColumn, captionColumn], utf8: false });
-    rows.forEach((row, k) => {
-      const where = `${rel}: row ${k}`;
-      const { bytes, cellPath } = imageBytesOf(row[imageColumn], imageColumn, where);
-      const captions = captionsOf(row[captionColumn], captionColumn, where);
-      const imagePath = path.join(imageDir, `${items.length}${imageExtension(bytes, cellPath)}`);
-      writeOnce(imagePath, bytes);
-      items.push({ imagePath, captions });
-    });
+    if (items.length === 0) throw new Error(`dataset '${nameOrPath}': the parquet files under '${root}' have no rows`);
+  } catch (e) {
+    if (sink.dir !== undefined) removeDatasetTempDir(sink.dir); // a refused load leaves nothing behind
+    throw e;
   }
-  if (items.length === 0) throw new Error(`dataset '${nameOrPath}': the parquet files under '${root}' have no rows`);
-  return new ParquetDataset(columns ?? [], items, imageDir);
+  const warning = cutter.warning();
+  if (warning) emitDataWarning(warning, o.onWarning);
+  return new ParquetDataset(columns ?? [], items, sink.dir);
 }

@@ -2,9 +2,10 @@
 //   image.convert('RGB') → Resize(resolution, interpolation) → CenterCrop | RandomCrop → RandomHorizontalFlip
 //   → ToTensor → Normalize([0.5], [0.5])
 // plus EXIF orientation (as datasets' Image feature applies it when decoding). Decoding and resizing run
-// in libuv's thread pool, off the main thread.
-import * as fs from 'node:fs/promises';
+// in libuv's thread pool, off the main thread. The file is read by difflora (never opened by libvips from a
+// path): a FIFO, a device or a folder named like an image is refused without blocking, as a broken image.
 import sharp from 'sharp';
+import { readRegularFileAsync } from '../io/read_async.js';
 
 /**
  * A small seedable PRNG (mulberry32: 32-bit state, so the whole state is one number for exact resume).
@@ -151,11 +152,18 @@ export function decodeBmp(buf: Buffer): { data: Buffer; width: number; height: n
   return { data: out, width, height };
 }
 
+/**
+ * Largest image file read: 1 GiB. No training picture is near it (a 16k × 16k PNG is a few hundred MB); a
+ * bigger file named .png is a mistake (a disk image) or hostile, and would be read whole into memory.
+ */
+export const MAX_IMAGE_BYTES = 1024 * 1024 * 1024;
+
 /** Decodes a file to 8-bit sRGB RGB in display orientation (alpha dropped without compositing). */
 export async function decodeRgb(file: string): Promise<{ data: Buffer; width: number; height: number }> {
   try {
-    if (file.toLowerCase().endsWith('.bmp')) return decodeBmp(await fs.readFile(file));
-    const { data, info } = await sharp(file, { failOn: 'error' })
+    const bytes = await readRegularFileAsync(file, 'image', MAX_IMAGE_BYTES);
+    if (file.toLowerCase().endsWith('.bmp')) return decodeBmp(bytes);
+    const { data, info } = await sharp(bytes, { failOn: 'error' })
       .rotate()
       .removeAlpha()
       .toColourspace('srgb')
