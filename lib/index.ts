@@ -52,7 +52,8 @@ export type { AutoencoderKLConfig } from './models/autoencoder_kl.js';
 export { DiagonalGaussianDistribution } from './models/vae.js';
 export { Attention, AttnProcessor, setMemoryEfficientAttention } from './models/attention_processor.js';
 export type { AttentionProcessor } from './models/attention_processor.js';
-export { resolvePretrained } from './models/loading.js';
+export { resolvePretrained, hubCacheDir } from './io/hub.js';
+export type { HubOptions } from './io/hub.js';
 export type { FromPretrainedOptions } from './models/loading.js';
 export { UNet2DConditionModel } from './models/unet_2d_condition.js';
 

@@ -7,9 +7,8 @@ import { homedir, tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { saveSafetensors } from '../lib/io/safetensors.js';
-import {
-  hubCacheDir, isHubId, loadModelWeights, loadWeights, readConfig, readModelIndex, resolvePretrained, weightFiles,
-} from '../lib/models/loading.js';
+import { loadModelWeights, loadWeights, readConfig, readModelIndex, weightFiles } from '../lib/models/loading.js';
+import { hubCacheDir, isHubId, resolvePretrained } from '../lib/io/hub.js';
 import { Linear } from '../lib/nn/layers.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';

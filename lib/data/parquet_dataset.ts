@@ -7,10 +7,8 @@
 // A cell with no bytes but a `path` names a file of the dataset itself: it must lie inside the dataset
 // folder (after resolving symbolic links), and is then used where it is, never copied.
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
-import { readTextFile } from '../io/files.js';
-import { hubCacheDir, isHubId } from '../models/loading.js';
+import { expandHome, findSnapshot, isHubId } from '../io/hub.js';
 import { makeDatasetTempDir, placeInside, realRoot, removeDatasetTempDir, walkDataset, writePrivateFile } from './dataset_files.js';
 import { captionsOf, columnError, type Dataset, type DatasetItem } from './imagefolder.js';
 import { CaptionCutter, describeValue, emitDataWarning, MAX_CAPTION_CHARS } from './metadata.js';
@@ -49,9 +47,6 @@ class ParquetDataset implements Dataset {
   close(): void { if (this.imageDir !== undefined) removeDatasetTempDir(this.imageDir); }
 }
 
-const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? path.join(os.homedir(), p.slice(1)) : p);
-const isDir = (p: string): boolean => { try { return fs.statSync(p).isDirectory(); } catch { return false; } };
-const isFile = (p: string): boolean => { try { return fs.statSync(p).isFile(); } catch { return false; } };
 
 /**
  * Every *.parquet file under dir, depth first in name order. Symbolic links are followed only when they stay
@@ -76,12 +71,6 @@ export function trainSplitFiles(files: readonly string[], root: string): string[
   return train.length > 0 ? train : [...files];
 }
 
-function checkInside(what: string, value: string): void {
-  if (path.isAbsolute(value) || path.normalize(value).split(/[\\/]/).includes('..')) {
-    throw new Error(`${what} '${value}' must be a plain name, not a path`);
-  }
-}
-
 /** The folder holding the dataset's parquet files: a local folder, or the cached snapshot of a hub id. */
 export function resolveDatasetDir(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cacheDir' | 'revision'> = {}): string {
   return locateDataset(nameOrPath, o).dir;
@@ -101,41 +90,7 @@ function locateDataset(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cache
   if (!isHubId(nameOrPath)) {
     throw new Error(`dataset '${nameOrPath}' not found: no folder '${local}', and it is not a Hugging Face dataset id ("org/name").`);
   }
-  const cache = hubCacheDir(o);
-  const revision = o.revision ?? 'main';
-  checkInside('revision', revision);
-  const repoFolder = `datasets--${nameOrPath.replace('/', '--')}`;
-  const repo = path.join(cache.dir, repoFolder);
-  const fail = (reason: string): never => {
-    const rev = o.revision ? ` --revision ${o.revision}` : '';
-    throw new Error([
-      `dataset '${nameOrPath}' at revision '${revision}' not found offline: ${reason}.`,
-      'Looked at:',
-      ...looked.map((l) => `  - ${l}`),
-      `Hugging Face cache: ${cache.dir} (from ${cache.from}).`,
-      'difflora does not download datasets. To use this one, either:',
-      `  - on a machine with network run \`huggingface-cli download --repo-type dataset ${nameOrPath}${rev}\`, then copy its cache folder ${repoFolder}/ (in ~/.cache/huggingface/hub/ there) into ${cache.dir}/ here, or point HF_HUB_CACHE or cacheDir at the copy;`,
-      `  - or pass a local folder holding the *.parquet files, e.g. one made with \`huggingface-cli download --repo-type dataset ${nameOrPath}${rev} --local-dir <folder>\`.`,
-    ].join('\n'));
-  };
-  if (!isDir(repo)) {
-    looked.push(`${repo}: does not exist`);
-    fail(`'${nameOrPath}' is not in the Hugging Face cache`);
-  }
-  const refFile = path.join(repo, 'refs', revision);
-  let commit = revision;
-  if (isFile(refFile)) {
-    commit = readTextFile(refFile, 'hub cache ref file', 4096).trim();
-    looked.push(`${refFile}: names commit ${commit}`);
-  } else {
-    looked.push(`${refFile}: does not exist, so the revision is taken as a commit hash`);
-  }
-  checkInside('commit', commit);
-  const snapshot = path.join(repo, 'snapshots', commit);
-  if (!isDir(snapshot)) {
-    looked.push(`${snapshot}: does not exist`);
-    fail(`revision '${revision}' is not in the cache`);
-  }
+  const { snapshot, repo } = findSnapshot(nameOrPath, 'dataset', o, looked, 'pass a local folder holding the *.parquet files');
   return { dir: snapshot, containRoot: repo };
 }
 

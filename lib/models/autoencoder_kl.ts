@@ -8,7 +8,8 @@ import type { Generator } from '../random.js';
 import type { Tensor } from '../tensor.js';
 import { getDefaultDevice } from '../torch.js';
 import { CONFIG_LIMITS, ConfigFields, refuseUnknownFields, show, type ConfigSource } from './config.js';
-import { loadStateDictChecked, loadWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { loadStateDictChecked, loadWeights, readConfig, type FromPretrainedOptions } from './loading.js';
+import { resolvePretrained } from '../io/hub.js';
 import { attentionParams, checkModelFits, conv2dParams, normParams, resnetParams } from './model_size.js';
 import { Decoder, DiagonalGaussianDistribution, Encoder } from './vae.js';
 

@@ -11,7 +11,8 @@ import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
 import { CLIP_ACTIVATIONS, CLIPEncoder, type CLIPActivation, type CLIPEncoderConfig, type Init } from './clip_encoder.js';
 import { CONFIG_LIMITS, ConfigFields, type ConfigSource } from './config.js';
-import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { loadModelWeights, readConfig, type FromPretrainedOptions } from './loading.js';
+import { resolvePretrained } from '../io/hub.js';
 import { checkModelFits, linearParams, normParams } from './model_size.js';
 
 /** CLIPTextConfig's fields the model reads (config.json names). */

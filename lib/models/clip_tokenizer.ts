@@ -17,7 +17,8 @@ import { tensor } from '../torch.js';
 import type { Device, Tensor } from '../tensor.js';
 import { readJsonObject, readTextFile } from '../io/files.js';
 import { CONFIG_LIMITS, show } from './config.js';
-import { resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { type FromPretrainedOptions } from './loading.js';
+import { resolvePretrained } from '../io/hub.js';
 
 const snakeOf = (k: string): string => k.replace(/[A-Z]/g, (m) => `_${m.toLowerCase()}`);
 

@@ -6,27 +6,20 @@
 // name, checked before a path is built; every file is read without blocking (a FIFO or device is refused) and
 // every JSON file must hold an object, errors naming the file.
 import { existsSync, readdirSync, statSync } from 'node:fs';
-import { homedir } from 'node:os';
-import { isAbsolute, join, normalize, resolve } from 'node:path';
+import { isAbsolute, join, normalize } from 'node:path';
 import type { DType } from '../dtype.js';
-import { assertRegularFile, readJsonObject, readTextFile } from '../io/files.js';
+import { assertRegularFile, readJsonObject } from '../io/files.js';
+import { checkPlainName, type HubOptions } from '../io/hub.js';
 import { loadSafetensors } from '../io/safetensors.js';
 import { show } from './config.js';
 import type { Module } from '../nn/module.js';
 import { dispose } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
 
-export interface FromPretrainedOptions {
-  /** Component folder inside a pipeline folder: 'unet', 'vae', 'text_encoder', 'tokenizer'. */
-  subfolder?: string;
-  /** Hub revision: a branch or tag name (looked up in the cache's refs/) or a commit hash. Default 'main'. */
-  revision?: string;
-  /** e.g. 'fp16' → diffusion_pytorch_model.fp16.safetensors */
-  variant?: string;
+/** Where the model is (lib/io/hub.ts: folder, subfolder, revision, cache, variant) and where its weights go. */
+export interface FromPretrainedOptions extends HubOptions {
   dtype?: DType;
   device?: Device;
-  /** The Hugging Face hub cache (the folder holding models--org--name/), as diffusers' cache_dir. */
-  cacheDir?: string;
 }
 
 const isDir = (p: string): boolean => existsSync(p) && statSync(p).isDirectory();
@@ -37,145 +30,6 @@ const present = (p: string, what: string): boolean => {
   assertRegularFile(p, what);
   return true;
 };
-const expandHome = (p: string): string => (p === '~' || p.startsWith('~/') ? join(homedir(), p.slice(1)) : p);
-
-/** The hub cache folder and what chose it, in huggingface_hub's order. */
-export function hubCacheDir(o: Pick<FromPretrainedOptions, 'cacheDir'> = {}): { dir: string; from: string } {
-  const env = process.env;
-  const pick = (dir: string, from: string) => ({ dir: resolve(expandHome(dir)), from });
-  if (o.cacheDir) return pick(o.cacheDir, 'the cacheDir option');
-  if (env.HF_HUB_CACHE) return pick(env.HF_HUB_CACHE, 'HF_HUB_CACHE');
-  if (env.HUGGINGFACE_HUB_CACHE) return pick(env.HUGGINGFACE_HUB_CACHE, 'HUGGINGFACE_HUB_CACHE');
-  if (env.HF_HOME) return pick(join(env.HF_HOME, 'hub'), '$HF_HOME/hub');
-  if (env.XDG_CACHE_HOME) return pick(join(env.XDG_CACHE_HOME, 'huggingface', 'hub'), '$XDG_CACHE_HOME/huggingface/hub');
-  return pick(join(homedir(), '.cache', 'huggingface', 'hub'), 'the default ~/.cache/huggingface/hub');
-}
-
-/** huggingface_hub's repo id rule: "name" or "org/name", letters, digits, '-', '_', '.', no '--' or '..'. */
-export function isHubId(s: string): boolean {
-  return /^(?:[\w.-]+\/)?[\w.-]+$/.test(s) && !s.includes('--') && !s.includes('..') && !/^[.-]|[.-]$|[.-]\/|\/[.-]/.test(s) && s.length <= 96;
-}
-
-/**
- * A name that becomes one path component (variant, weight file name, component name, commit): a plain name,
- * so it can only ever name something inside the folder it is joined to. `..` anywhere is refused too (a
- * variant is spliced into a file name: 'x.<variant>.safetensors').
- */
-export function checkPlainName(option: string, value: unknown): string {
-  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
-  const problem = value === '' ? 'is empty'
-    : /[/\\]/.test(value) ? 'contains a path separator'
-      : value.includes('\0') ? 'contains a NUL character'
-        : value.includes('..') ? "contains '..'"
-          : value === '.' ? "is '.'" : undefined;
-  if (problem) throw new Error(`${option} '${value.replace(/\0/g, '\\0')}' ${problem}: it must be a plain name, not a path`);
-  return value;
-}
-
-/**
- * A relative path given by a user (subfolder, revision: hub revisions may hold '/', as refs/pr/1): every
- * '/'-separated segment must be a plain name, so the path stays inside the folder it is joined to.
- */
-function checkRelativePath(option: string, value: unknown): string {
-  if (typeof value !== 'string') throw new Error(`${option} must be a string, got ${show(value)}`);
-  if (isAbsolute(value) || value.startsWith('/')) throw new Error(`${option} '${value}' must be a relative path inside the model folder, not an absolute path`);
-  for (const segment of value.split('/')) {
-    try {
-      checkPlainName(option, segment);
-    } catch {
-      throw new Error(`${option} '${value.replace(/\0/g, '\\0')}' must be a relative path inside the model folder (plain names separated by '/', no '..', '\\', empty parts or NUL)`);
-    }
-  }
-  return value;
-}
-
-/** The options that become path components, checked before any path is built from them. */
-function checkPathOptions(o: FromPretrainedOptions): void {
-  if (o.subfolder !== undefined && o.subfolder !== '') checkRelativePath('subfolder', o.subfolder);
-  if (o.revision !== undefined) checkRelativePath('revision', o.revision);
-  if (o.variant !== undefined) checkPlainName('variant', o.variant);
-}
-
-const list = (dir: string, filter: (name: string) => boolean = () => true): string[] =>
-  isDir(dir) ? readdirSync(dir).filter(filter).sort() : [];
-const subfolders = (dir: string): string => {
-  const names = list(dir, (n) => isDir(join(dir, n)) && !n.startsWith('.'));
-  return names.length ? names.join(', ') : 'none';
-};
-
-/**
- * The component folder for pathOrId (+ subfolder). A local folder that exists wins; otherwise a hub id is
- * looked up, offline, in the Hugging Face cache: models--org--name/refs/<revision> names the commit,
- * snapshots/<commit>/ holds the files. Throws an error listing every path looked at and how to get the
- * files there.
- */
-export function resolvePretrained(pathOrId: string, o: FromPretrainedOptions = {}): string {
-  checkPathOptions(o);
-  const local = resolve(expandHome(pathOrId));
-  if (existsSync(local)) {
-    if (!statSync(local).isDirectory()) {
-      throw new Error(`'${local}' is a file; pass a diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a component folder.`);
-    }
-    if (!o.subfolder) return local;
-    const dir = join(local, o.subfolder);
-    if (isDir(dir)) return dir;
-    throw new Error(`'${local}' has no '${o.subfolder}' folder (it has: ${subfolders(local)}). A diffusers pipeline folder holds one folder per component: unet/ vae/ text_encoder/ tokenizer/ scheduler/.`);
-  }
-  if (!isHubId(pathOrId)) {
-    throw new Error(`model not found: no folder '${local}'. Pass a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/) or a hub id ("org/name") that is in the local Hugging Face cache.`);
-  }
-  return resolveFromCache(pathOrId, local, o);
-}
-
-function resolveFromCache(id: string, local: string, o: FromPretrainedOptions): string {
-  const cache = hubCacheDir(o);
-  const revision = o.revision ?? 'main';
-  const repoFolder = `models--${id.replace('/', '--')}`;
-  const repo = join(cache.dir, repoFolder);
-  const looked: string[] = [`${local} (local folder): does not exist`];
-  const fail = (reason: string, partial = false): never => {
-    const include = partial && o.subfolder ? ` --include "${o.subfolder}/*"` : '';
-    const rev = o.revision ? ` --revision ${o.revision}` : '';
-    throw new Error([
-      `model '${id}'${o.subfolder ? ` (subfolder '${o.subfolder}')` : ''} at revision '${revision}' not found offline: ${reason}.`,
-      'Looked at:',
-      ...looked.map((l) => `  - ${l}`),
-      `Hugging Face cache: ${cache.dir} (from ${cache.from}).`,
-      'difflora does not download models. To use this one, either:',
-      `  - on a machine with network run \`huggingface-cli download ${id}${rev}${include}\`, then copy its cache folder ${repoFolder}/ (in ~/.cache/huggingface/hub/ there) into ${cache.dir}/ here, or point HF_HUB_CACHE or cacheDir at the copy;`,
-      `  - or pass the path of a local diffusers folder (model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. one made with \`huggingface-cli download ${id}${rev} --local-dir <folder>\`.`,
-    ].join('\n'));
-  };
-
-  if (!isDir(repo)) {
-    looked.push(`${repo}: does not exist`);
-    fail(`'${id}' is not in the Hugging Face cache`);
-  }
-  // As huggingface_hub: a ref file names the commit; otherwise the revision is taken as a commit hash.
-  const refFile = join(repo, 'refs', revision);
-  let commit = revision;
-  if (existsSync(refFile) && !isDir(refFile)) {
-    // read without blocking (a FIFO here is refused, not waited on); a ref names one commit
-    commit = readTextFile(refFile, 'hub cache ref file', 4096).trim();
-    checkPlainName(`the commit named by ref file '${refFile}'`, commit);
-    looked.push(`${refFile}: names commit ${commit}`);
-  } else {
-    looked.push(`${refFile}: does not exist${/^[0-9a-f]{40}$/.test(revision) ? ', so the revision is taken as a commit hash' : ''}`);
-  }
-  const snapshot = join(repo, 'snapshots', commit);
-  if (!isDir(snapshot)) {
-    const refs = list(join(repo, 'refs'));
-    const snaps = list(join(repo, 'snapshots'));
-    looked.push(`${snapshot}: does not exist (cached refs: ${refs.join(', ') || 'none'}; cached snapshots: ${snaps.join(', ') || 'none'})`);
-    fail(`revision '${revision}' is not in the cache`);
-  }
-  if (!o.subfolder) return snapshot;
-  const dir = join(snapshot, o.subfolder);
-  if (isDir(dir)) return dir;
-  looked.push(`${snapshot}: exists (folders: ${subfolders(snapshot)})`);
-  looked.push(`${dir}: does not exist`);
-  return fail(`the cached snapshot has no '${o.subfolder}' folder (downloaded only in part?)`, true);
-}
 
 /**
  * The component's config.json: a JSON object (arrays, null and scalars are refused; syntax errors give the
@@ -261,7 +115,7 @@ function findWeights(dir: string, stem: string, variant?: string): { files: stri
   if (pickled) {
     throw new Error(`'${pickled}' is a pickled PyTorch checkpoint; difflora reads only .safetensors (unpickling can run arbitrary code). Convert it once in Python: safetensors.torch.save_file(torch.load(path, weights_only=True), '${base}.safetensors') (for shards, save each and write ${base}.safetensors.index.json), or download the model's .safetensors files.`);
   }
-  const found = list(dir, (n) => n.endsWith('.safetensors') || n.endsWith('.index.json'));
+  const found = readdirSync(dir).sort().filter((n) => n.endsWith('.safetensors') || n.endsWith('.index.json'));
   const expected = [`${base}.safetensors`, ...indexNames(stem, variant)].join(' or ');
   let hint = found.length ? ` Found: ${found.join(', ')}.` : ' The folder has no .safetensors files.';
   if (variant && (isFile(join(dir, `${stem}.safetensors`)) || isFile(join(dir, `${stem}.safetensors.index.json`)))) {

@@ -13,7 +13,8 @@ import type { Tensor } from '../tensor.js';
 import { CONFIG_LIMITS, ConfigFields, configLabel, show, type ConfigSource } from './config.js';
 import { TimestepEmbedding, Timesteps } from './embeddings.js';
 import { checkModelFits, conv2dParams, linearParams, normParams, resnetParams, transformer2dParams } from './model_size.js';
-import { loadModelWeights, readConfig, resolvePretrained, type FromPretrainedOptions } from './loading.js';
+import { loadModelWeights, readConfig, type FromPretrainedOptions } from './loading.js';
+import { resolvePretrained } from '../io/hub.js';
 import {
   DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, getDownBlock, getMidBlock, getUpBlock, type DownBlock, type MidBlock, type UpBlock,
 } from './unet_2d_blocks.js';

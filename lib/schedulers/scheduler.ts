@@ -4,7 +4,7 @@
 // the classes share are in scheduling_utils.ts.
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { resolvePretrained, type FromPretrainedOptions } from '../models/loading.js';
+import { resolvePretrained, type HubOptions } from '../io/hub.js';
 import { DDIMScheduler } from './scheduling_ddim.js';
 import { DDPMScheduler } from './scheduling_ddpm.js';
 import { DPMSolverMultistepScheduler } from './scheduling_dpmsolver_multistep.js';
@@ -91,7 +91,7 @@ export function schedulerFromConfig(kind: SchedulerName | string, rawConfig: obj
  */
 export function loadScheduler(
   pathOrId: string,
-  options: FromPretrainedOptions & { subfolder?: string; kind?: SchedulerName | string; overrides?: Record<string, unknown> } = {},
+  options: HubOptions & { subfolder?: string; kind?: SchedulerName | string; overrides?: Record<string, unknown> } = {},
 ): Scheduler {
   const { kind, overrides, subfolder = 'scheduler', ...rest } = options;
   const direct = existsSync(join(pathOrId, SCHEDULER_CONFIG_NAME)) && !existsSync(join(pathOrId, subfolder));

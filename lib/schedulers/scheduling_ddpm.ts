@@ -3,7 +3,7 @@
 // q(x_t | x_0), from SchedulerBase) and get_velocity (the v-prediction target), and ancestral sampling
 // (set_timesteps/step). compute_snr, which Min-SNR loss weighting needs, is in lib/training/training_utils.ts
 // as diffusers keeps it in training_utils.
-import { resolvePretrained, type FromPretrainedOptions } from '../models/loading.js';
+import { resolvePretrained, type HubOptions } from '../io/hub.js';
 import { randnTensor, type Generator } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
@@ -90,7 +90,7 @@ export class DDPMScheduler extends SchedulerBase<DDPMSchedulerConfig> {
    * From a diffusers folder: `fromPretrained('path/to/sd', { subfolder: 'scheduler' })` (or a scheduler
    * folder itself, or a cached hub id) reads scheduler_config.json; errors name that file.
    */
-  static fromPretrained(pathOrId: string, o: Pick<FromPretrainedOptions, 'subfolder' | 'revision' | 'cacheDir'> = {}, overrides: Partial<DDPMSchedulerConfig> = {}): DDPMScheduler {
+  static fromPretrained(pathOrId: string, o: Pick<HubOptions, 'subfolder' | 'revision' | 'cacheDir'> = {}, overrides: Partial<DDPMSchedulerConfig> = {}): DDPMScheduler {
     const { path, config } = readSchedulerConfig(resolvePretrained(pathOrId, o));
     const scheduler = namingFile(path, () => DDPMScheduler.fromConfig(config, overrides));
     scheduler.configPath = path;
