@@ -27,8 +27,6 @@ export interface NativeTensorHandle {
 /** A native random generator, held by lib/random.ts's Generator. */
 export type NativeGenerator = { readonly __nativeGenerator: unique symbol };
 
-export interface SafetensorsEntry { dtype: number; shape: number[]; begin: number; end: number }
-
 export interface CpuMemory {
   allocatedBytes: number; requestedBytes: number; cachedBytes: number; peakAllocatedBytes: number;
   numAllocs: number; cacheHits: number; cacheMisses: number; numLiveBlocks: number; cacheCapBytes: number;
@@ -72,8 +70,10 @@ export interface NativeAddon {
   clipGradNorm(grads: NativeTensorHandle[], maxNorm: number, normType: number): NativeTensorHandle;
   unscaleGrads(grads: NativeTensorHandle[], invScale: number): boolean;
   // safetensors.cc
-  mapTensors(path: string, fileSize: number, dataOffset: number, entries: SafetensorsEntry[]): NativeTensorHandle[];
-  writeFileAtomic(path: string, header: Uint8Array, tensors: NativeTensorHandle[]): void;
+  /** A new CPU tensor read with pread from `position` of the open file `fd` (errors on a short read). */
+  readTensor(fd: number, position: number, dtypeCode: number, shape: number[]): NativeTensorHandle;
+  /** Header then tensor bytes into an exclusive temporary file, chmod `mode`, fsync, rename over a regular file or nothing. */
+  writeFileAtomic(path: string, header: Uint8Array, tensors: NativeTensorHandle[], mode: number): void;
   // checkpoint.cc
   tapeBegin(inputs: NativeTensorHandle[]): void;
   tapeAbort(): void;

@@ -1,16 +1,22 @@
-// safetensors I/O: bit-exact round trips, the real fixtures, rejection of malformed files, atomic saves,
-// a by-hand check of the written bytes, and zero-copy loading.
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+// safetensors I/O: bit-exact round trips, the real fixtures, rejection of malformed files (and of FIFOs and
+// devices, without blocking), atomic saves that never replace what is not a regular file, a by-hand check of
+// the written bytes, and loads that own their memory and fail cleanly when the file changes under them.
+import { execFileSync, spawnSync } from 'node:child_process';
+import {
+  chmodSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, statSync,
+  symlinkSync, truncateSync, utimesSync, writeFileSync,
+} from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
-  MAX_HEADER_BYTES, loadSafetensors, readSafetensorsHeader, saveSafetensors,
+  MAX_HEADER_BYTES, MAX_TENSORS, loadSafetensors, readSafetensorsHeader, saveSafetensors,
 } from '../lib/io/safetensors.js';
 import { native } from '../lib/native.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
+import { repoRoot } from './cli_helpers.js';
 import { bitEqual, fixtures } from './helpers.js';
 
 let dir: string;
@@ -278,10 +284,87 @@ describe('malformed files', () => {
 
   it('rejects entries that are not objects, and files that are missing or not regular files', () => {
     rejects(craft('entry-num', '{"w":3}'), /tensor "w": entry must be an object with dtype, shape and data_offsets, got number 3/);
-    rejects(join(dir, 'does-not-exist.safetensors'), /cannot open: ENOENT/);
+    rejects(join(dir, 'does-not-exist.safetensors'), /: file not found$/);
     const sub = join(dir, 'a-directory');
     mkdirSync(sub, { recursive: true });
-    rejects(sub, /not a regular file/);
+    rejects(sub, /: file is a directory, not a regular file$/);
+  });
+
+  it('refuses a FIFO or a device at once instead of blocking on it or reading it forever', () => {
+    const fifo = join(dir, 'lora.fifo');
+    execFileSync('mkfifo', [fifo]); // opening it for reading the usual way blocks until a writer comes
+    rejects(fifo, /: file is a FIFO, not a regular file$/);
+    rejects('/dev/zero', /: file is a character device, not a regular file$/);
+    const link = join(dir, 'link-to-fifo.safetensors');
+    symlinkSync(fifo, link);
+    rejects(link, /: file is a FIFO, not a regular file$/);
+  });
+
+  it('refuses headers nested deeper than the format, before parsing them, naming the byte', () => {
+    rejects(craft('nest-shape', `{"w":{"dtype":"F32","shape":[[1]],"data_offsets":[0,4]}}`, bytes(4)), /header nests deeper than the format allows \('\[' at byte 37 is at depth 4;/);
+    rejects(craft('nest-meta', '{"__metadata__":{"a":{"b":{"c":"d"}}}}'), /'\{' at byte 34 is at depth 4/);
+    // Brackets inside strings are not nesting; escaped quotes do not end a string.
+    tidy(() => {
+      const path = craft('nest-string', `{"__metadata__":{"k":"[[[[{{{{\\"[[[["},"w":${entry('F32', [1], [0, 4])}}`, bytes(4));
+      expect(loadSafetensors(path).metadata).toEqual({ k: '[[[[{{{{"[[[[' });
+    });
+  });
+
+  it('refuses a 98 MB header of nested brackets in well under a second', () => {
+    const path = join(dir, 'nested-98mb.safetensors');
+    const n = 98_000_000;
+    const file = Buffer.alloc(8 + n, 0x5b); // '['
+    file.writeBigUInt64LE(BigInt(n), 0);
+    writeFileSync(path, file);
+    const t0 = performance.now();
+    rejects(path, /'\[' at byte 11 is at depth 4/);
+    expect(performance.now() - t0).toBeLessThan(1000); // both the load and the header read; before: a V8 heap abort after minutes
+    rmSync(path);
+  });
+
+  it('refuses shapes whose element count is astronomically large without computing it exactly', () => {
+    const path = craft('shape-2^30s', `{"w":${entry('U8', Array(1000).fill(2 ** 30), [0, 4])}}`, bytes(4));
+    const t0 = performance.now();
+    rejects(path, /hold 4 bytes but shape \[1073741824, 1073741824, (1073741824, ){13}1073741824, \.\.\.\] of U8 needs more than 79228162514264337593543950336$/);
+    expect(performance.now() - t0).toBeLessThan(1000);
+  });
+
+  it('refuses big flat headers at the first item past a limit, fast: long shapes, many fields, many entries', () => {
+    const many = (n: number, item: (i: number) => string): string => Array.from({ length: n }, (_, i) => item(i)).join(',');
+    const t0 = performance.now();
+    rejects(craft('shape-5000', `{"w":{"dtype":"U8","shape":[${many(5000, () => '0')}],"data_offsets":[0,0]}}`),
+      /tensor "w" "shape": the array at byte 35 has more than 1024 items$/);
+    rejects(craft('meta-70k', `{"__metadata__":{${many(70_000, (i) => `"k${i}":"v"`)}}}`), /__metadata__: the object at byte 24 has more than 65536 items$/);
+    // 3 million entries that are not tensors: refused at the first, not after building a 3-million-key object.
+    rejects(craft('keys-3m', `{${many(3_000_000, (i) => `"k${i}":1`)}}`), /tensor "k0": entry must be an object with dtype, shape and data_offsets, got number 1$/);
+    expect(performance.now() - t0).toBeLessThan(3000);
+  });
+
+  it('refuses more than MAX_TENSORS entries, after reading no more of them', () => {
+    const path = join(dir, 'tensors-over-cap.safetensors');
+    const one = '"":{"dtype":"U8","shape":[0],"data_offsets":[0,0]},';
+    // Distinct names of a fixed width, built as bytes: MAX_TENSORS + 1 zero-size tensors.
+    const n = MAX_TENSORS + 1;
+    const body = Buffer.alloc(n * (one.length + 7) + 1);
+    let at = 0;
+    body[at++] = 0x7b;
+    for (let i = 0; i < n; i++) at += body.write(`"${i.toString(36).padStart(7, '0')}${one.slice(1)}`, at, 'latin1');
+    body[at - 1] = 0x7d;
+    const file = Buffer.concat([Buffer.alloc(8), body.subarray(0, at)]);
+    file.writeBigUInt64LE(BigInt(at), 0);
+    writeFileSync(path, file);
+    rejects(path, /the header declares more than 262144 tensors \(the limit on tensors in one file\)$/);
+    rmSync(path);
+  });
+
+  it('keeps "__proto__" as an ordinary metadata key and tensor name', () => {
+    tidy(() => {
+      const path = craft('proto', `{"__metadata__":{"__proto__":"x","constructor":"y"},"__proto__":${entry('U8', [1], [0, 1])}}`, bytes(1));
+      const { tensors, metadata } = loadSafetensors(path);
+      expect(Object.getPrototypeOf(metadata)).toBe(Object.prototype);
+      expect(Object.entries(metadata)).toEqual([['__proto__', 'x'], ['constructor', 'y']]);
+      expect([...tensors.keys()]).toEqual(['__proto__']);
+    });
   });
 
   it('accepts what other writers may legally produce: no padding, whitespace, key order unlike data order', () => {
@@ -332,16 +415,72 @@ describe('saving', () => {
     });
   });
 
-  it('a save whose final rename fails removes its temporary file', () => {
+  it('refuses, before writing anything, a target that is a directory, a FIFO, a device or a symlink, and leaves it as it was', () => {
     tidy(() => {
-      withExisting('neighbour.safetensors');
-      // The target is a non-empty directory: the temporary file is written in full, then rename() fails.
-      const target = join(dir, 'atomic', 'is-a-dir');
+      const { path: regular } = withExisting('neighbour.safetensors');
+      const atomic = join(dir, 'atomic');
+      const target = join(atomic, 'is-a-dir');
       mkdirSync(target, { recursive: true });
       writeFileSync(join(target, 'inside'), 'x');
-      expect(() => saveSafetensors(target, { w: torch.ones([1000]) })).toThrow(/^safetensors: .*is-a-dir: cannot save: cannot rename into place/);
-      expect(tempFiles(join(dir, 'atomic'))).toEqual([]);
+      const fifo = join(atomic, 'a.fifo');
+      execFileSync('mkfifo', [fifo]);
+      const toNull = join(atomic, 'to-dev-null.safetensors');
+      symlinkSync('/dev/null', toNull);
+      const toFile = join(atomic, 'to-regular.safetensors');
+      symlinkSync(regular, toFile);
+      const dangling = join(atomic, 'dangling.safetensors');
+      symlinkSync(join(atomic, 'nowhere'), dangling);
+      const w = { w: torch.ones([1000]) };
+      expect(() => saveSafetensors(target, w)).toThrow(/^safetensors: .*is-a-dir: cannot save: output file exists and is a directory, not a regular file; refusing to replace it$/);
+      expect(() => saveSafetensors(fifo, w)).toThrow(/^safetensors: .*a\.fifo: cannot save: output file exists and is a FIFO, not a regular file/);
+      expect(() => saveSafetensors(toNull, w)).toThrow(/^safetensors: .*to-dev-null\.safetensors: cannot save: output file is a symbolic link \(to a character device\); refusing to replace it/);
+      expect(() => saveSafetensors(toFile, w)).toThrow(/to-regular\.safetensors: cannot save: output file is a symbolic link \(to a regular file\)/);
+      expect(() => saveSafetensors(dangling, w)).toThrow(/dangling\.safetensors: cannot save: output file is a symbolic link \(to a broken link\)/);
       expect(readdirSync(target)).toEqual(['inside']);
+      expect(lstatSync(fifo).isFIFO()).toBe(true);
+      expect(readlinkSync(toNull)).toBe('/dev/null');
+      expect(readlinkSync(toFile)).toBe(regular);
+      expect(readlinkSync(dangling)).toBe(join(atomic, 'nowhere'));
+      expect(existsSync(join(atomic, 'nowhere'))).toBe(false);
+      expect(tempFiles(atomic)).toEqual([]);
+    });
+  });
+
+  it('refuses a device node at the target (a /dev/null made here with mknod) and leaves it a device', () => {
+    const node = join(dir, 'atomic', 'null-device');
+    mkdirSync(join(dir, 'atomic'), { recursive: true });
+    execFileSync('mknod', [node, 'c', '1', '3']); // root in this project's test environment, as when /dev/full was replaced
+    tidy(() => {
+      expect(() => saveSafetensors(node, { w: torch.ones([4]) })).toThrow(/null-device: cannot save: output file exists and is a character device, not a regular file/);
+    });
+    expect(lstatSync(node).isCharacterDevice()).toBe(true);
+    expect(tempFiles(join(dir, 'atomic'))).toEqual([]);
+  });
+
+  it('a save that fails while writing (file size limit) keeps the old file and removes its temporary file', () => {
+    const { path, before } = withExisting('full-disk.safetensors');
+    const script = `
+      process.on('SIGXFSZ', () => {}); // write() then fails with EFBIG, as on a full disk
+      const { saveSafetensors } = await import(${JSON.stringify(join(repoRoot, 'lib/io/safetensors.ts'))});
+      const torch = await import(${JSON.stringify(join(repoRoot, 'lib/torch.ts'))});
+      try { saveSafetensors(${JSON.stringify(path)}, { w: torch.ones([1 << 20]) }); console.log('saved'); }
+      catch (e) { console.log(e.message); }`;
+    const r = spawnSync('sh', ['-c', 'ulimit -f 256 && exec "$0" --import tsx --input-type=module -e "$1"', process.execPath, script], { cwd: repoRoot, encoding: 'utf8' });
+    expect(r.signal, r.stderr).toBe(null);
+    expect(r.stdout).toMatch(/full-disk\.safetensors: cannot save: cannot write '.*full-disk\.safetensors': File too large/);
+    expect(readFileSync(path).equals(before)).toBe(true);
+    expect(tempFiles(join(dir, 'atomic'))).toEqual([]);
+  });
+
+  it('keeps the permission bits of the file it replaces; a new file gets 0666 less the umask', () => {
+    tidy(() => {
+      const { path } = withExisting('private.safetensors');
+      chmodSync(path, 0o600);
+      saveSafetensors(path, { w: torch.ones([2]) });
+      expect(statSync(path).mode & 0o777).toBe(0o600);
+      const fresh = join(dir, 'atomic', 'fresh.safetensors');
+      saveSafetensors(fresh, { w: torch.ones([2]) });
+      expect(statSync(fresh).mode & 0o777).toBe(0o666 & ~process.umask());
     });
   });
 
@@ -399,8 +538,8 @@ describe('saving', () => {
   });
 });
 
-describe('zero-copy load', () => {
-  it('maps a 64 MB file without growing the allocator by its size', () => {
+describe('loaded tensors own their memory', () => {
+  it('reads a 64 MB file into owned memory: the values are right and survive the file being truncated or rewritten', () => {
     const path = join(dir, 'big.safetensors');
     const numel = 16 * 1024 * 1024; // 64 MB of float32
     const probes = [0, 1, 4095, 4096, numel / 2 + 3, numel - 1];
@@ -417,22 +556,116 @@ describe('zero-copy load', () => {
     const big = tensors.get('big')!;
     try {
       expect(big.shape).toEqual([numel]);
-      // Touch every page: the sum reads the whole mapping.
+      expect(memory().cpu.allocatedBytes - before).toBeGreaterThanOrEqual(numel * 4); // a copy, not a mapping
+      // The file changes under the loaded tensors: with a mapping, reading them now would raise SIGBUS.
+      truncateSync(path, 8);
       const sum = tidy(() => big.sum(undefined, false, 'float64').item());
       expect(sum).toBeGreaterThan(numel * 0.45);
       expect(sum).toBeLessThan(numel * 0.55);
-      const grown = memory().cpu.allocatedBytes - before;
-      expect(grown).toBeLessThan(1024 * 1024); // a copy would add 64 MB
       expect(probes.map((i) => tidy(() => big.narrow(0, i, 1).item()))).toEqual(expected);
       expect(tensors.get('small')!.tolist()).toEqual([0, 1, 2, 3, 4]);
-      // Views are private copy-on-write: writing to them does not change the file.
+      writeFileSync(path, Buffer.alloc(numel * 4 + 200, 0xff));
+      expect(probes.map((i) => tidy(() => big.narrow(0, i, 1).item()))).toEqual(expected);
+      // Writing to a tensor does not write to the file.
       tidy(() => big.narrow(0, 0, 1).fill_(-1));
       expect(tidy(() => big.narrow(0, 0, 1).item())).toBe(-1);
+      expect(readFileSync(path).subarray(0, 16).every((b) => b === 0xff)).toBe(true);
     } finally {
       dispose([...tensors.values()]);
     }
-    const again = loadSafetensors(path).tensors;
-    expect(tidy(() => again.get('big')!.narrow(0, 0, 1).item())).toBe(expected[0]);
-    dispose([...again.values()]);
+  });
+});
+
+describe('a file that changes while it is loaded', () => {
+  /** A file of three 1 MiB tensors whose mtime is an hour old, so any rewrite now changes it. */
+  function threeTensors(name: string): string {
+    const path = join(dir, name);
+    tidy(() => saveSafetensors(path, { a: torch.full([1 << 18], 1), b: torch.full([1 << 18], 2), c: torch.full([1 << 18], 3) }));
+    const old = new Date(Date.now() - 3_600_000);
+    utimesSync(path, old, old);
+    return path;
+  }
+
+  /** Loads `path` with `change` run just before the n-th tensor is read; returns the error. */
+  function loadWhile(path: string, n: number, change: () => void): Error {
+    const original = native.readTensor;
+    let calls = 0;
+    native.readTensor = (...args) => {
+      if (calls++ === n) change();
+      return original(...args);
+    };
+    const base = memory().numTensors;
+    try {
+      loadSafetensors(path);
+    } catch (e) {
+      return e as Error;
+    } finally {
+      native.readTensor = original;
+      expect(memory().numTensors).toBe(base); // no tensor of the refused load is left behind
+    }
+    throw new Error('the load succeeded');
+  }
+
+  it('a file truncated between the header and the data is an error naming it', () => {
+    const path = threeTensors('shrinks.safetensors');
+    const err = loadWhile(path, 0, () => truncateSync(path, 100));
+    expect(err.message).toMatch(new RegExp(`^safetensors: ${path}: tensor "a": cannot read bytes \\[216, 1048792\\): the file now ends at byte 100 \\(it changed while loading\\)$`));
+  });
+
+  it('a file truncated after some tensors were read is an error naming it', () => {
+    const path = threeTensors('shrinks-later.safetensors');
+    const err = loadWhile(path, 2, () => truncateSync(path, statSync(path).size - 4096));
+    expect(err.message).toMatch(new RegExp(`^safetensors: ${path}: tensor "c": cannot read bytes \\[2097368, 3145944\\): the file now ends at byte 3141848 \\(it changed while loading\\)$`));
+  });
+
+  it('a file rewritten in place with the same size is an error naming it (the mtime changed)', () => {
+    const path = threeTensors('rewritten.safetensors');
+    const size = statSync(path).size;
+    const err = loadWhile(path, 1, () => writeFileSync(path, Buffer.alloc(size, 0x41)));
+    expect(err.message).toMatch(new RegExp(`^safetensors: ${path}: the file changed while it was loaded \\(${size} bytes, modified \\d+ ns when opened, ${size} bytes, modified \\d+ ns after reading\\)$`));
+  });
+
+  it('a file replaced by rename while it is loaded loads the version that was opened', () => {
+    const path = threeTensors('renamed-over.safetensors');
+    const other = join(dir, 'other.safetensors');
+    tidy(() => saveSafetensors(other, { x: torch.ones([1]) }));
+    const original = native.readTensor;
+    native.readTensor = (...args) => { if (existsSync(other)) renameSync(other, path); return original(...args); };
+    try {
+      tidy(() => {
+        const { tensors } = loadSafetensors(path);
+        expect([...tensors.keys()]).toEqual(['a', 'b', 'c']);
+        expect(tensors.get('c')!.narrow(0, 0, 2).tolist()).toEqual([3, 3]);
+      });
+    } finally {
+      native.readTensor = original;
+    }
+  });
+
+  it('in a child process: truncation after loading, then use, is fine; truncation during the load exits 1 naming the file, never by a signal', () => {
+    const path = threeTensors('child.safetensors');
+    const lib = join(repoRoot, 'lib');
+    const script = (truncateDuring: boolean) => `
+      import { truncateSync } from 'node:fs';
+      const { loadSafetensors } = await import('${lib}/io/safetensors.ts');
+      const { native } = await import('${lib}/native.ts');
+      const path = ${JSON.stringify(path)};
+      const read = native.readTensor;
+      if (${truncateDuring}) native.readTensor = (...a) => { truncateSync(path, 64); return read(...a); };
+      try {
+        const { tensors } = loadSafetensors(path);
+        truncateSync(path, 0);
+        console.log(tensors.get('c').sum().item());
+      } catch (e) { console.error(e.message); process.exitCode = 1; }`;
+    const run = (during: boolean) => spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script(during)], { cwd: repoRoot, encoding: 'utf8' });
+    const after = run(false);
+    expect(after.signal, after.stderr).toBe(null);
+    expect(after.status, after.stderr).toBe(0);
+    expect(after.stdout.trim()).toBe(String(3 * (1 << 18)));
+    tidy(() => saveSafetensors(path, { a: torch.full([1 << 18], 1), c: torch.full([4], 3) }));
+    const during = run(true);
+    expect(during.signal).toBe(null);
+    expect(during.status).toBe(1);
+    expect(during.stderr).toMatch(new RegExp(`^safetensors: ${path}: tensor "a": cannot read bytes \\[\\d+, \\d+\\): the file now ends at byte 64 \\(it changed while loading\\)\\n$`));
   });
 });
