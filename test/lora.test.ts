@@ -687,6 +687,20 @@ describe('bad LoRA input is refused, the model unchanged', () => {
     dispose([...snap.weights.values()]);
     model.dispose();
   });
+
+  it('weightName must be a plain file name: a path out of the folder is refused on load and save, the model unchanged', () => {
+    const model = tinyAttentionModel();
+    const snap = snapshot(model);
+    const dir = join(goldens, 'lora-diffusers');
+    for (const bad of ['../lora-kohya/tiny_sd_kohya_lora.safetensors', '/etc/passwd', '..', '']) {
+      expect(() => loadLoraWeights(model, dir, { weightName: bad })).toThrow(/weightName '.*' (contains|is empty)/);
+      expectUnchanged(model, snap, bad);
+    }
+    expect(() => saveLoraWeights(tmp, model, { weightName: '../escape.safetensors' })).toThrow(/weightName '\.\.\/escape\.safetensors' contains a path separator/);
+    expect(existsSync(join(tmp, '..', 'escape.safetensors'))).toBe(false);
+    dispose([...snap.weights.values()]);
+    model.dispose();
+  });
 });
 
 describe('Kohya names the rebuilt path misses', () => {

@@ -10,6 +10,7 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { noGrad } from '../autograd.js';
 import { assertRegularFile } from '../io/files.js';
+import { checkPlainName } from '../io/hub.js';
 import { loadSafetensors } from '../io/safetensors.js';
 import { Conv2d, Linear } from '../nn/layers.js';
 import { Module } from '../nn/module.js';
@@ -62,7 +63,7 @@ export function readLora(source: string | Map<string, Tensor>, what: string, opt
   if (typeof source !== 'string') return { description: parseLoraFile(source, options.file ?? '', options), dispose: () => {} };
   let isDir: boolean;
   try { isDir = statSync(source).isDirectory(); } catch { throw new Error(`${what}: no file or folder ${source}`); }
-  const file = isDir ? join(source, options.weightName ?? LORA_WEIGHT_NAME) : source;
+  const file = isDir ? join(source, checkPlainName('weightName', options.weightName ?? LORA_WEIGHT_NAME)) : source;
   let tensors: Map<string, Tensor>;
   try {
     assertRegularFile(file, 'LoRA file');

@@ -2,6 +2,7 @@
 // the file, as diffusers' save_lora_weights writes it. Reading files back: load.ts.
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { checkPlainName } from '../io/hub.js';
 import { saveSafetensors } from '../io/safetensors.js';
 import type { Module } from '../nn/module.js';
 import { tidy } from '../scope.js';
@@ -57,7 +58,7 @@ export interface SaveLoraOptions {
 export function saveLoraWeights(dir: string, model: Module, options: SaveLoraOptions = {}): string {
   const format = options.format ?? 'diffusers';
   if (format !== 'diffusers' && format !== 'kohya') throw new TypeError(`saveLoraWeights: unknown format '${String(format)}'`);
-  const file = join(dir, options.weightName ?? LORA_WEIGHT_NAME);
+  const file = join(dir, checkPlainName('weightName', options.weightName ?? LORA_WEIGHT_NAME));
   let metadata: Record<string, string> = { format: 'pt' };
   if (format === 'kohya') {
     metadata = { ss_network_module: 'networks.lora' };
