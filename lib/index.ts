@@ -8,7 +8,7 @@ import { dispose, emptyCache, keep, memory, tidy } from './scope.js';
 import { autocast, enableGrad, inferenceMode, isAutocastEnabled, isGradEnabled, noGrad } from './autograd.js';
 import { Generator, defaultGenerator, manualSeed } from './random.js';
 import { native } from './native.js';
-import { checkpoint } from './checkpoint.js';
+import { checkpoint } from './gradient_checkpointing.js';
 
 export const torch = {
   ...creation,

@@ -5,7 +5,7 @@
 import { join } from 'node:path';
 import * as torch from '../torch.js';
 import { isGradEnabled } from '../autograd.js';
-import { checkpoint } from '../checkpoint.js';
+import { checkpoint } from '../gradient_checkpointing.js';
 import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { Conv2d, GroupNorm } from '../nn/layers.js';

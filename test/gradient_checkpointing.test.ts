@@ -1,7 +1,7 @@
 // Gradient checkpointing: gradients equal the plain computation's (bit for bit on CPU), also with dropout
 // (random state replayed), autocast, parameters captured by closure, and inputs that need no grad.
 import { describe, expect, it } from 'vitest';
-import { checkpoint } from '../lib/checkpoint.js';
+import { checkpoint } from '../lib/gradient_checkpointing.js';
 import { autocast } from '../lib/autograd.js';
 import * as F from '../lib/functional.js';
 import { Linear } from '../lib/nn/layers.js';
