@@ -100,6 +100,12 @@ describe('difflora launch: arguments', () => {
     const { out, io } = capture({ WORLD_SIZE: '2', RANK: 'x', MASTER_ADDR: '127.0.0.1', MASTER_PORT: '1' });
     expect(await main(['dist-check'], io)).toBe(2);
     expect(out.stderr).toMatch(/RANK='x' is not an integer in \[0, 1\]/);
+    const bad = capture();
+    expect(await main(['dist-check', '--bogus'], bad.io)).toBe(2);
+    expect(bad.out.stderr).toMatch(/Unknown argument: bogus/);
+    const help = capture();
+    expect(await main(['dist-check', '--help'], help.io)).toBe(0);
+    expect(help.out.stdout).toMatch(/Usage: difflora launch --num_processes N dist-check/);
   });
 });
 
@@ -178,6 +184,18 @@ describe('difflora launch: processes', () => {
     expect(m0.stdout).toMatch(/dist-check: rank 0\/2 joined .*local rank 0\/1/);
     expect(m1.stdout).toMatch(/dist-check: rank 1\/2 joined .*local rank 0\/1/);
     expect(m1.stdout).toContain('dist-check: rank 1/2: all-reduce sum ok, avg ok, broadcast ok, all-gather ok, barrier ok');
+  });
+
+  it('machines started with different command flags fail to join, both naming the difference', async () => {
+    const port = await freePort();
+    const machine = (rank: number, seconds: string) => spawnCli(['launch', '--num_processes', '2', '--num_machines', '2', '--machine_rank', String(rank),
+      '--main_process_ip', '127.0.0.1', '--main_process_port', String(port), '--timeout', '10', 'dist-check', '--seconds', seconds]).done;
+    const [m0, m1] = await Promise.all([machine(0, '0'), machine(1, '1')]);
+    for (const m of [m0, m1]) {
+      expect(m.code).toBe(1);
+      expect(m.stderr).toMatch(/the ranks were started differently: rank 0: 'dist-check --seconds 0', rank 1: 'dist-check --seconds 1'/);
+    }
+    expect(m1.stderr).toMatch(/difflora launch: failed: worker rank 1 \(pid \d+\) exited with code 1/);
   });
 
   it('a rendezvous port already in use is a clear error before any worker starts', async () => {

@@ -96,7 +96,8 @@ export async function runDistCheck(argv: readonly string[], io: Io): Promise<num
   const started = performance.now();
   let pg: ProcessGroup | null;
   try {
-    pg = await initProcessGroupFromEnv({ env: io.env });
+    // ranks started with different flags fail to join, naming both (as train's flags will)
+    pg = await initProcessGroupFromEnv({ env: io.env, fingerprint: `dist-check ${argv.join(' ')}` });
   } catch (e) {
     io.stderr.write(`difflora dist-check: ${e instanceof Error ? e.message : String(e)}\n`);
     return e instanceof DistributedEnvError ? 2 : 1;
