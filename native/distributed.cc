@@ -211,31 +211,6 @@ GroupPtr LiveGroup(const Napi::Value& v, const char* op) {
 
 // ---- rendezvous
 
-// This machine's address on the route to `host` (a UDP "connect" sends nothing; it only picks the route), so Gloo
-// listens where the other machines can reach it. Loopback for a loopback master. Empty when it cannot tell.
-std::string LocalAddressTowards(const std::string& host) {
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_DGRAM;
-  addrinfo* res = nullptr;
-  if (getaddrinfo(host.c_str(), "9", &hints, &res) != 0 || res == nullptr) return "";
-  std::string out;
-  int fd = socket(res->ai_family, SOCK_DGRAM, 0);
-  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
-    sockaddr_storage local{};
-    socklen_t len = sizeof(local);
-    char buf[INET6_ADDRSTRLEN] = {0};
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
-      const void* addr = local.ss_family == AF_INET6 ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr)
-                                                     : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&local)->sin_addr);
-      if (inet_ntop(local.ss_family, addr, buf, sizeof(buf)) != nullptr) out = buf;
-    }
-  }
-  if (fd >= 0) close(fd);
-  freeaddrinfo(res);
-  return out;
-}
-
 std::vector<uint8_t> Bytes(const std::string& s) { return std::vector<uint8_t>(s.begin(), s.end()); }
 std::string Text(const std::vector<uint8_t>& b) { return std::string(b.begin(), b.end()); }
 
@@ -340,6 +315,31 @@ void Join(c10d::Store& store, const JoinOptions& o) {
 }
 
 #ifdef DIFFLORA_GLOO
+// This machine's address on the route to `host` (a UDP "connect" sends nothing; it only picks the route), so Gloo
+// listens where the other machines can reach it. Loopback for a loopback master. Empty when it cannot tell.
+std::string LocalAddressTowards(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (getaddrinfo(host.c_str(), "9", &hints, &res) != 0 || res == nullptr) return "";
+  std::string out;
+  int fd = socket(res->ai_family, SOCK_DGRAM, 0);
+  if (fd >= 0 && connect(fd, res->ai_addr, res->ai_addrlen) == 0) {
+    sockaddr_storage local{};
+    socklen_t len = sizeof(local);
+    char buf[INET6_ADDRSTRLEN] = {0};
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+      const void* addr = local.ss_family == AF_INET6 ? static_cast<const void*>(&reinterpret_cast<sockaddr_in6*>(&local)->sin6_addr)
+                                                     : static_cast<const void*>(&reinterpret_cast<sockaddr_in*>(&local)->sin_addr);
+      if (inet_ntop(local.ss_family, addr, buf, sizeof(buf)) != nullptr) out = buf;
+    }
+  }
+  if (fd >= 0) close(fd);
+  freeaddrinfo(res);
+  return out;
+}
+
 std::shared_ptr<::gloo::transport::Device> GlooDevice(const std::string& masterAddr) {
   const char* iface = std::getenv("GLOO_SOCKET_IFNAME");
   if (iface != nullptr && *iface != '\0') {

@@ -94,16 +94,17 @@ export async function runDistCheck(argv: readonly string[], io: Io): Promise<num
     return 2;
   }
   const started = performance.now();
-  let pg: ProcessGroup | null;
+  let pg: ProcessGroup;
+  let alone = false;
   try {
     // ranks started with different flags fail to join, naming both (as train's flags will)
-    pg = await initProcessGroupFromEnv({ env: io.env, fingerprint: `dist-check ${argv.join(' ')}` });
+    const joined = await initProcessGroupFromEnv({ env: io.env, fingerprint: `dist-check ${argv.join(' ')}` });
+    alone = joined === null;
+    pg = joined ?? await ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort: 0, worldSize: 1, rank: 0 });
   } catch (e) {
     io.stderr.write(`difflora dist-check: ${e instanceof Error ? e.message : String(e)}\n`);
     return e instanceof DistributedEnvError ? 2 : 1;
   }
-  const alone = pg === null;
-  pg ??= await ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort: 0, worldSize: 1, rank: 0 });
   const torch = await import('../torch.js');
   const tag = `dist-check: rank ${pg.rank}/${pg.worldSize}`;
   try {
