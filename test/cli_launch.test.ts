@@ -46,11 +46,13 @@ describe('difflora launch: arguments', () => {
 
   it('parses accelerate\'s flags', async () => {
     const a = await parseLaunchArgs(['--num_processes', '4', '--num_machines', '2', '--machine_rank', '1', '--main_process_ip', '10.0.0.1',
-      '--main_process_port', '1234', '--mixed_precision', 'bf16', '--gpu_ids', '0,1', '--multi_gpu', '--timeout', '30', 'train', '--lr=1']);
+      '--main_process_port', '1234', '--gpu_ids', '0,1', '--multi_gpu', '--timeout', '30', 'dist-check', '--seconds=1']);
     expect(a).toEqual({
       numProcesses: 4, numMachines: 2, machineRank: 1, mainProcessIp: '10.0.0.1', mainProcessPort: 1234, multiGpu: true,
-      mixedPrecision: 'bf16', gpuIds: '0,1', timeout: 30, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'],
+      mixedPrecision: undefined, gpuIds: '0,1', timeout: 30, command: 'dist-check', commandArgs: ['--seconds=1'],
     });
+    const t = await parseLaunchArgs(['--mixed_precision', 'bf16', 'train', '--lr=1']);
+    expect(t).toMatchObject({ numProcesses: 1, mainProcessIp: '127.0.0.1', mainProcessPort: 29500, timeout: 60, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'] });
   });
 
   it('gives each local worker its ranks and the rendezvous', () => {
@@ -80,9 +82,10 @@ describe('difflora launch: arguments', () => {
       [['--mixed_precision', 'bf16', 'dist-check'], /--mixed_precision applies to train and generate, not 'dist-check'/],
       [['--mixed_precision', 'bf16', 'train', '--mixed_precision=fp16'], /--mixed_precision=bf16 conflicts with the command's own --mixed_precision=fp16/],
       [['--gpu_ids', 'a,b', 'train'], /--gpu_ids 'a,b' must be 'all' or GPU indices/],
-      [['--num_processes', '2', '--multi_gpu', '--gpu_ids', '0', 'train'], /lists fewer GPUs than the 2 workers/],
+      [['--num_processes', '2', '--multi_gpu', '--gpu_ids', '0', 'dist-check'], /lists fewer GPUs than the 2 workers/],
       [['--timeout', '0', 'dist-check'], /--timeout must be a number of seconds/],
       [['launch'], /launch cannot start launch/],
+      [['--num_processes', '2', 'train', '--max_train_steps=1'], /'train' does not run as several processes yet \(it would run 2 independent copies\)/],
     ];
     for (const [argv, message] of cases) {
       const { out, io } = capture();

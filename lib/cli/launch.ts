@@ -66,6 +66,13 @@ export async function launchHelp(): Promise<string> {
   return launchParser([]).getHelp();
 }
 
+/**
+ * The commands that join the process group. Several copies of any other command would each run alone (train would
+ * have every copy write the same output folder), so launch refuses them above one process. `train` joins this list
+ * when its loop shards the data and averages gradients.
+ */
+export const DISTRIBUTED_COMMANDS: ReadonlySet<string> = new Set(['dist-check']);
+
 const BOOLEAN_FLAGS = new Set(['multi_gpu']);
 const VALUE_FLAGS = new Set(['num_processes', 'num_machines', 'machine_rank', 'main_process_ip', 'main_process_port', 'mixed_precision', 'gpu_ids', 'timeout']);
 
@@ -117,6 +124,10 @@ export async function parseLaunchArgs(argv: readonly string[]): Promise<LaunchAr
   if (command === undefined) throw new UsageError("give the command to run, e.g. 'difflora launch --num_processes 2 train --pretrained_model_name_or_path=…'");
   if (command === 'launch') throw new UsageError('launch cannot start launch');
   const numProcesses = integer(p.num_processes, 'num_processes', 1, 4096);
+  if (numProcesses > 1 && !DISTRIBUTED_COMMANDS.has(command)) {
+    throw new UsageError(`'${command}' does not run as several processes yet (it would run ${numProcesses} independent copies); `
+      + `commands that do: ${[...DISTRIBUTED_COMMANDS].join(', ')}`);
+  }
   const numMachines = integer(p.num_machines, 'num_machines', 1, numProcesses);
   if (numProcesses % numMachines !== 0) {
     throw new UsageError(`--num_processes ${numProcesses} is not a multiple of --num_machines ${numMachines} (each machine starts the same number of workers)`);
