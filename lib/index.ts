@@ -94,3 +94,7 @@ export type { TrainingStep } from './training/step.js';
 
 // ---- Logging
 export { TensorBoardWriter, readTensorBoardEvents } from './logging/tensorboard.js';
+
+// ---- Distributed (c10d process groups; `difflora launch` starts the processes)
+export { ProcessGroup, Work, DistributedEnvError, distributedAvailable, distributedEnv, initProcessGroupFromEnv, watchLauncher, DEFAULT_TIMEOUT_MS } from './distributed/process_group.js';
+export type { Backend, ReduceOp, ProcessGroupOptions, DistributedEnv, InitFromEnvOptions } from './distributed/process_group.js';

@@ -40,6 +40,21 @@ export interface NativeInfo {
   numInteropThreads: number; parallelInfo: string; mkldnn: boolean; allocator: string;
 }
 
+/** A c10d process group (native/distributed.cc), held by lib/distributed/process_group.ts's ProcessGroup. */
+export type NativeProcessGroup = { readonly __nativeProcessGroup: unique symbol };
+/** A collective in flight; workWait settles when it finished on this rank. */
+export type NativeWork = { readonly __nativeWork: unique symbol };
+
+export interface NativeProcessGroupOptions {
+  backend: 'gloo' | 'nccl'; masterAddr: string; masterPort: number; worldSize: number; rank: number; timeoutMs: number;
+  /** Hosts the rendezvous store (default: rank 0). */
+  isServer?: boolean;
+  /** A description of how this process was started; every rank must give the same one. */
+  fingerprint?: string;
+  /** Where barrier and allGather buffers live: 'cpu' for gloo, this rank's GPU for nccl. */
+  device?: string;
+}
+
 export interface NativeAddon {
   TensorHandle: new () => NativeTensorHandle;
   setTensorClass(cls: new () => NativeTensorHandle): void;
@@ -88,6 +103,17 @@ export interface NativeAddon {
   fromBuffer(data: ArrayBufferView, dtypeCode: number, shape: number[], device?: string): NativeTensorHandle;
   setAllowTF32(on: boolean): boolean;
   synchronize(): void;
+  // distributed.cc (createProcessGroup rejects with what to install when this build has no distributed support)
+  distributedInfo(): { gloo: boolean; nccl: boolean };
+  createProcessGroup(options: NativeProcessGroupOptions): Promise<{ handle: NativeProcessGroup; where: string }>;
+  allReduce(group: NativeProcessGroup, tensors: NativeTensorHandle[], op: 'sum' | 'avg'): NativeWork;
+  broadcast(group: NativeProcessGroup, tensors: NativeTensorHandle[], root: number): NativeWork;
+  allGather(group: NativeProcessGroup, tensor: NativeTensorHandle): NativeWork;
+  barrier(group: NativeProcessGroup): NativeWork;
+  /** Resolves with allGather's tensors (one per rank; [] for the other collectives). */
+  workWait(work: NativeWork): Promise<NativeTensorHandle[]>;
+  workIsCompleted(work: NativeWork): boolean;
+  destroyProcessGroup(group: NativeProcessGroup): void;
 }
 
 const packageRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..');

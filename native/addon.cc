@@ -27,6 +27,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitSafetensors(env, exports);
   InitRuntime(env, exports);
   InitCheckpoint(env, exports);
+  InitDistributed(env, exports);
   return exports;
 }
 

@@ -28,6 +28,9 @@ if [[ -z "${LIBTORCH:-}${TORCH_DIR:-}" ]] && ! python3 -c 'import torch' >/dev/n
   # Debian's libtorch links libblas.so.3, which is the slow reference BLAS unless OpenBLAS provides it
   # (measured: 64x320 @ 320x320 fp32 matmul 2.5 ms with reference BLAS, 71 us with OpenBLAS).
   have_pkg libopenblas0-pthread || have_pkg libopenblas0-openmp || have_pkg libopenblas0-serial || need_apt+=(libopenblas0-pthread)
+  # Debian's libtorch has c10d with Gloo, but gloo's headers come apart; without them the addon builds without
+  # distributed support (difflora launch, ProcessGroup).
+  have_pkg libgloo-dev || need_apt+=(libgloo-dev)
 fi
 # Jupyter: Debian's packages live in /usr/bin/python3 (another python3 may come first on PATH)
 jupyter_python() {

@@ -1,10 +1,11 @@
 #!/usr/bin/env node
 // The one place that locates libtorch, for both builds: $LIBTORCH / $TORCH_DIR, a PyTorch install, then the
 // system (Debian's libtorch-dev). Prints the CMake prefix (CMakeLists.txt), or libtorch's include dirs, link
-// flags, defines (C++ ABI, CUDA) and the addon's sources (binding.gyp).
+// flags, defines (C++ ABI, CUDA, c10d backends) and the addon's sources (binding.gyp), and the include dirs of the
+// distributed backends' own headers (both builds).
 'use strict';
 const { execFileSync } = require('node:child_process');
-const { existsSync, readdirSync } = require('node:fs');
+const { existsSync, readdirSync, readFileSync } = require('node:fs');
 const { join, resolve } = require('node:path');
 
 function fromPython() {
@@ -17,6 +18,46 @@ function fromPython() {
   } catch {
     return null;
   }
+}
+
+/** The cmake dir of a libtorch (Caffe2Targets.cmake lists the defines c10d's headers need). */
+function caffe2Targets(t) {
+  const arch = { x64: 'x86_64', arm64: 'aarch64' }[process.arch] || process.arch;
+  const dirs = [join(t.lib, '..', 'share', 'cmake', 'Caffe2'), join(t.include, '..', 'share', 'cmake', 'Caffe2'),
+    `/usr/lib/${arch}-linux-gnu/cmake/Caffe2`];
+  return dirs.map((d) => join(d, 'Caffe2Targets.cmake')).find((f) => existsSync(f));
+}
+
+/**
+ * USE_DISTRIBUTED / USE_C10D_GLOO / USE_C10D_NCCL as libtorch was built (CMake's Torch targets carry them;
+ * node-gyp needs them spelled out, or c10d's headers compile to nothing).
+ */
+function distributedDefines(t) {
+  const file = caffe2Targets(t);
+  if (!file) return [];
+  const text = readFileSync(file, 'utf8');
+  const found = new Set();
+  for (const m of text.matchAll(/INTERFACE_COMPILE_DEFINITIONS "([^"]*)"/g)) {
+    for (const d of m[1].split(';')) if (/^USE_(DISTRIBUTED|C10D_[A-Z]+)$/.test(d)) found.add(d);
+  }
+  return [...found];
+}
+
+/**
+ * Include dirs of the distributed backends' own headers, when not already beside libtorch's: $GLOO_INCLUDE_DIR,
+ * $NCCL_INCLUDE_DIR, and the nccl.h of PyTorch's pip install (nvidia-nccl). Debian's gloo headers (libgloo-dev)
+ * are in /usr/include and need nothing.
+ */
+function distributedIncludes() {
+  const dirs = [process.env.GLOO_INCLUDE_DIR, process.env.NCCL_INCLUDE_DIR].filter((d) => d && existsSync(d));
+  try {
+    const out = execFileSync('python3', ['-c', 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "include"))'],
+      { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    if (out && existsSync(join(out, 'nccl.h'))) dirs.push(out);
+  } catch {
+    // no pip NCCL: a CUDA libtorch elsewhere brings nccl.h with the CUDA toolkit, or NCCL_INCLUDE_DIR says where
+  }
+  return dirs;
 }
 
 function locate() {
@@ -32,6 +73,10 @@ function locate() {
 }
 
 const what = process.argv[2];
+if (what === 'dist-include') {
+  console.log(distributedIncludes().join(' '));
+  process.exit(0);
+}
 if (what === 'sources') {
   const dir = resolve(__dirname, '..', 'native');
   console.log(readdirSync(dir).filter((f) => f.endsWith('.cc') && !f.startsWith('test_')).map((f) => `native/${f}`).join(' '));
@@ -43,7 +88,7 @@ if (what === 'cmake-prefix') {
 } else if (what === 'include') {
   const cudaHome = process.env.CUDA_HOME || '/usr/local/cuda';
   const cudaInclude = existsSync(join(t.lib, 'libtorch_cuda.so')) && existsSync(join(cudaHome, 'include')) ? [join(cudaHome, 'include')] : [];
-  console.log([t.include, join(t.include, 'torch/csrc/api/include'), ...cudaInclude].join(' '));
+  console.log([t.include, join(t.include, 'torch/csrc/api/include'), ...cudaInclude, ...distributedIncludes()].join(' '));
 } else if (what === 'libs') {
   const libs = ['torch', 'torch_cpu', 'c10'];
   for (const extra of ['torch_cuda', 'c10_cuda']) {
@@ -54,8 +99,8 @@ if (what === 'cmake-prefix') {
 } else if (what === 'defines') {
   // DIFFLORA_WITH_CUDA enables the CUDA allocator counters (needs the CUDA toolkit's headers).
   const cuda = existsSync(join(t.lib, 'libtorch_cuda.so'));
-  console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...(cuda ? ['DIFFLORA_WITH_CUDA'] : [])].join(' '));
+  console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...(cuda ? ['DIFFLORA_WITH_CUDA'] : []), ...distributedDefines(t)].join(' '));
 } else {
-  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources');
+  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources|dist-include');
   process.exit(2);
 }

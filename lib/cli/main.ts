@@ -208,6 +208,7 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
     if (command === 'train') return await runTrain(rest, io, options.loadTrainer ?? defaultLoadTrainer);
     if (command === 'generate') return await (await import('./generate.js')).runGenerate(rest, io);
     if (command === 'convert-lora') return await (await import('./generate.js')).runConvertLora(rest, io);
+    if (command === 'launch' || command === 'dist-check') return await (await import('./launch.js')).runDistributedCommand(command, rest, io);
     if (command === 'env') {
       if (rest.length > 0) throw new UsageError(`difflora env takes no arguments (got '${rest.join(' ')}')`);
       return await runEnv(io, options.loadNativeInfo ?? defaultLoadNativeInfo);
