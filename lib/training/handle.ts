@@ -38,13 +38,15 @@ export interface TrainHooks {
   signal?: AbortSignal;
   /** Called after every optimizer step (the same as a 'progress' listener). */
   onProgress?: (p: TrainProgress) => void;
+  /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside). */
+  onNotice?: (message: string) => void;
 }
 
 class Run extends EventEmitter implements TrainingRun {
   readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
-  constructor(options: TrainOptions, outer?: AbortSignal) {
+  constructor(options: TrainOptions, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
     super();
     if (outer) {
       if (outer.aborted) this.controller.abort(outer.reason);
@@ -59,6 +61,7 @@ class Run extends EventEmitter implements TrainingRun {
         const r = await runTraining(options, {
           signal: this.controller.signal,
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
+          onNotice: (m) => this.onNotice?.(m),
         });
         const seconds = (Date.now() - started) / 1000;
         const tail = losses.slice(-Math.max(1, Math.ceil(losses.length / 10)));
@@ -86,7 +89,7 @@ class Run extends EventEmitter implements TrainingRun {
  * with the run's handle; `await` it for the result and metrics.
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
-  const run = new Run(options, hooks.signal);
+  const run = new Run(options, hooks.signal, hooks.onNotice);
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
   return run;
 }
