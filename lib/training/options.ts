@@ -23,6 +23,8 @@ export const MAX_RESOLUTION = 4096;
 export const MAX_DATALOADER_WORKERS = 64;
 /** Most --num_validation_images per validation (each is a 30-step generation). */
 export const MAX_VALIDATION_IMAGES = 64;
+/** The largest float32: the optimizer and the loss compute in float32, so a larger value overflows there. */
+const FLOAT32_MAX = 3.4028234663852886e38;
 /** The polynomial schedule's end LR (get_scheduler's lr_end): the base LR must exceed it. */
 const POLYNOMIAL_LR_END = 1e-7;
 
@@ -126,7 +128,8 @@ function problemOf(rule: Rule, v: unknown): string | undefined {
     case 'float': {
       const d = FLOAT_DOMAINS[rule.domain];
       if (typeof v !== 'number') return `must be ${d.text}, got ${showValue(v)}`;
-      return Number.isFinite(v) && d.test(v) ? undefined : `must be ${d.text}, got ${showValue(v)}`;
+      if (!Number.isFinite(v) || !d.test(v)) return `must be ${d.text}, got ${showValue(v)}`;
+      return Math.abs(v) <= FLOAT32_MAX ? undefined : `must be at most ${FLOAT32_MAX} (training computes in float32), got ${v}`;
     }
     case 'int': {
       if (typeof v !== 'number' || !Number.isFinite(v) || !Number.isInteger(v)) return `must be a whole number, got ${showValue(v)}`;

@@ -228,17 +228,20 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
 
     // 4. resume: every piece of state checked, then restored, so the run continues as if never stopped
     let epoch = 0;
+    /** The newest whole checkpoint (this run's, or the one it resumed from): named when the run fails. */
+    let lastSaved: string | undefined;
     if (o.resumeFromCheckpoint) {
       const path = resolveCheckpoint(outputDir, o.resumeFromCheckpoint);
       const run = { maxTrainSteps: steps.maxTrainSteps, numTrainEpochs: steps.numTrainEpochs, accumulationSteps: accumulation, numParams: params.length, datasetLength: data.datasetLength };
       const resumed = restoreCheckpoint(path, run, { lora, optimizer, accumulator, scaler, data, generators });
       epoch = resumed.epoch;
+      lastSaved = path;
       metrics.resumedFrom(resumed.globalStep);
     }
 
     // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
     const saved: string[] = [];
-    const lastCheckpoint = () => (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : '');
+    const lastCheckpoint = () => (lastSaved ? `; the last checkpoint is ${lastSaved}` : '');
     // TensorBoard's event file is created with the first value logged: a run failing before it writes nothing
     const logs = (): TensorBoardWriter | null => ((o.reportTo ?? 'tensorboard') === 'tensorboard'
       ? (logsWriter ??= new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs'))) : null);
@@ -247,15 +250,15 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       try { write(); } catch (e) { throw new Error(`cannot write ${file() ?? 'the logs'}: ${(e as Error).message}${lastCheckpoint()}`); }
     };
     // nothing non-finite is ever saved: a diverged update with a still-finite loss stops here, naming the step
-    const assertFiniteWeights = () => {
+    const assertFiniteWeights = (atEpoch: number) => {
       const bad = firstNonFinite(lora.namedParameters());
       if (bad !== undefined) {
-        throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${accumulator.state.globalStep} (epoch ${epoch}): ` +
+        throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${accumulator.state.globalStep} (epoch ${atEpoch}): ` +
           `the training diverged (lower --learning_rate?); nothing more was saved${lastCheckpoint()}`);
       }
     };
     const checkpointNow = () => {
-      assertFiniteWeights();
+      assertFiniteWeights(epoch);
       const tensors = new Map<string, Tensor>();
       const opt = optimizer.stateDict();
       for (const [k, t] of opt.tensors) tensors.set(`optimizer.${k}`, t);
@@ -264,7 +267,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
       try {
         const state: TrainingState = { accumulator: { ...accumulator.state }, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data!.state(), epoch };
-        saved.push(saveCheckpoint(outputDir, accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, unet)));
+        lastSaved = saveCheckpoint(outputDir, accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, unet));
+        saved.push(lastSaved);
       } catch (e) {
         throw new Error(`${(e as Error).message}${lastCheckpoint()}`);
       } finally {
@@ -297,7 +301,12 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         }
         lastLoss = loss;
         trainLoss += loss / accumulation;
-        const r = accumulator.afterBackward();
+        let r: ReturnType<Accumulator['afterBackward']>;
+        try { r = accumulator.afterBackward(); } catch (e) {
+          // e.g. a step size lr / (1 − β1^t) beyond float32: name the settings that produced it
+          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with --learning_rate=${baseLr} --adam_beta1=${o.adamBeta1 ?? 0.9} ` +
+            `--adam_beta2=${o.adamBeta2 ?? 0.999} --adam_weight_decay=${o.adamWeightDecay ?? 1e-2}: ${(e as Error).message}${lastCheckpoint()}`);
+        }
         if (!r) continue;
         const step = accumulator.state.globalStep;
         logged(() => logs()?.path, () => logs()?.addScalar('train_loss', trainLoss, step));
@@ -323,7 +332,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       if (accumulator.state.globalStep < steps.maxTrainSteps) data.nextEpoch();
     }
     // 6. the result, in diffusers' format
-    assertFiniteWeights();
+    assertFiniteWeights(lastEpoch);
     const outputFile = saveLoraWeights(outputDir, unet);
     // final inference as the script: the base pipeline loaded afresh, with the saved file through loadLoraWeights
     let validationImages: string[] = [];
