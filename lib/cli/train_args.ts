@@ -241,17 +241,23 @@ function checkToken(argv: readonly string[], i: number): { problem?: string; use
 
 /**
  * What yargs cannot say the way argparse does: unknown flags with a suggestion, a flag missing its value,
- * numbers that are not numbers, a value given to a switch, stray positional arguments. Every such problem
- * of the command line is listed in one UsageError.
+ * numbers that are not numbers, a value given to a switch, stray positional arguments. Throws at once for a
+ * command line yargs cannot parse (unknown flags, stray arguments); returns the problems with values, which
+ * parseTrainArgs lists together with the other flags' domain problems.
  */
-function checkTokens(argv: readonly string[]): void {
+function checkTokens(argv: readonly string[]): string[] {
   const problems: string[] = [];
+  let unparseable = false;
   for (let i = 0; i < argv.length;) {
     const { problem, used } = checkToken(argv, i);
-    if (problem !== undefined) problems.push(problem);
+    if (problem !== undefined) {
+      problems.push(problem);
+      if (!problem.startsWith('--')) unparseable = true; // an unknown flag or a stray argument
+    }
     i += used;
   }
-  if (problems.length) throw new UsageError(formatProblems(problems, 'command line'));
+  if (unparseable) throw new UsageError(formatProblems(problems, 'command line'));
+  return problems;
 }
 
 /** The yargs parser for the flags (also the source of `difflora train --help`). */
@@ -300,7 +306,7 @@ function need<T>(v: T | undefined, k: string): T {
  * the script. Throws UsageError for anything the script would reject and for flags that cannot act here.
  */
 export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): TrainArgs {
-  checkTokens(argv);
+  const tokenProblems = checkTokens(argv);
   const r = trainParser(argv).parseSync() as Record<string, unknown>;
   const warnings: string[] = [];
 
@@ -385,8 +391,12 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
   };
   // every value in its domain (the library checks the same), all problems at once
-  const problems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
-  if (!Number.isSafeInteger(localRank)) problems.push(`--local_rank must be a whole number, got ${localRank}`);
+  const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
+  // a flag whose value is not even a number is said once, by the token check
+  const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];
+  const named = new Set(tokenProblems.map(flagOfProblem));
+  const problems = [...tokenProblems, ...domainProblems.filter((p) => !named.has(flagOfProblem(p)))];
   if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
   return args;
 }

@@ -252,10 +252,11 @@ export function resolveCheckpoint(outputDir: string, which: string): string {
 }
 
 /**
- * Reads checkpoint `path` (resolveCheckpoint): its state parsed and checked against `run` (parseTrainingState)
- * and its tensors loaded (the caller checks them with checkTensors and owns them). Nothing is changed.
+ * Reads and checks the state of checkpoint `path` (resolveCheckpoint) without loading its tensors: the run
+ * calls it before loading any model, so a corrupt checkpoint fails fast, and again with `run` once the data
+ * is known (parseTrainingState).
  */
-export function loadCheckpoint(path: string, run?: ResumingRun): CheckpointContents {
+export function readTrainingState(path: string, run?: ResumingRun): TrainingState {
   const stateFile = join(path, STATE);
   const tensorsFile = join(path, TENSORS);
   if (!existsSync(stateFile) || !existsSync(tensorsFile)) {
@@ -263,7 +264,16 @@ export function loadCheckpoint(path: string, run?: ResumingRun): CheckpointConte
   }
   const state = parseTrainingState(readJsonObject(stateFile, 'training state', 16 * 1024 * 1024), stateFile, run);
   assertRegularFile(tensorsFile, 'checkpoint tensors');
-  const { tensors } = loadSafetensors(tensorsFile);
+  return state;
+}
+
+/**
+ * Reads checkpoint `path`: its state parsed and checked against `run` (readTrainingState) and its tensors
+ * loaded (the caller checks them with checkTensors and owns them). Nothing is changed.
+ */
+export function loadCheckpoint(path: string, run?: ResumingRun): CheckpointContents {
+  const state = readTrainingState(path, run);
+  const { tensors } = loadSafetensors(join(path, TENSORS));
   return { tensors, state };
 }
 

@@ -20,7 +20,7 @@ import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
 import {
   checkOutputDir, checkTensors, disposeCheckpoint, ensureWritableDir, firstNonFinite, loadCheckpoint, pruneCheckpoints,
-  removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
+  readTrainingState, removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
 } from './checkpoint.js';
 import { MetricsLog } from './metrics.js';
 import { TrainOptionsError, validateTrainOptions } from './options.js';
@@ -183,6 +183,9 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
   const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
   const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const metrics = new MetricsLog(join(outputDir, 'metrics.jsonl'), hooks.onNotice); // a FIFO there is refused now
+  // a checkpoint to resume from is read and checked before the models load (again against the data later)
+  const resumeFrom = o.resumeFromCheckpoint ? resolveCheckpoint(outputDir, o.resumeFromCheckpoint) : undefined;
+  if (resumeFrom !== undefined) readTrainingState(resumeFrom);
   if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
   if (o.allowTf32) native.setAllowTF32(true);
 
@@ -230,8 +233,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     let epoch = 0;
     /** The newest whole checkpoint (this run's, or the one it resumed from): named when the run fails. */
     let lastSaved: string | undefined;
-    if (o.resumeFromCheckpoint) {
-      const path = resolveCheckpoint(outputDir, o.resumeFromCheckpoint);
+    if (resumeFrom !== undefined) {
+      const path = resumeFrom;
       const run = { maxTrainSteps: steps.maxTrainSteps, numTrainEpochs: steps.numTrainEpochs, accumulationSteps: accumulation, numParams: params.length, datasetLength: data.datasetLength };
       const resumed = restoreCheckpoint(path, run, { lora, optimizer, accumulator, scaler, data, generators });
       epoch = resumed.epoch;
