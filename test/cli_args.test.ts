@@ -193,6 +193,8 @@ describe('parseTrainArgs', () => {
       ['--seed=-1', /--seed must be at least 0, got -1/],
       ['--output_dir=', /--output_dir must not be empty/],
       ['--rank=0', /--rank must be at least 1, got 0/],
+      // the script's torchvision choices without a libvips kernel here: refused at once, not after loading the model
+      ['--image_interpolation_mode=box', /--image_interpolation_mode must be one of bicubic, bilinear, lanczos, nearest, got "box"/],
     ];
     for (const [flag, message] of cases) expect(usageError(() => parse(flag)).message, flag).toMatch(message);
     const all = usageError(() => parse('--learning_rate=1e309', '--max_grad_norm=-1', '--resolution=30', '--seed=-1')).message;

@@ -12,6 +12,8 @@ export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
 export const PREDICTION_TYPE_CHOICES = ['epsilon', 'v_prediction'] as const;
 /** torchvision's `InterpolationMode` members, lower-cased (the script builds its choices the same way). */
 export const INTERPOLATION_CHOICES = ['bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest', 'nearest_exact'] as const;
+/** The interpolations the image loader implements (libvips kernels); the script's other choices are refused. */
+export const SUPPORTED_INTERPOLATIONS = ['bicubic', 'bilinear', 'lanczos', 'nearest'] as const;
 export const REPORT_TO_CHOICES = ['tensorboard', 'wandb', 'comet_ml', 'all'] as const;
 
 /** Largest --resolution: 4096 px is 8× SD 1.5's and 4× SDXL's; beyond it one image's activations exceed any GPU. */
@@ -53,7 +55,7 @@ const RULES: Readonly<Record<string, Rule>> = {
   resolution: int(8, { max: MAX_RESOLUTION, multipleOf: 8, why: 'the VAE works on 8×8 pixel blocks' }),
   centerCrop: bool,
   randomFlip: bool,
-  imageInterpolationMode: str({ choices: INTERPOLATION_CHOICES }),
+  imageInterpolationMode: str({ choices: SUPPORTED_INTERPOLATIONS }),
   dataloaderNumWorkers: int(0, { max: MAX_DATALOADER_WORKERS, why: 'each worker decodes 2 batches ahead; more only fill memory' }),
   skipBrokenImages: bool,
   rank: int(1),
