@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
+import { checkDeviceAvailable } from '../lib/training/options.js';
 import { kohyaToModulePath } from '../lib/lora/convert.js';
 import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
 import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
@@ -147,6 +148,16 @@ describe('difflora generate', () => {
     }
     expect(lstatSync(fifo).isFIFO()).toBe(true);
     expect(readFileSync(blocker, 'utf8')).toBe('keep');
+  });
+
+  it('refuses a --device this machine does not have, naming it, instead of a kernel-dispatch error', async () => {
+    const c = capture();
+    expect(await main([...base, '--device=cuda:99', `--output=${join(tmp, 'nodevice.png')}`], c.io)).toBe(1);
+    expect(c.err()).toMatch(/--device=cuda:99: (this libtorch has no CUDA or sees no GPU|there (is 1 CUDA device|are \d+ CUDA devices))/);
+    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 1 })).toThrow('--device=cuda:1: there is 1 CUDA device (cuda:0)');
+    expect(() => checkDeviceAvailable('cuda', { cudaAvailable: false, cudaDeviceCount: 0 })).toThrow(/--device=cuda: this libtorch has no CUDA/);
+    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 2 })).not.toThrow();
+    expect(() => checkDeviceAvailable('cpu', { cudaAvailable: false, cudaDeviceCount: 0 })).not.toThrow();
   });
 
   it('exits 1 naming the problem for a LoRA of another model, and writes nothing', async () => {

@@ -6,7 +6,7 @@ import { basename, dirname, extname, join } from 'node:path';
 import yargs from 'yargs';
 import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
-import { formatProblems } from '../training/options.js';
+import { checkDeviceAvailable, formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
 
 export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
@@ -224,6 +224,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   }
   const a = parseGenerateArgs(argv);
   checkImageOutputs(outputPaths(a.output, a.numImages)); // before the model is loaded: nothing is replaced
+  checkDeviceAvailable(a.device, (await import('../native.js')).native.info());
   const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');

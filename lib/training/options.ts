@@ -190,3 +190,15 @@ export function validateTrainOptions(o: unknown): void {
   }
   if (problems.length) throw new TrainOptionsError(problems);
 }
+
+/**
+ * Whether `device` ('cpu', 'cuda', 'cuda:N') exists on this machine (libtorch's info()); throws naming the
+ * option and what is there, instead of a kernel-dispatch error from the first tensor made on it.
+ */
+export function checkDeviceAvailable(device: string, info: { cudaAvailable: boolean; cudaDeviceCount: number }, flag = '--device'): void {
+  const m = /^cuda(?::(\d+))?$/.exec(device);
+  if (!m) return;
+  if (!info.cudaAvailable) throw new Error(`${flag}=${device}: this libtorch has no CUDA or sees no GPU (difflora env says which); use 'cpu'`);
+  const index = Number(m[1] ?? 0);
+  if (index >= info.cudaDeviceCount) throw new Error(`${flag}=${device}: there ${info.cudaDeviceCount === 1 ? 'is 1 CUDA device' : `are ${info.cudaDeviceCount} CUDA devices`} (cuda:0${info.cudaDeviceCount > 1 ? `…cuda:${info.cudaDeviceCount - 1}` : ''})`);
+}

@@ -23,7 +23,7 @@ import {
   readTrainingState, removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
 } from './checkpoint.js';
 import { MetricsLog } from './metrics.js';
-import { TrainOptionsError, validateTrainOptions } from './options.js';
+import { TrainOptionsError, checkDeviceAvailable, validateTrainOptions } from './options.js';
 import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
 import { Linear } from '../nn/layers.js';
 import type { Module } from '../nn/module.js';
@@ -98,6 +98,7 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
 export async function runTraining(o: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
   validateTrainOptions(o);
   const device = o.device ?? (native.info().cudaAvailable ? 'cuda:0' : 'cpu');
+  checkDeviceAvailable(device, native.info(), 'device');
   if (o.mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
     throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
   }
