@@ -84,6 +84,7 @@ export type {
 export { trainTextToImageLora, startTraining } from './training/handle.js';
 export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
 export { runTraining, stepsArithmetic } from './training/train.js';
+export { TrainOptionsError, validateTrainOptions } from './training/options.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';

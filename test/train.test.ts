@@ -12,6 +12,7 @@ import * as torch from '../lib/torch.js';
 import { checkTensors, firstNonFinite, parseTrainingState, type ResumingRun } from '../lib/training/checkpoint.js';
 import { TrainOptionsError, validateTrainOptions } from '../lib/training/options.js';
 import { stepsArithmetic, runTraining, type TrainOptions } from '../lib/training/train.js';
+import { trainTextToImageLora } from '../lib/index.js';
 import { treeHashes } from './cli_helpers.js';
 import { bitEqual, fixtures } from './helpers.js';
 
@@ -160,6 +161,10 @@ describe('runTraining refuses bad input before it changes anything', () => {
     expect(() => validateTrainOptions({ outputDir: out })).toThrow(/pretrainedModelNameOrPath \(--pretrained_model_name_or_path\) is required[\s\S]*need either datasetName/);
     expect(() => validateTrainOptions({ ...base(out), lrScheduler: 'polynomial', learningRate: 1e-8 })).toThrow(/above 1e-7/);
     expect(() => validateTrainOptions(base(out))).not.toThrow();
+    // the public handle throws at the call, before any run starts
+    expect(() => trainTextToImageLora({ ...base(out), learningRate: Number.NaN })).toThrow(TrainOptionsError);
+    expect(() => trainTextToImageLora({ ...base(out), learningRate: Number.NaN })).toThrow('learningRate (--learning_rate) must be a finite number > 0, got NaN');
+    expect(existsSync(out)).toBe(false);
   });
 
   it('--rank larger than the smallest adapted layer: named with the layer size; the new output folder is removed again', async () => {

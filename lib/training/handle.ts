@@ -7,6 +7,7 @@
 //   setTimeout(() => run.abort(), 60_000);
 //   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
+import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
 
 export interface TrainMetrics {
@@ -86,9 +87,11 @@ class Run extends EventEmitter implements TrainingRun {
 
 /**
  * Trains a LoRA as diffusers' train_text_to_image_lora.py (options = its flags in camelCase). Returns at once
- * with the run's handle; `await` it for the result and metrics.
+ * with the run's handle; `await` it for the result and metrics. Options outside their domains throw a
+ * TrainOptionsError at once.
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
+  validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
   const run = new Run(options, hooks.signal, hooks.onNotice);
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
   return run;
