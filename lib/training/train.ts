@@ -192,7 +192,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
 
   const owned: { dispose(): void }[] = [];
   const own = <T extends { dispose(): void }>(x: T): T => { owned.push(x); return x; };
-  let data: TrainData | undefined;
+  let opened: TrainData | undefined;
   let logsWriter: TensorBoardWriter | null = null;
   try {
     // 1. models: frozen, in the weight dtype; LoRA parameters in fp32 (attached after the cast)
@@ -212,7 +212,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     const params = lora.parameters();
 
     // 2. data and steps arithmetic
-    data = await openTrainData(o, { tokenizer, device });
+    const data = await openTrainData(o, { tokenizer, device });
+    opened = data;
     const accumulation = o.gradientAccumulationSteps ?? 1;
     const batchSize = o.trainBatchSize ?? 16;
     const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs ?? 100, o.maxTrainSteps);
@@ -270,7 +271,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       const rng = generators.map((g) => g.getState());
       rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
       try {
-        const state: TrainingState = { accumulator: { ...accumulator.state }, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data!.state(), epoch };
+        const state: TrainingState = { accumulator: { ...accumulator.state }, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data.state(), epoch };
         lastSaved = saveCheckpoint(outputDir, accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, unet));
         saved.push(lastSaved);
       } catch (e) {
@@ -308,7 +309,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         let r: ReturnType<Accumulator['afterBackward']>;
         try { r = accumulator.afterBackward(); } catch (e) {
           // e.g. a step size lr / (1 − β1^t) beyond float32: name the settings that produced it
-          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with --learning_rate=${baseLr} --adam_beta1=${o.adamBeta1 ?? 0.9} ` +
+          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with learning rate ${baseLr}${o.scaleLr ? ' (--learning_rate scaled by --scale_lr)' : ''} --adam_beta1=${o.adamBeta1 ?? 0.9} ` +
             `--adam_beta2=${o.adamBeta2 ?? 0.999} --adam_weight_decay=${o.adamWeightDecay ?? 1e-2}: ${(e as Error).message}${lastCheckpoint()}`);
         }
         if (!r) continue;
@@ -362,7 +363,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     return { validationImages, outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved, skippedImages: data.skipped() };
   } finally {
     (logsWriter as TensorBoardWriter | null)?.close();
-    await data?.close();
+    await opened?.close();
     for (const x of owned.reverse()) x.dispose();
   }
 }
