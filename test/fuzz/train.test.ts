@@ -142,7 +142,7 @@ function sweepCase(name: string, inputs: SweepInput[]): FuzzCase {
       const wrong = results.filter((x) => x.code !== 2 || !x.flags.every((f) => x.err.includes(`--${f}`)));
       return wrong.length === 0 || `${wrong.length} of ${results.length} not refused naming the flag: ${wrong.slice(0, 3).map((x) => `[${x.argv.slice(-2).join(' ')}] → ${x.code} ${x.err.split('\n')[0]}`).join('; ')}`;
     },
-    timeoutMs: 60_000,
+    timeoutMs: 30_000,
   };
 }
 
@@ -169,7 +169,7 @@ function resumeSweepCase(name: string, items: { name: string; argv: string[]; er
       const wrong = items.map((item, i) => ({ item, got: results[i]! })).filter(({ item, got }) => got.code !== 1 || !item.error.test(got.err));
       return wrong.length === 0 || wrong.map(({ item, got }) => `${item.name}: exit ${got.code}, ${got.err.split('\n')[0]} (expected ${item.error})`).join('; ');
     },
-    timeoutMs: 90_000,
+    timeoutMs: 60_000,
   };
 }
 
@@ -208,7 +208,7 @@ function libraryOptionsCase(out: string): FuzzCase {
       const wrong = results.filter((x) => !x.message.startsWith('TrainOptionsError: ') || !x.message.includes(x.key));
       return wrong.length === 0 || wrong.map((x) => `${x.key}: ${x.message}`).join('; ');
     },
-    timeoutMs: 60_000,
+    timeoutMs: 30_000,
   };
 }
 
@@ -316,7 +316,7 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
       ['generate --output=/dev/full', [...generateBase, '--output=/dev/full'], /--output '\/dev\/full' exists and is a character device/],
       ['generate --output=<a FIFO>', [...generateBase, `--output=${fifo}`], /--output '.*fifo' exists and is a FIFO/],
     ];
-    for (const [name, argv, error] of cli) cases.push({ name, cli: argv, error, timeoutMs: 60_000 });
+    for (const [name, argv, error] of cli) cases.push({ name, cli: argv, error, timeoutMs: 30_000 });
 
     // every numeric flag with random values outside its domain, many per child
     cases.push(sweepCase('train: random bad values for every numeric flag', sweepInputs(SEED, TRAIN_FLAG_POOLS, trainBase(flagsOut), 3)));
@@ -332,7 +332,7 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
       c.apply(join(out, 'checkpoint-2'));
       untouched.push({ dir: out, before: hashes(out), cases: [c.name] });
       const argv = [...trainBase(out), '--max_train_steps=3', '--resume_from_checkpoint', 'latest'];
-      if (c.example) cases.push({ name: `resume: ${c.name}`, cli: argv, error: c.error, timeoutMs: 60_000 });
+      if (c.example) cases.push({ name: `resume: ${c.name}`, cli: argv, error: c.error, timeoutMs: 30_000 });
       else batches[i % 2]!.push({ name: c.name, argv, error: c.error });
     }
     batches.forEach((b, i) => cases.push(resumeSweepCase(`resume: ${b.length} more corruptions (batch ${i + 1})`, b)));
@@ -345,5 +345,5 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
     expect(counts.crash + counts.hang + counts.silent, failures).toBe(0);
     expect(counts.clean + counts.accepted).toBe(cases.length);
     for (const u of untouched) expect(hashes(u.dir), `${u.cases.join(', ')} changed ${u.dir}`).toEqual(u.before);
-  }, 240_000);
+  }, 300_000);
 });
