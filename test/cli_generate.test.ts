@@ -1,7 +1,7 @@
 // `difflora generate` and `difflora convert-lora` through the CLI entry: images on disk equal to the
 // library's, LoRA files combined with weights, conversions that keep the effective weights, bad input.
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -133,8 +133,15 @@ describe('difflora generate', () => {
     spawnSync('mkfifo', [fifo]);
     const blocker = join(tmp, 'a-file');
     writeFileSync(blocker, 'keep');
+    // a device of our own like /dev/full (or a link to it without root): never the machine's, which a
+    // regressed refusal would replace with a PNG
+    const device = join(tmp, 'full-device');
+    if (spawnSync('mknod', ['-m', '666', device, 'c', '1', '7']).status !== 0) symlinkSync('/dev/full', device);
+    const link = join(tmp, 'full-link');
+    symlinkSync('/dev/full', link);
     const cases: [string, RegExp][] = [
-      ['/dev/full', /--output '\/dev\/full' exists and is a character device, not a regular file/],
+      [device, /--output '.*full-device' (exists and is a character device, not a regular file|is a symbolic link \(to a character device\))/],
+      [link, /--output '.*full-link' is a symbolic link \(to a character device\); refusing to replace it/],
       [fifo, /--output '.*fifo\.png' exists and is a FIFO/],
       [join(blocker, 'x.png'), /--output '.*a-file\/x\.png'/],
     ];
@@ -147,6 +154,7 @@ describe('difflora generate', () => {
       expect(Date.now() - started).toBeLessThan(5000);
     }
     expect(lstatSync(fifo).isFIFO()).toBe(true);
+    expect(lstatSync(link).isSymbolicLink()).toBe(true);
     expect(readFileSync(blocker, 'utf8')).toBe('keep');
   });
 

@@ -7,7 +7,7 @@
 // must be byte-identical afterwards.
 import { spawnSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { cpSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { cpSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -57,6 +57,16 @@ function copyOfReference(name: string): string {
   const dir = join(tmp, name);
   cpSync(reference, dir, { recursive: true });
   return dir;
+}
+
+/**
+ * A character device like /dev/full (1, 7) of our own, in the temp folder, when we may make one (root), and
+ * otherwise a symbolic link to /dev/full. Never the real /dev/full: were a refusal to regress, the atomic
+ * writer would rename a file over the machine's device node.
+ */
+function privateFullDevice(path: string): string {
+  if (spawnSync('mknod', ['-m', '666', path, 'c', '1', '7']).status !== 0) symlinkSync('/dev/full', path);
+  return path;
 }
 
 const mkfifo = (path: string) => {
@@ -303,6 +313,9 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
     const flagsOut = copyOfReference('flags-out');
     const fifo = join(tmp, 'fifo');
     mkfifo(fifo);
+    const fullDevice = privateFullDevice(join(tmp, 'full-device'));
+    const fullLink = join(tmp, 'full-link');
+    symlinkSync('/dev/full', fullLink);
     const cli: [string, string[], RegExp][] = [
       ['train --learning_rate=1e309', [...trainBase(flagsOut), '--learning_rate=1e309', '--max_train_steps=1'], /--learning_rate must be a finite number > 0, got Infinity/],
       ['train --max_grad_norm=0', [...trainBase(flagsOut), '--max_grad_norm=0'], /--max_grad_norm must be a finite number > 0, got 0/],
@@ -313,7 +326,8 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
       ['train --output_dir=<a FIFO>', trainBase(fifo), /--output_dir '.*fifo' exists and is a FIFO/],
       ['train --output_dir=/dev/null', trainBase('/dev/null'), /--output_dir '\/dev\/null' exists and is a character device/],
       ['generate --guidance_scale=1e309', [...generateBase, '--guidance_scale=1e309', `--output=${join(flagsOut, 'g.png')}`], /--guidance_scale must be a number from 0 to 100 .*got Infinity/],
-      ['generate --output=/dev/full', [...generateBase, '--output=/dev/full'], /--output '\/dev\/full' exists and is a character device/],
+      ['generate --output=<a device like /dev/full>', [...generateBase, `--output=${fullDevice}`], /--output '.*full-device' (exists and is a character device|is a symbolic link \(to a character device\))/],
+      ['generate --output=<a link to /dev/full>', [...generateBase, `--output=${fullLink}`], /--output '.*full-link' is a symbolic link \(to a character device\)/],
       ['generate --output=<a FIFO>', [...generateBase, `--output=${fifo}`], /--output '.*fifo' exists and is a FIFO/],
     ];
     for (const [name, argv, error] of cli) cases.push({ name, cli: argv, error, timeoutMs: 30_000 });
