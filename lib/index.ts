@@ -85,6 +85,7 @@ export { trainTextToImageLora, startTraining } from './training/handle.js';
 export { BUILTIN_SETTINGS, prepareBuiltinDefault } from './builtin/default.js';
 export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
 export { runTraining, stepsArithmetic } from './training/train.js';
+export { TrainOptionsError, validateTrainOptions } from './training/options.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { computeSnr } from './training/training_utils.js';

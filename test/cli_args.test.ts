@@ -78,7 +78,10 @@ describe('parseTrainArgs', () => {
     expect(parseTrainArgs(spaced, noEnv)).toEqual(parseTrainArgs(GUIDE, noEnv));
     expect(parse('--rank', '8', '--rank=16').rank).toBe(16);
     expect(parse('--local_rank', '-1').localRank).toBe(-1);
-    expect(parse('--noise_offset', '-0.05').noiseOffset).toBe(-0.05);
+    // a spaced negative number is read as the value (not as a flag), then refused by its domain: the training
+    // step refuses a negative offset, so the parser does too, at once
+    expect(usageError(() => parse('--noise_offset', '-0.05')).message).toMatch(/^--noise_offset must be a finite number ≥ 0, got -0.05$/);
+    expect(parse('--noise_offset', '0.05').noiseOffset).toBe(0.05);
   });
 
   it("has the script's defaults (REFERENCE.md table)", () => {
@@ -164,6 +167,42 @@ describe('parseTrainArgs', () => {
     for (const s of ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup']) {
       expect(parse(`--lr_scheduler=${s}`).lrScheduler).toBe(s);
     }
+  });
+
+  it('refuses values outside each flag\'s domain, naming the flag and the value, every problem at once', () => {
+    const cases: [string, RegExp][] = [
+      ['--learning_rate=1e309', /^--learning_rate must be a finite number > 0, got Infinity$/],
+      ['--learning_rate=0', /--learning_rate must be a finite number > 0, got 0/],
+      ['--max_grad_norm=0', /--max_grad_norm must be a finite number > 0, got 0/],
+      ['--max_grad_norm=-1', /--max_grad_norm must be a finite number > 0, got -1/],
+      ['--adam_beta1=1', /--adam_beta1 must be a number in \[0, 1\), got 1/],
+      ['--adam_beta2=-0.1', /--adam_beta2 must be a number in \[0, 1\), got -0.1/],
+      ['--adam_epsilon=0', /--adam_epsilon must be a finite number > 0, got 0/],
+      ['--adam_weight_decay=-1e-2', /--adam_weight_decay must be a finite number ≥ 0, got -0.01/],
+      ['--snr_gamma=0', /--snr_gamma must be a finite number > 0, got 0/],
+      ['--noise_offset=1e39', /--noise_offset must be at most 3.4028234663852886e\+38/],
+      ['--resolution=30', /--resolution must be a multiple of 8 .*got 30/],
+      ['--resolution=8192', /--resolution must be at most 4096/],
+      ['--dataloader_num_workers=1000000', /--dataloader_num_workers must be at most 64 .*got 1000000/],
+      ['--dataloader_num_workers=-1', /--dataloader_num_workers must be at least 0, got -1/],
+      ['--max_train_steps=99999999999999999999', /--max_train_steps must be at most 9007199254740991, got 100000000000000000000/],
+      ['--lr_warmup_steps=-1', /--lr_warmup_steps must be at least 0/],
+      ['--checkpoints_total_limit=0', /--checkpoints_total_limit must be at least 1/],
+      ['--validation_epochs=0', /--validation_epochs must be at least 1/],
+      ['--num_validation_images=1000', /--num_validation_images must be at most 64/],
+      ['--seed=-1', /--seed must be at least 0, got -1/],
+      ['--output_dir=', /--output_dir must not be empty/],
+      ['--rank=0', /--rank must be at least 1, got 0/],
+      // the script's torchvision choices without a libvips kernel here: refused at once, not after loading the model
+      ['--image_interpolation_mode=box', /--image_interpolation_mode must be one of bicubic, bilinear, lanczos, nearest, got "box"/],
+    ];
+    for (const [flag, message] of cases) expect(usageError(() => parse(flag)).message, flag).toMatch(message);
+    const all = usageError(() => parse('--learning_rate=1e309', '--max_grad_norm=-1', '--resolution=30', '--seed=-1')).message;
+    expect(all).toMatch(/^4 problems with the flags:\n {2}- --resolution .*\n {2}- --learning_rate .*\n {2}- --max_grad_norm .*\n {2}- --seed /);
+    const tokens = usageError(() => parse('--learning_rte=1', '--rank=abc', 'stray')).message;
+    expect(tokens).toMatch(/^3 problems with the command line:\n {2}- unknown flag '--learning_rte' \(did you mean '--learning_rate'\?\)\n {2}- --rank expects an integer, got 'abc'\n {2}- unexpected argument 'stray'/);
+    // --rank has no fixed bound: it is checked against the model's layers once the UNet is loaded (train.test.ts)
+    expect(parse('--rank=100000').rank).toBe(100000);
   });
 
   it('refuses what cannot act here and warns about stand-ins', () => {

@@ -9,7 +9,8 @@
 // skipped by name, and the stand-ins below still run on every machine: the same write paths, fed errors
 // that can be produced without mounting — ENOSPC from /dev/full (metrics.jsonl linked to it) and ENOTDIR
 // (an existing file where the output folder's parent should be).
-import { cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { cpSync, existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -163,6 +164,64 @@ describe('difflora train: bad input names the problem, exits non-zero, loses not
     expect(r.code, r.stderr).toBe(0);
     expect(r.stderr).toContain(`warning: skipped 2 unreadable image(s) (--skip_broken_images): ${broken}`);
     expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(true);
+  });
+});
+
+describe('difflora train: flags, checkpoints and output folders that cannot work', () => {
+  it('--learning_rate=1e309 and --rank=100000: exit 2 naming the flag; no output folder is created', async () => {
+    const out = join(tmp, 'lr-inf');
+    const r = await runCli([...base(data, out), '--learning_rate=1e309', '--max_train_steps=1']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('--learning_rate must be a finite number > 0, got Infinity');
+    expect(existsSync(out)).toBe(false);
+    // the rank is checked against the model once it is loaded: the folder the run made is removed again
+    const r2 = await runCli([...base(data, out), '--rank=100000', '--max_train_steps=1']);
+    expect(r2.code).toBe(2);
+    expect(r2.stderr).toMatch(/--rank 100000 is larger than the smallest layer LoRA adapts, .* \(Linear 32 → 32\): --rank must be at most 32/);
+    expect(existsSync(out)).toBe(false);
+  });
+
+  it('a corrupt training_state.json: exit 1 naming the file and the field, the output folder byte-identical', async () => {
+    const { dir } = priorOutput('out-corrupt-state');
+    const stateFile = join(dir, 'checkpoint-2', 'training_state.json');
+    const state = JSON.parse(readFileSync(stateFile, 'utf8')) as { accumulator: { globalStep: unknown } };
+    state.accumulator.globalStep = 'abc';
+    writeFileSync(stateFile, JSON.stringify(state));
+    const before = treeHashes(dir);
+    const r = await runCli([...base(data, dir), '--max_train_steps=3', '--resume_from_checkpoint=latest']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(`training state '${stateFile}': accumulator.globalStep must be a whole number, got "abc"`);
+    expect(treeHashes(dir)).toEqual(before);
+  });
+
+  it('a fresh run into an earlier run\'s folder: the old metrics.jsonl is moved aside and a note says so', async () => {
+    const { dir, before } = priorOutput('out-fresh-again');
+    const r = await runCli([...base(data, dir), '--max_train_steps=1']);
+    expect(r.code, r.stderr).toBe(0);
+    const aside = readdirSync(dir).filter((f) => /^metrics\.jsonl\..*\.bak$/.test(f));
+    expect(aside).toHaveLength(1);
+    expect(r.stderr).toContain(`difflora train: note: ${join(dir, 'metrics.jsonl')} held an earlier run's steps: moved to ${join(dir, aside[0]!)}`);
+    expect(treeHashes(dir)[aside[0]!]).toBe(before['metrics.jsonl']);
+    expect(readFileSync(join(dir, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { step: number }).step)).toEqual([1]);
+  });
+
+  it('an --output_dir that is a FIFO, or a metrics.jsonl that is one: named, never opened, nothing changed', async () => {
+    const fifo = join(tmp, 'out-fifo');
+    spawnSync('mkfifo', [fifo]);
+    const r = await runCli(base(data, fifo));
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(`--output_dir '${fifo}' exists and is a FIFO, not a directory`);
+    const { dir, before } = priorOutput('out-metrics-fifo');
+    rmSync(join(dir, 'metrics.jsonl'));
+    delete before['metrics.jsonl'];
+    spawnSync('mkfifo', [join(dir, 'metrics.jsonl')]);
+    const r2 = await runCli([...base(data, dir), '--max_train_steps=1']);
+    expect(r2.code).toBe(1);
+    expect(r2.stderr).toContain(`metrics file '${join(dir, 'metrics.jsonl')}' is a FIFO, not a regular file`);
+    expect(lstatSync(join(dir, 'metrics.jsonl')).isFIFO()).toBe(true);
+    rmSync(join(dir, 'metrics.jsonl')); // treeHashes would block reading it
+    const after = treeHashes(dir);
+    for (const [f, h] of Object.entries(before)) expect(after[f], f).toBe(h);
   });
 });
 

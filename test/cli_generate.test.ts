@@ -1,11 +1,13 @@
 // `difflora generate` and `difflora convert-lora` through the CLI entry: images on disk equal to the
 // library's, LoRA files combined with weights, conversions that keep the effective weights, bad input.
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
+import { checkDeviceAvailable } from '../lib/training/options.js';
 import { kohyaToModulePath } from '../lib/lora/convert.js';
 import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
 import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
@@ -99,6 +101,71 @@ describe('difflora generate', () => {
       expect(await main(argv, c.io), argv.join(' ')).toBe(2);
       expect(c.err()).toMatch(message);
     }
+  });
+
+  it('refuses numbers outside each flag\'s domain (1e309, NaN, negatives, fractions), all problems at once', async () => {
+    const cases: [string[], RegExp][] = [
+      [['--guidance_scale=1e309'], /--guidance_scale must be a number from 0 to 100 .*got Infinity/],
+      [['--guidance_scale=NaN'], /--guidance_scale expects a number, got 'NaN'/],
+      [['--num_inference_steps=0'], /--num_inference_steps must be a whole number from 1 to 1000/],
+      [['--num_inference_steps=2.5'], /--num_inference_steps must be a whole number .*got 2.5/],
+      [['--width=1e300'], /--width must be a whole number from 8 to 4096, got 1e\+300/],
+      [['--height=8192'], /--height must be a whole number from 8 to 4096/],
+      [['--num_images=1000'], /--num_images must be a whole number from 1 to 64/],
+      [['--seed=-1'], /--seed must be a whole number from 0 to/],
+      [['--seed=abc'], /--seed expects a number, got 'abc'/],
+      [['--lora_scale=1e309'], /--lora_scale must be a number from -100 to 100, got Infinity/],
+      [[`--lora=${loraFile}:1e309`], /--lora: the weight of '.*' must be a number from -100 to 100, got Infinity/],
+      [['--device=gpu'], /--device must be 'cpu', 'cuda' or 'cuda:N', got 'gpu'/],
+    ];
+    for (const [flags, message] of cases) {
+      const c = capture();
+      expect(await main([...base, ...flags], c.io), flags.join(' ')).toBe(2);
+      expect(c.err(), flags.join(' ')).toMatch(message);
+    }
+    const c = capture();
+    expect(await main([...base, '--guidance_scale=1e309', '--num_images=0', '--seed=1.5'], c.io)).toBe(2);
+    expect(c.err()).toMatch(/3 problems with the flags:\n {2}- --guidance_scale .*\n {2}- --seed .*\n {2}- --num_images /);
+  });
+
+  it('refuses an --output that is a device, a FIFO or under a file before loading anything; nothing is replaced', async () => {
+    const fifo = join(tmp, 'fifo.png');
+    spawnSync('mkfifo', [fifo]);
+    const blocker = join(tmp, 'a-file');
+    writeFileSync(blocker, 'keep');
+    // a device of our own like /dev/full (or a link to it without root): never the machine's, which a
+    // regressed refusal would replace with a PNG
+    const device = join(tmp, 'full-device');
+    if (spawnSync('mknod', ['-m', '666', device, 'c', '1', '7']).status !== 0) symlinkSync('/dev/full', device);
+    const link = join(tmp, 'full-link');
+    symlinkSync('/dev/full', link);
+    const cases: [string, RegExp][] = [
+      [device, /--output '.*full-device' (exists and is a character device, not a regular file|is a symbolic link \(to a character device\))/],
+      [link, /--output '.*full-link' is a symbolic link \(to a character device\); refusing to replace it/],
+      [fifo, /--output '.*fifo\.png' exists and is a FIFO/],
+      [join(blocker, 'x.png'), /--output '.*a-file\/x\.png'/],
+    ];
+    for (const [output, message] of cases) {
+      const c = capture();
+      const started = Date.now();
+      expect(await main([...base, `--output=${output}`], c.io), output).toBe(1);
+      expect(c.err()).toMatch(message);
+      expect(c.err()).not.toMatch(/step 1\//); // refused before any denoising step
+      expect(Date.now() - started).toBeLessThan(5000);
+    }
+    expect(lstatSync(fifo).isFIFO()).toBe(true);
+    expect(lstatSync(link).isSymbolicLink()).toBe(true);
+    expect(readFileSync(blocker, 'utf8')).toBe('keep');
+  });
+
+  it('refuses a --device this machine does not have, naming it, instead of a kernel-dispatch error', async () => {
+    const c = capture();
+    expect(await main([...base, '--device=cuda:99', `--output=${join(tmp, 'nodevice.png')}`], c.io)).toBe(1);
+    expect(c.err()).toMatch(/--device=cuda:99: (this libtorch has no CUDA or sees no GPU|there (is 1 CUDA device|are \d+ CUDA devices))/);
+    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 1 })).toThrow('--device=cuda:1: there is 1 CUDA device (cuda:0)');
+    expect(() => checkDeviceAvailable('cuda', { cudaAvailable: false, cudaDeviceCount: 0 })).toThrow(/--device=cuda: this libtorch has no CUDA/);
+    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 2 })).not.toThrow();
+    expect(() => checkDeviceAvailable('cpu', { cudaAvailable: false, cudaDeviceCount: 0 })).not.toThrow();
   });
 
   it('exits 1 naming the problem for a LoRA of another model, and writes nothing', async () => {

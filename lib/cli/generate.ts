@@ -5,6 +5,8 @@ import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { basename, dirname, extname, join } from 'node:path';
 import yargs from 'yargs';
 import { writeFileAtomic } from '../io/atomic.js';
+import { checkOutputTarget } from '../io/files.js';
+import { checkDeviceAvailable, formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
 
 export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
@@ -85,11 +87,49 @@ function single<T>(r: Record<string, unknown>, key: string): T | undefined {
   return (Array.isArray(v) ? v[v.length - 1] : v) as T | undefined;
 }
 
-function positiveInt(r: Record<string, unknown>, key: string): number | undefined {
-  const v = single<number>(r, key);
+/** Largest --height/--width: 4096 px (8× SD 1.5's 512), beyond which one image's activations exceed any GPU. */
+export const MAX_IMAGE_SIZE = 4096;
+/** Most --num_inference_steps: the schedulers refuse more steps than the model's 1000 training timesteps. */
+export const MAX_INFERENCE_STEPS = 1000;
+/** Most --num_images per run. */
+export const MAX_IMAGES = 64;
+/** --guidance_scale and LoRA weights/scales beyond ±100 only saturate the image (1e309 gave a black PNG). */
+export const MAX_GUIDANCE = 100;
+
+/** The numeric flags' domains: [key, whole number?, min, max, what the max is about]. */
+const NUMERIC_FLAGS: readonly [string, boolean, number, number, string][] = [
+  ['num_inference_steps', true, 1, MAX_INFERENCE_STEPS, "the schedulers' 1000 training timesteps"],
+  ['guidance_scale', false, 0, MAX_GUIDANCE, '≤ 1 turns guidance off; large values only saturate the image'],
+  ['lora_scale', false, -MAX_GUIDANCE, MAX_GUIDANCE, ''],
+  ['seed', true, 0, Number.MAX_SAFE_INTEGER, ''],
+  ['height', true, 8, MAX_IMAGE_SIZE, ''],
+  ['width', true, 8, MAX_IMAGE_SIZE, ''],
+  ['num_images', true, 1, MAX_IMAGES, ''],
+  ['clip_skip', true, 0, Number.MAX_SAFE_INTEGER, ''],
+];
+
+/** The text last given for `--key` (yargs has already turned it into a number, NaN for 'abc'). */
+function rawValue(argv: readonly string[], key: string): string | undefined {
+  let raw: string | undefined;
+  argv.forEach((t, i) => {
+    if (t.startsWith(`--${key}=`)) raw = t.slice(key.length + 3);
+    else if (t === `--${key}`) raw = argv[i + 1] ?? '';
+  });
+  return raw;
+}
+
+const NUMBER_RE = /^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$/;
+
+/** What is wrong with a numeric flag's value (not given: nothing), naming the flag and the value. */
+function numericProblem(argv: readonly string[], r: Record<string, unknown>, [key, whole, min, max, why]: (typeof NUMERIC_FLAGS)[number]): string | undefined {
+  const v = single<unknown>(r, key);
   if (v === undefined) return undefined;
-  if (!Number.isInteger(v) || v < 1) throw new UsageError(`--${key} must be a positive integer, got ${v}`);
-  return v;
+  const what = whole ? `a whole number from ${min} to ${max}` : `a number from ${min} to ${max}`;
+  const raw = rawValue(argv, key);
+  if (typeof v !== 'number' || Number.isNaN(v) || (raw !== undefined && !NUMBER_RE.test(raw))) return `--${key} expects a number, got '${raw ?? String(v)}'`;
+  if (!Number.isFinite(v) || (whole && !Number.isInteger(v)) || v < min || v > max) return `--${key} must be ${what}${why ? ` (${why})` : ''}, got ${v}`;
+  if ((key === 'height' || key === 'width') && v % 8 !== 0) return `--${key} must be a multiple of 8 (the VAE works on 8×8 pixel blocks), got ${v}`;
+  return undefined;
 }
 
 /** `path` or `path:weight` (the weight only when what follows the last ':' is a number). */
@@ -106,26 +146,28 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
   let failure: string | undefined;
   const r = generateParser(argv).fail((msg: string | undefined, err: Error | undefined) => { failure = msg ?? err?.message; }).parseSync() as Record<string, unknown>;
   if (failure !== undefined) throw new UsageError(failure);
+  // every problem of the command line at once, each naming its flag and value
+  const problems: string[] = [];
   const positional = (r._ as unknown[]) ?? [];
-  if (positional.length) throw new UsageError(`unexpected argument '${String(positional[0])}': difflora generate takes flags only (put the prompt in --prompt "…")`);
+  if (positional.length) problems.push(`unexpected argument '${String(positional[0])}': difflora generate takes flags only (put the prompt in --prompt "…")`);
   const prompt = single<string>(r, 'prompt');
-  if (prompt === undefined || prompt === '') throw new UsageError('--prompt is required');
-  for (const k of ['num_inference_steps', 'guidance_scale', 'lora_scale', 'seed', 'height', 'width', 'num_images', 'clip_skip']) {
-    const v = single<number>(r, k);
-    if (v !== undefined && Number.isNaN(v)) throw new UsageError(`--${k} expects a number`);
+  if (prompt === undefined || prompt === '') problems.push('--prompt is required');
+  for (const flag of NUMERIC_FLAGS) {
+    const p = numericProblem(argv, r, flag);
+    if (p !== undefined) problems.push(p);
   }
-  const seed = single<number>(r, 'seed');
-  if (seed !== undefined && (!Number.isInteger(seed) || seed < 0)) throw new UsageError(`--seed must be a non-negative integer, got ${seed}`);
   const loras = ((r.lora as string[] | undefined) ?? []).map(parseLoraSpec);
-  for (const l of loras) if (!existsSync(l.path)) throw new UsageError(`--lora: '${l.path}' does not exist`);
-  const latents = single<string>(r, 'latents');
-  if (latents !== undefined && !existsSync(latents)) throw new UsageError(`--latents: '${latents}' does not exist`);
-  for (const k of ['height', 'width']) {
-    const v = positiveInt(r, k);
-    if (v !== undefined && v % 8 !== 0) throw new UsageError(`--${k} must be a multiple of 8, got ${v}`);
+  for (const l of loras) {
+    if (!Number.isFinite(l.weight) || Math.abs(l.weight) > MAX_GUIDANCE) problems.push(`--lora: the weight of '${l.path}' must be a number from -${MAX_GUIDANCE} to ${MAX_GUIDANCE}, got ${l.weight}`);
+    else if (!existsSync(l.path)) problems.push(`--lora: '${l.path}' does not exist`);
   }
-  const clipSkip = single<number>(r, 'clip_skip');
-  if (clipSkip !== undefined && (!Number.isInteger(clipSkip) || clipSkip < 0)) throw new UsageError(`--clip_skip must be a non-negative integer, got ${clipSkip}`);
+  const latents = single<string>(r, 'latents');
+  if (latents !== undefined && !existsSync(latents)) problems.push(`--latents: '${latents}' does not exist`);
+  const device = single<string>(r, 'device') ?? 'cpu';
+  if (!/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
+  const output = single<string>(r, 'output') ?? 'image.png';
+  if (output === '') problems.push('--output must not be empty');
+  if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
   return {
     pretrainedModelNameOrPath: single<string>(r, 'pretrained_model_name_or_path'),
     revision: single<string>(r, 'revision'),
@@ -133,22 +175,35 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     cacheDir: single<string>(r, 'cache_dir'),
     loras,
     loraScale: single<number>(r, 'lora_scale') ?? 1,
-    prompt,
+    prompt: prompt!,
     negativePrompt: single<string>(r, 'negative_prompt'),
-    numInferenceSteps: positiveInt(r, 'num_inference_steps') ?? 50,
+    numInferenceSteps: single<number>(r, 'num_inference_steps') ?? 50,
     guidanceScale: single<number>(r, 'guidance_scale') ?? 7.5,
     scheduler: single<GenerateArgs['scheduler']>(r, 'scheduler'),
-    seed,
+    seed: single<number>(r, 'seed'),
     latents,
     height: single<number>(r, 'height'),
     width: single<number>(r, 'width'),
-    numImages: positiveInt(r, 'num_images') ?? 1,
-    output: single<string>(r, 'output') ?? 'image.png',
-    device: single<string>(r, 'device') ?? 'cpu',
+    numImages: single<number>(r, 'num_images') ?? 1,
+    output,
+    device,
     mixedPrecision: single<GenerateArgs['mixedPrecision']>(r, 'mixed_precision') ?? 'no',
-    clipSkip,
+    clipSkip: single<number>(r, 'clip_skip'),
     memoryEfficientAttention: single<boolean>(r, 'enable_xformers_memory_efficient_attention') === true,
   };
+}
+
+/**
+ * Refuses, before any work, outputs that cannot be written or must not be replaced: an existing target that
+ * is not a regular file (a device such as /dev/full, a FIFO, a symbolic link), or a parent path that is a file.
+ */
+export function checkImageOutputs(paths: readonly string[]): void {
+  for (const p of paths) {
+    checkOutputTarget(p, 'file', '--output');
+    let parent = dirname(p);
+    while (!existsSync(parent) && dirname(parent) !== parent) parent = dirname(parent);
+    if (existsSync(parent) && !statSync(parent).isDirectory()) throw new Error(`--output '${p}': '${parent}' is a file, not a folder`);
+  }
 }
 
 /** Where image i of n goes: the file itself, name-i.png, or image-i.png inside an existing folder. */
@@ -168,6 +223,8 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     return 0;
   }
   const a = parseGenerateArgs(argv);
+  checkImageOutputs(outputPaths(a.output, a.numImages)); // before the model is loaded: nothing is replaced
+  checkDeviceAvailable(a.device, (await import('../native.js')).native.info());
   const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');

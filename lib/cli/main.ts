@@ -7,6 +7,7 @@ import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import type { NativeInfo } from '../native.js';
 import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
+import { TrainOptionsError } from '../training/options.js';
 
 export interface Io {
   stdout: { write(s: string): unknown };
@@ -15,7 +16,11 @@ export interface Io {
 }
 
 /** The training entry point, as lib/training/train.ts is to export it. */
-export type TrainFn = (args: TrainArgs, hooks?: { onProgress?: (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => void }) => Promise<unknown> | unknown;
+export type TrainFn = (args: TrainArgs, hooks?: {
+  onProgress?: (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => void;
+  /** What the run did to files already there (an earlier metrics.jsonl moved aside), one line each. */
+  onNotice?: (message: string) => void;
+}) => Promise<unknown> | unknown;
 
 export interface MainOptions extends Partial<Io> {
   /** Finds the training loop; undefined when this build has none. Default: lib/training/train.{ts,js}. */
@@ -108,7 +113,8 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
       `${p.gradNorm === null ? '' : ` grad_norm ${p.gradNorm.toExponential(3)}`} ${rate.toFixed(2)} it/s eta ${formatSeconds(eta)}`;
     io.stderr.write(tty ? `\r${line}\x1b[K${p.step === p.maxTrainSteps ? '\n' : ''}` : `${line}\n`);
   };
-  const result = await train(args, { onProgress });
+  const onNotice = (message: string) => { io.stderr.write(`${tty ? '\r\x1b[K' : ''}difflora train: note: ${message}\n`); };
+  const result = await train(args, { onProgress, onNotice });
   if (typeof result === 'number') return result;
   const outputFile = (result as { outputFile?: unknown } | undefined)?.outputFile;
   const skipped = (result as { skippedImages?: { count: number; files: string[] } } | undefined)?.skippedImages;
@@ -215,7 +221,8 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
     }
     return await runTop(argv, io);
   } catch (e) {
-    if (e instanceof UsageError) {
+    // an option outside its domain found by the library (e.g. --rank larger than the model's layers) is a usage error too
+    if (e instanceof UsageError || e instanceof TrainOptionsError) {
       const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' ? command : 'train';
       io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;

@@ -2,18 +2,18 @@
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
 // not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
+import {
+  INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
+  formatProblems, trainOptionProblems,
+} from '../training/options.js';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
 export class UsageError extends Error {
   override name = 'UsageError';
 }
 
-export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
-export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
-export const PREDICTION_TYPE_CHOICES = ['epsilon', 'v_prediction'] as const;
-/** torchvision's `InterpolationMode` members, lower-cased (the script builds its choices the same way). */
-export const INTERPOLATION_CHOICES = ['bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest', 'nearest_exact'] as const;
-export const REPORT_TO_CHOICES = ['tensorboard', 'wandb', 'comet_ml', 'all'] as const;
+// The choices live with the options' domains (lib/training/options.ts), shared with the library.
+export { INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES };
 
 export type LrSchedulerChoice = (typeof LR_SCHEDULER_CHOICES)[number];
 export type MixedPrecision = (typeof MIXED_PRECISION_CHOICES)[number];
@@ -205,42 +205,59 @@ export function closestFlag(name: string): string | undefined {
   return best !== undefined && bestDist <= Math.max(3, Math.floor(norm.length / 3)) ? best : undefined;
 }
 
-function unknownFlag(token: string, name: string): UsageError {
+function unknownFlag(token: string, name: string): string {
   const hint = closestFlag(name);
-  return new UsageError(`unknown flag '${token}'${hint ? ` (did you mean '--${hint}'?)` : ''}`);
+  return `unknown flag '${token}'${hint ? ` (did you mean '--${hint}'?)` : ''}`;
+}
+
+/** The problem with one flag token (and the value it takes), and how many tokens it used. */
+function checkToken(argv: readonly string[], i: number): { problem?: string; used: number } {
+  const token = argv[i] ?? '';
+  if (token === '--') return { problem: "unexpected '--': difflora train takes flags only", used: 1 };
+  if (!token.startsWith('-') || token === '-') return { problem: `unexpected argument '${token}': difflora train takes flags only (--flag=value or --flag value)`, used: 1 };
+  if (!token.startsWith('--')) return { problem: unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? ''), used: 1 };
+  const eq = token.indexOf('=');
+  const name = token.slice(2, eq < 0 ? undefined : eq);
+  const spec = flagSpec(name);
+  if (!spec) return { problem: unknownFlag(eq < 0 ? token : token.slice(0, eq), name), used: 1 };
+  if (spec.kind === 'boolean') {
+    return eq >= 0 ? { problem: `--${name} is a switch and takes no value (got '${token.slice(eq + 1)}')`, used: 1 } : { used: 1 };
+  }
+  let value: string;
+  let used = 1;
+  if (eq >= 0) {
+    value = token.slice(eq + 1);
+  } else {
+    const next = argv[i + 1];
+    const looksNumeric = next !== undefined && (spec.kind === 'int' || spec.kind === 'float') && FLOAT_RE.test(next);
+    if (next === undefined || (next.startsWith('-') && !looksNumeric)) return { problem: `--${name} expects a value`, used: 1 };
+    value = next;
+    used = 2;
+  }
+  if (spec.kind === 'int' && !INT_RE.test(value.trim())) return { problem: `--${name} expects an integer, got '${value}'`, used };
+  if (spec.kind === 'float' && !FLOAT_RE.test(value.trim())) return { problem: `--${name} expects a number, got '${value}'`, used };
+  return { used };
 }
 
 /**
  * What yargs cannot say the way argparse does: unknown flags with a suggestion, a flag missing its value,
- * numbers that are not numbers, a value given to a switch, stray positional arguments.
+ * numbers that are not numbers, a value given to a switch, stray positional arguments. Throws at once for a
+ * command line yargs cannot parse (unknown flags, stray arguments); returns the problems with values, which
+ * parseTrainArgs lists together with the other flags' domain problems.
  */
-function checkTokens(argv: readonly string[]): void {
-  for (let i = 0; i < argv.length; i++) {
-    const token = argv[i] ?? '';
-    if (token === '--') throw new UsageError("unexpected '--': difflora train takes flags only");
-    if (!token.startsWith('-') || token === '-') throw new UsageError(`unexpected argument '${token}': difflora train takes flags only (--flag=value or --flag value)`);
-    if (!token.startsWith('--')) throw unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? '');
-    const eq = token.indexOf('=');
-    const name = token.slice(2, eq < 0 ? undefined : eq);
-    const spec = flagSpec(name);
-    if (!spec) throw unknownFlag(eq < 0 ? token : token.slice(0, eq), name);
-    let value: string;
-    if (spec.kind === 'boolean') {
-      if (eq >= 0) throw new UsageError(`--${name} is a switch and takes no value (got '${token.slice(eq + 1)}')`);
-      continue;
+function checkTokens(argv: readonly string[]): string[] {
+  const problems: string[] = [];
+  let unparseable = false;
+  for (let i = 0; i < argv.length;) {
+    const { problem, used } = checkToken(argv, i);
+    if (problem !== undefined) {
+      problems.push(problem);
+      if (!problem.startsWith('--')) unparseable = true; // an unknown flag or a stray argument
     }
-    if (eq >= 0) {
-      value = token.slice(eq + 1);
-    } else {
-      const next = argv[i + 1];
-      const looksNumeric = next !== undefined && (spec.kind === 'int' || spec.kind === 'float') && FLOAT_RE.test(next);
-      if (next === undefined || (next.startsWith('-') && !looksNumeric)) throw new UsageError(`--${name} expects a value`);
-      value = next;
-      i++;
-    }
-    if (spec.kind === 'int' && !INT_RE.test(value.trim())) throw new UsageError(`--${name} expects an integer, got '${value}'`);
-    if (spec.kind === 'float' && !FLOAT_RE.test(value.trim())) throw new UsageError(`--${name} expects a number, got '${value}'`);
+    i += used;
   }
+  if (unparseable) throw new UsageError(formatProblems(problems, 'command line'));
+  return problems;
 }
 
 /** The yargs parser for the flags (also the source of `difflora train --help`). */
@@ -289,7 +306,7 @@ function need<T>(v: T | undefined, k: string): T {
  * the script. Throws UsageError for anything the script would reject and for flags that cannot act here.
  */
 export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): TrainArgs {
-  checkTokens(argv);
+  const tokenProblems = checkTokens(argv);
   const r = trainParser(argv).parseSync() as Record<string, unknown>;
   const warnings: string[] = [];
 
@@ -308,14 +325,6 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
   if (reportTo !== 'tensorboard') throw new UsageError(`--report_to=${reportTo} is not supported: difflora reports to 'tensorboard' only (wandb and comet_ml need their services)`);
   if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');
 
-  for (const k of ['resolution', 'train_batch_size', 'num_train_epochs', 'gradient_accumulation_steps', 'rank', 'checkpointing_steps', 'validation_epochs'] as const) {
-    if ((num(r, k) ?? 1) < 1) throw new UsageError(`--${k} must be at least 1, got ${num(r, k)}`);
-  }
-  for (const k of ['max_train_steps', 'max_train_samples', 'checkpoints_total_limit'] as const) {
-    const v = num(r, k);
-    if (v !== undefined && v < 1) throw new UsageError(`--${k} must be at least 1, got ${v}`);
-  }
-
   // As the script: a LOCAL_RANK in the environment wins over --local_rank.
   let localRank = need(num(r, 'local_rank'), 'local_rank');
   if (env.LOCAL_RANK !== undefined && env.LOCAL_RANK !== '') {
@@ -324,7 +333,7 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     if (envRank !== -1 && envRank !== localRank) localRank = envRank;
   }
 
-  return {
+  const args: TrainArgs = {
     pretrainedModelNameOrPath: model ?? '',
     builtinDefault,
     revision: str(r, 'revision'),
@@ -381,4 +390,13 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
   };
+  // every value in its domain (the library checks the same), all problems at once
+  const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
+  // a flag whose value is not even a number is said once, by the token check
+  const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];
+  const named = new Set(tokenProblems.map(flagOfProblem));
+  const problems = [...tokenProblems, ...domainProblems.filter((p) => !named.has(flagOfProblem(p)))];
+  if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
+  return args;
 }

@@ -2,17 +2,39 @@
 // weights, optimizer moments and master weights, loss-scaler state, the step counters, the data position and
 // every random generator's state. A checkpoint is written to a temporary folder and renamed into place, so
 // it is never half-written; older ones are pruned to --checkpoints_total_limit after a new one is saved.
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+//
+// A checkpoint read back is untrusted: its JSON state is parsed into a typed TrainingState with every field
+// checked for type, range and consistency with the resuming run (parseTrainingState), and its tensors for
+// name, shape, dtype and finiteness (checkTensors), before anything of the run is changed.
+import { existsSync, lstatSync, mkdirSync, readdirSync, renameSync, rmSync, rmdirSync, statSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
+import { assertRegularFile, checkOutputTarget, readJsonObject } from '../io/files.js';
 import { loadSafetensors, saveSafetensors } from '../io/safetensors.js';
+import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
-import { dispose } from '../scope.js';
+import { dispose, tidy } from '../scope.js';
+import * as torch from '../torch.js';
+import { showValue } from './options.js';
+
+/** The JSON half of a checkpoint: where the loop, the optimizer, the loss scaler and the data stand. */
+export interface TrainingState {
+  /** The step counters (step.ts's AccumulatorState). */
+  accumulator: { globalStep: number; lrStep: number; microStep: number };
+  /** AdamW's per-parameter step counts and hyper-parameters (its moments are tensors). */
+  optimizer: { steps: number[]; lr: number; betas: [number, number]; eps: number; weightDecay: number };
+  /** The fp16 GradScaler's state; null when the run had none. */
+  scaler: { scale: number; growthTracker: number; growthFactor: number; backoffFactor: number; growthInterval: number } | null;
+  /** The data position: train_data.ts's epoch and the loader's (epoch, position, seed). */
+  data: { epoch: number; loader: { epoch: number; position: number; seed: number } };
+  /** The loop's epoch. */
+  epoch: number;
+}
 
 export interface CheckpointContents {
   /** Tensors by name (LoRA parameters, optimizer state, generator states). */
   tensors: Map<string, Tensor>;
   /** Plain JSON state (counters, scaler, data position, optimizer meta). */
-  state: Record<string, unknown>;
+  state: TrainingState;
 }
 
 const TENSORS = 'training_state.safetensors';
@@ -44,25 +66,50 @@ export function pruneCheckpoints(outputDir: string, limit: number | null | undef
 }
 
 /**
+ * Checks --output_dir before anything is created in it: when it exists it must be a directory (or a symbolic
+ * link to one), never a file, a FIFO or a device that a run would write "into".
+ */
+export function checkOutputDir(dir: string, flag = '--output_dir'): void {
+  let link = false;
+  try { link = lstatSync(dir).isSymbolicLink(); } catch { return; } // missing: created by ensureWritableDir
+  if (link) {
+    let isDir = false;
+    try { isDir = statSync(dir).isDirectory(); } catch { /* dangling: refused below */ }
+    if (isDir) return; // the run writes inside the folder the link names; the link itself is never replaced
+  }
+  checkOutputTarget(dir, 'directory', flag);
+}
+
+/**
  * Creates `dir` and checks that a file can be written in it (read-only mount, full disk, a file in the way),
  * so that a run fails at once with a clear message instead of after loading the models or at its first save.
+ * Returns the folders it created, outermost first (removeEmptyDirs takes them away again after a failure).
  */
-export function ensureWritableDir(dir: string, flag = '--output_dir'): void {
+export function ensureWritableDir(dir: string, flag = '--output_dir'): string[] {
   const probe = join(dir, `.difflora-write-test-${process.pid}`);
+  const missing: string[] = [];
   try {
     // one level at a time: a recursive mkdir reports ENOENT, not EROFS, under a read-only mount
-    const missing: string[] = [];
     for (let d = resolve(dir); !existsSync(d) && dirname(d) !== d; d = dirname(d)) missing.unshift(d);
     for (const d of missing) mkdirSync(d);
     writeFileSync(probe, Buffer.alloc(4096));
   } catch (e) {
     try { rmSync(probe, { force: true }); } catch { /* the folder itself is the problem */ }
+    removeEmptyDirs(missing);
     throw new Error(`${flag} '${dir}' is not writable: ${(e as Error).message}`);
   }
   rmSync(probe, { force: true });
+  return missing;
 }
 
-export function saveCheckpoint(outputDir: string, step: number, c: CheckpointContents, extraFiles: (dir: string) => void = () => {}): string {
+/** Removes the given folders (outermost first) from the innermost out, as long as they are empty. */
+export function removeEmptyDirs(dirs: readonly string[]): void {
+  for (const d of [...dirs].reverse()) {
+    try { rmdirSync(d); } catch { return; } // not empty (or gone): it and its parents stay
+  }
+}
+
+export function saveCheckpoint(outputDir: string, step: number, c: { tensors: Map<string, Tensor>; state: TrainingState }, extraFiles: (dir: string) => void = () => {}): string {
   mkdirSync(outputDir, { recursive: true });
   const final = join(outputDir, `checkpoint-${step}`);
   const tmp = `${final}.tmp-${process.pid}`;
@@ -81,22 +128,191 @@ export function saveCheckpoint(outputDir: string, step: number, c: CheckpointCon
   return final;
 }
 
-/** `path` or 'latest' (the highest checkpoint-N in outputDir). The caller owns the returned tensors. */
-export function loadCheckpoint(outputDir: string, which: string): { path: string; contents: CheckpointContents } {
-  let path = which;
-  if (which === 'latest') {
-    const last = checkpointDirs(outputDir).pop();
-    if (!last) throw new Error(`--resume_from_checkpoint latest: no checkpoint-N folder in '${outputDir}'`);
-    path = last.path;
+/** What a resuming run is, for a saved state to be checked against. */
+export interface ResumingRun {
+  /** Total optimizer steps of the run (--max_train_steps, or epochs × steps per epoch). */
+  maxTrainSteps: number;
+  numTrainEpochs: number;
+  /** --gradient_accumulation_steps. */
+  accumulationSteps: number;
+  /** Number of LoRA parameters (the optimizer's). */
+  numParams: number;
+  /** Items in the dataset (the loader's position counts them). */
+  datasetLength: number;
+}
+
+/** Reads fields of an untrusted JSON value; every error names the file and the field. */
+class Fields {
+  constructor(readonly file: string) {}
+
+  fail(path: string, problem: string): never {
+    throw new Error(`training state '${this.file}': ${path} ${problem}`);
   }
-  if (!existsSync(join(path, STATE)) || !existsSync(join(path, TENSORS))) {
+
+  /** An object with exactly `keys` (a missing key or an unknown one is refused). */
+  object(v: unknown, path: string, keys: readonly string[]): Record<string, unknown> {
+    if (v === null || typeof v !== 'object' || Array.isArray(v)) this.fail(path, `must be an object, got ${showValue(v)}`);
+    const o = v as Record<string, unknown>;
+    const missing = keys.filter((k) => !Object.hasOwn(o, k));
+    if (missing.length) this.fail(path, `is missing ${missing.map((k) => `'${k}'`).join(', ')}`);
+    const extra = Object.keys(o).filter((k) => !keys.includes(k));
+    if (extra.length) this.fail(path, `has unexpected key(s) ${extra.slice(0, 5).map((k) => JSON.stringify(k)).join(', ')}`);
+    return o;
+  }
+
+  /** An array, of `length` items when given. */
+  array(v: unknown, path: string, length?: number, lengthWhy = ''): unknown[] {
+    if (!Array.isArray(v)) this.fail(path, `must be an array, got ${showValue(v)}`);
+    if (length !== undefined && v.length !== length) this.fail(path, `has ${v.length} entries, expected ${length}${lengthWhy}`);
+    return v as unknown[];
+  }
+
+  /** A whole number in [min, max]; `maxWhy` says where max comes from. */
+  int(v: unknown, path: string, min: number, max = Number.MAX_SAFE_INTEGER, maxWhy = ''): number {
+    if (typeof v !== 'number' || !Number.isSafeInteger(v)) this.fail(path, `must be a whole number, got ${showValue(v)}`);
+    if (v < min) this.fail(path, `must be at least ${min}, got ${v}`);
+    if (v > max) this.fail(path, `is ${v}, more than ${maxWhy || max}`);
+    return v;
+  }
+
+  /** A finite number passing `ok` (described by `text`). */
+  num(v: unknown, path: string, ok: (x: number) => boolean, text: string): number {
+    if (typeof v !== 'number' || !Number.isFinite(v) || !ok(v)) this.fail(path, `must be ${text}, got ${showValue(v)}`);
+    return v;
+  }
+}
+
+const unit = (x: number) => x >= 0 && x < 1;
+
+/**
+ * Parses a checkpoint's training_state.json (already read as JSON) into a TrainingState: every field's type
+ * and range, and, given the resuming run, its consistency with it (the step within the run's steps, one
+ * optimizer step count per LoRA parameter, the data position within the dataset). Throws an Error naming
+ * `file` and the field.
+ */
+export function parseTrainingState(json: unknown, file: string, run?: ResumingRun): TrainingState {
+  const f = new Fields(file);
+  const top = f.object(json, 'the state', ['accumulator', 'optimizer', 'scaler', 'data', 'epoch']);
+  const acc = f.object(top.accumulator, 'accumulator', ['globalStep', 'lrStep', 'microStep']);
+  const globalStep = f.int(acc.globalStep, 'accumulator.globalStep', 0, run?.maxTrainSteps,
+    run ? `this run's ${run.maxTrainSteps} steps (--max_train_steps, or --num_train_epochs × steps per epoch)` : '');
+  const accumulator = {
+    globalStep,
+    lrStep: f.int(acc.lrStep, 'accumulator.lrStep', 0, globalStep, `accumulator.globalStep (${globalStep})`),
+    microStep: f.int(acc.microStep, 'accumulator.microStep', 0, run ? run.accumulationSteps - 1 : undefined,
+      run ? `--gradient_accumulation_steps − 1 (${run.accumulationSteps - 1})` : ''),
+  };
+  const opt = f.object(top.optimizer, 'optimizer', ['steps', 'lr', 'betas', 'eps', 'weightDecay']);
+  const steps = f.array(opt.steps, 'optimizer.steps', run?.numParams, ": one per LoRA parameter of this run (a different model?)");
+  const betas = f.array(opt.betas, 'optimizer.betas', 2);
+  const optimizer = {
+    steps: steps.map((s: unknown, i: number) => f.int(s, `optimizer.steps[${i}]`, 0, globalStep, `accumulator.globalStep (${globalStep})`)),
+    lr: f.num(opt.lr, 'optimizer.lr', (x) => x >= 0, 'a finite number ≥ 0'),
+    betas: [f.num(betas[0], 'optimizer.betas[0]', unit, 'in [0, 1)'), f.num(betas[1], 'optimizer.betas[1]', unit, 'in [0, 1)')] as [number, number],
+    eps: f.num(opt.eps, 'optimizer.eps', (x) => x > 0, 'a finite number > 0'),
+    weightDecay: f.num(opt.weightDecay, 'optimizer.weightDecay', (x) => x >= 0, 'a finite number ≥ 0'),
+  };
+  const data = parseDataState(f, top.data, run);
+  const epoch = f.int(top.epoch, 'epoch', 0);
+  if (epoch !== data.epoch) f.fail('epoch', `is ${epoch} but data.epoch is ${data.epoch}; they are saved equal`);
+  if (run && globalStep < run.maxTrainSteps && epoch >= run.numTrainEpochs) {
+    f.fail('epoch', `is ${epoch}, not within this run's ${run.numTrainEpochs} epochs, with steps left to train`);
+  }
+  return { accumulator, optimizer, scaler: parseScalerState(f, top.scaler), data, epoch };
+}
+
+function parseDataState(f: Fields, v: unknown, run?: ResumingRun): TrainingState['data'] {
+  const data = f.object(v, 'data', ['epoch', 'loader']);
+  const epoch = f.int(data.epoch, 'data.epoch', 0);
+  const loader = f.object(data.loader, 'data.loader', ['epoch', 'position', 'seed']);
+  const loaderEpoch = f.int(loader.epoch, 'data.loader.epoch', epoch, epoch + 1, `data.epoch + 1 (${epoch + 1})`);
+  const position = f.int(loader.position, 'data.loader.position', 0, run?.datasetLength, run ? `the ${run.datasetLength} items of the dataset` : '');
+  return { epoch, loader: { epoch: loaderEpoch, position, seed: f.int(loader.seed, 'data.loader.seed', 0) } };
+}
+
+function parseScalerState(f: Fields, v: unknown): TrainingState['scaler'] {
+  if (v === null) return null;
+  const s = f.object(v, 'scaler', ['scale', 'growthTracker', 'growthFactor', 'backoffFactor', 'growthInterval']);
+  const positive = (x: number) => x > 0;
+  return {
+    scale: f.num(s.scale, 'scaler.scale', positive, 'a finite number > 0'),
+    growthTracker: f.int(s.growthTracker, 'scaler.growthTracker', 0),
+    growthFactor: f.num(s.growthFactor, 'scaler.growthFactor', (x) => x > 1, 'a finite number > 1'),
+    backoffFactor: f.num(s.backoffFactor, 'scaler.backoffFactor', (x) => x > 0 && x < 1, 'in (0, 1)'),
+    growthInterval: f.int(s.growthInterval, 'scaler.growthInterval', 1),
+  };
+}
+
+/** The checkpoint folder `which` names: a path, or 'latest' (the highest checkpoint-N in outputDir). */
+export function resolveCheckpoint(outputDir: string, which: string): string {
+  if (which !== 'latest') return which;
+  const last = checkpointDirs(outputDir).pop();
+  if (!last) throw new Error(`--resume_from_checkpoint latest: no checkpoint-N folder in '${outputDir}'`);
+  return last.path;
+}
+
+/**
+ * Reads and checks the state of checkpoint `path` (resolveCheckpoint) without loading its tensors: the run
+ * calls it before loading any model, so a corrupt checkpoint fails fast, and again with `run` once the data
+ * is known (parseTrainingState).
+ */
+export function readTrainingState(path: string, run?: ResumingRun): TrainingState {
+  const stateFile = join(path, STATE);
+  const tensorsFile = join(path, TENSORS);
+  if (!existsSync(stateFile) || !existsSync(tensorsFile)) {
     throw new Error(`--resume_from_checkpoint: '${path}' is not a difflora checkpoint (expected ${STATE} and ${TENSORS})`);
   }
-  const state = JSON.parse(readFileSync(join(path, STATE), 'utf8')) as Record<string, unknown>;
+  const state = parseTrainingState(readJsonObject(stateFile, 'training state', 16 * 1024 * 1024), stateFile, run);
+  assertRegularFile(tensorsFile, 'checkpoint tensors');
+  return state;
+}
+
+/**
+ * Reads checkpoint `path`: its state parsed and checked against `run` (readTrainingState) and its tensors
+ * loaded (the caller checks them with checkTensors and owns them). Nothing is changed.
+ */
+export function loadCheckpoint(path: string, run?: ResumingRun): CheckpointContents {
+  const state = readTrainingState(path, run);
   const { tensors } = loadSafetensors(join(path, TENSORS));
-  return { path, contents: { tensors, state } };
+  return { tensors, state };
 }
 
 export function disposeCheckpoint(c: CheckpointContents): void {
   dispose([...c.tensors.values()]);
+}
+
+/** A tensor a checkpoint must hold: its shape and dtype, and whether its values must all be finite. */
+export interface ExpectedTensor { name: string; shape: readonly number[]; dtype: DType; finite?: boolean }
+
+/**
+ * Checks that `tensors` (read from `file`) holds every expected tensor with its shape and dtype, and that the
+ * ones marked `finite` hold no NaN or infinity. Throws one Error naming the file and each tensor at fault.
+ */
+export function checkTensors(tensors: ReadonlyMap<string, Tensor>, expected: readonly ExpectedTensor[], file: string): void {
+  const problems: string[] = [];
+  const finite: [string, Tensor][] = [];
+  for (const e of expected) {
+    const t = tensors.get(e.name);
+    if (!t) problems.push(`'${e.name}' is missing`);
+    else if (t.shape.join() !== e.shape.join() || t.dtype !== e.dtype) {
+      problems.push(`'${e.name}' is ${t.dtype} [${t.shape.join(', ')}], expected ${e.dtype} [${e.shape.join(', ')}]`);
+    } else if (e.finite) finite.push([e.name, t]);
+  }
+  const bad = problems.length ? undefined : firstNonFinite(finite);
+  if (bad !== undefined) problems.push(`'${bad}' holds NaN or infinite values`);
+  if (problems.length) {
+    const shown = problems.slice(0, 5).join('; ') + (problems.length > 5 ? `; and ${problems.length - 5} more` : '');
+    throw new Error(`checkpoint tensors '${file}': ${shown}`);
+  }
+}
+
+/**
+ * The name of the first tensor holding a NaN or an infinity, or undefined when all are finite: one fused
+ * check (one host sync) when they are, a second pass only to name the culprit.
+ */
+export function firstNonFinite(named: readonly (readonly [string, Tensor])[]): string | undefined {
+  if (named.length === 0) return undefined;
+  const allFinite = tidy(() => torch.stack(named.map(([, t]) => t.detach().isfinite().all())).all().item());
+  if (allFinite) return undefined;
+  return named.find(([, t]) => !tidy(() => t.detach().isfinite().all().item()))?.[0];
 }

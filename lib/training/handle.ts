@@ -7,6 +7,7 @@
 //   setTimeout(() => run.abort(), 60_000);
 //   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
+import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
 
 export interface TrainMetrics {
@@ -38,13 +39,15 @@ export interface TrainHooks {
   signal?: AbortSignal;
   /** Called after every optimizer step (the same as a 'progress' listener). */
   onProgress?: (p: TrainProgress) => void;
+  /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside). */
+  onNotice?: (message: string) => void;
 }
 
 class Run extends EventEmitter implements TrainingRun {
   readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
-  constructor(options: TrainOptions, outer?: AbortSignal) {
+  constructor(options: TrainOptions, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
     super();
     if (outer) {
       if (outer.aborted) this.controller.abort(outer.reason);
@@ -59,6 +62,7 @@ class Run extends EventEmitter implements TrainingRun {
         const r = await runTraining(options, {
           signal: this.controller.signal,
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
+          onNotice: (m) => this.onNotice?.(m),
         });
         const seconds = (Date.now() - started) / 1000;
         const tail = losses.slice(-Math.max(1, Math.ceil(losses.length / 10)));
@@ -83,10 +87,12 @@ class Run extends EventEmitter implements TrainingRun {
 
 /**
  * Trains a LoRA as diffusers' train_text_to_image_lora.py (options = its flags in camelCase). Returns at once
- * with the run's handle; `await` it for the result and metrics.
+ * with the run's handle; `await` it for the result and metrics. Options outside their domains throw a
+ * TrainOptionsError at once.
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
-  const run = new Run(options, hooks.signal);
+  validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
+  const run = new Run(options, hooks.signal, hooks.onNotice);
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
   return run;
 }

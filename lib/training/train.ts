@@ -8,7 +8,6 @@ import { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import type { FromPretrainedOptions } from '../models/loading.js';
-import { attachLora } from '../lora/attach.js';
 import { saveLoraWeights } from '../lora/save.js';
 import { setPeftModelStateDict } from '../lora/load.js';
 import { AdamW } from '../optim/adamw.js';
@@ -19,15 +18,22 @@ import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import type { DType } from '../dtype.js';
 import { Accumulator, loraTrainingStep, type MixedPrecision } from './step.js';
-import { disposeCheckpoint, ensureWritableDir, loadCheckpoint, pruneCheckpoints, saveCheckpoint } from './checkpoint.js';
+import {
+  checkOutputDir, checkTensors, disposeCheckpoint, ensureWritableDir, firstNonFinite, loadCheckpoint, pruneCheckpoints,
+  readTrainingState, removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
+} from './checkpoint.js';
+import { MetricsLog } from './metrics.js';
+import { TrainOptionsError, checkDeviceAvailable, validateTrainOptions } from './options.js';
+import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
+import { Linear } from '../nn/layers.js';
+import type { Module } from '../nn/module.js';
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
 import { saveModelCard } from './model_card.js';
 import { runValidation } from './validation.js';
 import { StableDiffusionPipeline } from '../pipelines/stable_diffusion.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
-import { saveLossPlot, type LossPoint } from './loss_plot.js';
-import { appendFileSync, existsSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { saveLossPlot } from './loss_plot.js';
 import { basename, join } from 'node:path';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
@@ -73,6 +79,8 @@ export interface TrainOptions extends TrainDataOptions {
 }
 
 export interface TrainProgress { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }
+/** What runTraining tells its caller besides progress (the CLI prints these lines). */
+export interface TrainHooksInternal { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal; onNotice?: (message: string) => void }
 export interface TrainResult { validationImages: string[]; outputFile: string; globalStep: number; lastLoss: number; checkpoints: string[]; skippedImages: { count: number; files: string[] } }
 
 /** Steps arithmetic of the script: optimizer steps per epoch, total steps and epochs. */
@@ -82,106 +90,203 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
   return { updateStepsPerEpoch, maxTrainSteps: maxSteps, numTrainEpochs: Math.ceil(maxSteps / updateStepsPerEpoch) };
 }
 
-export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal } = {}): Promise<TrainResult> {
+
+/**
+ * Trains a LoRA as the script's main(): options checked (validateTrainOptions), --output_dir checked and
+ * created, then the loop (trainIn). A run that fails before writing anything leaves no folder it created.
+ */
+export async function runTraining(o: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
+  validateTrainOptions(o);
   const device = o.device ?? (native.info().cudaAvailable ? 'cuda:0' : 'cpu');
-  const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
-  if (mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
+  checkDeviceAvailable(device, native.info(), 'device');
+  if (o.mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
     throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
   }
-  const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const outputDir = o.outputDir ?? 'sd-model-finetuned-lora';
-  ensureWritableDir(outputDir); // a read-only or full disk fails here, before anything is loaded
+  checkOutputDir(outputDir); // an existing file, FIFO or device there is named, and nothing is created
+  const created = ensureWritableDir(outputDir); // a read-only or full disk fails here, before anything is loaded
+  try {
+    return await trainIn(outputDir, device, o, hooks);
+  } catch (e) {
+    removeEmptyDirs(created);
+    throw e;
+  }
+}
+
+/**
+ * The LoRA rank must fit the smallest layer it adapts: B·A has rank at most min(in, out), so a larger rank
+ * adds nothing but memory (and --rank=100000 crashed allocating it).
+ */
+function checkRankFits(unet: Module, rank: number): void {
+  let smallest: { path: string; layer: Linear; size: number } | undefined;
+  for (const [path, m] of unet.namedModules()) {
+    if (!(m instanceof Linear) || !matchesTarget(path, DEFAULT_TARGET_MODULES)) continue;
+    const size = Math.min(m.inFeatures, m.outFeatures);
+    if (!smallest || size < smallest.size) smallest = { path, layer: m, size };
+  }
+  if (smallest && rank > smallest.size) {
+    throw new TrainOptionsError([`--rank ${rank} is larger than the smallest layer LoRA adapts, ${smallest.path} ` +
+      `(Linear ${smallest.layer.inFeatures} → ${smallest.layer.outFeatures}): --rank must be at most ${smallest.size} for this model`]);
+  }
+}
+
+/** What a resume restores into. */
+interface Resumable {
+  unet: Module;
+  lora: LoraHandle;
+  optimizer: AdamW;
+  accumulator: Accumulator;
+  scaler: GradScaler | null;
+  data: TrainData;
+  generators: ReturnType<typeof defaultGenerator>[];
+}
+
+/** The tensors a checkpoint of this run holds: LoRA weights and Adam moments (finite), generator states. */
+function expectedTensors(state: TrainingState, t: Resumable): ExpectedTensor[] {
+  const params = t.lora.namedParameters();
+  const rng = t.generators.map((g, i) => {
+    const s = g.getState();
+    try { return { name: `rng.${i}`, shape: s.shape, dtype: s.dtype }; } finally { s.dispose(); }
+  });
+  return [
+    ...params.map(([n, p]) => ({ name: `lora.${n}`, shape: p.shape, dtype: p.dtype, finite: true })),
+    ...params.flatMap(([, p], i) => ((state.optimizer.steps[i] ?? 0) > 0
+      ? ['exp_avg', 'exp_avg_sq'].map((k) => ({ name: `optimizer.${i}.${k}`, shape: p.shape, dtype: p.dtype, finite: true }))
+      : [])),
+    ...rng,
+  ];
+}
+
+/**
+ * Resumes from checkpoint `path`: its state and tensors are checked in full against this run first, so a
+ * corrupt checkpoint is refused (naming its file and field) before any of the run's state changes.
+ * Returns the epoch and step to continue from.
+ */
+function restoreCheckpoint(path: string, run: ResumingRun, t: Resumable): { epoch: number; globalStep: number } {
+  const { tensors, state } = loadCheckpoint(path, run);
+  try {
+    checkTensors(tensors, expectedTensors(state, t), join(path, 'training_state.safetensors'));
+    const get = (k: string): Tensor => tensors.get(k)!; // present: checked above
+    // the trained adapter through the one LoRA loader (checked against the layers before any copy)
+    setPeftModelStateDict(t.unet, tensors, { keyPrefix: 'lora.', file: join(path, 'training_state.safetensors') });
+    const optTensors = new Map([...tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, v]) => [k.slice('optimizer.'.length), v]));
+    t.optimizer.loadStateDict({ tensors: optTensors, meta: state.optimizer });
+    Object.assign(t.accumulator.state, state.accumulator);
+    t.optimizer.lr = t.accumulator.lr;
+    if (t.scaler && state.scaler) t.scaler.loadStateDict(state.scaler);
+    t.data.restore(state.data);
+    t.generators.forEach((g, i) => g.setState(get(`rng.${i}`)));
+    return { epoch: state.epoch, globalStep: state.accumulator.globalStep };
+  } finally {
+    disposeCheckpoint({ tensors, state });
+  }
+}
+
+async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks: TrainHooksInternal): Promise<TrainResult> {
+  const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
+  const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
+  const metrics = new MetricsLog(join(outputDir, 'metrics.jsonl'), hooks.onNotice); // a FIFO there is refused now
+  // a checkpoint to resume from is read and checked before the models load (again against the data later)
+  const resumeFrom = o.resumeFromCheckpoint ? resolveCheckpoint(outputDir, o.resumeFromCheckpoint) : undefined;
+  if (resumeFrom !== undefined) readTrainingState(resumeFrom);
   if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
   if (o.allowTf32) native.setAllowTF32(true);
 
-  // 1. models: frozen, in the weight dtype; LoRA parameters in fp32 (attached after the cast)
-  const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
-  const model = o.pretrainedModelNameOrPath;
-  const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
-  const scheduler = DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' });
-  const textEncoder = CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype: weightDtype, device });
-  const vae = AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant: o.variant ?? undefined, dtype: weightDtype, device });
-  const unet = UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant: o.variant ?? undefined, dtype: weightDtype, device });
-  const rank = o.rank ?? 4;
-  const lora = attachLora(unet, { rank, alpha: rank, init: 'gaussian' });
-  unet.train();
-  if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
-  if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
-  const params = lora.parameters();
-
-  // 2. data and steps arithmetic
-  const data: TrainData = await openTrainData(o, { tokenizer, device });
-  const accumulation = o.gradientAccumulationSteps ?? 1;
-  const batchSize = o.trainBatchSize ?? 16;
-  const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs ?? 100, o.maxTrainSteps);
-
-  // 3. optimisation
-  const baseLr = (o.learningRate ?? 1e-4) * (o.scaleLr ? accumulation * batchSize : 1);
-  const optimizer = new AdamW(params, {
-    lr: baseLr, betas: [o.adamBeta1 ?? 0.9, o.adamBeta2 ?? 0.999], weightDecay: o.adamWeightDecay ?? 1e-2, eps: o.adamEpsilon ?? 1e-8,
-  });
-  const scaler = mixedPrecision === 'fp16' ? new GradScaler() : null;
-  const accumulator = new Accumulator({
-    optimizer, params, scaler, maxGradNorm: o.maxGradNorm === undefined ? 1.0 : o.maxGradNorm, accumulationSteps: accumulation,
-    lrScheduler: o.lrScheduler ?? 'constant',
-    lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps ?? 500, totalSteps: steps.maxTrainSteps },
-  });
-
-  const saved: string[] = [];
-  const generators = () => [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
-  const checkpointNow = () => {
-    const tensors = new Map<string, Tensor>();
-    const opt = optimizer.stateDict();
-    for (const [k, t] of opt.tensors) tensors.set(`optimizer.${k}`, t);
-    for (const [n, p] of lora.namedParameters()) tensors.set(`lora.${n}`, p);
-    const rng = generators().map((g) => g.getState());
-    rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
-    try {
-      saved.push(saveCheckpoint(outputDir, accumulator.state.globalStep, {
-        tensors,
-        state: { accumulator: accumulator.state, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data.state(), epoch },
-      }, (dir) => saveLoraWeights(dir, unet)));
-    } catch (e) {
-      throw new Error(`${(e as Error).message}${saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : ''}`);
-    } finally {
-      dispose(rng);
-    }
-    pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
-  };
-
-  // 4. resume: every piece of state restored, so the run continues as if never stopped
-  let epoch = 0;
-  if (o.resumeFromCheckpoint) {
-    const { contents } = loadCheckpoint(outputDir, o.resumeFromCheckpoint);
-    try {
-      setPeftModelStateDict(unet, contents.tensors, { keyPrefix: 'lora.' }); // the trained adapter, checked before any copy
-      const optTensors = new Map([...contents.tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, t]) => [k.slice('optimizer.'.length), t]));
-      optimizer.loadStateDict({ tensors: optTensors, meta: contents.state.optimizer as { steps: number[]; lr: number } });
-      Object.assign(accumulator.state, contents.state.accumulator);
-      optimizer.lr = accumulator.lr;
-      if (scaler && contents.state.scaler) scaler.loadStateDict(contents.state.scaler as { scale: number; growthTracker: number });
-      data.restore(contents.state.data);
-      epoch = contents.state.epoch as number;
-      trimMetrics(join(outputDir, 'metrics.jsonl'), accumulator.state.globalStep);
-      generators().forEach((g, i) => g.setState(need(contents.tensors, `rng.${i}`)));
-    } finally {
-      disposeCheckpoint(contents);
-    }
-  }
-
-  // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
-  const logs = (o.reportTo ?? 'tensorboard') === 'tensorboard' ? new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs')) : null;
-  const metricsFile = join(outputDir, 'metrics.jsonl');
-  const lastCheckpoint = () => (saved.length ? `; the last checkpoint is ${saved[saved.length - 1]}` : '');
-  // a log write that fails (full disk) names its file and where the run can be resumed from
-  const logged = (file: string | undefined, write: () => void) => {
-    try { write(); } catch (e) { throw new Error(`cannot write ${file ?? 'the logs'}: ${(e as Error).message}${lastCheckpoint()}`); }
-  };
-  let lastLoss = NaN;
-  let trainLoss = 0;
-  // the last epoch that ran, as Python's loop variable after `for epoch in range(...)` (the final images' step)
-  let lastEpoch = epoch;
+  const owned: { dispose(): void }[] = [];
+  const own = <T extends { dispose(): void }>(x: T): T => { owned.push(x); return x; };
+  let opened: TrainData | undefined;
+  let logsWriter: TensorBoardWriter | null = null;
   try {
+    // 1. models: frozen, in the weight dtype; LoRA parameters in fp32 (attached after the cast)
+    const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
+    const model = o.pretrainedModelNameOrPath;
+    const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
+    const scheduler = own(DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' }));
+    const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype: weightDtype, device }));
+    const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant: o.variant ?? undefined, dtype: weightDtype, device }));
+    const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant: o.variant ?? undefined, dtype: weightDtype, device }));
+    const rank = o.rank ?? 4;
+    checkRankFits(unet, rank);
+    const lora = attachLora(unet, { rank, alpha: rank, init: 'gaussian' });
+    unet.train();
+    if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
+    if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
+    const params = lora.parameters();
+
+    // 2. data and steps arithmetic
+    const data = await openTrainData(o, { tokenizer, device });
+    opened = data;
+    const accumulation = o.gradientAccumulationSteps ?? 1;
+    const batchSize = o.trainBatchSize ?? 16;
+    const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs ?? 100, o.maxTrainSteps);
+
+    // 3. optimisation
+    const baseLr = (o.learningRate ?? 1e-4) * (o.scaleLr ? accumulation * batchSize : 1);
+    const optimizer = own(new AdamW(params, {
+      lr: baseLr, betas: [o.adamBeta1 ?? 0.9, o.adamBeta2 ?? 0.999], weightDecay: o.adamWeightDecay ?? 1e-2, eps: o.adamEpsilon ?? 1e-8,
+    }));
+    const scaler = mixedPrecision === 'fp16' ? new GradScaler() : null;
+    const accumulator = new Accumulator({
+      optimizer, params, scaler, maxGradNorm: o.maxGradNorm === undefined ? 1.0 : o.maxGradNorm, accumulationSteps: accumulation,
+      lrScheduler: o.lrScheduler ?? 'constant',
+      lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps ?? 500, totalSteps: steps.maxTrainSteps },
+    });
+    const generators = [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
+
+    // 4. resume: every piece of state checked, then restored, so the run continues as if never stopped
+    let epoch = 0;
+    /** The newest whole checkpoint (this run's, or the one it resumed from): named when the run fails. */
+    let lastSaved: string | undefined;
+    if (resumeFrom !== undefined) {
+      const path = resumeFrom;
+      const run = { maxTrainSteps: steps.maxTrainSteps, numTrainEpochs: steps.numTrainEpochs, accumulationSteps: accumulation, numParams: params.length, datasetLength: data.datasetLength };
+      const resumed = restoreCheckpoint(path, run, { unet, lora, optimizer, accumulator, scaler, data, generators });
+      epoch = resumed.epoch;
+      lastSaved = path;
+      metrics.resumedFrom(resumed.globalStep);
+    }
+
+    // 5. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
+    const saved: string[] = [];
+    const lastCheckpoint = () => (lastSaved ? `; the last checkpoint is ${lastSaved}` : '');
+    // TensorBoard's event file is created with the first value logged: a run failing before it writes nothing
+    const logs = (): TensorBoardWriter | null => ((o.reportTo ?? 'tensorboard') === 'tensorboard'
+      ? (logsWriter ??= new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs'))) : null);
+    // a log write that fails (full disk) names its file and where the run can be resumed from
+    const logged = (file: () => string | undefined, write: () => void) => {
+      try { write(); } catch (e) { throw new Error(`cannot write ${file() ?? 'the logs'}: ${(e as Error).message}${lastCheckpoint()}`); }
+    };
+    // nothing non-finite is ever saved: a diverged update with a still-finite loss stops here, naming the step
+    const assertFiniteWeights = (atEpoch: number) => {
+      const bad = firstNonFinite(lora.namedParameters());
+      if (bad !== undefined) {
+        throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${accumulator.state.globalStep} (epoch ${atEpoch}): ` +
+          `the training diverged (lower --learning_rate?); nothing more was saved${lastCheckpoint()}`);
+      }
+    };
+    const checkpointNow = () => {
+      assertFiniteWeights(epoch);
+      const tensors = new Map<string, Tensor>();
+      const opt = optimizer.stateDict();
+      for (const [k, t] of opt.tensors) tensors.set(`optimizer.${k}`, t);
+      for (const [n, p] of lora.namedParameters()) tensors.set(`lora.${n}`, p);
+      const rng = generators.map((g) => g.getState());
+      rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
+      try {
+        const state: TrainingState = { accumulator: { ...accumulator.state }, optimizer: opt.meta, scaler: scaler?.stateDict() ?? null, data: data.state(), epoch };
+        lastSaved = saveCheckpoint(outputDir, accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, unet));
+        saved.push(lastSaved);
+      } catch (e) {
+        throw new Error(`${(e as Error).message}${lastCheckpoint()}`);
+      } finally {
+        dispose(rng);
+      }
+      pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
+    };
+    let lastLoss = NaN;
+    let trainLoss = 0;
+    // the last epoch that ran, as Python's loop variable after `for epoch in range(...)` (the final images' step)
+    let lastEpoch = epoch;
     for (; epoch < steps.numTrainEpochs && accumulator.state.globalStep < steps.maxTrainSteps; epoch++) {
       lastEpoch = epoch;
       while (accumulator.state.globalStep < steps.maxTrainSteps) {
@@ -203,16 +308,21 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
         }
         lastLoss = loss;
         trainLoss += loss / accumulation;
-        const r = accumulator.afterBackward();
+        let r: ReturnType<Accumulator['afterBackward']>;
+        try { r = accumulator.afterBackward(); } catch (e) {
+          // e.g. a step size lr / (1 − β1^t) beyond float32: name the settings that produced it
+          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with learning rate ${baseLr}${o.scaleLr ? ' (--learning_rate scaled by --scale_lr)' : ''} --adam_beta1=${o.adamBeta1 ?? 0.9} ` +
+            `--adam_beta2=${o.adamBeta2 ?? 0.999} --adam_weight_decay=${o.adamWeightDecay ?? 1e-2}: ${(e as Error).message}${lastCheckpoint()}`);
+        }
         if (!r) continue;
-        logged(logs?.path, () => logs?.addScalar('train_loss', trainLoss, accumulator.state.globalStep));
-        // one JSON line per optimizer step: easy to plot or grep, and appended across resumes
-        const line = `${JSON.stringify({ step: accumulator.state.globalStep, epoch, loss: trainLoss, lr: r.lr, grad_norm: r.gradNorm, skipped: !r.stepped, time: Date.now() / 1000 })}\n`;
-        logged(metricsFile, () => appendFileSync(metricsFile, line));
-        logged(logs?.path, () => logs?.addScalar('lr', r.lr, accumulator.state.globalStep));
+        const step = accumulator.state.globalStep;
+        logged(() => logs()?.path, () => logs()?.addScalar('train_loss', trainLoss, step));
+        const line = { step, epoch, loss: trainLoss, lr: r.lr, grad_norm: r.gradNorm, skipped: !r.stepped, time: Date.now() / 1000 };
+        logged(() => metrics.file, () => metrics.append(line));
+        logged(() => logs()?.path, () => logs()?.addScalar('lr', r.lr, step));
         trainLoss = 0;
-        hooks.onProgress?.({ step: accumulator.state.globalStep, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
-        if (o.checkpointingSteps && accumulator.state.globalStep % o.checkpointingSteps === 0) checkpointNow();
+        hooks.onProgress?.({ step, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
+        if (o.checkpointingSteps && step % o.checkpointingSteps === 0) checkpointNow();
       }
       if (o.validationPrompt && epoch % (o.validationEpochs ?? 1) === 0) {
         // the current LoRA, in the training models themselves (the script wraps the same unet in a pipeline)
@@ -220,7 +330,7 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
         try {
           await runValidation({ unet, vae, textEncoder, tokenizer, scheduler: sampler }, {
             prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'validation', epoch,
-            dir: join(outputDir, 'validation', `epoch-${epoch}`), logs,
+            dir: join(outputDir, 'validation', `epoch-${epoch}`), logs: logs(),
           });
         } finally {
           sampler.dispose();
@@ -229,6 +339,7 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
       if (accumulator.state.globalStep < steps.maxTrainSteps) data.nextEpoch();
     }
     // 6. the result, in diffusers' format
+    assertFiniteWeights(lastEpoch);
     const outputFile = saveLoraWeights(outputDir, unet);
     // final inference as the script: the base pipeline loaded afresh, with the saved file through loadLoraWeights
     let validationImages: string[] = [];
@@ -239,7 +350,7 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
         // same images either way; keeps the final run within the memory the training was given
         if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
         validationImages = await runValidation(pipe, {
-          prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs,
+          prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs: logs(),
         });
       } finally {
         pipe.dispose();
@@ -250,34 +361,11 @@ export async function runTraining(o: TrainOptions, hooks: { onProgress?: (p: Tra
       learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: o.validationPrompt ?? null,
       images: validationImages.map((p) => basename(p)),
     });
-    await saveLossPlot(join(outputDir, 'loss.png'), readMetrics(metricsFile));
+    await saveLossPlot(join(outputDir, 'loss.png'), metrics.read());
     return { validationImages, outputFile, globalStep: accumulator.state.globalStep, lastLoss, checkpoints: saved, skippedImages: data.skipped() };
   } finally {
-    logs?.close();
-    await data.close();
-    optimizer.dispose();
-    for (const m of [unet, vae, textEncoder]) m.dispose();
-    scheduler.dispose();
+    (logsWriter as TensorBoardWriter | null)?.close();
+    await opened?.close();
+    for (const x of owned.reverse()) x.dispose();
   }
 }
-
-/** The loss curve from metrics.jsonl (which spans resumed runs; a line cut short by a crash is left out). */
-function readMetrics(file: string): LossPoint[] {
-  if (!existsSync(file)) return [];
-  return readFileSync(file, 'utf8').split('\n').filter(Boolean).flatMap((l) => { try { return [JSON.parse(l) as LossPoint]; } catch { return []; } });
-}
-
-/** On resume: drops the lines of steps after the checkpoint (a killed run logged them; they are redone). */
-function trimMetrics(file: string, globalStep: number): void {
-  if (!existsSync(file)) return;
-  const kept = readMetrics(file).filter((m) => m.step <= globalStep);
-  writeFileSync(`${file}.tmp-${process.pid}`, kept.map((m) => `${JSON.stringify(m)}\n`).join(''));
-  renameSync(`${file}.tmp-${process.pid}`, file);
-}
-
-function need(m: Map<string, Tensor>, k: string): Tensor {
-  const t = m.get(k);
-  if (!t) throw new Error(`checkpoint is missing '${k}'`);
-  return t;
-}
-

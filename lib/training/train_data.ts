@@ -29,11 +29,14 @@ export interface TrainDataOptions {
 
 export interface TrainData {
   readonly batchesPerEpoch: number;
+  /** Items in the dataset (a saved data position counts them). */
+  readonly datasetLength: number;
   /** The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. */
   next(): Promise<{ pixelValues: Tensor; inputIds: Tensor } | null>;
   nextEpoch(): void;
   state(): { epoch: number; loader: LoaderState };
-  restore(state: unknown): void;
+  /** Restores a saved state (checkpoint.ts's parseTrainingState checked it against datasetLength). */
+  restore(state: { epoch: number; loader: LoaderState }): void;
   /** Images skipped so far (--skip_broken_images): how many times, and which files. */
   skipped(): { count: number; files: string[] };
   close(): Promise<void>;
@@ -60,6 +63,7 @@ export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPT
   let epoch = loader.getState().epoch;
   return {
     batchesPerEpoch: loader.batchesPerEpoch,
+    datasetLength: dataset.length,
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();
@@ -70,8 +74,7 @@ export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPT
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: loader.getState() }; },
-    restore(state: unknown) {
-      const s = state as { epoch: number; loader: LoaderState };
+    restore(s: { epoch: number; loader: LoaderState }) {
       loader.setState(s.loader);
       epoch = s.epoch;
     },

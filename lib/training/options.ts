@@ -1,0 +1,204 @@
+// The domains of the training options, in one place for the CLI (`difflora train --flag`, lib/cli/train_args.ts)
+// and the library (runTraining / trainTextToImageLora options): each value's type, range and choices. A value
+// outside its domain is refused before anything is loaded or written, with every problem of a call listed at
+// once and each naming its flag and the value given. Without these checks, `--learning_rate=1e309` trained
+// NaN weights, `--max_grad_norm=-1` ascended the gradient and `--dataloader_num_workers=1000000` never stepped.
+//
+// What needs the model or the data (the LoRA rank against the layer sizes, a checkpoint's data position)
+// is checked later, by train.ts, as soon as the model or the data is known.
+
+export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
+export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
+export const PREDICTION_TYPE_CHOICES = ['epsilon', 'v_prediction'] as const;
+/** torchvision's `InterpolationMode` members, lower-cased (the script builds its choices the same way). */
+export const INTERPOLATION_CHOICES = ['bicubic', 'bilinear', 'box', 'hamming', 'lanczos', 'nearest', 'nearest_exact'] as const;
+/** The interpolations the image loader implements (libvips kernels); the script's other choices are refused. */
+export const SUPPORTED_INTERPOLATIONS = ['bicubic', 'bilinear', 'lanczos', 'nearest'] as const;
+export const REPORT_TO_CHOICES = ['tensorboard', 'wandb', 'comet_ml', 'all'] as const;
+
+/** Largest --resolution: 4096 px is 8× SD 1.5's and 4× SDXL's; beyond it one image's activations exceed any GPU. */
+export const MAX_RESOLUTION = 4096;
+/**
+ * Most --dataloader_num_workers: each worker decodes 2 batches ahead (torch's prefetch_factor), and images
+ * decode on libuv's few threads, so more workers only queue decoded images in memory.
+ */
+export const MAX_DATALOADER_WORKERS = 64;
+/** Most --num_validation_images per validation (each is a 30-step generation). */
+export const MAX_VALIDATION_IMAGES = 64;
+/** The largest float32: the optimizer and the loss compute in float32, so a larger value overflows there. */
+const FLOAT32_MAX = 3.4028234663852886e38;
+/** The polynomial schedule's end LR (get_scheduler's lr_end): the base LR must exceed it. */
+const POLYNOMIAL_LR_END = 1e-7;
+
+type Rule =
+  | { kind: 'int'; min: number; max?: number; why?: string; multipleOf?: number; nullable?: boolean }
+  | { kind: 'float'; domain: 'positive' | 'nonNegative' | 'unitInterval'; nullable?: boolean }
+  | { kind: 'string'; choices?: readonly string[]; nullable?: boolean; pattern?: [RegExp, string] }
+  | { kind: 'boolean' };
+
+const int = (min: number, more: Partial<Extract<Rule, { kind: 'int' }>> = {}): Rule => ({ kind: 'int', min, ...more });
+const float = (domain: Extract<Rule, { kind: 'float' }>['domain'], nullable = false): Rule => ({ kind: 'float', domain, nullable });
+const str = (more: Partial<Extract<Rule, { kind: 'string' }>> = {}): Rule => ({ kind: 'string', ...more });
+const bool: Rule = { kind: 'boolean' };
+
+/** Every option runTraining reads, by its camelCase name (the flag is its snake_case). */
+const RULES: Readonly<Record<string, Rule>> = {
+  pretrainedModelNameOrPath: str(),
+  revision: str({ nullable: true }),
+  variant: str({ nullable: true }),
+  cacheDir: str({ nullable: true }),
+  datasetName: str({ nullable: true }),
+  trainDataDir: str({ nullable: true }),
+  imageColumn: str(),
+  captionColumn: str(),
+  maxTrainSamples: int(1, { nullable: true }),
+  resolution: int(8, { max: MAX_RESOLUTION, multipleOf: 8, why: 'the VAE works on 8×8 pixel blocks' }),
+  centerCrop: bool,
+  randomFlip: bool,
+  imageInterpolationMode: str({ choices: SUPPORTED_INTERPOLATIONS }),
+  dataloaderNumWorkers: int(0, { max: MAX_DATALOADER_WORKERS, why: 'each worker decodes 2 batches ahead; more only fill memory' }),
+  skipBrokenImages: bool,
+  rank: int(1),
+  trainBatchSize: int(1),
+  numTrainEpochs: int(1),
+  maxTrainSteps: int(1, { nullable: true }),
+  gradientAccumulationSteps: int(1),
+  gradientCheckpointing: bool,
+  enableXformersMemoryEfficientAttention: bool,
+  learningRate: float('positive'),
+  scaleLr: bool,
+  lrScheduler: str({ choices: LR_SCHEDULER_CHOICES }),
+  lrWarmupSteps: int(0),
+  adamBeta1: float('unitInterval'),
+  adamBeta2: float('unitInterval'),
+  adamWeightDecay: float('nonNegative'),
+  adamEpsilon: float('positive'),
+  // null (library only): no clipping. The script's default is 1.0; 0 would zero every update, < 0 ascend.
+  maxGradNorm: float('positive', true),
+  allowTf32: bool,
+  snrGamma: float('positive', true),
+  predictionType: str({ choices: PREDICTION_TYPE_CHOICES, nullable: true }),
+  noiseOffset: float('nonNegative'),
+  mixedPrecision: str({ choices: MIXED_PRECISION_CHOICES, nullable: true }),
+  validationPrompt: str({ nullable: true }),
+  numValidationImages: int(0, { max: MAX_VALIDATION_IMAGES, why: 'each image is a 30-step generation' }),
+  validationEpochs: int(1),
+  outputDir: str(),
+  checkpointingSteps: int(1),
+  checkpointsTotalLimit: int(1, { nullable: true }),
+  resumeFromCheckpoint: str({ nullable: true }),
+  reportTo: str({ choices: ['tensorboard'], nullable: true }),
+  loggingDir: str(),
+  seed: int(0, { nullable: true }),
+  device: str({ nullable: true, pattern: [/^(cpu|cuda(:\d+)?)$/, "'cpu', 'cuda' or 'cuda:N'"] }),
+};
+
+/** Options given by their flag (`--learning_rate`, the CLI) or by their library name (`learningRate (--learning_rate)`). */
+export type OptionNaming = 'flag' | 'option';
+
+export const flagOf = (key: string): string => `--${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}`;
+const nameOf = (key: string, naming: OptionNaming): string => (naming === 'flag' ? flagOf(key) : `${key} (${flagOf(key)})`);
+
+/** A value as an error message shows it: numbers as JS prints them, strings quoted, null, arrays and objects by kind. */
+export function showValue(v: unknown): string {
+  if (typeof v === 'string') return JSON.stringify(v);
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return 'an array';
+  if (typeof v === 'object') return 'an object';
+  return String(v);
+}
+
+const FLOAT_DOMAINS = {
+  positive: { test: (v: number) => v > 0, text: 'a finite number > 0' },
+  nonNegative: { test: (v: number) => v >= 0, text: 'a finite number ≥ 0' },
+  unitInterval: { test: (v: number) => v >= 0 && v < 1, text: 'a number in [0, 1)' },
+} as const;
+
+/** What is wrong with one value under its rule, or undefined when it is fine. */
+function problemOf(rule: Rule, v: unknown): string | undefined {
+  if (v === undefined) return undefined; // not given: the default applies
+  if (v === null) return 'nullable' in rule && rule.nullable ? undefined : `must not be null`;
+  switch (rule.kind) {
+    case 'boolean':
+      return typeof v === 'boolean' ? undefined : `must be true or false, got ${showValue(v)}`;
+    case 'string':
+      if (typeof v !== 'string') return `must be a string, got ${showValue(v)}`;
+      if (v === '') return 'must not be empty';
+      if (rule.choices && !rule.choices.includes(v)) return `must be one of ${rule.choices.join(', ')}, got ${showValue(v)}`;
+      if (rule.pattern && !rule.pattern[0].test(v)) return `must be ${rule.pattern[1]}, got ${showValue(v)}`;
+      return undefined;
+    case 'float': {
+      const d = FLOAT_DOMAINS[rule.domain];
+      if (typeof v !== 'number') return `must be ${d.text}, got ${showValue(v)}`;
+      if (!Number.isFinite(v) || !d.test(v)) return `must be ${d.text}, got ${showValue(v)}`;
+      return Math.abs(v) <= FLOAT32_MAX ? undefined : `must be at most ${FLOAT32_MAX} (training computes in float32), got ${v}`;
+    }
+    case 'int': {
+      if (typeof v !== 'number' || !Number.isFinite(v) || !Number.isInteger(v)) return `must be a whole number, got ${showValue(v)}`;
+      if (v < rule.min) return `must be at least ${rule.min}, got ${v}`;
+      const max = rule.max ?? Number.MAX_SAFE_INTEGER;
+      if (v > max) return `must be at most ${max}${rule.why ? ` (${rule.why})` : ''}, got ${v}`;
+      if (rule.multipleOf && v % rule.multipleOf !== 0) return `must be a multiple of ${rule.multipleOf}${rule.why ? ` (${rule.why})` : ''}, got ${v}`;
+      return undefined;
+    }
+  }
+}
+
+/**
+ * Every problem with the given options' values, one line each, naming the option and the value. Options
+ * not given (undefined) are not checked (their defaults are valid); keys runTraining does not read are ignored.
+ */
+export function trainOptionProblems(options: object, naming: OptionNaming = 'option'): string[] {
+  const o = options as Readonly<Record<string, unknown>>;
+  const problems: string[] = [];
+  for (const [key, rule] of Object.entries(RULES)) {
+    const p = problemOf(rule, o[key]);
+    if (p !== undefined) problems.push(`${nameOf(key, naming)} ${p}`);
+  }
+  // get_scheduler's polynomial schedule decays to lr_end = 1e-7 and refuses a base LR not above it
+  const lr = o.learningRate;
+  if (o.lrScheduler === 'polynomial' && typeof lr === 'number' && lr > 0 && lr <= POLYNOMIAL_LR_END) {
+    problems.push(`${nameOf('learningRate', naming)} must be above ${POLYNOMIAL_LR_END} (the end LR of --lr_scheduler=polynomial), got ${lr}`);
+  }
+  return problems;
+}
+
+/** The problems as one message: the problem itself when there is one, else a count and one line each. */
+export function formatProblems(problems: readonly string[], what: string): string {
+  return problems.length === 1 ? problems[0]! : `${problems.length} problems with the ${what}:\n${problems.map((p) => `  - ${p}`).join('\n')}`;
+}
+
+/** Options outside their domain (RangeError: every problem of the call, each naming its option). */
+export class TrainOptionsError extends RangeError {
+  override name = 'TrainOptionsError';
+  constructor(readonly problems: readonly string[]) {
+    super(formatProblems(problems, 'training options'));
+  }
+}
+
+/**
+ * Checks runTraining's options before anything is loaded: an object, a model and a dataset named, and every
+ * value in its domain. Throws a TrainOptionsError listing every problem.
+ */
+export function validateTrainOptions(o: unknown): void {
+  if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the training options must be an object, got ${showValue(o)}`]);
+  const opts = o as Record<string, unknown>;
+  const problems = trainOptionProblems(opts, 'option');
+  if (opts.pretrainedModelNameOrPath === undefined) problems.unshift('pretrainedModelNameOrPath (--pretrained_model_name_or_path) is required');
+  if ((opts.datasetName ?? undefined) === undefined && (opts.trainDataDir ?? undefined) === undefined) {
+    problems.push('need either datasetName (--dataset_name) or trainDataDir (--train_data_dir)');
+  }
+  if (problems.length) throw new TrainOptionsError(problems);
+}
+
+/**
+ * Whether `device` ('cpu', 'cuda', 'cuda:N') exists on this machine (libtorch's info()); throws naming the
+ * option and what is there, instead of a kernel-dispatch error from the first tensor made on it.
+ */
+export function checkDeviceAvailable(device: string, info: { cudaAvailable: boolean; cudaDeviceCount: number }, flag = '--device'): void {
+  const m = /^cuda(?::(\d+))?$/.exec(device);
+  if (!m) return;
+  if (!info.cudaAvailable) throw new Error(`${flag}=${device}: this libtorch has no CUDA or sees no GPU (difflora env says which); use 'cpu'`);
+  const index = Number(m[1] ?? 0);
+  if (index >= info.cudaDeviceCount) throw new Error(`${flag}=${device}: there ${info.cudaDeviceCount === 1 ? 'is 1 CUDA device' : `are ${info.cudaDeviceCount} CUDA devices`} (cuda:0${info.cudaDeviceCount > 1 ? `…cuda:${info.cudaDeviceCount - 1}` : ''})`);
+}
