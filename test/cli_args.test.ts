@@ -300,6 +300,8 @@ describe('difflora main', () => {
     expect(help.code).toBe(0);
     expect(help.out).toMatch(/train/);
     expect(help.out).toMatch(/env/);
+    expect(help.out).toMatch(/launch .*accelerate launch's flags/);
+    expect(help.out).toMatch(/dist-check .*test every collective/);
     const version = await run(['--version']);
     expect(version.code).toBe(0);
     expect(version.out.trim()).toMatch(/^\d+\.\d+\.\d+/);

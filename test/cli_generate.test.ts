@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
+import { generateHelp, parseGenerateArgs } from '../lib/cli/generate.js';
 import { checkDeviceAvailable } from '../lib/training/options.js';
 import { kohyaToModulePath } from '../lib/lora/convert.js';
 import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
@@ -166,6 +167,12 @@ describe('difflora generate', () => {
     expect(() => checkDeviceAvailable('cuda', { cudaAvailable: false, cudaDeviceCount: 0 })).toThrow(/--device=cuda: this libtorch has no CUDA/);
     expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 2 })).not.toThrow();
     expect(() => checkDeviceAvailable('cpu', { cudaAvailable: false, cudaDeviceCount: 0 })).not.toThrow();
+  });
+
+  it('--device defaults like train: unset until run time, then CUDA when available, else the CPU', async () => {
+    expect(parseGenerateArgs(base.slice(1)).device).toBeUndefined();
+    expect(parseGenerateArgs([...base.slice(1), '--device=cpu']).device).toBe('cpu');
+    expect((await generateHelp()).replace(/\s+/g, ' ')).toMatch(/default: cuda:0 when CUDA is available, as train; else cpu/);
   });
 
   it('exits 1 naming the problem for a LoRA of another model, and writes nothing', async () => {

@@ -31,7 +31,8 @@ export interface GenerateArgs {
   width: number | undefined;
   numImages: number;
   output: string;
-  device: string;
+  /** Unset: CUDA when available (as `difflora train`), else the CPU. */
+  device?: string;
   mixedPrecision: 'no' | 'fp16' | 'bf16';
   clipSkip: number | undefined;
   memoryEfficientAttention: boolean;
@@ -70,7 +71,7 @@ function generateParser(argv: readonly string[]) {
       width: { type: 'number', describe: 'Image width, a multiple of 8' },
       num_images: { type: 'number', default: 1, describe: 'Images per prompt' },
       output: { type: 'string', default: 'image.png', describe: 'PNG file to write (several images: name-0.png, name-1.png, …); an existing folder gets image-<i>.png' },
-      device: { type: 'string', default: 'cpu', describe: "'cpu' or 'cuda' / 'cuda:N'" },
+      device: { type: 'string', describe: "'cpu' or 'cuda' / 'cuda:N' (default: cuda:0 when CUDA is available, as train; else cpu)" },
       mixed_precision: { type: 'string', choices: ['no', 'fp16', 'bf16'], default: 'no', describe: 'Weights and compute in fp16 (CUDA) or bf16' },
       clip_skip: { type: 'number', describe: 'Condition on the text encoder layer this many before the last' },
       enable_xformers_memory_efficient_attention: { type: 'boolean', default: false, describe: 'Memory-efficient attention in the UNet and VAE (no xformers: query chunks on libtorch 1.13, the fused kernel on 2.x); less peak memory, the same images' },
@@ -163,8 +164,8 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
   }
   const latents = single<string>(r, 'latents');
   if (latents !== undefined && !existsSync(latents)) problems.push(`--latents: '${latents}' does not exist`);
-  const device = single<string>(r, 'device') ?? 'cpu';
-  if (!/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
+  const device = single<string>(r, 'device');
+  if (device !== undefined && !/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
   const output = single<string>(r, 'output') ?? 'image.png';
   if (output === '') problems.push('--output must not be empty');
   if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
@@ -224,7 +225,9 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   }
   const a = parseGenerateArgs(argv);
   checkImageOutputs(outputPaths(a.output, a.numImages)); // before the model is loaded: nothing is replaced
-  checkDeviceAvailable(a.device, (await import('../native.js')).native.info());
+  const info = (await import('../native.js')).native.info();
+  const device = a.device ?? (info.cudaAvailable ? 'cuda:0' : 'cpu'); // as train: the GPU when there is one
+  checkDeviceAvailable(device, info);
   const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');
@@ -236,7 +239,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   }
   const dtype = a.mixedPrecision === 'fp16' ? 'float16' : a.mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const pipe = StableDiffusionPipeline.fromPretrained(model, {
-    revision: a.revision, variant: a.variant, cacheDir: a.cacheDir, dtype, device: a.device, scheduler: a.scheduler,
+    revision: a.revision, variant: a.variant, cacheDir: a.cacheDir, dtype, device, scheduler: a.scheduler,
   });
   if (a.memoryEfficientAttention) {
     const n = pipe.enableMemoryEfficientAttention();

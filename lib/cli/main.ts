@@ -1,5 +1,5 @@
 // `difflora <command>`: train (the flags of train_text_to_image_lora.py), generate and convert-lora (lib/cli/generate.ts),
-// env (what libtorch this build runs on).
+// env (what libtorch this build runs on), launch and dist-check (lib/cli/launch.ts: several processes).
 // Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error, 3 not available in this build.
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -185,7 +185,9 @@ async function runTop(argv: string[], io: Io): Promise<number> {
     .command('generate', "Text to image with a Stable Diffusion pipeline and LoRA files (see 'difflora generate --help')")
     .command('convert-lora', "Convert a LoRA file between the diffusers/PEFT and Kohya layouts (see 'difflora convert-lora --help')")
     .command('env', 'Print the libtorch version, CUDA devices, threads and allocator of this build')
-    .demandCommand(1, 'Give a command: train, generate, convert-lora or env')
+    .command('launch', "Start the processes of a data-parallel run (accelerate launch's flags; see 'difflora launch --help')")
+    .command('dist-check', 'Check a multi-process set-up: join the group and test every collective')
+    .demandCommand(1, 'Give a command: train, generate, convert-lora, env, launch or dist-check')
     .strictCommands()
     .strict()
     .version(packageVersion())
