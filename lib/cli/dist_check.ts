@@ -4,7 +4,7 @@
 //   difflora launch --num_processes 2 dist-check
 // --seconds S keeps all-reducing 4 MiB buffers for S seconds and reports the throughput (a network soak test).
 import { hostname } from 'node:os';
-import yargs from 'yargs';
+import { commandParser } from './parser.js';
 import { DistributedEnvError, ProcessGroup, initProcessGroupFromEnv } from '../distributed/process_group.js';
 import type { Tensor } from '../tensor.js';
 import type { Io } from './main.js';
@@ -14,14 +14,7 @@ const USAGE = 'Usage: difflora launch --num_processes N dist-check [--seconds S]
   + 'broadcast, all-gather and barrier, one line per rank. Run alone, it checks a group of one (that this build has distributed support).';
 
 function parser(argv: readonly string[]) {
-  return yargs([...argv])
-    .scriptName('difflora')
-    .usage(USAGE)
-    .parserConfiguration({ 'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false })
-    .exitProcess(false)
-    .strict()
-    .version(false)
-    .help(false)
+  return commandParser(argv, USAGE)
     .options({
       seconds: { type: 'number', default: 0, describe: 'Then keep all-reducing 4 MiB buffers this long and report the throughput' },
     });

@@ -3,7 +3,7 @@
 // like the training script's; mistakes are UsageErrors (exit 2) naming the flag.
 import { existsSync, mkdirSync, statSync } from 'node:fs';
 import { basename, dirname, extname, join } from 'node:path';
-import yargs from 'yargs';
+import { commandParser } from './parser.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
 import { checkDeviceAvailable, formatProblems } from '../training/options.js';
@@ -44,15 +44,7 @@ const GENERATE_USAGE = 'Usage: difflora generate --prompt "<text>" [--pretrained
   + "that 'difflora train' trains by default.";
 
 function generateParser(argv: readonly string[]) {
-  return yargs([...argv])
-    .scriptName('difflora')
-    .usage(GENERATE_USAGE)
-    .parserConfiguration({ 'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false, 'duplicate-arguments-array': true })
-    .exitProcess(false)
-    .strict()
-    .version(false)
-    .help(false)
-    .wrap(Math.min(120, process.stdout.columns ?? 100))
+  return commandParser(argv, GENERATE_USAGE, { repeatable: true })
     .options({
       pretrained_model_name_or_path: { type: 'string', describe: 'Pipeline folder or model id in the offline HF cache (default: the built-in tiny model)' },
       revision: { type: 'string', describe: 'Revision of the model in the HF cache' },
@@ -294,17 +286,10 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
 export interface ConvertArgs { input: string; output: string; to: 'diffusers' | 'kohya'; force: boolean }
 
 function convertParser(argv: readonly string[]) {
-  return yargs([...argv])
-    .scriptName('difflora')
-    .usage('Usage: difflora convert-lora --input=<file> --output=<file.safetensors> --to=<diffusers|kohya>\n\n'
+  return commandParser(argv, 'Usage: difflora convert-lora --input=<file> --output=<file.safetensors> --to=<diffusers|kohya>\n\n'
       + 'Rewrites a LoRA file between the diffusers/PEFT layout (unet.….lora_A/lora_B, what diffusers\' load_lora_weights reads) '
       + 'and the Kohya/A1111 layout (lora_unet_…/lora_te_… with lora_down/lora_up and a per-layer alpha). The effective weights '
       + '(B·A·alpha/rank) are kept; converting to diffusers folds a per-layer alpha into the up matrix.')
-    .parserConfiguration({ 'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false })
-    .exitProcess(false)
-    .strict()
-    .version(false)
-    .help(false)
     .options({
       input: { type: 'string', describe: 'LoRA file (.safetensors) in diffusers, PEFT or Kohya format' },
       output: { type: 'string', describe: 'File to write (refused if it exists, unless --force)' },

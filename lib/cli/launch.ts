@@ -6,7 +6,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer } from 'node:net';
 import { constants, cpus } from 'node:os';
-import yargs from 'yargs';
+import { commandParser } from './parser.js';
 import type { Io } from './main.js';
 import { UsageError } from './train_args.js';
 
@@ -40,15 +40,7 @@ const LAUNCH_USAGE = 'Usage: difflora launch [flags] <command> [command flags]\n
   + 'the launcher exits with its status.';
 
 function launchParser(argv: readonly string[]) {
-  return yargs([...argv])
-    .scriptName('difflora')
-    .usage(LAUNCH_USAGE)
-    .parserConfiguration({ 'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false })
-    .exitProcess(false)
-    .strict()
-    .version(false)
-    .help(false)
-    .wrap(Math.min(120, process.stdout.columns ?? 100))
+  return commandParser(argv, LAUNCH_USAGE)
     .options({
       num_processes: { type: 'number', default: 1, describe: 'Processes in all, over all machines' },
       num_machines: { type: 'number', default: 1, describe: 'Machines; each starts num_processes / num_machines workers' },
