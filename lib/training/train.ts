@@ -1,7 +1,7 @@
 // runTraining: the loop of diffusers' train_text_to_image_lora.py over the tested parts — models
 // (fromPretrained), LoRA (attachLora), data (imagefolder + sharp transforms), the step (loraTrainingStep,
 // Accumulator), checkpoints with exact resume, and the final pytorch_lora_weights.safetensors.
-import { native } from '../native.js';
+import { cudaDeviceCount, cudaIsAvailable, setAllowTF32 } from '../device.js';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { CLIPTextModel } from '../models/clip_text_model.js';
 import { CLIPTokenizer } from '../models/clip_tokenizer.js';
@@ -97,8 +97,8 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
  */
 export async function runTraining(o: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
   validateTrainOptions(o);
-  const device = o.device ?? (native.info().cudaAvailable ? 'cuda:0' : 'cpu');
-  checkDeviceAvailable(device, native.info(), 'device');
+  const device = o.device ?? (cudaIsAvailable() ? 'cuda:0' : 'cpu');
+  checkDeviceAvailable(device, { cudaAvailable: cudaIsAvailable(), cudaDeviceCount: cudaDeviceCount() }, 'device');
   if (o.mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
     throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
   }
@@ -190,7 +190,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
   const resumeFrom = o.resumeFromCheckpoint ? resolveCheckpoint(outputDir, o.resumeFromCheckpoint) : undefined;
   if (resumeFrom !== undefined) readTrainingState(resumeFrom);
   if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
-  if (o.allowTf32) native.setAllowTF32(true);
+  if (o.allowTf32) setAllowTF32(true);
 
   const owned: { dispose(): void }[] = [];
   const own = <T extends { dispose(): void }>(x: T): T => { owned.push(x); return x; };
