@@ -90,6 +90,7 @@ export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './trai
 export { runTraining, stepsArithmetic } from './training/train.js';
 export { TrainOptionsError, validateTrainOptions } from './training/options.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
+export type { ValidationEvent } from './training/validation.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { computeSnr } from './training/training_utils.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';

@@ -30,7 +30,7 @@ import type { Module } from '../nn/module.js';
 import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
 import { saveModelCard } from './model_card.js';
-import { runValidation } from './validation.js';
+import { runValidation, validationRunsLeft, type ValidationEvent } from './validation.js';
 import { StableDiffusionPipeline } from '../pipelines/stable_diffusion.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
 import { saveLossPlot } from './loss_plot.js';
@@ -78,9 +78,28 @@ export interface TrainOptions extends TrainDataOptions {
   device?: string;
 }
 
-export interface TrainProgress { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }
+/** One optimizer step done. */
+export interface TrainProgress {
+  step: number;
+  maxTrainSteps: number;
+  epoch: number;
+  /** The loss logged for this step (metrics.jsonl, TensorBoard's train_loss): the mean over the accumulation window. */
+  loss: number;
+  /** The loss of the window's last micro-batch alone. */
+  stepLoss: number;
+  lr: number;
+  gradNorm: number | null;
+  /** Validation runs still to come, the final one with the saved LoRA included (0 without --validation_prompt). */
+  validationsLeft: number;
+}
 /** What runTraining tells its caller besides progress (the CLI prints these lines). */
-export interface TrainHooksInternal { onProgress?: (p: TrainProgress) => void; signal?: AbortSignal; onNotice?: (message: string) => void }
+export interface TrainHooksInternal {
+  onProgress?: (p: TrainProgress) => void;
+  /** A validation run starting and ending (images of the prompt; 'test' is the final one, with the saved LoRA). */
+  onValidation?: (e: ValidationEvent) => void;
+  signal?: AbortSignal;
+  onNotice?: (message: string) => void;
+}
 export interface TrainResult { validationImages: string[]; outputFile: string; globalStep: number; lastLoss: number; checkpoints: string[]; skippedImages: { count: number; files: string[] } }
 
 /** Steps arithmetic of the script: optimizer steps per epoch, total steps and epochs. */
@@ -283,6 +302,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       }
       pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
     };
+    const validationEpochs = o.validationEpochs ?? 1;
     let lastLoss = NaN;
     let trainLoss = 0;
     // the last epoch that ran, as Python's loop variable after `for epoch in range(...)` (the final images' step)
@@ -321,16 +341,17 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         logged(() => metrics.file, () => metrics.append(line));
         logged(() => logs()?.path, () => logs()?.addScalar('lr', r.lr, step));
         trainLoss = 0;
-        hooks.onProgress?.({ step, maxTrainSteps: steps.maxTrainSteps, epoch, loss, lr: r.lr, gradNorm: r.gradNorm });
+        const validationsLeft = validationRunsLeft({ epoch, numTrainEpochs: steps.numTrainEpochs, validationEpochs, enabled: !!o.validationPrompt });
+        hooks.onProgress?.({ step, maxTrainSteps: steps.maxTrainSteps, epoch, loss: line.loss, stepLoss: loss, lr: r.lr, gradNorm: r.gradNorm, validationsLeft });
         if (o.checkpointingSteps && step % o.checkpointingSteps === 0) checkpointNow();
       }
-      if (o.validationPrompt && epoch % (o.validationEpochs ?? 1) === 0) {
+      if (o.validationPrompt && epoch % validationEpochs === 0) {
         // the current LoRA, in the training models themselves (the script wraps the same unet in a pipeline)
         const sampler = loadScheduler(model, { ...load, subfolder: 'scheduler' });
         try {
           await runValidation({ unet, vae, textEncoder, tokenizer, scheduler: sampler }, {
             prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'validation', epoch,
-            dir: join(outputDir, 'validation', `epoch-${epoch}`), logs: logs(),
+            dir: join(outputDir, 'validation', `epoch-${epoch}`), logs: logs(), onEvent: hooks.onValidation,
           });
         } finally {
           sampler.dispose();
@@ -351,6 +372,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
         validationImages = await runValidation(pipe, {
           prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs: logs(),
+          onEvent: hooks.onValidation,
         });
       } finally {
         pipe.dispose();

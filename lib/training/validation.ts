@@ -31,10 +31,31 @@ export interface ValidationOptions {
   height?: number;
   width?: number;
   numInferenceSteps?: number;
+  /** Hears the run start and end (the CLI prints a line for each). */
+  onEvent?: (e: ValidationEvent) => void;
+}
+
+/** A validation run starting, or ending with its images and how long it took. */
+export type ValidationEvent =
+  | { event: 'start'; phase: 'validation' | 'test'; epoch: number; prompt: string; numImages: number; dir: string }
+  | { event: 'end'; phase: 'validation' | 'test'; epoch: number; prompt: string; numImages: number; dir: string; images: string[]; seconds: number };
+
+/**
+ * Validation runs still to come at `epoch` (its own included): one per epoch left that is a multiple of
+ * --validation_epochs, and the final one with the saved LoRA; 0 when validation is off.
+ */
+export function validationRunsLeft(o: { epoch: number; numTrainEpochs: number; validationEpochs: number; enabled: boolean }): number {
+  if (!o.enabled) return 0;
+  let n = 1;
+  for (let e = o.epoch; e < o.numTrainEpochs; e++) if (e % o.validationEpochs === 0) n++;
+  return n;
 }
 
 /** Generates, writes and logs the validation images; returns their paths. Does not dispose the models. */
 export async function runValidation(components: StableDiffusionComponents, o: ValidationOptions): Promise<string[]> {
+  const started = performance.now();
+  const about = { phase: o.phase, epoch: o.epoch, prompt: o.prompt, numImages: o.numImages, dir: o.dir };
+  o.onEvent?.({ event: 'start', ...about });
   const pipe = new StableDiffusionPipeline(components);
   const device = components.unet.conv_in.weight.device;
   const generator = new Generator(device.startsWith('cuda') ? device : 'cpu');
@@ -62,6 +83,7 @@ export async function runValidation(components: StableDiffusionComponents, o: Va
     const grid = await imageRow(pngs);
     o.logs.addImagePng(o.phase, grid.png, grid, o.epoch);
   }
+  o.onEvent?.({ event: 'end', ...about, images: paths, seconds: (performance.now() - started) / 1000 });
   return paths;
 }
 
