@@ -22,7 +22,7 @@ import {
   checkOutputDir, checkTensors, disposeCheckpoint, ensureWritableDir, firstNonFinite, loadCheckpoint, pruneCheckpoints,
   readTrainingState, removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
 } from './checkpoint.js';
-import { MetricsLog } from './metrics.js';
+import { MetricsLog } from '../logging/metrics.js';
 import { TrainOptionsError, checkDeviceAvailable, validateTrainOptions } from './options.js';
 import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
 import { Linear } from '../nn/layers.js';
@@ -33,7 +33,7 @@ import { saveModelCard } from './model_card.js';
 import { runValidation, validationRunsLeft, type ValidationEvent } from './validation.js';
 import { StableDiffusionPipeline } from '../pipelines/stable_diffusion.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
-import { saveLossPlot } from './loss_plot.js';
+import { saveLossPlot } from '../logging/loss_plot.js';
 import { basename, join } from 'node:path';
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
