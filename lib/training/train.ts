@@ -23,11 +23,13 @@ import {
   readTrainingState, removeEmptyDirs, resolveCheckpoint, saveCheckpoint, type ExpectedTensor, type ResumingRun, type TrainingState,
 } from './checkpoint.js';
 import { MetricsLog } from '../logging/metrics.js';
-import { TrainOptionsError, checkDeviceAvailable, validateTrainOptions } from './options.js';
+import {
+  TrainOptionsError, checkDeviceAvailable, resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions,
+} from './options.js';
 import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
 import { Linear } from '../nn/layers.js';
 import type { Module } from '../nn/module.js';
-import { openTrainData, type TrainData, type TrainDataOptions } from './train_data.js';
+import { openTrainData, type TrainData } from './train_data.js';
 import { TensorBoardWriter } from '../logging/tensorboard.js';
 import { saveModelCard } from './model_card.js';
 import { runValidation, validationRunsLeft, type ValidationEvent } from './validation.js';
@@ -36,47 +38,7 @@ import { loadScheduler } from '../schedulers/scheduler.js';
 import { saveLossPlot } from '../logging/loss_plot.js';
 import { basename, join } from 'node:path';
 
-/** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions extends TrainDataOptions {
-  pretrainedModelNameOrPath: string;
-  revision?: string | null;
-  variant?: string | null;
-  cacheDir?: string | null;
-  rank?: number;
-  numTrainEpochs?: number;
-  maxTrainSteps?: number | null;
-  gradientAccumulationSteps?: number;
-  gradientCheckpointing?: boolean;
-  /** Memory-efficient attention in the UNet (the script's xformers flag): see setMemoryEfficientAttention. */
-  enableXformersMemoryEfficientAttention?: boolean;
-  learningRate?: number;
-  scaleLr?: boolean;
-  lrScheduler?: string;
-  lrWarmupSteps?: number;
-  adamBeta1?: number;
-  adamBeta2?: number;
-  adamWeightDecay?: number;
-  adamEpsilon?: number;
-  maxGradNorm?: number | null;
-  allowTf32?: boolean;
-  snrGamma?: number | null;
-  predictionType?: string | null;
-  noiseOffset?: number;
-  mixedPrecision?: MixedPrecision | null;
-  outputDir?: string;
-  checkpointingSteps?: number;
-  checkpointsTotalLimit?: number | null;
-  resumeFromCheckpoint?: string | null;
-  /** Validation as the script's log_validation: images of this prompt every `validationEpochs` epochs and after training. */
-  validationPrompt?: string | null;
-  numValidationImages?: number;
-  validationEpochs?: number;
-  /** 'tensorboard' writes event files (train_loss, lr) under outputDir/loggingDir; null: no logs. */
-  reportTo?: string | null;
-  loggingDir?: string;
-  /** 'cpu' or 'cuda[:n]'; default CUDA when available. */
-  device?: string;
-}
+export type { TrainOptions };
 
 /** One optimizer step done. */
 export interface TrainProgress {
@@ -114,14 +76,15 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
  * Trains a LoRA as the script's main(): options checked (validateTrainOptions), --output_dir checked and
  * created, then the loop (trainIn). A run that fails before writing anything leaves no folder it created.
  */
-export async function runTraining(o: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
-  validateTrainOptions(o);
+export async function runTraining(options: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
+  validateTrainOptions(options);
+  const o = resolveTrainOptions(options);
   const device = o.device ?? (cudaIsAvailable() ? 'cuda:0' : 'cpu');
   checkDeviceAvailable(device, { cudaAvailable: cudaIsAvailable(), cudaDeviceCount: cudaDeviceCount() }, 'device');
   if (o.mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
     throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
   }
-  const outputDir = o.outputDir ?? 'sd-model-finetuned-lora';
+  const outputDir = o.outputDir;
   checkOutputDir(outputDir); // an existing file, FIFO or device there is named, and nothing is created
   const created = ensureWritableDir(outputDir); // a read-only or full disk fails here, before anything is loaded
   try {
@@ -201,14 +164,14 @@ function restoreCheckpoint(path: string, run: ResumingRun, t: Resumable): { epoc
   }
 }
 
-async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks: TrainHooksInternal): Promise<TrainResult> {
-  const mixedPrecision: MixedPrecision = o.mixedPrecision ?? 'no';
+async function trainIn(outputDir: string, device: string, o: ResolvedTrainOptions, hooks: TrainHooksInternal): Promise<TrainResult> {
+  const mixedPrecision: MixedPrecision = o.mixedPrecision;
   const weightDtype: DType = mixedPrecision === 'fp16' ? 'float16' : mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const metrics = new MetricsLog(join(outputDir, 'metrics.jsonl'), hooks.onNotice); // a FIFO there is refused now
   // a checkpoint to resume from is read and checked before the models load (again against the data later)
   const resumeFrom = o.resumeFromCheckpoint ? resolveCheckpoint(outputDir, o.resumeFromCheckpoint) : undefined;
   if (resumeFrom !== undefined) readTrainingState(resumeFrom);
-  if (o.seed !== null && o.seed !== undefined) manualSeed(o.seed);
+  if (o.seed !== null) manualSeed(o.seed);
   if (o.allowTf32) setAllowTF32(true);
 
   const owned: { dispose(): void }[] = [];
@@ -224,7 +187,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype: weightDtype, device }));
     const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant: o.variant ?? undefined, dtype: weightDtype, device }));
     const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant: o.variant ?? undefined, dtype: weightDtype, device }));
-    const rank = o.rank ?? 4;
+    const rank = o.rank;
     checkRankFits(unet, rank);
     const lora = attachLora(unet, { rank, alpha: rank, init: 'gaussian' });
     unet.train();
@@ -235,20 +198,19 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     // 2. data and steps arithmetic
     const data = await openTrainData(o, { tokenizer, device });
     opened = data;
-    const accumulation = o.gradientAccumulationSteps ?? 1;
-    const batchSize = o.trainBatchSize ?? 16;
-    const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs ?? 100, o.maxTrainSteps);
+    const accumulation = o.gradientAccumulationSteps;
+    const steps = stepsArithmetic(data.batchesPerEpoch, accumulation, o.numTrainEpochs, o.maxTrainSteps);
 
     // 3. optimisation
-    const baseLr = (o.learningRate ?? 1e-4) * (o.scaleLr ? accumulation * batchSize : 1);
+    const baseLr = o.learningRate * (o.scaleLr ? accumulation * o.trainBatchSize : 1);
     const optimizer = own(new AdamW(params, {
-      lr: baseLr, betas: [o.adamBeta1 ?? 0.9, o.adamBeta2 ?? 0.999], weightDecay: o.adamWeightDecay ?? 1e-2, eps: o.adamEpsilon ?? 1e-8,
+      lr: baseLr, betas: [o.adamBeta1, o.adamBeta2], weightDecay: o.adamWeightDecay, eps: o.adamEpsilon,
     }));
     const scaler = mixedPrecision === 'fp16' ? new GradScaler() : null;
     const accumulator = new Accumulator({
-      optimizer, params, scaler, maxGradNorm: o.maxGradNorm === undefined ? 1.0 : o.maxGradNorm, accumulationSteps: accumulation,
-      lrScheduler: o.lrScheduler ?? 'constant',
-      lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps ?? 500, totalSteps: steps.maxTrainSteps },
+      optimizer, params, scaler, maxGradNorm: o.maxGradNorm, accumulationSteps: accumulation,
+      lrScheduler: o.lrScheduler,
+      lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps, totalSteps: steps.maxTrainSteps },
     });
     const generators = [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
 
@@ -269,8 +231,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     const saved: string[] = [];
     const lastCheckpoint = () => (lastSaved ? `; the last checkpoint is ${lastSaved}` : '');
     // TensorBoard's event file is created with the first value logged: a run failing before it writes nothing
-    const logs = (): TensorBoardWriter | null => ((o.reportTo ?? 'tensorboard') === 'tensorboard'
-      ? (logsWriter ??= new TensorBoardWriter(join(outputDir, o.loggingDir ?? 'logs'))) : null);
+    const logs = (): TensorBoardWriter | null => (o.reportTo === 'tensorboard'
+      ? (logsWriter ??= new TensorBoardWriter(join(outputDir, o.loggingDir))) : null);
     // a log write that fails (full disk) names its file and where the run can be resumed from
     const logged = (file: () => string | undefined, write: () => void) => {
       try { write(); } catch (e) { throw new Error(`cannot write ${file() ?? 'the logs'}: ${(e as Error).message}${lastCheckpoint()}`); }
@@ -302,7 +264,6 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
       }
       pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
     };
-    const validationEpochs = o.validationEpochs ?? 1;
     let lastLoss = NaN;
     let trainLoss = 0;
     // the last epoch that ran, as Python's loop variable after `for epoch in range(...)` (the final images' step)
@@ -319,8 +280,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         if (!batch) break; // end of epoch
         const loss = tidy(() => loraTrainingStep({
           unet, vae, textEncoder, scheduler, batch: { pixelValues: batch.pixelValues, inputIds: batch.inputIds },
-          accumulationSteps: accumulation, mixedPrecision, scaler, noiseOffset: o.noiseOffset ?? 0,
-          snrGamma: o.snrGamma ?? null, predictionType: o.predictionType ?? null,
+          accumulationSteps: accumulation, mixedPrecision, scaler, noiseOffset: o.noiseOffset,
+          snrGamma: o.snrGamma, predictionType: o.predictionType,
         }));
         dispose([batch.pixelValues, batch.inputIds]);
         if (!Number.isFinite(loss)) {
@@ -331,8 +292,8 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         let r: ReturnType<Accumulator['afterBackward']>;
         try { r = accumulator.afterBackward(); } catch (e) {
           // e.g. a step size lr / (1 − β1^t) beyond float32: name the settings that produced it
-          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with learning rate ${baseLr}${o.scaleLr ? ' (--learning_rate scaled by --scale_lr)' : ''} --adam_beta1=${o.adamBeta1 ?? 0.9} ` +
-            `--adam_beta2=${o.adamBeta2 ?? 0.999} --adam_weight_decay=${o.adamWeightDecay ?? 1e-2}: ${(e as Error).message}${lastCheckpoint()}`);
+          throw new Error(`the optimizer step ${accumulator.state.globalStep + 1} failed with learning rate ${baseLr}${o.scaleLr ? ' (--learning_rate scaled by --scale_lr)' : ''} --adam_beta1=${o.adamBeta1} ` +
+            `--adam_beta2=${o.adamBeta2} --adam_weight_decay=${o.adamWeightDecay}: ${(e as Error).message}${lastCheckpoint()}`);
         }
         if (!r) continue;
         const step = accumulator.state.globalStep;
@@ -341,16 +302,16 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         logged(() => metrics.file, () => metrics.append(line));
         logged(() => logs()?.path, () => logs()?.addScalar('lr', r.lr, step));
         trainLoss = 0;
-        const validationsLeft = validationRunsLeft({ epoch, numTrainEpochs: steps.numTrainEpochs, validationEpochs, enabled: !!o.validationPrompt });
+        const validationsLeft = validationRunsLeft({ epoch, numTrainEpochs: steps.numTrainEpochs, validationEpochs: o.validationEpochs, enabled: o.validationPrompt !== null });
         hooks.onProgress?.({ step, maxTrainSteps: steps.maxTrainSteps, epoch, loss: line.loss, stepLoss: loss, lr: r.lr, gradNorm: r.gradNorm, validationsLeft });
-        if (o.checkpointingSteps && step % o.checkpointingSteps === 0) checkpointNow();
+        if (o.checkpointingSteps !== null && step % o.checkpointingSteps === 0) checkpointNow();
       }
-      if (o.validationPrompt && epoch % validationEpochs === 0) {
+      if (o.validationPrompt && epoch % o.validationEpochs === 0) {
         // the current LoRA, in the training models themselves (the script wraps the same unet in a pipeline)
         const sampler = loadScheduler(model, { ...load, subfolder: 'scheduler' });
         try {
           await runValidation({ unet, vae, textEncoder, tokenizer, scheduler: sampler }, {
-            prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'validation', epoch,
+            prompt: o.validationPrompt, numImages: o.numValidationImages, seed: o.seed, phase: 'validation', epoch,
             dir: join(outputDir, 'validation', `epoch-${epoch}`), logs: logs(), onEvent: hooks.onValidation,
           });
         } finally {
@@ -371,7 +332,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
         // same images either way; keeps the final run within the memory the training was given
         if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
         validationImages = await runValidation(pipe, {
-          prompt: o.validationPrompt, numImages: o.numValidationImages ?? 4, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs: logs(),
+          prompt: o.validationPrompt, numImages: o.numValidationImages, seed: o.seed, phase: 'test', epoch: lastEpoch, dir: outputDir, logs: logs(),
           onEvent: hooks.onValidation,
         });
       } finally {
@@ -380,7 +341,7 @@ async function trainIn(outputDir: string, device: string, o: TrainOptions, hooks
     }
     saveModelCard(outputDir, {
       baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank, steps: accumulator.state.globalStep,
-      learningRate: baseLr, resolution: o.resolution ?? 512, validationPrompt: o.validationPrompt ?? null,
+      learningRate: baseLr, resolution: o.resolution, validationPrompt: o.validationPrompt,
       images: validationImages.map((p) => basename(p)),
     });
     await saveLossPlot(join(outputDir, 'loss.png'), metrics.read());
