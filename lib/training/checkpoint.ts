@@ -395,3 +395,15 @@ export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, ep
     dispose(rng);
   }
 }
+
+/**
+ * Nothing non-finite is ever saved: a diverged update with a still-finite loss stops the run here, naming
+ * the weight, the step and the epoch (`context`: where the run can be resumed from).
+ */
+export function assertFiniteWeights(named: readonly (readonly [string, Tensor])[], at: { step: number; epoch: number }, context: string): void {
+  const bad = firstNonFinite(named);
+  if (bad !== undefined) {
+    throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${at.step} (epoch ${at.epoch}): ` +
+      `the training diverged (lower --learning_rate?); nothing more was saved${context}`);
+  }
+}

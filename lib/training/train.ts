@@ -9,12 +9,10 @@ import type { DType } from '../dtype.js';
 import { saveLossPlot } from '../logging/loss_plot.js';
 import { RunLogs } from '../logging/run_logs.js';
 import { saveLoraWeights } from '../lora/save.js';
-import { StableDiffusionPipeline } from '../pipelines/stable_diffusion.js';
 import { defaultGenerator, manualSeed } from '../random.js';
-import { loadScheduler } from '../schedulers/scheduler.js';
 import { dispose, tidy } from '../scope.js';
 import {
-  checkOutputDir, ensureWritableDir, firstNonFinite, pruneCheckpoints, readTrainingState, removeEmptyDirs, resolveCheckpoint,
+  assertFiniteWeights, checkOutputDir, ensureWritableDir, pruneCheckpoints, readTrainingState, removeEmptyDirs, resolveCheckpoint,
   restoreTrainingCheckpoint, saveTrainingCheckpoint, type CheckpointedRun,
 } from './checkpoint.js';
 import { trainLoop } from './loop.js';
@@ -24,7 +22,7 @@ import { makeOptimization, optimizerStepError } from './optimization.js';
 import { checkDeviceAvailable, resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
 import { loraTrainingStep } from './step.js';
 import { openTrainData, type TrainData } from './train_data.js';
-import { runValidation, validationRunsLeft, type ValidationEvent } from './validation.js';
+import { validateSavedLora, validateTrainingModels, validationRunsLeft, type ValidationEvent } from './validation.js';
 
 export type { TrainOptions };
 
@@ -58,7 +56,6 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
   const maxSteps = maxTrainSteps ?? numTrainEpochs * updateStepsPerEpoch;
   return { updateStepsPerEpoch, maxTrainSteps: maxSteps, numTrainEpochs: Math.ceil(maxSteps / updateStepsPerEpoch) };
 }
-
 
 
 
@@ -122,17 +119,11 @@ async function trainIn(outputDir: string, device: string, o: ResolvedTrainOption
       logs.metrics.resumedFrom(accumulator.state.globalStep);
     }
 
-    // nothing non-finite is ever saved: a diverged update with a still-finite loss stops here, naming the step
-    const assertFiniteWeights = (epoch: number) => {
-      const bad = firstNonFinite(lora.namedParameters());
-      if (bad !== undefined) {
-        throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${accumulator.state.globalStep} (epoch ${epoch}): ` +
-          `the training diverged (lower --learning_rate?); nothing more was saved${lastCheckpoint()}`);
-      }
-    };
+    const assertFinite = (epoch: number) => assertFiniteWeights(lora.namedParameters(), { step: accumulator.state.globalStep, epoch }, lastCheckpoint());
     const checkpoints: string[] = [];
-    const validate = async (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string, components: Parameters<typeof runValidation>[0]) =>
-      runValidation(components, { prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: logs.tensorboard(), onEvent: hooks.onValidation });
+    const source = { model: o.pretrainedModelNameOrPath, load: models.load };
+    const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string) =>
+      ({ prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: logs.tensorboard(), onEvent: hooks.onValidation });
 
     // 3. the loop; train_loss is the mean over the accumulation window, logged per optimizer step as the script
     const { lastEpoch, lastLoss } = await trainLoop({
@@ -164,40 +155,25 @@ async function trainIn(outputDir: string, device: string, o: ResolvedTrainOption
         const validationsLeft = validationRunsLeft({ epoch: s.epoch, numTrainEpochs: steps.numTrainEpochs, validationEpochs: o.validationEpochs, enabled: o.validationPrompt !== null });
         hooks.onProgress?.({ step: s.step, maxTrainSteps: steps.maxTrainSteps, epoch: s.epoch, loss: s.loss, stepLoss: s.stepLoss, lr: s.lr, gradNorm: s.gradNorm, validationsLeft });
         if (o.checkpointingSteps === null || s.step % o.checkpointingSteps !== 0) return;
-        assertFiniteWeights(s.epoch);
+        assertFinite(s.epoch);
         try { lastSaved = saveTrainingCheckpoint(outputDir, run, s.epoch); } catch (e) { throw new Error(`${(e as Error).message}${lastCheckpoint()}`); }
         checkpoints.push(lastSaved);
         pruneCheckpoints(outputDir, o.checkpointsTotalLimit); // after the save: a failed save loses no older checkpoint
       },
       onEpochEnd: async (epoch) => {
         if (o.validationPrompt === null || epoch % o.validationEpochs !== 0) return;
-        // the current LoRA, in the training models themselves (the script wraps the same unet in a pipeline)
-        const sampler = loadScheduler(o.pretrainedModelNameOrPath, { ...models.load, subfolder: 'scheduler' });
-        try {
-          await validate(o.validationPrompt, 'validation', epoch, join(outputDir, 'validation', `epoch-${epoch}`), { unet, vae, textEncoder, tokenizer, scheduler: sampler });
-        } finally {
-          sampler.dispose();
-        }
+        await validateTrainingModels({ unet, vae, textEncoder, tokenizer }, source, validation(o.validationPrompt, 'validation', epoch, join(outputDir, 'validation', `epoch-${epoch}`)));
       },
       nextEpoch: () => run.data.nextEpoch(),
     });
 
     // 4. the result, in diffusers' format
-    assertFiniteWeights(lastEpoch);
+    assertFinite(lastEpoch);
     const outputFile = saveLoraWeights(outputDir, unet);
     // final inference as the script: the base pipeline loaded afresh, with the saved file through loadLoraWeights
-    let validationImages: string[] = [];
-    if (o.validationPrompt !== null) {
-      const pipe = StableDiffusionPipeline.fromPretrained(o.pretrainedModelNameOrPath, { ...models.load, variant: o.variant ?? undefined, dtype: weightDtype, device });
-      try {
-        pipe.loadLoraWeights(outputDir);
-        // same images either way; keeps the final run within the memory the training was given
-        if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
-        validationImages = await validate(o.validationPrompt, 'test', lastEpoch, outputDir, pipe);
-      } finally {
-        pipe.dispose();
-      }
-    }
+    const validationImages = o.validationPrompt === null ? [] : await validateSavedLora(
+      { ...source, variant: o.variant, dtype: weightDtype, device, memoryEfficientAttention: o.enableXformersMemoryEfficientAttention },
+      outputDir, validation(o.validationPrompt, 'test', lastEpoch, outputDir));
     saveModelCard(outputDir, {
       baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank: o.rank, steps: accumulator.state.globalStep,
       learningRate: baseLr, resolution: o.resolution, validationPrompt: o.validationPrompt, images: validationImages.map((p) => basename(p)),

@@ -11,6 +11,9 @@ import { writeFileAtomic } from '../io/atomic.js';
 import type { TensorBoardWriter } from '../logging/tensorboard.js';
 import { StableDiffusionPipeline, type StableDiffusionComponents } from '../pipelines/stable_diffusion.js';
 import { Generator } from '../random.js';
+import type { FromPretrainedOptions } from '../models/loading.js';
+import { loadScheduler } from '../schedulers/scheduler.js';
+import type { DType } from '../dtype.js';
 
 /** The script runs its validation pipeline with 30 inference steps. */
 export const VALIDATION_INFERENCE_STEPS = 30;
@@ -99,4 +102,40 @@ async function imageRow(pngs: Buffer[]): Promise<{ png: Buffer; height: number; 
     .png()
     .toBuffer();
   return { png, height, width };
+}
+
+/** Where the pretrained model is (its path or Hub id and how it was loaded), for loading more of it. */
+export interface PretrainedSource { model: string; load: FromPretrainedOptions }
+
+/**
+ * Validation with the current LoRA in the training models themselves (the script wraps the same UNet in a
+ * pipeline), with a sampling scheduler loaded from the model for the call.
+ */
+export async function validateTrainingModels(
+  models: Omit<StableDiffusionComponents, 'scheduler'>, source: PretrainedSource, o: ValidationOptions,
+): Promise<string[]> {
+  const scheduler = loadScheduler(source.model, { ...source.load, subfolder: 'scheduler' });
+  try {
+    return await runValidation({ ...models, scheduler }, o);
+  } finally {
+    scheduler.dispose();
+  }
+}
+
+/**
+ * The final validation, as the script: the base pipeline loaded afresh in `dtype` on `device`, with the saved
+ * LoRA file of `loraDir` through loadLoraWeights.
+ */
+export async function validateSavedLora(
+  source: PretrainedSource & { variant: string | null; dtype: DType; device: string; memoryEfficientAttention: boolean }, loraDir: string, o: ValidationOptions,
+): Promise<string[]> {
+  const pipe = StableDiffusionPipeline.fromPretrained(source.model, { ...source.load, variant: source.variant ?? undefined, dtype: source.dtype, device: source.device });
+  try {
+    pipe.loadLoraWeights(loraDir);
+    // same images either way; keeps the final run within the memory the training was given
+    if (source.memoryEfficientAttention) pipe.enableMemoryEfficientAttention();
+    return await runValidation(pipe, o);
+  } finally {
+    pipe.dispose();
+  }
 }
