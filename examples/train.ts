@@ -37,7 +37,7 @@ try {
     lrWarmupSteps: 0,
     rank: 4,
     seed: 0,
-    checkpointingSteps: 0,
+    checkpointingSteps: null, // no resumable checkpoints for a short demo
   }, {
     signal: controller.signal,
     onProgress: (p) => {

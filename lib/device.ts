@@ -22,3 +22,18 @@ export function checkDevice(device: Device | null | undefined): void {
     throw new Error(`device '${device}': expected 'cuda' or 'cuda:N' with N < ${cuda.count} (GPUs visible: ${cuda.count})`);
   }
 }
+
+/** Whether libtorch sees a CUDA GPU (torch.cuda.is_available()). */
+export function cudaIsAvailable(): boolean {
+  return native.info().cudaAvailable;
+}
+
+/** How many CUDA GPUs libtorch sees (torch.cuda.device_count()). */
+export function cudaDeviceCount(): number {
+  return native.info().cudaDeviceCount;
+}
+
+/** TF32 math for CUDA matmul and convolution (torch.backends.cuda.matmul.allow_tf32, --allow_tf32); returns the previous setting. */
+export function setAllowTF32(on: boolean): boolean {
+  return native.setAllowTF32(on);
+}

@@ -9,6 +9,7 @@ import { autocast, enableGrad, inferenceMode, isAutocastEnabled, isGradEnabled, 
 import { Generator, defaultGenerator, manualSeed } from './random.js';
 import { native } from './native.js';
 import { checkpoint } from './gradient_checkpointing.js';
+import { cudaIsAvailable, setAllowTF32 } from './device.js';
 
 export const torch = {
   ...creation,
@@ -18,7 +19,9 @@ export const torch = {
   setNumThreads: (n: number): void => native.setNumThreads(n),
   info: () => native.info(),
   /** TF32 math for CUDA matmul/conv (--allow_tf32); returns the previous setting. */
-  setAllowTF32: (on: boolean): boolean => native.setAllowTF32(on),
+  setAllowTF32,
+  /** Whether libtorch sees a CUDA GPU (torch.cuda.is_available()). */
+  cudaIsAvailable,
   /** Waits for queued CUDA work (no-op on CPU). */
   synchronize: (): void => native.synchronize(),
   nn: { functional },
@@ -87,6 +90,7 @@ export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './trai
 export { runTraining, stepsArithmetic } from './training/train.js';
 export { TrainOptionsError, validateTrainOptions } from './training/options.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
+export type { ValidationEvent } from './training/validation.js';
 export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
 export { computeSnr } from './training/training_utils.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';

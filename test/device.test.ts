@@ -1,8 +1,11 @@
 // Asking for a device this libtorch cannot give is a clear error, not a dispatcher dump (issue #13).
+import { readdirSync, readFileSync } from 'node:fs';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { native } from '../lib/native.js';
 import * as torch from '../lib/torch.js';
 import { Generator } from '../lib/random.js';
+import { cudaDeviceCount, cudaIsAvailable, setAllowTF32 } from '../lib/device.js';
 
 const info = native.info();
 
@@ -28,5 +31,19 @@ describe('devices', () => {
     expect(m.shape).toEqual([3]);
     a.dispose();
     m.dispose();
+  });
+
+  it('the torch layer answers whether CUDA is there and sets TF32', () => {
+    expect(cudaIsAvailable()).toBe(info.cudaAvailable);
+    expect(cudaDeviceCount()).toBe(info.cudaDeviceCount);
+    const before = setAllowTF32(true);
+    expect(setAllowTF32(before)).toBe(true);
+  });
+
+  it('the training code asks the torch layer, never the native addon', () => {
+    const dir = join(import.meta.dirname, '..', 'lib', 'training');
+    const importers = readdirSync(dir).filter((f) => f.endsWith('.ts'))
+      .filter((f) => /from '\.\.\/native\.js'|import\('\.\.\/native\.js'\)/.test(readFileSync(join(dir, f), 'utf8')));
+    expect(importers).toEqual([]);
   });
 });

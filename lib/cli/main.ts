@@ -8,6 +8,9 @@ import yargs from 'yargs';
 import type { NativeInfo } from '../native.js';
 import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
 import { TrainOptionsError } from '../training/options.js';
+import type { TrainProgress } from '../training/train.js';
+import type { ValidationEvent } from '../training/validation.js';
+import { ProgressPrinter } from './progress.js';
 
 export interface Io {
   stdout: { write(s: string): unknown };
@@ -17,7 +20,9 @@ export interface Io {
 
 /** The training entry point, as lib/training/train.ts is to export it. */
 export type TrainFn = (args: TrainArgs, hooks?: {
-  onProgress?: (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => void;
+  onProgress?: (p: TrainProgress) => void;
+  /** A validation run starting and ending, one line each. */
+  onValidation?: (e: ValidationEvent) => void;
   /** What the run did to files already there (an earlier metrics.jsonl moved aside), one line each. */
   onNotice?: (message: string) => void;
 }) => Promise<unknown> | unknown;
@@ -69,14 +74,6 @@ async function useBuiltinDefault(args: TrainArgs, argv: string[], io: Io): Promi
     `Give --pretrained_model_name_or_path and --train_data_dir or --dataset_name to train on your own.\n`);
 }
 
-function formatSeconds(s: number): string {
-  const t = Math.round(s);
-  const h = Math.floor(t / 3600);
-  const m = Math.floor((t % 3600) / 60);
-  const sec = t % 60;
-  return h ? `${h}h${String(m).padStart(2, '0')}m` : `${m}m${String(sec).padStart(2, '0')}s`;
-}
-
 const errorMessage = (e: unknown): string => (e instanceof Error ? e.message : String(e));
 
 async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<TrainFn | undefined>): Promise<number> {
@@ -99,22 +96,12 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
       + '(lib/training/step.ts) and can be driven from the library.\n');
     return 3;
   }
-  // one line per optimizer step: step, loss, lr, grad norm, it/s and ETA (rewritten in place on a terminal)
-  const tty = (io.stderr as { isTTY?: boolean }).isTTY === true;
-  const started = Date.now();
-  let firstStep = -1;
-  const onProgress = (p: { step: number; maxTrainSteps: number; epoch: number; loss: number; lr: number; gradNorm: number | null }) => {
-    const now = Date.now();
-    // the rate counts from the start of the run (model loading included) until a second step is seen
-    if (firstStep < 0) firstStep = p.step - 1;
-    const rate = (p.step - firstStep) / Math.max((now - started) / 1000, 1e-9);
-    const eta = rate > 0 ? (p.maxTrainSteps - p.step) / rate : 0;
-    const line = `step ${p.step}/${p.maxTrainSteps} epoch ${p.epoch} loss ${p.loss.toFixed(4)} lr ${p.lr.toExponential(3)}` +
-      `${p.gradNorm === null ? '' : ` grad_norm ${p.gradNorm.toExponential(3)}`} ${rate.toFixed(2)} it/s eta ${formatSeconds(eta)}`;
-    io.stderr.write(tty ? `\r${line}\x1b[K${p.step === p.maxTrainSteps ? '\n' : ''}` : `${line}\n`);
-  };
-  const onNotice = (message: string) => { io.stderr.write(`${tty ? '\r\x1b[K' : ''}difflora train: note: ${message}\n`); };
-  const result = await train(args, { onProgress, onNotice });
+  // one line per optimizer step (rewritten in place on a terminal) and per validation start and end
+  const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);
+  const onProgress = (p: TrainProgress) => printer.progress(p);
+  const onValidation = (e: ValidationEvent) => printer.validation(e);
+  const onNotice = (message: string) => printer.notice(message);
+  const result = await train(args, { onProgress, onValidation, onNotice });
   if (typeof result === 'number') return result;
   const outputFile = (result as { outputFile?: unknown } | undefined)?.outputFile;
   const skipped = (result as { skippedImages?: { count: number; files: string[] } } | undefined)?.skippedImages;

@@ -4,7 +4,7 @@
 import yargs, { type Options } from 'yargs';
 import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
-  formatProblems, trainOptionProblems,
+  TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
 } from '../training/options.js';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
@@ -112,54 +112,54 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   dataset_name: { kind: 'string', group: 'Data', describe: 'Dataset to train on (id in the local datasets cache, or a path). This or --train_data_dir is required.' },
   dataset_config_name: { kind: 'string', group: 'Data', describe: "The dataset's configuration; leave unset if it has only one." },
   train_data_dir: { kind: 'string', group: 'Data', describe: 'A folder of training images in imagefolder layout with a metadata.jsonl of captions. Ignored when --dataset_name is given.' },
-  image_column: { kind: 'string', group: 'Data', default: 'image', describe: 'The dataset column holding the images.' },
-  caption_column: { kind: 'string', group: 'Data', default: 'text', describe: 'The dataset column holding a caption or a list of captions (a list: one picked at random per sample).' },
+  image_column: { kind: 'string', group: 'Data', default: D.imageColumn, describe: 'The dataset column holding the images.' },
+  caption_column: { kind: 'string', group: 'Data', default: D.captionColumn, describe: 'The dataset column holding a caption or a list of captions (a list: one picked at random per sample).' },
   max_train_samples: { kind: 'int', group: 'Data', describe: 'For debugging or quicker runs: shuffle with the seed, then keep this many training examples.' },
   cache_dir: { kind: 'string', group: 'Data', describe: 'Where downloaded models and datasets are cached.' },
   // preprocessing
-  resolution: { kind: 'int', group: 'Preprocessing', default: 512, describe: 'Input image resolution: every image is resized (shorter side) to it, then cropped square.' },
-  center_crop: { kind: 'boolean', group: 'Preprocessing', default: false, describe: 'Center-crop images to the resolution; without it the crop is random.' },
-  random_flip: { kind: 'boolean', group: 'Preprocessing', default: false, describe: 'Flip images horizontally at random (p = 0.5).' },
-  image_interpolation_mode: { kind: 'string', group: 'Preprocessing', default: 'lanczos', choices: INTERPOLATION_CHOICES, describe: 'The filter used to resize images (torchvision names, lower case).' },
-  dataloader_num_workers: { kind: 'int', group: 'Preprocessing', default: 0, describe: 'Number of data-loading workers; 0 loads in the main thread.' },
+  resolution: { kind: 'int', group: 'Preprocessing', default: D.resolution, describe: 'Input image resolution: every image is resized (shorter side) to it, then cropped square.' },
+  center_crop: { kind: 'boolean', group: 'Preprocessing', default: D.centerCrop, describe: 'Center-crop images to the resolution; without it the crop is random.' },
+  random_flip: { kind: 'boolean', group: 'Preprocessing', default: D.randomFlip, describe: 'Flip images horizontally at random (p = 0.5).' },
+  image_interpolation_mode: { kind: 'string', group: 'Preprocessing', default: D.imageInterpolationMode, choices: INTERPOLATION_CHOICES, describe: 'The filter used to resize images (torchvision names, lower case).' },
+  dataloader_num_workers: { kind: 'int', group: 'Preprocessing', default: D.dataloaderNumWorkers, describe: 'Number of data-loading workers; 0 loads in the main thread.' },
   // LoRA
-  rank: { kind: 'int', group: 'LoRA', default: 4, describe: 'Dimension of the LoRA update matrices (lora_alpha = rank, scale 1.0).' },
+  rank: { kind: 'int', group: 'LoRA', default: D.rank, describe: 'Dimension of the LoRA update matrices (lora_alpha = rank, scale 1.0).' },
   // optimisation
-  train_batch_size: { kind: 'int', group: 'Optimisation', default: 16, describe: 'Batch size per device for the training dataloader.' },
-  num_train_epochs: { kind: 'int', group: 'Optimisation', default: 100, describe: 'Number of training epochs (recomputed from --max_train_steps when given).' },
+  train_batch_size: { kind: 'int', group: 'Optimisation', default: D.trainBatchSize, describe: 'Batch size per device for the training dataloader.' },
+  num_train_epochs: { kind: 'int', group: 'Optimisation', default: D.numTrainEpochs, describe: 'Number of training epochs (recomputed from --max_train_steps when given).' },
   max_train_steps: { kind: 'int', group: 'Optimisation', describe: 'Total number of optimizer steps; overrides --num_train_epochs when given.' },
-  gradient_accumulation_steps: { kind: 'int', group: 'Optimisation', default: 1, describe: 'Number of batches whose gradients are accumulated before one optimizer step.' },
-  gradient_checkpointing: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Save memory by recomputing activations in the backward pass (slower).' },
-  learning_rate: { kind: 'float', group: 'Optimisation', default: 1e-4, describe: 'Initial learning rate (after any warmup).' },
-  scale_lr: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Scale the learning rate by accumulation steps × batch size × number of processes.' },
-  lr_scheduler: { kind: 'string', group: 'Optimisation', default: 'constant', choices: LR_SCHEDULER_CHOICES, describe: 'The learning-rate schedule.' },
-  lr_warmup_steps: { kind: 'int', group: 'Optimisation', default: 500, describe: "Warmup steps of the schedule (ignored by 'constant')." },
+  gradient_accumulation_steps: { kind: 'int', group: 'Optimisation', default: D.gradientAccumulationSteps, describe: 'Number of batches whose gradients are accumulated before one optimizer step.' },
+  gradient_checkpointing: { kind: 'boolean', group: 'Optimisation', default: D.gradientCheckpointing, describe: 'Save memory by recomputing activations in the backward pass (slower).' },
+  learning_rate: { kind: 'float', group: 'Optimisation', default: D.learningRate, describe: 'Initial learning rate (after any warmup).' },
+  scale_lr: { kind: 'boolean', group: 'Optimisation', default: D.scaleLr, describe: 'Scale the learning rate by accumulation steps × batch size × number of processes.' },
+  lr_scheduler: { kind: 'string', group: 'Optimisation', default: D.lrScheduler, choices: LR_SCHEDULER_CHOICES, describe: 'The learning-rate schedule.' },
+  lr_warmup_steps: { kind: 'int', group: 'Optimisation', default: D.lrWarmupSteps, describe: "Warmup steps of the schedule (ignored by 'constant')." },
   use_8bit_adam: { kind: 'boolean', group: 'Optimisation', default: false, describe: '8-bit Adam (bitsandbytes in Python). Not available here: falls back to AdamW, with a warning.' },
-  adam_beta1: { kind: 'float', group: 'Optimisation', default: 0.9, describe: "Adam's beta1." },
-  adam_beta2: { kind: 'float', group: 'Optimisation', default: 0.999, describe: "Adam's beta2." },
-  adam_weight_decay: { kind: 'float', group: 'Optimisation', default: 1e-2, describe: 'Weight decay.' },
-  adam_epsilon: { kind: 'float', group: 'Optimisation', default: 1e-8, describe: "Adam's epsilon." },
-  max_grad_norm: { kind: 'float', group: 'Optimisation', default: 1.0, describe: 'Clip the total gradient norm to this (really applied here; a no-op in the Python script).' },
-  allow_tf32: { kind: 'boolean', group: 'Optimisation', default: false, describe: 'Allow TF32 matmuls on Ampere and newer GPUs (faster training).' },
+  adam_beta1: { kind: 'float', group: 'Optimisation', default: D.adamBeta1, describe: "Adam's beta1." },
+  adam_beta2: { kind: 'float', group: 'Optimisation', default: D.adamBeta2, describe: "Adam's beta2." },
+  adam_weight_decay: { kind: 'float', group: 'Optimisation', default: D.adamWeightDecay, describe: 'Weight decay.' },
+  adam_epsilon: { kind: 'float', group: 'Optimisation', default: D.adamEpsilon, describe: "Adam's epsilon." },
+  max_grad_norm: { kind: 'float', group: 'Optimisation', default: D.maxGradNorm, describe: 'Clip the total gradient norm to this (really applied here; a no-op in the Python script).' },
+  allow_tf32: { kind: 'boolean', group: 'Optimisation', default: D.allowTf32, describe: 'Allow TF32 matmuls on Ampere and newer GPUs (faster training).' },
   // objective
   snr_gamma: { kind: 'float', group: 'Objective', describe: 'Min-SNR weighting gamma for loss rebalancing (5.0 recommended); unset: plain MSE.' },
   prediction_type: { kind: 'string', group: 'Objective', choices: PREDICTION_TYPE_CHOICES, describe: "Training target, 'epsilon' or 'v_prediction'; unset: the scheduler config's." },
-  noise_offset: { kind: 'float', group: 'Objective', default: 0, describe: 'Scale of offset noise.' },
+  noise_offset: { kind: 'float', group: 'Objective', default: D.noiseOffset, describe: 'Scale of offset noise.' },
   // precision
   mixed_precision: { kind: 'string', group: 'Precision', choices: MIXED_PRECISION_CHOICES, describe: 'Mixed precision: no, fp16 or bf16 (bf16 needs an Ampere GPU or a CPU).' },
-  enable_xformers_memory_efficient_attention: { kind: 'boolean', group: 'Precision', default: false, describe: 'Memory-efficient attention in the UNet (xformers in Python): libtorch 2.x\'s fused kernel; on libtorch 1.13, attention by query chunks of ≤ 64 MiB of scores, recomputed in backward.' },
+  enable_xformers_memory_efficient_attention: { kind: 'boolean', group: 'Precision', default: D.enableXformersMemoryEfficientAttention, describe: 'Memory-efficient attention in the UNet (xformers in Python): libtorch 2.x\'s fused kernel; on libtorch 1.13, attention by query chunks of ≤ 64 MiB of scores, recomputed in backward.' },
   // validation
   validation_prompt: { kind: 'string', group: 'Validation', describe: 'A prompt sampled during training to check progress; enables validation.' },
-  num_validation_images: { kind: 'int', group: 'Validation', default: 4, describe: 'Number of images generated from --validation_prompt.' },
-  validation_epochs: { kind: 'int', group: 'Validation', default: 1, describe: 'Run validation every X epochs.' },
+  num_validation_images: { kind: 'int', group: 'Validation', default: D.numValidationImages, describe: 'Number of images generated from --validation_prompt.' },
+  validation_epochs: { kind: 'int', group: 'Validation', default: D.validationEpochs, describe: 'Run validation every X epochs.' },
   // checkpoints
-  output_dir: { kind: 'string', group: 'Checkpoints', default: 'sd-model-finetuned-lora', describe: 'Where the LoRA weights and checkpoints are written.' },
-  checkpointing_steps: { kind: 'int', group: 'Checkpoints', default: 500, describe: 'Save a resumable checkpoint every X optimizer steps.' },
+  output_dir: { kind: 'string', group: 'Checkpoints', default: D.outputDir, describe: 'Where the LoRA weights and checkpoints are written.' },
+  checkpointing_steps: { kind: 'int', group: 'Checkpoints', default: D.checkpointingSteps, describe: 'Save a resumable checkpoint every X optimizer steps.' },
   checkpoints_total_limit: { kind: 'int', group: 'Checkpoints', describe: 'Keep at most this many checkpoints (the oldest are removed first).' },
   resume_from_checkpoint: { kind: 'string', group: 'Checkpoints', describe: "Resume from a checkpoint folder, or 'latest' for the newest in --output_dir." },
   // logging
-  logging_dir: { kind: 'string', group: 'Logging', default: 'logs', describe: 'TensorBoard log folder, under --output_dir.' },
-  report_to: { kind: 'string', group: 'Logging', default: 'tensorboard', choices: REPORT_TO_CHOICES, describe: "Where to report results; only 'tensorboard' is supported here (wandb, comet_ml and all are refused)." },
+  logging_dir: { kind: 'string', group: 'Logging', default: D.loggingDir, describe: 'TensorBoard log folder, under --output_dir.' },
+  report_to: { kind: 'string', group: 'Logging', default: D.reportTo, choices: REPORT_TO_CHOICES, describe: "Where to report results; only 'tensorboard' is supported here (wandb, comet_ml and all are refused)." },
   // hub
   push_to_hub: { kind: 'boolean', group: 'Hub', default: false, describe: 'Push the model to the Hub. Refused: difflora runs without network access.' },
   hub_token: { kind: 'string', group: 'Hub', describe: 'Token for pushing to the Hub. Refused, as --push_to_hub.' },
@@ -171,7 +171,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 
 /** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
-  skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: false, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
+  skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
 } satisfies Record<string, FlagSpec>);
 
 const flagSpec = (name: string): FlagSpec | undefined =>

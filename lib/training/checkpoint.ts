@@ -15,6 +15,15 @@ import type { Tensor } from '../tensor.js';
 import { dispose, tidy } from '../scope.js';
 import * as torch from '../torch.js';
 import { showValue } from './options.js';
+import type { Module } from '../nn/module.js';
+import type { LoraHandle } from '../lora/attach.js';
+import { setPeftModelStateDict } from '../lora/load.js';
+import { saveLoraWeights } from '../lora/save.js';
+import type { AdamW } from '../optim/adamw.js';
+import type { GradScaler } from '../optim/grad_scaler.js';
+import type { Generator } from '../random.js';
+import type { Accumulator } from './step.js';
+import type { TrainData } from './train_data.js';
 
 /** The JSON half of a checkpoint: where the loop, the optimizer, the loss scaler and the data stand. */
 export interface TrainingState {
@@ -315,4 +324,86 @@ export function firstNonFinite(named: readonly (readonly [string, Tensor])[]): s
   const allFinite = tidy(() => torch.stack(named.map(([, t]) => t.detach().isfinite().all())).all().item());
   if (allFinite) return undefined;
   return named.find(([, t]) => !tidy(() => t.detach().isfinite().all().item()))?.[0];
+}
+
+/** What a run's checkpoint saves and a resume restores into: the adapter in its model, the optimization and the data. */
+export interface CheckpointedRun {
+  /** The model the adapter is attached to (the adapter is saved with it as pytorch_lora_weights.safetensors). */
+  model: Module;
+  lora: LoraHandle;
+  optimizer: AdamW;
+  accumulator: Accumulator;
+  scaler: GradScaler | null;
+  data: TrainData;
+  /** Every random generator the run draws from (CPU, and the GPU's). */
+  generators: Generator[];
+}
+
+/** The tensors a checkpoint of this run holds: LoRA weights and Adam moments (finite), generator states. */
+function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTensor[] {
+  const params = t.lora.namedParameters();
+  const rng = t.generators.map((g, i) => {
+    const s = g.getState();
+    try { return { name: `rng.${i}`, shape: s.shape, dtype: s.dtype }; } finally { s.dispose(); }
+  });
+  return [
+    ...params.map(([n, p]) => ({ name: `lora.${n}`, shape: p.shape, dtype: p.dtype, finite: true })),
+    ...params.flatMap(([, p], i) => ((state.optimizer.steps[i] ?? 0) > 0
+      ? ['exp_avg', 'exp_avg_sq'].map((k) => ({ name: `optimizer.${i}.${k}`, shape: p.shape, dtype: p.dtype, finite: true }))
+      : [])),
+    ...rng,
+  ];
+}
+
+/**
+ * Resumes from checkpoint `path`: its state and tensors are checked in full against this run first, so a
+ * corrupt checkpoint is refused (naming its file and field) before any of the run's state changes.
+ * Returns the epoch and step to continue from.
+ */
+export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t: CheckpointedRun): { epoch: number; globalStep: number } {
+  const { tensors, state } = loadCheckpoint(path, resuming);
+  try {
+    checkTensors(tensors, expectedTensors(state, t), join(path, TENSORS));
+    const get = (k: string): Tensor => tensors.get(k)!; // present: checked above
+    // the trained adapter through the one LoRA loader (checked against the layers before any copy)
+    setPeftModelStateDict(t.model, tensors, { keyPrefix: 'lora.', file: join(path, TENSORS) });
+    const optTensors = new Map([...tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, v]) => [k.slice('optimizer.'.length), v]));
+    t.optimizer.loadStateDict({ tensors: optTensors, meta: state.optimizer });
+    Object.assign(t.accumulator.state, state.accumulator);
+    t.optimizer.lr = t.accumulator.lr;
+    if (t.scaler && state.scaler) t.scaler.loadStateDict(state.scaler);
+    t.data.restore(state.data);
+    t.generators.forEach((g, i) => g.setState(get(`rng.${i}`)));
+    return { epoch: state.epoch, globalStep: state.accumulator.globalStep };
+  } finally {
+    disposeCheckpoint({ tensors, state });
+  }
+}
+
+/** Saves the run at its current step as `outputDir/checkpoint-<step>` (with the LoRA file beside the state); returns the folder. */
+export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, epoch: number): string {
+  const tensors = new Map<string, Tensor>();
+  const opt = t.optimizer.stateDict();
+  for (const [k, v] of opt.tensors) tensors.set(`optimizer.${k}`, v);
+  for (const [n, p] of t.lora.namedParameters()) tensors.set(`lora.${n}`, p);
+  const rng = t.generators.map((g) => g.getState());
+  rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
+  try {
+    const state: TrainingState = { accumulator: { ...t.accumulator.state }, optimizer: opt.meta, scaler: t.scaler?.stateDict() ?? null, data: t.data.state(), epoch };
+    return saveCheckpoint(outputDir, t.accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, t.model));
+  } finally {
+    dispose(rng);
+  }
+}
+
+/**
+ * Nothing non-finite is ever saved: a diverged update with a still-finite loss stops the run here, naming
+ * the weight, the step and the epoch (`context`: where the run can be resumed from).
+ */
+export function assertFiniteWeights(named: readonly (readonly [string, Tensor])[], at: { step: number; epoch: number }, context: string): void {
+  const bad = firstNonFinite(named);
+  if (bad !== undefined) {
+    throw new Error(`LoRA weight '${bad}' is NaN or infinite after step ${at.step} (epoch ${at.epoch}): ` +
+      `the training diverged (lower --learning_rate?); nothing more was saved${context}`);
+  }
 }

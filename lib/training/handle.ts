@@ -9,6 +9,7 @@
 import { EventEmitter } from 'node:events';
 import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
+import type { ValidationEvent } from './validation.js';
 
 export interface TrainMetrics {
   /** Optimizer steps done in this run (a resumed run counts from where it resumed). */
@@ -31,7 +32,9 @@ export interface TrainingRun extends PromiseLike<TrainOutcome> {
   abort(reason?: string): void;
   readonly signal: AbortSignal;
   on(event: 'progress', listener: (p: TrainProgress) => void): this;
+  on(event: 'validation', listener: (e: ValidationEvent) => void): this;
   off(event: 'progress', listener: (p: TrainProgress) => void): this;
+  off(event: 'validation', listener: (e: ValidationEvent) => void): this;
 }
 
 export interface TrainHooks {
@@ -39,6 +42,8 @@ export interface TrainHooks {
   signal?: AbortSignal;
   /** Called after every optimizer step (the same as a 'progress' listener). */
   onProgress?: (p: TrainProgress) => void;
+  /** Called when a validation run starts and ends (the same as a 'validation' listener). */
+  onValidation?: (e: ValidationEvent) => void;
   /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside). */
   onNotice?: (message: string) => void;
 }
@@ -62,6 +67,7 @@ class Run extends EventEmitter implements TrainingRun {
         const r = await runTraining(options, {
           signal: this.controller.signal,
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
+          onValidation: (e) => { this.emit('validation', e); },
           onNotice: (m) => this.onNotice?.(m),
         });
         const seconds = (Date.now() - started) / 1000;
@@ -94,6 +100,7 @@ export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = 
   validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
   const run = new Run(options, hooks.signal, hooks.onNotice);
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
+  if (hooks.onValidation) run.on('validation', hooks.onValidation);
   return run;
 }
 

@@ -1,7 +1,7 @@
 // The README.md that diffusers' script writes next to the LoRA (save_model_card), so a Hub upload or a
 // human finds the base model, the data and the settings. Written atomically (temp file + rename).
 import { renameSync, writeFileSync } from 'node:fs';
-import { basename, join } from 'node:path';
+import { basename, isAbsolute, join } from 'node:path';
 
 export interface ModelCardInfo {
   baseModel: string;
@@ -15,6 +15,12 @@ export interface ModelCardInfo {
   images?: string[];
 }
 
+/** The model as the card's title names it: a Hub id as given, a local folder by its name (not the machine's path). */
+export function modelTitle(baseModel: string): string {
+  const trimmed = baseModel.replace(/[/\\]+$/, '');
+  return isAbsolute(trimmed) || trimmed.startsWith('.') ? basename(trimmed) : trimmed;
+}
+
 export function modelCard(c: ModelCardInfo): string {
   return [
     '---',
@@ -25,7 +31,7 @@ export function modelCard(c: ModelCardInfo): string {
     'inference: true',
     '---',
     '',
-    `# LoRA text2image fine-tuning - ${basename(c.dataset)}`,
+    `# LoRA text2image fine-tuning - ${modelTitle(c.baseModel)}`,
     '',
     `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
       `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,

@@ -7,6 +7,9 @@
 // What needs the model or the data (the LoRA rank against the layer sizes, a checkpoint's data position)
 // is checked later, by train.ts, as soon as the model or the data is known.
 
+import type { MixedPrecision } from './step.js';
+import type { TrainDataOptions } from './train_data.js';
+
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
 export const PREDICTION_TYPE_CHOICES = ['epsilon', 'v_prediction'] as const;
@@ -42,7 +45,7 @@ const str = (more: Partial<Extract<Rule, { kind: 'string' }>> = {}): Rule => ({ 
 const bool: Rule = { kind: 'boolean' };
 
 /** Every option runTraining reads, by its camelCase name (the flag is its snake_case). */
-const RULES: Readonly<Record<string, Rule>> = {
+const RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   pretrainedModelNameOrPath: str(),
   revision: str({ nullable: true }),
   variant: str({ nullable: true }),
@@ -84,7 +87,8 @@ const RULES: Readonly<Record<string, Rule>> = {
   numValidationImages: int(0, { max: MAX_VALIDATION_IMAGES, why: 'each image is a 30-step generation' }),
   validationEpochs: int(1),
   outputDir: str(),
-  checkpointingSteps: int(1),
+  // null (library only): no checkpoints.
+  checkpointingSteps: int(1, { nullable: true }),
   checkpointsTotalLimit: int(1, { nullable: true }),
   resumeFromCheckpoint: str({ nullable: true }),
   reportTo: str({ choices: ['tensorboard'], nullable: true }),
@@ -92,6 +96,115 @@ const RULES: Readonly<Record<string, Rule>> = {
   seed: int(0, { nullable: true }),
   device: str({ nullable: true, pattern: [/^(cpu|cuda(:\d+)?)$/, "'cpu', 'cuda' or 'cuda:N'"] }),
 };
+
+/** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
+export interface TrainOptions extends TrainDataOptions {
+  pretrainedModelNameOrPath: string;
+  revision?: string | null;
+  variant?: string | null;
+  cacheDir?: string | null;
+  rank?: number;
+  numTrainEpochs?: number;
+  maxTrainSteps?: number | null;
+  gradientAccumulationSteps?: number;
+  gradientCheckpointing?: boolean;
+  /** Memory-efficient attention in the UNet (the script's xformers flag): see setMemoryEfficientAttention. */
+  enableXformersMemoryEfficientAttention?: boolean;
+  learningRate?: number;
+  scaleLr?: boolean;
+  lrScheduler?: string;
+  lrWarmupSteps?: number;
+  adamBeta1?: number;
+  adamBeta2?: number;
+  adamWeightDecay?: number;
+  adamEpsilon?: number;
+  maxGradNorm?: number | null;
+  allowTf32?: boolean;
+  snrGamma?: number | null;
+  predictionType?: string | null;
+  noiseOffset?: number;
+  mixedPrecision?: MixedPrecision | null;
+  outputDir?: string;
+  /** Save a resumable checkpoint every this many optimizer steps; null: none. */
+  checkpointingSteps?: number | null;
+  checkpointsTotalLimit?: number | null;
+  resumeFromCheckpoint?: string | null;
+  /** Validation as the script's log_validation: images of this prompt every `validationEpochs` epochs and after training. */
+  validationPrompt?: string | null;
+  numValidationImages?: number;
+  validationEpochs?: number;
+  /** 'tensorboard' writes event files (train_loss, lr) under outputDir/loggingDir; null: no logs. */
+  reportTo?: string | null;
+  loggingDir?: string;
+  /** 'cpu' or 'cuda[:n]'; default CUDA when available. */
+  device?: string;
+}
+
+/**
+ * The default of every option that has one: the script's flag defaults, defined here once. The CLI's flag
+ * table (lib/cli/train_args.ts) shows and applies these; resolveTrainOptions fills them in for the library.
+ */
+export const TRAIN_DEFAULTS = Object.freeze({
+  imageColumn: 'image',
+  captionColumn: 'text',
+  resolution: 512,
+  centerCrop: false,
+  randomFlip: false,
+  imageInterpolationMode: 'lanczos',
+  dataloaderNumWorkers: 0,
+  skipBrokenImages: false,
+  rank: 4,
+  trainBatchSize: 16,
+  numTrainEpochs: 100,
+  gradientAccumulationSteps: 1,
+  gradientCheckpointing: false,
+  enableXformersMemoryEfficientAttention: false,
+  learningRate: 1e-4,
+  scaleLr: false,
+  lrScheduler: 'constant',
+  lrWarmupSteps: 500,
+  adamBeta1: 0.9,
+  adamBeta2: 0.999,
+  adamWeightDecay: 1e-2,
+  adamEpsilon: 1e-8,
+  maxGradNorm: 1.0,
+  allowTf32: false,
+  noiseOffset: 0,
+  mixedPrecision: 'no',
+  numValidationImages: 4,
+  validationEpochs: 1,
+  outputDir: 'sd-model-finetuned-lora',
+  checkpointingSteps: 500,
+  reportTo: 'tensorboard',
+  loggingDir: 'logs',
+} as const satisfies { [K in keyof TrainOptions]?: NonNullable<TrainOptions[K]> });
+
+type Defaulted = keyof typeof TRAIN_DEFAULTS;
+/** Options whose null (library only) turns the feature off: no clipping, no checkpoints. */
+const NULL_MEANS_OFF = ['maxGradNorm', 'checkpointingSteps'] as const;
+type NullMeansOff = (typeof NULL_MEANS_OFF)[number];
+
+/**
+ * Every option with its value: the defaulted ones set (or null where null turns the feature off: NULL_MEANS_OFF),
+ * the others the value given or null.
+ */
+export type ResolvedTrainOptions =
+  & { readonly pretrainedModelNameOrPath: string }
+  & { readonly [K in Exclude<keyof TrainOptions, Defaulted | 'pretrainedModelNameOrPath'>]-?: Exclude<TrainOptions[K], undefined> | null }
+  & { readonly [K in Exclude<Defaulted, NullMeansOff | 'mixedPrecision'>]-?: NonNullable<TrainOptions[K]> }
+  & { readonly [K in NullMeansOff]-?: number | null }
+  & { readonly mixedPrecision: MixedPrecision };
+
+/** The options with every default filled in (TRAIN_DEFAULTS); a null maxGradNorm or checkpointingSteps stays null (off). */
+export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
+  const options: object = o;
+  const given = options as Readonly<Record<string, unknown>>;
+  const out: Record<string, unknown> = {};
+  for (const key of Object.keys(RULES)) out[key] = given[key] ?? null;
+  for (const [key, value] of Object.entries(TRAIN_DEFAULTS)) out[key] = given[key] ?? value;
+  for (const key of NULL_MEANS_OFF) if (o[key] === null) out[key] = null;
+  return out as ResolvedTrainOptions;
+}
 
 /** Options given by their flag (`--learning_rate`, the CLI) or by their library name (`learningRate (--learning_rate)`). */
 export type OptionNaming = 'flag' | 'option';

@@ -7,6 +7,7 @@ import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
 import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import type { ResolvedTrainOptions } from './options.js';
 
 export interface TrainDataOptions {
   trainDataDir?: string | null;
@@ -44,21 +45,27 @@ export interface TrainData {
 
 const interpolations = new Set(['bilinear', 'lanczos', 'nearest', 'bicubic']);
 
-export async function openTrainData(o: TrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
+/** The options the data reads, defaults filled in (resolveTrainOptions). */
+export type ResolvedTrainDataOptions = Pick<ResolvedTrainOptions, keyof TrainDataOptions>;
+
+/** Without --seed the data order is still fixed: the loader shuffles with seed 0. */
+const SEED_WHEN_UNSEEDED = 0;
+
+export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
   if (!o.datasetName && !o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
-  const mode = o.imageInterpolationMode ?? 'lanczos';
+  const mode = o.imageInterpolationMode;
   if (!interpolations.has(mode)) throw new Error(`--image_interpolation_mode '${mode}' is not supported here (use one of: ${[...interpolations].join(', ')})`);
-  const seed = o.seed ?? 0;
-  const columns = { imageColumn: o.imageColumn ?? 'image', captionColumn: o.captionColumn ?? 'text' };
+  const seed = o.seed ?? SEED_WHEN_UNSEEDED;
+  const columns = { imageColumn: o.imageColumn, captionColumn: o.captionColumn };
   // --dataset_name wins over --train_data_dir, as in the script: a local folder or a cached hub dataset of parquet files
   let dataset = o.datasetName
     ? await loadParquetDataset(o.datasetName, { ...columns, cacheDir: o.cacheDir ?? undefined })
     : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const loader = new ImageCaptionLoader(dataset, {
-    batchSize: o.trainBatchSize ?? 16, resolution: o.resolution ?? 512, centerCrop: o.centerCrop ?? false,
-    randomFlip: o.randomFlip ?? false, interpolation: mode as Interpolation, seed,
-    numWorkers: o.dataloaderNumWorkers ?? 0, skipBroken: o.skipBrokenImages ?? false,
+    batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop,
+    randomFlip: o.randomFlip, interpolation: mode as Interpolation, seed,
+    numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages,
   });
   let epoch = loader.getState().epoch;
   return {

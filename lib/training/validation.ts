@@ -11,6 +11,9 @@ import { writeFileAtomic } from '../io/atomic.js';
 import type { TensorBoardWriter } from '../logging/tensorboard.js';
 import { StableDiffusionPipeline, type StableDiffusionComponents } from '../pipelines/stable_diffusion.js';
 import { Generator } from '../random.js';
+import type { FromPretrainedOptions } from '../models/loading.js';
+import { loadScheduler } from '../schedulers/scheduler.js';
+import type { DType } from '../dtype.js';
 
 /** The script runs its validation pipeline with 30 inference steps. */
 export const VALIDATION_INFERENCE_STEPS = 30;
@@ -31,10 +34,31 @@ export interface ValidationOptions {
   height?: number;
   width?: number;
   numInferenceSteps?: number;
+  /** Hears the run start and end (the CLI prints a line for each). */
+  onEvent?: (e: ValidationEvent) => void;
+}
+
+/** A validation run starting, or ending with its images and how long it took. */
+export type ValidationEvent =
+  | { event: 'start'; phase: 'validation' | 'test'; epoch: number; prompt: string; numImages: number; dir: string }
+  | { event: 'end'; phase: 'validation' | 'test'; epoch: number; prompt: string; numImages: number; dir: string; images: string[]; seconds: number };
+
+/**
+ * Validation runs still to come at `epoch` (its own included): one per epoch left that is a multiple of
+ * --validation_epochs, and the final one with the saved LoRA; 0 when validation is off.
+ */
+export function validationRunsLeft(o: { epoch: number; numTrainEpochs: number; validationEpochs: number; enabled: boolean }): number {
+  if (!o.enabled) return 0;
+  let n = 1;
+  for (let e = o.epoch; e < o.numTrainEpochs; e++) if (e % o.validationEpochs === 0) n++;
+  return n;
 }
 
 /** Generates, writes and logs the validation images; returns their paths. Does not dispose the models. */
 export async function runValidation(components: StableDiffusionComponents, o: ValidationOptions): Promise<string[]> {
+  const started = performance.now();
+  const about = { phase: o.phase, epoch: o.epoch, prompt: o.prompt, numImages: o.numImages, dir: o.dir };
+  o.onEvent?.({ event: 'start', ...about });
   const pipe = new StableDiffusionPipeline(components);
   const device = components.unet.conv_in.weight.device;
   const generator = new Generator(device.startsWith('cuda') ? device : 'cpu');
@@ -62,6 +86,7 @@ export async function runValidation(components: StableDiffusionComponents, o: Va
     const grid = await imageRow(pngs);
     o.logs.addImagePng(o.phase, grid.png, grid, o.epoch);
   }
+  o.onEvent?.({ event: 'end', ...about, images: paths, seconds: (performance.now() - started) / 1000 });
   return paths;
 }
 
@@ -77,4 +102,40 @@ async function imageRow(pngs: Buffer[]): Promise<{ png: Buffer; height: number; 
     .png()
     .toBuffer();
   return { png, height, width };
+}
+
+/** Where the pretrained model is (its path or Hub id and how it was loaded), for loading more of it. */
+export interface PretrainedSource { model: string; load: FromPretrainedOptions }
+
+/**
+ * Validation with the current LoRA in the training models themselves (the script wraps the same UNet in a
+ * pipeline), with a sampling scheduler loaded from the model for the call.
+ */
+export async function validateTrainingModels(
+  models: Omit<StableDiffusionComponents, 'scheduler'>, source: PretrainedSource, o: ValidationOptions,
+): Promise<string[]> {
+  const scheduler = loadScheduler(source.model, { ...source.load, subfolder: 'scheduler' });
+  try {
+    return await runValidation({ ...models, scheduler }, o);
+  } finally {
+    scheduler.dispose();
+  }
+}
+
+/**
+ * The final validation, as the script: the base pipeline loaded afresh in `dtype` on `device`, with the saved
+ * LoRA file of `loraDir` through loadLoraWeights.
+ */
+export async function validateSavedLora(
+  source: PretrainedSource & { variant: string | null; dtype: DType; device: string; memoryEfficientAttention: boolean }, loraDir: string, o: ValidationOptions,
+): Promise<string[]> {
+  const pipe = StableDiffusionPipeline.fromPretrained(source.model, { ...source.load, variant: source.variant ?? undefined, dtype: source.dtype, device: source.device });
+  try {
+    pipe.loadLoraWeights(loraDir);
+    // same images either way; keeps the final run within the memory the training was given
+    if (source.memoryEfficientAttention) pipe.enableMemoryEfficientAttention();
+    return await runValidation(pipe, o);
+  } finally {
+    pipe.dispose();
+  }
 }

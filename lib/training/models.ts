@@ -1,0 +1,66 @@
+// The models of text-to-image LoRA training (SD 1.x/2.x), as the script loads them: tokenizer, noise
+// scheduler, text encoder, VAE and UNet from one pretrained folder, frozen in the weight dtype, then the
+// LoRA attached to the UNet's attention (its parameters in fp32, attached after the cast).
+import { AutoencoderKL } from '../models/autoencoder_kl.js';
+import { CLIPTextModel } from '../models/clip_text_model.js';
+import { CLIPTokenizer } from '../models/clip_tokenizer.js';
+import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import { setMemoryEfficientAttention } from '../models/attention_processor.js';
+import type { FromPretrainedOptions } from '../models/loading.js';
+import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
+import { Linear } from '../nn/layers.js';
+import type { Module } from '../nn/module.js';
+import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
+import type { DType } from '../dtype.js';
+import { TrainOptionsError, type ResolvedTrainOptions } from './options.js';
+
+export interface TrainingModels {
+  tokenizer: CLIPTokenizer;
+  noiseScheduler: DDPMScheduler;
+  textEncoder: CLIPTextModel;
+  vae: AutoencoderKL;
+  unet: UNet2DConditionModel;
+  lora: LoraHandle;
+  /** How the models were found (revision, cache), for loading more of the same model later. */
+  load: FromPretrainedOptions;
+}
+
+type ModelOptions = Pick<ResolvedTrainOptions, 'pretrainedModelNameOrPath' | 'revision' | 'cacheDir' | 'variant' | 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>;
+
+/**
+ * Loads the models onto `device` in `dtype` and attaches the LoRA (rank = alpha, gaussian init). Each model
+ * with native memory is handed to `own` as soon as it is loaded, so a failure later frees it.
+ */
+export function loadTrainingModels(o: ModelOptions, device: string, dtype: DType, own: <T extends { dispose(): void }>(x: T) => T): TrainingModels {
+  const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
+  const model = o.pretrainedModelNameOrPath;
+  const variant = o.variant ?? undefined;
+  const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
+  const noiseScheduler = own(DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' }));
+  const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype, device }));
+  const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant, dtype, device }));
+  const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant, dtype, device }));
+  checkRankFits(unet, o.rank);
+  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian' });
+  unet.train();
+  if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
+  if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
+  return { tokenizer, noiseScheduler, textEncoder, vae, unet, lora, load };
+}
+
+/**
+ * The LoRA rank must fit the smallest layer it adapts: B·A has rank at most min(in, out), so a larger rank
+ * adds nothing but memory (and --rank=100000 crashed allocating it).
+ */
+export function checkRankFits(model: Module, rank: number): void {
+  let smallest: { path: string; layer: Linear; size: number } | undefined;
+  for (const [path, m] of model.namedModules()) {
+    if (!(m instanceof Linear) || !matchesTarget(path, DEFAULT_TARGET_MODULES)) continue;
+    const size = Math.min(m.inFeatures, m.outFeatures);
+    if (!smallest || size < smallest.size) smallest = { path, layer: m, size };
+  }
+  if (smallest && rank > smallest.size) {
+    throw new TrainOptionsError([`--rank ${rank} is larger than the smallest layer LoRA adapts, ${smallest.path} ` +
+      `(Linear ${smallest.layer.inFeatures} → ${smallest.layer.outFeatures}): --rank must be at most ${smallest.size} for this model`]);
+  }
+}
