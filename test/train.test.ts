@@ -167,6 +167,20 @@ describe('runTraining refuses bad input before it changes anything', () => {
     expect(existsSync(out)).toBe(false);
   });
 
+  it('unknown option names (a flag spelled snake_case, another library\'s name) and options that cannot act are refused, all at once', () => {
+    const out = join(tmp, 'unknown-options');
+    const bad = { ...base(out), learning_rate: 1e-3, torchDtype: 'float16', maxTrainStep: 3, pushToHub: true, reportTo: 'wandb' };
+    const message = (() => { try { validateTrainOptions(bad); return ''; } catch (e) { return (e as Error).message; } })();
+    expect(message).toMatch(/unknown option 'learning_rate' \(did you mean 'learningRate'\?\)/);
+    expect(message).toMatch(/unknown option 'torchDtype'/);
+    expect(message).toMatch(/unknown option 'maxTrainStep'/);
+    expect(message).toMatch(/pushToHub: cannot push to the Hugging Face Hub: difflora runs offline/);
+    expect(message).toMatch(/reportTo \(--report_to\)/);
+    expect(() => trainTextToImageLora(bad as never)).toThrow(TrainOptionsError);
+    expect(() => validateTrainOptions({ ...base(out), pushToHub: false })).not.toThrow(); // off is fine
+    expect(existsSync(out)).toBe(false);
+  });
+
   it('--rank larger than the smallest adapted layer: named with the layer size; the new output folder is removed again', async () => {
     const out = join(tmp, 'rank', 'deep', 'out');
     await expect(runTraining({ ...base(out), rank: 100_000 }))

@@ -1,14 +1,14 @@
 // `difflora <command>`: train (the flags of train_text_to_image_lora.py), generate and convert-lora (lib/cli/generate.ts),
 // env (what libtorch this build runs on), launch and dist-check (lib/cli/launch.ts: several processes).
-// Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error, 3 not available in this build.
+// Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error.
 import { readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import type { NativeInfo } from '../native.js';
 import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
-import { TrainOptionsError } from '../training/options.js';
-import type { TrainProgress } from '../training/train.js';
+import { TrainOptionsError, pickTrainOptions } from '../training/options.js';
+import type { TrainProgress, runTraining } from '../training/train.js';
 import type { ValidationEvent } from '../training/validation.js';
 import { ProgressPrinter } from './progress.js';
 
@@ -18,18 +18,12 @@ export interface Io {
   env: NodeJS.ProcessEnv;
 }
 
-/** The training entry point, as lib/training/train.ts is to export it. */
-export type TrainFn = (args: TrainArgs, hooks?: {
-  onProgress?: (p: TrainProgress) => void;
-  /** A validation run starting and ending, one line each. */
-  onValidation?: (e: ValidationEvent) => void;
-  /** What the run did to files already there (an earlier metrics.jsonl moved aside), one line each. */
-  onNotice?: (message: string) => void;
-}) => Promise<unknown> | unknown;
+/** The training entry point: lib/training/train.ts's runTraining (a test may pass its own). */
+export type TrainFn = typeof runTraining;
 
 export interface MainOptions extends Partial<Io> {
-  /** Finds the training loop; undefined when this build has none. Default: lib/training/train.{ts,js}. */
-  loadTrainer?: () => Promise<TrainFn | undefined>;
+  /** Finds the training loop. Default: lib/training/train.{ts,js}, imported when `train` runs. */
+  loadTrainer?: () => Promise<TrainFn>;
   /** Loads the native addon's info(); default imports lib/native.js (which throws an actionable error). */
   loadNativeInfo?: () => Promise<NativeInfo>;
 }
@@ -47,9 +41,8 @@ function packageVersion(): string {
 }
 
 /** The training loop (lib/training/train.ts), imported only when `train` runs (keeps --help fast). */
-async function defaultLoadTrainer(): Promise<TrainFn | undefined> {
-  const mod = await import('../training/train.js');
-  return mod.runTraining as unknown as TrainFn;
+async function defaultLoadTrainer(): Promise<TrainFn> {
+  return (await import('../training/train.js')).runTraining;
 }
 
 async function defaultLoadNativeInfo(): Promise<NativeInfo> {
@@ -76,7 +69,7 @@ async function useBuiltinDefault(args: TrainArgs, argv: string[], io: Io): Promi
 
 const errorMessage = (e: unknown): string => (e instanceof Error ? e.message : String(e));
 
-async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<TrainFn | undefined>): Promise<number> {
+async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<TrainFn>): Promise<number> {
   if (argv.includes('--help') || argv.includes('-h')) {
     io.stdout.write(`${await trainHelp()}\n`);
     return 0;
@@ -90,25 +83,17 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   ];
   for (const w of [...args.warnings, ...notActing]) io.stderr.write(`difflora train: warning: ${w}\n`);
   const train = await loadTrainer();
-  if (train === undefined) {
-    io.stderr.write('difflora train: the arguments are valid, but the training loop is not available in this build '
-      + '(lib/training/train is not there yet): nothing was trained. The training step itself exists '
-      + '(lib/training/step.ts) and can be driven from the library.\n');
-    return 3;
-  }
   // one line per optimizer step (rewritten in place on a terminal) and per validation start and end
   const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);
   const onProgress = (p: TrainProgress) => printer.progress(p);
   const onValidation = (e: ValidationEvent) => printer.validation(e);
   const onNotice = (message: string) => printer.notice(message);
-  const result = await train(args, { onProgress, onValidation, onNotice });
-  if (typeof result === 'number') return result;
-  const outputFile = (result as { outputFile?: unknown } | undefined)?.outputFile;
-  const skipped = (result as { skippedImages?: { count: number; files: string[] } } | undefined)?.skippedImages;
-  if (skipped && skipped.count > 0) {
+  const result = await train(pickTrainOptions(args), { onProgress, onValidation, onNotice });
+  const { outputFile, skippedImages: skipped } = result;
+  if (skipped.count > 0) {
     io.stderr.write(`difflora train: warning: skipped ${skipped.count} unreadable image(s) (--skip_broken_images): ${skipped.files.join(', ')}\n`);
   }
-  if (typeof outputFile === 'string') io.stdout.write(`difflora train: LoRA weights written to ${outputFile}\n`);
+  io.stdout.write(`difflora train: LoRA weights written to ${outputFile}\n`);
   return 0;
 }
 

@@ -293,10 +293,41 @@ export class TrainOptionsError extends RangeError {
  * Checks runTraining's options before anything is loaded: an object, a model and a dataset named, and every
  * value in its domain. Throws a TrainOptionsError listing every problem.
  */
+/** Every option name `runTraining` / `trainTextToImageLora` take. */
+export const TRAIN_OPTION_NAMES: readonly (keyof TrainOptions)[] = Object.freeze(Object.keys(RULES) as (keyof TrainOptions)[]);
+
+/** The training options among `args` (e.g. the CLI's parsed flags, which also hold CLI-only fields). */
+export function pickTrainOptions(args: object): TrainOptions {
+  const from = args as Readonly<Record<string, unknown>>;
+  return Object.fromEntries(TRAIN_OPTION_NAMES.filter((k) => from[k] !== undefined).map((k) => [k, from[k]])) as unknown as TrainOptions;
+}
+
+/** Options of the Python script that cannot act in a library run here, with the CLI's reason. */
+const UNSUPPORTED: Readonly<Record<string, string>> = {
+  pushToHub: 'cannot push to the Hugging Face Hub: difflora runs offline (no network); upload the files in outputDir yourself',
+  hubToken: 'cannot push to the Hugging Face Hub: difflora runs offline (no network)',
+  hubModelId: 'cannot push to the Hugging Face Hub: difflora runs offline (no network)',
+};
+
+const camel = (k: string): string => k.replace(/[_-]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+
+/**
+ * Option names the training does not know: a snake_case flag name (`learning_rate`), a name from another
+ * library (`torchDtype`), a typo — each named, with the option meant when one is close.
+ */
+function unknownOptionProblems(opts: Readonly<Record<string, unknown>>): string[] {
+  const known = Object.keys(RULES);
+  return Object.keys(opts).filter((k) => !Object.hasOwn(RULES, k)).map((k) => {
+    if (Object.hasOwn(UNSUPPORTED, k)) return opts[k] === undefined || opts[k] === false || opts[k] === null ? '' : `${k}: ${UNSUPPORTED[k]}`;
+    const meant = Object.hasOwn(RULES, camel(k)) ? camel(k) : known.find((n) => n.toLowerCase() === k.toLowerCase().replace(/[_-]/g, ''));
+    return `unknown option '${k}'${meant ? ` (did you mean '${meant}'?)` : ''}`;
+  }).filter(Boolean);
+}
+
 export function validateTrainOptions(o: unknown): void {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the training options must be an object, got ${showValue(o)}`]);
   const opts = o as Record<string, unknown>;
-  const problems = trainOptionProblems(opts, 'option');
+  const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option')];
   if (opts.pretrainedModelNameOrPath === undefined) problems.unshift('pretrainedModelNameOrPath (--pretrained_model_name_or_path) is required');
   if ((opts.datasetName ?? undefined) === undefined && (opts.trainDataDir ?? undefined) === undefined) {
     problems.push('need either datasetName (--dataset_name) or trainDataDir (--train_data_dir)');
