@@ -73,6 +73,7 @@ export function treeHashes(dir: string): Record<string, string> {
       const st = lstatSync(p);
       if (st.isDirectory()) walk(p);
       else if (st.isSymbolicLink()) out[relative(dir, p)] = `symlink to ${readlinkSync(p)}`; // never read through (/dev/full reads forever)
+      else if (!st.isFile()) out[relative(dir, p)] = `special ${st.mode}`; // FIFOs and devices by kind: never opened (a FIFO blocks)
       else out[relative(dir, p)] = createHash('sha256').update(readFileSync(p)).digest('hex');
     }
   };

@@ -6,15 +6,14 @@
 // flag, file or field, no stack trace) — never a crash, a hang, or a silent success — and the output folder
 // must be byte-identical afterwards.
 import { spawnSync } from 'node:child_process';
-import { createHash } from 'node:crypto';
-import { cpSync, lstatSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdtempSync, readFileSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join, relative } from 'node:path';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors, saveSafetensors } from '../../lib/io/safetensors.js';
 import { dispose, tidy } from '../../lib/scope.js';
 import type { Tensor } from '../../lib/tensor.js';
-import { makeImageFolder, runCli, tinySd } from '../cli_helpers.js';
+import { makeImageFolder, runCli, tinySd, treeHashes } from '../cli_helpers.js';
 import { report, rng, runCases, type FuzzCase, type RawResult } from './harness.js';
 
 const SEED = 1212;
@@ -37,20 +36,6 @@ beforeAll(async () => {
 }, 120_000);
 afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
-/** sha256 of every file under dir; FIFOs and devices by kind (never opened: a FIFO would block). */
-function hashes(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string): void => {
-    for (const name of readdirSync(d).sort()) {
-      const p = join(d, name);
-      const st = lstatSync(p);
-      if (st.isDirectory()) walk(p);
-      else out[relative(dir, p)] = st.isFile() ? createHash('sha256').update(readFileSync(p)).digest('hex') : `special ${st.mode}`;
-    }
-  };
-  walk(dir);
-  return out;
-}
 
 /** A copy of the reference output to run into, and its hashes before. */
 function copyOfReference(name: string): string {
@@ -336,7 +321,7 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
     cases.push(sweepCase('train: random bad values for every numeric flag', sweepInputs(SEED, TRAIN_FLAG_POOLS, trainBase(flagsOut), 3)));
     cases.push(sweepCase('generate: random bad values for every numeric flag', sweepInputs(SEED + 1, GENERATE_FLAG_POOLS, [...generateBase, `--output=${join(flagsOut, 'g.png')}`], 3)));
     cases.push(libraryOptionsCase(flagsOut));
-    untouched.push({ dir: flagsOut, before: hashes(flagsOut), cases: cases.map((c) => c.name) });
+    untouched.push({ dir: flagsOut, before: treeHashes(flagsOut), cases: cases.map((c) => c.name) });
 
     // a real checkpoint, corrupted per case, resumed from 'latest'
     const stateText = readFileSync(join(reference, 'checkpoint-2', 'training_state.json'), 'utf8');
@@ -344,7 +329,7 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
     for (const [i, c] of corruptions(SEED + 2, stateText).entries()) {
       const out = copyOfReference(`resume-${i}`);
       c.apply(join(out, 'checkpoint-2'));
-      untouched.push({ dir: out, before: hashes(out), cases: [c.name] });
+      untouched.push({ dir: out, before: treeHashes(out), cases: [c.name] });
       const argv = [...trainBase(out), '--max_train_steps=3', '--resume_from_checkpoint', 'latest'];
       if (c.example) cases.push({ name: `resume: ${c.name}`, cli: argv, error: c.error, timeoutMs: 30_000 });
       else batches[i % 2]!.push({ name: c.name, argv, error: c.error });
@@ -358,6 +343,6 @@ describe('fuzz: difflora train and generate refuse hostile flags and corrupt che
     if (process.env.FUZZ_TIMES) for (const r of results) console.log(`${(r.ms / 1000).toFixed(1)} s  ${r.verdict}  ${r.name}`);
     expect(counts.crash + counts.hang + counts.silent, failures).toBe(0);
     expect(counts.clean + counts.accepted).toBe(cases.length);
-    for (const u of untouched) expect(hashes(u.dir), `${u.cases.join(', ')} changed ${u.dir}`).toEqual(u.before);
+    for (const u of untouched) expect(treeHashes(u.dir), `${u.cases.join(', ')} changed ${u.dir}`).toEqual(u.before);
   }, 300_000);
 });
