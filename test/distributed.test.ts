@@ -25,8 +25,13 @@ async function freePort(): Promise<number> {
 
 async function pair(o: Partial<ProcessGroupOptions> = {}): Promise<[ProcessGroup, ProcessGroup]> {
   const masterPort = await freePort();
-  const [a, b] = await Promise.all([0, 1].map((rank) => ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort, worldSize: 2, rank, timeoutMs: 5000, ...o })));
-  return [a!, b!];
+  const create = (rank: number) => ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort, worldSize: 2, rank, timeoutMs: 5000, ...o });
+  // rank 0 first, so rank 1 finds its store at once: on a loaded machine a client's connection retries can
+  // outlast a short test timeout before the server listens
+  const first = create(0);
+  await new Promise((r) => setTimeout(r, 200));
+  const [a, b] = await Promise.all([first, create(1)]);
+  return [a, b];
 }
 
 const values = (t: Tensor): number[] => Array.from(t.toFloat64Array());
@@ -183,12 +188,12 @@ setInterval(() => {}, 1000);
   });
 
   it('a hung peer makes the collective fail after the timeout', async () => {
-    const [a, b] = await pair({ timeoutMs: 1500 });
+    const [a, b] = await pair({ timeoutMs: 3000 });
     try {
       const x = torch.ones([4]);
       const started = Date.now();
       await expect(a.allReduce(x).wait()).rejects.toThrow(/Timed out/);  // rank 1 never calls it
-      expect(Date.now() - started).toBeGreaterThanOrEqual(1400);
+      expect(Date.now() - started).toBeGreaterThanOrEqual(2900);
       x.dispose();
     } finally {
       a.destroy();
