@@ -13,7 +13,7 @@
 // bit-identical to the reference on the same libtorch.
 import { join } from 'node:path';
 import { readJsonObject, readTextFile } from '../io/files.js';
-import { op } from '../ops.js';
+import { op, opVoid } from '../ops.js';
 import type { Generator } from '../random.js';
 import { dispose, keep, tidy } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
@@ -610,9 +610,16 @@ export function checkTimestepIndices(className: string, timesteps: Tensor, numTr
   if (!['int64', 'int32', 'int16', 'int8', 'uint8'].includes(timesteps.dtype)) {
     throw new Error(`${className}: timesteps must be an integer tensor (int64), got ${timesteps.dtype}`);
   }
+  if (timesteps.device !== 'cpu') {
+    // on a GPU, reading the values back would stall the training step (add_noise and compute_snr run every
+    // step): the range is asserted on the device instead, failing at the next synchronisation
+    tidy(() => assertAsync(timesteps.ge(0).logicalAnd(timesteps.lt(numTrainTimesteps)).all()));
+    return;
+  }
   const bad = Array.from(timesteps.toFloat64Array()).find((t) => t < 0 || t >= numTrainTimesteps);
   if (bad !== undefined) throw new Error(`${className}: timestep ${bad} is outside [0, ${numTrainTimesteps})`);
 }
+const assertAsync = opVoid('_assert_async');
 
 /** σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) for every training timestep, float32. */
 function trainSigmas(alphasCumprod: Float32Array): Float32Array {
