@@ -8,7 +8,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
 import { generateHelp, parseGenerateArgs } from '../lib/cli/generate.js';
-import { checkDeviceAvailable } from '../lib/training/options.js';
+import { checkDevice } from '../lib/device.js';
 import { kohyaToModulePath } from '../lib/lora/convert.js';
 import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
 import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
@@ -162,11 +162,16 @@ describe('difflora generate', () => {
   it('refuses a --device this machine does not have, naming it, instead of a kernel-dispatch error', async () => {
     const c = capture();
     expect(await main([...base, '--device=cuda:99', `--output=${join(tmp, 'nodevice.png')}`], c.io)).toBe(1);
-    expect(c.err()).toMatch(/--device=cuda:99: (this libtorch has no CUDA or sees no GPU|there (is 1 CUDA device|are \d+ CUDA devices))/);
-    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 1 })).toThrow('--device=cuda:1: there is 1 CUDA device (cuda:0)');
-    expect(() => checkDeviceAvailable('cuda', { cudaAvailable: false, cudaDeviceCount: 0 })).toThrow(/--device=cuda: this libtorch has no CUDA/);
-    expect(() => checkDeviceAvailable('cuda:1', { cudaAvailable: true, cudaDeviceCount: 2 })).not.toThrow();
-    expect(() => checkDeviceAvailable('cpu', { cudaAvailable: false, cudaDeviceCount: 0 })).not.toThrow();
+    expect(c.err()).toMatch(/--device=cuda:99: (this libtorch \(.+\) has no CUDA|libtorch .+ no CUDA GPU is visible|there (is 1 CUDA device|are \d+ CUDA devices))/);
+    // the one device check, on machines this one is not
+    const gpus = (n: number) => ({ cudaCompiled: true, cudaDeviceCount: n, torchVersion: '2.11.0' });
+    expect(() => checkDevice('cuda:1', '--device', gpus(1))).toThrow('--device=cuda:1: there is 1 CUDA device (cuda:0)');
+    expect(() => checkDevice('cuda:3', '--device', gpus(2))).toThrow('--device=cuda:3: there are 2 CUDA devices (cuda:0…cuda:1)');
+    expect(() => checkDevice('cuda', '--device', { cudaCompiled: false, cudaDeviceCount: 0, torchVersion: '1.13.1' })).toThrow(/--device=cuda: this libtorch \(1\.13\.1\) has no CUDA — it is a CPU build/);
+    expect(() => checkDevice('cuda', '--device', gpus(0))).toThrow(/--device=cuda: libtorch 2\.11\.0 was built with CUDA, but no CUDA GPU is visible/);
+    expect(() => checkDevice('cuda:x', '--device', gpus(1))).toThrow("--device=cuda:x: expected 'cpu', 'cuda' or 'cuda:N'");
+    expect(() => checkDevice('cuda:1', '--device', gpus(2))).not.toThrow();
+    expect(() => checkDevice('cpu', '--device', gpus(0))).not.toThrow();
   });
 
   it('--device defaults like train: unset until run time, then CUDA when available, else the CPU', async () => {

@@ -14,7 +14,7 @@ describe('devices', () => {
     // which error depends on the build (CI: Debian's CPU libtorch; the GPU machine: PyTorch's CUDA libtorch)
     const bad = !info.cudaCompiled ? 'cuda' : info.cudaDeviceCount === 0 ? 'cuda' : `cuda:${info.cudaDeviceCount}`;
     const why = !info.cudaCompiled ? /device 'cuda(:0)?': this libtorch \(.+\) has no CUDA — it is a CPU build/
-      : info.cudaDeviceCount === 0 ? /no CUDA GPU is visible/ : /GPUs visible/;
+      : info.cudaDeviceCount === 0 ? /no CUDA GPU is visible/ : /there (is 1 CUDA device|are \d+ CUDA devices)/;
     const a = torch.ones([2]);
     expect(() => a.to(bad)).toThrow(why);
     expect(() => a.to({ device: bad, dtype: 'float16' })).toThrow(why);

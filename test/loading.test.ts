@@ -12,6 +12,7 @@ import { hubCacheDir, isHubId, resolvePretrained } from '../lib/io/hub.js';
 import { Linear } from '../lib/nn/layers.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
+import { repoRoot } from './cli_helpers.js';
 import * as torch from '../lib/torch.js';
 
 let root: string;
@@ -372,5 +373,26 @@ describe('hostile names and files (issue #12)', () => {
     rmSync(join(dir, 'model.safetensors.index.json')); // writing into the FIFO would wait for a reader
     write(join(dir, 'model.safetensors.index.json'), '[]');
     expect(() => weightFiles(dir, 'model')).toThrow(/sharded checkpoint index '.*' must hold a JSON object, not an array/);
+  });
+});
+
+describe('fromPretrained validates its options like the CLI (issue #13)', () => {
+  const sd = join(repoRoot, 'test', 'fixtures', 'tiny-sd');
+  it('refuses unknown option names, naming each and the option meant, before anything is loaded', async () => {
+    const { UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer, StableDiffusionPipeline } = await import('../lib/index.js');
+    const bad = { torch_dtype: 'float16', subfolder: 'unet' } as never;
+    expect(() => UNet2DConditionModel.fromPretrained(sd, bad))
+      .toThrow("UNet2DConditionModel.fromPretrained: unknown option 'torch_dtype' (did you mean 'dtype'?)");
+    expect(() => AutoencoderKL.fromPretrained(sd, { subfolder: 'vae', torchDtype: 'float32' } as never)).toThrow("unknown option 'torchDtype' (did you mean 'dtype'?)");
+    expect(() => CLIPTextModel.fromPretrained(sd, { subfolder: 'text_encoder', cache_dir: '/x', revison: 'main' } as never))
+      .toThrow(/CLIPTextModel\.fromPretrained: unknown option 'cache_dir' \(did you mean 'cacheDir'\?\); unknown option 'revison' \(known: /);
+    expect(() => CLIPTokenizer.fromPretrained(sd, { subfolder: 'tokenizer', Variant: 'fp16' } as never)).toThrow("unknown option 'Variant' (did you mean 'variant'?)");
+    expect(() => StableDiffusionPipeline.fromPretrained(sd, { subfolder: 'unet' } as never)).toThrow("StableDiffusionPipeline.fromPretrained: unknown option 'subfolder'");
+    expect(() => StableDiffusionPipeline.fromPretrained(sd, { schedulerOverride: {} } as never)).toThrow("unknown option 'schedulerOverride'");
+    expect(() => UNet2DConditionModel.fromPretrained(sd, 'unet' as never)).toThrow('UNet2DConditionModel.fromPretrained: the options must be an object');
+  });
+  it('known options still load', async () => {
+    const { CLIPTokenizer } = await import('../lib/index.js');
+    expect(CLIPTokenizer.fromPretrained(sd, { subfolder: 'tokenizer', variant: undefined }).config.modelMaxLength).toBe(77);
   });
 });

@@ -6,7 +6,7 @@ import { basename, dirname, extname, join } from 'node:path';
 import { commandParser } from './parser.js';
 import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
-import { checkDeviceAvailable, formatProblems } from '../training/options.js';
+import { formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
 
 export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
@@ -219,7 +219,8 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   checkImageOutputs(outputPaths(a.output, a.numImages)); // before the model is loaded: nothing is replaced
   const info = (await import('../native.js')).native.info();
   const device = a.device ?? (info.cudaAvailable ? 'cuda:0' : 'cpu'); // as train: the GPU when there is one
-  checkDeviceAvailable(device, info);
+  const { checkDevice } = await import('../device.js');
+  checkDevice(device, '--device', info);
   const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');

@@ -53,24 +53,37 @@ export function assertRegularFile(path: string, what = 'file'): Stats {
   return stats;
 }
 
+/** One positioned read a whole-file read asks its driver for; the driver answers with the bytes read. */
+export interface ReadRequest { fd: number; buf: Buffer; offset: number; length: number; position: number }
+
 /**
- * Reads a whole regular file. `maxBytes` refuses a larger file before reading it (a config or a vocabulary is
- * small; a hostile one should not exhaust memory). The size read must match the size stat saw: a file that
- * shrinks or grows while it is read is an error naming it.
+ * The steps of reading a whole regular file, apart from how each read is done, so the blocking reader below and
+ * read_async.ts's thread-pool reader share every check: `maxBytes` refuses a larger file before a byte is read (a
+ * config or a vocabulary is small; a hostile one should not exhaust memory), and the size read must match the
+ * size fstat saw (a file that shrinks or grows while it is read is an error naming it). The caller closes `fd`.
  */
+export function* wholeFileReads(fd: number, size: number, path: string, what: string, maxBytes: number): Generator<ReadRequest, Buffer, number> {
+  if (size > maxBytes) throw new Error(`${what} '${path}' is ${size} bytes, more than the ${maxBytes} allowed`);
+  const buf = Buffer.allocUnsafe(size);
+  let off = 0;
+  while (off < size) {
+    const n = yield { fd, buf, offset: off, length: size - off, position: off };
+    if (n === 0) throw new Error(`${what} '${path}' shrank while being read (${off} of ${size} bytes)`);
+    off += n;
+  }
+  if ((yield { fd, buf: Buffer.alloc(1), offset: 0, length: 1, position: size }) !== 0) throw new Error(`${what} '${path}' grew while being read`);
+  return buf;
+}
+
+/** Reads a whole regular file on this thread, with wholeFileReads' checks. */
 export function readRegularFile(path: string, what = 'file', maxBytes = Number.MAX_SAFE_INTEGER): Buffer {
   const { fd, size } = openRegularFile(path, what);
   try {
-    if (size > maxBytes) throw new Error(`${what} '${path}' is ${size} bytes, more than the ${maxBytes} allowed`);
-    const buf = Buffer.allocUnsafe(size);
-    let off = 0;
-    while (off < size) {
-      const n = readSync(fd, buf, off, size - off, off);
-      if (n === 0) throw new Error(`${what} '${path}' shrank while being read (${off} of ${size} bytes)`);
-      off += n;
+    const reads = wholeFileReads(fd, size, path, what, maxBytes);
+    for (let r = reads.next(); ; ) {
+      if (r.done) return r.value;
+      r = reads.next(readSync(r.value.fd, r.value.buf, r.value.offset, r.value.length, r.value.position));
     }
-    if (readSync(fd, Buffer.alloc(1), 0, 1, size) !== 0) throw new Error(`${what} '${path}' grew while being read`);
-    return buf;
   } finally {
     closeSync(fd);
   }

@@ -5,6 +5,7 @@
 import { existsSync, readdirSync, statSync } from 'node:fs';
 import { homedir } from 'node:os';
 import { isAbsolute, join, resolve } from 'node:path';
+import { checkOptionNames } from '../options.js';
 import { readTextFile } from './files.js';
 
 /** Where to look: the cache folder (as diffusers' cache_dir) and the revision (branch, tag or commit). */
@@ -144,9 +145,11 @@ const DIFFUSERS_FOLDER = 'a local diffusers folder (model_index.json + unet/ vae
 /**
  * The model folder for pathOrId (+ subfolder). A local folder that exists wins; otherwise a hub id is
  * looked up, offline, in the Hugging Face cache. Throws an error listing every path looked at and how to get
- * the files there.
+ * the files there. With `names`, an option of `o` not among `names.known` is an error first (a from_pretrained
+ * option misspelt, or another library's: `torch_dtype`).
  */
-export function resolvePretrained(pathOrId: string, o: HubOptions = {}): string {
+export function resolvePretrained(pathOrId: string, o: HubOptions = {}, names?: { known: readonly string[]; where: string }): string {
+  if (names) checkOptionNames(o, names.known, names.where);
   if (o.subfolder !== undefined && o.subfolder !== '') checkRelativePath('subfolder', o.subfolder);
   if (o.revision !== undefined) checkRelativePath('revision', o.revision, 'the cache');
   if (o.variant !== undefined) checkPlainName('variant', o.variant);

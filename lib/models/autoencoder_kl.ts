@@ -8,8 +8,7 @@ import type { Generator } from '../random.js';
 import type { Tensor } from '../tensor.js';
 import { getDefaultDevice } from '../torch.js';
 import { CONFIG_LIMITS, ConfigFields, refuseUnknownFields, show, type ConfigSource } from './config.js';
-import { loadStateDictChecked, loadWeights, readConfig, type FromPretrainedOptions } from './loading.js';
-import { resolvePretrained } from '../io/hub.js';
+import { loadStateDictChecked, loadWeights, pretrainedDir, readConfig, type FromPretrainedOptions } from './loading.js';
 import { attentionParams, checkModelFits, conv2dParams, normParams, resnetParams } from './model_size.js';
 import { Decoder, DiagonalGaussianDistribution, Encoder } from './vae.js';
 
@@ -131,7 +130,7 @@ export class AutoencoderKL extends Module {
    * attention names (query/key/value/proj_attn, 1×1-conv shapes) are converted on the way in.
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): AutoencoderKL {
-    const dir = resolvePretrained(pathOrId, o);
+    const dir = pretrainedDir(pathOrId, o, 'AutoencoderKL.fromPretrained');
     const configFile = join(dir, 'config.json');
     const model = new AutoencoderKL(readConfig(dir), { configFile });
     try {

@@ -11,8 +11,7 @@ import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
 import { CLIP_ACTIVATIONS, CLIPEncoder, type CLIPActivation, type CLIPEncoderConfig, type Init } from './clip_encoder.js';
 import { CONFIG_LIMITS, ConfigFields, type ConfigSource } from './config.js';
-import { loadModelWeights, readConfig, type FromPretrainedOptions } from './loading.js';
-import { resolvePretrained } from '../io/hub.js';
+import { loadModelWeights, pretrainedDir, readConfig, type FromPretrainedOptions } from './loading.js';
 import { checkModelFits, linearParams, normParams } from './model_size.js';
 
 /** CLIPTextConfig's fields the model reads (config.json names). */
@@ -220,7 +219,7 @@ export class CLIPTextModel extends Module {
    * model.safetensors, loaded strictly, in eval mode as transformers' from_pretrained returns it.
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): CLIPTextModel {
-    const dir = resolvePretrained(pathOrId, o);
+    const dir = pretrainedDir(pathOrId, o, 'CLIPTextModel.fromPretrained');
     // Built directly in the target dtype/device: no float32 CPU copy of the weights first.
     const configFile = join(dir, 'config.json');
     const model = new CLIPTextModel(readConfig(dir), { dtype: o.dtype, device: o.device, configFile });

@@ -17,8 +17,7 @@ import { tensor } from '../torch.js';
 import type { Device, Tensor } from '../tensor.js';
 import { readJsonObject, readTextFile } from '../io/files.js';
 import { CONFIG_LIMITS, show } from './config.js';
-import { type FromPretrainedOptions } from './loading.js';
-import { resolvePretrained } from '../io/hub.js';
+import { pretrainedDir, type FromPretrainedOptions } from './loading.js';
 
 const snakeOf = (k: string): string => k.replace(/[A-Z]/g, (m) => `_${m.toLowerCase()}`);
 
@@ -243,7 +242,7 @@ export class CLIPTokenizer {
    * are optional (special_tokens_map wins over tokenizer_config, as in transformers). `overrides` wins over both.
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}, overrides: Partial<CLIPTokenizerConfig> = {}): CLIPTokenizer {
-    const dir = resolvePretrained(pathOrId, o);
+    const dir = pretrainedDir(pathOrId, o, 'CLIPTokenizer.fromPretrained');
     for (const f of ['vocab.json', 'merges.txt']) {
       if (!existsSync(join(dir, f))) {
         const hint = !o.subfolder && existsSync(join(dir, 'tokenizer', f)) ? ` It is in '${join(dir, 'tokenizer')}': pass { subfolder: 'tokenizer' }.` : '';

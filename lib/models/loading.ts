@@ -9,7 +9,7 @@ import { existsSync, readdirSync, statSync } from 'node:fs';
 import { isAbsolute, join, normalize } from 'node:path';
 import type { DType } from '../dtype.js';
 import { assertRegularFile, readJsonObject } from '../io/files.js';
-import { checkPlainName, type HubOptions } from '../io/hub.js';
+import { checkPlainName, resolvePretrained, type HubOptions } from '../io/hub.js';
 import { loadSafetensors } from '../io/safetensors.js';
 import { show } from './config.js';
 import type { Module } from '../nn/module.js';
@@ -20,6 +20,14 @@ import type { Device, Tensor } from '../tensor.js';
 export interface FromPretrainedOptions extends HubOptions {
   dtype?: DType;
   device?: Device;
+}
+
+/** The names of FromPretrainedOptions: any other key given to a fromPretrained is an error naming it. */
+export const FROM_PRETRAINED_OPTIONS: readonly string[] = ['cacheDir', 'revision', 'subfolder', 'variant', 'dtype', 'device'];
+
+/** resolvePretrained for `where` (e.g. 'UNet2DConditionModel.fromPretrained'), refusing option names it does not take. */
+export function pretrainedDir(pathOrId: string, o: FromPretrainedOptions, where: string, known = FROM_PRETRAINED_OPTIONS): string {
+  return resolvePretrained(pathOrId, o, { known, where });
 }
 
 const isDir = (p: string): boolean => existsSync(p) && statSync(p).isDirectory();

@@ -13,8 +13,7 @@ import type { Tensor } from '../tensor.js';
 import { CONFIG_LIMITS, ConfigFields, configLabel, show, type ConfigSource } from './config.js';
 import { TimestepEmbedding, Timesteps } from './embeddings.js';
 import { checkModelFits, conv2dParams, linearParams, normParams, resnetParams, transformer2dParams } from './model_size.js';
-import { loadModelWeights, readConfig, type FromPretrainedOptions } from './loading.js';
-import { resolvePretrained } from '../io/hub.js';
+import { loadModelWeights, pretrainedDir, readConfig, type FromPretrainedOptions } from './loading.js';
 import {
   DOWN_BLOCK_TYPES, MID_BLOCK_TYPES, UP_BLOCK_TYPES, getDownBlock, getMidBlock, getUpBlock, type DownBlock, type MidBlock, type UpBlock,
 } from './unet_2d_blocks.js';
@@ -163,7 +162,7 @@ export class UNet2DConditionModel extends Module {
    * model is cast/moved to dtype/device and put in eval mode.
    */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): UNet2DConditionModel {
-    const dir = resolvePretrained(pathOrId, o);
+    const dir = pretrainedDir(pathOrId, o, 'UNet2DConditionModel.fromPretrained');
     const configFile = join(dir, 'config.json');
     const model = UNet2DConditionModel.fromConfig(readConfig(dir), { configFile });
     try {

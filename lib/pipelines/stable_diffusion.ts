@@ -11,7 +11,7 @@ import type { DType } from '../dtype.js';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { CLIPTextModel } from '../models/clip_text_model.js';
 import { CLIPTokenizer } from '../models/clip_tokenizer.js';
-import { readModelIndex, type FromPretrainedOptions } from '../models/loading.js';
+import { FROM_PRETRAINED_OPTIONS, readModelIndex, type FromPretrainedOptions } from '../models/loading.js';
 import { resolvePretrained } from '../io/hub.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { Generator } from '../random.js';
@@ -39,6 +39,9 @@ export interface PipelineFromPretrainedOptions extends Omit<FromPretrainedOption
   /** scheduler_config.json overrides (e.g. { timestep_spacing: 'trailing' }). */
   schedulerOverrides?: Record<string, unknown>;
 }
+
+/** The names of PipelineFromPretrainedOptions (any other key is an error naming it). */
+export const PIPELINE_OPTIONS: readonly string[] = [...FROM_PRETRAINED_OPTIONS.filter((k) => k !== 'subfolder'), 'scheduler', 'schedulerOverrides'];
 
 export type OutputType = 'png' | 'tensor' | 'array' | 'latent';
 
@@ -115,7 +118,7 @@ export class StableDiffusionPipeline {
    * or a model id in the offline Hugging Face cache. `dtype`/`device` place the three models.
    */
   static fromPretrained(pathOrId: string, o: PipelineFromPretrainedOptions = {}): StableDiffusionPipeline {
-    const dir = resolvePretrained(pathOrId, o);
+    const dir = resolvePretrained(pathOrId, o, { known: PIPELINE_OPTIONS, where: 'StableDiffusionPipeline.fromPretrained' });
     const index = readModelIndex(dir); // checked: a JSON object of [library, class] pairs under plain names
     const cls = index._class_name;
     if (typeof cls === 'string' && !['StableDiffusionPipeline', 'StableDiffusionImg2ImgPipeline', 'StableDiffusionInpaintPipeline'].includes(cls)) {

@@ -7,6 +7,7 @@
 // What needs the model or the data (the LoRA rank against the layer sizes, a checkpoint's data position)
 // is checked later, by train.ts, as soon as the model or the data is known.
 
+import { unknownOptionNames } from '../options.js';
 import type { MixedPrecision } from './step.js';
 import type { TrainDataOptions } from './train_data.js';
 
@@ -309,19 +310,14 @@ const UNSUPPORTED: Readonly<Record<string, string>> = {
   hubModelId: 'cannot push to the Hugging Face Hub: difflora runs offline (no network)',
 };
 
-const camel = (k: string): string => k.replace(/[_-]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
-
 /**
  * Option names the training does not know: a snake_case flag name (`learning_rate`), a name from another
  * library (`torchDtype`), a typo — each named, with the option meant when one is close.
  */
 function unknownOptionProblems(opts: Readonly<Record<string, unknown>>): string[] {
-  const known = Object.keys(RULES);
-  return Object.keys(opts).filter((k) => !Object.hasOwn(RULES, k)).map((k) => {
-    if (Object.hasOwn(UNSUPPORTED, k)) return opts[k] === undefined || opts[k] === false || opts[k] === null ? '' : `${k}: ${UNSUPPORTED[k]}`;
-    const meant = Object.hasOwn(RULES, camel(k)) ? camel(k) : known.find((n) => n.toLowerCase() === k.toLowerCase().replace(/[_-]/g, ''));
-    return `unknown option '${k}'${meant ? ` (did you mean '${meant}'?)` : ''}`;
-  }).filter(Boolean);
+  const unsupported = Object.keys(opts).filter((k) => Object.hasOwn(UNSUPPORTED, k) && ![undefined, false, null].includes(opts[k] as never));
+  const rest = Object.fromEntries(Object.entries(opts).filter(([k]) => !Object.hasOwn(UNSUPPORTED, k)));
+  return [...unsupported.map((k) => `${k}: ${UNSUPPORTED[k]}`), ...unknownOptionNames(rest, Object.keys(RULES))];
 }
 
 export function validateTrainOptions(o: unknown): void {
@@ -335,14 +331,3 @@ export function validateTrainOptions(o: unknown): void {
   if (problems.length) throw new TrainOptionsError(problems);
 }
 
-/**
- * Whether `device` ('cpu', 'cuda', 'cuda:N') exists on this machine (libtorch's info()); throws naming the
- * option and what is there, instead of a kernel-dispatch error from the first tensor made on it.
- */
-export function checkDeviceAvailable(device: string, info: { cudaAvailable: boolean; cudaDeviceCount: number }, flag = '--device'): void {
-  const m = /^cuda(?::(\d+))?$/.exec(device);
-  if (!m) return;
-  if (!info.cudaAvailable) throw new Error(`${flag}=${device}: this libtorch has no CUDA or sees no GPU (difflora env says which); use 'cpu'`);
-  const index = Number(m[1] ?? 0);
-  if (index >= info.cudaDeviceCount) throw new Error(`${flag}=${device}: there ${info.cudaDeviceCount === 1 ? 'is 1 CUDA device' : `are ${info.cudaDeviceCount} CUDA devices`} (cuda:0${info.cudaDeviceCount > 1 ? `…cuda:${info.cudaDeviceCount - 1}` : ''})`);
-}

@@ -4,7 +4,7 @@
 // the step (step.ts's loraTrainingStep), logs (lib/logging), validation (validation.ts), and at the end the
 // pytorch_lora_weights.safetensors, final images, model card and loss plot.
 import { basename, join } from 'node:path';
-import { cudaDeviceCount, cudaIsAvailable, setAllowTF32 } from '../device.js';
+import { checkDevice, cudaIsAvailable, setAllowTF32 } from '../device.js';
 import type { DType } from '../dtype.js';
 import { saveLossPlot } from '../logging/loss_plot.js';
 import { RunLogs } from '../logging/run_logs.js';
@@ -19,7 +19,7 @@ import { trainLoop } from './loop.js';
 import { saveModelCard } from './model_card.js';
 import { loadTrainingModels } from './models.js';
 import { makeOptimization, optimizerStepError } from './optimization.js';
-import { checkDeviceAvailable, resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
+import { resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
 import { loraTrainingStep } from './step.js';
 import { openTrainData, type TrainData } from './train_data.js';
 import { validateSavedLora, validateTrainingModels, validationRunsLeft, type ValidationEvent } from './validation.js';
@@ -67,7 +67,7 @@ export async function runTraining(options: TrainOptions, hooks: TrainHooksIntern
   validateTrainOptions(options);
   const o = resolveTrainOptions(options);
   const device = o.device ?? (cudaIsAvailable() ? 'cuda:0' : 'cpu');
-  checkDeviceAvailable(device, { cudaAvailable: cudaIsAvailable(), cudaDeviceCount: cudaDeviceCount() }, 'device');
+  checkDevice(device, 'device');
   if (o.mixedPrecision === 'fp16' && !device.startsWith('cuda')) {
     throw new Error("--mixed_precision=fp16 needs a CUDA GPU: libtorch has no fp16 matmul on CPU; use --mixed_precision=bf16 or no");
   }
