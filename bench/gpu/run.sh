@@ -49,3 +49,24 @@ if [ "${BENCH_OPS:-0}" = 1 ]; then
   echo "== per-op benchmark (1 thread)"
   for d in cuda cpu; do node bench/ops.mjs $d; python3 bench/ops_torch.py $d; done 2>&1 | tee "$OUT/bench.log"
 fi
+
+# Side by side (issue #15): the diffusers step and pipeline from the carried kit (.dev/gpu-reference, a copy of
+# ../shared/gpu-reference made by prepare.sh), then difflora's with the same configuration keys, joined into one
+# table. Budgets in seconds (imports and model builds included); SKIP_SIDE_BY_SIDE=1 leaves this out.
+if [ "${SKIP_SIDE_BY_SIDE:-0}" != 1 ]; then
+  K=$(mktemp -d)
+  if [ -f .dev/gpu-reference/refkit-gpu.tar.xz ] && tar -xJf .dev/gpu-reference/refkit-gpu.tar.xz -C "$K"; then
+    echo "== diffusers reference step (tier 1)"
+    timeout $(( ${REF_BUDGET:-200} + 60 )) python3 -u .dev/gpu-reference/ref_step_cuda.py --kit "$K/refkit-gpu" --out "$OUT/ref-gpu.json" \
+      --budget "${REF_BUDGET:-200}" --tiers 1 2>&1 | tail -25
+    echo "== diffusers reference pipeline"
+    timeout 150 python3 -u bench/gpu/ref_pipeline.py --kit "$K/refkit-gpu" --out "$OUT/ref-pipeline.json" 2>&1 | grep -v "^You are offline" | tail -5
+    CONFIGS="$K/refkit-gpu/configs/sd15"
+  else
+    echo "no .dev/gpu-reference/refkit-gpu.tar.xz: difflora's rows only (run bench/gpu/prepare.sh first)"
+    CONFIGS="${SD15_CONFIGS:-../shared/fixtures/sd15-shape}"
+  fi
+  echo "== difflora step and pipeline"
+  SD15_CONFIGS="$CONFIGS" timeout $(( ${DL_BUDGET:-200} + 60 )) node bench/gpu/sd15_step.mjs --out "$OUT/difflora-gpu.json" --budget "${DL_BUDGET:-200}"
+  node bench/gpu/join.mjs "$OUT/ref-gpu.json" "$OUT/difflora-gpu.json" "$OUT/ref-pipeline.json" | tee "$OUT/table.md"
+fi
