@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import { placeInside, realRoot, walkDataset } from './dataset_files.js';
 import { CaptionCutter, cell, describeValue, emitDataWarning, parseCsvRecords, readCsvRows, readJsonlRows } from './metadata.js';
 import { Rng } from './transforms.js';
+import { DATA_DEFAULTS } from './defaults.js';
 
 export const IMAGE_EXTENSIONS: readonly string[] = ['.jpg', '.jpeg', '.png', '.webp', '.bmp', '.gif', '.tiff', '.tif'];
 
@@ -127,8 +128,8 @@ function readRows(metaFiles: readonly string[], root: string, real: string): Res
  * warning (to `onWarning`, else a process warning).
  */
 export function loadImageFolder(dir: string, options: ImageFolderOptions = {}): Dataset {
-  const imageColumn = options.imageColumn ?? 'image';
-  const captionColumn = options.captionColumn ?? 'text';
+  const imageColumn = options.imageColumn ?? DATA_DEFAULTS.imageColumn;
+  const captionColumn = options.captionColumn ?? DATA_DEFAULTS.captionColumn;
   const root = path.resolve(dir);
   let st: fs.Stats;
   try { st = fs.statSync(root); } catch { throw new Error(`--train_data_dir '${dir}' does not exist`); }

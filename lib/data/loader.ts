@@ -13,6 +13,7 @@
 import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
 import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
+import { DATA_DEFAULTS } from './defaults.js';
 
 export interface LoaderState {
   epoch: number;
@@ -89,13 +90,13 @@ export class ImageCaptionLoader {
     this.resolution = options.resolution;
     this.seed = options.seed ?? 0;
     this.opts = {
-      centerCrop: options.centerCrop ?? false,
-      randomFlip: options.randomFlip ?? false,
-      interpolation: options.interpolation ?? 'lanczos',
+      centerCrop: options.centerCrop ?? DATA_DEFAULTS.centerCrop,
+      randomFlip: options.randomFlip ?? DATA_DEFAULTS.randomFlip,
+      interpolation: options.interpolation ?? DATA_DEFAULTS.interpolation,
       shuffle: options.shuffle ?? true,
       prefetch: workers !== undefined ? 2 * workers * options.batchSize : Math.max(0, options.prefetch ?? 2 * options.batchSize),
       concurrency: workers !== undefined ? Math.max(1, workers) : Math.max(1, options.concurrency ?? Infinity),
-      skipBroken: options.skipBroken ?? false,
+      skipBroken: options.skipBroken ?? DATA_DEFAULTS.skipBroken,
     };
   }
 

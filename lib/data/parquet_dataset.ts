@@ -13,6 +13,7 @@ import { makeDatasetTempDir, placeInside, realRoot, removeDatasetTempDir, walkDa
 import { captionsOf, columnError, type Dataset, type DatasetItem } from './imagefolder.js';
 import { CaptionCutter, describeValue, emitDataWarning, MAX_CAPTION_CHARS } from './metadata.js';
 import { readParquetRows } from './parquet_reader.js';
+import { DATA_DEFAULTS } from './defaults.js';
 
 export interface ParquetDatasetOptions {
   /** Default 'image'. */
@@ -164,8 +165,8 @@ class ImageSink {
  * `get(i).imagePath` is a real path (close() removes it; so does the end of the process).
  */
 export async function loadParquetDataset(nameOrPath: string, o: ParquetDatasetOptions = {}): Promise<Dataset> {
-  const imageColumn = o.imageColumn ?? 'image';
-  const captionColumn = o.captionColumn ?? 'text';
+  const imageColumn = o.imageColumn ?? DATA_DEFAULTS.imageColumn;
+  const captionColumn = o.captionColumn ?? DATA_DEFAULTS.captionColumn;
   const { dir: root, containRoot } = locateDataset(nameOrPath, o);
   const all = findParquetFiles(root, containRoot);
   if (all.length === 0) throw new Error(`dataset '${nameOrPath}': no *.parquet files in '${root}' or its subfolders`);

@@ -6,6 +6,7 @@
 // path): a FIFO, a device or a folder named like an image is refused without blocking, as a broken image.
 import sharp from 'sharp';
 import { readRegularFileAsync } from '../io/read_async.js';
+import { DATA_DEFAULTS } from './defaults.js';
 
 /**
  * A small seedable PRNG (mulberry32: 32-bit state, so the whole state is one number for exact resume).
@@ -180,9 +181,9 @@ export async function decodeRgb(file: string): Promise<{ data: Buffer; width: nu
 export async function loadTrainImage(file: string, options: TransformOptions): Promise<TrainImage> {
   const R = options.resolution;
   if (!Number.isInteger(R) || R < 1) throw new RangeError(`resolution must be a positive integer, got ${R}`);
-  const centerCrop = options.centerCrop ?? false;
-  const randomFlip = options.randomFlip ?? false;
-  const interpolation = options.interpolation ?? 'lanczos';
+  const centerCrop = options.centerCrop ?? DATA_DEFAULTS.centerCrop;
+  const randomFlip = options.randomFlip ?? DATA_DEFAULTS.randomFlip;
+  const interpolation = options.interpolation ?? DATA_DEFAULTS.interpolation;
   const kernel = KERNELS[interpolation];
   if (kernel === undefined) throw new Error(`unknown interpolation '${interpolation}' (one of: ${Object.keys(KERNELS).join(', ')})`);
   const rng = options.rng;

@@ -10,6 +10,7 @@
 import { unknownOptionNames } from '../options.js';
 import type { MixedPrecision } from './step.js';
 import type { TrainDataOptions } from './train_data.js';
+import { DATA_DEFAULTS } from '../data/defaults.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -146,14 +147,14 @@ export interface TrainOptions extends TrainDataOptions {
  * table (lib/cli/train_args.ts) shows and applies these; resolveTrainOptions fills them in for the library.
  */
 export const TRAIN_DEFAULTS = Object.freeze({
-  imageColumn: 'image',
-  captionColumn: 'text',
+  imageColumn: DATA_DEFAULTS.imageColumn,
+  captionColumn: DATA_DEFAULTS.captionColumn,
   resolution: 512,
-  centerCrop: false,
-  randomFlip: false,
-  imageInterpolationMode: 'lanczos',
+  centerCrop: DATA_DEFAULTS.centerCrop,
+  randomFlip: DATA_DEFAULTS.randomFlip,
+  imageInterpolationMode: DATA_DEFAULTS.interpolation,
   dataloaderNumWorkers: 0,
-  skipBrokenImages: false,
+  skipBrokenImages: DATA_DEFAULTS.skipBroken,
   rank: 4,
   trainBatchSize: 16,
   numTrainEpochs: 100,
