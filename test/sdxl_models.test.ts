@@ -11,6 +11,7 @@ import { CLIPTextModel, CLIPTextModelWithProjection, clipTextParameterCount, par
 import { CLIPTokenizer } from '../lib/models/clip_tokenizer.js';
 import { readConfig } from '../lib/models/loading.js';
 import { UNet2DConditionModel, configFromJson, unetParameterCount } from '../lib/models/unet_2d_condition.js';
+import { kohyaName, parseLoraKey, sgmToDiffusersPath, toKohyaKeys } from '../lib/lora/formats.js';
 import { Generator } from '../lib/random.js';
 import { tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
@@ -236,5 +237,42 @@ describe('SDXL base 1.0 at full scale (meta device, fixtures/sdxl-shape)', () =>
       unet.dispose();
       m2.dispose();
     }
+  });
+});
+
+describe('SDXL LoRA key names at full scale (fixtures/sdxl-shape lora_targets*.json)', () => {
+  interface Target { kohya: string; sgm?: string }
+  it('Kohya SGM UNet names (lora_unet_input_blocks_4_1_…) map to the 560 diffusers module paths (layers_per_block 2)', () => {
+    const targets = readJson<Record<string, Target>>('sdxl-shape', 'lora_targets.json');
+    for (const [path, t] of Object.entries(targets)) {
+      const k = parseLoraKey(`${t.kohya}.lora_down.weight`);
+      expect(k?.component, t.kohya).toBe('unet');
+      expect(k?.path, t.kohya).toBe(t.sgm);
+      expect(sgmToDiffusersPath(k!.path, 2), t.kohya).toBe(path);
+    }
+    // the other SGM blocks, as diffusers' _maybe_map_sgm_blocks_to_diffusers maps them
+    expect(sgmToDiffusersPath('middle_block.0.emb_layers.1', 2)).toBe('mid_block.resnets.0.emb_layers.1');
+    expect(sgmToDiffusersPath('middle_block.2.in_layers.2', 2)).toBe('mid_block.resnets.1.in_layers.2');
+    expect(sgmToDiffusersPath('input_blocks.3.0.op', 2)).toBe('down_blocks.0.downsamplers.0.conv');
+    expect(sgmToDiffusersPath('output_blocks.2.2.conv', 2)).toBe('up_blocks.0.upsamplers.0.conv');
+    expect(sgmToDiffusersPath('input_blocks.0.0', 2)).toBeNull();
+    expect(sgmToDiffusersPath('middle_block.3.x', 2)).toBeNull();
+    expect(sgmToDiffusersPath('down_blocks.1.attentions.0.proj_in', 2)).toBe('down_blocks.1.attentions.0.proj_in');
+  });
+
+  it('lora_te1_ / lora_te2_ name the two text encoders; Kohya files with text_encoder_2 layers are written with te1/te2', () => {
+    for (const [file, component] of [['lora_targets_text_encoder.json', 'text_encoder'], ['lora_targets_text_encoder_2.json', 'text_encoder_2']] as const) {
+      for (const [path, t] of Object.entries(readJson<Record<string, Target>>('sdxl-shape', file))) {
+        expect(parseLoraKey(`${t.kohya}.alpha`), t.kohya).toEqual({ component, path, slot: 'alpha', layout: 'kohya' });
+      }
+    }
+    expect(parseLoraKey('text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight'))
+      .toEqual({ component: 'text_encoder_2', path: 'text_model.encoder.layers.0.self_attn.q_proj', slot: 'up', layout: 'diffusers' });
+    tidy(() => {
+      const layer = (component: 'text_encoder' | 'text_encoder_2') => ({ component, path: 'text_model.encoder.layers.0.self_attn.q_proj', down: torch.zeros([4, 8]), up: torch.zeros([8, 4]), alpha: null });
+      expect([...toKohyaKeys([layer('text_encoder'), layer('text_encoder_2')]).keys()].filter((k) => k.endsWith('.alpha')))
+        .toEqual([`${kohyaName('text_model.encoder.layers.0.self_attn.q_proj', 'lora_te1')}.alpha`, 'lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha']);
+      expect([...toKohyaKeys([layer('text_encoder')]).keys()][0]).toBe('lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha');
+    });
   });
 });
