@@ -83,6 +83,12 @@ export { StableDiffusionPipeline } from './pipelines/stable_diffusion.js';
 export type {
   GenerateOptions, PipelineOutput, PipelineFromPretrainedOptions, StableDiffusionComponents, StepInfo, OutputType,
 } from './pipelines/stable_diffusion.js';
+export { StableDiffusionXLPipeline } from './pipelines/stable_diffusion_xl.js';
+export type {
+  StableDiffusionXLComponents, StableDiffusionXLGenerateOptions, StableDiffusionXLEncodePromptOptions, StableDiffusionXLPromptOptions,
+  StableDiffusionXLPromptEmbeds, SizePair,
+} from './pipelines/stable_diffusion_xl.js';
+export type { ListAdapters } from './pipelines/pipeline_utils.js';
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
 export { trainTextToImageLora, startTraining } from './training/handle.js';

@@ -137,6 +137,26 @@ export abstract class DiffusionPipelineBase {
     return (side ?? 64) * this.vaeScaleFactor;
   }
 
+  /**
+   * Steps 2–4 of every text-to-image call: the scheduler's timesteps, the initial latents, and the denoising loop
+   * with classifier-free guidance, `predict` being the UNet on the (scaled, cast) input. Returns the final latents,
+   * kept (finishOutput takes them over).
+   */
+  protected async sample(name: string, v: ResolvedSettings, o: GenerateOptions, batch: number, predict: (input: Tensor, t: number) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
+    this.scheduler.setTimesteps(v.steps);
+    const timesteps = [...this.scheduler.timesteps];
+    const latents = await denoise({
+      timesteps, latents: this.prepareLatents(name, batch, v.height, v.width, v.generator, o.latents),
+      callbackOnStepEnd: o.callbackOnStepEnd, signal: o.signal, around: (fn) => this.withLoraScale(v.loraScale, fn),
+      step: (x, t) => noGrad(() => {
+        const input = this.scheduler.scaleModelInput(v.cfg ? torch.cat([x, x]) : x, t);
+        const noise = guide(predict(input.to(this.dtype), t).float(), v.cfg, v.guidance, o.guidanceRescale ?? 0);
+        return this.scheduler.step(noise, t, x, { generator: v.generator });
+      }),
+    });
+    return { latents, timesteps };
+  }
+
   /** Initial latents [batch, in_channels, H/f, W/f] × the scheduler's initNoiseSigma (given ones checked, else drawn). */
   protected prepareLatents(name: string, batch: number, height: number, width: number, generator: Generator | undefined, given: Tensor | undefined): Tensor {
     const f = this.vaeScaleFactor;

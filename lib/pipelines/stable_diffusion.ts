@@ -20,7 +20,7 @@ import type { Device, Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import type { LoraTargets } from '../lora/adapters.js';
 import {
-  DiffusionPipelineBase, checkHalfDevice, denoise, finishOutput, guide, release, repeatPerPrompt, resolveSettings, textList,
+  DiffusionPipelineBase, checkHalfDevice, finishOutput, release, repeatPerPrompt, resolveSettings, textList,
   type GenerateOptions, type PipelineFromPretrainedOptions, type PipelineOutput,
 } from './pipeline_utils.js';
 
@@ -158,22 +158,10 @@ export class StableDiffusionPipeline extends DiffusionPipelineBase {
     if (negativePromptEmbeds) { promptEmbeds.dispose(); negativePromptEmbeds.dispose(); }
     try {
       const batch = (context.shape[0] ?? 1) / (v.cfg ? 2 : 1);
-      // 2. timesteps, 3. initial latents × initNoiseSigma
-      this.scheduler.setTimesteps(v.steps);
-      const timesteps = [...this.scheduler.timesteps];
-      const latents = this.prepareLatents(NAME, batch, v.height, v.width, v.generator, o.latents);
-      // 4. denoising loop
-      const final = await denoise({
-        timesteps, latents, callbackOnStepEnd: o.callbackOnStepEnd, signal: o.signal,
-        around: (fn) => this.withLoraScale(v.loraScale, fn),
-        step: (x, t) => noGrad(() => {
-          const input = this.scheduler.scaleModelInput(v.cfg ? torch.cat([x, x]) : x, t);
-          const noise = guide(this.unet.forward(input.to(this.dtype), t, context).float(), v.cfg, v.guidance, o.guidanceRescale ?? 0);
-          return this.scheduler.step(noise, t, x, { generator: v.generator });
-        }),
-      });
+      // 2. timesteps, 3. initial latents × initNoiseSigma, 4. denoising loop
+      const { latents, timesteps } = await this.sample(NAME, v, o, batch, (input, t) => this.unet.forward(input, t, context));
       // 5. decode
-      return await finishOutput(final, v.outputType, timesteps, (z) => this.vae.decode(z.to(this.vae.decoder.conv_in.weight.dtype).div(this.vae.scalingFactor)));
+      return await finishOutput(latents, v.outputType, timesteps, (z) => this.vae.decode(z.to(this.vae.decoder.conv_in.weight.dtype).div(this.vae.scalingFactor)));
     } finally {
       release(context);
     }
