@@ -208,6 +208,33 @@ describe('StableDiffusionXLPipeline vs diffusers (tiny-sdxl, Euler leading, 4 st
     }
   });
 
+  it('a float16 VAE with force_upcast decodes in float32 (as diffusers\' upcast_vae) and is float16 again afterwards', async () => {
+    const p = StableDiffusionXLPipeline.fromPretrained(tinySdxl);
+    try {
+      p.vae.to({ dtype: 'float16' }); // the CPU has no float16 convolutions: this decode works only upcast
+      expect(p.vae.forceUpcast).toBe(true);
+      expect(() => tidy(() => p.vae.decode(torch.zeros([1, 4, 16, 16], { dtype: 'float16' })))).toThrow();
+      const out = await p.generate({ ...kwargs, latents: golden.get('latents'), outputType: 'array' });
+      expect(p.vae.decoder.conv_in.weight.dtype).toBe('float16');
+      const image = torch.tensor(out.array!.data, { shape: out.array!.shape });
+      made.push(image);
+      expectClose('fp16 VAE (upcast) image vs fp32', image, golden.get('base/image'), 5e-3);
+    } finally {
+      p.dispose();
+    }
+  });
+
+  it('generates in bfloat16 on CPU close to float32', async () => {
+    const p = StableDiffusionXLPipeline.fromPretrained(tinySdxl, { dtype: 'bfloat16' });
+    try {
+      const out = await p.generate({ ...kwargs, latents: golden.get('latents'), outputType: 'tensor' });
+      made.push(out.tensor!);
+      tidy(() => expectClose('bf16 image vs fp32', out.tensor!.permute(0, 2, 3, 1), golden.get('base/image'), 5e-2));
+    } finally {
+      p.dispose();
+    }
+  });
+
   it('leaves no tensor behind after a generation', async () => {
     await generateLikeGolden();
     dispose(made.splice(0));
