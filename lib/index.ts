@@ -48,8 +48,8 @@ export { loadSafetensors, saveSafetensors, readSafetensorsHeader } from './io/sa
 
 // ---- Models (diffusers / transformers names; fromPretrained reads local folders and the offline HF cache)
 export { CLIPTokenizer } from './models/clip_tokenizer.js';
-export { CLIPTextModel } from './models/clip_text_model.js';
-export type { CLIPTextConfig, CLIPTextModelOutput } from './models/clip_text_model.js';
+export { CLIPTextModel, CLIPTextModelWithProjection } from './models/clip_text_model.js';
+export type { CLIPTextConfig, CLIPTextModelOutput, CLIPTextModelWithProjectionOutput } from './models/clip_text_model.js';
 export { AutoencoderKL } from './models/autoencoder_kl.js';
 export type { AutoencoderKLConfig } from './models/autoencoder_kl.js';
 export { DiagonalGaussianDistribution } from './models/vae.js';
@@ -59,6 +59,7 @@ export { resolvePretrained, hubCacheDir } from './io/hub.js';
 export type { HubOptions } from './io/hub.js';
 export type { FromPretrainedOptions } from './models/loading.js';
 export { UNet2DConditionModel } from './models/unet_2d_condition.js';
+export type { UNetAddedConditions } from './models/unet_2d_condition.js';
 
 // ---- LoRA (PEFT layout in memory; diffusers, PEFT and Kohya files; diffusers' names, on a model or a pipeline's models)
 export {
@@ -82,6 +83,12 @@ export { StableDiffusionPipeline } from './pipelines/stable_diffusion.js';
 export type {
   GenerateOptions, PipelineOutput, PipelineFromPretrainedOptions, StableDiffusionComponents, StepInfo, OutputType,
 } from './pipelines/stable_diffusion.js';
+export { StableDiffusionXLPipeline } from './pipelines/stable_diffusion_xl.js';
+export type {
+  StableDiffusionXLComponents, StableDiffusionXLGenerateOptions, StableDiffusionXLEncodePromptOptions, StableDiffusionXLPromptOptions,
+  StableDiffusionXLPromptEmbeds, SizePair,
+} from './pipelines/stable_diffusion_xl.js';
+export type { ListAdapters } from './pipelines/pipeline_utils.js';
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
 export { trainTextToImageLora, startTraining } from './training/handle.js';

@@ -270,3 +270,41 @@ describe('difflora convert-lora', () => {
     expect(existsSync(join(tmp, 'o.safetensors'))).toBe(false);
   });
 });
+
+describe('difflora generate on an SDXL pipeline (model_index.json _class_name)', () => {
+  const tinySdxl = join(fixtures, 'tiny-sdxl');
+  const sdxl = ['generate', `--pretrained_model_name_or_path=${tinySdxl}`, '--prompt', 'a photo of a cat!', '--num_inference_steps=2', '--height=64', '--width=64', '--seed=5', '--device=cpu'];
+
+  it('picks StableDiffusionXLPipeline and writes the library\'s image, with an SDXL LoRA and --prompt_2', async () => {
+    const { StableDiffusionXLPipeline } = await import('../lib/pipelines/stable_diffusion_xl.js');
+    const c = capture();
+    const output = join(tmp, 'sdxl.png');
+    const lora = join(fixtures, 'goldens', 'sdxl-lora-diffusers-te');
+    const code = await main([...sdxl, `--lora=${lora}`, '--prompt_2=an oil painting', `--output=${output}`], c.io);
+    expect(code, c.err()).toBe(0);
+    expect(c.err()).toMatch(/136 UNet \+ 12 \+ 16 text-encoder layers/);
+    const pipe = StableDiffusionXLPipeline.fromPretrained(tinySdxl);
+    try {
+      pipe.loadLoraWeights(lora, { adapterName: 'lora_0' });
+      pipe.setAdapters(['lora_0'], [1]);
+      const out = await pipe.generate({ prompt: 'a photo of a cat!', prompt2: 'an oil painting', numInferenceSteps: 2, height: 64, width: 64, seed: 5, crossAttentionKwargs: { scale: 1 } });
+      expect(readFileSync(output).equals(out.images![0]!)).toBe(true);
+    } finally {
+      pipe.dispose();
+    }
+    const png = await sharp(output).metadata();
+    expect([png.width, png.height]).toEqual([64, 64]);
+  }, 60_000);
+
+  it('refuses --prompt_2 for SD 1.x (exit 2) and an unknown pipeline class (exit 1), naming them', async () => {
+    const c = capture();
+    expect(await main([...base, '--prompt_2=x', `--output=${join(tmp, 'p2.png')}`], c.io)).toBe(2);
+    expect(c.err()).toMatch(/--prompt_2\/--negative_prompt_2 apply to SDXL pipelines only/);
+    const other = join(tmp, 'kandinsky');
+    mkdirSync(other, { recursive: true });
+    writeFileSync(join(other, 'model_index.json'), JSON.stringify({ _class_name: 'KandinskyV22Pipeline', unet: ['diffusers', 'UNet2DConditionModel'] }));
+    const c2 = capture();
+    expect(await main(['generate', `--pretrained_model_name_or_path=${other}`, '--prompt', 'x', '--device=cpu', `--output=${join(tmp, 'k.png')}`], c2.io)).toBe(1);
+    expect(c2.err()).toMatch(/holds a KandinskyV22Pipeline \(model_index.json _class_name\), which difflora cannot run; supported: StableDiffusionPipeline \(SD 1.x\/2.x\) and StableDiffusionXLPipeline \(SDXL\)/);
+  });
+});

@@ -390,6 +390,12 @@ describe('fromPretrained validates its options like the CLI (issue #13)', () => 
     expect(() => StableDiffusionPipeline.fromPretrained(sd, { subfolder: 'unet' } as never)).toThrow("StableDiffusionPipeline.fromPretrained: unknown option 'subfolder'");
     expect(() => StableDiffusionPipeline.fromPretrained(sd, { schedulerOverride: {} } as never)).toThrow("unknown option 'schedulerOverride'");
     expect(() => UNet2DConditionModel.fromPretrained(sd, 'unet' as never)).toThrow('UNet2DConditionModel.fromPretrained: the options must be an object');
+    const { StableDiffusionXLPipeline, CLIPTextModelWithProjection } = await import('../lib/index.js');
+    const sdxl = join(repoRoot, 'test', 'fixtures', 'tiny-sdxl');
+    expect(() => StableDiffusionXLPipeline.fromPretrained(sdxl, { torch_dtype: 'float16' } as never))
+      .toThrow("StableDiffusionXLPipeline.fromPretrained: unknown option 'torch_dtype' (did you mean 'dtype'?)");
+    expect(() => CLIPTextModelWithProjection.fromPretrained(sdxl, { subfolder: 'text_encoder_2', Dtype: 'float32' } as never))
+      .toThrow("CLIPTextModelWithProjection.fromPretrained: unknown option 'Dtype' (did you mean 'dtype'?)");
   });
   it('known options still load', async () => {
     const { CLIPTokenizer } = await import('../lib/index.js');

@@ -105,7 +105,7 @@ describe('loadLoraWeights: the goldens', () => {
     const base = unetOut(unet);
     const snap = snapshot(unet);
     const r = loadLoraWeights({ unet }, kohyaFile);
-    expect(r).toEqual({ adapterName: 'default_0', unetLayers: 50, textEncoderLayers: 0, formats: ['kohya'] });
+    expect(r).toEqual({ adapterName: 'default_0', unetLayers: 50, textEncoderLayers: 0, textEncoder2Layers: 0, formats: ['kohya'] });
     expect(loraLayers(unet).map(([p]) => p).sort()).toEqual([...kohyaMeta.lora_layers_after_load].sort());
     for (const [path, s] of Object.entries(kohyaMeta.per_layer_scaling)) {
       const l = layerAt(unet, path);
@@ -142,7 +142,7 @@ describe('loadLoraWeights: the goldens', () => {
     noGrad(() => { for (const [n, p] of h.namedParameters()) p.copy_(train.get(`lora_init/${n}`)); });
     const unet = loadUnet();
     const r = loadLoraWeights({ unet }, diffusersDir);
-    expect(r).toEqual({ adapterName: 'default_0', unetLayers: inferenceMeta.lora_layers_after_load, textEncoderLayers: 0, formats: ['diffusers'] });
+    expect(r).toEqual({ adapterName: 'default_0', unetLayers: inferenceMeta.lora_layers_after_load, textEncoderLayers: 0, textEncoder2Layers: 0, formats: ['diffusers'] });
     expect(getActiveAdapters({ unet })).toEqual(['default_0']);
     expect(getListAdapters({ unet })).toEqual({ unet: ['default_0'], text_encoder: [] });
     const [a, b] = [unetOut(unet), unetOut(src)];
@@ -317,7 +317,7 @@ describe('text encoder', () => {
     expect(() => loadLoraWeights({ unet }, file)).toThrow(/text encoder keys: pass targets.textEncoder/);
     expect(loraLayers(unet).length).toBe(0);
     const r = loadLoraWeights(t, file, { adapterName: 'te' });
-    expect(r).toEqual({ adapterName: 'te', unetLayers: 1, textEncoderLayers: 2, formats: ['kohya'] });
+    expect(r).toEqual({ adapterName: 'te', unetLayers: 1, textEncoderLayers: 2, textEncoder2Layers: 0, formats: ['kohya'] });
     expect(getListAdapters(t)).toEqual({ unet: ['te'], text_encoder: ['te'] });
     const err = tidy(() => {
       const l = layerAt(te, fc1);

@@ -275,7 +275,7 @@ describe('UNet2DConditionModel config', () => {
   it.each([
     ['class_embed_type', 'timestep'],
     ['num_class_embeds', 10],
-    ['addition_embed_type', 'text_time'],
+    ['addition_embed_type', 'text_image'],
     ['resnet_time_scale_shift', 'scale_shift'],
     ['only_cross_attention', true],
     ['only_cross_attention', [false, true]],

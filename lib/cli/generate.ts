@@ -1,4 +1,5 @@
-// `difflora generate`: text to image with a Stable Diffusion pipeline and any number of LoRA files, and
+// `difflora generate`: text to image with a Stable Diffusion 1.x/2.x or SDXL pipeline (picked from model_index.json's
+// _class_name) and any number of LoRA files, and
 // `difflora convert-lora`: a LoRA file between the diffusers/PEFT and Kohya layouts. Flags are snake_case
 // like the training script's; mistakes are UsageErrors (exit 2) naming the flag.
 import { existsSync, mkdirSync, statSync } from 'node:fs';
@@ -22,8 +23,12 @@ export interface GenerateArgs {
   loraScale: number;
   prompt: string;
   negativePrompt: string | undefined;
+  /** SDXL only: the second text encoder's prompts. */
+  prompt2: string | undefined;
+  negativePrompt2: string | undefined;
   numInferenceSteps: number;
-  guidanceScale: number;
+  /** Unset: the pipeline's default (7.5 for SD 1.x/2.x, 5 for SDXL, as diffusers). */
+  guidanceScale: number | undefined;
   scheduler: (typeof SCHEDULER_CHOICES)[number] | undefined;
   seed: number | undefined;
   latents: string | undefined;
@@ -39,7 +44,8 @@ export interface GenerateArgs {
 }
 
 const GENERATE_USAGE = 'Usage: difflora generate --prompt "<text>" [--pretrained_model_name_or_path=<model>] [--lora=<file>[:<weight>] ...] [flags]\n\n'
-  + 'Text to image with a Stable Diffusion 1.x/2.x pipeline (a local diffusers folder or a model id in the offline Hugging Face cache), '
+  + 'Text to image with a Stable Diffusion 1.x/2.x or SDXL pipeline (a local diffusers folder or a model id in the offline Hugging Face cache; '
+  + "the pipeline is model_index.json's _class_name), "
   + 'with any number of LoRA files (diffusers, PEFT or Kohya format). Without --pretrained_model_name_or_path it uses the built-in tiny model '
   + "that 'difflora train' trains by default.";
 
@@ -53,13 +59,15 @@ function generateParser(argv: readonly string[]) {
       lora: { type: 'string', array: true, describe: 'LoRA file or folder, optionally with a weight: --lora=style.safetensors:0.7 (repeatable: adapters are combined)' },
       lora_scale: { type: 'number', default: 1, describe: "Scale of all LoRA adapters at run time (diffusers' cross_attention_kwargs={'scale': s})" },
       prompt: { type: 'string', describe: 'The prompt (required)' },
-      negative_prompt: { type: 'string', describe: 'What not to draw (default: empty)' },
+      negative_prompt: { type: 'string', describe: 'What not to draw (default: empty; SDXL: none, which conditions on zeros as diffusers)' },
+      prompt_2: { type: 'string', describe: "SDXL: the second text encoder's prompt (default: --prompt)" },
+      negative_prompt_2: { type: 'string', describe: "SDXL: the second text encoder's negative prompt (default: --negative_prompt)" },
       num_inference_steps: { type: 'number', default: 50, describe: 'Denoising steps' },
-      guidance_scale: { type: 'number', default: 7.5, describe: 'Classifier-free guidance weight (≤ 1: off)' },
+      guidance_scale: { type: 'number', describe: 'Classifier-free guidance weight (≤ 1: off; default 7.5, SDXL 5)' },
       scheduler: { type: 'string', choices: SCHEDULER_CHOICES as unknown as string[], describe: "Sampler (default: the pipeline's scheduler_config.json, PNDM for SD 1.x)" },
       seed: { type: 'number', describe: 'Seed of the initial noise (CPU generator: the same image on every device)' },
       latents: { type: 'string', describe: "Initial latents from a .safetensors file (its 'latents' tensor, or its only tensor)" },
-      height: { type: 'number', describe: 'Image height, a multiple of 8 (default: the model\'s, 512 for SD 1.5)' },
+      height: { type: 'number', describe: 'Image height, a multiple of 8 (default: the model\'s, 512 for SD 1.5, 1024 for SDXL)' },
       width: { type: 'number', describe: 'Image width, a multiple of 8' },
       num_images: { type: 'number', default: 1, describe: 'Images per prompt' },
       output: { type: 'string', default: 'image.png', describe: 'PNG file to write (several images: name-0.png, name-1.png, …); an existing folder gets image-<i>.png' },
@@ -170,8 +178,10 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     loraScale: single<number>(r, 'lora_scale') ?? 1,
     prompt: prompt!,
     negativePrompt: single<string>(r, 'negative_prompt'),
+    prompt2: single<string>(r, 'prompt_2'),
+    negativePrompt2: single<string>(r, 'negative_prompt_2'),
     numInferenceSteps: single<number>(r, 'num_inference_steps') ?? 50,
-    guidanceScale: single<number>(r, 'guidance_scale') ?? 7.5,
+    guidanceScale: single<number>(r, 'guidance_scale'),
     scheduler: single<GenerateArgs['scheduler']>(r, 'scheduler'),
     seed: single<number>(r, 'seed'),
     latents,
@@ -221,7 +231,6 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   const device = a.device ?? (info.cudaAvailable ? 'cuda:0' : 'cpu'); // as train: the GPU when there is one
   const { checkDevice } = await import('../device.js');
   checkDevice(device, '--device', info);
-  const { StableDiffusionPipeline } = await import('../pipelines/stable_diffusion.js');
   const { loadSafetensors } = await import('../io/safetensors.js');
   const { dispose } = await import('../scope.js');
   let model = a.pretrainedModelNameOrPath;
@@ -231,9 +240,15 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     io.stderr.write(`difflora generate: no --pretrained_model_name_or_path: using the built-in tiny random-weight model (${model})\n`);
   }
   const dtype = a.mixedPrecision === 'fp16' ? 'float16' : a.mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
-  const pipe = StableDiffusionPipeline.fromPretrained(model, {
-    revision: a.revision, variant: a.variant, cacheDir: a.cacheDir, dtype, device, scheduler: a.scheduler,
-  });
+  const hub = { revision: a.revision, cacheDir: a.cacheDir };
+  const kind = await pipelineKind(model, hub);
+  if (kind === 'sd' && (a.prompt2 !== undefined || a.negativePrompt2 !== undefined)) {
+    throw new UsageError(`--prompt_2/--negative_prompt_2 apply to SDXL pipelines only; '${model}' is a Stable Diffusion 1.x/2.x pipeline`);
+  }
+  const load = { ...hub, variant: a.variant, dtype, device, scheduler: a.scheduler } as const;
+  const pipe = kind === 'sdxl'
+    ? (await import('../pipelines/stable_diffusion_xl.js')).StableDiffusionXLPipeline.fromPretrained(model, load)
+    : (await import('../pipelines/stable_diffusion.js')).StableDiffusionPipeline.fromPretrained(model, load);
   if (a.memoryEfficientAttention) {
     const n = pipe.enableMemoryEfficientAttention();
     io.stderr.write(`difflora generate: memory-efficient attention in ${n} attention layers\n`);
@@ -244,7 +259,8 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     for (const [i, l] of a.loras.entries()) {
       const loaded = pipe.loadLoraWeights(l.path, { adapterName: `lora_${i}` });
       names.push(loaded.adapterName);
-      io.stderr.write(`difflora generate: LoRA '${l.path}' (${loaded.formats.join('/')}, ${loaded.unetLayers} UNet + ${loaded.textEncoderLayers} text-encoder layers) weight ${l.weight}\n`);
+      const te = kind === 'sdxl' ? `${loaded.textEncoderLayers} + ${loaded.textEncoder2Layers}` : `${loaded.textEncoderLayers}`;
+      io.stderr.write(`difflora generate: LoRA '${l.path}' (${loaded.formats.join('/')}, ${loaded.unetLayers} UNet + ${te} text-encoder layers) weight ${l.weight}\n`);
     }
     if (names.length) pipe.setAdapters(names, a.loras.map((l) => l.weight));
     if (a.latents !== undefined) {
@@ -261,6 +277,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     const tty = (io.stderr as { isTTY?: boolean }).isTTY === true;
     const started = Date.now();
     const out = await pipe.generate({
+      ...(kind === 'sdxl' ? { prompt2: a.prompt2, negativePrompt2: a.negativePrompt2 } : {}),
       prompt: a.prompt, negativePrompt: a.negativePrompt, numInferenceSteps: a.numInferenceSteps, guidanceScale: a.guidanceScale,
       seed: a.seed, latents, height: a.height, width: a.width, numImagesPerPrompt: a.numImages, clipSkip: a.clipSkip,
       crossAttentionKwargs: { scale: a.loraScale }, outputType: 'png',
@@ -280,6 +297,26 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     latents?.dispose();
     pipe.dispose();
   }
+}
+
+/** model_index.json _class_name → the pipeline that runs it; SD 1.x/2.x when the file names no class (older folders). */
+const PIPELINE_CLASSES: Record<string, 'sd' | 'sdxl'> = {
+  StableDiffusionPipeline: 'sd', StableDiffusionImg2ImgPipeline: 'sd', StableDiffusionInpaintPipeline: 'sd',
+  StableDiffusionXLPipeline: 'sdxl', StableDiffusionXLImg2ImgPipeline: 'sdxl', StableDiffusionXLInpaintPipeline: 'sdxl',
+};
+
+/** Which pipeline a model folder (or cached model id) holds, from its model_index.json; other classes are an error naming them. */
+async function pipelineKind(model: string, hub: { revision?: string; cacheDir?: string }): Promise<'sd' | 'sdxl'> {
+  const { resolvePretrained } = await import('../io/hub.js');
+  const { readModelIndex } = await import('../models/loading.js');
+  const dir = resolvePretrained(model, hub);
+  const cls = readModelIndex(dir)._class_name;
+  if (cls === undefined) return 'sd';
+  const kind = Object.hasOwn(PIPELINE_CLASSES, cls as string) ? PIPELINE_CLASSES[cls as string] : undefined;
+  if (!kind) {
+    throw new Error(`difflora generate: '${dir}' holds a ${String(cls)} (model_index.json _class_name), which difflora cannot run; supported: StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)`);
+  }
+  return kind;
 }
 
 // ---- convert-lora

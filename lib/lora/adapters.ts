@@ -1,7 +1,7 @@
 // diffusers' LoRA loading for inference (StableDiffusionLoraLoaderMixin, diffusers 0.31 + PEFT 0.13): named
 // adapters on the UNet and the text encoder, their weights, fuse/unfuse, unload, and a run-time scale.
 //
-// Every function takes a model (taken as the UNet) or a pipeline's { unet, textEncoder }. Files in every layout
+// Every function takes a model (taken as the UNet) or a pipeline's { unet, textEncoder[, textEncoder2] }. Files in every layout
 // are read by formats.ts and checked and applied by load.ts: a refused load leaves the models as they were.
 //
 // Active adapters after a load: the new adapter alone, as diffusers (get_active_adapters() is ['default_1']
@@ -23,9 +23,10 @@ export interface LoadLoraWeightsOptions {
 
 export interface LoadLoraWeightsResult {
   adapterName: string;
-  /** Layers of the UNet / text encoder that received this adapter. */
+  /** Layers of the UNet / text encoder / SDXL's second text encoder that received this adapter. */
   unetLayers: number;
   textEncoderLayers: number;
+  textEncoder2Layers: number;
   /** Key layouts seen in the file: 'diffusers', 'peft', 'kohya'. */
   formats: string[];
 }
@@ -64,7 +65,7 @@ function newAdapterName(targets: LoraTarget, given: string | undefined): string 
 /**
  * Loads a LoRA file, a folder holding pytorch_lora_weights.safetensors, or a state dict, in diffusers, PEFT or
  * Kohya layout, as a new named adapter of the UNet and, for `text_encoder.`/`lora_te_` keys, the text encoder
- * (diffusers' `pipe.load_lora_weights`). `targets` is a model (taken as the UNet) or { unet, textEncoder }. The
+ * (diffusers' `pipe.load_lora_weights`). `targets` is a model (taken as the UNet) or { unet, textEncoder[, textEncoder2] }. The
  * new adapter becomes the active one, with weight 1. Everything is checked first (keys, dtypes, shapes, ranks,
  * alphas, finite values, each target layer); a refused load throws naming the file and the keys and leaves the
  * models exactly as they were.
@@ -82,7 +83,7 @@ export function loadLoraWeights(
   }
   for (const [part, model] of targetModels(targets)) {
     const names = registry.get(model) ?? [];
-    const got = part === 'unet' ? result.unetLayers : result.textEncoderLayers;
+    const got = { unet: result.unetLayers, text_encoder: result.textEncoderLayers, text_encoder_2: result.textEncoder2Layers }[part];
     if (got) registry.set(model, [...names.filter((n) => n !== name), name]);
   }
   // diffusers: the adapter just loaded is the active one
@@ -125,11 +126,13 @@ export function getActiveAdapters(targets: LoraTarget): string[] {
   return first ? [...first.activeAdapters] : [];
 }
 
-/** The adapters of each model, in load order (diffusers' get_list_adapters). */
-export function getListAdapters(targets: LoraTarget): { unet: string[]; text_encoder: string[] } {
+/** The adapters of each model, in load order (diffusers' get_list_adapters); text_encoder_2 when the targets have it. */
+export function getListAdapters(targets: LoraTarget): { unet: string[]; text_encoder: string[]; text_encoder_2?: string[] } {
   const models = new Map(targetModels(targets));
   const te = models.get('text_encoder');
-  return { unet: adapterNamesOf(models.get('unet') as Module), text_encoder: te ? adapterNamesOf(te) : [] };
+  const te2 = models.get('text_encoder_2');
+  const out = { unet: adapterNamesOf(models.get('unet') as Module), text_encoder: te ? adapterNamesOf(te) : [] };
+  return te2 ? { ...out, text_encoder_2: adapterNamesOf(te2) } : out;
 }
 
 /**

@@ -1,10 +1,11 @@
 // LoRA weight files, every layout in one place: reading keys into one description, and writing it back.
 //
-//   diffusers  [unet.|text_encoder.]<module path>.lora.down.weight (A, [r, in]) / .lora.up.weight (B, [out, r]),
+//   diffusers  [unet.|text_encoder.|text_encoder_2.]<module path>.lora.down.weight (A, [r, in]) / .lora.up.weight (B, [out, r]),
 //              also `…lora_linear_layer.up.weight` and the old attention processors
 //              `…attn1.processor.to_q_lora.down.weight`; no alpha (read as alpha = rank) unless `<path>.alpha`
 //   PEFT       [unet.][base_model.model.]<module path>.lora_A[.<adapter>].weight / .lora_B…
-//   Kohya      lora_unet_<path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha (0-dim), lora_te[1]_…
+//   Kohya      lora_unet_<path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha (0-dim), lora_te[1]_…, and
+//              for SDXL lora_te1_… / lora_te2_… and UNet paths in SGM naming (input_blocks_4_1_… → down_blocks.1.attentions.0…)
 //
 // Conv layers (LoCon, SD 1.x's 1×1 proj_in/proj_out) have 4-D weights: A [r, in, kh, kw], B [out, r, 1, 1].
 // Renaming happens here, at the edge; the models only ever see module paths. Nothing here knows a model:
@@ -15,7 +16,8 @@ import { noGrad } from '../autograd.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 
-export type LoraComponent = 'unet' | 'text_encoder';
+/** The model a LoRA layer belongs to: the UNet, the (first) text encoder, SDXL's second text encoder. */
+export type LoraComponent = 'unet' | 'text_encoder' | 'text_encoder_2';
 /** The key layout of one entry: diffusers' own, PEFT's (lora_A/lora_B), Kohya's (lora_unet_…). */
 export type LoraKeyLayout = 'diffusers' | 'peft' | 'kohya';
 /** Files are written in one of two layouts. */
@@ -55,6 +57,14 @@ export interface LoraDescription {
   problems: string[];
 }
 
+/**
+ * The Kohya prefix of a component: lora_unet, lora_te (SD 1.x/2.x) or, when the file also has SDXL's second text
+ * encoder (`sdxl`), lora_te1 and lora_te2.
+ */
+export function kohyaPrefix(component: LoraComponent, sdxl = false): string {
+  return component === 'unet' ? 'lora_unet' : component === 'text_encoder_2' ? 'lora_te2' : sdxl ? 'lora_te1' : 'lora_te';
+}
+
 /** Kohya/A1111 name of a module: prefix + '_' + the path with every '.' replaced by '_'. */
 export function kohyaName(modulePath: string, prefix = 'lora_unet'): string {
   return `${prefix}_${modulePath.replace(/\./g, '_')}`;
@@ -65,7 +75,7 @@ const COMPOUNDS = [
   'final_layer_norm', 'time_emb_proj', 'conv_norm_out', 'position_embedding', 'token_embedding',
   'down_blocks', 'up_blocks', 'mid_block', 'transformer_blocks', 'to_q', 'to_k', 'to_v', 'to_out', 'proj_in', 'proj_out',
   'conv_shortcut', 'conv_in', 'conv_out', 'time_embedding', 'linear_1', 'linear_2', 'text_model', 'self_attn',
-  'q_proj', 'k_proj', 'v_proj', 'out_proj', 'layer_norm1', 'layer_norm2',
+  'q_proj', 'k_proj', 'v_proj', 'out_proj', 'layer_norm1', 'layer_norm2', 'input_blocks', 'middle_block', 'output_blocks',
 ].map((c) => c.split('_')).sort((a, b) => b.length - a.length);
 
 /**
@@ -85,10 +95,44 @@ export function kohyaToModulePath(name: string): string {
   return parts.join('.');
 }
 
+const SGM = /^(input_blocks|output_blocks)\.(\d+)\.(\d+)(\..*)?$/;
+const SGM_MIDDLE = /^middle_block\.(\d+)(\..*)?$/;
+
+/**
+ * A UNet path in SGM naming (Stability's original code, which Kohya's SDXL files use) as diffusers' path, as
+ * diffusers' _maybe_map_sgm_blocks_to_diffusers maps it: `input_blocks.i.j` (i ≥ 1) is down block (i−1)/(L+1),
+ * layer (i−1)%(L+1), j = 0 resnets / 1 attentions (`.0.op`: the downsampler); `middle_block.0/1/2` resnets.0,
+ * attentions.0, resnets.1; `output_blocks.i.j` up block i/(L+1), layer i%(L+1), j = 0 resnets / 1 attentions /
+ * 2 upsamplers.0. L = layers_per_block. Paths in no SGM block are returned unchanged; null for an index diffusers
+ * refuses.
+ */
+export function sgmToDiffusersPath(path: string, layersPerBlock: number): string | null {
+  const mid = SGM_MIDDLE.exec(path);
+  if (mid) {
+    const part = [['resnets', 0], ['attentions', 0], ['resnets', 1]][Number(mid[1])];
+    return part ? `mid_block.${part[0]}.${part[1]}${mid[2] ?? ''}` : null;
+  }
+  const m = SGM.exec(path);
+  if (!m) return path;
+  const kind = m[1] as string;
+  const i = Number(m[2]);
+  const j = Number(m[3]);
+  const rest = m[4] ?? '';
+  const per = layersPerBlock + 1;
+  const inner = ['resnets', 'attentions', 'upsamplers'][j];
+  if (kind === 'input_blocks') {
+    if (i < 1) return null;
+    const block = Math.floor((i - 1) / per);
+    if (j === 0 && (rest === '.op' || rest.startsWith('.op.'))) return `down_blocks.${block}.downsamplers.0.conv${rest.slice(3)}`;
+    return inner && j < 2 ? `down_blocks.${block}.${inner}.${(i - 1) % per}${rest}` : null;
+  }
+  return inner ? `up_blocks.${Math.floor(i / per)}.${inner}.${j < 2 ? i % per : 0}${rest}` : null;
+}
+
 type Slot = 'down' | 'up' | 'alpha';
 interface ParsedKey { component: LoraComponent; path: string; slot: Slot; layout: LoraKeyLayout }
 
-const KOHYA = /^lora_(unet|te1?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$/;
+const KOHYA = /^lora_(unet|te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$/;
 const PROCESSOR = /^(.+)\.processor\.(to_q|to_k|to_v|to_out(?:\.0)?)[._]lora\.(down|up)\.weight$/;
 const TE_PROCESSOR = /^(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$/;
 const DIFFUSERS = /^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$/;
@@ -101,19 +145,21 @@ export function parseLoraKey(key: string): ParsedKey | null {
   let m = KOHYA.exec(key);
   if (m) {
     const slot: Slot = m[3] === 'alpha' ? 'alpha' : m[3] === 'lora_down.weight' ? 'down' : 'up';
-    return { component: m[1] === 'unet' ? 'unet' : 'text_encoder', path: kohyaToModulePath(m[2] as string), slot, layout: 'kohya' };
+    const component: LoraComponent = m[1] === 'unet' ? 'unet' : m[1] === 'te2' ? 'text_encoder_2' : 'text_encoder';
+    return { component, path: kohyaToModulePath(m[2] as string), slot, layout: 'kohya' };
   }
   let component: LoraComponent = 'unet';
   let rest = key;
   if (rest.startsWith('unet.')) rest = rest.slice('unet.'.length);
   else if (rest.startsWith('text_encoder.')) [component, rest] = ['text_encoder', rest.slice('text_encoder.'.length)];
+  else if (rest.startsWith('text_encoder_2.')) [component, rest] = ['text_encoder_2', rest.slice('text_encoder_2.'.length)];
   if (rest.startsWith('base_model.model.')) rest = rest.slice('base_model.model.'.length);
   const downUp = (s: string | undefined): Slot => (s === 'down' || s === 'A' ? 'down' : 'up');
   if ((m = PROCESSOR.exec(rest))) {
     const proj = m[2] === 'to_out' ? 'to_out.0' : (m[2] as string);
     return { component, path: `${m[1] as string}.${proj}`, slot: downUp(m[3]), layout: 'diffusers' };
   }
-  if (component === 'text_encoder' && (m = TE_PROCESSOR.exec(rest))) {
+  if (component !== 'unet' && (m = TE_PROCESSOR.exec(rest))) {
     return { component, path: `${m[1] as string}.${TE_PROCS[m[2] as string] as string}`, slot: downUp(m[3]), layout: 'diffusers' };
   }
   if ((m = DIFFUSERS.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'diffusers' };
@@ -285,9 +331,10 @@ export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string)
  */
 export function toKohyaKeys(layers: readonly LoraWeights[]): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
+  const sdxl = layers.some((l) => l.component === 'text_encoder_2');
   noGrad(() => {
     for (const l of layers) {
-      const name = kohyaName(l.path, l.component === 'unet' ? 'lora_unet' : 'lora_te');
+      const name = kohyaName(l.path, kohyaPrefix(l.component, sdxl));
       out.set(`${name}.alpha`, torch.scalarTensor(l.alpha ?? (l.down.shape[0] as number), { dtype: 'float32' }));
       out.set(`${name}.lora_down.weight`, l.down.detach());
       out.set(`${name}.lora_up.weight`, l.up.detach());

@@ -1,7 +1,7 @@
 // LoRA: adapters on Linear and Conv2d layers (PEFT's layout), attaching them to a model for training, their
 // weight files in every layout (one parser: formats.ts; one check-then-apply loader: load.ts), and diffusers'
 // vocabulary for inference (loadLoraWeights, setAdapters, fuseLora/unfuseLora, disableLora/enableLora,
-// unloadLoraWeights), on a model or on a pipeline's { unet, textEncoder }.
+// unloadLoraWeights), on a model or on a pipeline's { unet, textEncoder[, textEncoder2 (SDXL)] }.
 export { LoraLinear } from './lora_linear.js';
 export type { LoraInit, LoraLinearOptions } from './lora_linear.js';
 export { LoraConv2d } from './lora_conv2d.js';
@@ -12,7 +12,7 @@ export type { LoraConfig, LoraHandle } from './attach.js';
 export { loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights } from './save.js';
 export type { SaveLoraOptions } from './save.js';
 export {
-  kohyaName, kohyaToModulePath, parseLoraFile, parseLoraKey, toDiffusersKeys, toKohyaKeys,
+  kohyaName, kohyaPrefix, kohyaToModulePath, parseLoraFile, parseLoraKey, sgmToDiffusersPath, toDiffusersKeys, toKohyaKeys,
 } from './formats.js';
 export type {
   LoraComponent, LoraDescription, LoraEntry, LoraKeyLayout, LoraLayout, LoraWeights, RejectedLoraEntry,

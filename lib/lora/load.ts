@@ -19,7 +19,7 @@ import { dispose } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { loraLayers, replaceModule } from './attach.js';
 import {
-  kohyaName, loraError, parseLoraFile,
+  kohyaName, kohyaPrefix, loraError, parseLoraFile, sgmToDiffusersPath,
   type LoraComponent, type LoraDescription, type LoraEntry, type LoraKeyLayout,
 } from './formats.js';
 import { LoraConv2d } from './lora_conv2d.js';
@@ -28,8 +28,8 @@ import { LoraLinear } from './lora_linear.js';
 
 export const LORA_WEIGHT_NAME = 'pytorch_lora_weights.safetensors';
 
-/** The models of a pipeline LoRA is loaded into. */
-export interface LoraTargets { unet: Module; textEncoder?: Module }
+/** The models of a pipeline LoRA is loaded into (SDXL: two text encoders). */
+export interface LoraTargets { unet: Module; textEncoder?: Module; textEncoder2?: Module }
 /** A model alone (taken as the UNet) or a pipeline's models. */
 export type LoraTarget = Module | LoraTargets;
 
@@ -38,8 +38,17 @@ export function asTargets(t: LoraTarget): LoraTargets {
 }
 
 export function targetModels(t: LoraTarget): [LoraComponent, Module][] {
-  const { unet, textEncoder } = asTargets(t);
-  return textEncoder ? [['unet', unet], ['text_encoder', textEncoder]] : [['unet', unet]];
+  const { unet, textEncoder, textEncoder2 } = asTargets(t);
+  const out: [LoraComponent, Module][] = [['unet', unet]];
+  if (textEncoder) out.push(['text_encoder', textEncoder]);
+  if (textEncoder2) out.push(['text_encoder_2', textEncoder2]);
+  return out;
+}
+
+/** Layers per down block of a UNet (its down_blocks.0 resnets), for SGM names; null when it has none. */
+function layersPerBlock(unet: Module): number | null {
+  const n = unet.namedModules().filter(([p]) => /^down_blocks\.0\.resnets\.\d+$/.test(p)).length;
+  return n || null;
 }
 
 export interface ReadLoraOptions {
@@ -85,9 +94,10 @@ export type ApplyMode = { kind: 'add'; adapterName: string } | { kind: 'fill'; a
 
 export interface ApplyLoraResult {
   adapterName: string;
-  /** Layers of the UNet / text encoder that received weights. */
+  /** Layers of the UNet / text encoder / SDXL's second text encoder that received weights. */
   unetLayers: number;
   textEncoderLayers: number;
+  textEncoder2Layers: number;
   /** Key layouts seen in the file: 'diffusers', 'peft', 'kohya'. */
   formats: LoraKeyLayout[];
 }
@@ -150,15 +160,19 @@ function plan(targets: LoraTarget, d: LoraDescription, what: string, mode: Apply
   const cands = new Map<LoraComponent, { byPath: Map<string, Target>; byKohya: Map<string, string> }>();
   for (const [part, model] of models) {
     const byPath = mode.kind === 'add' ? addCandidates(model) : fillCandidates(model, mode.adapterName);
-    const prefix = part === 'unet' ? 'lora_unet' : 'lora_te';
-    cands.set(part, { byPath, byKohya: new Map([...byPath.keys()].map((p) => [kohyaName(p, prefix), p])) });
+    cands.set(part, { byPath, byKohya: new Map([...byPath.keys()].map((p) => [kohyaName(p, kohyaPrefix(part)), p])) });
   }
+  const unetLayersPerBlock = layersPerBlock(models.get('unet') as Module);
   // Kohya names lost the dots; when the rebuilt path misses, match the name against the model's own paths.
+  // Kohya's SDXL files name UNet layers in SGM blocks (input_blocks_4_1_…): mapped to diffusers' blocks first.
   const resolve = (e: { component: LoraComponent; path: string; layout: LoraKeyLayout }): string | undefined => {
     const c = cands.get(e.component);
     if (!c) return undefined;
-    if (c.byPath.has(e.path)) return e.path;
-    return e.layout === 'kohya' ? c.byKohya.get(kohyaName(e.path, e.component === 'unet' ? 'lora_unet' : 'lora_te')) : undefined;
+    let path: string | null = e.path;
+    if (e.layout === 'kohya' && e.component === 'unet' && unetLayersPerBlock !== null) path = sgmToDiffusersPath(path, unetLayersPerBlock);
+    if (path === null) return undefined;
+    if (c.byPath.has(path)) return path;
+    return e.layout === 'kohya' ? c.byKohya.get(kohyaName(path, kohyaPrefix(e.component))) : undefined;
   };
   const unmatched = [...d.unknownKeys];
   const problems = [...d.problems];
@@ -188,18 +202,25 @@ function plan(targets: LoraTarget, d: LoraDescription, what: string, mode: Apply
   }
   if (mode.kind === 'fill') problems.push(...coverageProblems(cands, taken, mode.adapterName));
   if (unmatched.length || problems.length) {
-    const noTe = !models.has('text_encoder') && [...d.entries, ...d.rejected].some((e) => e.component === 'text_encoder');
-    throw loraError(what, d.file, { unmatched, unmatchedWhat: unmatchedText(models, mode, noTe), problems });
+    const absent = [...new Set([...d.entries, ...d.rejected].map((e) => e.component))].filter((c) => !models.has(c));
+    throw loraError(what, d.file, { unmatched, unmatchedWhat: unmatchedText(models, mode, absent), problems });
   }
   return planned;
 }
 
-function unmatchedText(models: Map<LoraComponent, Module>, mode: ApplyMode, noTextEncoder: boolean): string {
-  const where = `the UNet${models.has('text_encoder') ? ' or the text encoder' : ''}`;
-  const hint = noTextEncoder ? ' (the file has text encoder keys: pass targets.textEncoder)' : '';
+/** Per component: how messages name the model, its keys, and the LoraTargets field that passes it. */
+const MODEL_NAMES: Record<LoraComponent, [string, string, string]> = {
+  unet: ['the UNet', 'UNet', 'unet'],
+  text_encoder: ['the text encoder', 'text encoder', 'textEncoder'],
+  text_encoder_2: ['the second text encoder (SDXL)', 'second text encoder (text_encoder_2)', 'textEncoder2'],
+};
+
+function unmatchedText(models: Map<LoraComponent, Module>, mode: ApplyMode, absent: LoraComponent[]): string {
+  const where = [...models.keys()].map((c) => MODEL_NAMES[c][0]).join(' or ');
+  const hint = absent.length ? ` (the file has ${absent.map((c) => `${MODEL_NAMES[c][1]} keys: pass targets.${MODEL_NAMES[c][2]}`).join('; ')})` : '';
   if (mode.kind === 'fill') return `match no layer of adapter '${mode.adapterName}' in ${where}${hint}`;
-  return `match no Linear/Conv2d layer of ${where}${hint} — a LoRA for another architecture (e.g. SDXL), `
-    + 'a key in no known layout, or an unsupported kind (LoHa, LoKr, DoRA)';
+  return `match no Linear/Conv2d layer of ${where}${hint} — a LoRA for another architecture (SD 1.x/2.x and SDXL LoRAs `
+    + 'do not fit each other\'s models), a key in no known layout, or an unsupported kind (LoHa, LoKr, DoRA)';
 }
 
 /** 'fill' mode: every layer of the adapter must get weights (a partial resume would silently mix two runs). */
@@ -300,6 +321,7 @@ export function applyLora(targets: LoraTarget, d: LoraDescription, what: string,
     adapterName: mode.adapterName,
     unetLayers: planned.filter((p) => p.entry.component === 'unet').length,
     textEncoderLayers: planned.filter((p) => p.entry.component === 'text_encoder').length,
+    textEncoder2Layers: planned.filter((p) => p.entry.component === 'text_encoder_2').length,
     formats: [...new Set(planned.map((p) => p.entry.layout))],
   };
 }

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import * as torch from '../torch.js';
 import { Module, buffer } from '../nn/module.js';
 import { tidy } from '../scope.js';
-import { Embedding, LayerNorm } from '../nn/layers.js';
+import { Embedding, LayerNorm, Linear } from '../nn/layers.js';
 import type { DType } from '../dtype.js';
 import type { Tensor } from '../tensor.js';
 import { CLIP_ACTIVATIONS, CLIPEncoder, type CLIPActivation, type CLIPEncoderConfig, type Init } from './clip_encoder.js';
@@ -22,21 +22,23 @@ export interface CLIPTextConfig extends CLIPEncoderConfig {
   eos_token_id: number;
   /** Read for completeness: pooling never uses it, as the pad id may equal the eos id. null: none. */
   pad_token_id: number | null;
+  /** Width of CLIPTextModelWithProjection's text_projection (read only by that model). */
+  projection_dim: number;
 }
 
 // CLIPTextConfig's defaults (transformers 4.45), used where config.json omits a field.
 const DEFAULTS: CLIPTextConfig = {
   vocab_size: 49408, hidden_size: 512, intermediate_size: 2048, num_hidden_layers: 12, num_attention_heads: 8,
   max_position_embeddings: 77, hidden_act: 'quick_gelu', layer_norm_eps: 1e-5, attention_dropout: 0,
-  pad_token_id: 1, eos_token_id: 49407,
+  pad_token_id: 1, eos_token_id: 49407, projection_dim: 512,
 };
 
-const source = (file?: string): ConfigSource => ({ model: 'CLIPTextModel', file });
+const source = (file?: string, model = 'CLIPTextModel'): ConfigSource => ({ model, file });
 
 /** Validates config.json against what this model implements; an error names the file, the field and the value. */
-export function parseCLIPTextConfig(raw: Record<string, unknown>, file?: string): CLIPTextConfig {
-  // transformers' configs carry many fields this model does not read (architectures, projection_dim, …): not checked
-  const f = new ConfigFields(raw, source(file), DEFAULTS as unknown as Record<string, unknown>, (k) => k);
+export function parseCLIPTextConfig(raw: Record<string, unknown>, file?: string, model = 'CLIPTextModel'): CLIPTextConfig {
+  // transformers' configs carry many fields this model does not read (architectures, bos_token_id, …): not checked
+  const f = new ConfigFields(raw, source(file, model), DEFAULTS as unknown as Record<string, unknown>, (k) => k);
   const vocab = f.int('vocab_size', { max: CONFIG_LIMITS.vocab });
   const c: CLIPTextConfig = {
     vocab_size: vocab,
@@ -51,6 +53,7 @@ export function parseCLIPTextConfig(raw: Record<string, unknown>, file?: string)
     eos_token_id: f.int('eos_token_id', { min: 0, max: vocab - 1 }),
     pad_token_id: f.value('pad_token_id') === null ? null : f.int('pad_token_id', { min: 0, max: vocab - 1 }),
     hidden_act: f.choice('hidden_act', Object.keys(CLIP_ACTIVATIONS) as CLIPActivation[]),
+    projection_dim: f.int('projection_dim'),
   };
   if (c.hidden_size % c.num_attention_heads !== 0) {
     f.fail('num_attention_heads', `(${c.num_attention_heads}) must divide hidden_size (${c.hidden_size})`);
@@ -187,6 +190,34 @@ function pool(hidden: Tensor, index: Tensor): Tensor {
   return hidden.gather(1, index.to({ dtype: 'int64', device: hidden.device }).view(b, 1, 1).expand(b, 1, d)).squeeze(1);
 }
 
+/** Builds the config and checks the size before any weight exists (a config asking for more than the machine holds must not abort the process). */
+function checkedConfig(config: Record<string, unknown>, model: string, configFile: string | undefined, init: Init, extraParams: (c: CLIPTextConfig) => number): CLIPTextConfig {
+  const c = parseCLIPTextConfig(config, configFile, model);
+  checkModelFits(source(configFile, model), clipTextParameterCount(c) + extraParams(c), init.dtype ?? 'float32', init.device ?? torch.getDefaultDevice(), {
+    vocab_size: c.vocab_size, hidden_size: c.hidden_size, intermediate_size: c.intermediate_size,
+    num_hidden_layers: c.num_hidden_layers, max_position_embeddings: c.max_position_embeddings,
+  });
+  return c;
+}
+
+/**
+ * A text encoder folder (or a pipeline folder with `subfolder`): config.json and model.safetensors, built directly
+ * in the target dtype/device (no float32 CPU copy first), loaded strictly, in eval mode and frozen, as
+ * transformers' from_pretrained returns it and the training scripts freeze it.
+ */
+function loadPretrained<M extends Module>(pathOrId: string, o: FromPretrainedOptions, where: string, build: (config: Record<string, unknown>, init: Init & { configFile: string }) => M): M {
+  const dir = pretrainedDir(pathOrId, o, where);
+  const configFile = join(dir, 'config.json');
+  const model = build(readConfig(dir), { dtype: o.dtype, device: o.device, configFile });
+  try {
+    loadModelWeights(model, dir, 'model', o, undefined, configFile);
+  } catch (e) {
+    model.dispose();
+    throw e;
+  }
+  return model.eval().requiresGrad_(false);
+}
+
 export class CLIPTextModel extends Module {
   text_model: CLIPTextTransformer;
   readonly config: CLIPTextConfig;
@@ -198,12 +229,7 @@ export class CLIPTextModel extends Module {
   constructor(config: Partial<CLIPTextConfig> | Record<string, unknown>, o: Init & { configFile?: string } = {}) {
     super();
     const { configFile, ...init } = o;
-    this.config = parseCLIPTextConfig(config as Record<string, unknown>, configFile);
-    // count before building: a config asking for more than the machine holds must not abort the process
-    checkModelFits(source(configFile), clipTextParameterCount(this.config), init.dtype ?? 'float32', init.device ?? torch.getDefaultDevice(), {
-      vocab_size: this.config.vocab_size, hidden_size: this.config.hidden_size, intermediate_size: this.config.intermediate_size,
-      num_hidden_layers: this.config.num_hidden_layers, max_position_embeddings: this.config.max_position_embeddings,
-    });
+    this.config = checkedConfig(config as Record<string, unknown>, 'CLIPTextModel', configFile, init, () => 0);
     this.text_model = new CLIPTextTransformer(this.config, init);
   }
 
@@ -214,21 +240,47 @@ export class CLIPTextModel extends Module {
     return this.text_model.forward(inputIds, o);
   }
 
-  /**
-   * A text encoder folder (or a pipeline folder with `subfolder: 'text_encoder'`): config.json and
-   * model.safetensors, loaded strictly, in eval mode as transformers' from_pretrained returns it.
-   */
+  /** A text encoder folder (or a pipeline folder with `subfolder: 'text_encoder'`), loaded strictly, frozen, in eval mode. */
   static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): CLIPTextModel {
-    const dir = pretrainedDir(pathOrId, o, 'CLIPTextModel.fromPretrained');
-    // Built directly in the target dtype/device: no float32 CPU copy of the weights first.
-    const configFile = join(dir, 'config.json');
-    const model = new CLIPTextModel(readConfig(dir), { dtype: o.dtype, device: o.device, configFile });
-    try {
-      loadModelWeights(model, dir, 'model', o, undefined, configFile);
-    } catch (e) {
-      model.dispose();
-      throw e;
-    }
-    return model.eval().requiresGrad_(false); // frozen by default, as the training script freezes it
+    return loadPretrained(pathOrId, o, 'CLIPTextModel.fromPretrained', (config, init) => new CLIPTextModel(config, init));
+  }
+}
+
+export interface CLIPTextModelWithProjectionOutput {
+  /** [B, projection_dim]: text_projection(pooled last_hidden_state): SDXL's pooled prompt embedding. */
+  textEmbeds: Tensor;
+  /** [B, L, D] after final_layer_norm. */
+  lastHiddenState: Tensor;
+  /** The embeddings and every layer's output, before final_layer_norm (SDXL conditions on the penultimate one). */
+  hiddenStates?: Tensor[];
+}
+
+/**
+ * transformers' CLIPTextModelWithProjection: the CLIP text transformer and a bias-free `text_projection` of the
+ * pooled (eos) output. SDXL's second text encoder (OpenCLIP bigG): keys `text_model.…` and `text_projection.weight`.
+ */
+export class CLIPTextModelWithProjection extends Module {
+  text_model: CLIPTextTransformer;
+  text_projection: Linear;
+  readonly config: CLIPTextConfig;
+
+  constructor(config: Partial<CLIPTextConfig> | Record<string, unknown>, o: Init & { configFile?: string } = {}) {
+    super();
+    const { configFile, ...init } = o;
+    this.config = checkedConfig(config as Record<string, unknown>, 'CLIPTextModelWithProjection', configFile, init, (c) => linearParams(c.hidden_size, c.projection_dim, false));
+    this.text_model = new CLIPTextTransformer(this.config, init);
+    this.text_projection = new Linear(this.config.hidden_size, this.config.projection_dim, false, init);
+  }
+
+  /** Encodes int64 token ids [B, L]; `outputHiddenStates` also returns every layer's output. */
+  forward(inputIds: Tensor, o: CLIPTextForwardOptions = {}): CLIPTextModelWithProjectionOutput {
+    const out = this.text_model.forward(inputIds, o);
+    const textEmbeds = this.text_projection.forward(out.poolerOutput);
+    return out.hiddenStates ? { textEmbeds, lastHiddenState: out.lastHiddenState, hiddenStates: out.hiddenStates } : { textEmbeds, lastHiddenState: out.lastHiddenState };
+  }
+
+  /** A text encoder folder (or a pipeline folder with `subfolder: 'text_encoder_2'`), loaded strictly, frozen, in eval mode. */
+  static fromPretrained(pathOrId: string, o: FromPretrainedOptions = {}): CLIPTextModelWithProjection {
+    return loadPretrained(pathOrId, o, 'CLIPTextModelWithProjection.fromPretrained', (config, init) => new CLIPTextModelWithProjection(config, init));
   }
 }

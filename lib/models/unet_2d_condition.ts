@@ -1,5 +1,6 @@
-// UNet2DConditionModel (diffusers' unets/unet_2d_condition.py): the noise predictor of SD 1.x/2.x. Built from
-// the component's config.json (diffusers 0.31 field names, camelCased); every field that SD 1.x/2.x
+// UNet2DConditionModel (diffusers' unets/unet_2d_condition.py): the noise predictor of SD 1.x/2.x and SDXL
+// (addition_embed_type 'text_time': pooled text and size/crop ids added to the time embedding). Built from the
+// component's config.json (diffusers 0.31 field names, camelCased); every field that SD 1.x/2.x and SDXL
 // checkpoints use is honoured, and a value that would change the math in a way not implemented here is an
 // error naming the field, never ignored.
 import { join } from 'node:path';
@@ -50,10 +51,13 @@ export interface UNet2DConditionModelConfig {
   dualCrossAttention: boolean;
   useLinearProjection: boolean;
   classEmbedType: string | null;
-  additionEmbedType: string | null;
+  /** null (SD 1.x/2.x) or 'text_time' (SDXL: pooled text embedding and size/crop ids added to the time embedding). */
+  additionEmbedType: 'text_time' | null;
+  /** Sinusoid width of each of the six SDXL time ids ('text_time'). */
   additionTimeEmbedDim: number | null;
   numClassEmbeds: number | null;
-  upcastAttention: boolean;
+  /** null (SDXL base's config) means false, as in diffusers. */
+  upcastAttention: boolean | null;
   resnetTimeScaleShift: string;
   resnetSkipTimeAct: boolean;
   resnetOutScaleFactor: number;
@@ -64,6 +68,7 @@ export interface UNet2DConditionModelConfig {
   timeCondProjDim: number | null;
   convInKernel: number;
   convOutKernel: number;
+  /** Input width of add_embedding ('text_time': pooled width + 6 · addition_time_embed_dim). */
   projectionClassEmbeddingsInputDim: number | null;
   attentionType: string;
   classEmbeddingsConcat: boolean;
@@ -90,10 +95,21 @@ export const UNET_2D_CONDITION_DEFAULTS: Readonly<UNet2DConditionModelConfig> = 
   additionEmbedTypeNumHeads: 64,
 };
 
+/** SDXL's added conditions (diffusers' added_cond_kwargs) for addition_embed_type 'text_time'. */
+export interface UNetAddedConditions {
+  /** [B, projection_dim]: the pooled embedding of the second text encoder. */
+  textEmbeds: Tensor;
+  /** [B, 6]: original size (h, w), crop top-left (top, left), target size (h, w). */
+  timeIds: Tensor;
+}
+
 export class UNet2DConditionModel extends Module {
   conv_in: Conv2d;
   time_proj: Timesteps;
   time_embedding: TimestepEmbedding;
+  /** 'text_time' only: sinusoids of the time ids, and the MLP that adds them with the pooled text to the time embedding. */
+  add_time_proj: Timesteps | null = null;
+  add_embedding: TimestepEmbedding | null = null;
   down_blocks: ModuleList<DownBlock>;
   up_blocks: ModuleList<UpBlock>;
   mid_block: MidBlock;
@@ -118,12 +134,16 @@ export class UNet2DConditionModel extends Module {
     const shared = { tembChannels: timeEmbedDim, resnetEps: c.normEps, resnetGroups: c.normNumGroups, dropout: c.dropout };
     const attention = (s: BlockSettings) => ({
       numAttentionHeads: s.heads, crossAttentionDim: s.crossAttentionDim, transformerLayersPerBlock: s.transformerLayers,
-      useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention,
+      useLinearProjection: c.useLinearProjection, upcastAttention: c.upcastAttention === true,
     });
 
     this.conv_in = new Conv2d(c.inChannels, width, c.convInKernel, { padding: (c.convInKernel - 1) / 2 });
     this.time_proj = new Timesteps(width, c.flipSinToCos, c.freqShift);
     this.time_embedding = new TimestepEmbedding(width, timeEmbedDim, c.actFn as 'silu' | 'swish');
+    if (c.additionEmbedType === 'text_time') {
+      this.add_time_proj = new Timesteps(c.additionTimeEmbedDim as number, c.flipSinToCos, c.freqShift);
+      this.add_embedding = new TimestepEmbedding(c.projectionClassEmbeddingsInputDim as number, timeEmbedDim);
+    }
 
     // down: block i goes from block i-1's width to its own; all but the last halve the resolution
     this.down_blocks = new ModuleList(c.downBlockTypes.map((type, i) => {
@@ -196,13 +216,16 @@ export class UNet2DConditionModel extends Module {
 
   /**
    * The predicted noise (or v) for latents `sample` [B, in, H, W] at `timestep` (a number, a 0-d tensor or
-   * one per batch item), conditioned on `encoderHiddenStates` [B, S, cross_attention_dim].
+   * one per batch item), conditioned on `encoderHiddenStates` [B, S, cross_attention_dim] and, for SDXL
+   * ('text_time'), on `addedCond` (diffusers' added_cond_kwargs).
    */
-  forward(sample: Tensor, timestep: Tensor | number, encoderHiddenStates: Tensor): Tensor {
+  forward(sample: Tensor, timestep: Tensor | number, encoderHiddenStates: Tensor, addedCond?: UNetAddedConditions): Tensor {
     // 0. centre the input when the config asks (2x − 1)
     let x = this.config.centerInputSample ? sample.mul(2).sub(1) : sample;
-    // 1. time
-    const emb = this.time_embedding.forward(this.timeProjection(x, timestep));
+    // 1. time, plus the added conditions' embedding (diffusers' get_aug_embed)
+    let emb = this.time_embedding.forward(this.timeProjection(x, timestep));
+    const aug = this.augEmbedding(emb, addedCond);
+    if (aug) emb = emb.add(aug);
     // 2. pre-process
     x = this.conv_in.forward(x);
     // 3. down, collecting the skip connections (conv_in's output first)
@@ -230,6 +253,30 @@ export class UNet2DConditionModel extends Module {
     }
     // 6. post-process
     return this.conv_out.forward(this.conv_norm_out.forward(x).silu());
+  }
+
+  /**
+   * 'text_time': each time id → addition_time_embed_dim sinusoids, flattened per sample after the pooled text
+   * embedding, through add_embedding (in the time embedding's dtype). null for SD 1.x/2.x configs.
+   */
+  augEmbedding(emb: Tensor, addedCond: UNetAddedConditions | undefined): Tensor | null {
+    if (!this.add_time_proj || !this.add_embedding) {
+      if (addedCond) throw new Error(`UNet2DConditionModel: added conditions (textEmbeds, timeIds) were given, but this UNet's addition_embed_type is ${show(this.config.additionEmbedType)}, not 'text_time' (an SDXL UNet)`);
+      return null;
+    }
+    if (!addedCond?.textEmbeds || !addedCond.timeIds) {
+      throw new Error("UNet2DConditionModel: addition_embed_type 'text_time' (SDXL) needs addedCond { textEmbeds, timeIds } (diffusers' added_cond_kwargs text_embeds and time_ids)");
+    }
+    const { textEmbeds, timeIds } = addedCond;
+    const batch = textEmbeds.shape[0] ?? 0;
+    const width = (this.add_embedding.linear_1.inFeatures);
+    const timeWidth = timeIds.numel() / Math.max(batch, 1) * this.add_time_proj.numChannels;
+    if (textEmbeds.ndim !== 2 || timeIds.numel() % Math.max(batch, 1) !== 0 || (textEmbeds.shape[1] ?? 0) + timeWidth !== width) {
+      throw new RangeError(`UNet2DConditionModel: textEmbeds [${textEmbeds.shape.join(', ')}] and timeIds [${timeIds.shape.join(', ')}] give ${(textEmbeds.shape[1] ?? 0)} + ${timeWidth} added-embedding inputs per sample; add_embedding takes ${width} (projection_class_embeddings_input_dim)`);
+    }
+    const timeEmbeds = this.add_time_proj.forward(timeIds.flatten().to({ device: emb.device })).reshape(batch, -1);
+    const addEmbeds = torch.cat([textEmbeds.to({ dtype: emb.dtype, device: emb.device }), timeEmbeds.to(emb.dtype)], -1);
+    return this.add_embedding.forward(addEmbeds);
   }
 
   /** Timesteps → sinusoids [B, block_out_channels[0]] in the sample's dtype (diffusers' get_time_embed). */
@@ -269,7 +316,7 @@ export function configFromJson(json: Record<string, unknown>, file?: string): Pa
 
 /** Values that change the math in ways not implemented here; the config must hold exactly these. */
 const ONLY: Partial<Record<keyof Config, unknown>> = {
-  dualCrossAttention: false, classEmbedType: null, numClassEmbeds: null, additionEmbedType: null,
+  dualCrossAttention: false, classEmbedType: null, numClassEmbeds: null,
   encoderHidDim: null, encoderHidDimType: null, resnetTimeScaleShift: 'default', timeEmbeddingType: 'positional',
   timeEmbeddingActFn: null, timestepPostAct: null, timeCondProjDim: null, attentionType: 'default',
   classEmbeddingsConcat: false, reverseTransformerLayersPerBlock: null,
@@ -281,8 +328,20 @@ function checkUnreadFields(f: ConfigFields, c: Config): void {
   f.number('resnetOutScaleFactor');
   if (c.midBlockOnlyCrossAttention !== null) f.bool('midBlockOnlyCrossAttention');
   if (c.crossAttentionNorm !== null && typeof c.crossAttentionNorm !== 'string') f.fail('crossAttentionNorm', `must be null or a string, got ${show(c.crossAttentionNorm)}`);
-  for (const k of ['additionTimeEmbedDim', 'projectionClassEmbeddingsInputDim'] as const) if (c[k] !== null) f.int(k);
   f.int('additionEmbedTypeNumHeads');
+}
+
+/**
+ * addition_embed_type: null, or 'text_time' (SDXL) with the two widths it needs; diffusers' other kinds
+ * ('text', 'text_image', 'image', 'image_hint') are not implemented. Unread when null, the widths must still be
+ * integers or null.
+ */
+function checkAdditionEmbed(f: ConfigFields, c: Config): void {
+  if (c.additionEmbedType !== null) f.checkChoice('additionEmbedType', c.additionEmbedType, ['text_time'] as const);
+  for (const k of ['additionTimeEmbedDim', 'projectionClassEmbeddingsInputDim'] as const) {
+    if (c[k] !== null) f.int(k);
+    else if (c.additionEmbedType === 'text_time') f.fail(k, "must be a positive integer when addition_embed_type is 'text_time', got null");
+  }
 }
 
 type Resolved = Config & { normNumGroups: number; midBlockType: string };
@@ -316,9 +375,11 @@ function checkConfig(raw: Partial<Config>, file?: string): { config: Resolved; b
   f.number('normEps', { min: 0 });
   f.number('midBlockScaleFactor', { above: 0 }); // the mid block's resnets divide by it
   f.number('dropout', { min: 0, max: 1 });
-  for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection', 'upcastAttention'] as const) f.bool(k);
+  for (const k of ['centerInputSample', 'flipSinToCos', 'useLinearProjection'] as const) f.bool(k);
+  if (c.upcastAttention !== null) f.bool('upcastAttention');
   checkSampleSize(f, c.sampleSize);
   checkUnreadFields(f, c);
+  checkAdditionEmbed(f, c);
 
   const channels = f.intList('blockOutChannels');
   const n = channels.length;
@@ -370,6 +431,7 @@ function countParameters(c: Resolved, blocks: readonly BlockSettings[]): number 
   const cross = (type: string): boolean => stripPrefix(type).startsWith('CrossAttn');
   const attention = (s: BlockSettings, count: number): number => count * transformer2dParams(s.channels, s.heads, s.crossAttentionDim, s.transformerLayers);
   let total = conv2dParams(c.inChannels, width, c.convInKernel) + linearParams(width, temb) + linearParams(temb, temb);
+  if (c.additionEmbedType === 'text_time') total += linearParams(c.projectionClassEmbeddingsInputDim as number, temb) + linearParams(temb, temb);
   blocks.forEach((s, i) => {
     const input = item(blocks, Math.max(i - 1, 0)).channels;
     total += resnetParams(input, s.channels, temb) + (s.layers - 1) * resnetParams(s.channels, s.channels, temb);
