@@ -14,6 +14,27 @@ import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import type { DType } from '../dtype.js';
 import { TrainOptionsError, type ResolvedTrainOptions } from './options.js';
 
+/**
+ * train_dreambooth_lora.py's UNet targets: add_k_proj/add_v_proj exist only in IF-style UNets (AttnAddedKV), so
+ * on SD UNets they match nothing and these are the text-to-image script's to_q/to_k/to_v/to_out.0.
+ */
+export const DREAMBOOTH_UNET_LORA_TARGETS: readonly string[] = ['to_k', 'to_q', 'to_v', 'to_out.0', 'add_k_proj', 'add_v_proj'];
+
+/** The text encoders' attention projections the scripts put LoRA on (CLIP's q/k/v/out_proj). */
+export const TEXT_ENCODER_LORA_TARGETS: readonly string[] = ['q_proj', 'k_proj', 'v_proj', 'out_proj'];
+
+/**
+ * LoRA on a text encoder's attention projections, as the scripts' text_encoder.add_adapter(LoraConfig(r=rank,
+ * lora_alpha=rank, init_lora_weights="gaussian", target_modules=[q/k/v/out_proj])): any CLIP-like module whose
+ * attention has Linear layers of these names. Everything else of the model is frozen; it is put in train mode.
+ */
+export function attachTextEncoderLora(textEncoder: Module, rank: number): LoraHandle {
+  checkRankFits(textEncoder, rank, TEXT_ENCODER_LORA_TARGETS);
+  const lora = attachLora(textEncoder, { rank, alpha: rank, init: 'gaussian', targetModules: TEXT_ENCODER_LORA_TARGETS });
+  textEncoder.train();
+  return lora;
+}
+
 export interface TrainingModels {
   tokenizer: CLIPTokenizer;
   noiseScheduler: DDPMScheduler;
@@ -52,10 +73,10 @@ export function loadTrainingModels(o: ModelOptions, device: string, dtype: DType
  * The LoRA rank must fit the smallest layer it adapts: B·A has rank at most min(in, out), so a larger rank
  * adds nothing but memory (and --rank=100000 crashed allocating it).
  */
-export function checkRankFits(model: Module, rank: number): void {
+export function checkRankFits(model: Module, rank: number, targets: readonly string[] = DEFAULT_TARGET_MODULES): void {
   let smallest: { path: string; layer: Linear; size: number } | undefined;
   for (const [path, m] of model.namedModules()) {
-    if (!(m instanceof Linear) || !matchesTarget(path, DEFAULT_TARGET_MODULES)) continue;
+    if (!(m instanceof Linear) || !matchesTarget(path, targets)) continue;
     const size = Math.min(m.inFeatures, m.outFeatures);
     if (!smallest || size < smallest.size) smallest = { path, layer: m, size };
   }
