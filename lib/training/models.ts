@@ -52,17 +52,22 @@ type ModelOptions = Pick<ResolvedTrainOptions, 'pretrainedModelNameOrPath' | 're
  * Loads the models onto `device` in `dtype` and attaches the LoRA (rank = alpha, gaussian init). Each model
  * with native memory is handed to `own` as soon as it is loaded, so a failure later frees it.
  */
-export function loadTrainingModels(o: ModelOptions, device: string, dtype: DType, own: <T extends { dispose(): void }>(x: T) => T): TrainingModels {
+export function loadTrainingModels(
+  o: ModelOptions, device: string, dtype: DType, own: <T extends { dispose(): void }>(x: T) => T,
+  more: { unetTargets?: readonly string[]; tokenizerName?: string | null } = {},
+): TrainingModels {
   const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
   const model = o.pretrainedModelNameOrPath;
   const variant = o.variant ?? undefined;
-  const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
+  // --tokenizer_name (DreamBooth): another tokenizer folder or id, read as AutoTokenizer.from_pretrained(name) does
+  const tokenizer = more.tokenizerName ? CLIPTokenizer.fromPretrained(more.tokenizerName, load) : CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
   const noiseScheduler = own(DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' }));
   const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype, device }));
   const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant, dtype, device }));
   const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant, dtype, device }));
-  checkRankFits(unet, o.rank);
-  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian' });
+  const targetModules = more.unetTargets ?? DEFAULT_TARGET_MODULES;
+  checkRankFits(unet, o.rank, targetModules);
+  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian', targetModules });
   unet.train();
   if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
   if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
