@@ -91,17 +91,23 @@ export type {
 export type { ListAdapters } from './pipelines/pipeline_utils.js';
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
-export { trainTextToImageLora, startTraining } from './training/handle.js';
+export { trainTextToImageLora, startTraining, trainDreamBoothLora } from './training/handle.js';
 export { BUILTIN_SETTINGS, prepareBuiltinDefault } from './builtin/default.js';
 export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
 export { runTraining, stepsArithmetic } from './training/train.js';
 export { TrainOptionsError, validateTrainOptions } from './training/options.js';
 export type { TrainOptions, TrainProgress, TrainResult } from './training/train.js';
+export { runDreamBoothTraining } from './training/train_dreambooth.js';
+export type { ClassImagesProgress } from './training/train_dreambooth.js';
+export { validateDreamBoothOptions } from './training/dreambooth_options.js';
+export type { DreamBoothOptions } from './training/dreambooth_options.js';
+export { runTrainer } from './training/trainer.js';
+export type { TrainerSpec, TrainerData, TrainerContext, TrainerOptions } from './training/trainer.js';
 export type { ValidationEvent } from './training/validation.js';
-export { diffusionLoss, trainingTarget, minSnrLossWeights } from './training/loss.js';
+export { diffusionLoss, trainingTarget, minSnrLossWeights, priorPreservationLoss } from './training/loss.js';
 export { computeSnr } from './training/training_utils.js';
 export { lrAt, lrMultiplier, LR_SCHEDULERS } from './training/lr_schedule.js';
-export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, sampleNoise, sampleTimesteps } from './training/step.js';
+export { Accumulator, encodeLatents, loraTrainingStep, optimizerStep, predictNoise, priorPreservationStep, sampleNoise, sampleTimesteps } from './training/step.js';
 export type { TrainingStep } from './training/step.js';
 
 // ---- Logging

@@ -1,4 +1,4 @@
-// `difflora <command>`: train (the flags of train_text_to_image_lora.py), generate and convert-lora (lib/cli/generate.ts),
+// `difflora <command>`: train (the flags of train_text_to_image_lora.py), train-dreambooth (train_dreambooth_lora.py's), generate and convert-lora (lib/cli/generate.ts),
 // env (what libtorch this build runs on), launch and dist-check (lib/cli/launch.ts: several processes).
 // Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error.
 import { readFileSync } from 'node:fs';
@@ -9,6 +9,7 @@ import type { NativeInfo } from '../native.js';
 import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
 import { TrainOptionsError, pickTrainOptions } from '../training/options.js';
 import type { TrainProgress, runTraining } from '../training/train.js';
+import type { runDreamBoothTraining } from '../training/train_dreambooth.js';
 import type { ValidationEvent } from '../training/validation.js';
 import { ProgressPrinter } from './progress.js';
 
@@ -20,10 +21,14 @@ export interface Io {
 
 /** The training entry point: lib/training/train.ts's runTraining (a test may pass its own). */
 export type TrainFn = typeof runTraining;
+/** The DreamBooth entry point: lib/training/train_dreambooth.ts's runDreamBoothTraining. */
+export type DreamBoothTrainFn = typeof runDreamBoothTraining;
 
 export interface MainOptions extends Partial<Io> {
   /** Finds the training loop. Default: lib/training/train.{ts,js}, imported when `train` runs. */
   loadTrainer?: () => Promise<TrainFn>;
+  /** Finds the DreamBooth trainer. Default: lib/training/train_dreambooth.{ts,js}, imported when `train-dreambooth` runs. */
+  loadDreamBoothTrainer?: () => Promise<DreamBoothTrainFn>;
   /** Loads the native addon's info(); default imports lib/native.js (which throws an actionable error). */
   loadNativeInfo?: () => Promise<NativeInfo>;
 }
@@ -154,12 +159,13 @@ async function runTop(argv: string[], io: Io): Promise<number> {
     .scriptName('difflora')
     .usage('Usage: difflora <command> [flags]')
     .command('train', "Fine-tune Stable Diffusion with LoRA (the flags of diffusers' train_text_to_image_lora.py; see 'difflora train --help')")
+    .command('train-dreambooth', "DreamBooth LoRA fine-tuning (the flags of diffusers' train_dreambooth_lora.py; see 'difflora train-dreambooth --help')")
     .command('generate', "Text to image with a Stable Diffusion pipeline and LoRA files (see 'difflora generate --help')")
     .command('convert-lora', "Convert a LoRA file between the diffusers/PEFT and Kohya layouts (see 'difflora convert-lora --help')")
     .command('env', 'Print the libtorch version, CUDA devices, threads and allocator of this build')
     .command('launch', "Start the processes of a data-parallel run (accelerate launch's flags; see 'difflora launch --help')")
     .command('dist-check', 'Check a multi-process set-up: join the group and test every collective')
-    .demandCommand(1, 'Give a command: train, generate, convert-lora, env, launch or dist-check')
+    .demandCommand(1, 'Give a command: train, train-dreambooth, generate, convert-lora, env, launch or dist-check')
     .strictCommands()
     .strict()
     .version(packageVersion())
@@ -180,12 +186,39 @@ async function runTop(argv: string[], io: Io): Promise<number> {
   return 0;
 }
 
+/** The DreamBooth trainer (lib/training/train_dreambooth.ts), imported when `train-dreambooth` runs. */
+async function defaultLoadDreamBoothTrainer(): Promise<DreamBoothTrainFn> {
+  return (await import('../training/train_dreambooth.js')).runDreamBoothTraining;
+}
+
+async function runTrainDreamBooth(argv: string[], io: Io, load: () => Promise<DreamBoothTrainFn>): Promise<number> {
+  if (argv.includes('--help') || argv.includes('-h')) {
+    io.stdout.write(`${await (await import('./dreambooth_args.js')).dreamBoothHelp()}\n`);
+    return 0;
+  }
+  const { parseDreamBoothArgs } = await import('./dreambooth_args.js');
+  const args = parseDreamBoothArgs(argv, io.env);
+  const say = (m: string) => io.stderr.write(`difflora train-dreambooth: ${m}\n`);
+  for (const w of args.warnings) say(`warning: ${w}`);
+  const train = await load();
+  const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);
+  const result = await train(args.options, {
+    onProgress: (p) => printer.progress(p),
+    onValidation: (e) => printer.validation(e),
+    onNotice: (m) => printer.notice(m),
+    onClassImages: (p) => say(`generating class images: ${p.done}/${p.total} in ${args.options.classDataDir ?? ''} (${p.generated} by this run)`),
+  });
+  io.stdout.write(`difflora train-dreambooth: LoRA weights written to ${result.outputFile}\n`);
+  return 0;
+}
+
 /** Runs the CLI on `argv` (without node and the script) and returns the exit code. */
 export async function main(argv: string[], options: MainOptions = {}): Promise<number> {
   const io: Io = { stdout: options.stdout ?? process.stdout, stderr: options.stderr ?? process.stderr, env: options.env ?? process.env };
   const [command, ...rest] = argv;
   try {
     if (command === 'train') return await runTrain(rest, io, options.loadTrainer ?? defaultLoadTrainer);
+    if (command === 'train-dreambooth') return await runTrainDreamBooth(rest, io, options.loadDreamBoothTrainer ?? defaultLoadDreamBoothTrainer);
     if (command === 'generate') return await (await import('./generate.js')).runGenerate(rest, io);
     if (command === 'convert-lora') return await (await import('./generate.js')).runConvertLora(rest, io);
     if (command === 'launch' || command === 'dist-check') return await (await import('./launch.js')).runDistributedCommand(command, rest, io);
@@ -197,7 +230,7 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
   } catch (e) {
     // an option outside its domain found by the library (e.g. --rank larger than the model's layers) is a usage error too
     if (e instanceof UsageError || e instanceof TrainOptionsError) {
-      const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' ? command : 'train';
+      const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' || command === 'train-dreambooth' ? command : 'train';
       io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;
     }

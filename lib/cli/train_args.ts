@@ -94,7 +94,7 @@ export interface TrainArgs {
 }
 
 type Kind = 'string' | 'int' | 'float' | 'boolean';
-interface FlagSpec {
+export interface FlagSpec {
   kind: Kind;
   group: string;
   describe: string;
@@ -174,10 +174,12 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
 } satisfies Record<string, FlagSpec>);
 
-const flagSpec = (name: string): FlagSpec | undefined =>
-  Object.hasOwn(TRAIN_FLAGS, name) ? TRAIN_FLAGS[name] : Object.hasOwn(DIFFLORA_FLAGS, name) ? DIFFLORA_FLAGS[name] : undefined;
+/** A command's flags: its name (in messages) and its flag table. */
+export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const INT_RE = /^[+-]?\d+$/;
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
+
+export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
 
 function levenshtein(a: string, b: string): number {
@@ -194,32 +196,32 @@ function levenshtein(a: string, b: string): number {
 }
 
 /** The known flag closest to `name` (also matching hyphens for underscores and a known flag's prefix). */
-export function closestFlag(name: string): string | undefined {
+export function closestFlag(name: string, table: FlagTable = TRAIN_TABLE): string | undefined {
   const norm = name.toLowerCase().replace(/-/g, '_');
   let best: string | undefined;
   let bestDist = Infinity;
-  for (const flag of [...Object.keys(TRAIN_FLAGS), ...Object.keys(DIFFLORA_FLAGS)]) {
+  for (const flag of Object.keys(table.flags)) {
     const d = flag.startsWith(norm) || norm.startsWith(flag) ? Math.min(1, levenshtein(norm, flag)) : levenshtein(norm, flag);
     if (d < bestDist) { bestDist = d; best = flag; }
   }
   return best !== undefined && bestDist <= Math.max(3, Math.floor(norm.length / 3)) ? best : undefined;
 }
 
-function unknownFlag(token: string, name: string): string {
-  const hint = closestFlag(name);
+function unknownFlag(token: string, name: string, table: FlagTable): string {
+  const hint = closestFlag(name, table);
   return `unknown flag '${token}'${hint ? ` (did you mean '--${hint}'?)` : ''}`;
 }
 
 /** The problem with one flag token (and the value it takes), and how many tokens it used. */
-function checkToken(argv: readonly string[], i: number): { problem?: string; used: number } {
+function checkToken(argv: readonly string[], i: number, table: FlagTable): { problem?: string; used: number } {
   const token = argv[i] ?? '';
-  if (token === '--') return { problem: "unexpected '--': difflora train takes flags only", used: 1 };
-  if (!token.startsWith('-') || token === '-') return { problem: `unexpected argument '${token}': difflora train takes flags only (--flag=value or --flag value)`, used: 1 };
-  if (!token.startsWith('--')) return { problem: unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? ''), used: 1 };
+  if (token === '--') return { problem: `unexpected '--': ${table.command} takes flags only`, used: 1 };
+  if (!token.startsWith('-') || token === '-') return { problem: `unexpected argument '${token}': ${table.command} takes flags only (--flag=value or --flag value)`, used: 1 };
+  if (!token.startsWith('--')) return { problem: unknownFlag(token, token.replace(/^-+/, '').split('=')[0] ?? '', table), used: 1 };
   const eq = token.indexOf('=');
   const name = token.slice(2, eq < 0 ? undefined : eq);
-  const spec = flagSpec(name);
-  if (!spec) return { problem: unknownFlag(eq < 0 ? token : token.slice(0, eq), name), used: 1 };
+  const spec = Object.hasOwn(table.flags, name) ? table.flags[name] : undefined;
+  if (!spec) return { problem: unknownFlag(eq < 0 ? token : token.slice(0, eq), name, table), used: 1 };
   if (spec.kind === 'boolean') {
     return eq >= 0 ? { problem: `--${name} is a switch and takes no value (got '${token.slice(eq + 1)}')`, used: 1 } : { used: 1 };
   }
@@ -243,13 +245,13 @@ function checkToken(argv: readonly string[], i: number): { problem?: string; use
  * What yargs cannot say the way argparse does: unknown flags with a suggestion, a flag missing its value,
  * numbers that are not numbers, a value given to a switch, stray positional arguments. Throws at once for a
  * command line yargs cannot parse (unknown flags, stray arguments); returns the problems with values, which
- * parseTrainArgs lists together with the other flags' domain problems.
+ * the caller lists together with the other flags' domain problems.
  */
-function checkTokens(argv: readonly string[]): string[] {
+export function checkTokens(argv: readonly string[], table: FlagTable = TRAIN_TABLE): string[] {
   const problems: string[] = [];
   let unparseable = false;
   for (let i = 0; i < argv.length;) {
-    const { problem, used } = checkToken(argv, i);
+    const { problem, used } = checkToken(argv, i, table);
     if (problem !== undefined) {
       problems.push(problem);
       if (!problem.startsWith('--')) unparseable = true; // an unknown flag or a stray argument
@@ -260,12 +262,11 @@ function checkTokens(argv: readonly string[]): string[] {
   return problems;
 }
 
-/** The yargs parser for the flags (also the source of `difflora train --help`). */
-export function trainParser(argv: readonly string[] = []) {
+/** A yargs parser for a flag table (also the source of the command's --help). */
+export function flagParser(argv: readonly string[], table: FlagTable, usage: string) {
   let parser = yargs([...argv])
     .scriptName('difflora')
-    .usage('Usage: difflora train --pretrained_model_name_or_path=<model> (--dataset_name=<name> | --train_data_dir=<dir>) [flags]\n\n'
-      + 'Fine-tune Stable Diffusion with LoRA: the flags of diffusers\' train_text_to_image_lora.py, same names and defaults.')
+    .usage(usage)
     .parserConfiguration({
       'camel-case-expansion': false, 'dot-notation': false, 'boolean-negation': false,
       'duplicate-arguments-array': false, 'strip-aliased': true,
@@ -276,17 +277,24 @@ export function trainParser(argv: readonly string[] = []) {
     .help(false)
     .wrap(Math.min(120, process.stdout.columns ?? 100))
     .fail((msg: string | undefined, err: Error | undefined) => { throw new UsageError(msg ?? err?.message ?? 'invalid arguments'); });
-  for (const [name, spec] of [...Object.entries(TRAIN_FLAGS), ...Object.entries(DIFFLORA_FLAGS)]) {
+  for (const [name, spec] of Object.entries(table.flags)) {
+    // choices are shown, not enforced by yargs: a value outside them is a domain problem, listed with all the others
+    const choices = spec.choices ? ` [choices: ${spec.choices.map((c) => `"${c}"`).join(', ')}]` : '';
     const option: Options = {
       type: spec.kind === 'boolean' ? 'boolean' : spec.kind === 'string' ? 'string' : 'number',
-      describe: spec.describe,
+      describe: `${spec.describe}${choices}`,
       group: `${spec.group}:`,
     };
     if (spec.default !== undefined) option.default = spec.default;
-    if (spec.choices) option.choices = [...spec.choices];
     parser = parser.option(name, option);
   }
   return parser;
+}
+
+/** The yargs parser for the flags of `difflora train`. */
+export function trainParser(argv: readonly string[] = []) {
+  return flagParser(argv, TRAIN_TABLE, 'Usage: difflora train --pretrained_model_name_or_path=<model> (--dataset_name=<name> | --train_data_dir=<dir>) [flags]\n\n'
+    + 'Fine-tune Stable Diffusion with LoRA: the flags of diffusers\' train_text_to_image_lora.py, same names and defaults.');
 }
 
 /** The help text of `difflora train`. */

@@ -304,10 +304,15 @@ export function sortedByKey(m: Map<string, Tensor>): Map<string, Tensor> {
   return new Map([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }
 
+/** The module under a layer's path in diffusers' files: convert_state_dict_to_diffusers names text encoders' differently. */
+const DIFFUSERS_INFIX: Readonly<Record<LoraComponent, string>> = { unet: 'lora', text_encoder: 'lora_linear_layer', text_encoder_2: 'lora_linear_layer' };
+
 /**
- * diffusers' keys (`unet.<path>.lora.down.weight` / `.lora.up.weight`), in the given order. diffusers reads
- * these files with alpha = rank, so alpha/rank is folded into the up weight (a scaled copy, in up's dtype) when
- * it is not 1. Every tensor is a new handle (a detached view or a copy): dispose them or work inside tidy().
+ * diffusers' keys, in the given order: `unet.<path>.lora.down.weight` / `.lora.up.weight` for the UNet and
+ * `text_encoder.<path>.lora_linear_layer.down.weight` / `.up.weight` for a text encoder, as save_lora_weights
+ * writes them after convert_state_dict_to_diffusers. diffusers reads these files with alpha = rank, so
+ * alpha/rank is folded into the up weight (a scaled copy, in up's dtype) when it is not 1. Every tensor is a
+ * new handle (a detached view or a copy): dispose them or work inside tidy().
  * `prefix` replaces each layer's component as the key prefix ('' for none).
  */
 export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string): Map<string, Tensor> {
@@ -317,9 +322,9 @@ export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string)
       const rank = l.down.shape[0] as number;
       const fold = (l.alpha ?? rank) / rank;
       const p = prefix ?? l.component;
-      const key = p ? `${p}.${l.path}` : l.path;
-      out.set(`${key}.lora.down.weight`, l.down.detach());
-      out.set(`${key}.lora.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));
+      const key = `${p ? `${p}.${l.path}` : l.path}.${DIFFUSERS_INFIX[l.component]}`;
+      out.set(`${key}.down.weight`, l.down.detach());
+      out.set(`${key}.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));
     }
   });
   return out;

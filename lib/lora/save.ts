@@ -4,12 +4,12 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkPlainName } from '../io/hub.js';
 import { saveSafetensors } from '../io/safetensors.js';
-import type { Module } from '../nn/module.js';
+import { Module } from '../nn/module.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { loraLayers } from './attach.js';
 import { sortedByKey, toDiffusersKeys, toKohyaKeys, type LoraWeights } from './formats.js';
-import { LORA_WEIGHT_NAME } from './load.js';
+import { LORA_WEIGHT_NAME, targetModels, type LoraTarget } from './load.js';
 import type { LoraLayer } from './lora_layer.js';
 
 function requireLayers(model: Module, what: string): [string, LoraLayer][] {
@@ -18,27 +18,36 @@ function requireLayers(model: Module, what: string): [string, LoraLayer][] {
   return layers;
 }
 
-/** Each LoRA layer's first adapter (the trained one) as the key writers take it. */
-function layerWeights(model: Module, what: string): LoraWeights[] {
-  return requireLayers(model, what).map(([path, l]) => ({ component: 'unet' as const, path, down: l.lora_A.weight, up: l.lora_B.weight, alpha: l.alpha }));
+/**
+ * Each LoRA layer's first adapter (the trained one) as the key writers take it: the UNet's (which must have
+ * LoRA), then the text encoder's when it has any.
+ */
+function layerWeights(target: LoraTarget, what: string): LoraWeights[] {
+  const models = targetModels(target);
+  return models.flatMap(([component, model]) => {
+    const layers = component === 'unet' ? requireLayers(model, what) : loraLayers(model);
+    return layers.map(([path, l]) => ({ component, path, down: l.lora_A.weight, up: l.lora_B.weight, alpha: l.alpha }));
+  });
 }
 
 /**
- * The LoRA weights under diffusers' names, in module order (A = lora.down, B = lora.up), as
- * `save_lora_weights` writes them for a PEFT-trained UNet. diffusers reads such a file with alpha = rank,
+ * The LoRA weights under diffusers' names, in module order (A = down, B = up), as `save_lora_weights` writes
+ * them for a PEFT-trained UNet (`unet.<path>.lora.down.weight`) and text encoder
+ * (`text_encoder.<path>.lora_linear_layer.down.weight`). diffusers reads such a file with alpha = rank,
  * so a layer with alpha ≠ rank has alpha/rank folded into its up weight (same output, portable file).
  * The tensors are new handles (views of the weights, or scaled copies): dispose them or work inside tidy().
+ * `prefix` (a single model only) replaces 'unet'.
  */
-export function loraStateDictDiffusers(model: Module, options: { prefix?: string } = {}): Map<string, Tensor> {
-  return toDiffusersKeys(layerWeights(model, 'loraStateDictDiffusers'), options.prefix ?? 'unet');
+export function loraStateDictDiffusers(target: LoraTarget, options: { prefix?: string } = {}): Map<string, Tensor> {
+  return toDiffusersKeys(layerWeights(target, 'loraStateDictDiffusers'), target instanceof Module ? options.prefix ?? 'unet' : undefined);
 }
 
 /**
  * The LoRA weights under Kohya/sd-scripts names (`lora_unet_…`), with each layer's alpha as a 0-dim float32
  * tensor, in sd-scripts' state-dict order (alpha, lora_down, lora_up). New handles, as loraStateDictDiffusers.
  */
-export function loraStateDictKohya(model: Module): Map<string, Tensor> {
-  return toKohyaKeys(layerWeights(model, 'loraStateDictKohya'));
+export function loraStateDictKohya(target: LoraTarget): Map<string, Tensor> {
+  return toKohyaKeys(layerWeights(target, 'loraStateDictKohya'));
 }
 
 export interface SaveLoraOptions {
@@ -51,18 +60,19 @@ export interface SaveLoraOptions {
 }
 
 /**
- * Writes dir/pytorch_lora_weights.safetensors (creating dir) atomically, keys sorted by name as the
+ * Writes the LoRA of a model, or of a pipeline's { unet, textEncoder }, to dir/pytorch_lora_weights.safetensors
+ * (creating dir) atomically, keys sorted by name as the
  * safetensors writers of Python and Rust do. diffusers format: metadata {"format": "pt"}; Kohya format:
  * sd-scripts' ss_network_* entries when every layer has the same rank and alpha. Returns the file's path.
  */
-export function saveLoraWeights(dir: string, model: Module, options: SaveLoraOptions = {}): string {
+export function saveLoraWeights(dir: string, target: LoraTarget, options: SaveLoraOptions = {}): string {
   const format = options.format ?? 'diffusers';
   if (format !== 'diffusers' && format !== 'kohya') throw new TypeError(`saveLoraWeights: unknown format '${String(format)}'`);
   const file = join(dir, checkPlainName('weightName', options.weightName ?? LORA_WEIGHT_NAME));
   let metadata: Record<string, string> = { format: 'pt' };
   if (format === 'kohya') {
     metadata = { ss_network_module: 'networks.lora' };
-    const layers = requireLayers(model, 'saveLoraWeights');
+    const layers = targetModels(target).flatMap(([, m]) => loraLayers(m));
     const ranks = new Set(layers.map(([, l]) => l.rank));
     const alphas = new Set(layers.map(([, l]) => l.alpha));
     if (ranks.size === 1) metadata.ss_network_dim = String([...ranks][0]);
@@ -71,7 +81,7 @@ export function saveLoraWeights(dir: string, model: Module, options: SaveLoraOpt
   metadata = { ...metadata, ...options.metadata };
   mkdirSync(dir, { recursive: true });
   tidy(() => {
-    const sd = format === 'diffusers' ? loraStateDictDiffusers(model) : loraStateDictKohya(model);
+    const sd = format === 'diffusers' ? loraStateDictDiffusers(target) : loraStateDictKohya(target);
     saveSafetensors(file, sortedByKey(sd), metadata);
   });
   return file;

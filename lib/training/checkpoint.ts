@@ -15,13 +15,12 @@ import type { Tensor } from '../tensor.js';
 import { dispose, tidy } from '../scope.js';
 import * as torch from '../torch.js';
 import { showValue } from './options.js';
-import type { Module } from '../nn/module.js';
-import type { LoraHandle } from '../lora/attach.js';
 import { setPeftModelStateDict } from '../lora/load.js';
 import { saveLoraWeights } from '../lora/save.js';
 import type { AdamW } from '../optim/adamw.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
 import type { Generator } from '../random.js';
+import { loraNamedParameters, loraTargets, type LoraComponents } from './lora_components.js';
 import type { Accumulator } from './step.js';
 import type { TrainData } from './train_data.js';
 
@@ -326,22 +325,22 @@ export function firstNonFinite(named: readonly (readonly [string, Tensor])[]): s
   return named.find(([, t]) => !tidy(() => t.detach().isfinite().all().item()))?.[0];
 }
 
-/** What a run's checkpoint saves and a resume restores into: the adapter in its model, the optimization and the data. */
+/** What a run's checkpoint saves and a resume restores into: the adapters in their models, the optimization and the data. */
 export interface CheckpointedRun {
-  /** The model the adapter is attached to (the adapter is saved with it as pytorch_lora_weights.safetensors). */
-  model: Module;
-  lora: LoraHandle;
+  /** The models carrying the trained LoRA (saved with the checkpoint as pytorch_lora_weights.safetensors too). */
+  lora: LoraComponents;
   optimizer: AdamW;
   accumulator: Accumulator;
   scaler: GradScaler | null;
-  data: TrainData;
+  /** The data position (any data with a saved state: train_data.ts's or a trainer's own). */
+  data: Pick<TrainData, 'state' | 'restore'>;
   /** Every random generator the run draws from (CPU, and the GPU's). */
   generators: Generator[];
 }
 
 /** The tensors a checkpoint of this run holds: LoRA weights and Adam moments (finite), generator states. */
 function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTensor[] {
-  const params = t.lora.namedParameters();
+  const params = loraNamedParameters(t.lora);
   const rng = t.generators.map((g, i) => {
     const s = g.getState();
     try { return { name: `rng.${i}`, shape: s.shape, dtype: s.dtype }; } finally { s.dispose(); }
@@ -366,7 +365,7 @@ export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t
     checkTensors(tensors, expectedTensors(state, t), join(path, TENSORS));
     const get = (k: string): Tensor => tensors.get(k)!; // present: checked above
     // the trained adapter through the one LoRA loader (checked against the layers before any copy)
-    setPeftModelStateDict(t.model, tensors, { keyPrefix: 'lora.', file: join(path, TENSORS) });
+    setPeftModelStateDict(loraTargets(t.lora), tensors, { keyPrefix: 'lora.', file: join(path, TENSORS) });
     const optTensors = new Map([...tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, v]) => [k.slice('optimizer.'.length), v]));
     t.optimizer.loadStateDict({ tensors: optTensors, meta: state.optimizer });
     Object.assign(t.accumulator.state, state.accumulator);
@@ -385,12 +384,12 @@ export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, ep
   const tensors = new Map<string, Tensor>();
   const opt = t.optimizer.stateDict();
   for (const [k, v] of opt.tensors) tensors.set(`optimizer.${k}`, v);
-  for (const [n, p] of t.lora.namedParameters()) tensors.set(`lora.${n}`, p);
+  for (const [n, p] of loraNamedParameters(t.lora)) tensors.set(`lora.${n}`, p);
   const rng = t.generators.map((g) => g.getState());
   rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
   try {
     const state: TrainingState = { accumulator: { ...t.accumulator.state }, optimizer: opt.meta, scaler: t.scaler?.stateDict() ?? null, data: t.data.state(), epoch };
-    return saveCheckpoint(outputDir, t.accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, t.model));
+    return saveCheckpoint(outputDir, t.accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, loraTargets(t.lora)));
   } finally {
     dispose(rng);
   }

@@ -7,8 +7,10 @@
 //   setTimeout(() => run.abort(), 60_000);
 //   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
+import { validateDreamBoothOptions, type DreamBoothOptions } from './dreambooth_options.js';
 import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
+import { runDreamBoothTraining, type ClassImagesProgress, type DreamBoothHooksInternal } from './train_dreambooth.js';
 import type { ValidationEvent } from './validation.js';
 
 export interface TrainMetrics {
@@ -33,8 +35,11 @@ export interface TrainingRun extends PromiseLike<TrainOutcome> {
   readonly signal: AbortSignal;
   on(event: 'progress', listener: (p: TrainProgress) => void): this;
   on(event: 'validation', listener: (e: ValidationEvent) => void): this;
+  /** DreamBooth with prior preservation: after each batch of generated class images. */
+  on(event: 'classImages', listener: (p: ClassImagesProgress) => void): this;
   off(event: 'progress', listener: (p: TrainProgress) => void): this;
   off(event: 'validation', listener: (e: ValidationEvent) => void): this;
+  off(event: 'classImages', listener: (p: ClassImagesProgress) => void): this;
 }
 
 export interface TrainHooks {
@@ -44,15 +49,17 @@ export interface TrainHooks {
   onProgress?: (p: TrainProgress) => void;
   /** Called when a validation run starts and ends (the same as a 'validation' listener). */
   onValidation?: (e: ValidationEvent) => void;
-  /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside). */
+  /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside), and the script's warnings. */
   onNotice?: (message: string) => void;
+  /** DreamBooth: called after each batch of generated class images (the same as a 'classImages' listener). */
+  onClassImages?: (p: ClassImagesProgress) => void;
 }
 
 class Run extends EventEmitter implements TrainingRun {
   readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
-  constructor(options: TrainOptions, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
+  constructor(start: (hooks: DreamBoothHooksInternal) => Promise<TrainResult>, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
     super();
     if (outer) {
       if (outer.aborted) this.controller.abort(outer.reason);
@@ -64,10 +71,11 @@ class Run extends EventEmitter implements TrainingRun {
       // started on the next turn, so listeners attached right after startTraining() see every event
       await new Promise<void>((resolve) => setImmediate(resolve));
       try {
-        const r = await runTraining(options, {
+        const r = await start({
           signal: this.controller.signal,
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
           onValidation: (e) => { this.emit('validation', e); },
+          onClassImages: (p) => { this.emit('classImages', p); },
           onNotice: (m) => this.onNotice?.(m),
         });
         const seconds = (Date.now() - started) / 1000;
@@ -98,10 +106,24 @@ class Run extends EventEmitter implements TrainingRun {
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
   validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
-  const run = new Run(options, hooks.signal, hooks.onNotice);
+  return started(new Run((h) => runTraining(options, h), hooks.signal, hooks.onNotice), hooks);
+}
+
+function started(run: Run, hooks: TrainHooks): TrainingRun {
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
   if (hooks.onValidation) run.on('validation', hooks.onValidation);
+  if (hooks.onClassImages) run.on('classImages', hooks.onClassImages);
   return run;
+}
+
+/**
+ * Trains a DreamBooth LoRA as diffusers' train_dreambooth_lora.py (options = its flags in camelCase), with the
+ * same handle as trainTextToImageLora (and 'classImages' events while class images are generated). Options
+ * outside their domains, or against the script's rules, throw a TrainOptionsError at once.
+ */
+export function trainDreamBoothLora(options: DreamBoothOptions, hooks: TrainHooks = {}): TrainingRun {
+  validateDreamBoothOptions(options);
+  return started(new Run((h) => runDreamBoothTraining(options, h), hooks.signal, hooks.onNotice), hooks);
 }
 
 /** The same as trainTextToImageLora (a name for code that reads better as "start, then await"). */

@@ -87,3 +87,20 @@ export function diffusionLoss(modelPred: Tensor, target: Tensor, o: DiffusionLos
     return weightedMseLoss(modelPred, target, minSnrLossWeights(snr, snrGamma, predictionType));
   });
 }
+
+/**
+ * train_dreambooth_lora.py's prior-preservation loss: prediction and target chunked in two along the batch
+ * (instance half first, as collate_fn concatenates them), each half's float32 MSE a mean over that half, and
+ * loss = instance + priorLossWeight · prior (with weight 1 twice the whole batch's mean).
+ */
+export function priorPreservationLoss(modelPred: Tensor, target: Tensor, priorLossWeight: number): { loss: Tensor; instanceLoss: Tensor; priorLoss: Tensor } {
+  const b = modelPred.shape[0] ?? 0;
+  if (b < 2 || b % 2 !== 0) throw new RangeError(`prior preservation needs a batch of instance and class halves, got ${b} item(s)`);
+  return tidy(() => {
+    const [pred, predPrior] = modelPred.chunk(2, 0) as [Tensor, Tensor];
+    const [tgt, tgtPrior] = target.chunk(2, 0) as [Tensor, Tensor];
+    const instanceLoss = F.mseLoss(pred.float(), tgt.float(), 'mean');
+    const priorLoss = F.mseLoss(predPrior.float(), tgtPrior.float(), 'mean');
+    return { loss: instanceLoss.add(priorLoss.mul(priorLossWeight)), instanceLoss, priorLoss };
+  });
+}

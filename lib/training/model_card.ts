@@ -13,6 +13,8 @@ export interface ModelCardInfo {
   validationPrompt?: string | null;
   /** Validation images, relative to the output folder (shown in the card, as diffusers' save_model_card). */
   images?: string[];
+  /** A DreamBooth run: the card of train_dreambooth_lora.py (trained on the instance prompt, text-encoder LoRA or not). */
+  dreambooth?: { instancePrompt: string; trainTextEncoder: boolean };
 }
 
 /** The model as the card's title names it: a Hub id as given, a local folder by its name (not the machine's path). */
@@ -31,10 +33,12 @@ export function modelCard(c: ModelCardInfo): string {
     'inference: true',
     '---',
     '',
-    `# LoRA text2image fine-tuning - ${modelTitle(c.baseModel)}`,
-    '',
-    `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
-      `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
+    ...(c.dreambooth ? dreamBoothDescription(c, c.dreambooth) : [
+      `# LoRA text2image fine-tuning - ${modelTitle(c.baseModel)}`,
+      '',
+      `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
+        `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
+    ]),
     ...(c.validationPrompt ? ['', `Validation prompt: ${c.validationPrompt}`] : []),
     ...(c.images?.length ? ['', 'Some example images are below.', '', ...c.images.map((p, i) => `![img_${i}](./${p})`)] : []),
     '',
@@ -45,6 +49,17 @@ export function modelCard(c: ModelCardInfo): string {
     '```',
     '',
   ].join('\n');
+}
+
+function dreamBoothDescription(c: ModelCardInfo, d: { instancePrompt: string; trainTextEncoder: boolean }): string[] {
+  return [
+    `# LoRA DreamBooth - ${modelTitle(c.baseModel)}`,
+    '',
+    `These are LoRA adaption weights for ${c.baseModel}. The weights were trained on ${d.instancePrompt} using [DreamBooth](https://dreambooth.github.io/) ` +
+      `with difflora (rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
+    '',
+    `LoRA for the text encoder was enabled: ${d.trainTextEncoder ? 'True' : 'False'}.`,
+  ];
 }
 
 export function saveModelCard(outputDir: string, c: ModelCardInfo): string {

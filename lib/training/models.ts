@@ -14,6 +14,27 @@ import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import type { DType } from '../dtype.js';
 import { TrainOptionsError, type ResolvedTrainOptions } from './options.js';
 
+/**
+ * train_dreambooth_lora.py's UNet targets: add_k_proj/add_v_proj exist only in IF-style UNets (AttnAddedKV), so
+ * on SD UNets they match nothing and these are the text-to-image script's to_q/to_k/to_v/to_out.0.
+ */
+export const DREAMBOOTH_UNET_LORA_TARGETS: readonly string[] = ['to_k', 'to_q', 'to_v', 'to_out.0', 'add_k_proj', 'add_v_proj'];
+
+/** The text encoders' attention projections the scripts put LoRA on (CLIP's q/k/v/out_proj). */
+export const TEXT_ENCODER_LORA_TARGETS: readonly string[] = ['q_proj', 'k_proj', 'v_proj', 'out_proj'];
+
+/**
+ * LoRA on a text encoder's attention projections, as the scripts' text_encoder.add_adapter(LoraConfig(r=rank,
+ * lora_alpha=rank, init_lora_weights="gaussian", target_modules=[q/k/v/out_proj])): any CLIP-like module whose
+ * attention has Linear layers of these names. Everything else of the model is frozen; it is put in train mode.
+ */
+export function attachTextEncoderLora(textEncoder: Module, rank: number): LoraHandle {
+  checkRankFits(textEncoder, rank, TEXT_ENCODER_LORA_TARGETS);
+  const lora = attachLora(textEncoder, { rank, alpha: rank, init: 'gaussian', targetModules: TEXT_ENCODER_LORA_TARGETS });
+  textEncoder.train();
+  return lora;
+}
+
 export interface TrainingModels {
   tokenizer: CLIPTokenizer;
   noiseScheduler: DDPMScheduler;
@@ -31,17 +52,22 @@ type ModelOptions = Pick<ResolvedTrainOptions, 'pretrainedModelNameOrPath' | 're
  * Loads the models onto `device` in `dtype` and attaches the LoRA (rank = alpha, gaussian init). Each model
  * with native memory is handed to `own` as soon as it is loaded, so a failure later frees it.
  */
-export function loadTrainingModels(o: ModelOptions, device: string, dtype: DType, own: <T extends { dispose(): void }>(x: T) => T): TrainingModels {
+export function loadTrainingModels(
+  o: ModelOptions, device: string, dtype: DType, own: <T extends { dispose(): void }>(x: T) => T,
+  more: { unetTargets?: readonly string[]; tokenizerName?: string | null } = {},
+): TrainingModels {
   const load: FromPretrainedOptions = { revision: o.revision ?? undefined, cacheDir: o.cacheDir ?? undefined };
   const model = o.pretrainedModelNameOrPath;
   const variant = o.variant ?? undefined;
-  const tokenizer = CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
+  // --tokenizer_name (DreamBooth): another tokenizer folder or id, read as AutoTokenizer.from_pretrained(name) does
+  const tokenizer = more.tokenizerName ? CLIPTokenizer.fromPretrained(more.tokenizerName, load) : CLIPTokenizer.fromPretrained(model, { ...load, subfolder: 'tokenizer' });
   const noiseScheduler = own(DDPMScheduler.fromPretrained(model, { ...load, subfolder: 'scheduler' }));
   const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype, device }));
   const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant, dtype, device }));
   const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant, dtype, device }));
-  checkRankFits(unet, o.rank);
-  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian' });
+  const targetModules = more.unetTargets ?? DEFAULT_TARGET_MODULES;
+  checkRankFits(unet, o.rank, targetModules);
+  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian', targetModules });
   unet.train();
   if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
   if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
@@ -52,10 +78,10 @@ export function loadTrainingModels(o: ModelOptions, device: string, dtype: DType
  * The LoRA rank must fit the smallest layer it adapts: B·A has rank at most min(in, out), so a larger rank
  * adds nothing but memory (and --rank=100000 crashed allocating it).
  */
-export function checkRankFits(model: Module, rank: number): void {
+export function checkRankFits(model: Module, rank: number, targets: readonly string[] = DEFAULT_TARGET_MODULES): void {
   let smallest: { path: string; layer: Linear; size: number } | undefined;
   for (const [path, m] of model.namedModules()) {
-    if (!(m instanceof Linear) || !matchesTarget(path, DEFAULT_TARGET_MODULES)) continue;
+    if (!(m instanceof Linear) || !matchesTarget(path, targets)) continue;
     const size = Math.min(m.inFeatures, m.outFeatures);
     if (!smallest || size < smallest.size) smallest = { path, layer: m, size };
   }

@@ -15,8 +15,13 @@ export interface Optimization {
   baseLr: number;
 }
 
-type OptimizationOptions = Pick<ResolvedTrainOptions, 'learningRate' | 'scaleLr' | 'gradientAccumulationSteps' | 'trainBatchSize' | 'adamBeta1' |
-  'adamBeta2' | 'adamWeightDecay' | 'adamEpsilon' | 'maxGradNorm' | 'lrScheduler' | 'lrWarmupSteps' | 'mixedPrecision'>;
+/**
+ * The flags the optimization reads. `lrNumCycles` / `lrPower` are the DreamBooth script's --lr_num_cycles and
+ * --lr_power, which it passes to get_scheduler; absent (train_text_to_image_lora.py passes neither), each
+ * schedule's own default applies (cosine 0.5 cycles, cosine_with_restarts 1, power 1).
+ */
+export type OptimizationOptions = Pick<ResolvedTrainOptions, 'learningRate' | 'scaleLr' | 'gradientAccumulationSteps' | 'trainBatchSize' | 'adamBeta1' |
+  'adamBeta2' | 'adamWeightDecay' | 'adamEpsilon' | 'maxGradNorm' | 'lrScheduler' | 'lrWarmupSteps' | 'mixedPrecision'> & { lrNumCycles?: number; lrPower?: number };
 
 /** The optimizer, loss scaler and accumulator of `params` for a run of `totalSteps` optimizer steps. The caller disposes the optimizer. */
 export function makeOptimization(o: OptimizationOptions, params: Tensor[], totalSteps: number): Optimization {
@@ -27,7 +32,7 @@ export function makeOptimization(o: OptimizationOptions, params: Tensor[], total
     const scaler = o.mixedPrecision === 'fp16' ? new GradScaler() : null;
     const accumulator = new Accumulator({
       optimizer, params, scaler, maxGradNorm: o.maxGradNorm, accumulationSteps: accumulation,
-      lrScheduler: o.lrScheduler, lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps, totalSteps },
+      lrScheduler: o.lrScheduler, lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps, totalSteps, numCycles: o.lrNumCycles, power: o.lrPower },
     });
     return { optimizer, scaler, accumulator, baseLr };
   } catch (e) {

@@ -35,19 +35,20 @@ const FLOAT32_MAX = 3.4028234663852886e38;
 /** The polynomial schedule's end LR (get_scheduler's lr_end): the base LR must exceed it. */
 const POLYNOMIAL_LR_END = 1e-7;
 
-type Rule =
+/** The domain of one option (its flag is the camelCase name in snake_case). */
+export type Rule =
   | { kind: 'int'; min: number; max?: number; why?: string; multipleOf?: number; nullable?: boolean }
   | { kind: 'float'; domain: 'positive' | 'nonNegative' | 'unitInterval'; nullable?: boolean }
   | { kind: 'string'; choices?: readonly string[]; nullable?: boolean; pattern?: [RegExp, string] }
   | { kind: 'boolean' };
 
-const int = (min: number, more: Partial<Extract<Rule, { kind: 'int' }>> = {}): Rule => ({ kind: 'int', min, ...more });
-const float = (domain: Extract<Rule, { kind: 'float' }>['domain'], nullable = false): Rule => ({ kind: 'float', domain, nullable });
-const str = (more: Partial<Extract<Rule, { kind: 'string' }>> = {}): Rule => ({ kind: 'string', ...more });
-const bool: Rule = { kind: 'boolean' };
+export const int = (min: number, more: Partial<Extract<Rule, { kind: 'int' }>> = {}): Rule => ({ kind: 'int', min, ...more });
+export const float = (domain: Extract<Rule, { kind: 'float' }>['domain'], nullable = false): Rule => ({ kind: 'float', domain, nullable });
+export const str = (more: Partial<Extract<Rule, { kind: 'string' }>> = {}): Rule => ({ kind: 'string', ...more });
+export const bool: Rule = { kind: 'boolean' };
 
 /** Every option runTraining reads, by its camelCase name (the flag is its snake_case). */
-const RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
+export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   pretrainedModelNameOrPath: str(),
   revision: str({ nullable: true }),
   variant: str({ nullable: true }),
@@ -199,13 +200,17 @@ export type ResolvedTrainOptions =
 
 /** The options with every default filled in (TRAIN_DEFAULTS); a null maxGradNorm or checkpointingSteps stays null (off). */
 export function resolveTrainOptions(o: TrainOptions): ResolvedTrainOptions {
-  const options: object = o;
-  const given = options as Readonly<Record<string, unknown>>;
+  return resolveOptions(TRAIN_OPTION_RULES, TRAIN_DEFAULTS, o) as ResolvedTrainOptions;
+}
+
+/** Every option of `rules` with its value: the given one, else its default, else null; a null in NULL_MEANS_OFF stays null. */
+export function resolveOptions(rules: Readonly<Record<string, Rule>>, defaults: Readonly<Record<string, unknown>>, o: object): Record<string, unknown> {
+  const given = o as Readonly<Record<string, unknown>>;
   const out: Record<string, unknown> = {};
-  for (const key of Object.keys(RULES)) out[key] = given[key] ?? null;
-  for (const [key, value] of Object.entries(TRAIN_DEFAULTS)) out[key] = given[key] ?? value;
-  for (const key of NULL_MEANS_OFF) if (o[key] === null) out[key] = null;
-  return out as ResolvedTrainOptions;
+  for (const key of Object.keys(rules)) out[key] = given[key] ?? null;
+  for (const [key, value] of Object.entries(defaults)) out[key] = given[key] ?? value;
+  for (const key of NULL_MEANS_OFF) if (given[key] === null) out[key] = null;
+  return out;
 }
 
 /** Options given by their flag (`--learning_rate`, the CLI) or by their library name (`learningRate (--learning_rate)`). */
@@ -264,9 +269,14 @@ function problemOf(rule: Rule, v: unknown): string | undefined {
  * not given (undefined) are not checked (their defaults are valid); keys runTraining does not read are ignored.
  */
 export function trainOptionProblems(options: object, naming: OptionNaming = 'option'): string[] {
+  return optionProblems(TRAIN_OPTION_RULES, options, naming);
+}
+
+/** trainOptionProblems for any table of rules (another command's options). */
+export function optionProblems(rules: Readonly<Record<string, Rule>>, options: object, naming: OptionNaming = 'option'): string[] {
   const o = options as Readonly<Record<string, unknown>>;
   const problems: string[] = [];
-  for (const [key, rule] of Object.entries(RULES)) {
+  for (const [key, rule] of Object.entries(rules)) {
     const p = problemOf(rule, o[key]);
     if (p !== undefined) problems.push(`${nameOf(key, naming)} ${p}`);
   }
@@ -296,7 +306,7 @@ export class TrainOptionsError extends RangeError {
  * value in its domain. Throws a TrainOptionsError listing every problem.
  */
 /** Every option name `runTraining` / `trainTextToImageLora` take. */
-export const TRAIN_OPTION_NAMES: readonly (keyof TrainOptions)[] = Object.freeze(Object.keys(RULES) as (keyof TrainOptions)[]);
+export const TRAIN_OPTION_NAMES: readonly (keyof TrainOptions)[] = Object.freeze(Object.keys(TRAIN_OPTION_RULES) as (keyof TrainOptions)[]);
 
 /** The training options among `args` (e.g. the CLI's parsed flags, which also hold CLI-only fields). */
 export function pickTrainOptions(args: object): TrainOptions {
@@ -315,10 +325,10 @@ const UNSUPPORTED: Readonly<Record<string, string>> = {
  * Option names the training does not know: a snake_case flag name (`learning_rate`), a name from another
  * library (`torchDtype`), a typo — each named, with the option meant when one is close.
  */
-function unknownOptionProblems(opts: Readonly<Record<string, unknown>>): string[] {
+export function unknownOptionProblems(opts: Readonly<Record<string, unknown>>, rules: Readonly<Record<string, Rule>> = TRAIN_OPTION_RULES): string[] {
   const unsupported = Object.keys(opts).filter((k) => Object.hasOwn(UNSUPPORTED, k) && ![undefined, false, null].includes(opts[k] as never));
   const rest = Object.fromEntries(Object.entries(opts).filter(([k]) => !Object.hasOwn(UNSUPPORTED, k)));
-  return [...unsupported.map((k) => `${k}: ${UNSUPPORTED[k]}`), ...unknownOptionNames(rest, Object.keys(RULES))];
+  return [...unsupported.map((k) => `${k}: ${UNSUPPORTED[k]}`), ...unknownOptionNames(rest, Object.keys(rules))];
 }
 
 export function validateTrainOptions(o: unknown): void {

@@ -22,7 +22,7 @@ import type { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import { tidy } from '../scope.js';
 import type { Device, Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
-import { diffusionLoss, resolvePredictionType, trainingTarget } from './loss.js';
+import { diffusionLoss, priorPreservationLoss, resolvePredictionType, trainingTarget, type TrainablePredictionType } from './loss.js';
 import { lrAt, type LrScheduleOptions } from './lr_schedule.js';
 
 /** --mixed_precision. */
@@ -91,6 +91,8 @@ export interface TrainingBatch {
   encoderHiddenStates?: Tensor;
   /** Token ids [B, 77], int64. */
   inputIds?: Tensor;
+  /** The tokenizer's attention mask [B, 77] for the text encoder (DreamBooth's --text_encoder_use_attention_mask). */
+  attentionMask?: Tensor;
 }
 
 /** Everything one forward/backward of the script needs. */
@@ -100,6 +102,8 @@ export interface TrainingStep {
   batch: TrainingBatch;
   vae?: AutoencoderKL;
   textEncoder?: CLIPTextModel;
+  /** The text encoder trains (its LoRA): it runs with gradients, under autocast for mixed precision. Default false: frozen, no gradients. */
+  trainTextEncoder?: boolean;
   /** Noise like the latents; drawn with sampleNoise(generator, noiseOffset) when absent. */
   noise?: Tensor;
   /** int64 [B]; drawn with sampleTimesteps(generator) when absent. */
@@ -133,52 +137,101 @@ function autocastDtype(mixedPrecision: MixedPrecision, device: string): 'float16
   throw new Error(`unknown mixed_precision ${JSON.stringify(mixedPrecision)}; choose 'no', 'bf16' or 'fp16'`);
 }
 
+/** The UNet's prediction for one batch and what it is trained towards (the loop body up to the loss). */
+export interface Prediction {
+  modelPred: Tensor;
+  target: Tensor;
+  timesteps: Tensor;
+  predictionType: TrainablePredictionType;
+}
+
+/** Prompt embeddings of the batch: given, or the text encoder's last_hidden_state (with gradients when it trains). */
+function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | null, deviceType: 'cpu' | 'cuda'): Tensor {
+  if (s.batch.encoderHiddenStates) return s.batch.encoderHiddenStates;
+  const { inputIds, attentionMask } = s.batch;
+  const textEncoder = s.textEncoder;
+  if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
+  const encode = (): Tensor => textEncoder.forward(inputIds, { attentionMask }).lastHiddenState;
+  if (!s.trainTextEncoder) return noGrad(encode); // frozen: run in the weights' dtype, as the script (not prepared by accelerate)
+  return lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, encode) : encode();
+}
+
+/**
+ * Steps 1–5 of the script's loop body: clean latents, noise and timesteps, forward diffusion, prompt
+ * embeddings, and the UNet's prediction (under autocast for mixed precision) with its target. Call inside tidy().
+ */
+export function predictNoise(s: TrainingStep): Prediction {
+  const mixedPrecision = s.mixedPrecision ?? 'no';
+  const predictionType = resolvePredictionType(s.scheduler, s.predictionType);
+  // 1. clean latents
+  let latents = s.batch.latents;
+  if (!latents) {
+    if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, or pixelValues and a vae');
+    latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator);
+  }
+  const lowPrecision = autocastDtype(mixedPrecision, latents.device);
+  const deviceType = deviceTypeOf(latents.device);
+  const batchSize = latents.shape[0] ?? 0;
+  // 2. noise and timesteps
+  const noise = s.noise ?? sampleNoise(latents, { noiseOffset: s.noiseOffset, generator: s.generator });
+  const timesteps = s.timesteps ?? sampleTimesteps(batchSize, s.scheduler.config.num_train_timesteps, s.generator, latents.device);
+  if (noise.shape.join() !== latents.shape.join()) throw new RangeError(`noise [${noise.shape}] must have the latents' shape [${latents.shape}]`);
+  if (timesteps.shape.join() !== String(batchSize)) throw new RangeError(`timesteps [${timesteps.shape}] must be [${batchSize}]`);
+  // 3. forward diffusion
+  const noisyLatents = s.scheduler.addNoise(latents, noise, timesteps);
+  // 4. prompt embeddings
+  const encoderHiddenStates = encodePrompt(s, lowPrecision, deviceType);
+  // 5. target and prediction (under autocast for mixed precision)
+  const target = trainingTarget(s.scheduler, latents, noise, timesteps, predictionType);
+  const predict = (): Tensor => s.unet.forward(noisyLatents, timesteps, encoderHiddenStates);
+  const modelPred = lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, predict) : predict();
+  return { modelPred, target, timesteps, predictionType };
+}
+
+function checkStep(s: TrainingStep): number {
+  const accumulationSteps = s.accumulationSteps ?? 1;
+  if (!Number.isInteger(accumulationSteps) || accumulationSteps < 1) throw new RangeError(`accumulationSteps must be a positive integer, got ${accumulationSteps}`);
+  if ((s.mixedPrecision ?? 'no') === 'fp16' && !s.scaler) throw new Error(`mixed_precision 'fp16' needs a GradScaler (pass scaler)`);
+  return accumulationSteps;
+}
+
+/** accelerator.backward: the loss divided for accumulation and scaled for fp16, then backward. */
+function backwardLoss(loss: Tensor, accumulationSteps: number, scaler: GradScaler | null | undefined): void {
+  const divided = accumulationSteps === 1 ? loss : loss.div(accumulationSteps);
+  (scaler ? scaler.scaleLoss(divided) : divided).backward();
+}
+
 /**
  * One micro-batch forward and backward, as the script's loop body up to accelerator.backward: the LoRA
  * gradients accumulate into `.grad` (divided by accumulationSteps, × the scaler's scale when given).
  * Returns the batch loss (fp32, neither divided nor scaled). Every temporary tensor is freed.
  */
 export function loraTrainingStep(s: TrainingStep): number {
-  const accumulationSteps = s.accumulationSteps ?? 1;
-  if (!Number.isInteger(accumulationSteps) || accumulationSteps < 1) throw new RangeError(`accumulationSteps must be a positive integer, got ${accumulationSteps}`);
-  const mixedPrecision = s.mixedPrecision ?? 'no';
-  const predictionType = resolvePredictionType(s.scheduler, s.predictionType);
-  if (mixedPrecision === 'fp16' && !s.scaler) throw new Error(`mixed_precision 'fp16' needs a GradScaler (pass scaler)`);
-
+  const accumulationSteps = checkStep(s);
   return tidy(() => {
-    // 1. clean latents
-    let latents = s.batch.latents;
-    if (!latents) {
-      if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, or pixelValues and a vae');
-      latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator);
-    }
-    const lowPrecision = autocastDtype(mixedPrecision, latents.device);
-    const batchSize = latents.shape[0] ?? 0;
-    // 2. noise and timesteps
-    const noise = s.noise ?? sampleNoise(latents, { noiseOffset: s.noiseOffset, generator: s.generator });
-    const timesteps = s.timesteps ?? sampleTimesteps(batchSize, s.scheduler.config.num_train_timesteps, s.generator, latents.device);
-    if (noise.shape.join() !== latents.shape.join()) throw new RangeError(`noise [${noise.shape}] must have the latents' shape [${latents.shape}]`);
-    if (timesteps.shape.join() !== String(batchSize)) throw new RangeError(`timesteps [${timesteps.shape}] must be [${batchSize}]`);
-    // 3. forward diffusion
-    const noisyLatents = s.scheduler.addNoise(latents, noise, timesteps);
-    // 4. prompt embeddings (the text encoder is frozen)
-    let encoderHiddenStates = s.batch.encoderHiddenStates;
-    if (!encoderHiddenStates) {
-      const { inputIds } = s.batch;
-      const textEncoder = s.textEncoder;
-      if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
-      encoderHiddenStates = noGrad(() => textEncoder.forward(inputIds).lastHiddenState);
-    }
-    // 5. target and prediction (under autocast for mixed precision)
-    const target = trainingTarget(s.scheduler, latents, noise, timesteps, predictionType);
-    const ehs = encoderHiddenStates;
-    const predict = (): Tensor => s.unet.forward(noisyLatents, timesteps, ehs);
-    const modelPred = lowPrecision ? autocast({ deviceType: deviceTypeOf(latents.device), dtype: lowPrecision }, predict) : predict();
+    const p = predictNoise(s);
     // 6. the fp32 loss, divided for accumulation and scaled for fp16, then backward
-    const loss = diffusionLoss(modelPred, target, { scheduler: s.scheduler, timesteps, snrGamma: s.snrGamma, predictionType });
-    const divided = accumulationSteps === 1 ? loss : loss.div(accumulationSteps);
-    (s.scaler ? s.scaler.scaleLoss(divided) : divided).backward();
+    const loss = diffusionLoss(p.modelPred, p.target, { scheduler: s.scheduler, timesteps: p.timesteps, snrGamma: s.snrGamma, predictionType: p.predictionType });
+    backwardLoss(loss, accumulationSteps, s.scaler);
     return loss.item();
+  });
+}
+
+/** The losses of a prior-preservation step (train_dreambooth_lora.py): the total and its two terms. */
+export interface PriorPreservationLosses { loss: number; instanceLoss: number; priorLoss: number }
+
+/**
+ * One DreamBooth micro-batch with prior preservation, as train_dreambooth_lora.py's loop body: the batch is
+ * [instance…, class…] (collate_fn), prediction and target are split with torch.chunk(2) and the loss is
+ * mse(instance half) + priorLossWeight · mse(class half); then backward as loraTrainingStep.
+ */
+export function priorPreservationStep(s: TrainingStep & { priorLossWeight: number }): PriorPreservationLosses {
+  const accumulationSteps = checkStep(s);
+  return tidy(() => {
+    const p = predictNoise(s);
+    const l = priorPreservationLoss(p.modelPred, p.target, s.priorLossWeight);
+    backwardLoss(l.loss, accumulationSteps, s.scaler);
+    return { loss: l.loss.item(), instanceLoss: l.instanceLoss.item(), priorLoss: l.priorLoss.item() };
   });
 }
 

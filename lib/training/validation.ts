@@ -104,8 +104,11 @@ async function imageRow(pngs: Buffer[]): Promise<{ png: Buffer; height: number; 
   return { png, height, width };
 }
 
-/** Where the pretrained model is (its path or Hub id and how it was loaded), for loading more of it. */
-export interface PretrainedSource { model: string; load: FromPretrainedOptions }
+/**
+ * Where the pretrained model is (its path or Hub id and how it was loaded), for loading more of it; `scheduler`:
+ * the sampler validation uses instead of the model's (DreamBooth's log_validation swaps in DPM-Solver++).
+ */
+export interface PretrainedSource { model: string; load: FromPretrainedOptions; scheduler?: string }
 
 /**
  * Validation with the current LoRA in the training models themselves (the script wraps the same UNet in a
@@ -114,7 +117,7 @@ export interface PretrainedSource { model: string; load: FromPretrainedOptions }
 export async function validateTrainingModels(
   models: Omit<StableDiffusionComponents, 'scheduler'>, source: PretrainedSource, o: ValidationOptions,
 ): Promise<string[]> {
-  const scheduler = loadScheduler(source.model, { ...source.load, subfolder: 'scheduler' });
+  const scheduler = loadScheduler(source.model, { ...source.load, subfolder: 'scheduler', kind: source.scheduler });
   try {
     return await runValidation({ ...models, scheduler }, o);
   } finally {
@@ -129,7 +132,7 @@ export async function validateTrainingModels(
 export async function validateSavedLora(
   source: PretrainedSource & { variant: string | null; dtype: DType; device: string; memoryEfficientAttention: boolean }, loraDir: string, o: ValidationOptions,
 ): Promise<string[]> {
-  const pipe = StableDiffusionPipeline.fromPretrained(source.model, { ...source.load, variant: source.variant ?? undefined, dtype: source.dtype, device: source.device });
+  const pipe = StableDiffusionPipeline.fromPretrained(source.model, { ...source.load, variant: source.variant ?? undefined, dtype: source.dtype, device: source.device, scheduler: source.scheduler });
   try {
     pipe.loadLoraWeights(loraDir);
     // same images either way; keeps the final run within the memory the training was given

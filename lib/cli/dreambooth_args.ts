@@ -1,0 +1,132 @@
+// The flags of diffusers' examples/dreambooth/train_dreambooth_lora.py (0.31), same names, defaults and meaning,
+// parsed into the library's DreamBoothOptions. The flags it shares with train_text_to_image_lora.py keep their
+// help from train_args.ts; flags that cannot act here are refused (exit 2), every problem listed at once.
+import {
+  DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
+} from '../training/dreambooth_options.js';
+import { formatProblems, optionProblems } from '../training/options.js';
+import { INT_RE, TRAIN_FLAGS, UsageError, checkTokens, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
+
+const shared = (name: string, more: Partial<FlagSpec> = {}): FlagSpec => {
+  const spec = TRAIN_FLAGS[name];
+  if (!spec) throw new Error(`internal: no train flag --${name}`);
+  return { ...spec, ...more };
+};
+const dflt = (key: string): string | number | boolean => D[key] as string | number | boolean;
+
+/** Every flag of the script, in its order. */
+export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
+  pretrained_model_name_or_path: shared('pretrained_model_name_or_path'),
+  revision: shared('revision'),
+  variant: shared('variant'),
+  tokenizer_name: { kind: 'string', group: 'Model', describe: "A tokenizer folder or id, if not the model's tokenizer/." },
+  instance_data_dir: { kind: 'string', group: 'Data', describe: 'A folder of pictures of the subject (the instance images). Required.' },
+  class_data_dir: { kind: 'string', group: 'Data', describe: 'A folder of class images for prior preservation; the missing ones are generated there.' },
+  instance_prompt: { kind: 'string', group: 'Data', describe: "The prompt with the subject's identifier, e.g. 'a photo of sks dog'. Required." },
+  class_prompt: { kind: 'string', group: 'Data', describe: "The prompt of the class images, e.g. 'a photo of dog'." },
+  validation_prompt: shared('validation_prompt'),
+  num_validation_images: shared('num_validation_images'),
+  validation_epochs: shared('validation_epochs', { default: dflt('validationEpochs') }),
+  with_prior_preservation: { kind: 'boolean', group: 'Prior preservation', default: false, describe: 'Add the prior-preservation loss on class images.' },
+  prior_loss_weight: { kind: 'float', group: 'Prior preservation', default: dflt('priorLossWeight'), describe: 'The weight of the prior-preservation loss.' },
+  num_class_images: { kind: 'int', group: 'Prior preservation', default: dflt('numClassImages'), describe: 'Class images wanted; when --class_data_dir holds fewer, the rest are generated from --class_prompt.' },
+  output_dir: shared('output_dir', { default: dflt('outputDir') }),
+  seed: shared('seed'),
+  resolution: shared('resolution'),
+  center_crop: shared('center_crop'),
+  train_text_encoder: { kind: 'boolean', group: 'LoRA', default: false, describe: "Train LoRA on the text encoder's attention (q/k/v/out_proj) too." },
+  train_batch_size: shared('train_batch_size', { default: dflt('trainBatchSize') }),
+  sample_batch_size: { kind: 'int', group: 'Prior preservation', default: dflt('sampleBatchSize'), describe: 'Batch size of the class-image generation.' },
+  num_train_epochs: shared('num_train_epochs', { default: dflt('numTrainEpochs') }),
+  max_train_steps: shared('max_train_steps'),
+  checkpointing_steps: shared('checkpointing_steps'),
+  checkpoints_total_limit: shared('checkpoints_total_limit'),
+  resume_from_checkpoint: shared('resume_from_checkpoint'),
+  gradient_accumulation_steps: shared('gradient_accumulation_steps'),
+  gradient_checkpointing: shared('gradient_checkpointing'),
+  learning_rate: shared('learning_rate', { default: dflt('learningRate') }),
+  scale_lr: shared('scale_lr'),
+  lr_scheduler: shared('lr_scheduler'),
+  lr_warmup_steps: shared('lr_warmup_steps'),
+  lr_num_cycles: { kind: 'int', group: 'Optimisation', default: dflt('lrNumCycles'), describe: 'Hard resets of --lr_scheduler=cosine_with_restarts.' },
+  lr_power: { kind: 'float', group: 'Optimisation', default: dflt('lrPower'), describe: 'Power factor of --lr_scheduler=polynomial.' },
+  dataloader_num_workers: shared('dataloader_num_workers'),
+  use_8bit_adam: shared('use_8bit_adam'),
+  adam_beta1: shared('adam_beta1'),
+  adam_beta2: shared('adam_beta2'),
+  adam_weight_decay: shared('adam_weight_decay'),
+  adam_epsilon: shared('adam_epsilon'),
+  max_grad_norm: shared('max_grad_norm', { describe: 'Clip the total gradient norm to this (as the script, which clips for real).' }),
+  push_to_hub: shared('push_to_hub'),
+  hub_token: shared('hub_token'),
+  hub_model_id: shared('hub_model_id'),
+  logging_dir: shared('logging_dir'),
+  allow_tf32: shared('allow_tf32'),
+  report_to: shared('report_to'),
+  mixed_precision: shared('mixed_precision'),
+  prior_generation_precision: { kind: 'string', group: 'Prior preservation', choices: PRIOR_GENERATION_PRECISION_CHOICES, describe: 'Precision of the class-image generation (unset: fp16 on a GPU, fp32 on a CPU; fp16 needs CUDA).' },
+  local_rank: shared('local_rank'),
+  enable_xformers_memory_efficient_attention: shared('enable_xformers_memory_efficient_attention'),
+  pre_compute_text_embeddings: { kind: 'boolean', group: 'Text encoder', default: false, describe: 'Encode the prompts once before training (not with --train_text_encoder).' },
+  tokenizer_max_length: { kind: 'int', group: 'Text encoder', describe: "The prompts' token length (default the tokenizer's 77)." },
+  text_encoder_use_attention_mask: { kind: 'boolean', group: 'Text encoder', default: false, describe: "Pass the tokenizer's attention mask to the text encoder." },
+  validation_images: { kind: 'string', group: 'Validation', describe: 'Images for image-conditioned validation (DeepFloyd IF). Refused: difflora has no such pipeline.' },
+  class_labels_conditioning: { kind: 'string', group: 'Model', describe: "'timesteps': the timesteps as the UNet's class labels (only UNets with a class embedding use them; SD's have none)." },
+  rank: shared('rank'),
+} satisfies Record<string, FlagSpec>);
+
+const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };
+const USAGE = 'Usage: difflora train-dreambooth --pretrained_model_name_or_path=<model> --instance_data_dir=<dir> --instance_prompt=<prompt> [flags]\n\n'
+  + "DreamBooth LoRA fine-tuning: the flags of diffusers' train_dreambooth_lora.py, same names and defaults.";
+
+export async function dreamBoothHelp(): Promise<string> {
+  return flagParser([], TABLE, USAGE).getHelp();
+}
+
+const camel = (flag: string): string => flag.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
+
+/** The parsed command line: the library's options, and what the CLI shows before training. */
+export interface DreamBoothArgs { options: DreamBoothOptions; warnings: string[]; localRank: number }
+
+/** Flags the script has that cannot act here, refused with why. */
+function refusedFlags(r: Record<string, unknown>): string[] {
+  const problems: string[] = [];
+  if (r.push_to_hub === true || r.hub_token !== undefined || r.hub_model_id !== undefined) {
+    problems.push('cannot push to the Hugging Face Hub: difflora runs offline (no network); drop --push_to_hub/--hub_token/--hub_model_id and upload the files in --output_dir yourself');
+  }
+  if (r.report_to !== 'tensorboard') problems.push(`--report_to=${String(r.report_to)} is not supported: difflora reports to 'tensorboard' only (wandb and comet_ml need their services)`);
+  if (r.validation_images !== undefined) problems.push('--validation_images is for image-conditioned pipelines (DeepFloyd IF super-resolution), which difflora does not have');
+  return problems;
+}
+
+/**
+ * Parses the flags of `difflora train-dreambooth`. `env` supplies LOCAL_RANK as in the script. Throws a
+ * UsageError listing every problem: unknown flags, bad values, the script's own checks, refused flags.
+ */
+export function parseDreamBoothArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): DreamBoothArgs {
+  const tokenProblems = checkTokens(argv, TABLE);
+  const r = flagParser(argv, TABLE, USAGE).parseSync() as Record<string, unknown>;
+  const options: Record<string, unknown> = {};
+  for (const flag of Object.keys(DREAMBOOTH_FLAGS)) {
+    const key = camel(flag);
+    if (Object.hasOwn(DREAMBOOTH_OPTION_RULES, key) && r[flag] !== undefined) options[key] = r[flag];
+  }
+  const warnings = dreamBoothWarnings(options);
+  if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');
+  if (r.class_labels_conditioning !== undefined) warnings.push(`--class_labels_conditioning=${String(r.class_labels_conditioning)}: no effect on this UNet (it has no class embedding; diffusers ignores the labels the same way)`);
+  let localRank = r.local_rank as number;
+  if (env.LOCAL_RANK !== undefined && env.LOCAL_RANK !== '') {
+    if (!INT_RE.test(env.LOCAL_RANK.trim())) throw new UsageError(`LOCAL_RANK must be an integer, got '${env.LOCAL_RANK}'`);
+    const envRank = Number(env.LOCAL_RANK);
+    if (envRank !== -1 && envRank !== localRank) localRank = envRank;
+  }
+  if (localRank !== -1) warnings.push(`--local_rank=${localRank} (or LOCAL_RANK): distributed training is not supported; this process trains alone on its device`);
+  const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];
+  const named = new Set(tokenProblems.map(flagOfProblem));
+  const problems = [
+    ...tokenProblems, ...dreamBoothProblems(options, 'flag'), ...refusedFlags(r),
+    ...optionProblems(DREAMBOOTH_OPTION_RULES, options, 'flag').filter((p) => !named.has(flagOfProblem(p))),
+  ];
+  if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
+  return { options: options as unknown as DreamBoothOptions, warnings, localRank };
+}
