@@ -230,19 +230,15 @@ export class StableDiffusionXLPipeline extends DiffusionPipelineBase {
 
   /** Both encoders on their texts: concatenated hidden states [B, L, D1 + D2] and the pooled text_embeds [B, P]. */
   private encodeTexts(texts: string[], texts2: string[], clipSkip: number | undefined, maxLength: number): { embeds: Tensor; pooled: Tensor } {
-    const layer = (hidden: Tensor[] | undefined): Tensor => {
-      const h = hidden?.[hidden.length - 2 - (clipSkip ?? 0)];
-      if (!h) throw new RangeError(`${NAME}: clipSkip ${clipSkip} is more than the text encoders' ${(hidden?.length ?? 1) - 2} layers below the penultimate one`);
+    const layer = (hidden: Tensor[]): Tensor => {
+      const h = hidden[hidden.length - 2 - (clipSkip ?? 0)];
+      if (!h) throw new RangeError(`${NAME}: clipSkip ${clipSkip} is more than the text encoders' ${hidden.length - 2} layers below the penultimate one`);
       return h;
     };
     const device = (m: CLIPTextModel | CLIPTextModelWithProjection) => m.text_model.embeddings.token_embedding.weight.device;
     const ids1 = this.tokenizer.inputIdsTensor(texts, { device: device(this.textEncoder), maxLength });
     const ids2 = this.tokenizer2.inputIdsTensor(texts2, { device: device(this.textEncoder2), maxLength });
-    const out1 = this.textEncoder.forward(ids1, { outputHiddenStates: true });
-    const out2 = this.textEncoder2.forward(ids2, { outputHiddenStates: true });
-    const h1 = layer(out1.hiddenStates);
-    const h2 = layer(out2.hiddenStates);
-    return { embeds: torch.cat([h1.to({ dtype: h2.dtype, device: h2.device }), h2], -1), pooled: out2.textEmbeds };
+    return encodeSdxlIds(this.textEncoder, this.textEncoder2, ids1, ids2, layer);
   }
 
   /**
@@ -321,4 +317,21 @@ export class StableDiffusionXLPipeline extends DiffusionPipelineBase {
     const column = (v: number[]) => torch.tensor(Float32Array.from(v), { shape: [1, v.length, 1, 1] }).to({ dtype: z.dtype, device: z.device });
     return z.mul(column(std)).div(this.vae.scalingFactor).add(column(mean));
   }
+}
+
+/**
+ * SDXL's prompt conditioning from token ids (the training script's encode_prompt, and the pipeline's): each
+ * encoder's hidden state picked by `layer` (default the penultimate, hidden_states[-2], without final_layer_norm)
+ * concatenated on the last dimension [B, L, D1 + D2], and the second encoder's projected text_embeds as the pooled
+ * embedding [B, projection_dim]. Gradients flow when the caller records them (LoRA training of the encoders).
+ */
+export function encodeSdxlIds(
+  textEncoder: CLIPTextModel, textEncoder2: CLIPTextModelWithProjection, ids1: Tensor, ids2: Tensor,
+  layer: (hidden: Tensor[]) => Tensor = (hidden) => hidden[hidden.length - 2]!,
+): { embeds: Tensor; pooled: Tensor } {
+  const out1 = textEncoder.forward(ids1, { outputHiddenStates: true });
+  const out2 = textEncoder2.forward(ids2, { outputHiddenStates: true });
+  const h1 = layer(out1.hiddenStates ?? []);
+  const h2 = layer(out2.hiddenStates ?? []);
+  return { embeds: torch.cat([h1.to({ dtype: h2.dtype, device: h2.device }), h2], -1), pooled: out2.textEmbeds };
 }

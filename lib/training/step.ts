@@ -13,7 +13,7 @@
 import { autocast, noGrad } from '../autograd.js';
 import type { AutoencoderKL } from '../models/autoencoder_kl.js';
 import type { CLIPTextModel } from '../models/clip_text_model.js';
-import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import type { UNet2DConditionModel, UNetAddedConditions } from '../models/unet_2d_condition.js';
 import type { AdamW } from '../optim/adamw.js';
 import { clipGradNorm } from '../optim/clip.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
@@ -104,6 +104,12 @@ export interface TrainingStep {
   textEncoder?: CLIPTextModel;
   /** The text encoder trains (its LoRA): it runs with gradients, under autocast for mixed precision. Default false: frozen, no gradients. */
   trainTextEncoder?: boolean;
+  /**
+   * The UNet's conditioning when it is not one text encoder's last_hidden_state of batch.inputIds (SDXL: two
+   * encoders and the added conditions). It runs where the text encoder would: with gradients under autocast
+   * when trainTextEncoder, else without gradients.
+   */
+  condition?: () => Conditioning;
   /** Noise like the latents; drawn with sampleNoise(generator, noiseOffset) when absent. */
   noise?: Tensor;
   /** int64 [B]; drawn with sampleTimesteps(generator) when absent. */
@@ -145,13 +151,18 @@ export interface Prediction {
   predictionType: TrainablePredictionType;
 }
 
-/** Prompt embeddings of the batch: given, or the text encoder's last_hidden_state (with gradients when it trains). */
-function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | null, deviceType: 'cpu' | 'cuda'): Tensor {
-  if (s.batch.encoderHiddenStates) return s.batch.encoderHiddenStates;
+/** What the UNet is conditioned on: prompt embeddings, and SDXL's added conditions (pooled embedding, time ids). */
+export interface Conditioning { encoderHiddenStates: Tensor; addedCond?: UNetAddedConditions }
+
+/** The batch's conditioning: given, s.condition's, or the text encoder's last_hidden_state (with gradients when it trains). */
+function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | null, deviceType: 'cpu' | 'cuda'): Conditioning {
+  if (s.batch.encoderHiddenStates) return { encoderHiddenStates: s.batch.encoderHiddenStates };
   const { inputIds, attentionMask } = s.batch;
   const textEncoder = s.textEncoder;
-  if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
-  const encode = (): Tensor => textEncoder.forward(inputIds, { attentionMask }).lastHiddenState;
+  const encode = s.condition ?? ((): Conditioning => {
+    if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
+    return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
+  });
   if (!s.trainTextEncoder) return noGrad(encode); // frozen: run in the weights' dtype, as the script (not prepared by accelerate)
   return lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, encode) : encode();
 }
@@ -180,10 +191,10 @@ export function predictNoise(s: TrainingStep): Prediction {
   // 3. forward diffusion
   const noisyLatents = s.scheduler.addNoise(latents, noise, timesteps);
   // 4. prompt embeddings
-  const encoderHiddenStates = encodePrompt(s, lowPrecision, deviceType);
+  const { encoderHiddenStates, addedCond } = encodePrompt(s, lowPrecision, deviceType);
   // 5. target and prediction (under autocast for mixed precision)
   const target = trainingTarget(s.scheduler, latents, noise, timesteps, predictionType);
-  const predict = (): Tensor => s.unet.forward(noisyLatents, timesteps, encoderHiddenStates);
+  const predict = (): Tensor => s.unet.forward(noisyLatents, timesteps, encoderHiddenStates, addedCond);
   const modelPred = lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, predict) : predict();
   return { modelPred, target, timesteps, predictionType };
 }
