@@ -8,10 +8,9 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { main } from '../lib/cli/main.js';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { trainDreamBoothLora } from '../lib/training/handle.js';
-import { makeImageFolder, runCli, spawnCli, tinySd, type CliResult } from './cli_helpers.js';
+import { killWhen, makeImageFolder, runCli, runMain as run, tinySd } from './cli_helpers.js';
 import { fixtures } from './helpers.js';
 
 let tmp: string;
@@ -32,12 +31,6 @@ const args = (out: string, classes: string, ...more: string[]) => ['train-dreamb
 const jpgs = (dir: string): string[] => (existsSync(dir) ? readdirSync(dir).filter((n) => n.endsWith('.jpg')).sort() : []);
 const stepsOf = (stderr: string): number[] => [...stderr.matchAll(/^step (\d+)\//gm)].map((m) => Number(m[1]));
 
-/** Runs the CLI and SIGKILLs it as soon as `ready()` holds (polled every 2 ms). */
-async function killWhen(argv: string[], ready: () => boolean): Promise<CliResult> {
-  const { child, done } = spawnCli(argv);
-  const timer = setInterval(() => { if (ready()) child.kill('SIGKILL'); }, 2);
-  try { return await done; } finally { clearInterval(timer); }
-}
 
 describe('difflora train-dreambooth: prior preservation, text-encoder LoRA, SIGKILL and resume', () => {
   it('generates the class images, trains, and ends byte-identical to an uninterrupted run after two kills', async () => {
@@ -85,13 +78,6 @@ describe('difflora train-dreambooth: prior preservation, text-encoder LoRA, SIGK
   }, 600_000);
 });
 
-/** main() in this process, its output captured. */
-async function run(argv: string[]): Promise<{ code: number; err: string }> {
-  let err = '';
-  const sink = { write: (s: string) => { err += s; return true; } };
-  const code = await main(argv, { stdout: { write: () => true }, stderr: sink, env: { ...process.env, DIFFLORA_DEBUG: '' } });
-  return { code, err };
-}
 
 describe('difflora train-dreambooth: bad input', () => {
   it('the script\'s flag errors, refused flags and bad values are listed at once (exit 2), before anything is written', async () => {

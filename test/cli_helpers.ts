@@ -38,6 +38,22 @@ export function runCli(args: readonly string[]): Promise<CliResult> {
   return spawnCli(args).done;
 }
 
+/** Runs the CLI and SIGKILLs it as soon as `ready()` holds (polled every 2 ms). */
+export async function killWhen(argv: string[], ready: () => boolean): Promise<CliResult> {
+  const { child, done } = spawnCli(argv);
+  const timer = setInterval(() => { if (ready()) child.kill('SIGKILL'); }, 2);
+  try { return await done; } finally { clearInterval(timer); }
+}
+
+/** main() in this process, its stderr captured (stack traces off). */
+export async function runMain(argv: string[]): Promise<{ code: number; err: string }> {
+  const { main } = await import('../lib/cli/main.js');
+  let err = '';
+  const sink = { write: (s: string) => { err += s; return true; } };
+  const code = await main(argv, { stdout: { write: () => true }, stderr: sink, env: { ...process.env, DIFFLORA_DEBUG: '' } });
+  return { code, err };
+}
+
 /**
  * Runs `script` (sh) in a private mount namespace (`unshare -m`): mounts made there vanish with it, so a
  * failing test never leaves a mount behind. In the script, `cli train …` runs difflora; `$1…` are `args`.

@@ -4,14 +4,8 @@
 import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
-import { formatProblems, optionProblems } from '../training/options.js';
-import { INT_RE, TRAIN_FLAGS, UsageError, checkTokens, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
-
-const shared = (name: string, more: Partial<FlagSpec> = {}): FlagSpec => {
-  const spec = TRAIN_FLAGS[name];
-  if (!spec) throw new Error(`internal: no train flag --${name}`);
-  return { ...spec, ...more };
-};
+import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
+import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, type ScriptArgs } from './script_flags.js';
 const dflt = (key: string): string | number | boolean => D[key] as string | number | boolean;
 
 /** Every flag of the script, in its order. */
@@ -83,50 +77,20 @@ export async function dreamBoothHelp(): Promise<string> {
   return flagParser([], TABLE, USAGE).getHelp();
 }
 
-const camel = (flag: string): string => flag.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
-
 /** The parsed command line: the library's options, and what the CLI shows before training. */
-export interface DreamBoothArgs { options: DreamBoothOptions; warnings: string[]; localRank: number }
-
-/** Flags the script has that cannot act here, refused with why. */
-function refusedFlags(r: Record<string, unknown>): string[] {
-  const problems: string[] = [];
-  if (r.push_to_hub === true || r.hub_token !== undefined || r.hub_model_id !== undefined) {
-    problems.push('cannot push to the Hugging Face Hub: difflora runs offline (no network); drop --push_to_hub/--hub_token/--hub_model_id and upload the files in --output_dir yourself');
-  }
-  if (r.report_to !== 'tensorboard') problems.push(`--report_to=${String(r.report_to)} is not supported: difflora reports to 'tensorboard' only (wandb and comet_ml need their services)`);
-  if (r.validation_images !== undefined) problems.push('--validation_images is for image-conditioned pipelines (DeepFloyd IF super-resolution), which difflora does not have');
-  return problems;
-}
+export type DreamBoothArgs = ScriptArgs<DreamBoothOptions>;
 
 /**
  * Parses the flags of `difflora train-dreambooth`. `env` supplies LOCAL_RANK as in the script. Throws a
  * UsageError listing every problem: unknown flags, bad values, the script's own checks, refused flags.
  */
 export function parseDreamBoothArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): DreamBoothArgs {
-  const tokenProblems = checkTokens(argv, TABLE);
-  const r = flagParser(argv, TABLE, USAGE).parseSync() as Record<string, unknown>;
-  const options: Record<string, unknown> = {};
-  for (const flag of Object.keys(DREAMBOOTH_FLAGS)) {
-    const key = camel(flag);
-    if (Object.hasOwn(DREAMBOOTH_OPTION_RULES, key) && r[flag] !== undefined) options[key] = r[flag];
-  }
-  const warnings = dreamBoothWarnings(options);
-  if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');
-  if (r.class_labels_conditioning !== undefined) warnings.push(`--class_labels_conditioning=${String(r.class_labels_conditioning)}: no effect on this UNet (it has no class embedding; diffusers ignores the labels the same way)`);
-  let localRank = r.local_rank as number;
-  if (env.LOCAL_RANK !== undefined && env.LOCAL_RANK !== '') {
-    if (!INT_RE.test(env.LOCAL_RANK.trim())) throw new UsageError(`LOCAL_RANK must be an integer, got '${env.LOCAL_RANK}'`);
-    const envRank = Number(env.LOCAL_RANK);
-    if (envRank !== -1 && envRank !== localRank) localRank = envRank;
-  }
-  if (localRank !== -1) warnings.push(`--local_rank=${localRank} (or LOCAL_RANK): distributed training is not supported; this process trains alone on its device`);
-  const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];
-  const named = new Set(tokenProblems.map(flagOfProblem));
-  const problems = [
-    ...tokenProblems, ...dreamBoothProblems(options, 'flag'), ...refusedFlags(r),
-    ...optionProblems(DREAMBOOTH_OPTION_RULES, options, 'flag').filter((p) => !named.has(flagOfProblem(p))),
-  ];
-  if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
-  return { options: options as unknown as DreamBoothOptions, warnings, localRank };
+  return parseScriptFlags<DreamBoothOptions>(argv, env, TABLE, USAGE, DREAMBOOTH_OPTION_RULES, (r, options, warnings) => {
+    warnings.push(...dreamBoothWarnings(options));
+    if (r.class_labels_conditioning !== undefined) warnings.push(`--class_labels_conditioning=${String(r.class_labels_conditioning)}: no effect on this UNet (it has no class embedding; diffusers ignores the labels the same way)`);
+    return [
+      ...dreamBoothProblems(options, 'flag'), ...refusedHubAndReport(r),
+      ...(r.validation_images !== undefined ? ['--validation_images is for image-conditioned pipelines (DeepFloyd IF super-resolution), which difflora does not have'] : []),
+    ];
+  });
 }

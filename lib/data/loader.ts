@@ -27,6 +27,8 @@ export interface LoaderOptions {
   resolution: number;
   centerCrop?: boolean;
   randomFlip?: boolean;
+  /** The SDXL script's order: flip the resized image, then crop it (its crop offset is in the flipped image). */
+  flipBeforeCrop?: boolean;
   interpolation?: Interpolation;
   seed?: number;
   /** Shuffle each epoch (default true); false keeps dataset order. */
@@ -92,6 +94,7 @@ export class ImageCaptionLoader {
     this.opts = {
       centerCrop: options.centerCrop ?? DATA_DEFAULTS.centerCrop,
       randomFlip: options.randomFlip ?? DATA_DEFAULTS.randomFlip,
+      flipBeforeCrop: options.flipBeforeCrop ?? false,
       interpolation: options.interpolation ?? DATA_DEFAULTS.interpolation,
       shuffle: options.shuffle ?? true,
       prefetch: workers !== undefined ? 2 * workers * options.batchSize : Math.max(0, options.prefetch ?? 2 * options.batchSize),
@@ -172,6 +175,7 @@ export class ImageCaptionLoader {
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
       randomFlip: this.opts.randomFlip,
+      flipBeforeCrop: this.opts.flipBeforeCrop,
       interpolation: this.opts.interpolation,
       rng,
     }).then(

@@ -77,6 +77,11 @@ export interface TransformOptions {
   resolution: number;
   centerCrop?: boolean;
   randomFlip?: boolean;
+  /**
+   * train_text_to_image_lora_sdxl.py's order: the resized image is flipped, then cropped, so cropTopLeft (its
+   * time ids) is the crop's offset in the flipped image. Default: crop, then flip the crop (train_text_to_image_lora.py).
+   */
+  flipBeforeCrop?: boolean;
   interpolation?: Interpolation;
   /** Needed for random crops and flips (draws: crop top, crop left, then flip). */
   rng?: Rng;
@@ -214,11 +219,13 @@ export async function loadTrainImage(file: string, options: TransformOptions): P
     left = rng!.nextInt(W - R + 1);
   }
   const flipped = randomFlip ? rng!.nextFloat() < 0.5 : false;
+  // a crop at `left` of the flipped image is the mirror of the crop at W − R − left of the image
+  const sourceLeft = flipped && options.flipBeforeCrop ? W - R - left : left;
 
   const plane = R * R;
   const data = new Float32Array(3 * plane);
   for (let y = 0; y < R; y++) {
-    const rowBase = ((top + y) * W + left) * 3;
+    const rowBase = ((top + y) * W + sourceLeft) * 3;
     for (let x = 0; x < R; x++) {
       const sx = flipped ? R - 1 - x : x;
       const s = rowBase + sx * 3;

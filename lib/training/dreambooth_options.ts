@@ -4,7 +4,7 @@
 // train_text_to_image_lora.py keep their domains from options.ts; only their defaults differ.
 import type { MixedPrecision } from './step.js';
 import {
-  TRAIN_DEFAULTS, TRAIN_OPTION_RULES, TrainOptionsError, bool, float, int, optionProblems, resolveOptions, showValue, str, unknownOptionProblems,
+  TrainOptionsError, bool, float, int, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type Rule, type TrainOptions,
 } from './options.js';
 
@@ -54,12 +54,9 @@ export interface DreamBoothOptions extends Pick<TrainOptions, Shared> {
   lrPower?: number;
 }
 
-const pick = <K extends keyof TrainOptions>(keys: readonly K[]): Record<K, Rule> =>
-  Object.fromEntries(keys.map((k) => [k, TRAIN_OPTION_RULES[k]])) as Record<K, Rule>;
-
 /** Every option trainDreamBoothLora reads, with its domain. */
 export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, Rule>> = {
-  ...pick(SHARED),
+  ...pickRules(SHARED),
   tokenizerName: str({ nullable: true }),
   instanceDataDir: str(),
   instancePrompt: str(),
@@ -81,7 +78,7 @@ export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, R
 
 /** The script's defaults (those of the shared flags that differ from train_text_to_image_lora.py's are marked). */
 export const DREAMBOOTH_DEFAULTS = Object.freeze({
-  ...Object.fromEntries(SHARED.filter((k) => Object.hasOwn(TRAIN_DEFAULTS, k)).map((k) => [k, (TRAIN_DEFAULTS as Record<string, unknown>)[k]])),
+  ...pickDefaults(SHARED),
   learningRate: 5e-4, // differs
   trainBatchSize: 4, // differs
   numTrainEpochs: 1, // differs

@@ -65,13 +65,24 @@ export function loadTrainingModels(
   const textEncoder = own(CLIPTextModel.fromPretrained(model, { ...load, subfolder: 'text_encoder', dtype, device }));
   const vae = own(AutoencoderKL.fromPretrained(model, { ...load, subfolder: 'vae', variant, dtype, device }));
   const unet = own(UNet2DConditionModel.fromPretrained(model, { ...load, subfolder: 'unet', variant, dtype, device }));
-  const targetModules = more.unetTargets ?? DEFAULT_TARGET_MODULES;
+  const lora = attachUnetLora(unet, o, more.unetTargets);
+  return { tokenizer, noiseScheduler, textEncoder, vae, unet, lora, load };
+}
+
+/**
+ * The scripts' unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules)),
+ * the UNet in train mode, then --gradient_checkpointing and the memory-efficient attention.
+ */
+export function attachUnetLora(
+  unet: UNet2DConditionModel, o: Pick<ModelOptions, 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>,
+  targetModules: readonly string[] = DEFAULT_TARGET_MODULES,
+): LoraHandle {
   checkRankFits(unet, o.rank, targetModules);
   const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian', targetModules });
   unet.train();
   if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
   if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
-  return { tokenizer, noiseScheduler, textEncoder, vae, unet, lora, load };
+  return lora;
 }
 
 /**

@@ -305,6 +305,16 @@ export class TrainOptionsError extends RangeError {
  * Checks runTraining's options before anything is loaded: an object, a model and a dataset named, and every
  * value in its domain. Throws a TrainOptionsError listing every problem.
  */
+/** The rules of some of runTraining's options (another command's flags that it shares with train_text_to_image_lora.py). */
+export function pickRules<K extends keyof TrainOptions>(keys: readonly K[]): Record<K, Rule> {
+  return Object.fromEntries(keys.map((k) => [k, TRAIN_OPTION_RULES[k]])) as Record<K, Rule>;
+}
+
+/** TRAIN_DEFAULTS of the given options (those that have one). */
+export function pickDefaults(keys: readonly (keyof TrainOptions)[]): Record<string, unknown> {
+  return Object.fromEntries(keys.filter((k) => Object.hasOwn(TRAIN_DEFAULTS, k)).map((k) => [k, (TRAIN_DEFAULTS as Record<string, unknown>)[k]]));
+}
+
 /** Every option name `runTraining` / `trainTextToImageLora` take. */
 export const TRAIN_OPTION_NAMES: readonly (keyof TrainOptions)[] = Object.freeze(Object.keys(TRAIN_OPTION_RULES) as (keyof TrainOptions)[]);
 

@@ -3,7 +3,7 @@
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
 import { loadParquetDataset } from '../data/parquet_dataset.js';
-import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
+import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader.js';
 import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
@@ -28,12 +28,15 @@ export interface TrainDataOptions {
   skipBrokenImages?: boolean;
 }
 
-export interface TrainData {
+/** train_text_to_image_lora.py's batch: the images and the captions' token ids. */
+export interface TextToImageBatch { pixelValues: Tensor; inputIds: Tensor }
+
+export interface TrainData<B = TextToImageBatch> {
   readonly batchesPerEpoch: number;
   /** Items in the dataset (a saved data position counts them). */
   readonly datasetLength: number;
   /** The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. */
-  next(): Promise<{ pixelValues: Tensor; inputIds: Tensor } | null>;
+  next(): Promise<B | null>;
   nextEpoch(): void;
   state(): { epoch: number; loader: LoaderState };
   /** Restores a saved state (checkpoint.ts's parseTrainingState checked it against datasetLength). */
@@ -52,6 +55,22 @@ export type ResolvedTrainDataOptions = Pick<ResolvedTrainOptions, keyof TrainDat
 const SEED_WHEN_UNSEEDED = 0;
 
 export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
+  return openCaptionedImages(o, {
+    device: ctx.device,
+    collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) }),
+  });
+}
+
+/** What a command makes of the loader's batches: its batch from the images (already a tensor on the device) and the rest. */
+export interface Collate<B> {
+  device: string;
+  collate(b: Batch, pixelValues: Tensor): B;
+  /** The SDXL script's flip-then-crop order (data/transforms.ts). */
+  flipBeforeCrop?: boolean;
+}
+
+/** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
+export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: Collate<B>): Promise<TrainData<B>> {
   if (!o.datasetName && !o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
   const mode = o.imageInterpolationMode;
   if (!interpolations.has(mode)) throw new Error(`--image_interpolation_mode '${mode}' is not supported here (use one of: ${[...interpolations].join(', ')})`);
@@ -63,9 +82,8 @@ export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenize
     : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const loader = new ImageCaptionLoader(dataset, {
-    batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop,
-    randomFlip: o.randomFlip, interpolation: mode as Interpolation, seed,
-    numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages,
+    batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
+    interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages,
   });
   let epoch = loader.getState().epoch;
   return {
@@ -77,7 +95,7 @@ export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenize
       const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
       const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
       if (pixelValues !== pixels) pixels.dispose();
-      return { pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) };
+      return ctx.collate(b, pixelValues);
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: loader.getState() }; },

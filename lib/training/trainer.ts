@@ -80,6 +80,8 @@ export interface TrainerContext {
   logs: RunLogs;
   /** The fp16 loss scaler once the optimization exists (null otherwise). */
   scaler(): GradScaler | null;
+  /** Optimizer steps done (the script's global_step; 0 before the optimization exists). */
+  globalStep(): number;
 }
 
 /** What a command supplies: its models, data, micro-step, validation and finish. */
@@ -133,6 +135,7 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
   let optimization: Optimization | undefined;
   const ctx: TrainerContext = {
     device, weightDtype: WEIGHT_DTYPES[o.mixedPrecision], logs, scaler: () => optimization?.scaler ?? null,
+    globalStep: () => optimization?.accumulator.state.globalStep ?? 0,
     own: (x) => { owned.push(x); return x; },
   };
   let spec: TrainerSpec<B> | undefined;

@@ -12,6 +12,8 @@ import type { TensorBoardWriter } from '../logging/tensorboard.js';
 import { StableDiffusionPipeline, type StableDiffusionComponents } from '../pipelines/stable_diffusion.js';
 import { Generator } from '../random.js';
 import type { FromPretrainedOptions } from '../models/loading.js';
+import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import type { PipelineOutput } from '../pipelines/pipeline_utils.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
 import type { DType } from '../dtype.js';
 
@@ -56,15 +58,25 @@ export function validationRunsLeft(o: { epoch: number; numTrainEpochs: number; v
 
 /** Generates, writes and logs the validation images; returns their paths. Does not dispose the models. */
 export async function runValidation(components: StableDiffusionComponents, o: ValidationOptions): Promise<string[]> {
+  return runPipelineValidation(new StableDiffusionPipeline(components), o);
+}
+
+/** A pipeline validation can run (SD 1.x/2.x or SDXL): its UNet, and generate. */
+export interface ValidationPipeline {
+  unet: UNet2DConditionModel;
+  generate(o: { prompt: string; numInferenceSteps: number; generator: Generator; height?: number; width?: number; outputType: 'png' }): Promise<PipelineOutput>;
+}
+
+/** runValidation with any pipeline; its UNet is in eval mode for the call. Does not dispose the pipeline. */
+export async function runPipelineValidation(pipe: ValidationPipeline, o: ValidationOptions): Promise<string[]> {
   const started = performance.now();
   const about = { phase: o.phase, epoch: o.epoch, prompt: o.prompt, numImages: o.numImages, dir: o.dir };
   o.onEvent?.({ event: 'start', ...about });
-  const pipe = new StableDiffusionPipeline(components);
-  const device = components.unet.conv_in.weight.device;
+  const device = pipe.unet.conv_in.weight.device;
   const generator = new Generator(device.startsWith('cuda') ? device : 'cpu');
   generator.manualSeed(o.seed ?? Math.floor(Math.random() * 2 ** 31));
-  const wasTraining = components.unet.training;
-  components.unet.eval();
+  const wasTraining = pipe.unet.training;
+  pipe.unet.eval();
   const pngs: Buffer[] = [];
   try {
     for (let i = 0; i < o.numImages; i++) {
@@ -74,7 +86,7 @@ export async function runValidation(components: StableDiffusionComponents, o: Va
       pngs.push(...(out.images ?? []));
     }
   } finally {
-    if (wasTraining) components.unet.train();
+    if (wasTraining) pipe.unet.train();
   }
   mkdirSync(o.dir, { recursive: true });
   const paths = pngs.map((png, i) => {
