@@ -91,7 +91,7 @@ export type {
 export type { ListAdapters } from './pipelines/pipeline_utils.js';
 
 // ---- Training: the whole loop (what `difflora train` runs) and its pieces
-export { trainTextToImageLora, startTraining, trainDreamBoothLora } from './training/handle.js';
+export { trainTextToImageLora, startTraining, trainDreamBoothLora, trainTextToImageLoraSdxl } from './training/handle.js';
 export { BUILTIN_SETTINGS, prepareBuiltinDefault } from './builtin/default.js';
 export type { TrainingRun, TrainMetrics, TrainOutcome, TrainHooks } from './training/handle.js';
 export { runTraining, stepsArithmetic } from './training/train.js';
@@ -101,6 +101,10 @@ export { runDreamBoothTraining } from './training/train_dreambooth.js';
 export type { ClassImagesProgress } from './training/train_dreambooth.js';
 export { validateDreamBoothOptions } from './training/dreambooth_options.js';
 export type { DreamBoothOptions } from './training/dreambooth_options.js';
+export { runSdxlTraining } from './training/train_sdxl.js';
+export { validateSdxlTrainOptions } from './training/sdxl_options.js';
+export type { SdxlTrainOptions } from './training/sdxl_options.js';
+export { sdxlCondition, sdxlTimeIds } from './training/sdxl_step.js';
 export { runTrainer } from './training/trainer.js';
 export type { TrainerSpec, TrainerData, TrainerContext, TrainerOptions } from './training/trainer.js';
 export type { ValidationEvent } from './training/validation.js';

@@ -10,6 +10,7 @@ import { afterAll, describe, expect, it } from 'vitest';
 import { noGrad } from '../lib/autograd.js';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { attachLora } from '../lib/lora/attach.js';
+import { diffusersToSgmPath, sgmToDiffusersPath } from '../lib/lora/formats.js';
 import { saveLoraWeights } from '../lib/lora/save.js';
 import { CLIPTextModel, CLIPTextModelWithProjection } from '../lib/models/clip_text_model.js';
 import { UNet2DConditionModel } from '../lib/models/unet_2d_condition.js';
@@ -155,5 +156,30 @@ for (const variant of ['unet', 'unet_te'] as const) {
       expect(ours.tensors.map((t) => [t.name, t.shape, t.dtype])).toEqual(ref.tensors.map((t) => [t.name, t.shape, t.dtype]));
       expect(ours.metadata).toEqual(fileMeta.safetensors_metadata);
     });
+
+    it("--export_kohya: Kohya's SDXL layout, the key set of goldens/sdxl-lora-kohya for the modules trained", () => {
+      const file = saveLoraWeights(tmp, loraTargets(components), { format: 'kohya', weightName: 'kohya.safetensors', sgmLayersPerBlock: 2 });
+      const ours = readSafetensorsHeader(file).tensors.map((t) => t.name);
+      const trained = trainTe ? /(attn[12]_to_(q|k|v|out_0)|self_attn_(q|k|v|out)_proj)\./ : /^lora_unet_.*attn[12]_to_(q|k|v|out_0)\./;
+      const golden = readSafetensorsHeader(join(goldens, 'sdxl-lora-kohya', 'tiny_sdxl_kohya_lora.safetensors')).tensors.map((t) => t.name).filter((n) => trained.test(n));
+      expect(ours.length).toBe((trainTe ? 164 : 136) * 3);
+      expect([...ours].sort()).toEqual([...golden].sort());
+      expect(ours).toContain('lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight');
+    });
   });
 }
+
+describe('SGM names (diffusersToSgmPath), the inverse of sgmToDiffusersPath', () => {
+  it('maps down, mid and up blocks (resnets, attentions, samplers) and back', () => {
+    const paths = [
+      'down_blocks.0.resnets.1.conv1', 'down_blocks.1.attentions.0.proj_in', 'down_blocks.1.downsamplers.0.conv', 'down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k',
+      'mid_block.resnets.0.conv1', 'mid_block.attentions.0.proj_out', 'mid_block.resnets.1.conv2', 'up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2',
+      'up_blocks.1.resnets.0.conv_shortcut', 'up_blocks.0.upsamplers.0.conv', 'conv_in',
+    ];
+    const sgm = paths.map((p) => diffusersToSgmPath(p, 2));
+    expect(sgm.slice(0, 4)).toEqual(['input_blocks.2.0.conv1', 'input_blocks.4.1.proj_in', 'input_blocks.6.0.op', 'input_blocks.8.1.transformer_blocks.1.attn2.to_k']);
+    expect(sgm.slice(4, 7)).toEqual(['middle_block.0.conv1', 'middle_block.1.proj_out', 'middle_block.2.conv2']);
+    expect(sgm.slice(7)).toEqual(['output_blocks.2.1.transformer_blocks.0.ff.net.2', 'output_blocks.3.0.conv_shortcut', 'output_blocks.2.2.conv', 'conv_in']);
+    expect(sgm.map((p) => sgmToDiffusersPath(p, 2))).toEqual(paths);
+  });
+});

@@ -1,4 +1,5 @@
-// `difflora <command>`: train (the flags of train_text_to_image_lora.py), train-dreambooth (train_dreambooth_lora.py's), generate and convert-lora (lib/cli/generate.ts),
+// `difflora <command>`: train (the flags of train_text_to_image_lora.py), train-dreambooth (train_dreambooth_lora.py's),
+// train-sdxl (train_text_to_image_lora_sdxl.py's), generate and convert-lora (lib/cli/generate.ts),
 // env (what libtorch this build runs on), launch and dist-check (lib/cli/launch.ts: several processes).
 // Exit codes: 0 done, 1 failure (e.g. the native addon does not load), 2 usage error.
 import { readFileSync } from 'node:fs';
@@ -10,6 +11,7 @@ import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_a
 import { TrainOptionsError, pickTrainOptions } from '../training/options.js';
 import type { TrainProgress, runTraining } from '../training/train.js';
 import type { runDreamBoothTraining } from '../training/train_dreambooth.js';
+import type { runSdxlTraining } from '../training/train_sdxl.js';
 import type { ValidationEvent } from '../training/validation.js';
 import { ProgressPrinter } from './progress.js';
 
@@ -23,12 +25,16 @@ export interface Io {
 export type TrainFn = typeof runTraining;
 /** The DreamBooth entry point: lib/training/train_dreambooth.ts's runDreamBoothTraining. */
 export type DreamBoothTrainFn = typeof runDreamBoothTraining;
+/** The SDXL entry point: lib/training/train_sdxl.ts's runSdxlTraining. */
+export type SdxlTrainFn = typeof runSdxlTraining;
 
 export interface MainOptions extends Partial<Io> {
   /** Finds the training loop. Default: lib/training/train.{ts,js}, imported when `train` runs. */
   loadTrainer?: () => Promise<TrainFn>;
   /** Finds the DreamBooth trainer. Default: lib/training/train_dreambooth.{ts,js}, imported when `train-dreambooth` runs. */
   loadDreamBoothTrainer?: () => Promise<DreamBoothTrainFn>;
+  /** Finds the SDXL trainer. Default: lib/training/train_sdxl.{ts,js}, imported when `train-sdxl` runs. */
+  loadSdxlTrainer?: () => Promise<SdxlTrainFn>;
   /** Loads the native addon's info(); default imports lib/native.js (which throws an actionable error). */
   loadNativeInfo?: () => Promise<NativeInfo>;
 }
@@ -160,12 +166,13 @@ async function runTop(argv: string[], io: Io): Promise<number> {
     .usage('Usage: difflora <command> [flags]')
     .command('train', "Fine-tune Stable Diffusion with LoRA (the flags of diffusers' train_text_to_image_lora.py; see 'difflora train --help')")
     .command('train-dreambooth', "DreamBooth LoRA fine-tuning (the flags of diffusers' train_dreambooth_lora.py; see 'difflora train-dreambooth --help')")
+    .command('train-sdxl', "SDXL LoRA fine-tuning (the flags of diffusers' train_text_to_image_lora_sdxl.py; see 'difflora train-sdxl --help')")
     .command('generate', "Text to image with a Stable Diffusion pipeline and LoRA files (see 'difflora generate --help')")
     .command('convert-lora', "Convert a LoRA file between the diffusers/PEFT and Kohya layouts (see 'difflora convert-lora --help')")
     .command('env', 'Print the libtorch version, CUDA devices, threads and allocator of this build')
     .command('launch', "Start the processes of a data-parallel run (accelerate launch's flags; see 'difflora launch --help')")
     .command('dist-check', 'Check a multi-process set-up: join the group and test every collective')
-    .demandCommand(1, 'Give a command: train, train-dreambooth, generate, convert-lora, env, launch or dist-check')
+    .demandCommand(1, 'Give a command: train, train-dreambooth, train-sdxl, generate, convert-lora, env, launch or dist-check')
     .strictCommands()
     .strict()
     .version(packageVersion())
@@ -212,6 +219,29 @@ async function runTrainDreamBooth(argv: string[], io: Io, load: () => Promise<Dr
   return 0;
 }
 
+/** The SDXL trainer (lib/training/train_sdxl.ts), imported when `train-sdxl` runs. */
+async function defaultLoadSdxlTrainer(): Promise<SdxlTrainFn> {
+  return (await import('../training/train_sdxl.js')).runSdxlTraining;
+}
+
+async function runTrainSdxl(argv: string[], io: Io, load: () => Promise<SdxlTrainFn>): Promise<number> {
+  const { parseSdxlTrainArgs, sdxlTrainHelp } = await import('./train_sdxl_args.js');
+  if (argv.includes('--help') || argv.includes('-h')) {
+    io.stdout.write(`${await sdxlTrainHelp()}\n`);
+    return 0;
+  }
+  const args = parseSdxlTrainArgs(argv, io.env);
+  for (const w of args.warnings) io.stderr.write(`difflora train-sdxl: warning: ${w}\n`);
+  const train = await load();
+  const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);
+  const result = await train(args.options, { onProgress: (p) => printer.progress(p), onValidation: (e) => printer.validation(e), onNotice: (m) => printer.notice(m) });
+  if (result.skippedImages.count > 0) {
+    io.stderr.write(`difflora train-sdxl: warning: skipped ${result.skippedImages.count} unreadable image(s) (--skip_broken_images): ${result.skippedImages.files.join(', ')}\n`);
+  }
+  io.stdout.write(`difflora train-sdxl: LoRA weights written to ${result.outputFile}\n`);
+  return 0;
+}
+
 /** Runs the CLI on `argv` (without node and the script) and returns the exit code. */
 export async function main(argv: string[], options: MainOptions = {}): Promise<number> {
   const io: Io = { stdout: options.stdout ?? process.stdout, stderr: options.stderr ?? process.stderr, env: options.env ?? process.env };
@@ -219,6 +249,7 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
   try {
     if (command === 'train') return await runTrain(rest, io, options.loadTrainer ?? defaultLoadTrainer);
     if (command === 'train-dreambooth') return await runTrainDreamBooth(rest, io, options.loadDreamBoothTrainer ?? defaultLoadDreamBoothTrainer);
+    if (command === 'train-sdxl') return await runTrainSdxl(rest, io, options.loadSdxlTrainer ?? defaultLoadSdxlTrainer);
     if (command === 'generate') return await (await import('./generate.js')).runGenerate(rest, io);
     if (command === 'convert-lora') return await (await import('./generate.js')).runConvertLora(rest, io);
     if (command === 'launch' || command === 'dist-check') return await (await import('./launch.js')).runDistributedCommand(command, rest, io);
@@ -230,7 +261,7 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
   } catch (e) {
     // an option outside its domain found by the library (e.g. --rank larger than the model's layers) is a usage error too
     if (e instanceof UsageError || e instanceof TrainOptionsError) {
-      const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' || command === 'train-dreambooth' ? command : 'train';
+      const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' || command === 'train-dreambooth' || command === 'train-sdxl' ? command : 'train';
       io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;
     }

@@ -129,6 +129,32 @@ export function sgmToDiffusersPath(path: string, layersPerBlock: number): string
   return inner ? `up_blocks.${Math.floor(i / per)}.${inner}.${j < 2 ? i % per : 0}${rest}` : null;
 }
 
+/**
+ * A diffusers UNet path in SGM naming, the inverse of sgmToDiffusersPath (Kohya's SDXL files name the UNet so):
+ * down block b's layer l is `input_blocks.(1 + b(L+1) + l)` (.0 resnet, .1 attention), its downsampler
+ * `input_blocks.((b+1)(L+1)).0.op`; the mid block's resnets.0 / attentions.0 / resnets.1 are middle_block.0/1/2;
+ * up block b's layer l is `output_blocks.(b(L+1) + l)` (.0 resnet, .1 attention), its upsampler
+ * `output_blocks.(b(L+1) + L).2`. L = layers_per_block. Other paths are returned unchanged.
+ */
+export function diffusersToSgmPath(path: string, layersPerBlock: number): string {
+  const per = layersPerBlock + 1;
+  const mid = /^mid_block\.(resnets|attentions)\.(\d+)(\..*)?$/.exec(path);
+  if (mid) return `middle_block.${mid[1] === 'attentions' ? 1 : 2 * Number(mid[2])}${mid[3] ?? ''}`;
+  const down = /^down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)(\..*)?$/.exec(path);
+  if (down) {
+    const [b, kind, l, rest] = [Number(down[1]), down[2], Number(down[3]), down[4] ?? ''];
+    if (kind === 'downsamplers') return `input_blocks.${(b + 1) * per}.0.op${rest.replace(/^\.conv/, '')}`;
+    return `input_blocks.${1 + b * per + l}.${kind === 'resnets' ? 0 : 1}${rest}`;
+  }
+  const up = /^up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)(\..*)?$/.exec(path);
+  if (up) {
+    const [b, kind, l, rest] = [Number(up[1]), up[2], Number(up[3]), up[4] ?? ''];
+    if (kind === 'upsamplers') return `output_blocks.${b * per + layersPerBlock}.2${rest}`;
+    return `output_blocks.${b * per + l}.${kind === 'resnets' ? 0 : 1}${rest}`;
+  }
+  return path;
+}
+
 type Slot = 'down' | 'up' | 'alpha';
 interface ParsedKey { component: LoraComponent; path: string; slot: Slot; layout: LoraKeyLayout }
 
@@ -332,14 +358,17 @@ export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string)
 
 /**
  * Kohya/sd-scripts keys (`lora_unet_…`, `lora_te_…`) in sd-scripts' order per layer (alpha, lora_down, lora_up);
- * alpha is a 0-dim float32 tensor (rank when the layer has none). New handles, as toDiffusersKeys.
+ * alpha is a 0-dim float32 tensor (rank when the layer has none). New handles, as toDiffusersKeys. With
+ * sgmLayersPerBlock (an SDXL UNet's layers_per_block) the UNet is named in SGM paths and the encoders
+ * lora_te1_/lora_te2_, as Kohya's SDXL files.
  */
-export function toKohyaKeys(layers: readonly LoraWeights[]): Map<string, Tensor> {
+export function toKohyaKeys(layers: readonly LoraWeights[], o: { sgmLayersPerBlock?: number } = {}): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
-  const sdxl = layers.some((l) => l.component === 'text_encoder_2');
+  const sdxl = o.sgmLayersPerBlock !== undefined || layers.some((l) => l.component === 'text_encoder_2');
+  const unetPath = (p: string) => (o.sgmLayersPerBlock === undefined ? p : diffusersToSgmPath(p, o.sgmLayersPerBlock));
   noGrad(() => {
     for (const l of layers) {
-      const name = kohyaName(l.path, kohyaPrefix(l.component, sdxl));
+      const name = kohyaName(l.component === 'unet' ? unetPath(l.path) : l.path, kohyaPrefix(l.component, sdxl));
       out.set(`${name}.alpha`, torch.scalarTensor(l.alpha ?? (l.down.shape[0] as number), { dtype: 'float32' }));
       out.set(`${name}.lora_down.weight`, l.down.detach());
       out.set(`${name}.lora_up.weight`, l.up.detach());

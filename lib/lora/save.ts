@@ -46,8 +46,8 @@ export function loraStateDictDiffusers(target: LoraTarget, options: { prefix?: s
  * The LoRA weights under Kohya/sd-scripts names (`lora_unet_…`), with each layer's alpha as a 0-dim float32
  * tensor, in sd-scripts' state-dict order (alpha, lora_down, lora_up). New handles, as loraStateDictDiffusers.
  */
-export function loraStateDictKohya(target: LoraTarget): Map<string, Tensor> {
-  return toKohyaKeys(layerWeights(target, 'loraStateDictKohya'));
+export function loraStateDictKohya(target: LoraTarget, options: { sgmLayersPerBlock?: number } = {}): Map<string, Tensor> {
+  return toKohyaKeys(layerWeights(target, 'loraStateDictKohya'), options);
 }
 
 export interface SaveLoraOptions {
@@ -57,6 +57,8 @@ export interface SaveLoraOptions {
   weightName?: string;
   /** Extra safetensors metadata (string → string). */
   metadata?: Record<string, string>;
+  /** Kohya format of an SDXL UNet: its layers_per_block, for the SGM names (`input_blocks_4_1_…`) Kohya's SDXL files use. */
+  sgmLayersPerBlock?: number;
 }
 
 /**
@@ -81,7 +83,7 @@ export function saveLoraWeights(dir: string, target: LoraTarget, options: SaveLo
   metadata = { ...metadata, ...options.metadata };
   mkdirSync(dir, { recursive: true });
   tidy(() => {
-    const sd = format === 'diffusers' ? loraStateDictDiffusers(target) : loraStateDictKohya(target);
+    const sd = format === 'diffusers' ? loraStateDictDiffusers(target) : loraStateDictKohya(target, { sgmLayersPerBlock: options.sgmLayersPerBlock });
     saveSafetensors(file, sortedByKey(sd), metadata);
   });
   return file;

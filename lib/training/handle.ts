@@ -11,6 +11,8 @@ import { validateDreamBoothOptions, type DreamBoothOptions } from './dreambooth_
 import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
 import { runDreamBoothTraining, type ClassImagesProgress, type DreamBoothHooksInternal } from './train_dreambooth.js';
+import { validateSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
+import { runSdxlTraining } from './train_sdxl.js';
 import type { ValidationEvent } from './validation.js';
 
 export interface TrainMetrics {
@@ -124,6 +126,15 @@ function started(run: Run, hooks: TrainHooks): TrainingRun {
 export function trainDreamBoothLora(options: DreamBoothOptions, hooks: TrainHooks = {}): TrainingRun {
   validateDreamBoothOptions(options);
   return started(new Run((h) => runDreamBoothTraining(options, h), hooks.signal, hooks.onNotice), hooks);
+}
+
+/**
+ * Trains an SDXL LoRA as diffusers' train_text_to_image_lora_sdxl.py (options = its flags in camelCase), with the
+ * same handle as trainTextToImageLora. Options outside their domains throw a TrainOptionsError at once.
+ */
+export function trainTextToImageLoraSdxl(options: SdxlTrainOptions, hooks: TrainHooks = {}): TrainingRun {
+  validateSdxlTrainOptions(options);
+  return started(new Run((h) => runSdxlTraining(options, h), hooks.signal, hooks.onNotice), hooks);
 }
 
 /** The same as trainTextToImageLora (a name for code that reads better as "start, then await"). */

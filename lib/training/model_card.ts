@@ -15,6 +15,8 @@ export interface ModelCardInfo {
   images?: string[];
   /** A DreamBooth run: the card of train_dreambooth_lora.py (trained on the instance prompt, text-encoder LoRA or not). */
   dreambooth?: { instancePrompt: string; trainTextEncoder: boolean };
+  /** An SDXL run (train_text_to_image_lora_sdxl.py's card): text-encoder LoRA or not, and the VAE given apart. */
+  sdxl?: { trainTextEncoder: boolean; vaePath: string | null };
 }
 
 /** The model as the card's title names it: a Hub id as given, a local folder by its name (not the machine's path). */
@@ -29,7 +31,8 @@ export function modelCard(c: ModelCardInfo): string {
     'license: creativeml-openrail-m',
     `base_model: ${c.baseModel}`,
     'tags:',
-    ...['stable-diffusion', 'stable-diffusion-diffusers', 'text-to-image', 'diffusers', 'diffusers-training', 'lora', 'difflora'].map((t) => `- ${t}`),
+    ...(c.sdxl ? ['stable-diffusion-xl', 'stable-diffusion-xl-diffusers'] : ['stable-diffusion', 'stable-diffusion-diffusers']),
+    ...['text-to-image', 'diffusers', 'diffusers-training', 'lora', 'difflora'].map((t) => `- ${t}`),
     'inference: true',
     '---',
     '',
@@ -38,13 +41,14 @@ export function modelCard(c: ModelCardInfo): string {
       '',
       `These are LoRA adaption weights for ${c.baseModel}. The weights were fine-tuned on the ${c.dataset} dataset with difflora ` +
         `(rank ${c.rank}, ${c.steps} steps, learning rate ${c.learningRate}, resolution ${c.resolution}).`,
+      ...(c.sdxl ? ['', `LoRA for the text encoder was enabled: ${c.sdxl.trainTextEncoder ? 'True' : 'False'}.`, '', `Special VAE used for training: ${c.sdxl.vaePath ?? 'None'}.`] : []),
     ]),
     ...(c.validationPrompt ? ['', `Validation prompt: ${c.validationPrompt}`] : []),
     ...(c.images?.length ? ['', 'Some example images are below.', '', ...c.images.map((p, i) => `![img_${i}](./${p})`)] : []),
     '',
     '```python',
-    'from diffusers import StableDiffusionPipeline',
-    `pipe = StableDiffusionPipeline.from_pretrained("${c.baseModel}")`,
+    `from diffusers import ${c.sdxl ? 'StableDiffusionXLPipeline' : 'StableDiffusionPipeline'}`,
+    `pipe = ${c.sdxl ? 'StableDiffusionXLPipeline' : 'StableDiffusionPipeline'}.from_pretrained("${c.baseModel}")`,
     'pipe.load_lora_weights("path/to/this/folder")',
     '```',
     '',

@@ -1,0 +1,145 @@
+// runSdxlTraining: diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py (0.31) as a TrainerSpec for
+// the shared skeleton (trainer.ts: logs, resume, optimization with real clipping, checkpoints, the loop, the saved
+// file). Its parts: the SDXL models with LoRA on the UNet and, with --train_text_encoder, on both text encoders
+// (sdxl_models.ts); captioned images with their original size and crop offset, flipped before cropping as the
+// script (train_data.ts); the step (step.ts with sdxl_step.ts's conditioning and time ids); validation with an
+// SDXL pipeline of the training models (the pipeline's 50 steps), and at the end from the saved file.
+import { basename, join } from 'node:path';
+import { AutoencoderKL } from '../models/autoencoder_kl.js';
+import { StableDiffusionXLPipeline } from '../pipelines/stable_diffusion_xl.js';
+import { loadScheduler } from '../schedulers/scheduler.js';
+import { dispose, tidy } from '../scope.js';
+import type { Tensor } from '../tensor.js';
+import { saveLoraWeights } from '../lora/save.js';
+import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import { loraTargets } from './lora_components.js';
+import { saveModelCard } from './model_card.js';
+import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.js';
+import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
+import { sdxlCondition, sdxlTimeIds, type SdxlPromptBatch } from './sdxl_step.js';
+import { encodeLatents, loraTrainingStep } from './step.js';
+import { openCaptionedImages } from './train_data.js';
+import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
+import { runPipelineValidation, type ValidationOptions } from './validation.js';
+
+export type { SdxlTrainOptions };
+
+/** --export_kohya's file, next to pytorch_lora_weights.safetensors. */
+export const KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors';
+
+/** The pipeline's default steps, which the script's log_validation uses (it passes none). */
+const VALIDATION_STEPS = 50;
+
+/** One SDXL micro-batch: the images, both tokenizers' ids, the time ids, and the image files (--debug_loss). */
+type SdxlBatch = SdxlPromptBatch & { pixelValues: Tensor; files: string[] };
+
+/**
+ * Trains an SDXL LoRA as the script's main(): options checked and resolved, then the shared skeleton runs the
+ * SDXL spec. A run that fails before writing anything leaves no folder it created.
+ */
+export async function runSdxlTraining(options: SdxlTrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
+  validateSdxlTrainOptions(options);
+  const o = resolveSdxlTrainOptions(options);
+  return runTrainer(o, hooks, (ctx) => sdxlSpec(o, ctx, hooks));
+}
+
+async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks: TrainHooksInternal): Promise<TrainerSpec<SdxlBatch>> {
+  const models = loadSdxlTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
+  const { unet, vae, textEncoder, textEncoder2, tokenizer, tokenizer2 } = models;
+  // the script resizes with BILINEAR (no --image_interpolation_mode) and flips before cropping
+  const data = await openCaptionedImages({ ...o, imageInterpolationMode: 'bilinear' }, {
+    device: ctx.device,
+    flipBeforeCrop: true,
+    collate: (b, pixelValues) => ({
+      pixelValues,
+      inputIds: tokenizer.inputIdsTensor(b.captions, { device: ctx.device }),
+      inputIds2: tokenizer2.inputIdsTensor(b.captions, { device: ctx.device }),
+      timeIds: sdxlTimeIds(b.originalSizes, b.cropTopLeft, o.resolution, { dtype: ctx.weightDtype, device: ctx.device }),
+      files: b.imagePaths.map((p) => basename(p)),
+    }),
+  });
+  const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string): ValidationOptions => ({
+    // the script seeds its generator only when --seed is given and not 0 (`if args.seed`)
+    prompt, numImages: o.numValidationImages, seed: o.seed || null, phase, epoch, dir, logs: ctx.logs.tensorboard(), onEvent: hooks.onValidation,
+    numInferenceSteps: VALIDATION_STEPS,
+  });
+  return {
+    lora: models.lora,
+    data,
+    microStep: (batch) => {
+      try {
+        return tidy(() => sdxlMicroStep(o, models, ctx, batch));
+      } finally {
+        dispose([batch.pixelValues, batch.inputIds, batch.inputIds2, batch.timeIds]);
+      }
+    },
+    validate: async (epoch) => {
+      if (o.validationPrompt === null) return;
+      // the script's pipeline of the training models (vae, both text encoders, the UNet) with the model's scheduler
+      const scheduler = loadScheduler(o.pretrainedModelNameOrPath, { ...models.load, subfolder: 'scheduler' });
+      try {
+        const pipe = new StableDiffusionXLPipeline({ vae, textEncoder, textEncoder2, tokenizer, tokenizer2, unet, scheduler, forceZerosForEmptyPrompt: models.forceZerosForEmptyPrompt });
+        await runPipelineValidation(pipe, validation(o.validationPrompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`)));
+      } finally {
+        scheduler.dispose();
+      }
+    },
+    finish: async ({ outputDir, lastEpoch, globalStep, baseLr }) => {
+      if (o.exportKohya) saveLoraWeights(outputDir, loraTargets(models.lora), { format: 'kohya', weightName: KOHYA_WEIGHT_NAME, sgmLayersPerBlock: uniformLayersPerBlock(unet) });
+      const images = o.validationPrompt === null || o.numValidationImages === 0 ? [] : await finalValidation(o, models, ctx, validation(o.validationPrompt, 'test', lastEpoch, outputDir));
+      saveModelCard(outputDir, {
+        baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank: o.rank, steps: globalStep, learningRate: baseLr,
+        resolution: o.resolution, validationPrompt: o.validationPrompt, images: images.map((p) => basename(p)),
+        sdxl: { trainTextEncoder: o.trainTextEncoder, vaePath: o.pretrainedVaeModelNameOrPath },
+      });
+      return images;
+    },
+  };
+}
+
+/**
+ * The script's loop body: latents from the VAE (float32 unless a VAE was given apart) cast to the weight dtype,
+ * then step.ts's step with the SDXL conditioning; --debug_loss logs the loss per image file at the global step.
+ */
+function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext, batch: SdxlBatch): number {
+  const latents = encodeLatents(models.vae, batch.pixelValues).to(ctx.weightDtype);
+  const loss = loraTrainingStep({
+    unet: models.unet, scheduler: models.noiseScheduler, batch: { latents }, trainTextEncoder: o.trainTextEncoder,
+    condition: sdxlCondition(models.textEncoder, models.textEncoder2, batch), accumulationSteps: o.gradientAccumulationSteps,
+    mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), noiseOffset: o.noiseOffset, snrGamma: o.snrGamma, predictionType: o.predictionType,
+  });
+  if (o.debugLoss) {
+    const tb = ctx.logs.tensorboard();
+    for (const f of batch.files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
+  }
+  return loss;
+}
+
+/**
+ * The final inference as the script: the base pipeline loaded afresh in the weight dtype with the training's VAE
+ * (float32 unless given apart or fp16), and the saved LoRA file loaded into it.
+ */
+async function finalValidation(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext, v: ValidationOptions): Promise<string[]> {
+  const pipe = StableDiffusionXLPipeline.fromPretrained(o.pretrainedModelNameOrPath, { ...models.load, variant: o.variant ?? undefined, dtype: ctx.weightDtype, device: ctx.device });
+  try {
+    if (o.pretrainedVaeModelNameOrPath) {
+      pipe.vae.dispose();
+      pipe.vae = AutoencoderKL.fromPretrained(o.pretrainedVaeModelNameOrPath, { ...models.load, variant: o.variant ?? undefined, dtype: ctx.weightDtype, device: ctx.device });
+    } else if (o.mixedPrecision !== 'fp16') {
+      pipe.vae.to({ dtype: 'float32' });
+    }
+    pipe.loadLoraWeights(v.dir);
+    if (o.enableXformersMemoryEfficientAttention) pipe.enableMemoryEfficientAttention();
+    return await runPipelineValidation(pipe, v);
+  } finally {
+    pipe.dispose();
+  }
+}
+
+/** The UNet's layers_per_block, which SGM naming needs the same in every block (as in SDXL). */
+function uniformLayersPerBlock(unet: UNet2DConditionModel): number {
+  const l = unet.config.layersPerBlock;
+  const all = Array.isArray(l) ? l : [l];
+  if (all.some((x) => x !== all[0]) || all[0] === undefined) throw new Error(`--export_kohya: the UNet's layers_per_block ${JSON.stringify(l)} differs between blocks; Kohya's SGM names need one value`);
+  return all[0];
+}
