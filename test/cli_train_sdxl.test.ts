@@ -33,11 +33,16 @@ const stepsOf = (stderr: string): number[] => [...stderr.matchAll(/^step (\d+)\/
 describe('difflora train-sdxl: text-encoder LoRA, checkpoints, SIGKILL and resume', () => {
   it('trains, and a run killed after checkpoint-2 and resumed with latest ends byte-identical to an uninterrupted one', async () => {
     const straight = join(tmp, 'straight');
-    const ref = await runCli(args(straight, '--validation_prompt=a photo of a cat', '--num_validation_images=1'));
+    const ref = await runCli(args(straight, '--validation_prompt=a photo of a cat', '--num_validation_images=1', '--export_kohya'));
     expect(ref.code, ref.stderr).toBe(0);
     expect(stepsOf(ref.stderr)).toEqual([1, 2, 3, 4]);
     expect(readdirSync(straight).filter((n) => n.startsWith('checkpoint-')).sort()).toEqual(['checkpoint-2', 'checkpoint-4']);
     expect(existsSync(join(straight, 'image_0.png'))).toBe(true); // the final validation, from the saved file
+    // --export_kohya: Kohya's SDXL names next to the diffusers file (136 UNet + 12 + 16 text-encoder modules)
+    const kohya = readSafetensorsHeader(join(straight, 'pytorch_lora_weights_kohya.safetensors'));
+    expect(kohya.tensors.length).toBe(164 * 3);
+    expect(kohya.tensors.map((t) => t.name)).toContain('lora_unet_output_blocks_2_1_transformer_blocks_1_attn2_to_out_0.lora_up.weight');
+    expect(kohya.tensors.map((t) => t.name)).toContain('lora_te2_text_model_encoder_layers_3_self_attn_out_proj.alpha');
     expect(readFileSync(join(straight, 'README.md'), 'utf8')).toMatch(/stable-diffusion-xl[\s\S]*text encoder was enabled: True[\s\S]*StableDiffusionXLPipeline/);
 
     const out = join(tmp, 'killed');

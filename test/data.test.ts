@@ -204,6 +204,31 @@ describe('loadTrainImage', () => {
     expect(r!).toBeCloseTo(f(90), 1);
   });
 
+  it("flipBeforeCrop (the SDXL script's order): the crop offset is in the flipped image, the pixels its mirror", async () => {
+    // split.png 40×30 → 21×16; a random crop of 16 starts at column 0..5. Flipped first, the crop at `left` of the
+    // flipped image is the mirror of the crop at 5 − left of the image.
+    const R = 16;
+    const runs = await Promise.all(Array.from({ length: 40 }, (_, s) => loadTrainImage(p('img', 'split.png'), { resolution: R, randomFlip: true, flipBeforeCrop: true, interpolation: 'nearest', rng: new Rng(s) })));
+    const unflipped = new Map(runs.filter((r) => !r.flipped).map((r) => [r.cropTopLeft[1], r]));
+    let compared = 0;
+    for (const a of runs.filter((r) => r.flipped)) {
+      const b = unflipped.get(5 - a.cropTopLeft[1]);
+      if (!b) continue;
+      for (let c = 0; c < 3; c++) for (let y = 0; y < R; y += 5) for (let x = 0; x < R; x++) {
+        expect(a.data[c * R * R + y * R + x]).toBe(b.data[c * R * R + y * R + (R - 1 - x)]);
+      }
+      compared++;
+    }
+    expect(compared).toBeGreaterThan(3);
+    // centre crop of the flipped image: offset round((21 − 16) / 2) = 2 recorded, the mirror of the image's crop at 3
+    let centre = await loadTrainImage(p('img', 'split.png'), { resolution: R, centerCrop: true, randomFlip: true, flipBeforeCrop: true, interpolation: 'nearest', rng: new Rng(0) });
+    for (let s = 1; !centre.flipped; s++) centre = await loadTrainImage(p('img', 'split.png'), { resolution: R, centerCrop: true, randomFlip: true, flipBeforeCrop: true, interpolation: 'nearest', rng: new Rng(s) });
+    expect(centre.cropTopLeft).toEqual([0, 2]);
+    const atThree = unflipped.get(3)!;
+    expect(atThree).toBeDefined();
+    for (let x = 0; x < R; x++) expect(centre.data[x]).toBe(atThree.data[R - 1 - x]);
+  });
+
   it('flip mirrors the unflipped crop; same seed, same result', async () => {
     const opts = { resolution: 30, centerCrop: true, randomFlip: true, interpolation: 'bilinear' as const };
     const runs = await Promise.all(Array.from({ length: 8 }, (_, s) => loadTrainImage(p('img', 'split.png'), { ...opts, rng: new Rng(s) })));
