@@ -100,6 +100,24 @@ describe('difflora train-sdxl: bad input', () => {
   });
 });
 
+describe('difflora train-sdxl with no model or data flags', () => {
+  it('trains the built-in default: a generated tiny SDXL pipeline (both encoders, text_time UNet) and pictures', async () => {
+    const out = join(tmp, 'builtin');
+    const r = await run(['train-sdxl', `--output_dir=${out}`, '--max_train_steps=3', '--checkpointing_steps=3', '--train_text_encoder', '--validation_prompt=a red circle', '--num_validation_images=1']);
+    expect(r.code, r.err).toBe(0);
+    expect(r.err).toMatch(/difflora train-sdxl: no model or data given — training the built-in default: a tiny random-weight SDXL pipeline/);
+    expect(r.err).toMatch(/step 3\/3 /);
+    const header = readSafetensorsHeader(join(out, 'pytorch_lora_weights.safetensors'));
+    expect(header.metadata).toEqual({ format: 'pt' });
+    for (const part of ['unet.', 'text_encoder.', 'text_encoder_2.']) expect(header.tensors.some((t) => t.name.startsWith(part)), part).toBe(true);
+    expect(existsSync(join(out, 'checkpoint-3'))).toBe(true);
+    expect(existsSync(join(out, 'image_0.png'))).toBe(true);
+    const once = await run(['train-sdxl', '--train_data_dir=x']);
+    expect(once.code).toBe(2);
+    expect(once.err).toMatch(/--pretrained_model_name_or_path is required/);
+  }, 300_000);
+});
+
 describe('trainTextToImageLoraSdxl (library)', () => {
   it('the same handle as trainTextToImageLora: progress events, metrics, the UNet-only file of the script', async () => {
     const steps: number[] = [];

@@ -1,18 +1,22 @@
-// The built-in default of `difflora train` with no model or data flags: a tiny Stable Diffusion pipeline
-// with random weights in diffusers layout and a small set of synthetic captioned pictures, both generated
-// here (nothing is downloaded), so a newcomer sees the whole job run in about a minute on 2 CPU cores.
+// The built-in default of `difflora train` (and `difflora train-sdxl`) with no model or data flags: a tiny Stable
+// Diffusion (or SDXL) pipeline with random weights in diffusers layout and a small set of synthetic captioned
+// pictures, both generated here (nothing is downloaded), so a newcomer sees the whole job run in about a minute
+// on 2 CPU cores.
 import { existsSync, lstatSync, mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { saveSafetensors } from '../io/safetensors.js';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
-import { CLIPTextModel } from '../models/clip_text_model.js';
+import { CLIPTextModel, CLIPTextModelWithProjection } from '../models/clip_text_model.js';
 import { bytesToUnicode } from '../models/clip_tokenizer.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { manualSeed } from '../random.js';
+import type { Tensor } from '../tensor.js';
 
-const VERSION = 'builtin-v1';
+/** The generated pipeline: Stable Diffusion 1.x-like (`difflora train`) or SDXL-like (`difflora train-sdxl`). */
+export type BuiltinKind = 'sd' | 'sdxl';
+const VERSIONS: Record<BuiltinKind, string> = { sd: 'builtin-v1', sdxl: 'builtin-sdxl-v1' };
 
 // A byte-level vocabulary (every byte, alone and word-final) and no merges: any caption tokenizes, and the
 // text encoder stays tiny. '<|endoftext|>' has the largest id, as CLIP's legacy pooling (eos id 2) assumes.
@@ -51,25 +55,53 @@ const configs = {
   },
 };
 
-function writeModel(dir: string): void {
+/**
+ * The SDXL pipeline's parts, shaped like SDXL base (DownBlock2D then cross-attention blocks, the 'text_time'
+ * added conditions, a second text encoder with a projection) at toy width: 8 + 16 = 24 wide prompt embeddings,
+ * pooled 16, 6 time ids × 8.
+ */
+const sdxlConfigs = {
+  unet: {
+    _class_name: 'UNet2DConditionModel', sample_size: 16, in_channels: 4, out_channels: 4, layers_per_block: 2, block_out_channels: [16, 32, 32],
+    down_block_types: ['DownBlock2D', 'CrossAttnDownBlock2D', 'CrossAttnDownBlock2D'], up_block_types: ['CrossAttnUpBlock2D', 'CrossAttnUpBlock2D', 'UpBlock2D'],
+    transformer_layers_per_block: [1, 1, 2], attention_head_dim: [1, 2, 4], use_linear_projection: true, cross_attention_dim: 24, norm_num_groups: 8,
+    addition_embed_type: 'text_time', addition_time_embed_dim: 8, projection_class_embeddings_input_dim: 6 * 8 + 16,
+  },
+  text_encoder: { ...configs.text_encoder, hidden_size: 8, intermediate_size: 16, num_attention_heads: 2, num_hidden_layers: 3 },
+  text_encoder_2: {
+    ...configs.text_encoder, architectures: ['CLIPTextModelWithProjection'], hidden_size: 16, intermediate_size: 32, num_attention_heads: 2,
+    num_hidden_layers: 3, hidden_act: 'gelu', projection_dim: 16,
+  },
+};
+
+function writeModel(dir: string, kind: BuiltinKind): void {
   manualSeed(0);
+  const sdxl = kind === 'sdxl';
+  const unetConfig = sdxl ? sdxlConfigs.unet : configs.unet;
+  const textConfig = sdxl ? sdxlConfigs.text_encoder : configs.text_encoder;
   const files: [string, Record<string, string>][] = [
     ['tokenizer', tokenizerFiles()],
+    ...(sdxl ? [['tokenizer_2', tokenizerFiles()] as [string, Record<string, string>]] : []),
     ['scheduler', { 'scheduler_config.json': JSON.stringify(configs.scheduler) }],
-    ['unet', { 'config.json': JSON.stringify(configs.unet) }],
+    ['unet', { 'config.json': JSON.stringify(unetConfig) }],
     ['vae', { 'config.json': JSON.stringify(configs.vae) }],
-    ['text_encoder', { 'config.json': JSON.stringify(configs.text_encoder) }],
+    ['text_encoder', { 'config.json': JSON.stringify(textConfig) }],
+    ...(sdxl ? [['text_encoder_2', { 'config.json': JSON.stringify(sdxlConfigs.text_encoder_2) }] as [string, Record<string, string>]] : []),
   ];
   for (const [sub, contents] of files) {
     mkdirSync(join(dir, sub), { recursive: true });
     for (const [name, text] of Object.entries(contents)) writeFileSync(join(dir, sub, name), text);
   }
-  writeFileSync(join(dir, 'model_index.json'), JSON.stringify({ _class_name: 'StableDiffusionPipeline', _difflora: VERSION }));
-  const models = [
-    ['unet', 'diffusion_pytorch_model', UNet2DConditionModel.fromConfig(configs.unet)],
+  const pipeline = sdxl ? 'StableDiffusionXLPipeline' : 'StableDiffusionPipeline';
+  const components = Object.fromEntries(files.map(([sub]) => [sub, sub.startsWith('tokenizer') ? ['transformers', 'CLIPTokenizer'] : sub === 'scheduler' ? ['diffusers', 'DDPMScheduler']
+    : sub === 'text_encoder_2' ? ['transformers', 'CLIPTextModelWithProjection'] : sub === 'text_encoder' ? ['transformers', 'CLIPTextModel'] : ['diffusers', sub === 'unet' ? 'UNet2DConditionModel' : 'AutoencoderKL']]));
+  writeFileSync(join(dir, 'model_index.json'), JSON.stringify({ _class_name: pipeline, _difflora: VERSIONS[kind], ...(sdxl ? components : {}) }));
+  const models: [string, string, { stateDict(): Map<string, Tensor>; dispose(): void }][] = [
+    ['unet', 'diffusion_pytorch_model', UNet2DConditionModel.fromConfig(unetConfig)],
     ['vae', 'diffusion_pytorch_model', new AutoencoderKL(configs.vae)],
-    ['text_encoder', 'model', new CLIPTextModel(configs.text_encoder)],
-  ] as const;
+    ['text_encoder', 'model', new CLIPTextModel(textConfig)],
+    ...(sdxl ? [['text_encoder_2', 'model', new CLIPTextModelWithProjection(sdxlConfigs.text_encoder_2)] as [string, string, CLIPTextModelWithProjection]] : []),
+  ];
   for (const [sub, stem, m] of models) {
     saveSafetensors(join(dir, sub, `${stem}.safetensors`), m.stateDict(), { format: 'pt' });
     m.dispose();
@@ -130,19 +162,19 @@ export function checkOwnPrivateDir(dir: string, what = 'built-in default folder'
  * folders. `root` is made private (0700) if new, and refused unless it is this user's own, unwritable by
  * others. Written to a temporary folder inside it and renamed, so a half-made default is never used.
  */
-export async function prepareBuiltinDefault(root = defaultBuiltinRoot()): Promise<{ model: string; data: string }> {
+export async function prepareBuiltinDefault(root = defaultBuiltinRoot(), kind: BuiltinKind = 'sd'): Promise<{ model: string; data: string }> {
   try {
     mkdirSync(root, { mode: 0o700 });
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code !== 'EEXIST') throw new Error(`cannot create the built-in default folder '${root}': ${(e as Error).message}`);
   }
   checkOwnPrivateDir(root);
-  const dir = join(root, VERSION);
+  const dir = join(root, VERSIONS[kind]);
   const out = { model: join(dir, 'model'), data: join(dir, 'data') };
   if (existsSync(join(out.model, 'model_index.json')) && existsSync(join(out.data, 'metadata.jsonl'))) return out;
   const tmp = `${dir}.tmp-${process.pid}`;
   rmSync(tmp, { recursive: true, force: true });
-  writeModel(join(tmp, 'model'));
+  writeModel(join(tmp, 'model'), kind);
   await writeData(join(tmp, 'data'));
   try {
     renameSync(tmp, dir);

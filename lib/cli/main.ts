@@ -7,7 +7,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import yargs from 'yargs';
 import type { NativeInfo } from '../native.js';
-import { UsageError, parseTrainArgs, trainHelp, type TrainArgs } from './train_args.js';
+import { UsageError, parseTrainArgs, trainHelp } from './train_args.js';
 import { TrainOptionsError, pickTrainOptions } from '../training/options.js';
 import type { TrainProgress, runTraining } from '../training/train.js';
 import type { runDreamBoothTraining } from '../training/train_dreambooth.js';
@@ -61,20 +61,21 @@ async function defaultLoadNativeInfo(): Promise<NativeInfo> {
   return native.info();
 }
 
-/** Fills model, data and (for flags not given) the settings of the built-in default run. */
-async function useBuiltinDefault(args: TrainArgs, argv: string[], io: Io): Promise<void> {
-  const { prepareBuiltinDefault, BUILTIN_SETTINGS } = await import('../builtin/default.js');
-  const { model, data } = await prepareBuiltinDefault();
-  args.pretrainedModelNameOrPath = model;
-  args.trainDataDir = data;
+/** Fills model, data and (for flags not given) the settings of the built-in default run into `target` (the parsed flags). */
+async function useBuiltinDefault(target: object, argv: string[], io: Io, command: 'train' | 'train-sdxl'): Promise<void> {
+  const { prepareBuiltinDefault, BUILTIN_SETTINGS, defaultBuiltinRoot } = await import('../builtin/default.js');
+  const sdxl = command === 'train-sdxl';
+  const { model, data } = await prepareBuiltinDefault(defaultBuiltinRoot(), sdxl ? 'sdxl' : 'sd');
+  const mutable = target as Record<string, unknown>;
+  mutable.pretrainedModelNameOrPath = model;
+  mutable.trainDataDir = data;
   const given = (flag: string) => argv.some((a) => a === `--${flag}` || a.startsWith(`--${flag}=`));
-  const mutable = args as unknown as Record<string, unknown>;
   for (const [key, value] of Object.entries(BUILTIN_SETTINGS)) {
     const flag = key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
     if (!given(flag)) mutable[key] = value;
   }
-  io.stderr.write(`difflora train: no model or data given — training the built-in default: a tiny random-weight SD pipeline (${model}) ` +
-    `on 8 generated captioned pictures (${data}), ${args.maxTrainSteps} steps at ${args.resolution} px into '${args.outputDir}'.\n` +
+  io.stderr.write(`difflora ${command}: no model or data given — training the built-in default: a tiny random-weight ${sdxl ? 'SDXL' : 'SD'} pipeline (${model}) ` +
+    `on 8 generated captioned pictures (${data}), ${String(mutable.maxTrainSteps)} steps at ${String(mutable.resolution)} px into '${String(mutable.outputDir)}'.\n` +
     `Give --pretrained_model_name_or_path and --train_data_dir or --dataset_name to train on your own.\n`);
 }
 
@@ -86,7 +87,7 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
     return 0;
   }
   const args = parseTrainArgs(argv, io.env);
-  if (args.builtinDefault) await useBuiltinDefault(args, argv, io);
+  if (args.builtinDefault) await useBuiltinDefault(args, argv, io, 'train');
   // accepted flags that do not act here are said, not silently dropped
   const notActing = [
     ...(args.datasetConfigName !== undefined ? [`--dataset_config_name=${args.datasetConfigName}: not used; difflora reads the parquet files of the train split under --dataset_name (point --dataset_name at the configuration's folder to pick one)`] : []),
@@ -231,6 +232,7 @@ async function runTrainSdxl(argv: string[], io: Io, load: () => Promise<SdxlTrai
     return 0;
   }
   const args = parseSdxlTrainArgs(argv, io.env);
+  if (args.builtinDefault) await useBuiltinDefault(args.options, argv, io, 'train-sdxl');
   for (const w of args.warnings) io.stderr.write(`difflora train-sdxl: warning: ${w}\n`);
   const train = await load();
   const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);

@@ -73,21 +73,27 @@ export async function sdxlTrainHelp(): Promise<string> {
   return flagParser([], TABLE, USAGE).getHelp();
 }
 
-/** The parsed command line: the library's options, and what the CLI shows before training. */
-export type SdxlTrainArgs = ScriptArgs<SdxlTrainOptions>;
+/** The parsed command line: the library's options, what the CLI shows before training, and whether to train the built-in default. */
+export type SdxlTrainArgs = ScriptArgs<SdxlTrainOptions> & {
+  /** No model and no data flags: train the built-in default (a generated tiny SDXL pipeline and pictures, lib/builtin/default.ts). */
+  builtinDefault: boolean;
+};
 
 /**
  * Parses the flags of `difflora train-sdxl`. `env` supplies LOCAL_RANK as in the script. Throws a UsageError
  * listing every problem: unknown flags, bad values, the script's own checks, refused flags.
  */
 export function parseSdxlTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv = process.env): SdxlTrainArgs {
-  return parseScriptFlags<SdxlTrainOptions>(argv, env, TABLE, USAGE, SDXL_TRAIN_OPTION_RULES, (r, options, warnings) => {
+  let builtinDefault = false;
+  const args = parseScriptFlags<SdxlTrainOptions>(argv, env, TABLE, USAGE, SDXL_TRAIN_OPTION_RULES, (r, options, warnings) => {
+    builtinDefault = [r.pretrained_model_name_or_path, r.dataset_name, r.train_data_dir].every((v) => v === undefined);
     if (r.dataset_config_name !== undefined) {
       warnings.push(`--dataset_config_name=${String(r.dataset_config_name)}: not used; difflora reads the parquet files of the train split under --dataset_name (point --dataset_name at the configuration's folder to pick one)`);
     }
     return [
-      ...sdxlTrainProblems(options, 'flag'), ...refusedHubAndReport(r),
+      ...(builtinDefault ? [] : sdxlTrainProblems(options, 'flag')), ...refusedHubAndReport(r),
       ...(r.enable_npu_flash_attention === true ? ['--enable_npu_flash_attention needs an Ascend NPU (torch_npu); difflora runs on CPUs and CUDA GPUs (use --enable_xformers_memory_efficient_attention)'] : []),
     ];
   });
+  return { ...args, builtinDefault };
 }
