@@ -9,6 +9,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
+import { SDXL_TRAIN_FLAGS } from '../lib/cli/train_sdxl_args.js';
 import { trainTextToImageLoraSdxl } from '../lib/training/handle.js';
 import { killWhen, makeImageFolder, runCli, runMain as run, tinySd } from './cli_helpers.js';
 import { fixtures } from './helpers.js';
@@ -64,6 +65,24 @@ describe('difflora train-sdxl: text-encoder LoRA, checkpoints, SIGKILL and resum
   }, 600_000);
 });
 
+
+describe('difflora train-sdxl: the flags of train_text_to_image_lora_sdxl.py', () => {
+  it('every flag of the script (goldens/sdxl_lora_train.json script.flags), same name, order, default, type and choices; then difflora\'s own', () => {
+    const ref = JSON.parse(readFileSync(join(fixtures, 'goldens', 'sdxl_lora_train.json'), 'utf8')) as {
+      script: { flags: { flag: string; default: unknown; type: string | null; action: string; choices: string[] | null }[] };
+    };
+    const ours = Object.entries(SDXL_TRAIN_FLAGS);
+    expect(ours.map(([n]) => `--${n}`).slice(0, ref.script.flags.length)).toEqual(ref.script.flags.map((f) => f.flag));
+    expect(ours.slice(ref.script.flags.length).map(([n]) => n)).toEqual(['skip_broken_images', 'export_kohya']);
+    const kinds: Record<string, string> = { str: 'string', int: 'int', float: 'float' };
+    for (const f of ref.script.flags) {
+      const spec = SDXL_TRAIN_FLAGS[f.flag.slice(2)]!;
+      expect(spec.kind, f.flag).toBe(f.action === 'store_true' ? 'boolean' : kinds[f.type ?? '']);
+      expect(spec.default ?? null, f.flag).toEqual(f.default);
+      if (f.choices) expect(spec.choices, f.flag).toEqual(f.choices);
+    }
+  });
+});
 
 describe('difflora train-sdxl: bad input', () => {
   it('refused flags, the script\'s checks and bad values are listed at once (exit 2), before anything is written', async () => {

@@ -11,6 +11,11 @@ export function sharedFlag(name: string, more: Partial<FlagSpec> = {}): FlagSpec
   return { ...spec, ...more };
 }
 
+/** Several flags of `difflora train` as they are there, in the given order (for a table's runs of shared flags). */
+export function sharedFlags(...names: string[]): Record<string, FlagSpec> {
+  return Object.fromEntries(names.map((n) => [n, sharedFlag(n)]));
+}
+
 const camel = (flag: string): string => flag.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 
 /** The Hub and reporting flags every script has and difflora refuses (no network, TensorBoard only). */
