@@ -18,6 +18,7 @@ import { AdamW } from '../lib/optim/adamw.js';
 import { DDPMScheduler } from '../lib/schedulers/scheduling_ddpm.js';
 import { tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
+import * as torch from '../lib/torch.js';
 import { loraNamedParameters, loraTargets, type LoraComponents } from '../lib/training/lora_components.js';
 import { attachTextEncoderLora } from '../lib/training/models.js';
 import { sdxlCondition, sdxlTimeIds } from '../lib/training/sdxl_step.js';
@@ -168,6 +169,34 @@ for (const variant of ['unet', 'unet_te'] as const) {
     });
   });
 }
+
+describe('--gradient_checkpointing with --train_text_encoder: both encoders recompute their layers', () => {
+  it('the same conditioning and the same LoRA gradients as without checkpointing', () => {
+    const grads = (checkpointed: boolean): { embeds: Tensor; grads: Tensor[] } => {
+      const te1 = CLIPTextModel.fromPretrained(tinySdxl, { subfolder: 'text_encoder' });
+      const te2 = CLIPTextModelWithProjection.fromPretrained(tinySdxl, { subfolder: 'text_encoder_2' });
+      for (const te of [te1, te2]) { attachTextEncoderLora(te, 4); if (checkpointed) te.enableGradientCheckpointing(); }
+      const components: LoraComponents = [['text_encoder', te1], ['text_encoder_2', te2]];
+      noGrad(() => { for (const [n, p] of loraNamedParameters(components)) p.copy_(g(`lora_init/${goldenName(n)}`)); });
+      const embeds = tidy(() => {
+        const c = sdxlCondition(te1, te2, { inputIds: g('inputs/input_ids_one'), inputIds2: g('inputs/input_ids_two'), timeIds: g('inputs/add_time_ids') })();
+        c.encoderHiddenStates.square().sum().add(c.addedCond!.textEmbeds.square().sum()).backward();
+        return c.encoderHiddenStates.detach();
+      });
+      const out = loraNamedParameters(components).map(([, p]) => p.grad ? p.grad.clone() : torch.zeros([1]));
+      te1.dispose();
+      te2.dispose();
+      return { embeds, grads: out };
+    };
+    const plain = grads(false);
+    const ckpt = grads(true);
+    expect(relErr(ckpt.embeds, plain.embeds)).toBe(0);
+    let worst = 0;
+    plain.grads.forEach((gp, i) => { worst = Math.max(worst, relErr(ckpt.grads[i]!, gp)); });
+    expect(worst).toBeLessThan(1e-6);
+    for (const t of [plain.embeds, ckpt.embeds, ...plain.grads, ...ckpt.grads]) t.dispose();
+  });
+});
 
 describe('SGM names (diffusersToSgmPath), the inverse of sgmToDiffusersPath', () => {
   it('maps down, mid and up blocks (resnets, attentions, samplers) and back', () => {

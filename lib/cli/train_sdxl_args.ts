@@ -17,7 +17,7 @@ export const SDXL_TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   random_flip: shared('random_flip', { describe: 'Flip images horizontally at random (p = 0.5), before the crop as the script (the crop offset is in the flipped image).' }),
   train_text_encoder: { kind: 'boolean', group: 'LoRA', default: false, describe: "Train LoRA on both text encoders' attention (q/k/v/out_proj) too." },
   ...sharedFlags('train_batch_size', 'num_train_epochs', 'max_train_steps', 'checkpointing_steps', 'checkpoints_total_limit', 'resume_from_checkpoint', 'gradient_accumulation_steps'),
-  gradient_checkpointing: shared('gradient_checkpointing', { describe: "Save memory by recomputing the UNet's activations in the backward pass (slower); the text encoders are not checkpointed." }),
+  gradient_checkpointing: shared('gradient_checkpointing', { describe: 'Save memory by recomputing activations in the backward pass (slower): the UNet, and with --train_text_encoder both text encoders.' }),
   ...sharedFlags('learning_rate', 'scale_lr', 'lr_scheduler', 'lr_warmup_steps', 'snr_gamma', 'allow_tf32', 'dataloader_num_workers', 'use_8bit_adam', 'adam_beta1', 'adam_beta2', 'adam_weight_decay', 'adam_epsilon'),
   max_grad_norm: shared('max_grad_norm', { describe: 'Clip the total gradient norm to this (as the script, which clips for real).' }),
   ...sharedFlags('push_to_hub', 'hub_token', 'prediction_type', 'hub_model_id', 'logging_dir', 'report_to', 'mixed_precision', 'local_rank', 'enable_xformers_memory_efficient_attention'),

@@ -1,7 +1,9 @@
 // The transformer of transformers' CLIP text model (modeling_clip.py, 4.45): CLIPAttention, CLIPMLP,
 // CLIPEncoderLayer (pre-LayerNorm) and CLIPEncoder. Field names are the checkpoint's
 // (`layers.N.self_attn.q_proj.weight`, `layers.N.mlp.fc1.bias`, ...).
+import { isGradEnabled } from '../autograd.js';
 import * as F from '../functional.js';
+import { checkpoint } from '../gradient_checkpointing.js';
 import { Module } from '../nn/module.js';
 import { ModuleList } from '../nn/container.js';
 import { LayerNorm, Linear } from '../nn/layers.js';
@@ -111,6 +113,8 @@ export class CLIPEncoderLayer extends Module {
 
 export class CLIPEncoder extends Module {
   layers: ModuleList<CLIPEncoderLayer>;
+  /** Recompute each layer in backward (transformers' gradient_checkpointing_enable); in train mode with grad enabled. */
+  gradientCheckpointing = false;
 
   constructor(c: CLIPEncoderConfig, o: Init = {}) {
     super();
@@ -124,8 +128,10 @@ export class CLIPEncoder extends Module {
   forward(x: Tensor, mask: Tensor | null, hiddenStates?: Tensor[]): Tensor {
     let h = x;
     hiddenStates?.push(h);
+    const checkpointed = this.gradientCheckpointing && this.training && isGradEnabled();
     for (const layer of this.layers) {
-      h = layer.forward(h, mask);
+      // the mask has no autograd history, so the checkpointed layer may capture it
+      h = checkpointed ? checkpoint((xi) => layer.forward(xi, mask), h) : layer.forward(h, mask);
       hiddenStates?.push(h);
     }
     return h;

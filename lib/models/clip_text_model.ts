@@ -234,6 +234,15 @@ export class CLIPTextModel extends Module {
   }
 
   /**
+   * Recompute each encoder layer in backward instead of storing its activations (transformers'
+   * gradient_checkpointing_enable): less memory when the encoder trains (LoRA), one more forward; same gradients.
+   */
+  enableGradientCheckpointing(on = true): this {
+    this.text_model.encoder.gradientCheckpointing = on;
+    return this;
+  }
+
+  /**
    * Encodes int64 token ids [B, L]. SD conditions on `lastHiddenState` (text_encoder(ids)[0]).
    */
   forward(inputIds: Tensor, o: CLIPTextForwardOptions = {}): CLIPTextModelOutput {
@@ -270,6 +279,15 @@ export class CLIPTextModelWithProjection extends Module {
     this.config = checkedConfig(config as Record<string, unknown>, 'CLIPTextModelWithProjection', configFile, init, (c) => linearParams(c.hidden_size, c.projection_dim, false));
     this.text_model = new CLIPTextTransformer(this.config, init);
     this.text_projection = new Linear(this.config.hidden_size, this.config.projection_dim, false, init);
+  }
+
+  /**
+   * Recompute each encoder layer in backward instead of storing its activations (transformers'
+   * gradient_checkpointing_enable): less memory when the encoder trains (LoRA), one more forward; same gradients.
+   */
+  enableGradientCheckpointing(on = true): this {
+    this.text_model.encoder.gradientCheckpointing = on;
+    return this;
   }
 
   /** Encodes int64 token ids [B, L]; `outputHiddenStates` also returns every layer's output. */

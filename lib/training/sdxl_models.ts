@@ -75,8 +75,10 @@ export function loadSdxlTrainingModels(o: ModelOptions, device: string, dtype: D
   }
   attachUnetLora(unet, o);
   if (o.trainTextEncoder) {
-    attachTextEncoderLora(textEncoder, o.rank);
-    attachTextEncoderLora(textEncoder2, o.rank);
+    for (const te of [textEncoder, textEncoder2]) {
+      attachTextEncoderLora(te, o.rank);
+      if (o.gradientCheckpointing) te.enableGradientCheckpointing(); // as the script: the encoders too when they train
+    }
   }
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', unet], ['text_encoder', textEncoder], ['text_encoder_2', textEncoder2]] : [['unet', unet]];
   return { tokenizer, tokenizer2, noiseScheduler, textEncoder, textEncoder2, vae, unet, lora, load, forceZerosForEmptyPrompt };

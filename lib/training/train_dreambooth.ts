@@ -62,7 +62,10 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   }
   // 2. models with LoRA: the UNet's, then (--train_text_encoder) the text encoder's, drawn in that order as the script
   const models = loadTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own, { unetTargets: DREAMBOOTH_UNET_LORA_TARGETS, tokenizerName: o.tokenizerName });
-  if (o.trainTextEncoder) attachTextEncoderLora(models.textEncoder, o.rank);
+  if (o.trainTextEncoder) {
+    attachTextEncoderLora(models.textEncoder, o.rank);
+    if (o.gradientCheckpointing) models.textEncoder.enableGradientCheckpointing(); // as the script
+  }
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', models.unet], ['text_encoder', models.textEncoder]] : [['unet', models.unet]];
   // 3. the data, with the prompts as token ids or as embeddings encoded once
   const prompts = o.preComputeTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
