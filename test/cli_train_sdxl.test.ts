@@ -151,7 +151,23 @@ describe('trainTextToImageLoraSdxl (library)', () => {
     expect(Number.isFinite(r.metrics.finalLoss)).toBe(true);
     const golden = JSON.parse(readFileSync(join(fixtures, 'goldens', 'sdxl-lora-diffusers.json'), 'utf8')) as { keys_in_file_order: string[] };
     expect(readSafetensorsHeader(r.outputFile).tensors.map((t) => t.name)).toEqual(golden.keys_in_file_order);
+    // --debug_loss: each image's loss under loss_for_<file name> in the TensorBoard events
+    const logs = join(tmp, 'library', 'logs');
+    const events = readdirSync(logs, { recursive: true }).map(String).filter((f) => f.includes('tfevents')).map((f) => readFileSync(join(logs, f)).toString('latin1')).join('');
+    expect(events).toMatch(/loss_for_\d\.png/);
     expect(() => trainTextToImageLoraSdxl({ pretrainedModelNameOrPath: tinySdxl, trainDataDir: data, imageInterpolationMode: 'bilinear' } as never))
       .toThrow(/imageInterpolationMode/);
+  }, 300_000);
+
+  it('bf16 with a VAE given apart (--pretrained_vae_model_name_or_path), text-encoder LoRA, checkpointing, memory-efficient attention, v-prediction', async () => {
+    const r = await trainTextToImageLoraSdxl({
+      pretrainedModelNameOrPath: tinySdxl, pretrainedVaeModelNameOrPath: join(tinySdxl, 'vae'), trainDataDir: data, resolution: 64, trainBatchSize: 2,
+      maxTrainSteps: 2, seed: 3, mixedPrecision: 'bf16', trainTextEncoder: true, gradientCheckpointing: true, enableXformersMemoryEfficientAttention: true,
+      predictionType: 'v_prediction', randomFlip: true, outputDir: join(tmp, 'bf16'), device: 'cpu',
+    });
+    expect(r.metrics.losses.every((l) => Number.isFinite(l))).toBe(true);
+    const header = readSafetensorsHeader(r.outputFile);
+    expect(header.tensors.every((t) => t.dtype === 'float32')).toBe(true); // the LoRA trains and is saved in float32
+    expect(header.tensors.some((t) => t.name.startsWith('text_encoder_2.'))).toBe(true);
   }, 300_000);
 });
