@@ -3,9 +3,9 @@ export {
   loadScheduler, schedulerFromConfig, schedulerName, SCHEDULER_NAMES,
 } from './scheduler.js';
 export {
-  SchedulerBase, SigmaSchedulerBase, type BetaSchedule, type PredictionType, type Scheduler, type SchedulerName,
-  type TimestepSpacing,
+  SchedulerBase, type BetaSchedule, type PredictionType, type Scheduler, type SchedulerName, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
+export { SigmaSchedulerBase } from './scheduling_utils_sigmas.js';
 export {
   DDPMScheduler, DDPM_SCHEDULER_DEFAULTS, parseDDPMSchedulerConfig, type DDPMSchedulerConfig,
 } from './scheduling_ddpm.js';
