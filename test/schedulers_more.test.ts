@@ -5,9 +5,13 @@
 // a generator seeded 77 for the steps that draw noise). Timesteps and σ must be exact, every scaled input
 // and step output within 1e-5. Then the config probes (what diffusers rejects or mishandles: the same result,
 // or a clear error), DPMSolverSDE against its formula with the noise given, and the A1111 names.
-import { readFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { generateHelp } from '../lib/cli/generate.js';
+import { main } from '../lib/cli/main.js';
+import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
 import { schedulerFromConfig, schedulerName, A1111_SAMPLERS } from '../lib/schedulers/scheduler.js';
 import { DPMSolverSDEScheduler } from '../lib/schedulers/scheduling_dpmsolver_sde.js';
 import type { Scheduler, StepOptions } from '../lib/schedulers/scheduling_utils.js';
@@ -264,4 +268,37 @@ describe('A1111 / ComfyUI sampler names (diffusers\' scheduler overview table)',
     expect(() => schedulerFromConfig('DPM++ 2S a', rawConfig)).toThrow(/'DPM\+\+ 2S a' has no diffusers scheduler/);
     expect(() => schedulerFromConfig('Euler a Karras', rawConfig)).toThrow(/no use_karras_sigmas/);
   });
+});
+
+describe('the new schedulers in StableDiffusionPipeline (tiny-sd)', () => {
+  const tinySd = join(fixtures, 'tiny-sd');
+  let tmp = '';
+  beforeAll(() => { tmp = mkdtempSync(join(tmpdir(), 'difflora-sched-')); });
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+  it('Heun runs its two model evaluations per step (2N − 1 UNet calls) and DPM++ 2M Karras by A1111 name', async () => {
+    const pipe = StableDiffusionPipeline.fromPretrained(tinySd, { scheduler: 'Heun' });
+    try {
+      expect(pipe.scheduler.className).toBe('HeunDiscreteScheduler');
+      expect(pipe.scheduler.order).toBe(2);
+      const steps: number[] = [];
+      const out = await pipe.generate({ prompt: 'a red square', numInferenceSteps: 4, height: 64, width: 64, seed: 3, outputType: 'tensor', callbackOnStepEnd: ({ timestep }) => { steps.push(timestep); } });
+      expect(steps.length).toBe(7);
+      expect(Boolean(tidy(() => (out.tensor as Tensor).isfinite().all().item()))).toBe(true);
+      out.tensor?.dispose();
+    } finally {
+      pipe.dispose();
+    }
+  }, 120_000);
+
+  it('difflora generate --scheduler "DPM++ 2M Karras" writes an image', async () => {
+    let err = '';
+    const io = { stdout: { write: (_: string) => {} }, stderr: { write: (s: string) => { err += s; } }, env: {} };
+    const output = join(tmp, 'karras.png');
+    const code = await main(['generate', `--pretrained_model_name_or_path=${tinySd}`, '--prompt', 'a red square', '--num_inference_steps=4',
+      '--height=64', '--width=64', '--seed=1', '--scheduler', 'DPM++ 2M Karras', `--output=${output}`], io);
+    expect(code, err).toBe(0);
+    expect(existsSync(output)).toBe(true);
+    expect(await generateHelp()).toContain('"DPM++ 2M Karras"');
+  }, 120_000);
 });

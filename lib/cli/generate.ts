@@ -8,8 +8,12 @@ import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
 import { formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
+import { A1111_SAMPLERS, SCHEDULER_NAMES, schedulerName } from '../schedulers/names.js';
 
-export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
+/** What --scheduler accepts: our short names, diffusers' class names and the A1111 sampler names (checked without the addon). */
+const SCHEDULER_HELP = `Sampler: ${SCHEDULER_NAMES.join(', ')}; a diffusers class name (EulerDiscreteScheduler, …); `
+  + `or an A1111/ComfyUI name: ${[...A1111_SAMPLERS.keys()].map((k) => `"${k}"`).join(', ')} `
+  + "(default: the pipeline's scheduler_config.json, PNDM for SD 1.x)";
 
 export interface LoraSpec { path: string; weight: number }
 
@@ -24,7 +28,8 @@ export interface GenerateArgs {
   negativePrompt: string | undefined;
   numInferenceSteps: number;
   guidanceScale: number;
-  scheduler: (typeof SCHEDULER_CHOICES)[number] | undefined;
+  /** A scheduler name, class name or A1111 name (checked). */
+  scheduler: string | undefined;
   seed: number | undefined;
   latents: string | undefined;
   height: number | undefined;
@@ -56,7 +61,7 @@ function generateParser(argv: readonly string[]) {
       negative_prompt: { type: 'string', describe: 'What not to draw (default: empty)' },
       num_inference_steps: { type: 'number', default: 50, describe: 'Denoising steps' },
       guidance_scale: { type: 'number', default: 7.5, describe: 'Classifier-free guidance weight (≤ 1: off)' },
-      scheduler: { type: 'string', choices: SCHEDULER_CHOICES as unknown as string[], describe: "Sampler (default: the pipeline's scheduler_config.json, PNDM for SD 1.x)" },
+      scheduler: { type: 'string', describe: SCHEDULER_HELP },
       seed: { type: 'number', describe: 'Seed of the initial noise (CPU generator: the same image on every device)' },
       latents: { type: 'string', describe: "Initial latents from a .safetensors file (its 'latents' tensor, or its only tensor)" },
       height: { type: 'number', describe: 'Image height, a multiple of 8 (default: the model\'s, 512 for SD 1.5)' },
@@ -160,6 +165,14 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
   if (device !== undefined && !/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
   const output = single<string>(r, 'output') ?? 'image.png';
   if (output === '') problems.push('--output must not be empty');
+  const scheduler = single<string>(r, 'scheduler');
+  if (scheduler !== undefined) {
+    try {
+      schedulerName(scheduler);
+    } catch (e) {
+      problems.push(`--scheduler: ${(e as Error).message}`);
+    }
+  }
   if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
   return {
     pretrainedModelNameOrPath: single<string>(r, 'pretrained_model_name_or_path'),
@@ -172,7 +185,7 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     negativePrompt: single<string>(r, 'negative_prompt'),
     numInferenceSteps: single<number>(r, 'num_inference_steps') ?? 50,
     guidanceScale: single<number>(r, 'guidance_scale') ?? 7.5,
-    scheduler: single<GenerateArgs['scheduler']>(r, 'scheduler'),
+    scheduler,
     seed: single<number>(r, 'seed'),
     latents,
     height: single<number>(r, 'height'),
