@@ -16,8 +16,8 @@ import {
   roundHalfEven, type BetaScheduleConfig, type PredictionType, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, alphaSigma, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverEpsilon, solverPoint, solverTimesteps,
-  solverX0, thresholdSample, type DPMSolverAlgorithmType, type SolverPoint,
+  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint, solverTimesteps,
+  type DPMSolverAlgorithmType, type SolverPoint,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverAlgorithm = DPMSolverAlgorithmType;
@@ -183,7 +183,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     const lowerOrderFinal = i === n - 1 && (c.euler_at_final || (c.lower_order_final && n < 15) || c.final_sigmas_type === 'zero');
     const lowerOrderSecond = i === n - 2 && c.lower_order_final && n < 15;
     // 2. the converted model output, pushed into the history
-    const converted = keep(tidy(() => this.convertModelOutput(modelOutput, sample, i)));
+    const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
     this.modelOutputs.shift()?.dispose();
     this.modelOutputs.push(converted);
     // 3. the update, in float32
@@ -201,20 +201,6 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     return out;
   }
 
-  /** x̂₀ (the ++ algorithms) or ε̂ (the others), x̂₀ thresholded when configured (diffusers' convert_model_output). */
-  private convertModelOutput(modelOutput: Tensor, sample: Tensor, i: number): Tensor {
-    const c = this.config;
-    const sigma = this.sigmaValues[i] as number;
-    if (c.algorithm_type.endsWith('dpmsolver++')) {
-      const x0 = solverX0(c.prediction_type, modelOutput, sample, sigma);
-      return c.thresholding ? thresholdSample(x0, c.dynamic_thresholding_ratio, c.sample_max_value) : x0;
-    }
-    const eps = solverEpsilon(c.prediction_type, modelOutput, sample, sigma);
-    if (!c.thresholding) return eps;
-    const [alphaT, sigmaT] = alphaSigma(sigma);
-    const x0 = thresholdSample(sample.sub(eps.mul(sigmaT)).div(alphaT), c.dynamic_thresholding_ratio, c.sample_max_value);
-    return sample.sub(x0.mul(alphaT)).div(sigmaT);
-  }
 
   /** α, σ and λ at the schedule's σ_i. */
   private at(i: number): SolverPoint {

@@ -13,7 +13,7 @@ import {
   type BetaScheduleConfig, type PredictionType, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, alphaSigma, dpmFirstOrder, dpmSecondOrder, solverEpsilon, solverPoint, solverX0, thresholdSample,
+  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverSinglestepSchedulerConfig = BetaScheduleConfig & {
@@ -126,7 +126,7 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
-    const converted = keep(tidy(() => this.convertModelOutput(modelOutput, sample, i)));
+    const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
     this.modelOutputs.shift()?.dispose();
     this.modelOutputs.push(converted);
     let order = this.orders[i] ?? 1;
@@ -180,20 +180,6 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     return midpoint ? base.sub(d11.mul(c1)) : base.sub(d1.mul(c1)).sub(d2.mul(f(t.sigma * f(f(f(em1 - h) / h2) - 0.5))));
   }
 
-  /** x̂₀ (dpmsolver++, sde-dpmsolver++) or ε̂ (dpmsolver), thresholded when configured. */
-  private convertModelOutput(modelOutput: Tensor, sample: Tensor, i: number): Tensor {
-    const c = this.config;
-    const sigma = this.sigmaValues[i] as number;
-    if (c.algorithm_type !== 'dpmsolver') {
-      const x0 = solverX0(c.prediction_type, modelOutput, sample, sigma);
-      return c.thresholding ? thresholdSample(x0, c.dynamic_thresholding_ratio, c.sample_max_value) : x0;
-    }
-    const eps = solverEpsilon(c.prediction_type, modelOutput, sample, sigma);
-    if (!c.thresholding) return eps;
-    const [alphaT, sigmaT] = alphaSigma(sigma);
-    const x0 = thresholdSample(sample.sub(eps.mul(sigmaT)).div(alphaT), c.dynamic_thresholding_ratio, c.sample_max_value);
-    return sample.sub(x0.mul(alphaT)).div(sigmaT);
-  }
 
   private resetState(): void {
     for (const t of this.modelOutputs) t?.dispose();

@@ -522,3 +522,28 @@ export function dpmSecondOrder(
     }
   }
 }
+
+/** The fields of DPM-Solver's convert_model_output (multistep and single-step). */
+type ConvertConfig = {
+  algorithm_type: DPMSolverAlgorithmType;
+  prediction_type: string;
+  thresholding: boolean;
+  dynamic_thresholding_ratio: number;
+  sample_max_value: number;
+};
+
+/**
+ * DPM-Solver's convert_model_output at σ: x̂₀ for the ++ algorithms, ε̂ for the others; with thresholding
+ * x̂₀ is thresholded (for ε̂: through x̂₀ and back).
+ */
+export function dpmConvertModelOutput(c: ConvertConfig, modelOutput: Tensor, sample: Tensor, sigma: number): Tensor {
+  if (c.algorithm_type.endsWith('dpmsolver++')) {
+    const x0 = solverX0(c.prediction_type, modelOutput, sample, sigma);
+    return c.thresholding ? thresholdSample(x0, c.dynamic_thresholding_ratio, c.sample_max_value) : x0;
+  }
+  const eps = solverEpsilon(c.prediction_type, modelOutput, sample, sigma);
+  if (!c.thresholding) return eps;
+  const [alphaT, sigmaT] = alphaSigma(sigma);
+  const x0 = thresholdSample(sample.sub(eps.mul(sigmaT)).div(alphaT), c.dynamic_thresholding_ratio, c.sample_max_value);
+  return sample.sub(x0.mul(alphaT)).div(sigmaT);
+}
