@@ -87,7 +87,7 @@ const SUPPORTED = {
  */
 function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): DPMSolverMultistepSchedulerConfig {
   const c = resolveSchedulerConfig(CLASS, DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS as DPMSolverMultistepSchedulerConfig, rawConfig, overrides, SUPPORTED);
-  if (!Number.isInteger(c.solver_order) || c.solver_order < 1) configError(CLASS, 'solver_order', c.solver_order, 'must be an integer ≥ 1 (1, 2 or 3; higher orders run as 3, as diffusers)');
+  if (!Number.isInteger(c.solver_order) || c.solver_order < 1 || c.solver_order > 4) configError(CLASS, 'solver_order', c.solver_order, 'must be 1, 2 or 3 (4 runs as 3, as in diffusers)');
   const algorithm = c.algorithm_type as string;
   if (algorithm !== 'dpmsolver++' && algorithm !== 'sde-dpmsolver++' && c.final_sigmas_type === 'zero') {
     configError(CLASS, 'final_sigmas_type', 'zero', `is not supported with algorithm_type '${algorithm}'; use final_sigmas_type 'sigma_min'`);

@@ -14,7 +14,7 @@ import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, exp32, log32, resolveSchedulerConfig, sqrt32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, configError, exp32, log32, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
@@ -46,6 +46,13 @@ export const DPMSOLVER_SDE_SCHEDULER_DEFAULTS: Readonly<DPMSolverSDESchedulerCon
 const CLASS = 'DPMSolverSDEScheduler';
 
 const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+
+function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): DPMSolverSDESchedulerConfig {
+  const c = resolveSchedulerConfig(CLASS, DPMSOLVER_SDE_SCHEDULER_DEFAULTS as DPMSolverSDESchedulerConfig, rawConfig, overrides, SUPPORTED);
+  const seed: unknown = c.noise_sampler_seed;
+  if (seed !== null && !(Number.isSafeInteger(seed) && (seed as number) >= 0)) configError(CLASS, 'noise_sampler_seed', seed, 'must be null or a whole number ≥ 0');
+  return c;
+}
 
 /** (W(σ_next) − W(σ)) / sqrt|σ_next − σ| for a Brownian path W: standard normal noise, shaped like the sample. */
 export type BrownianNoise = (sigma: number, sigmaNext: number) => Tensor;
@@ -102,8 +109,7 @@ export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedu
   private firstStage: { sample: Tensor; midSigma: number } | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveSchedulerConfig(CLASS, DPMSOLVER_SDE_SCHEDULER_DEFAULTS as DPMSolverSDESchedulerConfig, rawConfig, overrides, SUPPORTED),
-      'descending');
+    super(CLASS, resolveConfig(rawConfig, overrides), 'descending');
   }
 
   /** The k-diffusion σ (float64 spacing), the stage midpoints' timesteps interleaved. */

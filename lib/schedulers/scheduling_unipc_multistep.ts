@@ -72,7 +72,7 @@ const SUPPORTED = {
 
 function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): UniPCMultistepSchedulerConfig {
   const c = resolveSchedulerConfig(CLASS, UNIPC_MULTISTEP_SCHEDULER_DEFAULTS as UniPCMultistepSchedulerConfig, rawConfig, overrides, SUPPORTED);
-  if (!Number.isInteger(c.solver_order) || c.solver_order < 1) configError(CLASS, 'solver_order', c.solver_order, 'must be an integer ≥ 1');
+  if (!Number.isInteger(c.solver_order) || c.solver_order < 1 || c.solver_order > 4) configError(CLASS, 'solver_order', c.solver_order, 'must be an integer from 1 to 4');
   if (!Array.isArray(c.disable_corrector) || !c.disable_corrector.every(Number.isInteger)) configError(CLASS, 'disable_corrector', c.disable_corrector, 'must be a list of step indices');
   if (!['bh1', 'bh2'].includes(c.solver_type)) c.solver_type = 'bh2';
   // B(h) = h is −inf at a final σ of 0: diffusers returns NaN at the last step
