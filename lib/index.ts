@@ -73,10 +73,12 @@ export type {
 
 // ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
 export {
-  loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
-  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+  loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, A1111_SAMPLERS, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
+  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler,
+  HeunDiscreteScheduler, LMSDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
+  DPMSolverSDEScheduler,
 } from './schedulers/index.js';
-export type { Scheduler, SchedulerName } from './schedulers/index.js';
+export type { Scheduler, SchedulerName, StepOptions } from './schedulers/index.js';
 
 // ---- Pipelines
 export { StableDiffusionPipeline } from './pipelines/stable_diffusion.js';

@@ -9,8 +9,12 @@ import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
 import { formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
+import { A1111_SAMPLERS, SCHEDULER_NAMES, schedulerName } from '../schedulers/names.js';
 
-export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
+/** What --scheduler accepts: our short names, diffusers' class names and the A1111 sampler names (checked without the addon). */
+const SCHEDULER_HELP = `Sampler: ${SCHEDULER_NAMES.join(', ')}; a diffusers class name (EulerDiscreteScheduler, …); `
+  + `or an A1111/ComfyUI name: ${[...A1111_SAMPLERS.keys()].map((k) => `"${k}"`).join(', ')} `
+  + "(default: the pipeline's scheduler_config.json, PNDM for SD 1.x)";
 
 export interface LoraSpec { path: string; weight: number }
 
@@ -29,7 +33,8 @@ export interface GenerateArgs {
   numInferenceSteps: number;
   /** Unset: the pipeline's default (7.5 for SD 1.x/2.x, 5 for SDXL, as diffusers). */
   guidanceScale: number | undefined;
-  scheduler: (typeof SCHEDULER_CHOICES)[number] | undefined;
+  /** A scheduler name, class name or A1111 name (checked). */
+  scheduler: string | undefined;
   seed: number | undefined;
   latents: string | undefined;
   height: number | undefined;
@@ -64,7 +69,7 @@ function generateParser(argv: readonly string[]) {
       negative_prompt_2: { type: 'string', describe: "SDXL: the second text encoder's negative prompt (default: --negative_prompt)" },
       num_inference_steps: { type: 'number', default: 50, describe: 'Denoising steps' },
       guidance_scale: { type: 'number', describe: 'Classifier-free guidance weight (≤ 1: off; default 7.5, SDXL 5)' },
-      scheduler: { type: 'string', choices: SCHEDULER_CHOICES as unknown as string[], describe: "Sampler (default: the pipeline's scheduler_config.json, PNDM for SD 1.x)" },
+      scheduler: { type: 'string', describe: SCHEDULER_HELP },
       seed: { type: 'number', describe: 'Seed of the initial noise (CPU generator: the same image on every device)' },
       latents: { type: 'string', describe: "Initial latents from a .safetensors file (its 'latents' tensor, or its only tensor)" },
       height: { type: 'number', describe: 'Image height, a multiple of 8 (default: the model\'s, 512 for SD 1.5, 1024 for SDXL)' },
@@ -168,6 +173,14 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
   if (device !== undefined && !/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
   const output = single<string>(r, 'output') ?? 'image.png';
   if (output === '') problems.push('--output must not be empty');
+  const scheduler = single<string>(r, 'scheduler');
+  if (scheduler !== undefined) {
+    try {
+      schedulerName(scheduler);
+    } catch (e) {
+      problems.push(`--scheduler: ${(e as Error).message}`);
+    }
+  }
   if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
   return {
     pretrainedModelNameOrPath: single<string>(r, 'pretrained_model_name_or_path'),
@@ -182,7 +195,7 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     negativePrompt2: single<string>(r, 'negative_prompt_2'),
     numInferenceSteps: single<number>(r, 'num_inference_steps') ?? 50,
     guidanceScale: single<number>(r, 'guidance_scale'),
-    scheduler: single<GenerateArgs['scheduler']>(r, 'scheduler'),
+    scheduler,
     seed: single<number>(r, 'seed'),
     latents,
     height: single<number>(r, 'height'),
