@@ -86,6 +86,10 @@ export type {
   GenerateOptions, PipelineOutput, PipelineFromPretrainedOptions, StableDiffusionComponents, StepInfo, OutputType,
 } from './pipelines/stable_diffusion.js';
 export { StableDiffusionXLPipeline } from './pipelines/stable_diffusion_xl.js';
+export { StableDiffusionImg2ImgPipeline, img2imgTimesteps } from './pipelines/stable_diffusion_img2img.js';
+export type { Img2ImgOptions } from './pipelines/stable_diffusion_img2img.js';
+export { AutoPipelineForText2Image, AutoPipelineForImage2Image, DiffusionPipeline, pipelineFamily } from './pipelines/auto_pipeline.js';
+export type { PipelineFamily } from './pipelines/auto_pipeline.js';
 export type {
   StableDiffusionXLComponents, StableDiffusionXLGenerateOptions, StableDiffusionXLEncodePromptOptions, StableDiffusionXLPromptOptions,
   StableDiffusionXLPromptEmbeds, SizePair,

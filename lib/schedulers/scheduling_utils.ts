@@ -77,6 +77,11 @@ export interface Scheduler {
    */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options?: StepOptions): Tensor;
   addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor;
+  /**
+   * diffusers' set_begin_index, on the schedulers that have it (the σ schedulers): a pipeline that starts part
+   * way through the schedule (img2img) says where, and the step index and add_noise follow the position.
+   */
+  setBeginIndex?(index: number): void;
   /** Frees the scheduler's own tensors (alphas_cumprod, sigmas, history). */
   dispose(): void;
 }

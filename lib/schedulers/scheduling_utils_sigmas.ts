@@ -165,6 +165,8 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
   protected sigmaValues: Float32Array;
   protected schedule: number[];
   protected stepIndex: number | null = null;
+  /** diffusers' _begin_index: where a pipeline starts in the schedule (img2img); null: found from the timestep. */
+  protected beginIndex: number | null = null;
   /** Timesteps are float64 values (Heun, LMS, KDPM2 with a Karras, exponential or beta schedule), else float32 ones. */
   protected timestepsFloat64 = false;
   private logSigmasCache: Float32Array | null = null;
@@ -273,10 +275,25 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
     return tidy(() => originalSamples.add(noise.mul(this.sigmasAt(timesteps, originalSamples))));
   }
 
-  /** σ of each timestep (indexFor), in `like`'s dtype and device, shaped [B, 1, …, 1]. */
+  /**
+   * diffusers' set_begin_index: the pipeline starts at this position of the schedule (img2img's t_start · order),
+   * so the step index and add_noise's σ come from the position, not from a timestep lookup. setTimesteps clears it.
+   */
+  setBeginIndex(index: number): void {
+    if (!Number.isInteger(index) || index < 0 || index >= this.schedule.length) {
+      throw new RangeError(`${this.className}: begin index ${index} is outside the ${this.schedule.length} timesteps`);
+    }
+    this.beginIndex = index;
+  }
+
+  /**
+   * σ of each timestep, in `like`'s dtype and device, shaped [B, 1, …, 1]: looked up (indexFor) unless a begin
+   * index is set, then the current step's (or the begin index's before the first step), as diffusers' add_noise.
+   */
   protected sigmasAt(timesteps: Tensor, like: Tensor): Tensor {
     this.checkAlive();
-    const picked = Float32Array.from(timesteps.toFloat64Array(), (t) => this.sigmaValues[this.indexFor(t)] as number);
+    const at = this.beginIndex === null ? null : this.stepIndex ?? this.beginIndex;
+    const picked = Float32Array.from(timesteps.toFloat64Array(), (t) => this.sigmaValues[at ?? this.indexFor(t)] as number);
     return unsqueezeTo(torch.tensor(picked).to({ dtype: like.dtype, device: like.device }), like.ndim);
   }
 
@@ -305,7 +322,7 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
 
   /** The step index, found from the first timestep a rollout passes (diffusers' _init_step_index). */
   protected initStepIndex(timestep: number): number {
-    this.stepIndex ??= this.indexFor(timestep);
+    this.stepIndex ??= this.beginIndex ?? this.indexFor(timestep);
     return this.stepIndex;
   }
 
@@ -323,6 +340,7 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
     this.sigmaTensor = keep(torch.tensor(this.sigmaValues));
     this.schedule = timesteps;
     this.stepIndex = null;
+    this.beginIndex = null;
   }
 
   protected override releaseState(): void {
