@@ -85,7 +85,7 @@ describe('difflora launch: arguments', () => {
       [['--num_processes', '2', '--multi_gpu', '--gpu_ids', '0', 'dist-check'], /lists fewer GPUs than the 2 workers/],
       [['--timeout', '0', 'dist-check'], /--timeout must be a number of seconds/],
       [['launch'], /launch cannot start launch/],
-      [['--num_processes', '2', 'train', '--max_train_steps=1'], /'train' does not run as several processes yet \(it would run 2 independent copies\)/],
+      [['--num_processes', '2', 'generate', '--prompt=x'], /'generate' does not run as several processes yet \(it would run 2 independent copies\); commands that do: train, dist-check/],
     ];
     for (const [argv, message] of cases) {
       const { out, io } = capture();

@@ -59,11 +59,10 @@ export async function launchHelp(): Promise<string> {
 }
 
 /**
- * The commands that join the process group. Several copies of any other command would each run alone (train would
- * have every copy write the same output folder), so launch refuses them above one process. `train` joins this list
- * when its loop shards the data and averages gradients.
+ * The commands that join the process group (train: data-parallel, lib/distributed/data_parallel.ts). Several copies
+ * of any other command would each run alone, so launch refuses them above one process.
  */
-export const DISTRIBUTED_COMMANDS: ReadonlySet<string> = new Set(['dist-check']);
+export const DISTRIBUTED_COMMANDS: ReadonlySet<string> = new Set(['train', 'dist-check']);
 
 const BOOLEAN_FLAGS = new Set(['multi_gpu']);
 const VALUE_FLAGS = new Set(['num_processes', 'num_machines', 'machine_rank', 'main_process_ip', 'main_process_port', 'mixed_precision', 'gpu_ids', 'timeout']);
