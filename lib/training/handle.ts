@@ -7,6 +7,7 @@
 //   setTimeout(() => run.abort(), 60_000);
 //   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
+import type { ProcessGroupOption } from '../distributed/data_parallel.js';
 import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
 import type { ValidationEvent } from './validation.js';
@@ -46,13 +47,20 @@ export interface TrainHooks {
   onValidation?: (e: ValidationEvent) => void;
   /** Called with what the run did to files already there (an earlier metrics.jsonl moved aside). */
   onNotice?: (message: string) => void;
+  /**
+   * Data-parallel training (README "Several GPUs or machines"): by default the run joins the process group that a
+   * launcher (difflora launch, torchrun, srun) describes in the environment, and trains alone without one; give a
+   * ProcessGroup to train in it (you keep it and destroy it), or null to train alone whatever the environment says.
+   * Every process calls trainTextToImageLora with the same options; rank 0 alone logs, validates and writes files.
+   */
+  processGroup?: ProcessGroupOption;
 }
 
 class Run extends EventEmitter implements TrainingRun {
   readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
-  constructor(options: TrainOptions, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
+  constructor(options: TrainOptions, outer?: AbortSignal, private readonly onNotice?: (message: string) => void, processGroup?: ProcessGroupOption) {
     super();
     if (outer) {
       if (outer.aborted) this.controller.abort(outer.reason);
@@ -69,6 +77,7 @@ class Run extends EventEmitter implements TrainingRun {
           onProgress: (p) => { losses.push(p.loss); this.emit('progress', p); },
           onValidation: (e) => { this.emit('validation', e); },
           onNotice: (m) => this.onNotice?.(m),
+          processGroup,
         });
         const seconds = (Date.now() - started) / 1000;
         const tail = losses.slice(-Math.max(1, Math.ceil(losses.length / 10)));
@@ -98,7 +107,7 @@ class Run extends EventEmitter implements TrainingRun {
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
   validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
-  const run = new Run(options, hooks.signal, hooks.onNotice);
+  const run = new Run(options, hooks.signal, hooks.onNotice, hooks.processGroup);
   if (hooks.onProgress) run.on('progress', hooks.onProgress);
   if (hooks.onValidation) run.on('validation', hooks.onValidation);
   return run;
