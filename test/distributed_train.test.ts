@@ -3,6 +3,7 @@
 // sample's draws keyed by its global position), with and without gradient accumulation; a worker SIGKILLed mid-run
 // makes the launcher fail naming its rank, leaves no process and an intact checkpoint, and `--resume_from_checkpoint
 // latest` ends bit-identical to an uninterrupted 2-process run; another number of processes cannot resume it.
+import { spawn } from 'node:child_process';
 import { cpSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -14,8 +15,10 @@ import { loadImageFolder } from '../lib/data/imagefolder.js';
 import { loadSafetensors } from '../lib/io/safetensors.js';
 import { readTrainingState } from '../lib/training/checkpoint.js';
 import { gradientBuckets } from '../lib/distributed/data_parallel.js';
+import { ProcessGroup } from '../lib/distributed/process_group.js';
+import { trainTextToImageLora } from '../lib/training/handle.js';
 import * as torch from '../lib/torch.js';
-import { runCli, spawnCli, tinySd, type CliResult } from './cli_helpers.js';
+import { repoRoot, runCli, spawnCli, tinySd, type CliResult } from './cli_helpers.js';
 
 let tmp: string;
 let data: string;
@@ -147,6 +150,63 @@ describe('data-parallel training: the parts', () => {
     } finally {
       for (const t of ts) t.dispose();
     }
+  });
+});
+
+describe('trainTextToImageLora({ processGroup })', () => {
+  const options = (outputDir: string) => ({ pretrainedModelNameOrPath: tinySd, trainDataDir: data, resolution: 32, trainBatchSize: 2, maxTrainSteps: 1, seed: 5, outputDir });
+
+  it('null trains alone whatever the environment says; a caller\'s group of one is used and left to the caller', async () => {
+    const saved = { ...process.env };
+    // a launcher's variables naming a rendezvous nobody hosts: joining would fail
+    Object.assign(process.env, { WORLD_SIZE: '2', RANK: '1', MASTER_ADDR: '127.0.0.1', MASTER_PORT: String(await freePort()) });
+    try {
+      const alone = await trainTextToImageLora(options(join(tmp, 'lib-null')), { processGroup: null });
+      expect(alone).toMatchObject({ processIndex: 0, numProcesses: 1, globalStep: 1 });
+    } finally {
+      for (const k of ['WORLD_SIZE', 'RANK', 'MASTER_ADDR', 'MASTER_PORT']) if (saved[k] === undefined) delete process.env[k]; else process.env[k] = saved[k];
+    }
+    const group = await ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort: 0, worldSize: 1, rank: 0 });
+    try {
+      const r = await trainTextToImageLora(options(join(tmp, 'lib-group')), { processGroup: group });
+      expect(r).toMatchObject({ processIndex: 0, numProcesses: 1 });
+      expect(group.isDestroyed).toBe(false);
+    } finally {
+      group.destroy();
+    }
+  });
+});
+
+describe('trainTextToImageLora with a caller\'s group of 2 (no launcher)', () => {
+  it('two processes that create their own ProcessGroup train the LoRA of one process × batch 2', async () => {
+    const port = await freePort();
+    const out = join(tmp, 'lib-two');
+    const single = join(tmp, 'lib-single');
+    const common = { pretrainedModelNameOrPath: tinySd, trainDataDir: data, resolution: 32, randomFlip: true, learningRate: 1e-3, maxTrainSteps: 2, seed: 9 };
+    const alone = await trainTextToImageLora({ ...common, trainBatchSize: 2, outputDir: single }, { processGroup: null });
+    expect(alone.numProcesses).toBe(1);
+    const code = (rank: number) => `
+      import { ProcessGroup } from ${JSON.stringify(join(repoRoot, 'lib', 'distributed', 'process_group.ts'))};
+      import { trainTextToImageLora } from ${JSON.stringify(join(repoRoot, 'lib', 'training', 'handle.ts'))};
+      const group = await ProcessGroup.create({ masterAddr: '127.0.0.1', masterPort: ${port}, worldSize: 2, rank: ${rank}, timeoutMs: 20000 });
+      const r = await trainTextToImageLora(${JSON.stringify({ ...common, trainBatchSize: 1, outputDir: out })}, { processGroup: group });
+      group.destroy();
+      console.log(JSON.stringify({ processIndex: r.processIndex, numProcesses: r.numProcesses, globalStep: r.globalStep }));`;
+    const run = (rank: number) => new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+      const child = spawn(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', code(rank)], { cwd: repoRoot, env: { ...process.env, WORLD_SIZE: '' }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let stdout = '';
+      let stderr = '';
+      child.stdout.setEncoding('utf8').on('data', (x: string) => { stdout += x; });
+      child.stderr.setEncoding('utf8').on('data', (x: string) => { stderr += x; });
+      child.on('error', reject);
+      child.on('close', (c) => resolve({ code: c, stdout, stderr }));
+    });
+    const [r0, r1] = await Promise.all([run(0), run(1)]);
+    expect(r0.code, r0.stderr).toBe(0);
+    expect(r1.code, r1.stderr).toBe(0);
+    expect(JSON.parse(r0.stdout)).toEqual({ processIndex: 0, numProcesses: 2, globalStep: 2 });
+    expect(JSON.parse(r1.stdout)).toEqual({ processIndex: 1, numProcesses: 2, globalStep: 2 });
+    expectSameLora(out, single, 'library, a caller\'s group of 2');
   });
 });
 
