@@ -221,6 +221,7 @@ describe('difflora launch --num_processes 2 train', () => {
     // rank 0 alone reports and writes
     expect(r2.stdout.match(/LoRA weights written to/g)).toHaveLength(1);
     expect(r2.stderr.match(/^step 4\/4/gm)).toHaveLength(1);
+    expect(r2.stderr).toMatch(/data-parallel: 2 processes \(gloo\); batch size per process 1, total train batch size \(w\. parallel, distributed & accumulation\) 2; 4 optimization steps, 2 per epoch, 2 epochs/);
     expect(r2.stderr).toMatch(/data-parallel: 2 processes \(gloo\), 4 optimizer steps, [\d.]+ ms per step waiting in collectives/);
     expectSameLora(two, single, '2×1 vs 1×2');
     expectSameCurve(losses(two), losses(single));

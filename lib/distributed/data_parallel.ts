@@ -215,6 +215,14 @@ export class DataParallel {
     if (this.owned) this.group?.destroy();
   }
 
+  /** The script's "Running training" numbers with several processes, for rank 0 to print at the start (null for one). */
+  describeRun(o: { trainBatchSize: number; gradientAccumulationSteps: number }, steps: { maxTrainSteps: number; numTrainEpochs: number; updateStepsPerEpoch: number }): string | null {
+    if (this.group === null) return null;
+    return `data-parallel: ${this.worldSize} processes (${this.group.backend}); batch size per process ${o.trainBatchSize}, total train batch size ` +
+      `(w. parallel, distributed & accumulation) ${o.trainBatchSize * this.worldSize * o.gradientAccumulationSteps}; ` +
+      `${steps.maxTrainSteps} optimization steps, ${steps.updateStepsPerEpoch} per epoch, ${steps.numTrainEpochs} epochs`;
+  }
+
   /** One line about the collectives, for rank 0 to print at the end. */
   report(): string | null {
     if (this.group === null || this.stats.steps === 0) return null;

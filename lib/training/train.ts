@@ -119,6 +119,8 @@ async function trainIn(outputDir: string, device: string, o: ResolvedTrainOption
     data = await openTrainData(o, { tokenizer, device, shard: dp.shard }); // [dp] this process's share of each epoch
     const steps = stepsArithmetic(data.batchesPerEpoch, o.gradientAccumulationSteps, o.numTrainEpochs, o.maxTrainSteps);
     const { optimizer, scaler, accumulator, baseLr } = makeOptimization(o, params, steps.maxTrainSteps, dp.worldSize); // [dp]
+    const runLine = dp.isMain ? dp.describeRun(o, steps) : null; // [dp] the total batch size with the processes
+    if (runLine !== null) hooks.onNotice?.(runLine); // [dp]
     await dp.broadcastParameters(params); // [dp] the LoRA as rank 0 initialised it
     let sampleSeed = await dp.agreeSampleSeed(o.seed); // [dp] the per-sample streams' seed
     own(optimizer);
