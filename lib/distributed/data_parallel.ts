@@ -21,6 +21,9 @@ import type { ParallelCheckpoint, TrainingState } from '../training/checkpoint.j
 import { TrainOptionsError } from '../training/options.js';
 import { initProcessGroupFromEnv, type ProcessGroup } from './process_group.js';
 
+/** The collective timeout of a training run when the environment gives none (torch.distributed's default, 30 min). */
+export const TRAIN_TIMEOUT_MS = 30 * 60 * 1000;
+
 /** DDP's default bucket size (torch.nn.parallel.DistributedDataParallel's bucket_cap_mb = 25). */
 export const DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024;
 
@@ -82,7 +85,9 @@ export class DataParallel {
   static async join(option: ProcessGroupOption, fingerprint: string): Promise<DataParallel> {
     if (option === null) return DataParallel.single();
     if (option !== undefined) return new DataParallel(option.worldSize > 1 ? option : null, false);
-    const group = await initProcessGroupFromEnv({ fingerprint });
+    // without DIFFLORA_DIST_TIMEOUT (torchrun, srun), accelerate's 30 minutes: the others wait while rank 0 validates
+    const timeoutMs = process.env.DIFFLORA_DIST_TIMEOUT ? undefined : TRAIN_TIMEOUT_MS;
+    const group = await initProcessGroupFromEnv({ fingerprint, timeoutMs });
     return group === null ? DataParallel.single() : new DataParallel(group, true);
   }
 
