@@ -4,7 +4,7 @@
 //   node --import tsx bench/distributed.mjs [steps=24] [warmup=4]
 // Prints one JSON line per configuration: images/s over the steps after the warm-up (from metrics.jsonl's
 // timestamps), and for 2 processes the time rank 0 waited in collectives per optimizer step (gradient all-reduce +
-// loss gather, as the run reports it) and the bytes all-reduced per step. Then the ratio.
+// losses' mean, as the run reports it) and the bytes all-reduced per step. Then the ratio.
 import { spawn } from 'node:child_process';
 import { cpSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
