@@ -198,7 +198,8 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
     return await runTop(argv, io);
   } catch (e) {
     // an option outside its domain found by the library (e.g. --rank larger than the model's layers) is a usage error too
-    if (e instanceof UsageError || e instanceof TrainOptionsError) {
+    // … and so are a launcher's malformed variables (process_group.ts's DistributedEnvError, matched by name: importing it loads the addon)
+    if (e instanceof UsageError || e instanceof TrainOptionsError || (e instanceof Error && e.name === 'DistributedEnvError')) {
       const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' ? command : 'train';
       io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;
