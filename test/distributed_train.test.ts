@@ -18,6 +18,9 @@ import { gradientBuckets } from '../lib/distributed/data_parallel.js';
 import { ProcessGroup } from '../lib/distributed/process_group.js';
 import { trainTextToImageLora } from '../lib/training/handle.js';
 import * as torch from '../lib/torch.js';
+import { tidy } from '../lib/scope.js';
+import { SampleStreams } from '../lib/training/sample_rng.js';
+import { sampleNoise, sampleTimesteps } from '../lib/training/step.js';
 import { repoRoot, runCli, spawnCli, tinySd, type CliResult } from './cli_helpers.js';
 
 let tmp: string;
@@ -140,6 +143,22 @@ describe('data-parallel training: the parts', () => {
     expect(r1.batches.map((b) => b.keys.map(([, p]) => p))).toEqual([[2, 3], [6, 7]]);
     expect(r0.batches.flatMap((b) => b.files)).toEqual([order[0], order[1], order[4], order[0]]);
     expect(r1.batches.flatMap((b) => b.files)).toEqual([order[2], order[3], order[1], order[2]]);
+  });
+
+  it('a sample\'s noise and timestep depend on its key alone, not on the batch it is drawn in', () => {
+    const streams = new SampleStreams(77);
+    const draw = (keys: [number, number][]) => tidy(() => {
+      const latents = torch.zeros([keys.length, 4, 2, 2]);
+      const noise = sampleNoise(latents, { noiseOffset: 0.1, generator: streams.forBatch(keys) });
+      const t = sampleTimesteps(keys.length, 1000, streams.forBatch(keys));
+      return [Array.from(noise.toFloat64Array()), Array.from(t.toFloat64Array())] as const;
+    });
+    const [pairNoise, pairT] = draw([[0, 0], [0, 1]]);
+    const [aNoise, aT] = draw([[0, 0]]);
+    const [bNoise, bT] = draw([[0, 1]]);
+    expect(pairNoise).toEqual([...aNoise, ...bNoise]);
+    expect(pairT).toEqual([...aT, ...bT]);
+    expect(draw([[1, 0]])[0]).not.toEqual(aNoise); // another epoch, other draws
   });
 
   it('buckets gradients in order, one dtype and at most the cap each', () => {
