@@ -122,3 +122,4 @@ export { TensorBoardWriter, readTensorBoardEvents } from './logging/tensorboard.
 // ---- Distributed (c10d process groups; `difflora launch` starts the processes)
 export { ProcessGroup, Work, DistributedEnvError, distributedAvailable, distributedEnv, initProcessGroupFromEnv, watchLauncher, DEFAULT_TIMEOUT_MS } from './distributed/process_group.js';
 export type { Backend, ReduceOp, ProcessGroupOptions, DistributedEnv, InitFromEnvOptions } from './distributed/process_group.js';
+export type { ProcessGroupOption } from './distributed/data_parallel.js';

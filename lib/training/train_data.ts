@@ -30,10 +30,13 @@ export interface TrainDataOptions {
 
 export interface TrainData {
   readonly batchesPerEpoch: number;
-  /** Items in the dataset (a saved data position counts them). */
+  /** Items this process reads per epoch (the dataset's length in a single process; a saved data position counts them). */
   readonly datasetLength: number;
-  /** The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. */
-  next(): Promise<{ pixelValues: Tensor; inputIds: Tensor } | null>;
+  /**
+   * The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. `keys`: each item's
+   * (epoch, position in the epoch's global order), what its random draws are keyed by (sample_rng.ts).
+   */
+  next(): Promise<{ pixelValues: Tensor; inputIds: Tensor; keys: [number, number][] } | null>;
   nextEpoch(): void;
   state(): { epoch: number; loader: LoaderState };
   /** Restores a saved state (checkpoint.ts's parseTrainingState checked it against datasetLength). */
@@ -51,7 +54,11 @@ export type ResolvedTrainDataOptions = Pick<ResolvedTrainOptions, keyof TrainDat
 /** Without --seed the data order is still fixed: the loader shuffles with seed 0. */
 const SEED_WHEN_UNSEEDED = 0;
 
-export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
+/**
+ * `ctx.shard`: this process's share of each epoch in a data-parallel run (accelerate's BatchSamplerShard: process r
+ * of N reads batches r, r + N, … of the epoch's order; loader.ts).
+ */
+export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number } }): Promise<TrainData> {
   if (!o.datasetName && !o.trainDataDir) throw new Error('Need either a dataset name or a training folder (--train_data_dir).');
   const mode = o.imageInterpolationMode;
   if (!interpolations.has(mode)) throw new Error(`--image_interpolation_mode '${mode}' is not supported here (use one of: ${[...interpolations].join(', ')})`);
@@ -65,19 +72,19 @@ export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenize
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop,
     randomFlip: o.randomFlip, interpolation: mode as Interpolation, seed,
-    numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages,
+    numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
   });
   let epoch = loader.getState().epoch;
   return {
     batchesPerEpoch: loader.batchesPerEpoch,
-    datasetLength: dataset.length,
+    datasetLength: loader.epochLength,
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();
       const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
       const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
       if (pixelValues !== pixels) pixels.dispose();
-      return { pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) };
+      return { pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys };
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: loader.getState() }; },
