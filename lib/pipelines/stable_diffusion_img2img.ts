@@ -62,12 +62,7 @@ export class StableDiffusionImg2ImgPipeline extends StableDiffusionPipeline {
       if (tail.timesteps.length === 0) throw new RangeError(`${NAME}: strength ${strength} with ${v.steps} steps leaves no denoising step; raise strength or numInferenceSteps`);
       this.scheduler.setBeginIndex?.(tail.start);
       o.signal?.throwIfAborted();
-      const { promptEmbeds, negativePromptEmbeds } = this.encodePrompt(o.prompt, {
-        numImagesPerPrompt: v.n, doClassifierFreeGuidance: v.cfg, negativePrompt: o.negativePrompt,
-        promptEmbeds: o.promptEmbeds, negativePromptEmbeds: o.negativePromptEmbeds, clipSkip: o.clipSkip, loraScale: v.loraScale,
-      });
-      const context = keep(negativePromptEmbeds ? tidy(() => torch.cat([negativePromptEmbeds, promptEmbeds])) : promptEmbeds);
-      if (negativePromptEmbeds) { promptEmbeds.dispose(); negativePromptEmbeds.dispose(); }
+      const context = this.guidanceContext(o, v);
       try {
         const batch = (context.shape[0] ?? 1) / (v.cfg ? 2 : 1);
         const start = this.noisedLatents(pixels, batch, tail.timesteps[0] as number, v.generator);
