@@ -343,7 +343,9 @@ function convertParser(argv: readonly string[]) {
   return commandParser(argv, 'Usage: difflora convert-lora --input=<file> --output=<file.safetensors> --to=<diffusers|kohya>\n\n'
       + 'Rewrites a LoRA file between the diffusers/PEFT layout (unet.….lora_A/lora_B, what diffusers\' load_lora_weights reads) '
       + 'and the Kohya/A1111 layout (lora_unet_…/lora_te_… with lora_down/lora_up and a per-layer alpha). The effective weights '
-      + '(B·A·alpha/rank) are kept; converting to diffusers folds a per-layer alpha into the up matrix.')
+      + '(B·A·alpha/rank) are kept; converting to diffusers folds a per-layer alpha into the up matrix. Kohya files with LDM block '
+      + 'names (input_blocks_…) are renamed for a UNet with 2 layers per block; DoRA magnitudes are kept either way; LyCORIS LoHa/LoKr '
+      + 'files convert to kohya only (the diffusers layout cannot express them).')
     .options({
       input: { type: 'string', describe: 'LoRA file (.safetensors) in diffusers, PEFT or Kohya format' },
       output: { type: 'string', describe: 'File to write (refused if it exists, unless --force)' },
