@@ -73,10 +73,12 @@ export type {
 
 // ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
 export {
-  loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
-  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+  loadScheduler, schedulerFromConfig, SCHEDULER_NAMES, A1111_SAMPLERS, DDPMScheduler, DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler,
+  EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler, UniPCMultistepScheduler,
+  HeunDiscreteScheduler, LMSDiscreteScheduler, KDPM2DiscreteScheduler, KDPM2AncestralDiscreteScheduler, DEISMultistepScheduler,
+  DPMSolverSDEScheduler,
 } from './schedulers/index.js';
-export type { Scheduler, SchedulerName } from './schedulers/index.js';
+export type { Scheduler, SchedulerName, StepOptions } from './schedulers/index.js';
 
 // ---- Pipelines
 export { StableDiffusionPipeline } from './pipelines/stable_diffusion.js';
@@ -84,6 +86,10 @@ export type {
   GenerateOptions, PipelineOutput, PipelineFromPretrainedOptions, StableDiffusionComponents, StepInfo, OutputType,
 } from './pipelines/stable_diffusion.js';
 export { StableDiffusionXLPipeline } from './pipelines/stable_diffusion_xl.js';
+export { StableDiffusionImg2ImgPipeline, img2imgTimesteps } from './pipelines/stable_diffusion_img2img.js';
+export type { Img2ImgOptions } from './pipelines/stable_diffusion_img2img.js';
+export { AutoPipelineForText2Image, AutoPipelineForImage2Image, DiffusionPipeline, pipelineFamily } from './pipelines/auto_pipeline.js';
+export type { PipelineFamily } from './pipelines/auto_pipeline.js';
 export type {
   StableDiffusionXLComponents, StableDiffusionXLGenerateOptions, StableDiffusionXLEncodePromptOptions, StableDiffusionXLPromptOptions,
   StableDiffusionXLPromptEmbeds, SizePair,
@@ -120,3 +126,4 @@ export { TensorBoardWriter, readTensorBoardEvents } from './logging/tensorboard.
 // ---- Distributed (c10d process groups; `difflora launch` starts the processes)
 export { ProcessGroup, Work, DistributedEnvError, distributedAvailable, distributedEnv, initProcessGroupFromEnv, watchLauncher, DEFAULT_TIMEOUT_MS } from './distributed/process_group.js';
 export type { Backend, ReduceOp, ProcessGroupOptions, DistributedEnv, InitFromEnvOptions } from './distributed/process_group.js';
+export type { ProcessGroupOption } from './distributed/data_parallel.js';

@@ -3,11 +3,12 @@
 // SIGKILL during the class-image generation and again during training, then resumed: the class images and the
 // final pytorch_lora_weights.safetensors are byte-identical to an uninterrupted run's, and the file has the keys
 // of diffusers' save_lora_weights (goldens/dreambooth-lora.json). Then bad input (usage errors listed at once,
-// exit 2; a missing instance folder and a broken class image named, exit 1) and the library handle.
+// exit 2; a missing instance folder and a broken class image named, exit 1; several processes refused) and the library handle.
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { ProcessGroup } from '../lib/distributed/process_group.js';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { trainDreamBoothLora } from '../lib/training/handle.js';
 import { killWhen, makeImageFolder, runCli, runMain as run, tinySd } from './cli_helpers.js';
@@ -105,6 +106,20 @@ describe('difflora train-dreambooth: bad input', () => {
     expect(r.code).toBe(1);
     expect(r.err).toMatch(/--instance_data_dir '.*nope': Instance images root doesn't exist/);
     expect(existsSync(out)).toBe(false);
+  });
+
+  it('several processes are refused (one process only), before anything is generated or written', async () => {
+    const out = join(tmp, 'several');
+    const classes = join(tmp, 'several-classes');
+    const options = {
+      pretrainedModelNameOrPath: tinySd, instanceDataDir: instances, instancePrompt: 'sks', withPriorPreservation: true, classDataDir: classes,
+      classPrompt: 'dog', numClassImages: 2, resolution: 32, maxTrainSteps: 1, outputDir: out,
+    };
+    // a caller's group of 2 (only its size is read before the refusal)
+    const group = { rank: 0, worldSize: 2 } as unknown as ProcessGroup;
+    await expect(trainDreamBoothLora(options, { processGroup: group })).rejects.toThrow(/difflora train-dreambooth trains in one process only, not on several \(2\)/);
+    expect(existsSync(out)).toBe(false);
+    expect(existsSync(classes)).toBe(false);
   });
 
   it('a broken class image stops the run naming the file (exit 1)', async () => {

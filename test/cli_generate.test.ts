@@ -92,7 +92,7 @@ describe('difflora generate', () => {
     const cases: [string[], RegExp][] = [
       [['generate', '--num_inference_steps=2'], /--prompt is required/],
       [[...base, '--height=60'], /--height must be a multiple of 8/],
-      [[...base, '--scheduler=heun'], /heun/],
+      [[...base, '--scheduler=ipndm'], /--scheduler: unknown scheduler "ipndm"/],
       [[...base, '--lora=/nowhere/x.safetensors'], /--lora: '\/nowhere\/x.safetensors' does not exist/],
       [[...base, '--no_such_flag=1'], /no_such_flag/],
       [[...base, 'stray'], /stray/],

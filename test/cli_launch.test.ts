@@ -1,12 +1,11 @@
 // `difflora launch` (lib/cli/launch.ts) and `difflora dist-check` (lib/cli/dist_check.ts): argument checks in this
 // process; real launches as child processes (the CLI through tsx, as bin/difflora.js runs it), checking exit codes,
 // both ranks' output, and that no worker outlives a failure.
-import { readFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
 import { parseLaunchArgs, splitLaunchArgv, workerEnvs, type LaunchArgs } from '../lib/cli/launch.js';
-import { spawnCli, type CliResult } from './cli_helpers.js';
+import { alive, freePort, spawnCli, type CliResult } from './cli_helpers.js';
 
 function capture(env: NodeJS.ProcessEnv = {}) {
   const out = { stdout: '', stderr: '' };
@@ -15,23 +14,6 @@ function capture(env: NodeJS.ProcessEnv = {}) {
     io: { stdout: { write: (s: string) => { out.stdout += s; } }, stderr: { write: (s: string) => { out.stderr += s; } }, env },
   };
 }
-
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
-
-/** Whether `pid` still runs (a zombie waiting for its reaper, e.g. an orphan in a container, has ended). */
-const alive = (pid: number): boolean => {
-  try {
-    return !/^\d+ \(.*\) Z/.test(readFileSync(`/proc/${pid}/stat`, 'utf8'));
-  } catch {
-    return false;
-  }
-};
 
 const pidsOf = (stdout: string): Map<number, number> =>
   new Map([...stdout.matchAll(/dist-check: rank (\d+)\/\d+ joined .*pid (\d+)/g)].map((m) => [Number(m[1]), Number(m[2])]));
@@ -52,7 +34,9 @@ describe('difflora launch: arguments', () => {
       mixedPrecision: undefined, gpuIds: '0,1', timeout: 30, command: 'dist-check', commandArgs: ['--seconds=1'],
     });
     const t = await parseLaunchArgs(['--mixed_precision', 'bf16', 'train', '--lr=1']);
-    expect(t).toMatchObject({ numProcesses: 1, mainProcessIp: '127.0.0.1', mainProcessPort: 29500, timeout: 60, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'] });
+    expect(t).toMatchObject({ numProcesses: 1, mainProcessIp: '127.0.0.1', mainProcessPort: 29500, timeout: 1800, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'] });
+    expect(await parseLaunchArgs(['dist-check'])).toMatchObject({ timeout: 60 });
+    expect(await parseLaunchArgs(['--timeout', '5', 'train'])).toMatchObject({ timeout: 5 });
   });
 
   it('gives each local worker its ranks and the rendezvous', () => {
@@ -85,7 +69,8 @@ describe('difflora launch: arguments', () => {
       [['--num_processes', '2', '--multi_gpu', '--gpu_ids', '0', 'dist-check'], /lists fewer GPUs than the 2 workers/],
       [['--timeout', '0', 'dist-check'], /--timeout must be a number of seconds/],
       [['launch'], /launch cannot start launch/],
-      [['--num_processes', '2', 'train', '--max_train_steps=1'], /'train' does not run as several processes yet \(it would run 2 independent copies\)/],
+      [['--num_processes', '2', 'generate', '--prompt=x'], /'generate' does not run as several processes yet \(it would run 2 independent copies\); commands that do: train, dist-check/],
+      [['--num_processes', '2', 'train-dreambooth', '--instance_prompt=x'], /'train-dreambooth' does not run as several processes yet \(it would run 2 independent copies\)/],
     ];
     for (const [argv, message] of cases) {
       const { out, io } = capture();

@@ -9,8 +9,12 @@ import { writeFileAtomic } from '../io/atomic.js';
 import { checkOutputTarget } from '../io/files.js';
 import { formatProblems } from '../training/options.js';
 import { UsageError } from './train_args.js';
+import { A1111_SAMPLERS, SCHEDULER_NAMES, schedulerName } from '../schedulers/names.js';
 
-export const SCHEDULER_CHOICES = ['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const;
+/** What --scheduler accepts: our short names, diffusers' class names and the A1111 sampler names (checked without the addon). */
+const SCHEDULER_HELP = `Sampler: ${SCHEDULER_NAMES.join(', ')}; a diffusers class name (EulerDiscreteScheduler, …); `
+  + `or an A1111/ComfyUI name: ${[...A1111_SAMPLERS.keys()].map((k) => `"${k}"`).join(', ')} `
+  + "(default: the pipeline's scheduler_config.json, PNDM for SD 1.x)";
 
 export interface LoraSpec { path: string; weight: number }
 
@@ -29,7 +33,8 @@ export interface GenerateArgs {
   numInferenceSteps: number;
   /** Unset: the pipeline's default (7.5 for SD 1.x/2.x, 5 for SDXL, as diffusers). */
   guidanceScale: number | undefined;
-  scheduler: (typeof SCHEDULER_CHOICES)[number] | undefined;
+  /** A scheduler name, class name or A1111 name (checked). */
+  scheduler: string | undefined;
   seed: number | undefined;
   latents: string | undefined;
   height: number | undefined;
@@ -41,10 +46,13 @@ export interface GenerateArgs {
   mixedPrecision: 'no' | 'fp16' | 'bf16';
   clipSkip: number | undefined;
   memoryEfficientAttention: boolean;
+  /** Image to image: the starting picture (StableDiffusionImg2ImgPipeline) and how much of the schedule runs. */
+  initImage: string | undefined;
+  strength: number | undefined;
 }
 
 const GENERATE_USAGE = 'Usage: difflora generate --prompt "<text>" [--pretrained_model_name_or_path=<model>] [--lora=<file>[:<weight>] ...] [flags]\n\n'
-  + 'Text to image with a Stable Diffusion 1.x/2.x or SDXL pipeline (a local diffusers folder or a model id in the offline Hugging Face cache; '
+  + 'Text to image (or image to image with --init_image) with a Stable Diffusion 1.x/2.x or SDXL pipeline (a local diffusers folder or a model id in the offline Hugging Face cache; '
   + "the pipeline is model_index.json's _class_name), "
   + 'with any number of LoRA files (diffusers, PEFT or Kohya format). Without --pretrained_model_name_or_path it uses the built-in tiny model '
   + "that 'difflora train' trains by default.";
@@ -64,7 +72,7 @@ function generateParser(argv: readonly string[]) {
       negative_prompt_2: { type: 'string', describe: "SDXL: the second text encoder's negative prompt (default: --negative_prompt)" },
       num_inference_steps: { type: 'number', default: 50, describe: 'Denoising steps' },
       guidance_scale: { type: 'number', describe: 'Classifier-free guidance weight (≤ 1: off; default 7.5, SDXL 5)' },
-      scheduler: { type: 'string', choices: SCHEDULER_CHOICES as unknown as string[], describe: "Sampler (default: the pipeline's scheduler_config.json, PNDM for SD 1.x)" },
+      scheduler: { type: 'string', describe: SCHEDULER_HELP },
       seed: { type: 'number', describe: 'Seed of the initial noise (CPU generator: the same image on every device)' },
       latents: { type: 'string', describe: "Initial latents from a .safetensors file (its 'latents' tensor, or its only tensor)" },
       height: { type: 'number', describe: 'Image height, a multiple of 8 (default: the model\'s, 512 for SD 1.5, 1024 for SDXL)' },
@@ -74,6 +82,8 @@ function generateParser(argv: readonly string[]) {
       device: { type: 'string', describe: "'cpu' or 'cuda' / 'cuda:N' (default: cuda:0 when CUDA is available, as train; else cpu)" },
       mixed_precision: { type: 'string', choices: ['no', 'fp16', 'bf16'], default: 'no', describe: 'Weights and compute in fp16 (CUDA) or bf16' },
       clip_skip: { type: 'number', describe: 'Condition on the text encoder layer this many before the last' },
+      init_image: { type: 'string', describe: 'Image to image: the starting picture (PNG, JPEG, WebP…; SD 1.x/2.x), resized down to multiples of 8' },
+      strength: { type: 'number', describe: 'With --init_image: how much of the schedule runs, 0–1 (default 0.8; 1 ignores most of the picture)' },
       enable_xformers_memory_efficient_attention: { type: 'boolean', default: false, describe: 'Memory-efficient attention in the UNet and VAE (no xformers: query chunks on libtorch 1.13, the fused kernel on 2.x); less peak memory, the same images' },
     });
 }
@@ -107,6 +117,7 @@ const NUMERIC_FLAGS: readonly [string, boolean, number, number, string][] = [
   ['width', true, 8, MAX_IMAGE_SIZE, ''],
   ['num_images', true, 1, MAX_IMAGES, ''],
   ['clip_skip', true, 0, Number.MAX_SAFE_INTEGER, ''],
+  ['strength', false, 0, 1, ''],
 ];
 
 /** The text last given for `--key` (yargs has already turned it into a number, NaN for 'abc'). */
@@ -164,10 +175,26 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
   }
   const latents = single<string>(r, 'latents');
   if (latents !== undefined && !existsSync(latents)) problems.push(`--latents: '${latents}' does not exist`);
+  const initImage = single<string>(r, 'init_image');
+  if (initImage !== undefined && !existsSync(initImage)) problems.push(`--init_image: '${initImage}' does not exist`);
+  const strength = single<number>(r, 'strength');
+  if (strength !== undefined && initImage === undefined) problems.push('--strength applies with --init_image only');
+  if (initImage !== undefined && latents !== undefined) problems.push('--init_image and --latents: give one (image to image starts from the picture)');
+  if (initImage !== undefined && (single<number>(r, 'height') !== undefined || single<number>(r, 'width') !== undefined)) {
+    problems.push('--height/--width: with --init_image the size is the picture\'s (rounded down to multiples of 8)');
+  }
   const device = single<string>(r, 'device');
   if (device !== undefined && !/^(cpu|cuda(:\d+)?)$/.test(device)) problems.push(`--device must be 'cpu', 'cuda' or 'cuda:N', got '${device}'`);
   const output = single<string>(r, 'output') ?? 'image.png';
   if (output === '') problems.push('--output must not be empty');
+  const scheduler = single<string>(r, 'scheduler');
+  if (scheduler !== undefined) {
+    try {
+      schedulerName(scheduler);
+    } catch (e) {
+      problems.push(`--scheduler: ${(e as Error).message}`);
+    }
+  }
   if (problems.length) throw new UsageError(formatProblems(problems, 'flags'));
   return {
     pretrainedModelNameOrPath: single<string>(r, 'pretrained_model_name_or_path'),
@@ -182,7 +209,7 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     negativePrompt2: single<string>(r, 'negative_prompt_2'),
     numInferenceSteps: single<number>(r, 'num_inference_steps') ?? 50,
     guidanceScale: single<number>(r, 'guidance_scale'),
-    scheduler: single<GenerateArgs['scheduler']>(r, 'scheduler'),
+    scheduler,
     seed: single<number>(r, 'seed'),
     latents,
     height: single<number>(r, 'height'),
@@ -193,6 +220,8 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     mixedPrecision: single<GenerateArgs['mixedPrecision']>(r, 'mixed_precision') ?? 'no',
     clipSkip: single<number>(r, 'clip_skip'),
     memoryEfficientAttention: single<boolean>(r, 'enable_xformers_memory_efficient_attention') === true,
+    initImage,
+    strength,
   };
 }
 
@@ -241,14 +270,20 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   }
   const dtype = a.mixedPrecision === 'fp16' ? 'float16' : a.mixedPrecision === 'bf16' ? 'bfloat16' : 'float32';
   const hub = { revision: a.revision, cacheDir: a.cacheDir };
-  const kind = await pipelineKind(model, hub);
+  const { pipelineFamily } = await import('../pipelines/auto_pipeline.js');
+  const kind = pipelineFamily(model, hub, 'difflora generate').family;
+  if (kind === 'sdxl' && a.initImage !== undefined) {
+    throw new UsageError(`--init_image: SDXL image to image (StableDiffusionXLImg2ImgPipeline) is not in difflora yet; '${model}' is an SDXL pipeline`);
+  }
   if (kind === 'sd' && (a.prompt2 !== undefined || a.negativePrompt2 !== undefined)) {
     throw new UsageError(`--prompt_2/--negative_prompt_2 apply to SDXL pipelines only; '${model}' is a Stable Diffusion 1.x/2.x pipeline`);
   }
   const load = { ...hub, variant: a.variant, dtype, device, scheduler: a.scheduler } as const;
   const pipe = kind === 'sdxl'
     ? (await import('../pipelines/stable_diffusion_xl.js')).StableDiffusionXLPipeline.fromPretrained(model, load)
-    : (await import('../pipelines/stable_diffusion.js')).StableDiffusionPipeline.fromPretrained(model, load);
+    : a.initImage !== undefined
+      ? (await import('../pipelines/stable_diffusion_img2img.js')).StableDiffusionImg2ImgPipeline.fromPretrained(model, load)
+      : (await import('../pipelines/stable_diffusion.js')).StableDiffusionPipeline.fromPretrained(model, load);
   if (a.memoryEfficientAttention) {
     const n = pipe.enableMemoryEfficientAttention();
     io.stderr.write(`difflora generate: memory-efficient attention in ${n} attention layers\n`);
@@ -278,6 +313,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
     const started = Date.now();
     const out = await pipe.generate({
       ...(kind === 'sdxl' ? { prompt2: a.prompt2, negativePrompt2: a.negativePrompt2 } : {}),
+      ...(a.initImage !== undefined ? { image: a.initImage, strength: a.strength } : {}),
       prompt: a.prompt, negativePrompt: a.negativePrompt, numInferenceSteps: a.numInferenceSteps, guidanceScale: a.guidanceScale,
       seed: a.seed, latents, height: a.height, width: a.width, numImagesPerPrompt: a.numImages, clipSkip: a.clipSkip,
       crossAttentionKwargs: { scale: a.loraScale }, outputType: 'png',
@@ -299,26 +335,6 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
   }
 }
 
-/** model_index.json _class_name → the pipeline that runs it; SD 1.x/2.x when the file names no class (older folders). */
-const PIPELINE_CLASSES: Record<string, 'sd' | 'sdxl'> = {
-  StableDiffusionPipeline: 'sd', StableDiffusionImg2ImgPipeline: 'sd', StableDiffusionInpaintPipeline: 'sd',
-  StableDiffusionXLPipeline: 'sdxl', StableDiffusionXLImg2ImgPipeline: 'sdxl', StableDiffusionXLInpaintPipeline: 'sdxl',
-};
-
-/** Which pipeline a model folder (or cached model id) holds, from its model_index.json; other classes are an error naming them. */
-async function pipelineKind(model: string, hub: { revision?: string; cacheDir?: string }): Promise<'sd' | 'sdxl'> {
-  const { resolvePretrained } = await import('../io/hub.js');
-  const { readModelIndex } = await import('../models/loading.js');
-  const dir = resolvePretrained(model, hub);
-  const cls = readModelIndex(dir)._class_name;
-  if (cls === undefined) return 'sd';
-  const kind = Object.hasOwn(PIPELINE_CLASSES, cls as string) ? PIPELINE_CLASSES[cls as string] : undefined;
-  if (!kind) {
-    throw new Error(`difflora generate: '${dir}' holds a ${String(cls)} (model_index.json _class_name), which difflora cannot run; supported: StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL)`);
-  }
-  return kind;
-}
-
 // ---- convert-lora
 
 export interface ConvertArgs { input: string; output: string; to: 'diffusers' | 'kohya'; force: boolean }
@@ -327,7 +343,9 @@ function convertParser(argv: readonly string[]) {
   return commandParser(argv, 'Usage: difflora convert-lora --input=<file> --output=<file.safetensors> --to=<diffusers|kohya>\n\n'
       + 'Rewrites a LoRA file between the diffusers/PEFT layout (unet.….lora_A/lora_B, what diffusers\' load_lora_weights reads) '
       + 'and the Kohya/A1111 layout (lora_unet_…/lora_te_… with lora_down/lora_up and a per-layer alpha). The effective weights '
-      + '(B·A·alpha/rank) are kept; converting to diffusers folds a per-layer alpha into the up matrix.')
+      + '(B·A·alpha/rank) are kept; converting to diffusers folds a per-layer alpha into the up matrix. Kohya files with LDM block '
+      + 'names (input_blocks_…) are renamed for a UNet with 2 layers per block; DoRA magnitudes are kept either way; LyCORIS LoHa/LoKr '
+      + 'files convert to kohya only (the diffusers layout cannot express them).')
     .options({
       input: { type: 'string', describe: 'LoRA file (.safetensors) in diffusers, PEFT or Kohya format' },
       output: { type: 'string', describe: 'File to write (refused if it exists, unless --force)' },

@@ -25,6 +25,14 @@ export interface LaunchArgs {
   commandArgs: string[];
 }
 
+/** --timeout when none is given. */
+export const DEFAULT_TIMEOUT_S = 60;
+/**
+ * --timeout of `train` when none is given: accelerate's (torch.distributed's default, 30 min). While rank 0 runs a
+ * validation (minutes on a CPU), the other processes wait at the next step's all-reduce.
+ */
+export const TRAIN_TIMEOUT_S = 1800;
+
 /** How long stopped workers get between SIGTERM and SIGKILL. */
 export const KILL_GRACE_MS = 5000;
 /**
@@ -50,7 +58,7 @@ function launchParser(argv: readonly string[]) {
       multi_gpu: { type: 'boolean', default: false, describe: 'One GPU per worker (cuda:LOCAL_RANK), over NCCL' },
       mixed_precision: { type: 'string', choices: ['no', 'fp16', 'bf16'], describe: 'Passed to train/generate as --mixed_precision' },
       gpu_ids: { type: 'string', describe: "GPUs this machine's workers may use ('0,1' → CUDA_VISIBLE_DEVICES; default all)" },
-      timeout: { type: 'number', default: 60, describe: 'Seconds a worker waits for the others (rendezvous and each collective) before failing' },
+      timeout: { type: 'number', describe: `Seconds a worker waits for the others (rendezvous and each collective) before failing (default ${DEFAULT_TIMEOUT_S}; ${TRAIN_TIMEOUT_S} for train, as accelerate: the others wait while rank 0 validates)` },
     });
 }
 
@@ -59,11 +67,10 @@ export async function launchHelp(): Promise<string> {
 }
 
 /**
- * The commands that join the process group. Several copies of any other command would each run alone (train would
- * have every copy write the same output folder), so launch refuses them above one process. `train` joins this list
- * when its loop shards the data and averages gradients.
+ * The commands that join the process group (train: data-parallel, lib/distributed/data_parallel.ts). Several copies
+ * of any other command would each run alone, so launch refuses them above one process.
  */
-export const DISTRIBUTED_COMMANDS: ReadonlySet<string> = new Set(['dist-check']);
+export const DISTRIBUTED_COMMANDS: ReadonlySet<string> = new Set(['train', 'dist-check']);
 
 const BOOLEAN_FLAGS = new Set(['multi_gpu']);
 const VALUE_FLAGS = new Set(['num_processes', 'num_machines', 'machine_rank', 'main_process_ip', 'main_process_port', 'mixed_precision', 'gpu_ids', 'timeout']);
@@ -136,7 +143,7 @@ export async function parseLaunchArgs(argv: readonly string[]): Promise<LaunchAr
   if (p.multi_gpu === true && gpuIds !== undefined && gpuIds !== 'all' && gpuIds.split(',').length < local) {
     throw new UsageError(`--gpu_ids '${gpuIds}' lists fewer GPUs than the ${local} workers of this machine (--multi_gpu: one GPU each)`);
   }
-  const timeout = p.timeout as number;
+  const timeout = (p.timeout as number | undefined) ?? (command === 'train' ? TRAIN_TIMEOUT_S : DEFAULT_TIMEOUT_S);
   if (typeof timeout !== 'number' || !Number.isFinite(timeout) || timeout <= 0 || timeout > 86400) {
     throw new UsageError(`--timeout must be a number of seconds in (0, 86400], got '${String(p.timeout)}'`);
   }

@@ -88,12 +88,13 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   }
   const args = parseTrainArgs(argv, io.env);
   if (args.builtinDefault) await useBuiltinDefault(args, argv, io, 'train');
-  // accepted flags that do not act here are said, not silently dropped
+  // accepted flags that do not act here are said, not silently dropped (by rank 0 alone in a launched run);
+  // --local_rank / LOCAL_RANK is accepted as accelerate does: the process group comes from the launcher's environment
   const notActing = [
     ...(args.datasetConfigName !== undefined ? [`--dataset_config_name=${args.datasetConfigName}: not used; difflora reads the parquet files of the train split under --dataset_name (point --dataset_name at the configuration's folder to pick one)`] : []),
-    ...(args.localRank !== -1 ? [`--local_rank=${args.localRank} (or LOCAL_RANK): distributed training is not supported; this process trains alone on its device`] : []),
   ];
-  for (const w of [...args.warnings, ...notActing]) io.stderr.write(`difflora train: warning: ${w}\n`);
+  const rankZero = !(Number(io.env.RANK) > 0);
+  if (rankZero) for (const w of [...args.warnings, ...notActing]) io.stderr.write(`difflora train: warning: ${w}\n`);
   const train = await loadTrainer();
   // one line per optimizer step (rewritten in place on a terminal) and per validation start and end
   const printer = new ProgressPrinter((line) => io.stderr.write(line), (io.stderr as { isTTY?: boolean }).isTTY === true);
@@ -102,6 +103,7 @@ async function runTrain(argv: string[], io: Io, loadTrainer: () => Promise<Train
   const onNotice = (message: string) => printer.notice(message);
   const result = await train(pickTrainOptions(args), { onProgress, onValidation, onNotice });
   const { outputFile, skippedImages: skipped } = result;
+  if ((result.processIndex ?? 0) !== 0) return 0; // rank 0 reports the files it wrote
   if (skipped.count > 0) {
     io.stderr.write(`difflora train: warning: skipped ${skipped.count} unreadable image(s) (--skip_broken_images): ${skipped.files.join(', ')}\n`);
   }
@@ -262,7 +264,8 @@ export async function main(argv: string[], options: MainOptions = {}): Promise<n
     return await runTop(argv, io);
   } catch (e) {
     // an option outside its domain found by the library (e.g. --rank larger than the model's layers) is a usage error too
-    if (e instanceof UsageError || e instanceof TrainOptionsError) {
+    // … and so are a launcher's malformed variables (process_group.ts's DistributedEnvError, matched by name: importing it loads the addon)
+    if (e instanceof UsageError || e instanceof TrainOptionsError || (e instanceof Error && e.name === 'DistributedEnvError')) {
       const helpFor = command === 'generate' || command === 'convert-lora' || command === 'env' || command === 'train-dreambooth' || command === 'train-sdxl' ? command : 'train';
       io.stderr.write(`difflora ${command ?? ''}: ${e.message}\nRun 'difflora ${helpFor} --help' for the flags.\n`);
       return 2;

@@ -10,6 +10,11 @@
 // caption choice come from its own Rng seeded by (seed, epoch, position). So the output depends only on
 // { seed, epoch, position } — not on how far decoding has run ahead — and restoring a saved state
 // continues exactly.
+//
+// Sharding (`shard`, several data-parallel processes) follows accelerate's BatchSamplerShard with even_batches: the
+// epoch's order is cut into batches of batchSize, process r takes batches r, r + N, r + 2N …, and the tail is padded
+// with the order's first items so every process gets the same number of full batches. Positions stay global: an
+// item's draws are keyed by its position in the whole epoch's order, whichever process reads it.
 import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
 import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
@@ -45,6 +50,8 @@ export interface LoaderOptions {
   concurrency?: number;
   /** Skip images that fail to decode (counted in `skipped`) instead of throwing. */
   skipBroken?: boolean;
+  /** This process's share of each epoch (data-parallel training); default the whole epoch. */
+  shard?: { rank: number; worldSize: number };
 }
 
 export interface Batch {
@@ -55,9 +62,11 @@ export interface Batch {
   imagePaths: string[];
   cropTopLeft: [number, number][];
   originalSizes: [number, number][];
+  /** Each item's (epoch, position in the epoch's global order): what its random draws are keyed by. */
+  keys: [number, number][];
 }
 
-interface Decoded { ok: true; image: TrainImage; caption: string; imagePath: string }
+interface Decoded { ok: true; image: TrainImage; caption: string; imagePath: string; key: [number, number] }
 interface Failed { ok: false; error: Error; imagePath: string }
 type Outcome = Decoded | Failed;
 
@@ -72,7 +81,10 @@ export class ImageCaptionLoader {
   /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
   readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
-  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers'>>;
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard'>>;
+  private readonly shard: { rank: number; worldSize: number };
+  /** Items this process reads per epoch (the dataset's length, or its shard's, padded, with several processes). */
+  readonly epochLength: number;
   private seed: number;
   private epoch = 0;
   private position = 0;
@@ -101,19 +113,41 @@ export class ImageCaptionLoader {
       concurrency: workers !== undefined ? Math.max(1, workers) : Math.max(1, options.concurrency ?? Infinity),
       skipBroken: options.skipBroken ?? DATA_DEFAULTS.skipBroken,
     };
+    this.shard = options.shard ?? { rank: 0, worldSize: 1 };
+    const { rank, worldSize } = this.shard;
+    if (!Number.isInteger(worldSize) || worldSize < 1 || !Number.isInteger(rank) || rank < 0 || rank >= worldSize) {
+      throw new RangeError(`shard: rank must be an integer in [0, worldSize), got rank ${rank} of ${worldSize}`);
+    }
+    if (worldSize > 1 && this.opts.skipBroken) throw new Error('skipBroken is not supported with several processes (the shards would fall out of step)');
+    // accelerate: ceil(ceil(n / B) / N) batches per process, all full
+    this.epochLength = worldSize === 1 ? dataset.length : Math.ceil(Math.ceil(dataset.length / this.batchSize) / worldSize) * this.batchSize;
+  }
+
+  /**
+   * The dataset index and global position of this process's `local`-th item of `epoch`: global batch k holds the N
+   * processes' batches in rank order; positions past the dataset are the order's first items again (even batches).
+   */
+  private itemAt(epoch: number, local: number): { index: number; position: number } {
+    const order = this.orderOf(epoch);
+    if (this.shard.worldSize === 1) return { index: order[local]!, position: local };
+    const B = this.batchSize;
+    const W = this.shard.worldSize;
+    const position = Math.floor(local / B) * W * B + this.shard.rank * B + (local % B);
+    const n = this.dataset.length;
+    return { index: order[position < n ? position : (position - n) % Math.min(n, W * B)]!, position };
   }
 
   /** Batches per epoch when nothing is skipped (ceil, the last batch may be partial). */
-  get batchesPerEpoch(): number { return Math.ceil(this.dataset.length / this.batchSize); }
+  get batchesPerEpoch(): number { return Math.ceil(this.epochLength / this.batchSize); }
 
   /** The state to save with a checkpoint: what next() will return depends only on it. */
   getState(): LoaderState { return { epoch: this.epoch, position: this.position, seed: this.seed }; }
 
   /** Restores a saved state; decodes already running ahead are dropped. */
   setState(state: LoaderState): void {
-    const n = this.dataset.length;
+    const n = this.epochLength;
     if (!Number.isInteger(state.epoch) || state.epoch < 0 || !Number.isInteger(state.position) || state.position < 0 || state.position > n) {
-      throw new RangeError(`invalid loader state ${JSON.stringify(state)} for a dataset of ${n}`);
+      throw new RangeError(`invalid loader state ${JSON.stringify(state)} for an epoch of ${n} items`);
     }
     this.seed = state.seed;
     this.epoch = state.epoch;
@@ -131,7 +165,7 @@ export class ImageCaptionLoader {
   }
 
   private normalise(): void {
-    if (this.position >= this.dataset.length) { this.epoch += 1; this.position = 0; }
+    if (this.position >= this.epochLength) { this.epoch += 1; this.position = 0; }
   }
 
   private orderOf(epoch: number): Uint32Array {
@@ -151,9 +185,10 @@ export class ImageCaptionLoader {
     let begin!: () => void;
     const gate = new Promise<void>((resolve) => { begin = resolve; });
     // what the item is and its random draws are fixed now; only the decoding waits for a worker
-    const item = this.dataset.get(this.orderOf(epoch)[position]!);
-    const rng = new Rng(deriveSeed(this.seed, epoch, position));
-    return { epoch, position, promise: gate.then(() => this.decode(item, rng)), begin, started: false };
+    const at = this.itemAt(epoch, position);
+    const item = this.dataset.get(at.index);
+    const rng = new Rng(deriveSeed(this.seed, epoch, at.position));
+    return { epoch, position, promise: gate.then(() => this.decode(item, rng, [epoch, at.position])), begin, started: false };
   }
 
   /** Begins queued decodes, oldest first, while fewer than `concurrency` run. */
@@ -170,7 +205,7 @@ export class ImageCaptionLoader {
     }
   }
 
-  private decode(item: DatasetItem, rng: Rng): Promise<Outcome> {
+  private decode(item: DatasetItem, rng: Rng, key: [number, number]): Promise<Outcome> {
     const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
@@ -181,7 +216,7 @@ export class ImageCaptionLoader {
     }).then(
       (image): Outcome => {
         const caption = item.captions.length === 1 ? item.captions[0]! : item.captions[rng.nextInt(item.captions.length)]!;
-        return { ok: true, image, caption, imagePath: item.imagePath };
+        return { ok: true, image, caption, imagePath: item.imagePath, key };
       },
       (e: unknown): Outcome => ({
         ok: false,
@@ -194,7 +229,7 @@ export class ImageCaptionLoader {
 
   /** Starts decodes, in consumption order (across the epoch boundary), until `target` are queued. */
   private fill(target: number): void {
-    const n = this.dataset.length;
+    const n = this.epochLength;
     let last = this.queue[this.queue.length - 1];
     let epoch = last ? last.epoch : this.epoch;
     let position = last ? last.position + 1 : this.position;
@@ -208,7 +243,7 @@ export class ImageCaptionLoader {
   }
 
   private async nextBatch(): Promise<Batch> {
-    const n = this.dataset.length;
+    const n = this.epochLength;
     const R = this.resolution;
     const good: Decoded[] = [];
     let consecutiveFailures = 0;
@@ -262,6 +297,7 @@ export class ImageCaptionLoader {
       imagePaths: good.map((g) => g.imagePath),
       cropTopLeft: good.map((g) => g.image.cropTopLeft),
       originalSizes: good.map((g) => g.image.originalSize),
+      keys: good.map((g) => g.key),
     };
   }
 }

@@ -144,7 +144,7 @@ export function deleteAdapters(targets: LoraTarget, names: string | string[]): v
   requireKnown(targets, list, 'deleteAdapters');
   const active = getActiveAdapters(targets);
   for (const [, model] of targetModels(targets)) {
-    for (const [path, l] of loraLayers(model)) for (const n of list) if (l.adapter(n)) removeAdapterAt(model, path, n);
+    for (const [path, l] of loraLayers(model)) for (const n of list) if (l.hasAdapter(n)) removeAdapterAt(model, path, n);
     registry.set(model, (registry.get(model) ?? []).filter((n) => !list.includes(n)));
   }
   let stillActive = active.filter((n) => !list.includes(n));

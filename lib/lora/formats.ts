@@ -5,7 +5,11 @@
 //              `…attn1.processor.to_q_lora.down.weight`; no alpha (read as alpha = rank) unless `<path>.alpha`
 //   PEFT       [unet.][base_model.model.]<module path>.lora_A[.<adapter>].weight / .lora_B…
 //   Kohya      lora_unet_<path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha (0-dim), lora_te[1]_…, and
-//              for SDXL lora_te1_… / lora_te2_… and UNet paths in SGM naming (input_blocks_4_1_… → down_blocks.1.attentions.0…)
+//              for SDXL lora_te1_… / lora_te2_… and UNet paths in the original LDM/SGM naming (input_blocks_4_1_… →
+//              down_blocks.1.attentions.0…, mapped with the UNet's layers per block when loading)
+//   DoRA       a LoRA plus its magnitude: diffusers/PEFT `<path>.lora_magnitude_vector` [out], Kohya/LyCORIS `.dora_scale` [out, 1]
+//   LyCORIS    Kohya names with LoHa factors (.hada_w1_a, .hada_w1_b, .hada_w2_a, .hada_w2_b[, .hada_t1, .hada_t2]) or LoKr
+//              factors (.lokr_w1 | .lokr_w1_a + .lokr_w1_b, .lokr_w2 | .lokr_w2_a + .lokr_w2_b[, .lokr_t2]), and .alpha
 //
 // Conv layers (LoCon, SD 1.x's 1×1 proj_in/proj_out) have 4-D weights: A [r, in, kh, kw], B [out, r, 1, 1].
 // Renaming happens here, at the edge; the models only ever see module paths. Nothing here knows a model:
@@ -15,6 +19,7 @@ import { isFloatingPoint } from '../dtype.js';
 import { noGrad } from '../autograd.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import { LOHA_FACTORS, LOKR_FACTORS, lycorisShape, type LycorisFactor, type LycorisFactors, type LycorisType } from './lycoris.js';
 
 /** The model a LoRA layer belongs to: the UNet, the (first) text encoder, SDXL's second text encoder. */
 export type LoraComponent = 'unet' | 'text_encoder' | 'text_encoder_2';
@@ -23,15 +28,10 @@ export type LoraKeyLayout = 'diffusers' | 'peft' | 'kohya';
 /** Files are written in one of two layouts. */
 export type LoraLayout = 'diffusers' | 'kohya';
 
-/** One layer's LoRA as a file gives it. */
-export interface LoraEntry {
+interface LoraEntryBase {
   component: LoraComponent;
   /** Module path in diffusers' naming ('down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'). */
   path: string;
-  /** A [rank, in] or [rank, in, kh, kw]. */
-  down: Tensor;
-  /** B [out, rank] or [out, rank, 1, 1]. */
-  up: Tensor;
   /** The file's alpha; null when it carries none (diffusers then means alpha = rank; PEFT: the adapter's own). */
   alpha: number | null;
   rank: number;
@@ -40,6 +40,30 @@ export interface LoraEntry {
   /** The file's keys of this entry (down, up[, alpha]), for error messages. */
   keys: string[];
 }
+
+/** One layer's LoRA (DoRA when it has a magnitude) as a file gives it. */
+export interface LoraPairEntry extends LoraEntryBase {
+  type: 'lora';
+  /** A [rank, in] or [rank, in, kh, kw]. */
+  down: Tensor;
+  /** B [out, rank] or [out, rank, 1, 1]. */
+  up: Tensor;
+  /** DoRA's magnitude, out numbers (lora_magnitude_vector [out], dora_scale [out, 1]; the file's tensor); null for plain LoRA. */
+  magnitude: Tensor | null;
+}
+
+/**
+ * One layer's LyCORIS LoHa or LoKr adapter. `rank` and `alpha` give its scale alpha/rank: a missing alpha is the
+ * rank (scale 1), and a LoKr with both factors full has rank = alpha = 1 (LyCORIS ignores its alpha).
+ */
+export interface LycorisEntry extends LoraEntryBase {
+  type: LycorisType;
+  factors: LycorisFactors;
+  /** Shape of ΔW as the factors build it ([out, in], [out, in·kh·kw] or [out, in, kh, kw]). */
+  deltaShape: number[];
+}
+
+export type LoraEntry = LoraPairEntry | LycorisEntry;
 
 /** A layer's keys that parseLoraFile refused, with why (one line per problem, naming the keys). */
 export interface RejectedLoraEntry { component: LoraComponent; path: string; layout: LoraKeyLayout; keys: string[]; problems: string[] }
@@ -155,10 +179,12 @@ export function diffusersToSgmPath(path: string, layersPerBlock: number): string
   return path;
 }
 
-type Slot = 'down' | 'up' | 'alpha';
+type Slot = 'down' | 'up' | 'alpha' | 'magnitude' | LycorisFactor;
 interface ParsedKey { component: LoraComponent; path: string; slot: Slot; layout: LoraKeyLayout }
 
-const KOHYA = /^lora_(unet|te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha)$/;
+const KOHYA = /^lora_(unet|te[12]?)_([^.]+)\.(lora_down\.weight|lora_up\.weight|alpha|dora_scale|hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t2))$/;
+const MAGNITUDE = /^(.+)\.lora_magnitude_vector(?:\.(?!weight$)[^.]+)?(?:\.weight)?$/;
+const KOHYA_SLOTS: Record<string, Slot> = { 'lora_down.weight': 'down', 'lora_up.weight': 'up', alpha: 'alpha', dora_scale: 'magnitude' };
 const PROCESSOR = /^(.+)\.processor\.(to_q|to_k|to_v|to_out(?:\.0)?)[._]lora\.(down|up)\.weight$/;
 const TE_PROCESSOR = /^(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$/;
 const DIFFUSERS = /^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$/;
@@ -170,7 +196,7 @@ const TE_PROCS: Record<string, string> = { to_q: 'q_proj', to_k: 'k_proj', to_v:
 export function parseLoraKey(key: string): ParsedKey | null {
   let m = KOHYA.exec(key);
   if (m) {
-    const slot: Slot = m[3] === 'alpha' ? 'alpha' : m[3] === 'lora_down.weight' ? 'down' : 'up';
+    const slot = KOHYA_SLOTS[m[3] as string] ?? (m[3] as LycorisFactor);
     const component: LoraComponent = m[1] === 'unet' ? 'unet' : m[1] === 'te2' ? 'text_encoder_2' : 'text_encoder';
     return { component, path: kohyaToModulePath(m[2] as string), slot, layout: 'kohya' };
   }
@@ -190,6 +216,7 @@ export function parseLoraKey(key: string): ParsedKey | null {
   }
   if ((m = DIFFUSERS.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'diffusers' };
   if ((m = PEFT.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'peft' };
+  if ((m = MAGNITUDE.exec(rest))) return { component, path: m[1] as string, slot: 'magnitude', layout: rest.includes('.lora_A') ? 'peft' : 'diffusers' };
   if ((m = ALPHA.exec(rest))) return { component, path: m[1] as string, slot: 'alpha', layout: 'diffusers' };
   return null;
 }
@@ -201,6 +228,11 @@ function weightProblems(key: string, t: Tensor): string[] {
   if (!isFloatingPoint(t.dtype)) return [`${key}: dtype ${t.dtype}; LoRA weights must be floating point`];
   if (t.ndim !== 2 && t.ndim !== 4) return [`${key}: shape ${shapeOf(t)} has ${t.ndim} dimensions; LoRA weights have 2 (Linear) or 4 (Conv2d)`];
   if (t.numel() === 0) return [`${key}: shape ${shapeOf(t)} is empty`];
+  return finiteProblems(key, t);
+}
+
+/** A tensor holding NaN or inf, as a problem naming its key. */
+function finiteProblems(key: string, t: Tensor): string[] {
   const finite = noGrad(() => {
     const f = t.isfinite();
     const all = f.all();
@@ -222,7 +254,7 @@ function readAlpha(key: string, t: Tensor): number | string {
 }
 
 interface Group {
-  component: LoraComponent; path: string; down?: [string, Tensor]; up?: [string, Tensor]; alpha?: [string, Tensor];
+  component: LoraComponent; path: string; slots: Map<Slot, [string, Tensor]>;
   layouts: Set<LoraKeyLayout>; duplicates: string[]; keys: string[];
 }
 
@@ -260,12 +292,12 @@ export function parseLoraFile(tensors: Map<string, Tensor>, file = '', options: 
     if (!families.has(family)) families.set(family, fullKey);
     const id = `${k.component}:${k.path}`;
     let g = groups.get(id);
-    if (!g) groups.set(id, (g = { component: k.component, path: k.path, layouts: new Set(), duplicates: [], keys: [] }));
+    if (!g) groups.set(id, (g = { component: k.component, path: k.path, slots: new Map(), layouts: new Set(), duplicates: [], keys: [] }));
     g.keys.push(fullKey);
-    const had = g[k.slot];
+    const had = g.slots.get(k.slot);
     if (had) g.duplicates.push(`${k.component} ${k.path}: two keys give its ${k.slot}: ${had[0]}, ${fullKey}`);
-    else g[k.slot] = [fullKey, t];
-    if (k.slot !== 'alpha') g.layouts.add(k.layout);
+    else g.slots.set(k.slot, [fullKey, t]);
+    if (k.slot !== 'alpha' && k.slot !== 'magnitude') g.layouts.add(k.layout);
   }
   if (families.size > 1) {
     problems.push(`mixes the Kohya and diffusers/PEFT layouts (e.g. ${families.get('kohya') as string} and ${families.get('diffusers') as string}); a file holds one`);
@@ -281,24 +313,82 @@ export function parseLoraFile(tensors: Map<string, Tensor>, file = '', options: 
   return { file, entries, unknownKeys, rejected, problems };
 }
 
+/** The type a group's keys describe, or the problem when they mix LoRA, LoHa and LoKr keys. */
+function groupType(g: Group, at: string): LoraEntry['type'] | string {
+  const slots = [...g.slots.keys()];
+  const types = new Set(slots.map((n) => ((LOHA_FACTORS as readonly string[]).includes(n) ? 'loha' : (LOKR_FACTORS as readonly string[]).includes(n) ? 'lokr'
+    : n === 'down' || n === 'up' ? 'lora' : null)).filter((t) => t !== null));
+  if (types.size > 1) return `${at}: keys of several adapter kinds (${[...types].join(', ')}): ${g.keys.join(', ')}`;
+  return [...types][0] ?? 'lora';
+}
+
+/** A DoRA magnitude of out numbers ([out], [out, 1], [1, out, 1, 1] or [out, 1, 1, 1]), or the problem. */
+function readMagnitude(key: string, t: Tensor, out: number): Tensor | string {
+  if (!isFloatingPoint(t.dtype)) return `${key}: dtype ${t.dtype}; a DoRA magnitude must be floating point`;
+  const ok = t.numel() === out && t.shape.filter((d) => d !== 1).length <= 1 && (t.ndim === 1 || t.shape[0] === out || (t.ndim === 4 && t.shape[1] === out));
+  if (!ok) {
+    const hint = t.ndim === 2 && t.shape[0] === 1 ? ' (a LyCORIS wd_on_output=False magnitude, one per input column, which PEFT cannot express)' : '';
+    return `${key}: DoRA magnitude of shape ${shapeOf(t)}; the layer has ${out} output rows, so it must be [${out}] or [${out}, 1]${hint}`;
+  }
+  const finite = finiteProblems(key, t);
+  return finite.length ? finite[0] as string : t;
+}
+
 /** A group as a checked entry, or as rejected with its problems. */
 function checkGroup(g: Group): LoraEntry | RejectedLoraEntry {
   const at = `${g.component} ${g.path}`;
   const keys = g.keys;
   const layout = (g.layouts.size ? [...g.layouts][0] : 'diffusers') as LoraKeyLayout;
   const found: string[] = [...g.duplicates];
-  if (!g.down || !g.up) found.push(`${at}: ${g.down ? 'up/B' : 'down/A'} weight missing (have ${keys.join(', ')})`);
   if (g.layouts.size > 1) found.push(`${at}: keys of several layouts (${[...g.layouts].join(', ')}): ${keys.join(', ')}`);
-  for (const e of [g.down, g.up]) if (e) found.push(...weightProblems(e[0], e[1]));
-  const alpha = g.alpha ? readAlpha(g.alpha[0], g.alpha[1]) : null;
+  const alphaSlot = g.slots.get('alpha');
+  const alpha = alphaSlot ? readAlpha(alphaSlot[0], alphaSlot[1]) : null;
   if (typeof alpha === 'string') found.push(alpha);
-  if (!found.length) found.push(...pairProblems(`${at} (${keys.join(', ')})`, (g.down as [string, Tensor])[1], (g.up as [string, Tensor])[1]));
-  if (found.length) return { component: g.component, path: g.path, layout, keys, problems: found };
-  const down = (g.down as [string, Tensor])[1];
-  const up = (g.up as [string, Tensor])[1];
+  const type = groupType(g, at);
+  if (type !== 'lora' && type !== 'loha' && type !== 'lokr') return { component: g.component, path: g.path, layout, keys, problems: [...found, type] };
+  if (type !== 'lora') return checkLycoris(g, type, alpha, found, layout);
+  const down = g.slots.get('down');
+  const up = g.slots.get('up');
+  if (!down || !up) found.push(`${at}: ${down ? 'up/B' : 'down/A'} weight missing (have ${keys.join(', ')})`);
+  for (const e of [down, up]) if (e) found.push(...weightProblems(e[0], e[1]));
+  if (!found.length) found.push(...pairProblems(`${at} (${keys.join(', ')})`, (down as [string, Tensor])[1], (up as [string, Tensor])[1]));
+  let magnitude: Tensor | null = null;
+  const mag = g.slots.get('magnitude');
+  if (!found.length && mag) {
+    const m = readMagnitude(mag[0], mag[1], (up as [string, Tensor])[1].shape[0] as number);
+    if (typeof m === 'string') found.push(m);
+    else magnitude = m;
+  }
+  if (found.length) {
+    return { component: g.component, path: g.path, layout, keys, problems: found };
+  }
+  const d = (down as [string, Tensor])[1];
   return {
-    component: g.component, path: g.path, down, up, alpha: alpha as number | null, rank: down.shape[0] as number,
-    kind: down.ndim === 2 ? 'linear' : 'conv', layout, keys,
+    type: 'lora', component: g.component, path: g.path, down: d, up: (up as [string, Tensor])[1], magnitude,
+    alpha: alpha as number | null, rank: d.shape[0] as number, kind: d.ndim === 2 ? 'linear' : 'conv', layout, keys,
+  };
+}
+
+/** A LoHa/LoKr group as a checked entry (factors, ΔW's shape, rank and alpha), or rejected. */
+function checkLycoris(g: Group, type: LycorisType, alpha: number | string | null, found: string[], layout: LoraKeyLayout): LycorisEntry | RejectedLoraEntry {
+  const at = `${g.component} ${g.path}`;
+  const mag = g.slots.get('magnitude');
+  if (mag) found.push(`${at}: ${mag[0]}: DoRA on a ${type === 'loha' ? 'LoHa' : 'LoKr'} adapter is not supported (PEFT has no such adapter)`);
+  const factors: LycorisFactors = {};
+  for (const [slot, [key, t]] of g.slots) {
+    if (slot === 'alpha' || slot === 'magnitude') continue;
+    if (slot === 'down' || slot === 'up') continue; // groupType refused the mix already
+    found.push(...weightProblems(key, t));
+    factors[slot] = t;
+  }
+  const shape = found.length ? null : lycorisShape(type, factors, `${at} (${g.keys.join(', ')})`);
+  if (Array.isArray(shape)) found.push(...shape);
+  if (found.length || !shape || Array.isArray(shape)) return { component: g.component, path: g.path, layout, keys: g.keys, problems: found };
+  const rank = shape.rank ?? 1;
+  const a = shape.rank === null ? 1 : (alpha as number | null) ?? rank;
+  return {
+    type, component: g.component, path: g.path, factors, deltaShape: shape.deltaShape, alpha: a, rank,
+    kind: shape.deltaShape.length === 4 || g.path.includes('conv') ? 'conv' : 'linear', layout, keys: g.keys,
   };
 }
 
@@ -322,8 +412,8 @@ export function assertValidLora(d: LoraDescription, what: string): void {
   if (d.unknownKeys.length || problems.length) throw loraError(what, d.file, { unmatched: d.unknownKeys, problems });
 }
 
-/** What a writer needs of a layer: its place, A, B and alpha (null: rank). */
-export interface LoraWeights { component: LoraComponent; path: string; down: Tensor; up: Tensor; alpha: number | null }
+/** What a writer needs of a layer: its place, A, B, alpha (null: rank) and DoRA's magnitude (out numbers). */
+export interface LoraWeights { component: LoraComponent; path: string; down: Tensor; up: Tensor; alpha: number | null; magnitude?: Tensor | null }
 
 /** Keys sorted by name, as the safetensors writers of Python and Rust order them. */
 export function sortedByKey(m: Map<string, Tensor>): Map<string, Tensor> {
@@ -350,7 +440,9 @@ export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string)
       const p = prefix ?? l.component;
       const key = `${p ? `${p}.${l.path}` : l.path}.${DIFFUSERS_INFIX[l.component]}`;
       out.set(`${key}.down.weight`, l.down.detach());
+      // DoRA too: s·B·A is all its norm and its output see, so s folds into B as for LoRA
       out.set(`${key}.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));
+      if (l.magnitude) out.set(`${p ? `${p}.${l.path}` : l.path}.lora_magnitude_vector`, l.magnitude.reshape([-1]));
     }
   });
   return out;
@@ -372,6 +464,21 @@ export function toKohyaKeys(layers: readonly LoraWeights[], o: { sgmLayersPerBlo
       out.set(`${name}.alpha`, torch.scalarTensor(l.alpha ?? (l.down.shape[0] as number), { dtype: 'float32' }));
       out.set(`${name}.lora_down.weight`, l.down.detach());
       out.set(`${name}.lora_up.weight`, l.up.detach());
+      // LyCORIS' DoRA layout (wd_on_output): one magnitude per output row, [out, 1] ([out, 1, 1, 1] for a conv)
+      if (l.magnitude) out.set(`${name}.dora_scale`, l.magnitude.reshape(l.down.ndim === 4 ? [-1, 1, 1, 1] : [-1, 1]));
+    }
+  });
+  return out;
+}
+
+/** A LoHa/LoKr entry under its Kohya/LyCORIS keys (alpha, then the factors). New handles, as toKohyaKeys. */
+export function lycorisKohyaKeys(entries: readonly LycorisEntry[], sdxl: boolean): Map<string, Tensor> {
+  const out = new Map<string, Tensor>();
+  noGrad(() => {
+    for (const e of entries) {
+      const name = kohyaName(e.path, kohyaPrefix(e.component, sdxl));
+      out.set(`${name}.alpha`, torch.scalarTensor(e.alpha ?? e.rank, { dtype: 'float32' }));
+      for (const [k, t] of Object.entries(e.factors)) out.set(`${name}.${k}`, t.detach());
     }
   });
   return out;

@@ -15,13 +15,14 @@ import { loadSafetensors } from '../io/safetensors.js';
 import { Conv2d, Linear } from '../nn/layers.js';
 import { Module } from '../nn/module.js';
 import { defaultGenerator } from '../random.js';
-import { dispose } from '../scope.js';
+import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { loraLayers, replaceModule } from './attach.js';
 import {
   kohyaName, kohyaPrefix, loraError, parseLoraFile, sgmToDiffusersPath,
-  type LoraComponent, type LoraDescription, type LoraEntry, type LoraKeyLayout,
+  type LoraComponent, type LoraDescription, type LoraEntry, type LoraKeyLayout, type LoraPairEntry, type LycorisEntry,
 } from './formats.js';
+import { LycorisBranch } from './lycoris.js';
 import { LoraConv2d } from './lora_conv2d.js';
 import { LoraLayer } from './lora_layer.js';
 import { LoraLinear } from './lora_linear.js';
@@ -141,13 +142,30 @@ function entryProblems(p: Planned, mode: ApplyMode): string[] {
   const at = `${p.entry.component} ${p.path}`;
   const keys = ` (${p.entry.keys.join(', ')})`;
   if (p.layer instanceof LoraLayer && p.layer.merged) return [`${at}: the layer is fused; unfuseLora first`];
-  const need = neededShapes(p.layer, p.entry.rank, mode);
+  const e = p.entry;
+  if (mode.kind === 'fill' && (e.type !== 'lora' || e.magnitude)) {
+    return [`${at}: a ${e.type === 'lora' ? 'DoRA' : e.type === 'loha' ? 'LoHa' : 'LoKr'} adapter cannot fill the trained LoRA adapter '${mode.adapterName}'${keys}`];
+  }
+  if (e.type !== 'lora') return lycorisProblems(p.layer, e, at, keys);
+  const need = neededShapes(p.layer, e.rank, mode);
   if (typeof need === 'string') return [`${at}: ${need}${keys}`];
   const same = (t: Tensor, s: number[]): boolean => t.ndim === s.length && t.shape.every((v, i) => v === s[i]);
-  if (!same(p.entry.down, need.down) || !same(p.entry.up, need.up)) {
-    return [`${at}: file down/A ${shapeText(p.entry.down.shape)}, up/B ${shapeText(p.entry.up.shape)}; ${need.what} needs ${shapeText(need.down)}, ${shapeText(need.up)} (rank ${p.entry.rank})${keys}`];
+  if (!same(e.down, need.down) || !same(e.up, need.up)) {
+    return [`${at}: file down/A ${shapeText(e.down.shape)}, up/B ${shapeText(e.up.shape)}; ${need.what} needs ${shapeText(need.down)}, ${shapeText(need.up)} (rank ${e.rank})${keys}`];
   }
   return [];
+}
+
+/** A LoHa/LoKr entry's ΔW against its layer's weight: [out, in] for a Linear; a conv's shape or [out, in·kh·kw]. */
+function lycorisProblems(layer: Target, e: LycorisEntry, at: string, keys: string): string[] {
+  const base = layer instanceof LoraLayer ? (layer.base_layer as Linear | Conv2d) : layer;
+  if (base instanceof Conv2d && base.groups !== 1) return [`${at}: is a grouped Conv2d (groups ${base.groups}), which cannot take LoRA${keys}`];
+  const w = base.weight.shape;
+  const fits = e.deltaShape.length === w.length ? e.deltaShape.every((v, i) => v === w[i])
+    : w.length === 4 && e.deltaShape.length === 2 && e.deltaShape[0] === w[0] && e.deltaShape[1] === (w[1] as number) * (w[2] as number) * (w[3] as number);
+  if (fits) return [];
+  const kind = e.type === 'loha' ? 'LoHa' : 'LoKr';
+  return [`${at}: the ${kind} factors give a delta of shape ${shapeText(e.deltaShape)}; the ${base instanceof Linear ? 'Linear' : 'Conv2d'} weight is ${shapeText(w)}${keys}`];
 }
 
 /**
@@ -220,7 +238,7 @@ function unmatchedText(models: Map<LoraComponent, Module>, mode: ApplyMode, abse
   const hint = absent.length ? ` (the file has ${absent.map((c) => `${MODEL_NAMES[c][1]} keys: pass targets.${MODEL_NAMES[c][2]}`).join('; ')})` : '';
   if (mode.kind === 'fill') return `match no layer of adapter '${mode.adapterName}' in ${where}${hint}`;
   return `match no Linear/Conv2d layer of ${where}${hint} — a LoRA for another architecture (SD 1.x/2.x and SDXL LoRAs `
-    + 'do not fit each other\'s models), a key in no known layout, or an unsupported kind (LoHa, LoKr, DoRA)';
+    + 'do not fit each other\'s models), or a key in no known layout';
 }
 
 /** 'fill' mode: every layer of the adapter must get weights (a partial resume would silently mix two runs). */
@@ -252,6 +270,7 @@ export function withRandomStateKept<T>(model: Module, fn: () => T): T {
 export function removeAdapterAt(model: Module, path: string, name: string): void {
   const layer = loraLayers(model).find(([p]) => p === path)?.[1];
   if (!layer) return;
+  if (!layer.hasAdapter(name)) return;
   if (!layer.deleteAdapter(name)) {
     replaceModule(model, path, layer.base_layer);
     layer.disposeAdapters();
@@ -267,6 +286,19 @@ function setAdapterAlpha(layer: LoraLayer, name: string, alpha: number): void {
   }
 }
 
+/** A LoRA layer around a plain Linear/Conv2d (its first adapter's rank and name). */
+function wrapLayer(layer: Linear | Conv2d, rank: number, alpha: number, name: string): LoraLayer {
+  const o = { rank, alpha, adapterName: name };
+  const wrapped = layer instanceof Linear ? new LoraLinear(layer, o) : new LoraConv2d(layer, o);
+  for (const t of [...wrapped.lora_A.parameters(), ...wrapped.lora_B.parameters()]) t.requiresGrad = false;
+  return wrapped;
+}
+
+/** A copy of a tensor the layer owns (the file's tensors are freed after the load), frozen, in float32 at least. */
+function owned(t: Tensor): Tensor {
+  return tidy(() => t.detach().to({ dtype: t.dtype === 'float64' ? 'float64' : 'float32', copy: true }));
+}
+
 /** 'add': wraps or extends each planned layer with the new adapter; everything added is removed again on a failure. */
 function addAdapter(targets: LoraTarget, planned: Planned[], name: string): void {
   const done: { model: Module; path: string }[] = [];
@@ -274,19 +306,34 @@ function addAdapter(targets: LoraTarget, planned: Planned[], name: string): void
     withRandomStateKept(asTargets(targets).unet, () => noGrad(() => {
       for (const p of planned) {
         const alpha = p.alpha ?? p.entry.rank;
+        let layer: LoraLayer;
+        if (p.entry.type !== 'lora') {
+          // LoHa/LoKr: a branch of its own; a plain layer gets a LoRA layer whose lora_A/lora_B stay vacant
+          if (p.layer instanceof LoraLayer) layer = p.layer;
+          else {
+            layer = wrapLayer(p.layer, 1, 1, '');
+            layer.vacant = true;
+            replaceModule(p.model, p.path, layer);
+          }
+          done.push({ model: p.model, path: p.path });
+          const f = Object.fromEntries(Object.entries(p.entry.factors).map(([k, t]) => [k, owned(t)]));
+          layer.addLycorisAdapter(name, new LycorisBranch(p.entry.type, f, p.entry.rank, alpha));
+          continue;
+        }
+        const e: LoraPairEntry = p.entry;
         let view: { A: { weight: Tensor }; B: { weight: Tensor } };
         if (p.layer instanceof LoraLayer) {
-          view = p.layer.addAdapter(name, p.entry.rank, alpha, 'float32');
+          layer = p.layer;
+          view = p.layer.addAdapter(name, e.rank, alpha, 'float32');
         } else {
-          const o = { rank: p.entry.rank, alpha, adapterName: name };
-          const wrapped = p.layer instanceof Linear ? new LoraLinear(p.layer, o) : new LoraConv2d(p.layer, o);
-          for (const t of [...wrapped.lora_A.parameters(), ...wrapped.lora_B.parameters()]) t.requiresGrad = false;
-          replaceModule(p.model, p.path, wrapped);
-          view = { A: wrapped.lora_A, B: wrapped.lora_B };
+          layer = wrapLayer(p.layer, e.rank, alpha, name);
+          replaceModule(p.model, p.path, layer);
+          view = { A: layer.lora_A, B: layer.lora_B };
         }
         done.push({ model: p.model, path: p.path });
-        view.A.weight.copy_(p.entry.down);
-        view.B.weight.copy_(p.entry.up);
+        view.A.weight.copy_(e.down);
+        view.B.weight.copy_(e.up);
+        if (e.magnitude) layer.setMagnitude(name, tidy(() => owned(e.magnitude as Tensor).reshape([-1]).contiguous()));
       }
     }));
   } catch (e) {
@@ -301,8 +348,9 @@ function fillAdapter(planned: Planned[], name: string): void {
     for (const p of planned) {
       const layer = p.layer as LoraLayer;
       const a = layer.adapter(name) as NonNullable<ReturnType<LoraLayer['adapter']>>;
-      a.A.weight.copy_(p.entry.down);
-      a.B.weight.copy_(p.entry.up);
+      const e = p.entry as LoraPairEntry; // plan() refused the other kinds
+      a.A.weight.copy_(e.down);
+      a.B.weight.copy_(e.up);
       const alpha = p.alpha ?? (p.entry.layout === 'peft' ? null : p.entry.rank);
       if (alpha !== null) setAdapterAlpha(layer, name, alpha);
     }

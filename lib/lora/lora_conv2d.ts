@@ -3,7 +3,9 @@
 // files give SD 1.x's 1×1 proj_in/proj_out this way (lora_down [r, in, 1, 1], lora_up [out, r, 1, 1]), and
 // LoCon files the 3×3 resnet convs (lora_down [r, in, 3, 3]).
 import type { DType } from '../dtype.js';
+import * as F from '../functional.js';
 import { Conv2d, Dropout } from '../nn/layers.js';
+import type { Tensor } from '../tensor.js';
 import { type LoraBranches, LoraLayer } from './lora_layer.js';
 
 export class LoraConv2d extends LoraLayer {
@@ -35,6 +37,11 @@ export class LoraConv2d extends LoraLayer {
     const a = new Conv2d(b.inChannels, rank, b.kernelSize, { stride: b.stride, padding: b.padding, dilation: b.dilation, bias: false, dtype, device });
     const up = new Conv2d(rank, b.outChannels, 1, { bias: false, dtype, device });
     return [a, up];
+  }
+
+  protected applyWeight(x: Tensor, weight: Tensor): Tensor {
+    const b = this.base_layer;
+    return F.conv2d(x, weight, null, { stride: b.stride, padding: b.padding, dilation: b.dilation });
   }
 
   get inChannels(): number { return this.base_layer.inChannels; }

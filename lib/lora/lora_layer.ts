@@ -8,12 +8,18 @@
 // the concrete classes, in PEFT's order (base_layer, lora_dropout, lora_A, lora_B): a base class field would
 // come first in the parameter order.
 //
+// Besides plain LoRA an adapter can be DoRA (a LoRA with a magnitude per output row, PEFT's
+// lora_magnitude_vector) or LyCORIS LoHa/LoKr (a LycorisBranch in lora_extra, lycoris.ts); they add up as plain
+// adapters do. A layer whose first adapter is LoHa/LoKr has no LoRA in lora_A/lora_B: `vacant`, and its
+// lora_A/lora_B are rank-1 zero placeholders no computation reads.
+//
 // merge() keeps a copy of the base weight, so unmerge() gives back the base bit for bit.
 import { noGrad } from '../autograd.js';
 import { Module } from '../nn/module.js';
 import type { Dropout } from '../nn/layers.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { LycorisBranch, type LycorisType } from './lycoris.js';
 
 /** A layer with a weight and a forward: Linear or Conv2d. */
 export type WeightLayer = Module & { weight: Tensor; forward(x: Tensor): Tensor };
@@ -22,6 +28,8 @@ export type WeightLayer = Module & { weight: Tensor; forward(x: Tensor): Tensor 
 export class LoraBranch extends Module {
   lora_A: WeightLayer;
   lora_B: WeightLayer;
+  /** DoRA's magnitude m, one per output row ([out]); null for plain LoRA. */
+  lora_magnitude_vector: Tensor | null = null;
   constructor(a: WeightLayer, b: WeightLayer, readonly rank: number, public alpha: number) {
     super();
     this.lora_A = a;
@@ -31,12 +39,15 @@ export class LoraBranch extends Module {
 
 /** The further adapters by name; the names are the children's names. */
 export class LoraBranches extends Module {
-  readonly items = new Map<string, LoraBranch>();
+  readonly items = new Map<string, LoraBranch | LycorisBranch>();
   override namedChildren(): [string, Module][] { return [...this.items]; }
 }
 
-/** An adapter of a layer, whichever slot it is in. */
-export interface LoraAdapterView { name: string; A: WeightLayer; B: WeightLayer; rank: number; alpha: number }
+/** A LoRA (or DoRA) adapter of a layer, whichever slot it is in. */
+export interface LoraAdapterView { name: string; A: WeightLayer; B: WeightLayer; rank: number; alpha: number; magnitude: Tensor | null }
+
+/** What kind an adapter is: 'lora', 'dora' (LoRA with a magnitude), 'loha', 'lokr'. */
+export type AdapterKind = 'lora' | 'dora' | LycorisType;
 
 /** The base weight before merge(), and the adapters merged since. Not a field: it would be in stateDict(). */
 const mergedState = new WeakMap<LoraLayer, { original: Tensor; adapters: string[] }>();
@@ -49,6 +60,8 @@ export abstract class LoraLayer extends Module {
   abstract lora_extra: LoraBranches | null;
   /** Name of the adapter in lora_A/lora_B ('default' for one attached for training). */
   adapterName = 'default';
+  /** true: lora_A/lora_B hold no adapter (the layer's adapters are all in lora_extra). */
+  vacant = false;
   /** Rank of the adapter in lora_A/lora_B. */
   rank = 0;
   /** lora_alpha of the adapter in lora_A/lora_B: its branch is scaled by alpha / rank (a Kohya file carries one per layer). */
@@ -65,23 +78,45 @@ export abstract class LoraLayer extends Module {
   /** A fresh (A, B) pair of the given rank for this base layer, in dtype on the base's device. */
   protected abstract createBranch(rank: number, dtype: Tensor['dtype']): [WeightLayer, WeightLayer];
 
+  /** DoRA magnitude of the lora_A/lora_B adapter ([out]); null for plain LoRA. Set only by a load. */
+  lora_magnitude_vector: Tensor | null = null;
+
   /** Adapter names, the lora_A/lora_B one first, then in the order they were added. */
   adapterNames(): string[] {
-    return [this.adapterName, ...(this.lora_extra?.items.keys() ?? [])];
+    return [...(this.vacant ? [] : [this.adapterName]), ...(this.lora_extra?.items.keys() ?? [])];
   }
 
+  /** The LoRA/DoRA adapter of that name (undefined for a LoHa/LoKr one: lycorisAdapter). */
   adapter(name: string): LoraAdapterView | undefined {
-    if (name === this.adapterName) return { name, A: this.lora_A, B: this.lora_B, rank: this.rank, alpha: this.alpha };
+    if (name === this.adapterName && !this.vacant) return { name, A: this.lora_A, B: this.lora_B, rank: this.rank, alpha: this.alpha, magnitude: this.lora_magnitude_vector };
     const b = this.lora_extra?.items.get(name);
-    return b && { name, A: b.lora_A, B: b.lora_B, rank: b.rank, alpha: b.alpha };
+    return b instanceof LoraBranch ? { name, A: b.lora_A, B: b.lora_B, rank: b.rank, alpha: b.alpha, magnitude: b.lora_magnitude_vector } : undefined;
+  }
+
+  /** The LoHa/LoKr adapter of that name. */
+  lycorisAdapter(name: string): LycorisBranch | undefined {
+    const b = this.lora_extra?.items.get(name);
+    return b instanceof LycorisBranch ? b : undefined;
+  }
+
+  hasAdapter(name: string): boolean { return this.adapter(name) !== undefined || this.lycorisAdapter(name) !== undefined; }
+
+  /** The kind of an adapter; undefined when the layer has none of that name. */
+  adapterKind(name: string): AdapterKind | undefined {
+    const a = this.adapter(name);
+    if (a) return a.magnitude ? 'dora' : 'lora';
+    return this.lycorisAdapter(name)?.type;
   }
 
   /** scale · weight · alpha / rank of one adapter. */
   scalingOf(name: string): number {
-    const a = this.adapter(name);
+    const a = this.adapter(name) ?? this.lycorisAdapter(name);
     if (!a) throw new Error(`${this.constructor.name}: no adapter '${name}' (has ${this.adapterNames().join(', ')})`);
     return (this.scale * (this.adapterWeights.get(name) ?? 1) * a.alpha) / a.rank;
   }
+
+  /** x through the base layer's operation with another weight and no bias (F.linear / F.conv2d with its stride…). */
+  protected abstract applyWeight(x: Tensor, weight: Tensor): Tensor;
 
   /** The factor on the lora_A/lora_B branch: alpha / rank · scale (· its set_adapters weight). */
   get scaling(): number { return this.scalingOf(this.adapterName); }
@@ -98,33 +133,84 @@ export abstract class LoraLayer extends Module {
     if (!this.enabled || this.merged) return result;
     let out = result;
     for (const name of this.activeAdapters) {
+      const ly = this.lycorisAdapter(name);
       const a = this.adapter(name);
-      if (!a) continue;
+      if (!a && !ly) continue;
       const s = this.scalingOf(name);
-      if (s === 0) continue;
-      const loraDtype = a.A.weight.dtype;
-      const xl = x.dtype === loraDtype ? x : x.to(loraDtype);
-      let delta = a.B.forward(a.A.forward(this.lora_dropout.forward(xl)));
+      if (s === 0 && !a?.magnitude) continue;
+      const adapterDtype = a ? a.A.weight.dtype : ((ly as LycorisBranch).parameters()[0] as Tensor).dtype;
+      const xl = x.dtype === adapterDtype ? x : x.to(adapterDtype);
+      if (ly) {
+        // PEFT's LoHa/LoKr: base(x) + F.linear(x, ΔW) (F.conv2d for a conv)
+        out = out.add(this.applyWeight(xl, ly.delta(s, this.base_layer.weight.shape)));
+        continue;
+      }
+      const lora = a as LoraAdapterView;
+      const xd = this.lora_dropout.forward(xl);
+      let delta = lora.B.forward(lora.A.forward(xd));
+      if (lora.magnitude) {
+        // PEFT's DoRA: (m/‖V‖ − 1)·(x Wᵀ) + (m/‖V‖)·s·B A x, V = W + s·B A, ‖V‖ per output row and detached
+        const w = this.base_layer.weight.detach();
+        const wl = w.dtype === adapterDtype ? w : w.to(adapterDtype);
+        const f = this.doraFactor(lora, s, wl);
+        const shape = wl.ndim === 4 ? [1, -1, 1, 1] : [-1];
+        const fv = f.reshape(shape);
+        out = out.add(fv.sub(1).mul(this.applyWeight(xd, wl)).add(fv.mul(delta).mul(s)));
+        continue;
+      }
       if (s !== 1) delta = delta.mul(s);
       out = out.add(delta);
     }
     return out.dtype === result.dtype ? out : out.to(result.dtype);
   }
 
-  /** B·A·scaling of one adapter (default: the lora_A/lora_B one), shaped and typed as the base weight (PEFT's get_delta_weight). */
+  /** B·A of a LoRA adapter, unscaled, shaped as the base weight. */
+  private loraProduct(a: LoraAdapterView, shape: readonly number[]): Tensor {
+    const [bw, aw] = [a.B.weight, a.A.weight];
+    return bw.ndim === 2 && aw.ndim === 2
+      ? bw.matmul(aw)
+      : bw.reshape([bw.shape[0] as number, a.rank]).matmul(aw.reshape([a.rank, -1])).reshape([...shape]);
+  }
+
+  /** DoRA's m / ‖w + s·B A‖ per output row ([out]), the norm detached (PEFT's get_weight_norm). */
+  private doraFactor(a: LoraAdapterView, s: number, w: Tensor): Tensor {
+    return noGrad(() => tidy(() => {
+      const v = w.add(this.loraProduct(a, w.shape).detach().mul(s));
+      const norm = v.ndim === 4 ? v.norm(2, [1, 2, 3]) : v.norm(2, 1);
+      return (a.magnitude as Tensor).reshape([-1]).div(norm);
+    }));
+  }
+
+  /**
+   * B·A·scaling of one adapter (default: the lora_A/lora_B one), shaped and typed as the base weight (PEFT's
+   * get_delta_weight); LoHa/LoKr: their ΔW·scaling. For DoRA this is the LoRA part alone (merge() applies the magnitude).
+   */
   deltaWeight(name = this.adapterName, factor = 1): Tensor {
     const a = this.adapter(name);
-    if (!a) throw new Error(`${this.constructor.name}.deltaWeight: no adapter '${name}'`);
+    const ly = this.lycorisAdapter(name);
+    if (!a && !ly) throw new Error(`${this.constructor.name}.deltaWeight: no adapter '${name}'`);
     const s = this.scalingOf(name) * factor;
     const base = this.base_layer.weight;
     return noGrad(() => tidy(() => {
-      const [bw, aw] = [a.B.weight, a.A.weight];
-      const ba = bw.ndim === 2 && aw.ndim === 2
-        ? bw.matmul(aw)
-        : bw.reshape([bw.shape[0] as number, a.rank]).matmul(aw.reshape([a.rank, -1])).reshape(base.shape);
-      const w = ba.mul(s);
+      const w = ly ? ly.delta(s, base.shape) : this.loraProduct(a as LoraAdapterView, base.shape).mul(s);
       return w.dtype === base.dtype ? w : w.to(base.dtype);
     }));
+  }
+
+  /**
+   * The weight after merging one adapter into `w`: w + ΔW; for DoRA w + (m/‖V‖)·V − W, V = W + s·B A over the
+   * base weight W from before any merge, which is what the adapter adds at run time (a DoRA adapter alone:
+   * PEFT's merge, (m/‖V‖)·V).
+   */
+  private mergedWeight(w: Tensor, base: Tensor, name: string, loraScale: number): Tensor {
+    const delta = this.deltaWeight(name, loraScale);
+    const a = this.adapter(name);
+    if (!a?.magnitude) return w.add(delta);
+    const v = base.add(delta);
+    const norm = v.ndim === 4 ? v.norm(2, [1, 2, 3]) : v.norm(2, 1);
+    const f = a.magnitude.reshape([-1]).to(v.dtype).div(norm);
+    const dora = v.mul(f.reshape(v.ndim === 4 ? [-1, 1, 1, 1] : [-1, 1]));
+    return w === base ? dora : w.add(dora).sub(base);
   }
 
   /**
@@ -135,20 +221,19 @@ export abstract class LoraLayer extends Module {
   merge(adapterNames?: readonly string[], loraScale = 1): void {
     if (!this.enabled) return;
     const state = mergedState.get(this);
-    const names = (adapterNames ?? this.activeAdapters).filter((n) => this.adapter(n) && !state?.adapters.includes(n));
+    const names = (adapterNames ?? this.activeAdapters).filter((n) => this.hasAdapter(n) && !state?.adapters.includes(n));
     if (!names.length) return;
     tidy(() => noGrad(() => {
-      let delta: Tensor | null = null;
-      for (const n of names) {
-        const d = this.deltaWeight(n, loraScale);
-        delta = delta === null ? d : delta.add(d);
-      }
-      if (!(delta as Tensor).isfinite().all().item()) {
+      // one adapter after the other, each adding what it adds at run time
+      const w = this.base_layer.weight;
+      const base = state?.original ?? w.detach();
+      let merged = state ? w.detach() : base;
+      for (const n of names) merged = this.mergedWeight(merged, base, n, loraScale);
+      if (!merged.isfinite().all().item()) {
         throw new Error(`${this.constructor.name}.merge: the LoRA delta of ${names.join(', ')} holds NaN or inf; not merged`);
       }
-      const w = this.base_layer.weight;
       if (!state) mergedState.set(this, { original: keep(w.detach().clone()), adapters: [] });
-      w.add_(delta as Tensor);
+      w.copy_(merged);
     }));
     mergedState.get(this)?.adapters.push(...names);
   }
@@ -164,13 +249,33 @@ export abstract class LoraLayer extends Module {
 
   /** Adds a further adapter (zero B, as a fresh adapter); returns its (A, B) for the caller to fill. */
   addAdapter(name: string, rank: number, alpha: number, dtype: Tensor['dtype'] = this.lora_A.weight.dtype): LoraAdapterView {
-    if (this.adapter(name)) throw new Error(`${this.constructor.name}: adapter '${name}' exists already`);
+    if (this.hasAdapter(name)) throw new Error(`${this.constructor.name}: adapter '${name}' exists already`);
     if (!Number.isInteger(rank) || rank <= 0) throw new RangeError(`${this.constructor.name}: rank must be a positive integer, got ${rank}`);
     const [a, b] = this.createBranch(rank, dtype);
     for (const p of [...a.parameters(), ...b.parameters()]) p.requiresGrad = false;
     this.lora_extra ??= new LoraBranches();
     this.lora_extra.items.set(name, new LoraBranch(a, b, rank, alpha));
-    return { name, A: a, B: b, rank, alpha };
+    return { name, A: a, B: b, rank, alpha, magnitude: null };
+  }
+
+  /** Sets a LoRA adapter's DoRA magnitude (a tensor the layer owns from now on), making it a DoRA adapter. */
+  setMagnitude(name: string, magnitude: Tensor): void {
+    if (name === this.adapterName && !this.vacant) {
+      this.lora_magnitude_vector?.dispose();
+      this.lora_magnitude_vector = magnitude;
+      return;
+    }
+    const b = this.lora_extra?.items.get(name);
+    if (!(b instanceof LoraBranch)) throw new Error(`${this.constructor.name}: no LoRA adapter '${name}' to give a DoRA magnitude`);
+    b.lora_magnitude_vector?.dispose();
+    b.lora_magnitude_vector = magnitude;
+  }
+
+  /** Adds a LoHa/LoKr adapter (the branch's tensors are the layer's from now on). */
+  addLycorisAdapter(name: string, branch: LycorisBranch): void {
+    if (this.hasAdapter(name)) throw new Error(`${this.constructor.name}: adapter '${name}' exists already`);
+    this.lora_extra ??= new LoraBranches();
+    this.lora_extra.items.set(name, branch);
   }
 
   /**
@@ -178,29 +283,36 @@ export abstract class LoraLayer extends Module {
    * adapter moves there. Returns false when the layer has no adapter left (the caller puts base_layer back).
    */
   deleteAdapter(name: string): boolean {
-    if (!this.adapter(name)) return true;
+    if (!this.hasAdapter(name)) return true;
     this.unmerge();
     this.adapterWeights.delete(name);
     this.activeAdapters = this.activeAdapters.filter((n) => n !== name);
-    if (name !== this.adapterName) {
-      const b = this.lora_extra?.items.get(name) as LoraBranch;
-      b.dispose();
+    if (name !== this.adapterName || this.vacant) {
+      this.lora_extra?.items.get(name)?.dispose();
       this.lora_extra?.items.delete(name);
     } else {
       this.lora_A.dispose();
       this.lora_B.dispose();
-      const next = this.lora_extra?.items.entries().next().value as [string, LoraBranch] | undefined;
-      if (!next) return false;
-      const [n, b] = next;
-      this.lora_extra?.items.delete(n);
-      this.adapterName = n;
-      this.lora_A = b.lora_A;
-      this.lora_B = b.lora_B;
-      this.rank = b.rank;
-      this.alpha = b.alpha;
+      this.lora_magnitude_vector?.dispose();
+      this.lora_magnitude_vector = null;
+      const next = [...(this.lora_extra?.items ?? [])].find((e): e is [string, LoraBranch] => e[1] instanceof LoraBranch);
+      if (next) {
+        const [n, b] = next;
+        this.lora_extra?.items.delete(n);
+        this.adapterName = n;
+        this.lora_A = b.lora_A;
+        this.lora_B = b.lora_B;
+        this.lora_magnitude_vector = b.lora_magnitude_vector;
+        this.rank = b.rank;
+        this.alpha = b.alpha;
+      } else {
+        // only LoHa/LoKr adapters left (or none): lora_A/lora_B become placeholders
+        [this.lora_A, this.lora_B] = this.createBranch(1, 'float32');
+        this.vacant = true;
+      }
     }
     if (this.lora_extra && this.lora_extra.items.size === 0) this.lora_extra = null;
-    return true;
+    return this.adapterNames().length > 0;
   }
 
   /** Frees the base layer, every adapter and the copy merge() kept. */
@@ -219,6 +331,8 @@ export abstract class LoraLayer extends Module {
     }
     this.lora_A.dispose();
     this.lora_B.dispose();
+    this.lora_magnitude_vector?.dispose();
+    this.lora_magnitude_vector = null;
     this.lora_extra?.dispose();
     this.lora_extra = null;
   }

@@ -10,7 +10,9 @@
 import { noGrad } from '../autograd.js';
 import type { DType } from '../dtype.js';
 import type { Generator } from '../random.js';
+import * as F from '../functional.js';
 import { Dropout, Linear } from '../nn/layers.js';
+import type { Tensor } from '../tensor.js';
 import { type LoraBranches, LoraLayer } from './lora_layer.js';
 
 /**
@@ -66,6 +68,8 @@ export class LoraLinear extends LoraLayer {
       new Linear(rank, this.base_layer.outFeatures, false, { dtype, device }),
     ];
   }
+
+  protected applyWeight(x: Tensor, weight: Tensor): Tensor { return F.linear(x, weight); }
 
   get inFeatures(): number { return this.base_layer.inFeatures; }
   get outFeatures(): number { return this.base_layer.outFeatures; }

@@ -148,8 +148,16 @@ export abstract class DiffusionPipelineBase {
   protected async sample(name: string, v: ResolvedSettings, o: GenerateOptions, batch: number, predict: (input: Tensor, t: number) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
     this.scheduler.setTimesteps(v.steps);
     const timesteps = [...this.scheduler.timesteps];
+    return this.denoiseFrom(v, o, timesteps, this.prepareLatents(name, batch, v.height, v.width, v.generator, o.latents), predict);
+  }
+
+  /**
+   * The denoising loop from `latents` over `timesteps` (all of the scheduler's, or img2img's tail), with
+   * classifier-free guidance; `predict` is the UNet on the (scaled, cast) input. The latents are taken over.
+   */
+  protected async denoiseFrom(v: ResolvedSettings, o: GenerateOptions, timesteps: number[], start: Tensor, predict: (input: Tensor, t: number) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
     const latents = await denoise({
-      timesteps, latents: this.prepareLatents(name, batch, v.height, v.width, v.generator, o.latents),
+      timesteps, latents: start,
       callbackOnStepEnd: o.callbackOnStepEnd, signal: o.signal, around: (fn) => this.withLoraScale(v.loraScale, fn),
       step: (x, t) => noGrad(() => {
         const input = this.scheduler.scaleModelInput(v.cfg ? torch.cat([x, x]) : x, t);

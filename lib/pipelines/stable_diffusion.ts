@@ -21,7 +21,7 @@ import * as torch from '../torch.js';
 import type { LoraTargets } from '../lora/adapters.js';
 import {
   DiffusionPipelineBase, PIPELINE_OPTIONS, checkHalfDevice, finishOutput, release, repeatPerPrompt, resolveSettings, textList,
-  type GenerateOptions, type PipelineFromPretrainedOptions, type PipelineOutput,
+  type GenerateOptions, type PipelineFromPretrainedOptions, type PipelineOutput, type ResolvedSettings,
 } from './pipeline_utils.js';
 
 export type { GenerateOptions, OutputType, PipelineFromPretrainedOptions, PipelineOutput, StepInfo } from './pipeline_utils.js';
@@ -145,17 +145,23 @@ export class StableDiffusionPipeline extends DiffusionPipelineBase {
 
   // ---- generation
 
-  /** Text to image: `await pipe.generate({ prompt: 'a pokemon with blue eyes', seed: 0 })`. */
-  async generate(o: GenerateOptions): Promise<PipelineOutput> {
-    const v = resolveSettings(NAME, o, this.defaultSize(), 7.5, (seed) => new Generator('cpu').manualSeed(seed));
-    o.signal?.throwIfAborted();
-    // 1. conditioning, [uncond, cond] in one batch when guiding (diffusers' order)
+  /** The UNet's text conditioning for a call: [uncond, cond] in one batch when guiding (diffusers' order), kept. */
+  protected guidanceContext(o: Omit<GenerateOptions, 'height' | 'width' | 'latents'>, v: ResolvedSettings): Tensor {
     const { promptEmbeds, negativePromptEmbeds } = this.encodePrompt(o.prompt, {
       numImagesPerPrompt: v.n, doClassifierFreeGuidance: v.cfg, negativePrompt: o.negativePrompt,
       promptEmbeds: o.promptEmbeds, negativePromptEmbeds: o.negativePromptEmbeds, clipSkip: o.clipSkip, loraScale: v.loraScale,
     });
     const context = keep(negativePromptEmbeds ? tidy(() => torch.cat([negativePromptEmbeds, promptEmbeds])) : promptEmbeds);
     if (negativePromptEmbeds) { promptEmbeds.dispose(); negativePromptEmbeds.dispose(); }
+    return context;
+  }
+
+  /** Text to image: `await pipe.generate({ prompt: 'a pokemon with blue eyes', seed: 0 })`. */
+  async generate(o: GenerateOptions): Promise<PipelineOutput> {
+    const v = resolveSettings(NAME, o, this.defaultSize(), 7.5, (seed) => new Generator('cpu').manualSeed(seed));
+    o.signal?.throwIfAborted();
+    // 1. conditioning, [uncond, cond] in one batch when guiding (diffusers' order)
+    const context = this.guidanceContext(o, v);
     try {
       const batch = (context.shape[0] ?? 1) / (v.cfg ? 2 : 1);
       // 2. timesteps, 3. initial latents × initNoiseSigma, 4. denoising loop

@@ -7,80 +7,69 @@ import { join } from 'node:path';
 import { resolvePretrained, type HubOptions } from '../io/hub.js';
 import { DDIMScheduler } from './scheduling_ddim.js';
 import { DDPMScheduler } from './scheduling_ddpm.js';
+import { DEISMultistepScheduler } from './scheduling_deis_multistep.js';
 import { DPMSolverMultistepScheduler } from './scheduling_dpmsolver_multistep.js';
+import { DPMSolverSDEScheduler } from './scheduling_dpmsolver_sde.js';
+import { DPMSolverSinglestepScheduler } from './scheduling_dpmsolver_singlestep.js';
 import { EulerAncestralDiscreteScheduler } from './scheduling_euler_ancestral_discrete.js';
 import { EulerDiscreteScheduler } from './scheduling_euler_discrete.js';
+import { HeunDiscreteScheduler } from './scheduling_heun_discrete.js';
+import { KDPM2AncestralDiscreteScheduler } from './scheduling_k_dpm_2_ancestral_discrete.js';
+import { KDPM2DiscreteScheduler } from './scheduling_k_dpm_2_discrete.js';
+import { LMSDiscreteScheduler } from './scheduling_lms_discrete.js';
 import { PNDMScheduler } from './scheduling_pndm.js';
+import { UniPCMultistepScheduler } from './scheduling_unipc_multistep.js';
+import { CLASS_NAMES, SCHEDULER_NAMES, lookupScheduler, schedulerName } from './names.js';
 import {
   SCHEDULER_CONFIG_NAME, namingFile, readSchedulerConfig, type Scheduler, type SchedulerBase, type SchedulerName,
 } from './scheduling_utils.js';
 
 export type { Scheduler, SchedulerName } from './scheduling_utils.js';
+export { A1111_SAMPLERS, SCHEDULER_NAMES, schedulerName } from './names.js';
 
-export const SCHEDULER_NAMES: readonly SchedulerName[] = Object.freeze(['pndm', 'ddim', 'ddpm', 'euler', 'euler_a', 'dpmpp_2m'] as const);
+type Make = (rawConfig: object, overrides: Record<string, unknown>) => Scheduler;
 
-const CLASS_NAMES: ReadonlyMap<SchedulerName, string> = new Map<SchedulerName, string>([
-  ['pndm', 'PNDMScheduler'],
-  ['ddim', 'DDIMScheduler'],
-  ['ddpm', 'DDPMScheduler'],
-  ['euler', 'EulerDiscreteScheduler'],
-  ['euler_a', 'EulerAncestralDiscreteScheduler'],
-  ['dpmpp_2m', 'DPMSolverMultistepScheduler'],
-]);
+/** The constructor of each scheduler (a Record over SchedulerName: none can be missing). */
+const MAKERS: Readonly<Record<SchedulerName, Make>> = {
+  pndm: (r, o) => new PNDMScheduler(r, o),
+  ddim: (r, o) => new DDIMScheduler(r, o),
+  ddpm: makeDDPM,
+  euler: (r, o) => new EulerDiscreteScheduler(r, o),
+  euler_a: (r, o) => new EulerAncestralDiscreteScheduler(r, o),
+  dpmpp_2m: (r, o) => new DPMSolverMultistepScheduler(r, o),
+  dpm_singlestep: (r, o) => new DPMSolverSinglestepScheduler(r, o),
+  unipc: (r, o) => new UniPCMultistepScheduler(r, o),
+  heun: (r, o) => new HeunDiscreteScheduler(r, o),
+  lms: (r, o) => new LMSDiscreteScheduler(r, o),
+  kdpm2: (r, o) => new KDPM2DiscreteScheduler(r, o),
+  kdpm2_a: (r, o) => new KDPM2AncestralDiscreteScheduler(r, o),
+  deis: (r, o) => new DEISMultistepScheduler(r, o),
+  dpm_sde: (r, o) => new DPMSolverSDEScheduler(r, o),
+};
 
-// Lower-cased, without spaces; our names and diffusers' class names are in NAMES below.
-const ALIASES: ReadonlyMap<string, SchedulerName> = new Map<string, SchedulerName>([
-  ['plms', 'pndm'],
-  ['euler-discrete', 'euler'], ['euler_discrete', 'euler'], ['eulerdiscrete', 'euler'],
-  ['euler-a', 'euler_a'], ['euler-ancestral', 'euler_a'], ['euler_ancestral', 'euler_a'], ['eulera', 'euler_a'], ['k_euler_a', 'euler_a'],
-  ['dpmpp-2m', 'dpmpp_2m'], ['dpmpp2m', 'dpmpp_2m'], ['dpm++2m', 'dpmpp_2m'], ['dpm++_2m', 'dpmpp_2m'], ['dpm++', 'dpmpp_2m'],
-  ['dpmsolver++', 'dpmpp_2m'], ['dpmsolvermultistep', 'dpmpp_2m'], ['dpm-solver++', 'dpmpp_2m'],
-]);
-
-// Every accepted spelling → our name: a Map, so a key like '__proto__' or 'constructor' finds nothing
-const NAMES: ReadonlyMap<string, SchedulerName> = new Map<string, SchedulerName>([
-  ...SCHEDULER_NAMES.map((n): [string, SchedulerName] => [n, n]),
-  ...[...CLASS_NAMES].map(([n, cls]): [string, SchedulerName] => [cls.toLowerCase(), n]),
-  ...ALIASES,
-]);
-
-/** Our name for a scheduler name, alias or diffusers class name (case and spaces ignored); undefined if none. */
-function lookupSchedulerName(kind: string): SchedulerName | undefined {
-  return NAMES.get(kind.trim().toLowerCase().replace(/\s+/g, ''));
-}
-
-/** Our name for a scheduler name, alias or diffusers class name (case and spaces ignored). */
-export function schedulerName(kind: string): SchedulerName {
-  const name = typeof kind === 'string' ? lookupSchedulerName(kind) : undefined;
-  if (name !== undefined) return name;
-  const supported = SCHEDULER_NAMES.map((n) => `'${n}' (${CLASS_NAMES.get(n)})`).join(', ');
-  throw new Error(`unknown scheduler ${JSON.stringify(kind)}: supported are ${supported}, and the aliases ${[...ALIASES.keys()].map((a) => `'${a}'`).join(', ')}`);
-}
+const BY_CLASS_NAME: ReadonlyMap<string, SchedulerName> = new Map([...CLASS_NAMES].map(([n, cls]) => [cls, n]));
 
 /**
  * A scheduler of `kind` from a scheduler_config.json's contents, as diffusers'
- * `<Class>.from_config(rawConfig, **overrides)`. Throws, naming the field and value, on a value out of its
- * domain or one difflora does not implement (e.g. use_karras_sigmas true) rather than sample differently
- * from diffusers.
+ * `<Class>.from_config(rawConfig, **overrides)`; an A1111 name adds the config it stands for ('DPM++ 2M
+ * Karras': use_karras_sigmas true), which wins over `overrides`. Throws, naming the field and value, on a
+ * value out of its domain or one difflora does not implement rather than sample differently from diffusers.
  */
 export function schedulerFromConfig(kind: SchedulerName | string, rawConfig: object, overrides: Record<string, unknown> = {}): Scheduler {
-  switch (schedulerName(kind)) {
-    case 'pndm': return new PNDMScheduler(rawConfig, overrides);
-    case 'ddim': return new DDIMScheduler(rawConfig, overrides);
-    case 'ddpm': {
-      const s = new DDPMScheduler(rawConfig as Record<string, unknown>, overrides);
-      try {
-        s.checkSamplingConfig();
-      } catch (e) {
-        s.dispose();
-        throw e;
-      }
-      return s;
-    }
-    case 'euler': return new EulerDiscreteScheduler(rawConfig, overrides);
-    case 'euler_a': return new EulerAncestralDiscreteScheduler(rawConfig, overrides);
-    case 'dpmpp_2m': return new DPMSolverMultistepScheduler(rawConfig, overrides);
+  const name = schedulerName(kind);
+  const implied = lookupScheduler(kind)?.config ?? {};
+  return MAKERS[name](rawConfig, { ...overrides, ...implied });
+}
+
+function makeDDPM(rawConfig: object, overrides: Record<string, unknown>): Scheduler {
+  const s = new DDPMScheduler(rawConfig as Record<string, unknown>, overrides);
+  try {
+    s.checkSamplingConfig();
+  } catch (e) {
+    s.dispose();
+    throw e;
   }
+  return s;
 }
 
 /**
@@ -107,7 +96,8 @@ function classNameOf(path: string, config: Record<string, unknown>): SchedulerNa
   const known = [...CLASS_NAMES.values()].join(', ');
   const className = Object.hasOwn(config, '_class_name') ? config._class_name : undefined;
   if (className === undefined) throw new Error(`${path} has no _class_name; pass kind (one of ${SCHEDULER_NAMES.join(', ')})`);
-  const name = typeof className === 'string' ? lookupSchedulerName(className) : undefined;
+  // a diffusers class name, as from_pretrained reads it (our short names and the A1111 names are for `kind`)
+  const name = typeof className === 'string' ? BY_CLASS_NAME.get(className) : undefined;
   if (name === undefined) throw new Error(`unknown scheduler class ${showClass(className)} in ${path}; known: ${known} (or pass kind)`);
   return name;
 }

@@ -1,11 +1,13 @@
-// DDIMScheduler (diffusers 0.31 schedulers/scheduling_ddim.py): the deterministic sampler of Song et al.
-// 2021, "Denoising Diffusion Implicit Models", with eta = 0 (formula (12) without the noise term). Coefficients
-// are float32 numbers computed as diffusers' 0-dim float32 tensors.
+// DDIMScheduler (diffusers 0.31 schedulers/scheduling_ddim.py): the sampler of Song et al. 2021, "Denoising
+// Diffusion Implicit Models", formula (12): deterministic with η = 0 (the default), with noise of standard
+// deviation η·σ_t drawn with the step's generator for η > 0. Coefficients are float32 numbers computed as
+// diffusers' 0-dim float32 tensors.
+import { randnTensor } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
   SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SAMPLE_CLIPPING_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
-  type BetaScheduleConfig, type PredictionType, type SampleClippingConfig, type TimestepSpacing,
+  type BetaScheduleConfig, type PredictionType, type SampleClippingConfig, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 
 export type DDIMSchedulerConfig = BetaScheduleConfig & SampleClippingConfig & {
@@ -56,8 +58,13 @@ export class DDIMScheduler extends SchedulerBase<DDIMSchedulerConfig> {
     this.numInferenceSteps = numInferenceSteps;
   }
 
-  /** One DDIM step with eta = 0: x_{t−δ} = sqrt(ᾱ_{t−δ})·x̂₀ + sqrt(1 − ᾱ_{t−δ})·ε̂. */
-  step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
+  /**
+   * One DDIM step: x_{t−δ} = sqrt(ᾱ_{t−δ})·x̂₀ + sqrt(1 − ᾱ_{t−δ} − σ_t²)·ε̂ + σ_t·z, σ_t = η·sqrt(variance),
+   * z from randn_tensor(generator) when η > 0.
+   */
+  step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
+    const eta = options.eta ?? 0;
+    if (!(eta >= 0 && Number.isFinite(eta))) throw new Error(`${CLASS}: eta must be a finite number ≥ 0, got ${eta}`);
     this.checkAlive();
     if (this.numInferenceSteps === null) return this.timestepsNotSet();
     this.checkTimestep(timestep);
@@ -69,9 +76,9 @@ export class DDIMScheduler extends SchedulerBase<DDIMSchedulerConfig> {
     const alphaProdT = this.acp[timestep] as number;
     const alphaProdTPrev = prevT >= 0 ? (this.acp[prevT] as number) : this.finalAlphaCumprod;
     const betaProdT = f(1 - alphaProdT);
-    // 5. the variance σ_t (eta = 0 makes it 0, kept to follow diffusers' arithmetic)
+    // 5. the variance and σ_t = η·sqrt(variance)
     const variance = f(f(f(1 - alphaProdTPrev) / betaProdT) * f(1 - f(alphaProdT / alphaProdTPrev)));
-    const stdDevT = f(0 * sqrt32(variance));
+    const stdDevT = f(f(eta) * sqrt32(variance));
     const directionCoeff = sqrt32(f(f(1 - alphaProdTPrev) - f(stdDevT * stdDevT)));
     return tidy(() => {
       // 3. predicted x₀ and ε
@@ -91,7 +98,8 @@ export class DDIMScheduler extends SchedulerBase<DDIMSchedulerConfig> {
       if (c.clip_sample) predOriginal = predOriginal.clamp(-c.clip_sample_range, c.clip_sample_range);
       // 6.–7. the direction pointing to x_t, and x_{t−δ}
       const direction = predEpsilon.mul(directionCoeff);
-      return predOriginal.mul(sqrt32(alphaProdTPrev)).add(direction);
+      const prev = predOriginal.mul(sqrt32(alphaProdTPrev)).add(direction);
+      return eta > 0 ? prev.add(randnTensor(modelOutput, options.generator).mul(stdDevT)) : prev;
     });
   }
 }

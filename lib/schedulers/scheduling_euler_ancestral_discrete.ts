@@ -6,9 +6,9 @@ import { randnTensor, type Generator } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
-  type BetaScheduleConfig, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32, type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
+import { SigmaSchedulerBase } from './scheduling_utils_sigmas.js';
 
 export type EulerAncestralDiscreteSchedulerConfig = BetaScheduleConfig & {
   prediction_type: 'epsilon' | 'v_prediction';

@@ -1,17 +1,20 @@
 // EulerDiscreteScheduler (diffusers 0.31 schedulers/scheduling_euler_discrete.py): Euler's method on the
 // probability-flow ODE in σ (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
-// Models", Algorithm 2 with s_churn = 0), as k-diffusion's sample_euler. The sample lives at scale
+// Models", Algorithm 2; s_churn 0 unless the step is given one), as k-diffusion's sample_euler. Karras,
+// exponential and beta σ schedules as diffusers (scheduling_utils_sigmas.ts). The sample lives at scale
 // sqrt(σ² + 1), so the UNet input is divided by it and the initial noise multiplied by initNoiseSigma.
 //
 // σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) in float32, interpolated at the (fractional) inference timesteps in float64
 // as np.interp, then float32 again, as diffusers; set_timesteps, scale_model_input and add_noise are
 // SigmaSchedulerBase's (scheduling_utils.ts), shared with EulerAncestralDiscreteScheduler.
+import { randnTensor } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, SigmaSchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig,
-  sqrt32, type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
+  type BetaScheduleConfig, type PredictionType, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
+import { SigmaSchedulerBase, kDiffusionX0 } from './scheduling_utils_sigmas.js';
 
 export type EulerDiscreteSchedulerConfig = BetaScheduleConfig & {
   prediction_type: PredictionType;
@@ -50,9 +53,6 @@ const SUPPORTED = {
   beta_schedule: SAMPLER_BETA_SCHEDULES,
   prediction_type: PREDICTION_TYPES,
   interpolation_type: ['linear'],
-  use_karras_sigmas: [false],
-  use_exponential_sigmas: [false],
-  use_beta_sigmas: [false],
   timestep_spacing: TIMESTEP_SPACINGS,
   timestep_type: ['discrete'],
   final_sigmas_type: ['zero', 'sigma_min'],
@@ -66,21 +66,27 @@ export class EulerDiscreteScheduler extends SigmaSchedulerBase<EulerDiscreteSche
       'descending');
   }
 
-  /** One Euler step from σ_i to σ_{i+1}: x + (x − x̂₀)/σ_i · (σ_{i+1} − σ_i), in float32. */
-  step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
+  /**
+   * One Euler step from σ_i to σ_{i+1}: x + (x − x̂₀)/σ̂ · (σ_{i+1} − σ̂), in float32. With `sChurn` > 0
+   * (Karras et al.'s Algorithm 2) σ is first raised to σ̂ = σ·(1 + γ) for σ in [sTmin, sTmax] by adding
+   * noise of variance σ̂² − σ² (drawn with `generator`, scaled by sNoise).
+   */
+  step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
     this.checkAlive();
+    const { sChurn = 0, sTmin = 0, sTmax = Infinity, sNoise = 1 } = options;
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);
     const sigma = this.sigmaValues[i] as number;
-    // s_churn = 0: γ = 0, σ̂ = σ·(γ + 1) = σ
-    const sigmaHat = f(sigma * 1.0);
+    const gamma = sTmin <= sigma && sigma <= sTmax ? Math.min(sChurn / (this.sigmaValues.length - 1), 2 ** 0.5 - 1) : 0;
+    const sigmaHat = f(sigma * f(gamma + 1));
     const out = tidy(() => {
-      const x = sample.to('float32');
-      // 1. predicted x₀
-      let predOriginal: Tensor;
-      if (this.config.prediction_type === 'epsilon') predOriginal = x.sub(modelOutput.mul(sigmaHat));
-      else if (this.config.prediction_type === 'sample') predOriginal = modelOutput;
-      else predOriginal = modelOutput.mul(f(-sigma / sqrt32(f(f(sigma * sigma) + 1)))).add(x.div(f(f(sigma * sigma) + 1)));
+      let x = sample.to('float32');
+      if (gamma > 0) {
+        const noise = randnTensor(modelOutput, options.generator).mul(sNoise);
+        x = x.add(noise.mul(sqrt32(f(f(sigmaHat * sigmaHat) - f(sigma * sigma)))));
+      }
+      // 1. predicted x₀ (v-prediction at σ, not σ̂, as diffusers)
+      const predOriginal = kDiffusionX0(this.config.prediction_type, modelOutput, x, this.config.prediction_type === 'epsilon' ? sigmaHat : sigma);
       // 2. the ODE derivative and the step
       const derivative = x.sub(predOriginal).div(sigmaHat);
       const dt = f((this.sigmaValues[i + 1] as number) - sigmaHat);

@@ -1,15 +1,16 @@
-// PNDMScheduler (diffusers 0.31 schedulers/scheduling_pndm.py), the default of Stable Diffusion 1.x, with
-// skip_prk_steps: the pseudo linear multistep (PLMS) method of Liu et al. 2022, "Pseudo Numerical Methods for
-// Diffusion Models on Manifolds". The Runge-Kutta warm-up (skip_prk_steps false) is not implemented and is
-// refused. PLMS warms up on its own: the second timestep is repeated, and the first step is redone from the
-// same sample with the average of two model outputs.
+// PNDMScheduler (diffusers 0.31 schedulers/scheduling_pndm.py), the default of Stable Diffusion 1.x: the
+// pseudo linear multistep (PLMS) method of Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on
+// Manifolds". With skip_prk_steps (SD's configs) PLMS warms up on its own: the second timestep is repeated,
+// and the first step is redone from the same sample with the average of two model outputs. Without it, three
+// pseudo Runge-Kutta steps (four model evaluations each, at t, t − δ/2 twice and t − δ) warm up the multistep
+// history first, as the paper's PNDM.
 //
 // Coefficients are float32 numbers computed as diffusers' 0-dim float32 tensors; the model outputs kept
 // for the multistep formula (`ets`) are kept tensors, freed when they fall out of the window.
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, sqrt32,
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -39,14 +40,6 @@ const SUPPORTED = {
   timestep_spacing: TIMESTEP_SPACINGS,
 };
 
-/** The config, with skip_prk_steps false refused (PLMS only). */
-function resolvePNDMConfig(rawConfig: object, overrides: Record<string, unknown>): PNDMSchedulerConfig {
-  const c = resolveSchedulerConfig(CLASS, PNDM_SCHEDULER_DEFAULTS as PNDMSchedulerConfig, rawConfig, overrides, SUPPORTED);
-  if (!c.skip_prk_steps) {
-    configError(CLASS, 'skip_prk_steps', false, "is not supported: difflora implements PLMS only (the Runge-Kutta warm-up steps are not implemented); use skip_prk_steps true, as Stable Diffusion's configs do");
-  }
-  return c;
-}
 
 export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {
   readonly name = 'pndm';
@@ -58,9 +51,12 @@ export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {
   private ets: Tensor[] = [];
   private counter = 0;
   private curSample: Tensor | null = null;
+  // the Runge-Kutta warm-up: its timesteps (12, or none with skip_prk_steps) and the weighted output sum
+  private prkTimesteps: number[] = [];
+  private curModelOutput: Tensor | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolvePNDMConfig(rawConfig, overrides));
+    super(CLASS, resolveSchedulerConfig(CLASS, PNDM_SCHEDULER_DEFAULTS as PNDMSchedulerConfig, rawConfig, overrides, SUPPORTED));
     this.finalAlphaCumprod = this.config.set_alpha_to_one ? 1 : (this.acp[0] as number);
   }
 
@@ -70,18 +66,68 @@ export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {
     const n = numInferenceSteps;
     // 1. the base timesteps (ascending)
     const base = this.spacedSchedule(n).reverse();
-    // 2. PLMS: the second-to-last base timestep repeated, then all descending
-    this.schedule = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
+    if (this.config.skip_prk_steps) {
+      // 2. PLMS: the second-to-last base timestep repeated, then all descending
+      this.prkTimesteps = [];
+      this.schedule = [...base.slice(0, -1), ...base.slice(-2, -1), ...base.slice(-1)].reverse();
+    } else {
+      // 2. PRK on the last 4 base timesteps and their half steps (each stage twice but the ends), then PLMS
+      const half = Math.floor(Math.floor(this.config.num_train_timesteps / n) / 2);
+      const prk = base.slice(-4).flatMap((t) => [t, t + half]);
+      this.prkTimesteps = prk.slice(0, -1).flatMap((t) => [t, t]).slice(1, -1).reverse();
+      this.schedule = [...this.prkTimesteps, ...base.slice(0, -3).reverse()];
+    }
     this.numInferenceSteps = n;
     this.resetState();
   }
 
-  /** One PLMS step (diffusers' step_plms). */
+  /** One step: pseudo Runge-Kutta during the warm-up (step_prk), PLMS after (step_plms). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
     this.checkAlive();
     if (this.numInferenceSteps === null) return this.timestepsNotSet();
     this.checkTimestep(timestep);
-    const stride = Math.floor(this.config.num_train_timesteps / this.numInferenceSteps);
+    return this.counter < this.prkTimesteps.length ? this.stepPrk(modelOutput, timestep, sample) : this.stepPlms(modelOutput, timestep, sample);
+  }
+
+  /**
+   * One of the four stages of a pseudo Runge-Kutta step: the outputs are summed with weights 1/6, 1/3, 1/3,
+   * 1/6, each stage stepping from the step's first sample (the first output joins the multistep history).
+   */
+  private stepPrk(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
+    const n = this.numInferenceSteps as number;
+    const stage = this.counter % 4;
+    const prevT = timestep - (this.counter % 2 === 1 ? 0 : Math.floor(Math.floor(this.config.num_train_timesteps / n) / 2));
+    const t = this.prkTimesteps[this.counter - stage] as number;
+    const sum = (w: number): Tensor => {
+      const term = modelOutput.mul(w);
+      return this.curModelOutput === null ? term : this.curModelOutput.add(term);
+    };
+    let eps = modelOutput;
+    if (stage === 0) {
+      this.ets.push(keep(modelOutput.clone()));
+      this.curSample?.dispose();
+      this.curSample = keep(sample.clone());
+    }
+    if (stage < 3) {
+      const next = keep(tidy(() => sum(stage === 0 ? 1 / 6 : 1 / 3)));
+      this.curModelOutput?.dispose();
+      this.curModelOutput = next;
+    } else {
+      eps = sum(1 / 6);
+    }
+    const result = tidy(() => this.prevSample(this.curSample ?? sample, t, prevT, eps));
+    if (stage === 3) {
+      eps.dispose();
+      this.curModelOutput?.dispose();
+      this.curModelOutput = null;
+    }
+    this.counter += 1;
+    return result;
+  }
+
+  /** One PLMS step (diffusers' step_plms). */
+  private stepPlms(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
+    const stride = Math.floor(this.config.num_train_timesteps / (this.numInferenceSteps as number));
     let t = timestep;
     let prevT = t - stride;
     const result = tidy(() => {
@@ -142,6 +188,8 @@ export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {
     this.ets = [];
     this.curSample?.dispose();
     this.curSample = null;
+    this.curModelOutput?.dispose();
+    this.curModelOutput = null;
     this.counter = 0;
   }
 

@@ -5,8 +5,9 @@
 // imports another scheduler's file.
 //
 // 1. the interface  2. config: reading, resolution, validation  3. the beta schedule  4. numpy's float64
-// helpers and float32 scalars  5. timestep spacings  6. the base classes (SchedulerBase: the schedule tensors,
-// checks, add_noise, dispose; SigmaSchedulerBase: the σ state of Euler, Euler ancestral and DPM-Solver).
+// helpers and float32 scalars  5. timestep spacings  6. the base class (SchedulerBase: the schedule tensors,
+// checks, add_noise, dispose). The σ schedulers' base, SigmaSchedulerBase, and the σ schedules (Karras,
+// exponential, beta) are in scheduling_utils_sigmas.ts.
 //
 // The arithmetic copies diffusers op for op, in float32 as it does (linspace in float32, then squared, for
 // 'scaled_linear'; the cosine schedule in float64 Python floats then cast), so the schedules are
@@ -21,7 +22,25 @@ import * as torch from '../torch.js';
 
 // ---- 1. the interface ------------------------------------------------------------------------------------
 
-export type SchedulerName = 'pndm' | 'ddim' | 'ddpm' | 'euler' | 'euler_a' | 'dpmpp_2m';
+export type SchedulerName = 'pndm' | 'ddim' | 'ddpm' | 'euler' | 'euler_a' | 'dpmpp_2m' | 'dpm_singlestep' | 'unipc' | 'heun'
+  | 'lms' | 'kdpm2' | 'kdpm2_a' | 'deis' | 'dpm_sde';
+
+/**
+ * What a step may take besides the model output (diffusers' step() keyword arguments): the generator of the
+ * stochastic schedulers (DDPM, Euler ancestral, KDPM2 ancestral, SDE DPM-Solver, DDIM with η > 0, Euler with
+ * churn, DPMSolverSDE), DDIMScheduler's `eta`, EulerDiscreteScheduler's s_churn, s_tmin, s_tmax, s_noise.
+ * A scheduler ignores what it does not take, as StableDiffusionPipeline's prepare_extra_step_kwargs passes
+ * only what a step accepts.
+ */
+export interface StepOptions {
+  generator?: Generator;
+  /** DDIM's η: 0 is deterministic DDIM, 1 the DDPM posterior variance. */
+  eta?: number;
+  sChurn?: number;
+  sTmin?: number;
+  sTmax?: number;
+  sNoise?: number;
+}
 
 /**
  * The inference schedulers behind one interface, as diffusers' SchedulerMixin: a pipeline calls
@@ -40,19 +59,29 @@ export interface Scheduler {
    */
   readonly timesteps: number[];
   readonly initNoiseSigma: number;
+  /**
+   * diffusers' `order`: model evaluations per step of the underlying method (2 for Heun and KDPM2, which
+   * list each of their timesteps after the first twice in `timesteps`; a pipeline runs the model once per
+   * entry of `timesteps` either way).
+   */
   readonly order: number;
   /** The scheduler_config.json it was loaded from, if any: errors the config causes later (setTimesteps) name it. */
   readonly configPath?: string;
-  /** Also resets any multistep state (PNDM's ets, DPM-Solver's history, the step index). */
+  /** Also resets any multistep state (PNDM's ets, DPM-Solver's history, Heun's first half-step, the step index). */
   setTimesteps(numInferenceSteps: number): void;
   /** May return `sample` itself when no scaling applies. */
   scaleModelInput(sample: Tensor, timestep: number): Tensor;
   /**
-   * One denoising step: the previous (less noisy) sample. Stochastic schedulers (DDPM, EulerAncestral) draw
-   * noise with `generator` (torch's randn, as diffusers' randn_tensor).
+   * One denoising step: the previous (less noisy) sample. Stochastic schedulers draw noise with
+   * `options.generator` (torch's randn, as diffusers' randn_tensor).
    */
-  step(modelOutput: Tensor, timestep: number, sample: Tensor, options?: { generator?: Generator }): Tensor;
+  step(modelOutput: Tensor, timestep: number, sample: Tensor, options?: StepOptions): Tensor;
   addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor;
+  /**
+   * diffusers' set_begin_index, on the schedulers that have it (the σ schedulers): a pipeline that starts part
+   * way through the schedule (img2img) says where, and the step index and add_noise follow the position.
+   */
+  setBeginIndex?(index: number): void;
   /** Frees the scheduler's own tensors (alphas_cumprod, sigmas, history). */
   dispose(): void;
 }
@@ -391,7 +420,7 @@ export function arangeDown(start: number, stop: number, step: number): number[] 
 }
 
 /** np.interp(x, arange(len(fp)), fp) in float64, as numpy's C loop computes it (slope·(x − x_j) + f_j). */
-function interpOnIndex(x: readonly number[], fp: ArrayLike<number>): number[] {
+export function interpOnIndex(x: readonly number[], fp: ArrayLike<number>): number[] {
   const last = fp.length - 1;
   return x.map((v) => {
     if (Number.isNaN(v)) return v;
@@ -413,7 +442,7 @@ export const log32 = (x: number): number => tidy(() => torch.scalarTensor(x).log
 export const exp32 = (x: number): number => tidy(() => torch.scalarTensor(x).exp().item());
 
 /** Appends trailing size-1 dimensions until x has `rank` dimensions (diffusers' `while ...: unsqueeze(-1)`). */
-function unsqueezeTo(x: Tensor, rank: number): Tensor {
+export function unsqueezeTo(x: Tensor, rank: number): Tensor {
   let out = x;
   while (out.ndim < rank) out = out.unsqueeze(-1);
   return out;
@@ -443,7 +472,7 @@ function spacedTimesteps(className: string, spacing: string, numTrain: number, n
   }
 }
 
-// ---- 6. the base classes ---------------------------------------------------------------------------------
+// ---- 6. the base class ------------------------------------------------------------------------------------
 
 /**
  * What every scheduler has: its config, β, α and ᾱ (diffusers' betas, alphas, alphas_cumprod), the checks on
@@ -490,7 +519,7 @@ export abstract class SchedulerBase<C extends ScheduleConfig = ScheduleConfig> i
   get initNoiseSigma(): number { return 1.0; }
 
   abstract setTimesteps(numInferenceSteps: number): void;
-  abstract step(modelOutput: Tensor, timestep: number, sample: Tensor, options?: { generator?: Generator }): Tensor;
+  abstract step(modelOutput: Tensor, timestep: number, sample: Tensor, options?: StepOptions): Tensor;
 
   scaleModelInput(sample: Tensor, _timestep: number): Tensor {
     return sample;
@@ -621,119 +650,7 @@ export function checkTimestepIndices(className: string, timesteps: Tensor, numTr
 }
 const assertAsync = opVoid('_assert_async');
 
-/** σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) for every training timestep, float32. */
-function trainSigmas(alphasCumprod: Float32Array): Float32Array {
-  const f = Math.fround;
-  return alphasCumprod.map((a) => sqrt32(f(f(1 - a) / a)));
-}
-
 /** A timestep the schedule does not contain (diffusers fails with an IndexError). */
 export function timestepNotFound(className: string, t: number, timesteps: readonly number[]): never {
   throw new Error(`${className}: timestep ${t} is not in the schedule (timesteps: ${timesteps.slice(0, 6).join(', ')}${timesteps.length > 6 ? ', …' : ''})`);
-}
-
-/**
- * The σ state of the k-diffusion-style schedulers (Euler, Euler ancestral, DPM-Solver): σ of every training
- * timestep, the schedule's σ (a kept CPU tensor, replaced by each setTimesteps) and the step index. The
- * defaults are Euler's (index_for_timestep, scale_model_input by sqrt(σ² + 1), add_noise x₀ + σ·noise).
- */
-export abstract class SigmaSchedulerBase<C extends ScheduleConfig & { timestep_spacing: string; steps_offset: number }> extends SchedulerBase<C> {
-  protected readonly trainSigmas: Float32Array;
-  protected sigmaValues: Float32Array;
-  protected schedule: number[];
-  protected stepIndex: number | null = null;
-  private sigmaTensor: Tensor;
-
-  /**
-   * Before setTimesteps the schedule is every training timestep, descending, with σ as diffusers' __init__
-   * sets them: 'descending' (Euler: the training σ reversed, then a final 0) or 'training' (DPM-Solver: as
-   * they are).
-   */
-  protected constructor(className: string, config: C, initialSigmas: 'descending' | 'training') {
-    // ᾱ's last value clamped to 2⁻²⁴ under zero terminal SNR, so that σ stays finite
-    super(className, config, { clampLastAlphaCumprod: true });
-    this.trainSigmas = trainSigmas(this.acp);
-    const T = config.num_train_timesteps;
-    this.schedule = Array.from({ length: T }, (_, i) => T - 1 - i);
-    this.sigmaValues = initialSigmas === 'descending' ? Float32Array.from([...this.trainSigmas].reverse().concat([0])) : this.trainSigmas.slice();
-    this.sigmaTensor = keep(torch.tensor(this.sigmaValues));
-  }
-
-  get timesteps(): number[] { return this.schedule; }
-  /** σ of each timestep and the final σ, float32, on the CPU. */
-  get sigmas(): Tensor { return this.sigmaTensor; }
-
-  /**
-   * Euler's set_timesteps (also Euler ancestral's): the spacing's timesteps as float32 values ('linspace' not
-   * rounded), σ interpolated at them, then the final σ (final_sigmas_type; 0 where the class has no such field).
-   */
-  setTimesteps(numInferenceSteps: number): void {
-    const finalSigma = (this.config as { final_sigmas_type?: 'zero' | 'sigma_min' }).final_sigmas_type ?? 'zero';
-    this.setSigmaSchedule(this.spacedSchedule(numInferenceSteps, false), finalSigma);
-  }
-
-  /** diffusers' init_noise_sigma: max σ for 'linspace'/'trailing' spacing, sqrt(max σ² + 1) for 'leading'. */
-  override get initNoiseSigma(): number {
-    const max = this.sigmaValues.reduce((m, s) => (s > m ? s : m), -Infinity);
-    const spacing = this.config.timestep_spacing;
-    return spacing === 'linspace' || spacing === 'trailing' ? max : sqrt32(Math.fround(Math.fround(max * max) + 1));
-  }
-
-  /** sample / sqrt(σ² + 1), diffusers' scale_model_input of the σ schedulers. */
-  override scaleModelInput(sample: Tensor, timestep: number): Tensor {
-    this.checkAlive();
-    const sigma = this.sigmaValues[this.initStepIndex(timestep)] as number;
-    return sample.div(sqrt32(Math.fround(Math.fround(sigma * sigma) + 1)));
-  }
-
-  /** add_noise of Euler: x₀ + σ_t·noise, σ_t looked up by indexFor for each batch item. */
-  override addNoise(originalSamples: Tensor, noise: Tensor, timesteps: Tensor): Tensor {
-    return tidy(() => originalSamples.add(noise.mul(this.sigmasAt(timesteps, originalSamples))));
-  }
-
-  /** σ of each timestep (indexFor), in `like`'s dtype and device, shaped [B, 1, …, 1]. */
-  protected sigmasAt(timesteps: Tensor, like: Tensor): Tensor {
-    this.checkAlive();
-    const picked = Float32Array.from(timesteps.toFloat64Array(), (t) => this.sigmaValues[this.indexFor(t)] as number);
-    return unsqueezeTo(torch.tensor(picked).to({ dtype: like.dtype, device: like.device }), like.ndim);
-  }
-
-  /** index_for_timestep: the position of t in the schedule, the second one when t appears twice. */
-  protected indexFor(t: number): number {
-    const v = Math.fround(t);
-    const hits: number[] = [];
-    this.schedule.forEach((s, i) => { if (s === v) hits.push(i); });
-    const i = hits.length > 1 ? hits[1] : hits[0];
-    return i ?? timestepNotFound(this.className, t, this.schedule);
-  }
-
-  /** The step index, found from the first timestep a rollout passes (diffusers' _init_step_index). */
-  protected initStepIndex(timestep: number): number {
-    this.stepIndex ??= this.indexFor(timestep);
-    return this.stepIndex;
-  }
-
-  /** The index of the step from the step index, refusing a step past the last σ. */
-  protected nextStepIndex(timestep: number): number {
-    const i = this.initStepIndex(timestep);
-    if (i + 1 >= this.sigmaValues.length) throw new Error(`${this.className}: step() called after the last timestep; call setTimesteps() to start again`);
-    return i;
-  }
-
-  /**
-   * A new schedule: `timesteps`, σ interpolated at them in float64 (np.interp) then float32, and the final σ
-   * (0, or σ_min of the training schedule).
-   */
-  protected setSigmaSchedule(timesteps: number[], finalSigma: 'zero' | 'sigma_min'): void {
-    const last = finalSigma === 'zero' ? 0 : (this.trainSigmas[0] as number);
-    this.sigmaValues = Float32Array.from([...interpOnIndex(timesteps, this.trainSigmas), last]);
-    this.sigmaTensor.dispose();
-    this.sigmaTensor = keep(torch.tensor(this.sigmaValues));
-    this.schedule = timesteps;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    this.sigmaTensor.dispose();
-  }
 }

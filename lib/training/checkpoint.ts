@@ -36,6 +36,18 @@ export interface TrainingState {
   data: { epoch: number; loader: { epoch: number; position: number; seed: number } };
   /** The loop's epoch. */
   epoch: number;
+  /**
+   * The processes of the run (absent in checkpoints from before data-parallel training: one process): how many, the
+   * seed of the per-sample streams (sample_rng.ts), and every rank's data position (rank 0's is `data` too). Ranks
+   * other than 0 keep their generator states as tensors `rank<r>.rng.<i>`.
+   */
+  parallel?: ParallelState;
+}
+
+export interface ParallelState {
+  worldSize: number;
+  sampleSeed: number;
+  ranks: { data: TrainingState['data'] }[];
 }
 
 export interface CheckpointContents {
@@ -145,8 +157,10 @@ export interface ResumingRun {
   accumulationSteps: number;
   /** Number of LoRA parameters (the optimizer's). */
   numParams: number;
-  /** Items in the dataset (the loader's position counts them). */
+  /** Items per epoch of this process (the loader's position counts them). */
   datasetLength: number;
+  /** Processes of the resuming run (default 1): a checkpoint of another number of processes is refused. */
+  worldSize?: number;
 }
 
 /** Reads fields of an untrusted JSON value; every error names the file and the field. */
@@ -200,7 +214,8 @@ const unit = (x: number) => x >= 0 && x < 1;
  */
 export function parseTrainingState(json: unknown, file: string, run?: ResumingRun): TrainingState {
   const f = new Fields(file);
-  const top = f.object(json, 'the state', ['accumulator', 'optimizer', 'scaler', 'data', 'epoch']);
+  const withParallel = json !== null && typeof json === 'object' && Object.hasOwn(json, 'parallel');
+  const top = f.object(json, 'the state', ['accumulator', 'optimizer', 'scaler', 'data', 'epoch', ...(withParallel ? ['parallel'] : [])]);
   const acc = f.object(top.accumulator, 'accumulator', ['globalStep', 'lrStep', 'microStep']);
   const globalStep = f.int(acc.globalStep, 'accumulator.globalStep', 0, run?.maxTrainSteps,
     run ? `this run's ${run.maxTrainSteps} steps (--max_train_steps, or --num_train_epochs × steps per epoch)` : '');
@@ -226,7 +241,32 @@ export function parseTrainingState(json: unknown, file: string, run?: ResumingRu
   if (run && globalStep < run.maxTrainSteps && epoch >= run.numTrainEpochs) {
     f.fail('epoch', `is ${epoch}, not within this run's ${run.numTrainEpochs} epochs, with steps left to train`);
   }
-  return { accumulator, optimizer, scaler: parseScalerState(f, top.scaler), data, epoch };
+  const parallel = withParallel ? parseParallelState(f, top.parallel, run) : undefined;
+  return { accumulator, optimizer, scaler: parseScalerState(f, top.scaler), data, epoch, ...(parallel ? { parallel } : {}) };
+}
+
+function parseParallelState(f: Fields, v: unknown, run?: ResumingRun): ParallelState {
+  const p = f.object(v, 'parallel', ['worldSize', 'sampleSeed', 'ranks']);
+  const worldSize = f.int(p.worldSize, 'parallel.worldSize', 1, 1 << 20);
+  const sampleSeed = f.int(p.sampleSeed, 'parallel.sampleSeed', 0);
+  const ranks = f.array(p.ranks, 'parallel.ranks', worldSize, ': one per process').map((r, i) => {
+    const rank = f.object(r, `parallel.ranks[${i}]`, ['data']);
+    return { data: parseDataState(f, rank.data, run) };
+  });
+  return { worldSize, sampleSeed, ranks };
+}
+
+/** Processes of the run that wrote a checkpoint (1 for a checkpoint without the parallel record). */
+export const checkpointWorldSize = (state: TrainingState): number => state.parallel?.worldSize ?? 1;
+
+/** A checkpoint resumes only with the number of processes that wrote it (each holds its own data position and RNG). */
+export function checkResumeWorldSize(state: TrainingState, path: string, worldSize: number): void {
+  const saved = checkpointWorldSize(state);
+  if (saved === worldSize) return;
+  const processes = (n: number) => `${n} process${n === 1 ? '' : 'es'}`;
+  throw new Error(`--resume_from_checkpoint: '${path}' was written by a run of ${processes(saved)}, this run has ${processes(worldSize)}: ` +
+    `resume with the same number of processes (${saved === 1 ? "'difflora train' alone" : `'difflora launch --num_processes ${saved} train …'`}), ` +
+    'or start a new run without --resume_from_checkpoint');
 }
 
 function parseDataState(f: Fields, v: unknown, run?: ResumingRun): TrainingState['data'] {
@@ -264,13 +304,14 @@ export function resolveCheckpoint(outputDir: string, which: string): string {
  * calls it before loading any model, so a corrupt checkpoint fails fast, and again with `run` once the data
  * is known (parseTrainingState).
  */
-export function readTrainingState(path: string, run?: ResumingRun): TrainingState {
+export function readTrainingState(path: string, run?: ResumingRun, worldSize = run?.worldSize ?? 1): TrainingState {
   const stateFile = join(path, STATE);
   const tensorsFile = join(path, TENSORS);
   if (!existsSync(stateFile) || !existsSync(tensorsFile)) {
     throw new Error(`--resume_from_checkpoint: '${path}' is not a difflora checkpoint (expected ${STATE} and ${TENSORS})`);
   }
   const state = parseTrainingState(readJsonObject(stateFile, 'training state', 16 * 1024 * 1024), stateFile, run);
+  checkResumeWorldSize(state, path, worldSize);
   assertRegularFile(tensorsFile, 'checkpoint tensors');
   return state;
 }
@@ -338,13 +379,16 @@ export interface CheckpointedRun {
   generators: Generator[];
 }
 
-/** The tensors a checkpoint of this run holds: LoRA weights and Adam moments (finite), generator states. */
+/** The name of rank `rank`'s generator `i` in a checkpoint (rank 0's keep the single-process names). */
+const rngName = (rank: number, i: number) => (rank === 0 ? `rng.${i}` : `rank${rank}.rng.${i}`);
+
+/** The tensors a checkpoint of this run holds: LoRA weights and Adam moments (finite), every rank's generator states. */
 function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTensor[] {
   const params = loraNamedParameters(t.lora);
-  const rng = t.generators.map((g, i) => {
+  const rng = Array.from({ length: checkpointWorldSize(state) }, (_, rank) => t.generators.map((g, i) => {
     const s = g.getState();
-    try { return { name: `rng.${i}`, shape: s.shape, dtype: s.dtype }; } finally { s.dispose(); }
-  });
+    try { return { name: rngName(rank, i), shape: s.shape, dtype: s.dtype }; } finally { s.dispose(); }
+  })).flat();
   return [
     ...params.map(([n, p]) => ({ name: `lora.${n}`, shape: p.shape, dtype: p.dtype, finite: true })),
     ...params.flatMap(([, p], i) => ((state.optimizer.steps[i] ?? 0) > 0
@@ -357,9 +401,10 @@ function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTens
 /**
  * Resumes from checkpoint `path`: its state and tensors are checked in full against this run first, so a
  * corrupt checkpoint is refused (naming its file and field) before any of the run's state changes.
- * Returns the epoch and step to continue from.
+ * Returns the epoch and step to continue from, and the per-sample streams' seed when the checkpoint has one.
+ * `rank`: this process's rank (it restores its own data position and generators).
  */
-export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t: CheckpointedRun): { epoch: number; globalStep: number } {
+export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t: CheckpointedRun, rank = 0): { epoch: number; globalStep: number; sampleSeed?: number } {
   const { tensors, state } = loadCheckpoint(path, resuming);
   try {
     checkTensors(tensors, expectedTensors(state, t), join(path, TENSORS));
@@ -371,24 +416,39 @@ export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t
     Object.assign(t.accumulator.state, state.accumulator);
     t.optimizer.lr = t.accumulator.lr;
     if (t.scaler && state.scaler) t.scaler.loadStateDict(state.scaler);
-    t.data.restore(state.data);
-    t.generators.forEach((g, i) => g.setState(get(`rng.${i}`)));
-    return { epoch: state.epoch, globalStep: state.accumulator.globalStep };
+    t.data.restore(state.parallel?.ranks[rank]?.data ?? state.data);
+    t.generators.forEach((g, i) => g.setState(get(rngName(rank, i))));
+    return { epoch: state.epoch, globalStep: state.accumulator.globalStep, ...(state.parallel ? { sampleSeed: state.parallel.sampleSeed } : {}) };
   } finally {
     disposeCheckpoint({ tensors, state });
   }
 }
 
-/** Saves the run at its current step as `outputDir/checkpoint-<step>` (with the LoRA file beside the state); returns the folder. */
-export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, epoch: number): string {
+/** What rank 0 saves for the processes of a run (lib/distributed/data_parallel.ts gathers it): ranks 1… in order. */
+export interface ParallelCheckpoint {
+  sampleSeed: number;
+  /** Every rank's data position and generator states, rank 0 first (its own are taken from the run). */
+  others: { data: TrainingState['data']; rng: Tensor[] }[];
+}
+
+/**
+ * Saves the run at its current step as `outputDir/checkpoint-<step>` (with the LoRA file beside the state); returns the
+ * folder. `parallel`: the per-sample seed and the other ranks' data positions and generator states.
+ */
+export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, epoch: number, parallel?: ParallelCheckpoint): string {
   const tensors = new Map<string, Tensor>();
   const opt = t.optimizer.stateDict();
   for (const [k, v] of opt.tensors) tensors.set(`optimizer.${k}`, v);
   for (const [n, p] of loraNamedParameters(t.lora)) tensors.set(`lora.${n}`, p);
   const rng = t.generators.map((g) => g.getState());
-  rng.forEach((s, i) => tensors.set(`rng.${i}`, s));
+  rng.forEach((s, i) => tensors.set(rngName(0, i), s));
+  parallel?.others.forEach((r, k) => r.rng.forEach((s, i) => tensors.set(rngName(k + 1, i), s)));
   try {
-    const state: TrainingState = { accumulator: { ...t.accumulator.state }, optimizer: opt.meta, scaler: t.scaler?.stateDict() ?? null, data: t.data.state(), epoch };
+    const data = t.data.state();
+    const state: TrainingState = {
+      accumulator: { ...t.accumulator.state }, optimizer: opt.meta, scaler: t.scaler?.stateDict() ?? null, data, epoch,
+      ...(parallel ? { parallel: { worldSize: parallel.others.length + 1, sampleSeed: parallel.sampleSeed, ranks: [{ data }, ...parallel.others.map((r) => ({ data: r.data }))] } } : {}),
+    };
     return saveCheckpoint(outputDir, t.accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, loraTargets(t.lora)));
   } finally {
     dispose(rng);

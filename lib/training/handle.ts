@@ -7,6 +7,7 @@
 //   setTimeout(() => run.abort(), 60_000);
 //   const { outputFile, metrics } = await run;
 import { EventEmitter } from 'node:events';
+import type { ProcessGroupOption } from '../distributed/data_parallel.js';
 import { validateDreamBoothOptions, type DreamBoothOptions } from './dreambooth_options.js';
 import { validateTrainOptions } from './options.js';
 import { runTraining, type TrainOptions, type TrainProgress, type TrainResult } from './train.js';
@@ -55,13 +56,21 @@ export interface TrainHooks {
   onNotice?: (message: string) => void;
   /** DreamBooth: called after each batch of generated class images (the same as a 'classImages' listener). */
   onClassImages?: (p: ClassImagesProgress) => void;
+  /**
+   * Data-parallel training (README "Several GPUs or machines"): by default the run joins the process group that a
+   * launcher (difflora launch, torchrun, srun) describes in the environment, and trains alone without one; give a
+   * ProcessGroup to train in it (you keep it and destroy it), or null to train alone whatever the environment says.
+   * Every process calls trainTextToImageLora with the same options; rank 0 alone logs, validates and writes files.
+   * trainDreamBoothLora trains in one process only: it refuses a group (or a launcher's environment) of several.
+   */
+  processGroup?: ProcessGroupOption;
 }
 
 class Run extends EventEmitter implements TrainingRun {
   readonly result: Promise<TrainOutcome>;
   private readonly controller = new AbortController();
 
-  constructor(start: (hooks: DreamBoothHooksInternal) => Promise<TrainResult>, outer?: AbortSignal, private readonly onNotice?: (message: string) => void) {
+  constructor(start: (hooks: DreamBoothHooksInternal) => Promise<TrainResult>, outer?: AbortSignal, private readonly onNotice?: (message: string) => void, processGroup?: ProcessGroupOption) {
     super();
     if (outer) {
       if (outer.aborted) this.controller.abort(outer.reason);
@@ -79,6 +88,7 @@ class Run extends EventEmitter implements TrainingRun {
           onValidation: (e) => { this.emit('validation', e); },
           onClassImages: (p) => { this.emit('classImages', p); },
           onNotice: (m) => this.onNotice?.(m),
+          processGroup,
         });
         const seconds = (Date.now() - started) / 1000;
         const tail = losses.slice(-Math.max(1, Math.ceil(losses.length / 10)));
@@ -108,7 +118,7 @@ class Run extends EventEmitter implements TrainingRun {
  */
 export function trainTextToImageLora(options: TrainOptions, hooks: TrainHooks = {}): TrainingRun {
   validateTrainOptions(options); // a mistake in the options throws here, at the call, naming every problem
-  return started(new Run((h) => runTraining(options, h), hooks.signal, hooks.onNotice), hooks);
+  return started(new Run((h) => runTraining(options, h), hooks.signal, hooks.onNotice, hooks.processGroup), hooks);
 }
 
 function started(run: Run, hooks: TrainHooks): TrainingRun {
@@ -125,7 +135,7 @@ function started(run: Run, hooks: TrainHooks): TrainingRun {
  */
 export function trainDreamBoothLora(options: DreamBoothOptions, hooks: TrainHooks = {}): TrainingRun {
   validateDreamBoothOptions(options);
-  return started(new Run((h) => runDreamBoothTraining(options, h), hooks.signal, hooks.onNotice), hooks);
+  return started(new Run((h) => runDreamBoothTraining(options, h), hooks.signal, hooks.onNotice, hooks.processGroup), hooks);
 }
 
 /**

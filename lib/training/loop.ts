@@ -28,10 +28,10 @@ export interface TrainLoopParts<B> {
   nextBatch(epoch: number): Promise<B | null>;
   /** Forward and backward of one batch (the loss divided by the accumulation steps); returns its loss. Owns the batch. */
   microStep(batch: B): number;
-  /** After each backward: the optimizer step at a window's end, else null. */
-  afterBackward(): StepOutcome | null;
-  /** After each optimizer step: logging, progress, checkpoints. */
-  onOptimizerStep(e: OptimizerStepEvent): void;
+  /** After each backward: the optimizer step at a window's end, else null (may wait, e.g. for a gradient all-reduce). */
+  afterBackward(): StepOutcome | null | Promise<StepOutcome | null>;
+  /** After each optimizer step: logging, progress, checkpoints (may wait, e.g. for the processes' mean loss). */
+  onOptimizerStep(e: OptimizerStepEvent): void | Promise<void>;
   /** After each epoch's batches (validation). */
   onEpochEnd(epoch: number): Promise<void>;
   /** Moves the data to its next epoch (not called after the last step). */
@@ -61,11 +61,11 @@ export async function trainLoop<B>(p: TrainLoopParts<B>): Promise<{ lastEpoch: n
       }
       lastLoss = loss;
       windowLoss += loss / p.accumulationSteps;
-      const r = p.afterBackward();
+      const r = await p.afterBackward();
       if (!r) continue;
       const mean = windowLoss;
       windowLoss = 0;
-      p.onOptimizerStep({ step: p.globalStep(), epoch, loss: mean, stepLoss: loss, ...r });
+      await p.onOptimizerStep({ step: p.globalStep(), epoch, loss: mean, stepLoss: loss, ...r });
     }
     await p.onEpochEnd(epoch);
     if (p.globalStep() < p.maxTrainSteps) p.nextEpoch();

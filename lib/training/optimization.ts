@@ -23,16 +23,22 @@ export interface Optimization {
 export type OptimizationOptions = Pick<ResolvedTrainOptions, 'learningRate' | 'scaleLr' | 'gradientAccumulationSteps' | 'trainBatchSize' | 'adamBeta1' |
   'adamBeta2' | 'adamWeightDecay' | 'adamEpsilon' | 'maxGradNorm' | 'lrScheduler' | 'lrWarmupSteps' | 'mixedPrecision'> & { lrNumCycles?: number; lrPower?: number };
 
-/** The optimizer, loss scaler and accumulator of `params` for a run of `totalSteps` optimizer steps. The caller disposes the optimizer. */
-export function makeOptimization(o: OptimizationOptions, params: Tensor[], totalSteps: number): Optimization {
+/**
+ * The optimizer, loss scaler and accumulator of `params` for a run of `totalSteps` optimizer steps. The caller disposes
+ * the optimizer. `numProcesses` (data-parallel processes) enters as in the script under accelerate: --scale_lr
+ * multiplies by it, and the schedule's warm-up and total steps are N× with N schedule steps per optimizer step.
+ */
+export function makeOptimization(o: OptimizationOptions, params: Tensor[], totalSteps: number, numProcesses = 1): Optimization {
   const accumulation = o.gradientAccumulationSteps;
-  const baseLr = o.learningRate * (o.scaleLr ? accumulation * o.trainBatchSize : 1);
+  const baseLr = o.learningRate * (o.scaleLr ? accumulation * o.trainBatchSize * numProcesses : 1);
   const optimizer = new AdamW(params, { lr: baseLr, betas: [o.adamBeta1, o.adamBeta2], weightDecay: o.adamWeightDecay, eps: o.adamEpsilon });
   try {
     const scaler = o.mixedPrecision === 'fp16' ? new GradScaler() : null;
     const accumulator = new Accumulator({
       optimizer, params, scaler, maxGradNorm: o.maxGradNorm, accumulationSteps: accumulation,
-      lrScheduler: o.lrScheduler, lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps, totalSteps, numCycles: o.lrNumCycles, power: o.lrPower },
+      lrScheduler: o.lrScheduler,
+      lrOptions: { baseLr, warmupSteps: o.lrWarmupSteps * numProcesses, totalSteps: totalSteps * numProcesses, numCycles: o.lrNumCycles, power: o.lrPower },
+      lrStepsPerStep: numProcesses,
     });
     return { optimizer, scaler, accumulator, baseLr };
   } catch (e) {

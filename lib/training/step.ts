@@ -30,8 +30,24 @@ export type MixedPrecision = 'no' | 'bf16' | 'fp16';
 
 const deviceTypeOf = (device: string): 'cpu' | 'cuda' => (device.startsWith('cuda') ? 'cuda' : 'cpu');
 
+/**
+ * Where draws come from: one generator (or the device's default) for the whole batch, or one generator per item
+ * (sample_rng.ts's per-sample streams: item i's draws from generators[i], whatever the batch).
+ */
+export type Draws = Generator | readonly Generator[] | undefined;
+
+const perItem = (g: Draws): g is readonly Generator[] => Array.isArray(g);
+
 /** Normal draws as diffusers' randn_tensor: on the generator's device (a CPU generator works for CUDA tensors), then moved. */
-function randnOn(shape: readonly number[], like: Tensor, generator?: Generator): Tensor {
+function randnOn(shape: readonly number[], like: Tensor, generator?: Draws): Tensor {
+  if (perItem(generator)) {
+    if (generator.length !== shape[0]) throw new RangeError(`${generator.length} per-item generators for a batch of ${shape[0]}`);
+    const one = [1, ...shape.slice(1)];
+    return tidy(() => {
+      const parts = generator.map((g) => randnOn(one, like, g));
+      return parts.length === 1 ? parts[0]! : torch.cat(parts);
+    });
+  }
   const drawOn = generator?.device ?? like.device;
   const t = torch.randn(shape, { generator, dtype: like.dtype, device: drawOn });
   return t.device === like.device ? t : t.to({ device: like.device });
@@ -41,18 +57,21 @@ function randnOn(shape: readonly number[], like: Tensor, generator?: Generator):
  * Images [B, 3, H, W] in [-1, 1] → scaled latents: vae.encode(pixels in the VAE's dtype).sample(generator) ×
  * scaling_factor, without gradients.
  */
-export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Generator): Tensor {
+export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Draws): Tensor {
   const weight = vae.parameters()[0];
   return noGrad(() => tidy(() => {
     const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
-    return vae.encode(pixels).sample(generator).mul(vae.scalingFactor);
+    const posterior = vae.encode(pixels);
+    // per-item generators: mean + std · ε with item i's ε from its own stream (DiagonalGaussianDistribution.sample's arithmetic)
+    const z = perItem(generator) ? posterior.mean.add(posterior.std.mul(randnOn(posterior.mean.shape, posterior.parameters, generator))) : posterior.sample(generator);
+    return z.mul(vae.scalingFactor);
   }));
 }
 
 export interface SampleNoiseOptions {
   /** --noise_offset: adds noiseOffset · randn(B, C, 1, 1) when > 0 (offset noise). */
   noiseOffset?: number;
-  generator?: Generator;
+  generator?: Draws;
 }
 
 /** randn like the latents, plus the script's offset noise when noiseOffset > 0. */
@@ -70,9 +89,16 @@ export function sampleNoise(latents: Tensor, o: SampleNoiseOptions = {}): Tensor
 }
 
 /** One timestep per item, uniform in [0, numTrainTimesteps), int64. */
-export function sampleTimesteps(batch: number, numTrainTimesteps: number, generator?: Generator, device?: Device): Tensor {
+export function sampleTimesteps(batch: number, numTrainTimesteps: number, generator?: Draws, device?: Device): Tensor {
   if (!Number.isInteger(batch) || batch < 1) throw new RangeError(`sampleTimesteps: batch must be a positive integer, got ${batch}`);
   if (!Number.isInteger(numTrainTimesteps) || numTrainTimesteps < 1) throw new RangeError(`sampleTimesteps: numTrainTimesteps must be a positive integer, got ${numTrainTimesteps}`);
+  if (perItem(generator)) {
+    if (generator.length !== batch) throw new RangeError(`sampleTimesteps: ${generator.length} per-item generators for a batch of ${batch}`);
+    return tidy(() => {
+      const parts = generator.map((g) => sampleTimesteps(1, numTrainTimesteps, g, device));
+      return parts.length === 1 ? parts[0]! : torch.cat(parts);
+    });
+  }
   const target = device ?? generator?.device ?? 'cpu';
   const drawOn = generator?.device ?? target;
   return tidy(() => {
@@ -114,7 +140,8 @@ export interface TrainingStep {
   noise?: Tensor;
   /** int64 [B]; drawn with sampleTimesteps(generator) when absent. */
   timesteps?: Tensor;
-  generator?: Generator;
+  /** One generator for the batch, or one per item (sample_rng.ts): the VAE's ε, the noise and the timesteps come from it. */
+  generator?: Draws;
   noiseOffset?: number;
   /** --prediction_type; default the scheduler config's. */
   predictionType?: string | null;
@@ -298,6 +325,11 @@ export interface AccumulatorOptions extends OptimizerStepOptions {
   /** --lr_scheduler name (lr_schedule.ts); the optimizer's LR is set from lrAt(name, state.lrStep, lrOptions). */
   lrScheduler: string;
   lrOptions: LrScheduleOptions & { baseLr: number };
+  /**
+   * Schedule steps per optimizer step (default 1). With N processes accelerate's AcceleratedScheduler steps the
+   * schedule N times per optimizer step (its warm-up and total steps are N× too): lrAt sees lrStep · N.
+   */
+  lrStepsPerStep?: number;
   /** Restored state (e.g. from a checkpoint); default all zero. */
   state?: AccumulatorState;
 }
@@ -318,7 +350,7 @@ export class Accumulator {
 
   /** The learning rate of the next optimizer step. */
   get lr(): number {
-    return lrAt(this.o.lrScheduler, this.state.lrStep, this.o.lrOptions);
+    return lrAt(this.o.lrScheduler, this.state.lrStep * (this.o.lrStepsPerStep ?? 1), this.o.lrOptions);
   }
 
   /** Whether the next micro-batch ends the accumulation window (accelerate's sync_gradients). */

@@ -8,6 +8,7 @@ import type { Tensor } from '../tensor.js';
 import { saveModelCard } from './model_card.js';
 import { loadTrainingModels } from './models.js';
 import { resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
+import type { SampleKey } from './sample_rng.js';
 import { loraTrainingStep } from './step.js';
 import { openTrainData } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
@@ -23,16 +24,16 @@ export { stepsArithmetic, type TrainHooksInternal, type TrainProgress, type Trai
 export async function runTraining(options: TrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
   validateTrainOptions(options);
   const o = resolveTrainOptions(options);
-  return runTrainer(o, hooks, (ctx) => textToImageSpec(o, ctx, hooks));
+  return runTrainer(o, hooks, (ctx) => textToImageSpec(o, ctx, hooks), { command: 'difflora train', dataParallel: true });
 }
 
-type TextToImageBatch = { pixelValues: Tensor; inputIds: Tensor };
+type TextToImageBatch = { pixelValues: Tensor; inputIds: Tensor; keys: SampleKey[] };
 
 /** train_text_to_image_lora.py's parts: UNet LoRA, captioned images, the plain diffusion loss, 30-step validation. */
 async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hooks: TrainHooksInternal): Promise<TrainerSpec<TextToImageBatch>> {
   const models = loadTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
   const { unet, vae, textEncoder, tokenizer } = models;
-  const data = await openTrainData(o, { tokenizer, device: ctx.device });
+  const data = await openTrainData(o, { tokenizer, device: ctx.device, shard: ctx.shard }); // this process's share of each epoch
   const source = { model: o.pretrainedModelNameOrPath, load: models.load };
   const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string) =>
     ({ prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: ctx.logs.tensorboard(), onEvent: hooks.onValidation });
@@ -42,7 +43,7 @@ async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hoo
     microStep: (batch) => {
       try {
         return tidy(() => loraTrainingStep({
-          unet, vae, textEncoder, scheduler: models.noiseScheduler, batch, accumulationSteps: o.gradientAccumulationSteps,
+          unet, vae, textEncoder, scheduler: models.noiseScheduler, batch, accumulationSteps: o.gradientAccumulationSteps, generator: ctx.sampleDraws(batch.keys),
           mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), noiseOffset: o.noiseOffset, snrGamma: o.snrGamma, predictionType: o.predictionType,
         }));
       } finally {

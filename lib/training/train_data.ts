@@ -28,14 +28,19 @@ export interface TrainDataOptions {
   skipBrokenImages?: boolean;
 }
 
-/** train_text_to_image_lora.py's batch: the images and the captions' token ids. */
-export interface TextToImageBatch { pixelValues: Tensor; inputIds: Tensor }
+/**
+ * train_text_to_image_lora.py's batch: the images and the captions' token ids; `keys`: each item's (epoch, position
+ * in the epoch's global order), what its random draws are keyed by (sample_rng.ts).
+ */
+export interface TextToImageBatch { pixelValues: Tensor; inputIds: Tensor; keys: [number, number][] }
 
 export interface TrainData<B = TextToImageBatch> {
   readonly batchesPerEpoch: number;
-  /** Items in the dataset (a saved data position counts them). */
+  /** Items this process reads per epoch (the dataset's length in a single process; a saved data position counts them). */
   readonly datasetLength: number;
-  /** The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors. */
+  /**
+   * The next batch of this epoch, or null when the epoch is done. The caller disposes the tensors.
+   */
   next(): Promise<B | null>;
   nextEpoch(): void;
   state(): { epoch: number; loader: LoaderState };
@@ -54,10 +59,14 @@ export type ResolvedTrainDataOptions = Pick<ResolvedTrainOptions, keyof TrainDat
 /** Without --seed the data order is still fixed: the loader shuffles with seed 0. */
 const SEED_WHEN_UNSEEDED = 0;
 
-export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string }): Promise<TrainData> {
+/**
+ * `ctx.shard`: this process's share of each epoch in a data-parallel run (accelerate's BatchSamplerShard: process r
+ * of N reads batches r, r + N, … of the epoch's order; loader.ts).
+ */
+export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number } }): Promise<TrainData> {
   return openCaptionedImages(o, {
-    device: ctx.device,
-    collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) }),
+    device: ctx.device, shard: ctx.shard,
+    collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
   });
 }
 
@@ -67,6 +76,8 @@ export interface Collate<B> {
   collate(b: Batch, pixelValues: Tensor): B;
   /** The SDXL script's flip-then-crop order (data/transforms.ts). */
   flipBeforeCrop?: boolean;
+  /** This process's share of each epoch (a data-parallel run). */
+  shard?: { rank: number; worldSize: number };
 }
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
@@ -83,12 +94,12 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
-    interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages,
+    interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
   });
   let epoch = loader.getState().epoch;
   return {
     batchesPerEpoch: loader.batchesPerEpoch,
-    datasetLength: dataset.length,
+    datasetLength: loader.epochLength,
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();

@@ -46,7 +46,8 @@ export async function runDreamBoothTraining(options: DreamBoothOptions, hooks: D
   validateDreamBoothOptions(options);
   const o = resolveDreamBoothOptions(options);
   for (const w of dreamBoothWarnings(o)) hooks.onNotice?.(w);
-  return runTrainer(o, hooks, (ctx) => dreamBoothSpec(o, ctx, hooks));
+  // one process: its class images and data are not shared out over several (runTrainer refuses a group of several)
+  return runTrainer(o, hooks, (ctx) => dreamBoothSpec(o, ctx, hooks), { command: 'difflora train-dreambooth', dataParallel: false });
 }
 
 async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext, hooks: DreamBoothHooksInternal): Promise<TrainerSpec<DreamBoothBatch>> {

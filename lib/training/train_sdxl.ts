@@ -40,7 +40,7 @@ type SdxlBatch = SdxlPromptBatch & { pixelValues: Tensor; files: string[] };
 export async function runSdxlTraining(options: SdxlTrainOptions, hooks: TrainHooksInternal = {}): Promise<TrainResult> {
   validateSdxlTrainOptions(options);
   const o = resolveSdxlTrainOptions(options);
-  return runTrainer(o, hooks, (ctx) => sdxlSpec(o, ctx, hooks));
+  return runTrainer(o, hooks, (ctx) => sdxlSpec(o, ctx, hooks), { command: 'difflora train-sdxl', dataParallel: false });
 }
 
 async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks: TrainHooksInternal): Promise<TrainerSpec<SdxlBatch>> {

@@ -17,6 +17,7 @@ import { report, rng, runCases, type FuzzCase, type RawResult } from './harness.
 
 const diffusersFile = join(fixtures, 'goldens', 'lora-diffusers', 'pytorch_lora_weights.safetensors');
 const kohyaFile = join(fixtures, 'goldens', 'lora-kohya', 'tiny_sd_kohya_lora.safetensors');
+const formatsDir = join(fixtures, 'goldens', 'lora-formats');
 
 // ---- safetensors by hand (hostile files cannot always be made from tensors)
 
@@ -159,6 +160,33 @@ function mutations(seed: number): Mutation[] {
   add('Kohya in bfloat16', half16, null);
   const peft = { metadata: undefined, tensors: new Map([...D.tensors].map(([x, v]) => [x.replace('.lora.down.weight', '.lora_A.weight').replace('.lora.up.weight', '.lora_B.weight'), v])) };
   add('PEFT names', peft, null);
+  // the other layouts (goldens/lora-formats): valid as they are; LyCORIS files cannot become diffusers files
+  for (const f of ['kohya_ldm_unet_te', 'loha', 'lokr', 'dora_diffusers', 'dora_kohya']) {
+    const lycoris = f === 'loha' || f === 'lokr';
+    add(`${f} file`, readFileSync(join(formatsDir, `${f}.safetensors`)), null, lycoris && out.length % 2 === 0 ? ['LyCORIS'] : null);
+  }
+  const LH = readRaw(join(formatsDir, 'loha.safetensors'));
+  const LK = readRaw(join(formatsDir, 'lokr.safetensors'));
+  const DK = readRaw(join(formatsDir, 'dora_kohya.safetensors'));
+  const LDM = readRaw(join(formatsDir, 'kohya_ldm_unet.safetensors'));
+  k = some([...LH.tensors.keys()].filter((x) => x.endsWith('.hada_w2_b')));
+  const noFactor = clone(LH);
+  noFactor.tensors.delete(k);
+  add(`LoHa without ${k}`, noFactor, [k.replace('.hada_w2_b', ''), 'hada_w2_b missing']);
+  k = some([...LH.tensors.keys()].filter((x) => x.endsWith('.hada_w1_a')));
+  t = LH.tensors.get(k)!;
+  add(`LoHa factor of another rank ${k}`, withTensor(LH, k, { dtype: 'F32', shape: [t.shape[0]!, 3], data: f32(Array<number>(t.shape[0]! * 3).fill(0.01)) }), [k, 'do not fit']);
+  k = some([...LK.tensors.keys()].filter((x) => x.endsWith('.lokr_w2_a')));
+  add(`LoKr with lokr_w2 and ${k}`, withTensor(LK, k.replace('.lokr_w2_a', '.lokr_w2'), { dtype: 'F32', shape: [8, 8], data: f32(Array<number>(64).fill(0.01)) }), [k.replace('.lokr_w2_a', ''), 'both lokr_w2']);
+  k = some([...LK.tensors.keys()].filter((x) => x.endsWith('.lokr_w1')));
+  t = LK.tensors.get(k)!;
+  const nan = Buffer.from(t.data);
+  nan.writeFloatLE(Number.NaN, 0);
+  add(`NaN in ${k}`, withTensor(LK, k, { ...t, data: nan }), [k, 'NaN or infinite']);
+  k = some([...DK.tensors.keys()].filter((x) => x.endsWith('.dora_scale')));
+  add(`dora_scale [1, 32] at ${k}`, withTensor(DK, k, { dtype: 'F32', shape: [1, 32], data: f32(Array<number>(32).fill(1)) }), [k, 'DoRA magnitude']);
+  add('LDM name outside the UNet (input_blocks_12)', withTensor(LDM, 'lora_unet_input_blocks_12_1_proj_in.lora_down.weight', { dtype: 'F32', shape: [4, 32], data: f32(Array<number>(128).fill(0.01)) }),
+    ['lora_unet_input_blocks_12_1_proj_in.lora_down.weight'], null);
   return out;
 }
 

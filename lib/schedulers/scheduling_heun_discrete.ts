@@ -1,0 +1,103 @@
+// HeunDiscreteScheduler (diffusers 0.31 schedulers/scheduling_heun_discrete.py): Heun's second-order method
+// on the probability-flow ODE in σ (Karras et al. 2022, Algorithm 1; k-diffusion's sample_heun), A1111's
+// "Heun". Each step takes two model evaluations: `timesteps` lists every timestep after the first twice, the
+// first visit makes an Euler step to σ_{i+1} and keeps its derivative, the second averages it with the
+// derivative there and redoes the step from the kept sample. The last step is Euler's alone (σ_{i+1} = 0).
+import { keep, tidy } from '../scope.js';
+import type { Tensor } from '../tensor.js';
+import {
+  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig,
+  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+} from './scheduling_utils.js';
+import { SigmaSchedulerBase, doubled, kDiffusionX0, numbers } from './scheduling_utils_sigmas.js';
+
+export type HeunDiscreteSchedulerConfig = BetaScheduleConfig & {
+  prediction_type: PredictionType;
+  use_karras_sigmas: boolean;
+  use_exponential_sigmas: boolean;
+  use_beta_sigmas: boolean;
+  clip_sample: boolean;
+  clip_sample_range: number;
+  timestep_spacing: TimestepSpacing;
+  steps_offset: number;
+};
+
+/** HeunDiscreteScheduler.__init__'s defaults. */
+export const HEUN_DISCRETE_SCHEDULER_DEFAULTS: Readonly<HeunDiscreteSchedulerConfig> = Object.freeze({
+  ...SCHEDULER_DEFAULTS,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+  clip_sample: false,
+  clip_sample_range: 1.0,
+  timestep_spacing: 'linspace',
+});
+
+const CLASS = 'HeunDiscreteScheduler';
+
+/** What difflora implements of the values diffusers accepts ('exp' betas are not implemented). */
+const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: PREDICTION_TYPES, timestep_spacing: TIMESTEP_SPACINGS };
+
+export class HeunDiscreteScheduler extends SigmaSchedulerBase<HeunDiscreteSchedulerConfig> {
+  readonly name = 'heun';
+  override readonly order = 2;
+  // the first stage of the current step: its derivative, step size and starting sample (null: first stage next)
+  private firstStage: { derivative: Tensor; dt: number; sample: Tensor } | null = null;
+
+  constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
+    super(CLASS, resolveSchedulerConfig(CLASS, HEUN_DISCRETE_SCHEDULER_DEFAULTS as HeunDiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
+      'descending');
+  }
+
+  /** The k-diffusion σ (float64 timesteps with a σ schedule), each stage after the first listed twice. */
+  override setTimesteps(numInferenceSteps: number): void {
+    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
+    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
+    const ts = this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround);
+    const s = numbers(Float32Array.from([...sigmas, 0]));
+    this.setSchedule(doubled(ts, 1), doubled(s, 1, s.length - 1));
+    this.resetStage();
+  }
+
+  /** One stage: the Euler step (first visit) or Heun's correction (second visit). */
+  step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
+    this.checkAlive();
+    const f = Math.fround;
+    const i = this.nextStepIndex(timestep);
+    const first = this.firstStage;
+    const sigma = (first === null ? this.sigmaValues[i] : this.sigmaValues[i - 1]) as number;
+    const sigmaNext = (first === null ? this.sigmaValues[i + 1] : this.sigmaValues[i]) as number;
+    const out = tidy(() => {
+      // 1. x̂₀ at σ (first stage) or σ_next (second)
+      let x0 = kDiffusionX0(this.config.prediction_type, modelOutput, sample, first === null ? sigma : sigmaNext);
+      if (this.config.clip_sample) x0 = x0.clamp(-this.config.clip_sample_range, this.config.clip_sample_range);
+      // 2. the derivative; the Euler step, or the averaged one from the kept sample
+      if (first === null) {
+        const derivative = sample.sub(x0).div(sigma);
+        const dt = f(sigmaNext - sigma);
+        this.firstStage = { derivative: keep(derivative), dt, sample: keep(sample.clone()) };
+        return sample.add(derivative.mul(dt));
+      }
+      const derivative = first.derivative.add(sample.sub(x0).div(sigmaNext)).div(2);
+      return first.sample.add(derivative.mul(first.dt));
+    });
+    if (first !== null) this.resetStage();
+    this.stepIndex = i + 1;
+    return out;
+  }
+
+  private resetStage(): void {
+    if (this.firstStage !== null) {
+      this.firstStage.derivative.dispose();
+      this.firstStage.sample.dispose();
+    }
+    this.firstStage = null;
+  }
+
+  protected override releaseState(): void {
+    super.releaseState();
+    this.resetStage();
+  }
+}
