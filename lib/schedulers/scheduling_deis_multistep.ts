@@ -6,42 +6,27 @@
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverTimesteps, solverX0, thresholdSample,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverTimesteps, solverX0, thresholdSample,
+  type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DEISMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DEISMultistepSchedulerConfig = SolverConfig & {
   algorithm_type: 'deis';
   solver_type: 'logrho';
-  lower_order_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
 };
 
 /** DEISMultistepScheduler.__init__'s defaults. */
 export const DEIS_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DEISMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'deis',
   solver_type: 'logrho',
   lower_order_final: true,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 

@@ -12,29 +12,20 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig,
-  roundHalfEven, type BetaScheduleConfig, type PredictionType, type StepOptions, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig, roundHalfEven, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint, solverTimesteps,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint, solverTimesteps,
   type DPMSolverAlgorithmType, type SolverPoint,
+  type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverAlgorithm = DPMSolverAlgorithmType;
 
-export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DPMSolverMultistepSchedulerConfig = SolverConfig & {
   algorithm_type: DPMSolverAlgorithm;
   solver_type: 'midpoint' | 'heun';
-  lower_order_final: boolean;
   euler_at_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   use_lu_lambdas: boolean;
   final_sigmas_type: 'zero' | 'sigma_min';
   lambda_min_clipped: number;
@@ -46,18 +37,12 @@ export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
 
 /** DPMSolverMultistepScheduler.__init__'s defaults. */
 export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'dpmsolver++',
   solver_type: 'midpoint',
   lower_order_final: true,
   euler_at_final: false,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   use_lu_lambdas: false,
   final_sigmas_type: 'zero',
   lambda_min_clipped: -Infinity,

@@ -14,38 +14,27 @@ import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, configError, exp32, log32, resolveSchedulerConfig, sqrt32,
-  type BetaScheduleConfig, type StepOptions, type TimestepSpacing,
+  SAMPLER_SUPPORTED_NO_SAMPLE, configError, exp32, log32, resolveSchedulerConfig, sqrt32, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, SigmaSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DPMSolverSDESchedulerConfig = BetaScheduleConfig & {
+export type DPMSolverSDESchedulerConfig = KDiffusionConfig & {
   prediction_type: 'epsilon' | 'v_prediction';
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   noise_sampler_seed: number | null;
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
 };
 
 /** DPMSolverSDEScheduler.__init__'s defaults. */
 export const DPMSOLVER_SDE_SCHEDULER_DEFAULTS: Readonly<DPMSolverSDESchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   noise_sampler_seed: null,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'DPMSolverSDEScheduler';
 
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): DPMSolverSDESchedulerConfig {
   const c = resolveSchedulerConfig(CLASS, DPMSOLVER_SDE_SCHEDULER_DEFAULTS as DPMSolverSDESchedulerConfig, rawConfig, overrides, SUPPORTED);

@@ -9,25 +9,16 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type PredictionType, type StepOptions,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint,
+  type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DPMSolverSinglestepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DPMSolverSinglestepSchedulerConfig = SolverConfig & {
   algorithm_type: 'dpmsolver++' | 'sde-dpmsolver++' | 'dpmsolver';
   solver_type: 'midpoint' | 'heun';
-  lower_order_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   final_sigmas_type: 'zero' | 'sigma_min';
   lambda_min_clipped: number;
   variance_type: string | null;
@@ -35,17 +26,11 @@ export type DPMSolverSinglestepSchedulerConfig = BetaScheduleConfig & {
 
 /** DPMSolverSinglestepScheduler.__init__'s defaults. */
 export const DPMSOLVER_SINGLESTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverSinglestepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'dpmsolver++',
   solver_type: 'midpoint',
   lower_order_final: false,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   final_sigmas_type: 'zero',
   lambda_min_clipped: -Infinity,
   variance_type: null,

@@ -5,31 +5,20 @@
 // derivative there and redoes the step from the kept sample. The last step is Euler's alone (σ_{i+1} = 0).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { SAMPLER_SUPPORTED, resolveSchedulerConfig, type PredictionType } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
-} from './scheduling_utils.js';
-import { SigmaSchedulerBase, doubled, kDiffusionX0, numbers } from './scheduling_utils_sigmas.js';
+  K_DIFFUSION_DEFAULTS, SigmaSchedulerBase, doubled, kDiffusionX0, numbers, type KDiffusionConfig,
+} from './scheduling_utils_sigmas.js';
 
-export type HeunDiscreteSchedulerConfig = BetaScheduleConfig & {
+export type HeunDiscreteSchedulerConfig = KDiffusionConfig & {
   prediction_type: PredictionType;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   clip_sample: boolean;
   clip_sample_range: number;
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
 };
 
 /** HeunDiscreteScheduler.__init__'s defaults. */
 export const HEUN_DISCRETE_SCHEDULER_DEFAULTS: Readonly<HeunDiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   clip_sample: false,
   clip_sample_range: 1.0,
   timestep_spacing: 'linspace',
@@ -38,7 +27,7 @@ export const HEUN_DISCRETE_SCHEDULER_DEFAULTS: Readonly<HeunDiscreteSchedulerCon
 const CLASS = 'HeunDiscreteScheduler';
 
 /** What difflora implements of the values diffusers accepts ('exp' betas are not implemented). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: PREDICTION_TYPES, timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED;
 
 export class HeunDiscreteScheduler extends SigmaSchedulerBase<HeunDiscreteSchedulerConfig> {
   readonly name = 'heun';

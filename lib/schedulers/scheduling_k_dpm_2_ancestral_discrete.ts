@@ -6,38 +6,23 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig, roundHalfEven, type StepOptions } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type StepOptions, type TimestepSpacing,
-} from './scheduling_utils.js';
-import {
-  SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type KDPM2AncestralDiscreteSchedulerConfig = BetaScheduleConfig & {
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  prediction_type: 'epsilon' | 'v_prediction';
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
-};
+export type KDPM2AncestralDiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
 
 /** KDPM2AncestralDiscreteScheduler.__init__'s defaults. */
 export const KDPM2_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS: Readonly<KDPM2AncestralDiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'KDPM2AncestralDiscreteScheduler';
 
 /** What difflora implements ('sample' prediction: diffusers raises NotImplementedError). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 /** σ_up and σ_down of each σ towards the next (the last σ_down 0), float32 tensor arithmetic. */
 function ancestralSigmas(s: Float32Array): { up: Float32Array; down: Float32Array } {

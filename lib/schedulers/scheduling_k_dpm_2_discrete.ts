@@ -4,38 +4,23 @@
 // model evaluations per step: `timesteps` interleaves the midpoints' timesteps (found by _sigma_to_t, in float32).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig, roundHalfEven } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type TimestepSpacing,
-} from './scheduling_utils.js';
-import {
-  SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type KDPM2DiscreteSchedulerConfig = BetaScheduleConfig & {
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  prediction_type: 'epsilon' | 'v_prediction';
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
-};
+export type KDPM2DiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
 
 /** KDPM2DiscreteScheduler.__init__'s defaults. */
 export const KDPM2_DISCRETE_SCHEDULER_DEFAULTS: Readonly<KDPM2DiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'KDPM2DiscreteScheduler';
 
 /** What difflora implements ('sample' prediction: diffusers raises NotImplementedError). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 export class KDPM2DiscreteScheduler extends SigmaSchedulerBase<KDPM2DiscreteSchedulerConfig> {
   readonly name = 'kdpm2';

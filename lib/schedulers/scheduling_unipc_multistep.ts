@@ -10,27 +10,18 @@ import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, expm1, solverPoint, solverTimesteps, solverX0, thresholdSample, type SolverPoint,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, expm1, solverPoint, solverTimesteps, solverX0, thresholdSample, type SolverPoint,
+  type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type UniPCMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type UniPCMultistepSchedulerConfig = SolverConfig & {
   predict_x0: boolean;
   solver_type: 'bh1' | 'bh2';
-  lower_order_final: boolean;
   disable_corrector: number[];
   solver_p: null;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
   final_sigmas_type: 'zero' | 'sigma_min';
@@ -39,19 +30,13 @@ export type UniPCMultistepSchedulerConfig = BetaScheduleConfig & {
 
 /** UniPCMultistepScheduler.__init__'s defaults. */
 export const UNIPC_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<UniPCMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   predict_x0: true,
   solver_type: 'bh2',
   lower_order_final: true,
   disable_corrector: [],
   solver_p: null,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   timestep_spacing: 'linspace',
   final_sigmas_type: 'zero',
   rescale_betas_zero_snr: false,

@@ -14,7 +14,8 @@ import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SchedulerBase, arangeDown, configError, exp32, interpOnIndex, linspace64, log32, roundHalfEven, sqrt32, timestepNotFound, unsqueezeTo, type ScheduleConfig,
+  SCHEDULER_DEFAULTS, SchedulerBase, THRESHOLDING_DEFAULTS, arangeDown, configError, exp32, interpOnIndex, linspace64, log32, roundHalfEven, sqrt32,
+  timestepNotFound, unsqueezeTo, type BetaScheduleConfig, type PredictionType, type ScheduleConfig, type ThresholdingConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
 // ---- float64 libm scalars --------------------------------------------------------------------------------
@@ -36,6 +37,46 @@ export const pow64 = (x: number, y: number): number => tidy(() => scalar64(x).po
 export type SigmaSchedule = 'karras' | 'exponential' | 'beta' | 'spaced';
 
 type SigmaFlags = { use_karras_sigmas?: boolean; use_exponential_sigmas?: boolean; use_beta_sigmas?: boolean };
+
+/** The σ schedule flags as the classes that have them declare them (all three, default false). */
+export type SigmaScheduleFlags = Required<SigmaFlags>;
+
+export const SIGMA_SCHEDULE_DEFAULTS: Readonly<SigmaScheduleFlags> = Object.freeze({
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+});
+
+/** The fields the k-diffusion ports (Heun, LMS, KDPM2, KDPM2 ancestral, DPMSolverSDE) share besides prediction_type. */
+export type KDiffusionConfig = BetaScheduleConfig & SigmaScheduleFlags & { timestep_spacing: TimestepSpacing; steps_offset: number };
+
+/**
+ * The defaults Heun, KDPM2, KDPM2 ancestral and DPMSolverSDE share before their own fields: Stable Diffusion's
+ * betas (0.00085 to 0.012, where the other classes default to 0.0001 to 0.02) and no σ schedule.
+ */
+export const K_DIFFUSION_DEFAULTS = Object.freeze({
+  ...SCHEDULER_DEFAULTS,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  ...SIGMA_SCHEDULE_DEFAULTS,
+});
+
+/**
+ * The fields the exponential-integrator solvers (DPM-Solver multistep and single-step, UniPC, DEIS) share:
+ * the order, x̂₀ thresholding, lower_order_final and the σ schedule flags.
+ */
+export type SolverConfig = BetaScheduleConfig & ThresholdingConfig & SigmaScheduleFlags & {
+  solver_order: number;
+  prediction_type: PredictionType;
+  lower_order_final: boolean;
+};
+
+/** Their shared defaults up to their own fields: second order, no thresholding. */
+export const SOLVER_DEFAULTS = Object.freeze({
+  ...SCHEDULER_DEFAULTS,
+  solver_order: 2,
+  ...THRESHOLDING_DEFAULTS,
+});
 
 /** The config's σ schedule; more than one flag set is refused, as diffusers' constructors do. */
 export function sigmaScheduleOf(className: string, c: SigmaFlags): SigmaSchedule {
