@@ -9,8 +9,7 @@ import {
   SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverTimesteps, solverX0, thresholdSample,
-  type SolverConfig,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverX0, thresholdSample, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type DEISMultistepSchedulerConfig = SolverConfig & {
@@ -51,35 +50,19 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
 /** float32 log as numpy computes np.log of a 0-dim float32 tensor. */
 const lnf = (x: number): number => Math.fround(log64(x));
 
-export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSchedulerConfig> {
+/** The history (SolverSchedulerBase's) holds the last solver_order ε̂. */
+export class DEISMultistepScheduler extends SolverSchedulerBase<DEISMultistepSchedulerConfig> {
   readonly name = 'deis';
-  // the last solver_order ε̂ (kept tensors, null before the first steps)
-  private modelOutputs: (Tensor | null)[];
-  private lowerOrderNums = 0;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    super(CLASS, resolveConfig(rawConfig, overrides));
   }
 
-  override get initNoiseSigma(): number { return 1.0; }
-
   override setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    this.checkInferenceSteps(numInferenceSteps);
-    const c = this.config;
-    const spaced = solverTimesteps(CLASS, c.timestep_spacing, c.num_train_timesteps, c.num_train_timesteps, numInferenceSteps, c.steps_offset);
-    this.checkInferenceSchedule(spaced, numInferenceSteps);
-    const { timesteps, sigmas } = this.solverSigmas(spaced, numInferenceSteps);
+    const { timesteps, sigmas } = this.solverSchedule(numInferenceSteps);
     const last = this.sigmaSchedule === 'karras' ? (sigmas[sigmas.length - 1] as number) : (this.trainSigmas[0] as number);
     this.setSchedule(timesteps, [...sigmas, last]);
     this.resetState();
-  }
-
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
   }
 
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
@@ -96,8 +79,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       if (c.thresholding) x0 = thresholdSample(x0, c.dynamic_thresholding_ratio, c.sample_max_value);
       return sample.sub(x0.mul(alphaT)).div(sigmaT);
     }));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(eps);
+    this.pushModelOutput(eps);
     // 2. the update
     const out = tidy(() => {
       if (c.solver_order === 1 || this.lowerOrderNums < 1 || lowerOrderFinal) {
@@ -105,8 +87,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       }
       return this.multistepUpdate(sample, i, c.solver_order === 2 || this.lowerOrderNums < 2 || lowerOrderSecond ? 2 : 3);
     });
-    if (this.lowerOrderNums < c.solver_order) this.lowerOrderNums += 1;
-    this.stepIndex = i + 1;
+    this.endMultistep(i);
     return out;
   }
 
@@ -119,7 +100,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
     const rhoT = f(sigmaT / alphaT);
     const rhos = Array.from({ length: order }, (_, k) => rho(i - k));
     const alphaS0 = point(i)[0];
-    const outputs = Array.from({ length: order }, (_, k) => this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor);
+    const outputs = Array.from({ length: order }, (_, k) => this.previousOutput(k));
     const ind = order === 2 ? ind2 : ind3;
     // coef_k = ind(ρ_t; ρ_k, others) − ind(ρ_s0; ρ_k, others), the others in diffusers' cyclic order
     let acc = sample.div(alphaS0);
@@ -129,18 +110,6 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       acc = acc.add((outputs[k] as Tensor).mul(coef));
     }
     return acc.mul(alphaT);
-  }
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
-    this.lowerOrderNums = 0;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }
 

@@ -15,9 +15,8 @@ import {
   SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig, roundHalfEven, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint, solverTimesteps,
-  type DPMSolverAlgorithmType, type SolverPoint,
-  type SolverConfig,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint,
+  type DPMSolverAlgorithmType, type SolverConfig, type SolverPoint,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverAlgorithm = DPMSolverAlgorithmType;
@@ -85,36 +84,27 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
   return c;
 }
 
-export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMultistepSchedulerConfig> {
+/** The history (SolverSchedulerBase's) holds the last solver_order converted model outputs (x̂₀ or ε̂). */
+export class DPMSolverMultistepScheduler extends SolverSchedulerBase<DPMSolverMultistepSchedulerConfig> {
   readonly name = 'dpmpp_2m';
   /** One past the last timestep whose λ is above lambda_min_clipped (num_train_timesteps without clipping). */
   private readonly lastTimestep: number;
-  // the last solver_order converted model outputs (x̂₀ or ε̂; kept tensors, null before the first steps)
-  private modelOutputs: (Tensor | null)[];
-  private lowerOrderNums = 0;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
+    super(CLASS, resolveConfig(rawConfig, overrides));
     this.lastTimestep = this.config.num_train_timesteps - this.clippedIndex();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
     if (this.lastTimestep < 1) {
       this.dispose();
       throw new Error(`${CLASS} config: 'lambda_min_clipped' = ${this.config.lambda_min_clipped} is above the log-SNR λ of every training timestep, which leaves no timestep to sample`);
     }
   }
 
-  override get initNoiseSigma(): number { return 1.0; }
-
   override setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    this.checkInferenceSteps(numInferenceSteps);
     const c = this.config;
     const n = numInferenceSteps;
-    // 1. the timesteps, down to the last one whose λ is above lambda_min_clipped
-    const spaced = solverTimesteps(CLASS, c.timestep_spacing, this.lastTimestep, c.num_train_timesteps, n, c.steps_offset);
-    this.checkInferenceSchedule(spaced, n);
-    // 2. their σ (Karras or Lu's λ schedule replace both), then the final σ
-    let { timesteps, sigmas } = this.solverSigmas(spaced, n);
+    // 1. the timesteps, down to the last one whose λ is above lambda_min_clipped, and their σ
+    let { timesteps, sigmas } = this.solverSchedule(n, this.lastTimestep);
+    // 2. Karras or Lu's λ schedule replace both; then the final σ
     if (this.sigmaSchedule === 'spaced' && c.use_lu_lambdas) {
       const T = this.trainSigmas.length;
       sigmas = luLambdas(this.logSigmas[0] as number, this.logSigmas[T - 1] as number, n).map(exp64);
@@ -148,12 +138,6 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     return lambdas.reduce((k, l) => (l < clip ? k + 1 : k), 0);
   }
 
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
-  }
-
   /**
    * One multistep step: first order at the start (and at the end: lower_order_final with fewer than 15
    * steps, euler_at_final, or a final σ of 0), second order next, third order from then on with
@@ -169,8 +153,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     const lowerOrderSecond = i === n - 2 && c.lower_order_final && n < 15;
     // 2. the converted model output, pushed into the history
     const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(converted);
+    this.pushModelOutput(converted);
     // 3. the update, in float32
     const out = tidy(() => {
       const x = sample.to('float32');
@@ -181,8 +164,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
       else prev = this.thirdOrderUpdate(x, i);
       return prev.to(modelOutput.dtype);
     });
-    if (this.lowerOrderNums < c.solver_order) this.lowerOrderNums += 1;
-    this.stepIndex = i + 1;
+    this.endMultistep(i);
     return out;
   }
 
@@ -194,7 +176,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
 
   /** The last k converted outputs, newest first. */
   private history(k: number): Tensor[] {
-    return Array.from({ length: k }, (_, j) => this.modelOutputs[this.modelOutputs.length - 1 - j] as Tensor);
+    return Array.from({ length: k }, (_, j) => this.previousOutput(j));
   }
 
   /** First order (DPM-Solver-1 = DDIM for the ODE; its SDE counterparts with noise). */
@@ -252,17 +234,5 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
       const sigmaT = sigma.mul(alphaT);
       return alphaT.mul(originalSamples).add(sigmaT.mul(noise));
     });
-  }
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
-    this.lowerOrderNums = 0;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }

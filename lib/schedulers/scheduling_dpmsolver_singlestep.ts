@@ -12,8 +12,7 @@ import {
   SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint,
-  type SolverConfig,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverSinglestepSchedulerConfig = SolverConfig & {
@@ -73,19 +72,19 @@ function orderList(steps: number, order: number, lowerOrderFinal: boolean): numb
   return steps % 3 === 0 ? [...rep([1, 2, 3], k - 1), 1, 2, 1] : steps % 3 === 1 ? [...rep([1, 2, 3], k), 1] : [...rep([1, 2, 3], k), 1, 2];
 }
 
-export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSinglestepSchedulerConfig> {
+/**
+ * The history (SolverSchedulerBase's) holds the last solver_order converted outputs; the order of each step
+ * comes from the order list, not from the warm-up count.
+ */
+export class DPMSolverSinglestepScheduler extends SolverSchedulerBase<DPMSolverSinglestepSchedulerConfig> {
   readonly name = 'dpm_singlestep';
   private orders: number[] = [];
-  // the last solver_order converted outputs (kept; null before), and the sample the current group started from
-  private modelOutputs: (Tensor | null)[];
+  // the sample the current group started from
   private groupSample: Tensor | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    super(CLASS, resolveConfig(rawConfig, overrides));
   }
-
-  override get initNoiseSigma(): number { return 1.0; }
 
   override setTimesteps(numInferenceSteps: number): void {
     this.checkAlive();
@@ -101,19 +100,12 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     this.resetState();
   }
 
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
-  }
-
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
     this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(converted);
+    this.pushModelOutput(converted);
     let order = this.orders[i] ?? 1;
     while (this.modelOutputs[this.modelOutputs.length - order] === null) order -= 1;
     if (order === 1) {
@@ -123,7 +115,7 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     const x = this.groupSample as Tensor;
     const out = tidy(() => {
       const noise = c.algorithm_type === 'sde-dpmsolver++' ? randnTensor(modelOutput, options.generator) : null;
-      const m = (k: number): Tensor => this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor;
+      const m = (k: number): Tensor => this.previousOutput(k);
       const p = (k: number) => solverPoint(this.sigmaValues[k] as number);
       if (order === 1) return dpmFirstOrder(c.algorithm_type, x, p(i + 1), p(i), m(0), noise);
       const f = Math.fround;
@@ -165,17 +157,9 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     return midpoint ? base.sub(d11.mul(c1)) : base.sub(d1.mul(c1)).sub(d2.mul(f(t.sigma * f(f(f(em1 - h) / h2) - 0.5))));
   }
 
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+  protected override resetState(): void {
+    super.resetState();
     this.groupSample?.dispose();
     this.groupSample = null;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }

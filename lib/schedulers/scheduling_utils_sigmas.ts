@@ -606,3 +606,74 @@ export function dpmConvertModelOutput(c: ConvertConfig, modelOutput: Tensor, sam
   const x0 = thresholdSample(sample.sub(eps.mul(sigmaT)).div(alphaT), c.dynamic_thresholding_ratio, c.sample_max_value);
   return sample.sub(x0.mul(alphaT)).div(sigmaT);
 }
+
+// ---- the base class of the exponential-integrator solvers --------------------------------------------------
+
+/**
+ * What DPM-Solver (multistep and single-step), UniPC and DEIS share around their updates: σ as they are at
+ * first ('training'), no input scaling (init_noise_sigma 1), a timestep not in the schedule taken as the last
+ * step, and the model-output history: the last solver_order converted outputs (kept tensors, null before the
+ * first steps) with the count of warm-up steps at lower order, both cleared by setTimesteps (resetState) and
+ * dispose.
+ */
+export abstract class SolverSchedulerBase<C extends SigmaSchedulerConfig & SolverConfig> extends SigmaSchedulerBase<C> {
+  protected modelOutputs: (Tensor | null)[];
+  protected lowerOrderNums = 0;
+
+  protected constructor(className: string, config: C) {
+    super(className, config, 'training');
+    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+  }
+
+  override get initNoiseSigma(): number { return 1.0; }
+
+  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
+    return sample;
+  }
+
+  protected override get solverLookup(): boolean { return true; }
+
+  /**
+   * set_timesteps' integer timesteps for the config's timestep_spacing over [0, last) (solverTimesteps: `last`
+   * is num_train_timesteps, or fewer where λ is clipped) and their σ (solverSigmas), after checking the
+   * scheduler is alive, n and the spaced schedule.
+   */
+  protected solverSchedule(n: number, last: number = this.numTrainTimesteps): { timesteps: number[]; sigmas: number[] } {
+    this.checkAlive();
+    this.checkInferenceSteps(n);
+    const c = this.config as C & { timestep_spacing: string; steps_offset: number };
+    const spaced = solverTimesteps(this.className, c.timestep_spacing, last, c.num_train_timesteps, n, c.steps_offset);
+    this.checkInferenceSchedule(spaced, n);
+    return this.solverSigmas(spaced, n);
+  }
+
+  /** Adds a converted model output (kept) to the history, freeing the oldest. */
+  protected pushModelOutput(m: Tensor): void {
+    this.modelOutputs.shift()?.dispose();
+    this.modelOutputs.push(m);
+  }
+
+  /** The k-th newest converted output (0: the one just pushed). */
+  protected previousOutput(k: number): Tensor {
+    return this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor;
+  }
+
+  /** After a multistep update: one more warm-up step (up to solver_order), and the step index moves on. */
+  protected endMultistep(i: number): void {
+    if (this.lowerOrderNums < this.config.solver_order) this.lowerOrderNums += 1;
+    this.stepIndex = i + 1;
+  }
+
+  /** Clears the history and the step index (a subclass adds its own state). */
+  protected resetState(): void {
+    for (const t of this.modelOutputs) t?.dispose();
+    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    this.lowerOrderNums = 0;
+    this.stepIndex = null;
+  }
+
+  protected override releaseState(): void {
+    super.releaseState();
+    this.resetState();
+  }
+}
