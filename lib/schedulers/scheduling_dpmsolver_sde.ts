@@ -17,7 +17,7 @@ import {
   SAMPLER_SUPPORTED_NO_SAMPLE, configError, exp32, log32, resolveSchedulerConfig, sqrt32, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  K_DIFFUSION_DEFAULTS, SigmaSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT, type KDiffusionConfig,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverSDESchedulerConfig = KDiffusionConfig & {
@@ -88,14 +88,12 @@ export class BrownianPath {
   }
 }
 
-export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedulerConfig> {
+/** The first stage keeps the sample the step started from and the midpoint σ. */
+export class DPMSolverSDEScheduler extends TwoStageSchedulerBase<DPMSolverSDESchedulerConfig, { sample: Tensor; midSigma: number }> {
   readonly name = 'dpm_sde';
-  override readonly order = 2;
   /** The noise source; null: a BrownianPath made at the first step. Tests may set their own. */
   noiseSampler: BrownianNoise | null = null;
   private path: BrownianPath | null = null;
-  // the first stage: the sample the step started from and the midpoint σ (null: first stage next)
-  private firstStage: { sample: Tensor; midSigma: number } | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveConfig(rawConfig, overrides), 'descending');
@@ -124,13 +122,11 @@ export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedu
 
   /** One stage: ancestral exponential step to the midpoint (first) or to σ_next from the kept sample (second). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const f = Math.fround;
     const { sNoise = 1 } = options;
     const i = this.nextStepIndex(timestep);
     const first = this.firstStage;
-    const sigma = (first === null ? this.sigmaValues[i] : this.sigmaValues[i - 1]) as number;
-    const sigmaNext = (first === null ? this.sigmaValues[i + 1] : this.sigmaValues[i]) as number;
+    const { sigma, sigmaNext } = this.stepSigmas(i);
     const tOf = (s: number): number => f(-log32(s));
     const sigmaOf = (t: number): number => exp32(-t);
     const t = tOf(sigma);
@@ -164,11 +160,6 @@ export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedu
       this.path = new BrownianPath(like, Math.min(...positive), Math.max(...positive), generator);
     }
     return this.path.noise(sigma, sigmaNext).to(like.dtype);
-  }
-
-  private clearStage(): void {
-    this.firstStage?.sample.dispose();
-    this.firstStage = null;
   }
 
   private resetState(): void {

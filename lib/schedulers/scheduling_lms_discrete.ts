@@ -39,9 +39,8 @@ export class LMSDiscreteScheduler extends SigmaSchedulerBase<LMSDiscreteSchedule
 
   /** The k-diffusion σ; timesteps are float64 values with a σ schedule. */
   override setTimesteps(numInferenceSteps: number): void {
-    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
-    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
-    this.setSchedule(this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround), [...sigmas, 0]);
+    const { timesteps, sigmas } = this.kDiffusionSchedule(numInferenceSteps);
+    this.setSchedule(timesteps, sigmas);
     this.resetState();
   }
 
@@ -60,7 +59,6 @@ export class LMSDiscreteScheduler extends SigmaSchedulerBase<LMSDiscreteSchedule
 
   /** One LMS step of order min(i + 1, 4). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const i = this.nextStepIndex(timestep);
     const sigma = this.sigmaValues[i] as number;
     // 1. x̂₀ and the derivative, into the window

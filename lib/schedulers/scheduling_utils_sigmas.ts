@@ -10,7 +10,7 @@
 // transcendental functions go through libtorch's scalar path (glibc's libm, as numpy and Python use), not
 // JavaScript's Math.
 import { op } from '../ops.js';
-import { keep, tidy } from '../scope.js';
+import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
@@ -279,6 +279,21 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
   }
 
   /**
+   * kDiffusionSigmas for the schedulers whose σ end in 0 (Heun, LMS, KDPM2, KDPM2 ancestral): timesteps as
+   * float64 values with a σ schedule (Karras ones rounded with `roundKarras`, as KDPM2 does), else float32 ones;
+   * σ with the final 0, float32.
+   */
+  protected kDiffusionSchedule(n: number, roundKarras = false): { timesteps: number[]; sigmas: Float32Array } {
+    const { timesteps, sigmas } = this.kDiffusionSigmas(n);
+    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
+    const rounded = roundKarras && this.sigmaSchedule === 'karras';
+    return {
+      timesteps: rounded ? timesteps.map(roundHalfEven) : this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround),
+      sigmas: Float32Array.from([...sigmas, 0]),
+    };
+  }
+
+  /**
    * set_timesteps of the exponential-integrator solvers (DPM-Solver, UniPC, DEIS) for their integer
    * `timesteps`: σ interpolated at them; or Karras σ over the whole training range with the timesteps
    * _sigma_to_t finds, rounded. diffusers 0.31 crashes on use_exponential_sigmas and use_beta_sigmas there
@@ -367,8 +382,9 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
     return this.stepIndex;
   }
 
-  /** The index of the step from the step index, refusing a step past the last σ. */
+  /** The index of the step from the step index, after checking the scheduler is alive, refusing a step past the last σ. */
   protected nextStepIndex(timestep: number): number {
+    this.checkAlive();
     const i = this.initStepIndex(timestep);
     if (i + 1 >= this.sigmaValues.length) throw new Error(`${this.className}: step() called after the last timestep; call setTimesteps() to start again`);
     return i;
@@ -511,6 +527,51 @@ export function doubled<T>(a: readonly T[], start: number, end: number = a.lengt
 /** exp(lerp(log a, log b, 0.5)) elementwise, float32 through torch (KDPM2's σ_interpol: NaN or 0 where a σ is 0). */
 export function logMidpoints(a: Float32Array, b: Float32Array): Float32Array {
   return tidy(() => torch.tensor(a).log().lerp_(torch.tensor(b).log(), 0.5).exp().dataSync() as Float32Array);
+}
+
+/**
+ * The second-order k-diffusion schedulers (Heun, KDPM2, KDPM2 ancestral, DPMSolverSDE): two model evaluations
+ * a step, `timesteps` listing each stage. What the first stage leaves for the second (the sample the step
+ * started from, and what else the method needs; its tensors kept) is `firstStage`, null when a first stage
+ * comes next, cleared by setTimesteps (clearStage) and dispose.
+ */
+export abstract class TwoStageSchedulerBase<C extends SigmaSchedulerConfig, S extends { sample: Tensor }> extends SigmaSchedulerBase<C> {
+  override readonly order = 2;
+  protected firstStage: S | null = null;
+
+  /** σ where the current step starts and ends: entries i and i + 1 at the first stage, i − 1 and i at the second. */
+  protected stepSigmas(i: number): { sigma: number; sigmaNext: number } {
+    const j = this.firstStage === null ? i : i - 1;
+    return { sigma: this.sigmaValues[j] as number, sigmaNext: this.sigmaValues[j + 1] as number };
+  }
+
+  /** After a stage: a second stage frees what the first kept (`first`: the state the stage started with); the step index moves on. */
+  protected endStage(i: number, first: S | null): void {
+    if (first !== null) this.clearStage();
+    this.stepIndex = i + 1;
+  }
+
+  protected clearStage(): void {
+    if (this.firstStage !== null) dispose(this.firstStage);
+    this.firstStage = null;
+  }
+
+  protected override releaseState(): void {
+    super.releaseState();
+    this.clearStage();
+  }
+}
+
+/**
+ * One stage of KDPM2 (sample_dpm_2; `first` is the sample the step started from, null at the first stage): an
+ * Euler step from σ to the log-midpoint σ_interpol with x̂₀ at σ, then from `first` to `sigmaTo` with the
+ * derivative at σ_interpol (σ_{i+1}, or σ_down for the ancestral sampler).
+ */
+export function dpm2Stage(prediction: string, modelOutput: Tensor, sample: Tensor, first: Tensor | null, sigma: number, sigmaInterpol: number, sigmaTo: number): Tensor {
+  const f = Math.fround;
+  const x0 = kDiffusionX0(prediction, modelOutput, sample, first === null ? sigma : sigmaInterpol);
+  if (first === null) return sample.add(sample.sub(x0).div(sigma).mul(f(sigmaInterpol - sigma)));
+  return first.add(sample.sub(x0).div(sigmaInterpol).mul(f(sigmaTo - sigma)));
 }
 
 // ---- DPM-Solver's first and second-order updates (multistep, single-step, DEIS's first order) ----------------
