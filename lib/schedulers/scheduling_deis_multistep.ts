@@ -61,12 +61,10 @@ export class DEISMultistepScheduler extends SolverSchedulerBase<DEISMultistepSch
   override setTimesteps(numInferenceSteps: number): void {
     const { timesteps, sigmas } = this.solverSchedule(numInferenceSteps);
     const last = this.sigmaSchedule === 'karras' ? (sigmas[sigmas.length - 1] as number) : (this.trainSigmas[0] as number);
-    this.setSchedule(timesteps, [...sigmas, last]);
-    this.resetState();
+    this.setSolverSchedule(timesteps, [...sigmas, last]);
   }
 
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const n = this.schedule.length;

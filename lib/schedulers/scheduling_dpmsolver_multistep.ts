@@ -15,20 +15,17 @@ import {
   SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig, roundHalfEven, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint,
-  type DPMSolverAlgorithmType, type SolverConfig, type SolverPoint,
+  DPM_SOLVER_END_DEFAULTS, SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64,
+  luLambdas, mapDPMSolverAliases, sigmaToT, solverPoint, type DPMSolverAlgorithmType, type DPMSolverEndConfig, type SolverConfig, type SolverPoint,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverAlgorithm = DPMSolverAlgorithmType;
 
-export type DPMSolverMultistepSchedulerConfig = SolverConfig & {
+export type DPMSolverMultistepSchedulerConfig = SolverConfig & DPMSolverEndConfig & {
   algorithm_type: DPMSolverAlgorithm;
   solver_type: 'midpoint' | 'heun';
   euler_at_final: boolean;
   use_lu_lambdas: boolean;
-  final_sigmas_type: 'zero' | 'sigma_min';
-  lambda_min_clipped: number;
-  variance_type: string | null;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
   rescale_betas_zero_snr: boolean;
@@ -43,9 +40,7 @@ export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistep
   euler_at_final: false,
   ...SIGMA_SCHEDULE_DEFAULTS,
   use_lu_lambdas: false,
-  final_sigmas_type: 'zero',
-  lambda_min_clipped: -Infinity,
-  variance_type: null,
+  ...DPM_SOLVER_END_DEFAULTS,
   timestep_spacing: 'linspace',
   rescale_betas_zero_snr: false,
 });
@@ -76,8 +71,7 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
   if (algorithm !== 'dpmsolver++' && algorithm !== 'sde-dpmsolver++' && c.final_sigmas_type === 'zero') {
     configError(CLASS, 'final_sigmas_type', 'zero', `is not supported with algorithm_type '${algorithm}'; use final_sigmas_type 'sigma_min'`);
   }
-  if (algorithm === 'deis') c.algorithm_type = 'dpmsolver++';
-  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+  mapDPMSolverAliases(c);
   if (c.solver_order >= 3 && c.algorithm_type.startsWith('sde-')) {
     configError(CLASS, 'solver_order', c.solver_order, `has no third-order update for algorithm_type '${c.algorithm_type}' (diffusers fails at the first third-order step); use solver_order 2`);
   }
@@ -112,8 +106,7 @@ export class DPMSolverMultistepScheduler extends SolverSchedulerBase<DPMSolverMu
     } else if (this.sigmaSchedule === 'spaced') {
       this.checkDistinct(timesteps, n);
     }
-    this.setSchedule(timesteps, [...sigmas, this.finalSigma()]);
-    this.resetState();
+    this.setSolverSchedule(timesteps, [...sigmas, this.finalSigma()]);
   }
 
   /**
@@ -144,7 +137,6 @@ export class DPMSolverMultistepScheduler extends SolverSchedulerBase<DPMSolverMu
    * solver_order 3 (second order before the end with lower_order_final).
    */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const n = this.schedule.length;

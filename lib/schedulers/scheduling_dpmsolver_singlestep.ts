@@ -12,15 +12,13 @@ import {
   SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint, type SolverConfig,
+  DPM_SOLVER_END_DEFAULTS, SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder,
+  mapDPMSolverAliases, solverPoint, type DPMSolverEndConfig, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DPMSolverSinglestepSchedulerConfig = SolverConfig & {
+export type DPMSolverSinglestepSchedulerConfig = SolverConfig & DPMSolverEndConfig & {
   algorithm_type: 'dpmsolver++' | 'sde-dpmsolver++' | 'dpmsolver';
   solver_type: 'midpoint' | 'heun';
-  final_sigmas_type: 'zero' | 'sigma_min';
-  lambda_min_clipped: number;
-  variance_type: string | null;
 };
 
 /** DPMSolverSinglestepScheduler.__init__'s defaults. */
@@ -30,9 +28,7 @@ export const DPMSOLVER_SINGLESTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverSinglest
   solver_type: 'midpoint',
   lower_order_final: false,
   ...SIGMA_SCHEDULE_DEFAULTS,
-  final_sigmas_type: 'zero',
-  lambda_min_clipped: -Infinity,
-  variance_type: null,
+  ...DPM_SOLVER_END_DEFAULTS,
 });
 
 const CLASS = 'DPMSolverSinglestepScheduler';
@@ -54,8 +50,7 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
   if (algorithm === 'dpmsolver' && c.final_sigmas_type === 'zero') {
     configError(CLASS, 'final_sigmas_type', 'zero', "is not supported with algorithm_type 'dpmsolver'; use final_sigmas_type 'sigma_min'");
   }
-  if (algorithm === 'deis') c.algorithm_type = 'dpmsolver++';
-  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+  mapDPMSolverAliases(c);
   if (c.solver_order === 3 && c.algorithm_type === 'sde-dpmsolver++') {
     configError(CLASS, 'solver_order', 3, "has no third-order update for algorithm_type 'sde-dpmsolver++' (diffusers fails at the first third-order step); use solver_order 2");
   }
@@ -94,14 +89,12 @@ export class DPMSolverSinglestepScheduler extends SolverSchedulerBase<DPMSolverS
     const clipped = c.lambda_min_clipped === -Infinity ? 0 : Array.from(this.trainSigmas, (s) => solverPoint(s).lambda).filter((l) => l < c.lambda_min_clipped).length;
     const spaced = linspace64(0, c.num_train_timesteps - 1 - clipped, n + 1).map(roundHalfEven).reverse().slice(0, -1);
     const { timesteps, sigmas } = this.solverSigmas(spaced, n);
-    this.setSchedule(timesteps, [...sigmas, this.finalSigma()]);
+    this.setSolverSchedule(timesteps, [...sigmas, this.finalSigma()]);
     const lowerOrderFinal = c.lower_order_final || n % c.solver_order !== 0 || c.final_sigmas_type === 'zero';
     this.orders = orderList(n, c.solver_order, lowerOrderFinal);
-    this.resetState();
   }
 
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));

@@ -39,7 +39,6 @@ export class EulerAncestralDiscreteScheduler extends SigmaSchedulerBase<EulerAnc
 
   /** One ancestral Euler step: the ODE step to σ_down, plus σ_up·z with z from randn_tensor(generator). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: { generator?: Generator } = {}): Tensor {
-    this.checkAlive();
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);
     const sigma = this.sigmaValues[i] as number;

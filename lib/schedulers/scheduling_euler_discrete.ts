@@ -67,7 +67,6 @@ export class EulerDiscreteScheduler extends SigmaSchedulerBase<EulerDiscreteSche
    * noise of variance σ̂² − σ² (drawn with `generator`, scaled by sNoise).
    */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const { sChurn = 0, sTmin = 0, sTmax = Infinity, sNoise = 1 } = options;
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);

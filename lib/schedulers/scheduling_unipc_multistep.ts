@@ -84,13 +84,11 @@ export class UniPCMultistepScheduler extends SolverSchedulerBase<UniPCMultistepS
     const { timesteps, sigmas } = this.solverSchedule(numInferenceSteps);
     // 'sigma_min' with Karras σ: the last Karras σ again
     const last = this.sigmaSchedule === 'karras' && c.final_sigmas_type === 'sigma_min' ? (sigmas[sigmas.length - 1] as number) : this.finalSigma();
-    this.setSchedule(timesteps, [...sigmas, last]);
-    this.resetState();
+    this.setSolverSchedule(timesteps, [...sigmas, last]);
   }
 
   /** UniC on the given sample (from the second step on), then UniP to the next σ. */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const useCorrector = i > 0 && !c.disable_corrector.includes(i - 1) && this.lastSample !== null;

@@ -643,6 +643,28 @@ export function dpmSecondOrder(
   }
 }
 
+/** The fields DPM-Solver multistep and single-step end their configs with: the final σ, the λ clip, variance_type. */
+export type DPMSolverEndConfig = {
+  final_sigmas_type: 'zero' | 'sigma_min';
+  lambda_min_clipped: number;
+  variance_type: string | null;
+};
+
+export const DPM_SOLVER_END_DEFAULTS: Readonly<DPMSolverEndConfig> = Object.freeze({
+  final_sigmas_type: 'zero',
+  lambda_min_clipped: -Infinity,
+  variance_type: null,
+});
+
+/**
+ * The aliases DPM-Solver's __init__ (multistep and single-step) replaces after checking the given values:
+ * algorithm_type 'deis' runs as 'dpmsolver++', solver_type 'logrho', 'bh1' or 'bh2' as 'midpoint'.
+ */
+export function mapDPMSolverAliases(c: { algorithm_type: DPMSolverAlgorithmType; solver_type: 'midpoint' | 'heun' }): void {
+  if ((c.algorithm_type as string) === 'deis') c.algorithm_type = 'dpmsolver++';
+  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+}
+
 /** The fields of DPM-Solver's convert_model_output (multistep and single-step). */
 type ConvertConfig = {
   algorithm_type: DPMSolverAlgorithmType;
@@ -706,6 +728,12 @@ export abstract class SolverSchedulerBase<C extends SigmaSchedulerConfig & Solve
     const spaced = solverTimesteps(this.className, c.timestep_spacing, last, c.num_train_timesteps, n, c.steps_offset);
     this.checkInferenceSchedule(spaced, n);
     return this.solverSigmas(spaced, n);
+  }
+
+  /** A new schedule (setSchedule), the history and any state of the subclass cleared (resetState). */
+  protected setSolverSchedule(timesteps: number[], sigmas: ArrayLike<number>): void {
+    this.setSchedule(timesteps, sigmas);
+    this.resetState();
   }
 
   /** Adds a converted model output (kept) to the history, freeing the oldest. */
