@@ -8,7 +8,7 @@ import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig, type StepOptions } from './scheduling_utils.js';
 import {
-  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubled, dpm2Stage, inputScale, logMidpoints, numbers, sigmaToT, type KDiffusionConfig,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubledWithLast, dpm2Stage, inputScale, logMidpoints, midpointInterleaved, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type KDPM2AncestralDiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
@@ -56,13 +56,10 @@ export class KDPM2AncestralDiscreteScheduler extends TwoStageSchedulerBase<KDPM2
     // midpoints in log σ between σ_i and σ_down,i; the last two are 0
     const interpol = logMidpoints(s, down);
     interpol.fill(0, -2);
-    const tsInterpol = numbers(interpol).map((v) => sigmaToT(v, this.logSigmas, 'torch32'));
-    const interleaved = ts.slice(1).flatMap((t, k) => [tsInterpol[k] as number, t]);
-    const twice = (a: Float32Array): Float32Array => Float32Array.from(doubled(numbers(a), 1).concat([a[a.length - 1] as number]));
-    this.sigmasInterpol = twice(interpol);
-    this.sigmasUp = twice(up);
-    this.sigmasDown = twice(down);
-    this.setSchedule([ts[0] as number, ...interleaved], twice(s));
+    this.sigmasInterpol = doubledWithLast(interpol);
+    this.sigmasUp = doubledWithLast(up);
+    this.sigmasDown = doubledWithLast(down);
+    this.setSchedule(midpointInterleaved(ts, interpol, this.logSigmas), doubledWithLast(s));
     this.clearStage();
   }
 

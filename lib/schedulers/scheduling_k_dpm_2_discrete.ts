@@ -6,7 +6,7 @@ import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig } from './scheduling_utils.js';
 import {
-  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubled, dpm2Stage, inputScale, logMidpoints, numbers, sigmaToT, type KDiffusionConfig,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubledWithLast, dpm2Stage, inputScale, logMidpoints, midpointInterleaved, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
 export type KDPM2DiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
@@ -38,10 +38,8 @@ export class KDPM2DiscreteScheduler extends TwoStageSchedulerBase<KDPM2DiscreteS
     const { timesteps: ts, sigmas: s } = this.kDiffusionSchedule(numInferenceSteps, true);
     // σ_interpol: exp(lerp(log σ_i, log σ_{i−1}, 0.5)) (σ.roll(1))
     const interpol = logMidpoints(s, Float32Array.from([s[s.length - 1] as number, ...s.slice(0, -1)]));
-    const tsInterpol = numbers(interpol).map((v) => sigmaToT(v, this.logSigmas, 'torch32'));
-    const interleaved = ts.slice(1).flatMap((t, k) => [tsInterpol[k + 1] as number, t]);
-    this.sigmasInterpol = Float32Array.from(doubled(numbers(interpol), 1, interpol.length).concat([interpol[interpol.length - 1] as number]));
-    this.setSchedule([ts[0] as number, ...interleaved], doubled(numbers(s), 1).concat([s[s.length - 1] as number]));
+    this.sigmasInterpol = doubledWithLast(interpol);
+    this.setSchedule(midpointInterleaved(ts, interpol.subarray(1), this.logSigmas), doubledWithLast(s));
     this.clearStage();
   }
 

@@ -524,6 +524,20 @@ export function doubled<T>(a: readonly T[], start: number, end: number = a.lengt
   return [...a.slice(0, start), ...a.slice(start, end).flatMap((v) => [v, v]), ...a.slice(end)];
 }
 
+/** KDPM2's per-entry arrays (σ, σ_interpol, σ_up, σ_down): `cat([a[:1], a[1:].repeat_interleave(2), a[-1:]])`, float32. */
+export function doubledWithLast(a: Float32Array): Float32Array {
+  return Float32Array.from(doubled(numbers(a), 1).concat([a[a.length - 1] as number]));
+}
+
+/**
+ * KDPM2's timesteps: t₀, then each later step's midpoint timestep (_sigma_to_t of its σ_interpol, float32
+ * throughout) before its own: [t₀, m₁, t₁, m₂, t₂, …]. `interpol[k]` is the midpoint before `ts[k + 1]`.
+ */
+export function midpointInterleaved(ts: readonly number[], interpol: ArrayLike<number>, logSigmas: Float32Array): number[] {
+  const tsInterpol = Array.from(interpol, (v) => sigmaToT(v, logSigmas, 'torch32'));
+  return [ts[0] as number, ...ts.slice(1).flatMap((t, k) => [tsInterpol[k] as number, t])];
+}
+
 /** exp(lerp(log a, log b, 0.5)) elementwise, float32 through torch (KDPM2's σ_interpol: NaN or 0 where a σ is 0). */
 export function logMidpoints(a: Float32Array, b: Float32Array): Float32Array {
   return tidy(() => torch.tensor(a).log().lerp_(torch.tensor(b).log(), 0.5).exp().dataSync() as Float32Array);
