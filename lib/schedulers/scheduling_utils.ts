@@ -6,8 +6,9 @@
 //
 // 1. the interface  2. config: reading, resolution, validation  3. the beta schedule  4. numpy's float64
 // helpers and float32 scalars  5. timestep spacings  6. the base class (SchedulerBase: the schedule tensors,
-// checks, add_noise, dispose). The σ schedulers' base, SigmaSchedulerBase, and the σ schedules (Karras,
-// exponential, beta) are in scheduling_utils_sigmas.ts.
+// checks, add_noise, dispose). The σ schedulers' bases (SigmaSchedulerBase, TwoStageSchedulerBase,
+// SolverSchedulerBase), their config groups and the σ schedules (Karras, exponential, beta) are in
+// scheduling_utils_sigmas.ts.
 //
 // The arithmetic copies diffusers op for op, in float32 as it does (linspace in float32, then squared, for
 // 'scaled_linear'; the cosine schedule in float64 Python floats then cast), so the schedules are

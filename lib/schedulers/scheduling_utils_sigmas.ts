@@ -2,8 +2,10 @@
 // ("# Copied from …"): the noise schedules that replace the spaced σ (Karras et al. 2022, exponential, beta, Lu
 // et al.'s uniform-λ), _sigma_to_t (the fractional training timestep of a σ), the dynamic thresholding of
 // x̂₀ (_threshold_sample), α_t/σ_t/λ of a σ for the exponential-integrator solvers (DPM-Solver, UniPC, DEIS),
-// and the float64 scalar arithmetic these need. Like scheduling_utils.ts it is no one scheduler's file: every
-// scheduling_*.ts may import it.
+// and the float64 scalar arithmetic these need; and the base classes and config groups of those families:
+// SigmaSchedulerBase (all σ schedulers), TwoStageSchedulerBase (the two-evaluation Heun, KDPM2, KDPM2 ancestral,
+// DPMSolverSDE), SolverSchedulerBase (the multistep history of DPM-Solver, UniPC, DEIS), K_DIFFUSION_DEFAULTS and
+// SOLVER_DEFAULTS. Like scheduling_utils.ts it is no one scheduler's file: every scheduling_*.ts may import it.
 //
 // Precision follows diffusers: numpy float64 for σ, then float32; where numpy computes in float32 (np.log of
 // the float32 training σ, _sigma_to_t of a float32 σ) the arithmetic is rounded to float32 at each step. The
