@@ -6,42 +6,26 @@
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverTimesteps, solverX0, thresholdSample,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, alphaSigma, dpmFirstOrder, log64, solverPoint, solverX0, thresholdSample, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DEISMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DEISMultistepSchedulerConfig = SolverConfig & {
   algorithm_type: 'deis';
   solver_type: 'logrho';
-  lower_order_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
 };
 
 /** DEISMultistepScheduler.__init__'s defaults. */
 export const DEIS_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DEISMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'deis',
   solver_type: 'logrho',
   lower_order_final: true,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
@@ -66,39 +50,21 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
 /** float32 log as numpy computes np.log of a 0-dim float32 tensor. */
 const lnf = (x: number): number => Math.fround(log64(x));
 
-export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSchedulerConfig> {
+/** The history (SolverSchedulerBase's) holds the last solver_order ε̂. */
+export class DEISMultistepScheduler extends SolverSchedulerBase<DEISMultistepSchedulerConfig> {
   readonly name = 'deis';
-  // the last solver_order ε̂ (kept tensors, null before the first steps)
-  private modelOutputs: (Tensor | null)[];
-  private lowerOrderNums = 0;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    super(CLASS, resolveConfig(rawConfig, overrides));
   }
-
-  override get initNoiseSigma(): number { return 1.0; }
 
   override setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    this.checkInferenceSteps(numInferenceSteps);
-    const c = this.config;
-    const spaced = solverTimesteps(CLASS, c.timestep_spacing, c.num_train_timesteps, c.num_train_timesteps, numInferenceSteps, c.steps_offset);
-    this.checkInferenceSchedule(spaced, numInferenceSteps);
-    const { timesteps, sigmas } = this.solverSigmas(spaced, numInferenceSteps);
+    const { timesteps, sigmas } = this.solverSchedule(numInferenceSteps);
     const last = this.sigmaSchedule === 'karras' ? (sigmas[sigmas.length - 1] as number) : (this.trainSigmas[0] as number);
-    this.setSchedule(timesteps, [...sigmas, last]);
-    this.resetState();
-  }
-
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
+    this.setSolverSchedule(timesteps, [...sigmas, last]);
   }
 
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const n = this.schedule.length;
@@ -111,8 +77,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       if (c.thresholding) x0 = thresholdSample(x0, c.dynamic_thresholding_ratio, c.sample_max_value);
       return sample.sub(x0.mul(alphaT)).div(sigmaT);
     }));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(eps);
+    this.pushModelOutput(eps);
     // 2. the update
     const out = tidy(() => {
       if (c.solver_order === 1 || this.lowerOrderNums < 1 || lowerOrderFinal) {
@@ -120,8 +85,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       }
       return this.multistepUpdate(sample, i, c.solver_order === 2 || this.lowerOrderNums < 2 || lowerOrderSecond ? 2 : 3);
     });
-    if (this.lowerOrderNums < c.solver_order) this.lowerOrderNums += 1;
-    this.stepIndex = i + 1;
+    this.endMultistep(i);
     return out;
   }
 
@@ -134,7 +98,7 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
     const rhoT = f(sigmaT / alphaT);
     const rhos = Array.from({ length: order }, (_, k) => rho(i - k));
     const alphaS0 = point(i)[0];
-    const outputs = Array.from({ length: order }, (_, k) => this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor);
+    const outputs = Array.from({ length: order }, (_, k) => this.previousOutput(k));
     const ind = order === 2 ? ind2 : ind3;
     // coef_k = ind(ρ_t; ρ_k, others) − ind(ρ_s0; ρ_k, others), the others in diffusers' cyclic order
     let acc = sample.div(alphaS0);
@@ -144,18 +108,6 @@ export class DEISMultistepScheduler extends SigmaSchedulerBase<DEISMultistepSche
       acc = acc.add((outputs[k] as Tensor).mul(coef));
     }
     return acc.mul(alphaT);
-  }
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
-    this.lowerOrderNums = 0;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }
 

@@ -12,33 +12,20 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig,
-  roundHalfEven, type BetaScheduleConfig, type PredictionType, type StepOptions, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, exp32, resolveSchedulerConfig, roundHalfEven, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64, luLambdas, sigmaToT, solverPoint, solverTimesteps,
-  type DPMSolverAlgorithmType, type SolverPoint,
+  DPM_SOLVER_END_DEFAULTS, SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, exp64,
+  luLambdas, mapDPMSolverAliases, sigmaToT, solverPoint, type DPMSolverAlgorithmType, type DPMSolverEndConfig, type SolverConfig, type SolverPoint,
 } from './scheduling_utils_sigmas.js';
 
 export type DPMSolverAlgorithm = DPMSolverAlgorithmType;
 
-export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DPMSolverMultistepSchedulerConfig = SolverConfig & DPMSolverEndConfig & {
   algorithm_type: DPMSolverAlgorithm;
   solver_type: 'midpoint' | 'heun';
-  lower_order_final: boolean;
   euler_at_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   use_lu_lambdas: boolean;
-  final_sigmas_type: 'zero' | 'sigma_min';
-  lambda_min_clipped: number;
-  variance_type: string | null;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
   rescale_betas_zero_snr: boolean;
@@ -46,22 +33,14 @@ export type DPMSolverMultistepSchedulerConfig = BetaScheduleConfig & {
 
 /** DPMSolverMultistepScheduler.__init__'s defaults. */
 export const DPMSOLVER_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'dpmsolver++',
   solver_type: 'midpoint',
   lower_order_final: true,
   euler_at_final: false,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   use_lu_lambdas: false,
-  final_sigmas_type: 'zero',
-  lambda_min_clipped: -Infinity,
-  variance_type: null,
+  ...DPM_SOLVER_END_DEFAULTS,
   timestep_spacing: 'linspace',
   rescale_betas_zero_snr: false,
 });
@@ -92,44 +71,34 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
   if (algorithm !== 'dpmsolver++' && algorithm !== 'sde-dpmsolver++' && c.final_sigmas_type === 'zero') {
     configError(CLASS, 'final_sigmas_type', 'zero', `is not supported with algorithm_type '${algorithm}'; use final_sigmas_type 'sigma_min'`);
   }
-  if (algorithm === 'deis') c.algorithm_type = 'dpmsolver++';
-  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+  mapDPMSolverAliases(c);
   if (c.solver_order >= 3 && c.algorithm_type.startsWith('sde-')) {
     configError(CLASS, 'solver_order', c.solver_order, `has no third-order update for algorithm_type '${c.algorithm_type}' (diffusers fails at the first third-order step); use solver_order 2`);
   }
   return c;
 }
 
-export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMultistepSchedulerConfig> {
+/** The history (SolverSchedulerBase's) holds the last solver_order converted model outputs (x̂₀ or ε̂). */
+export class DPMSolverMultistepScheduler extends SolverSchedulerBase<DPMSolverMultistepSchedulerConfig> {
   readonly name = 'dpmpp_2m';
   /** One past the last timestep whose λ is above lambda_min_clipped (num_train_timesteps without clipping). */
   private readonly lastTimestep: number;
-  // the last solver_order converted model outputs (x̂₀ or ε̂; kept tensors, null before the first steps)
-  private modelOutputs: (Tensor | null)[];
-  private lowerOrderNums = 0;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
+    super(CLASS, resolveConfig(rawConfig, overrides));
     this.lastTimestep = this.config.num_train_timesteps - this.clippedIndex();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
     if (this.lastTimestep < 1) {
       this.dispose();
       throw new Error(`${CLASS} config: 'lambda_min_clipped' = ${this.config.lambda_min_clipped} is above the log-SNR λ of every training timestep, which leaves no timestep to sample`);
     }
   }
 
-  override get initNoiseSigma(): number { return 1.0; }
-
   override setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    this.checkInferenceSteps(numInferenceSteps);
     const c = this.config;
     const n = numInferenceSteps;
-    // 1. the timesteps, down to the last one whose λ is above lambda_min_clipped
-    const spaced = solverTimesteps(CLASS, c.timestep_spacing, this.lastTimestep, c.num_train_timesteps, n, c.steps_offset);
-    this.checkInferenceSchedule(spaced, n);
-    // 2. their σ (Karras or Lu's λ schedule replace both), then the final σ
-    let { timesteps, sigmas } = this.solverSigmas(spaced, n);
+    // 1. the timesteps, down to the last one whose λ is above lambda_min_clipped, and their σ
+    let { timesteps, sigmas } = this.solverSchedule(n, this.lastTimestep);
+    // 2. Karras or Lu's λ schedule replace both; then the final σ
     if (this.sigmaSchedule === 'spaced' && c.use_lu_lambdas) {
       const T = this.trainSigmas.length;
       sigmas = luLambdas(this.logSigmas[0] as number, this.logSigmas[T - 1] as number, n).map(exp64);
@@ -137,8 +106,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     } else if (this.sigmaSchedule === 'spaced') {
       this.checkDistinct(timesteps, n);
     }
-    this.setSchedule(timesteps, [...sigmas, this.finalSigma()]);
-    this.resetState();
+    this.setSolverSchedule(timesteps, [...sigmas, this.finalSigma()]);
   }
 
   /**
@@ -163,19 +131,12 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     return lambdas.reduce((k, l) => (l < clip ? k + 1 : k), 0);
   }
 
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
-  }
-
   /**
    * One multistep step: first order at the start (and at the end: lower_order_final with fewer than 15
    * steps, euler_at_final, or a final σ of 0), second order next, third order from then on with
    * solver_order 3 (second order before the end with lower_order_final).
    */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const n = this.schedule.length;
@@ -184,8 +145,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
     const lowerOrderSecond = i === n - 2 && c.lower_order_final && n < 15;
     // 2. the converted model output, pushed into the history
     const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(converted);
+    this.pushModelOutput(converted);
     // 3. the update, in float32
     const out = tidy(() => {
       const x = sample.to('float32');
@@ -196,8 +156,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
       else prev = this.thirdOrderUpdate(x, i);
       return prev.to(modelOutput.dtype);
     });
-    if (this.lowerOrderNums < c.solver_order) this.lowerOrderNums += 1;
-    this.stepIndex = i + 1;
+    this.endMultistep(i);
     return out;
   }
 
@@ -209,7 +168,7 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
 
   /** The last k converted outputs, newest first. */
   private history(k: number): Tensor[] {
-    return Array.from({ length: k }, (_, j) => this.modelOutputs[this.modelOutputs.length - 1 - j] as Tensor);
+    return Array.from({ length: k }, (_, j) => this.previousOutput(j));
   }
 
   /** First order (DPM-Solver-1 = DDIM for the ODE; its SDE counterparts with noise). */
@@ -267,17 +226,5 @@ export class DPMSolverMultistepScheduler extends SigmaSchedulerBase<DPMSolverMul
       const sigmaT = sigma.mul(alphaT);
       return alphaT.mul(originalSamples).add(sigmaT.mul(noise));
     });
-  }
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
-    this.lowerOrderNums = 0;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }

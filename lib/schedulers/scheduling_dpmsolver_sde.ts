@@ -14,38 +14,27 @@ import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, configError, exp32, log32, resolveSchedulerConfig, sqrt32,
-  type BetaScheduleConfig, type StepOptions, type TimestepSpacing,
+  SAMPLER_SUPPORTED_NO_SAMPLE, configError, exp32, log32, resolveSchedulerConfig, sqrt32, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubled, exp64, expm1, inputScale, kDiffusionX0, log64, numbers, sigmaToT, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DPMSolverSDESchedulerConfig = BetaScheduleConfig & {
+export type DPMSolverSDESchedulerConfig = KDiffusionConfig & {
   prediction_type: 'epsilon' | 'v_prediction';
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   noise_sampler_seed: number | null;
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
 };
 
 /** DPMSolverSDEScheduler.__init__'s defaults. */
 export const DPMSOLVER_SDE_SCHEDULER_DEFAULTS: Readonly<DPMSolverSDESchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   noise_sampler_seed: null,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'DPMSolverSDEScheduler';
 
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): DPMSolverSDESchedulerConfig {
   const c = resolveSchedulerConfig(CLASS, DPMSOLVER_SDE_SCHEDULER_DEFAULTS as DPMSolverSDESchedulerConfig, rawConfig, overrides, SUPPORTED);
@@ -99,14 +88,12 @@ export class BrownianPath {
   }
 }
 
-export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedulerConfig> {
+/** The first stage keeps the sample the step started from and the midpoint σ. */
+export class DPMSolverSDEScheduler extends TwoStageSchedulerBase<DPMSolverSDESchedulerConfig, { sample: Tensor; midSigma: number }> {
   readonly name = 'dpm_sde';
-  override readonly order = 2;
   /** The noise source; null: a BrownianPath made at the first step. Tests may set their own. */
   noiseSampler: BrownianNoise | null = null;
   private path: BrownianPath | null = null;
-  // the first stage: the sample the step started from and the midpoint σ (null: first stage next)
-  private firstStage: { sample: Tensor; midSigma: number } | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveConfig(rawConfig, overrides), 'descending');
@@ -135,13 +122,11 @@ export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedu
 
   /** One stage: ancestral exponential step to the midpoint (first) or to σ_next from the kept sample (second). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const f = Math.fround;
     const { sNoise = 1 } = options;
     const i = this.nextStepIndex(timestep);
     const first = this.firstStage;
-    const sigma = (first === null ? this.sigmaValues[i] : this.sigmaValues[i - 1]) as number;
-    const sigmaNext = (first === null ? this.sigmaValues[i + 1] : this.sigmaValues[i]) as number;
+    const { sigma, sigmaNext } = this.stepSigmas(i);
     const tOf = (s: number): number => f(-log32(s));
     const sigmaOf = (t: number): number => exp32(-t);
     const t = tOf(sigma);
@@ -175,11 +160,6 @@ export class DPMSolverSDEScheduler extends SigmaSchedulerBase<DPMSolverSDESchedu
       this.path = new BrownianPath(like, Math.min(...positive), Math.max(...positive), generator);
     }
     return this.path.noise(sigma, sigmaNext).to(like.dtype);
-  }
-
-  private clearStage(): void {
-    this.firstStage?.sample.dispose();
-    this.firstStage = null;
   }
 
   private resetState(): void {

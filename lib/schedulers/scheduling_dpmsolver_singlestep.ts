@@ -9,46 +9,26 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type PredictionType, type StepOptions,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, configError, exp32, linspace64, resolveSchedulerConfig, roundHalfEven, type StepOptions,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder, solverPoint,
+  DPM_SOLVER_END_DEFAULTS, SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, dpmConvertModelOutput, dpmFirstOrder, dpmSecondOrder,
+  mapDPMSolverAliases, solverPoint, type DPMSolverEndConfig, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type DPMSolverSinglestepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type DPMSolverSinglestepSchedulerConfig = SolverConfig & DPMSolverEndConfig & {
   algorithm_type: 'dpmsolver++' | 'sde-dpmsolver++' | 'dpmsolver';
   solver_type: 'midpoint' | 'heun';
-  lower_order_final: boolean;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  final_sigmas_type: 'zero' | 'sigma_min';
-  lambda_min_clipped: number;
-  variance_type: string | null;
 };
 
 /** DPMSolverSinglestepScheduler.__init__'s defaults. */
 export const DPMSOLVER_SINGLESTEP_SCHEDULER_DEFAULTS: Readonly<DPMSolverSinglestepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   algorithm_type: 'dpmsolver++',
   solver_type: 'midpoint',
   lower_order_final: false,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
-  final_sigmas_type: 'zero',
-  lambda_min_clipped: -Infinity,
-  variance_type: null,
+  ...SIGMA_SCHEDULE_DEFAULTS,
+  ...DPM_SOLVER_END_DEFAULTS,
 });
 
 const CLASS = 'DPMSolverSinglestepScheduler';
@@ -70,8 +50,7 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): D
   if (algorithm === 'dpmsolver' && c.final_sigmas_type === 'zero') {
     configError(CLASS, 'final_sigmas_type', 'zero', "is not supported with algorithm_type 'dpmsolver'; use final_sigmas_type 'sigma_min'");
   }
-  if (algorithm === 'deis') c.algorithm_type = 'dpmsolver++';
-  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+  mapDPMSolverAliases(c);
   if (c.solver_order === 3 && c.algorithm_type === 'sde-dpmsolver++') {
     configError(CLASS, 'solver_order', 3, "has no third-order update for algorithm_type 'sde-dpmsolver++' (diffusers fails at the first third-order step); use solver_order 2");
   }
@@ -88,19 +67,19 @@ function orderList(steps: number, order: number, lowerOrderFinal: boolean): numb
   return steps % 3 === 0 ? [...rep([1, 2, 3], k - 1), 1, 2, 1] : steps % 3 === 1 ? [...rep([1, 2, 3], k), 1] : [...rep([1, 2, 3], k), 1, 2];
 }
 
-export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSinglestepSchedulerConfig> {
+/**
+ * The history (SolverSchedulerBase's) holds the last solver_order converted outputs; the order of each step
+ * comes from the order list, not from the warm-up count.
+ */
+export class DPMSolverSinglestepScheduler extends SolverSchedulerBase<DPMSolverSinglestepSchedulerConfig> {
   readonly name = 'dpm_singlestep';
   private orders: number[] = [];
-  // the last solver_order converted outputs (kept; null before), and the sample the current group started from
-  private modelOutputs: (Tensor | null)[];
+  // the sample the current group started from
   private groupSample: Tensor | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    super(CLASS, resolveConfig(rawConfig, overrides));
   }
-
-  override get initNoiseSigma(): number { return 1.0; }
 
   override setTimesteps(numInferenceSteps: number): void {
     this.checkAlive();
@@ -110,25 +89,16 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     const clipped = c.lambda_min_clipped === -Infinity ? 0 : Array.from(this.trainSigmas, (s) => solverPoint(s).lambda).filter((l) => l < c.lambda_min_clipped).length;
     const spaced = linspace64(0, c.num_train_timesteps - 1 - clipped, n + 1).map(roundHalfEven).reverse().slice(0, -1);
     const { timesteps, sigmas } = this.solverSigmas(spaced, n);
-    this.setSchedule(timesteps, [...sigmas, this.finalSigma()]);
+    this.setSolverSchedule(timesteps, [...sigmas, this.finalSigma()]);
     const lowerOrderFinal = c.lower_order_final || n % c.solver_order !== 0 || c.final_sigmas_type === 'zero';
     this.orders = orderList(n, c.solver_order, lowerOrderFinal);
-    this.resetState();
-  }
-
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
   }
 
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const converted = keep(tidy(() => dpmConvertModelOutput(this.config, modelOutput, sample, this.sigmaValues[i] as number)));
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(converted);
+    this.pushModelOutput(converted);
     let order = this.orders[i] ?? 1;
     while (this.modelOutputs[this.modelOutputs.length - order] === null) order -= 1;
     if (order === 1) {
@@ -138,7 +108,7 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     const x = this.groupSample as Tensor;
     const out = tidy(() => {
       const noise = c.algorithm_type === 'sde-dpmsolver++' ? randnTensor(modelOutput, options.generator) : null;
-      const m = (k: number): Tensor => this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor;
+      const m = (k: number): Tensor => this.previousOutput(k);
       const p = (k: number) => solverPoint(this.sigmaValues[k] as number);
       if (order === 1) return dpmFirstOrder(c.algorithm_type, x, p(i + 1), p(i), m(0), noise);
       const f = Math.fround;
@@ -180,17 +150,9 @@ export class DPMSolverSinglestepScheduler extends SigmaSchedulerBase<DPMSolverSi
     return midpoint ? base.sub(d11.mul(c1)) : base.sub(d1.mul(c1)).sub(d2.mul(f(t.sigma * f(f(f(em1 - h) / h2) - 0.5))));
   }
 
-
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+  protected override resetState(): void {
+    super.resetState();
     this.groupSample?.dispose();
     this.groupSample = null;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }

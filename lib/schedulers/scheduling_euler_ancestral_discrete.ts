@@ -6,7 +6,7 @@ import { randnTensor, type Generator } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32, type BetaScheduleConfig, type TimestepSpacing,
+  SAMPLER_SUPPORTED_NO_SAMPLE, SCHEDULER_DEFAULTS, resolveSchedulerConfig, sqrt32, type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import { SigmaSchedulerBase } from './scheduling_utils_sigmas.js';
 
@@ -26,13 +26,8 @@ export const EULER_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS: Readonly<EulerAncestra
 
 const CLASS = 'EulerAncestralDiscreteScheduler';
 
-/** What difflora implements of the values diffusers accepts. */
-const SUPPORTED = {
-  beta_schedule: SAMPLER_BETA_SCHEDULES,
-  // diffusers: NotImplementedError("prediction_type not implemented yet: sample")
-  prediction_type: ['epsilon', 'v_prediction'],
-  timestep_spacing: TIMESTEP_SPACINGS,
-};
+/** What difflora implements of the values diffusers accepts (diffusers: NotImplementedError("prediction_type not implemented yet: sample")). */
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 export class EulerAncestralDiscreteScheduler extends SigmaSchedulerBase<EulerAncestralDiscreteSchedulerConfig> {
   readonly name = 'euler_a';
@@ -44,7 +39,6 @@ export class EulerAncestralDiscreteScheduler extends SigmaSchedulerBase<EulerAnc
 
   /** One ancestral Euler step: the ODE step to σ_down, plus σ_up·z with z from randn_tensor(generator). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: { generator?: Generator } = {}): Tensor {
-    this.checkAlive();
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);
     const sigma = this.sigmaValues[i] as number;

@@ -14,14 +14,11 @@ import {
   SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type PredictionType, type StepOptions, type TimestepSpacing,
 } from './scheduling_utils.js';
-import { SigmaSchedulerBase, kDiffusionX0 } from './scheduling_utils_sigmas.js';
+import { SIGMA_SCHEDULE_DEFAULTS, SigmaSchedulerBase, kDiffusionX0, type SigmaScheduleFlags } from './scheduling_utils_sigmas.js';
 
-export type EulerDiscreteSchedulerConfig = BetaScheduleConfig & {
+export type EulerDiscreteSchedulerConfig = BetaScheduleConfig & SigmaScheduleFlags & {
   prediction_type: PredictionType;
   interpolation_type: 'linear';
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   sigma_min: number | null;
   sigma_max: number | null;
   timestep_spacing: TimestepSpacing;
@@ -35,9 +32,7 @@ export type EulerDiscreteSchedulerConfig = BetaScheduleConfig & {
 export const EULER_DISCRETE_SCHEDULER_DEFAULTS: Readonly<EulerDiscreteSchedulerConfig> = Object.freeze({
   ...SCHEDULER_DEFAULTS,
   interpolation_type: 'linear',
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   sigma_min: null,
   sigma_max: null,
   timestep_spacing: 'linspace',
@@ -72,7 +67,6 @@ export class EulerDiscreteScheduler extends SigmaSchedulerBase<EulerDiscreteSche
    * noise of variance σ̂² − σ² (drawn with `generator`, scaled by sNoise).
    */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
     const { sChurn = 0, sTmin = 0, sTmax = Infinity, sNoise = 1 } = options;
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);

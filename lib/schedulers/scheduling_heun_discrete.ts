@@ -5,31 +5,20 @@
 // derivative there and redoes the step from the kept sample. The last step is Euler's alone (σ_{i+1} = 0).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { SAMPLER_SUPPORTED, resolveSchedulerConfig, type PredictionType } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
-} from './scheduling_utils.js';
-import { SigmaSchedulerBase, doubled, kDiffusionX0, numbers } from './scheduling_utils_sigmas.js';
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubled, kDiffusionX0, numbers, type KDiffusionConfig,
+} from './scheduling_utils_sigmas.js';
 
-export type HeunDiscreteSchedulerConfig = BetaScheduleConfig & {
+export type HeunDiscreteSchedulerConfig = KDiffusionConfig & {
   prediction_type: PredictionType;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   clip_sample: boolean;
   clip_sample_range: number;
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
 };
 
 /** HeunDiscreteScheduler.__init__'s defaults. */
 export const HEUN_DISCRETE_SCHEDULER_DEFAULTS: Readonly<HeunDiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   clip_sample: false,
   clip_sample_range: 1.0,
   timestep_spacing: 'linspace',
@@ -38,13 +27,11 @@ export const HEUN_DISCRETE_SCHEDULER_DEFAULTS: Readonly<HeunDiscreteSchedulerCon
 const CLASS = 'HeunDiscreteScheduler';
 
 /** What difflora implements of the values diffusers accepts ('exp' betas are not implemented). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: PREDICTION_TYPES, timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED;
 
-export class HeunDiscreteScheduler extends SigmaSchedulerBase<HeunDiscreteSchedulerConfig> {
+/** The first stage keeps its derivative, step size and starting sample. */
+export class HeunDiscreteScheduler extends TwoStageSchedulerBase<HeunDiscreteSchedulerConfig, { derivative: Tensor; dt: number; sample: Tensor }> {
   readonly name = 'heun';
-  override readonly order = 2;
-  // the first stage of the current step: its derivative, step size and starting sample (null: first stage next)
-  private firstStage: { derivative: Tensor; dt: number; sample: Tensor } | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveSchedulerConfig(CLASS, HEUN_DISCRETE_SCHEDULER_DEFAULTS as HeunDiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
@@ -53,22 +40,18 @@ export class HeunDiscreteScheduler extends SigmaSchedulerBase<HeunDiscreteSchedu
 
   /** The k-diffusion σ (float64 timesteps with a σ schedule), each stage after the first listed twice. */
   override setTimesteps(numInferenceSteps: number): void {
-    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
-    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
-    const ts = this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround);
-    const s = numbers(Float32Array.from([...sigmas, 0]));
-    this.setSchedule(doubled(ts, 1), doubled(s, 1, s.length - 1));
-    this.resetStage();
+    const { timesteps, sigmas } = this.kDiffusionSchedule(numInferenceSteps);
+    const s = numbers(sigmas);
+    this.setSchedule(doubled(timesteps, 1), doubled(s, 1, s.length - 1));
+    this.clearStage();
   }
 
   /** One stage: the Euler step (first visit) or Heun's correction (second visit). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const f = Math.fround;
     const i = this.nextStepIndex(timestep);
     const first = this.firstStage;
-    const sigma = (first === null ? this.sigmaValues[i] : this.sigmaValues[i - 1]) as number;
-    const sigmaNext = (first === null ? this.sigmaValues[i + 1] : this.sigmaValues[i]) as number;
+    const { sigma, sigmaNext } = this.stepSigmas(i);
     const out = tidy(() => {
       // 1. x̂₀ at σ (first stage) or σ_next (second)
       let x0 = kDiffusionX0(this.config.prediction_type, modelOutput, sample, first === null ? sigma : sigmaNext);
@@ -83,21 +66,7 @@ export class HeunDiscreteScheduler extends SigmaSchedulerBase<HeunDiscreteSchedu
       const derivative = first.derivative.add(sample.sub(x0).div(sigmaNext)).div(2);
       return first.sample.add(derivative.mul(first.dt));
     });
-    if (first !== null) this.resetStage();
-    this.stepIndex = i + 1;
+    this.endStage(i, first);
     return out;
-  }
-
-  private resetStage(): void {
-    if (this.firstStage !== null) {
-      this.firstStage.derivative.dispose();
-      this.firstStage.sample.dispose();
-    }
-    this.firstStage = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetStage();
   }
 }

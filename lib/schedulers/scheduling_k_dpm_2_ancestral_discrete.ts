@@ -6,38 +6,23 @@ import { randnTensor } from '../random.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig, type StepOptions } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type StepOptions, type TimestepSpacing,
-} from './scheduling_utils.js';
-import {
-  SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubledWithLast, dpm2Stage, inputScale, logMidpoints, midpointInterleaved, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type KDPM2AncestralDiscreteSchedulerConfig = BetaScheduleConfig & {
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  prediction_type: 'epsilon' | 'v_prediction';
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
-};
+export type KDPM2AncestralDiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
 
 /** KDPM2AncestralDiscreteScheduler.__init__'s defaults. */
 export const KDPM2_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS: Readonly<KDPM2AncestralDiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'KDPM2AncestralDiscreteScheduler';
 
 /** What difflora implements ('sample' prediction: diffusers raises NotImplementedError). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 /** σ_up and σ_down of each σ towards the next (the last σ_down 0), float32 tensor arithmetic. */
 function ancestralSigmas(s: Float32Array): { up: Float32Array; down: Float32Array } {
@@ -52,15 +37,13 @@ function ancestralSigmas(s: Float32Array): { up: Float32Array; down: Float32Arra
   });
 }
 
-export class KDPM2AncestralDiscreteScheduler extends SigmaSchedulerBase<KDPM2AncestralDiscreteSchedulerConfig> {
+/** The first stage keeps the sample the step started from. */
+export class KDPM2AncestralDiscreteScheduler extends TwoStageSchedulerBase<KDPM2AncestralDiscreteSchedulerConfig, { sample: Tensor }> {
   readonly name = 'kdpm2_a';
-  override readonly order = 2;
   // per entry of the schedule, as `sigmas`: the midpoints, σ_up, σ_down
   private sigmasInterpol: Float32Array = new Float32Array(0);
   private sigmasUp: Float32Array = new Float32Array(0);
   private sigmasDown: Float32Array = new Float32Array(0);
-  // the sample the current step started from (null: first stage next)
-  private firstSample: Tensor | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveSchedulerConfig(CLASS, KDPM2_ANCESTRAL_DISCRETE_SCHEDULER_DEFAULTS as KDPM2AncestralDiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
@@ -68,63 +51,41 @@ export class KDPM2AncestralDiscreteScheduler extends SigmaSchedulerBase<KDPM2Anc
   }
 
   override setTimesteps(numInferenceSteps: number): void {
-    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
-    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
-    const ts = this.sigmaSchedule === 'karras' ? timesteps.map(roundHalfEven) : this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround);
-    const s = Float32Array.from([...sigmas, 0]);
+    const { timesteps: ts, sigmas: s } = this.kDiffusionSchedule(numInferenceSteps, true);
     const { up, down } = ancestralSigmas(s);
     // midpoints in log σ between σ_i and σ_down,i; the last two are 0
     const interpol = logMidpoints(s, down);
     interpol.fill(0, -2);
-    const tsInterpol = numbers(interpol).map((v) => sigmaToT(v, this.logSigmas, 'torch32'));
-    const interleaved = ts.slice(1).flatMap((t, k) => [tsInterpol[k] as number, t]);
-    const twice = (a: Float32Array): Float32Array => Float32Array.from(doubled(numbers(a), 1).concat([a[a.length - 1] as number]));
-    this.sigmasInterpol = twice(interpol);
-    this.sigmasUp = twice(up);
-    this.sigmasDown = twice(down);
-    this.setSchedule([ts[0] as number, ...interleaved], twice(s));
-    this.resetStage();
+    this.sigmasInterpol = doubledWithLast(interpol);
+    this.sigmasUp = doubledWithLast(up);
+    this.sigmasDown = doubledWithLast(down);
+    this.setSchedule(midpointInterleaved(ts, interpol, this.logSigmas), doubledWithLast(s));
+    this.clearStage();
   }
 
   /** sample / sqrt(σ² + 1) at σ (first stage) or the previous entry's σ_interpol (second). */
   override scaleModelInput(sample: Tensor, timestep: number): Tensor {
     this.checkAlive();
     const i = this.initStepIndex(timestep);
-    return sample.div(inputScale((this.firstSample === null ? this.sigmaValues[i] : this.sigmasInterpol[i - 1]) as number));
+    return sample.div(inputScale((this.firstStage === null ? this.sigmaValues[i] : this.sigmasInterpol[i - 1]) as number));
   }
 
   /** First stage: Euler to σ_interpol; second: from the kept sample to σ_down with the midpoint's derivative, plus σ_up·noise. */
   step(modelOutput: Tensor, timestep: number, sample: Tensor, options: StepOptions = {}): Tensor {
-    this.checkAlive();
-    const f = Math.fround;
     const i = this.nextStepIndex(timestep);
-    const kept = this.firstSample;
-    const j = kept === null ? i : i - 1;
-    const sigma = this.sigmaValues[j] as number;
+    const first = this.firstStage;
+    const j = first === null ? i : i - 1;
+    const { sigma } = this.stepSigmas(i);
     const sigmaInterpol = this.sigmasInterpol[j] as number;
     const sigmaUp = this.sigmasUp[j] as number;
     const sigmaDown = this.sigmasDown[i - 1] as number;
     const out = tidy(() => {
-      const x0 = kDiffusionX0(this.config.prediction_type, modelOutput, sample, kept === null ? sigma : sigmaInterpol);
-      if (kept === null) {
-        this.firstSample = keep(sample.clone());
-        return sample.add(sample.sub(x0).div(sigma).mul(f(sigmaInterpol - sigma)));
-      }
-      const prev = kept.add(sample.sub(x0).div(sigmaInterpol).mul(f(sigmaDown - sigma)));
-      return prev.add(randnTensor(modelOutput, options.generator).mul(sigmaUp));
+      const prev = dpm2Stage(this.config.prediction_type, modelOutput, sample, first?.sample ?? null, sigma, sigmaInterpol, sigmaDown);
+      if (first !== null) return prev.add(randnTensor(modelOutput, options.generator).mul(sigmaUp));
+      this.firstStage = { sample: keep(sample.clone()) };
+      return prev;
     });
-    if (kept !== null) this.resetStage();
-    this.stepIndex = i + 1;
+    this.endStage(i, first);
     return out;
-  }
-
-  private resetStage(): void {
-    this.firstSample?.dispose();
-    this.firstSample = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetStage();
   }
 }

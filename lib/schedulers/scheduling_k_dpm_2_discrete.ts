@@ -4,46 +4,29 @@
 // model evaluations per step: `timesteps` interleaves the midpoints' timesteps (found by _sigma_to_t, in float32).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { SAMPLER_SUPPORTED_NO_SAMPLE, resolveSchedulerConfig } from './scheduling_utils.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, TIMESTEP_SPACINGS, resolveSchedulerConfig, roundHalfEven,
-  type BetaScheduleConfig, type TimestepSpacing,
-} from './scheduling_utils.js';
-import {
-  SigmaSchedulerBase, doubled, inputScale, kDiffusionX0, logMidpoints, numbers, sigmaToT,
+  K_DIFFUSION_DEFAULTS, TwoStageSchedulerBase, doubledWithLast, dpm2Stage, inputScale, logMidpoints, midpointInterleaved, type KDiffusionConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type KDPM2DiscreteSchedulerConfig = BetaScheduleConfig & {
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  prediction_type: 'epsilon' | 'v_prediction';
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
-};
+export type KDPM2DiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: 'epsilon' | 'v_prediction' };
 
 /** KDPM2DiscreteScheduler.__init__'s defaults. */
 export const KDPM2_DISCRETE_SCHEDULER_DEFAULTS: Readonly<KDPM2DiscreteSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  beta_start: 0.00085,
-  beta_end: 0.012,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...K_DIFFUSION_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
 const CLASS = 'KDPM2DiscreteScheduler';
 
 /** What difflora implements ('sample' prediction: diffusers raises NotImplementedError). */
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: ['epsilon', 'v_prediction'], timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
-export class KDPM2DiscreteScheduler extends SigmaSchedulerBase<KDPM2DiscreteSchedulerConfig> {
+/** The first stage keeps the sample the step started from. */
+export class KDPM2DiscreteScheduler extends TwoStageSchedulerBase<KDPM2DiscreteSchedulerConfig, { sample: Tensor }> {
   readonly name = 'kdpm2';
-  override readonly order = 2;
   /** σ_interpol per entry of the schedule (as `sigmas`, each stage after the first twice). */
   private sigmasInterpol: Float32Array = new Float32Array(0);
-  // the sample the current step started from (null: first stage next)
-  private firstSample: Tensor | null = null;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
     super(CLASS, resolveSchedulerConfig(CLASS, KDPM2_DISCRETE_SCHEDULER_DEFAULTS as KDPM2DiscreteSchedulerConfig, rawConfig, overrides, SUPPORTED),
@@ -52,55 +35,33 @@ export class KDPM2DiscreteScheduler extends SigmaSchedulerBase<KDPM2DiscreteSche
 
   /** The k-diffusion σ (Karras timesteps rounded), their log-midpoints, and both stages' timesteps interleaved. */
   override setTimesteps(numInferenceSteps: number): void {
-    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
-    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
-    const ts = this.sigmaSchedule === 'karras' ? timesteps.map(roundHalfEven) : this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround);
-    const s = Float32Array.from([...sigmas, 0]);
+    const { timesteps: ts, sigmas: s } = this.kDiffusionSchedule(numInferenceSteps, true);
     // σ_interpol: exp(lerp(log σ_i, log σ_{i−1}, 0.5)) (σ.roll(1))
     const interpol = logMidpoints(s, Float32Array.from([s[s.length - 1] as number, ...s.slice(0, -1)]));
-    const tsInterpol = numbers(interpol).map((v) => sigmaToT(v, this.logSigmas, 'torch32'));
-    const interleaved = ts.slice(1).flatMap((t, k) => [tsInterpol[k + 1] as number, t]);
-    this.sigmasInterpol = Float32Array.from(doubled(numbers(interpol), 1, interpol.length).concat([interpol[interpol.length - 1] as number]));
-    this.setSchedule([ts[0] as number, ...interleaved], doubled(numbers(s), 1).concat([s[s.length - 1] as number]));
-    this.resetStage();
+    this.sigmasInterpol = doubledWithLast(interpol);
+    this.setSchedule(midpointInterleaved(ts, interpol.subarray(1), this.logSigmas), doubledWithLast(s));
+    this.clearStage();
   }
 
   /** sample / sqrt(σ² + 1) at σ (first stage) or σ_interpol (second). */
   override scaleModelInput(sample: Tensor, timestep: number): Tensor {
     this.checkAlive();
     const i = this.initStepIndex(timestep);
-    return sample.div(inputScale((this.firstSample === null ? this.sigmaValues[i] : this.sigmasInterpol[i]) as number));
+    return sample.div(inputScale((this.firstStage === null ? this.sigmaValues[i] : this.sigmasInterpol[i]) as number));
   }
 
   /** First stage: Euler to σ_interpol; second: the full step from the kept sample with the midpoint's derivative. */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
-    const f = Math.fround;
     const i = this.nextStepIndex(timestep);
-    const kept = this.firstSample;
-    const sigma = (kept === null ? this.sigmaValues[i] : this.sigmaValues[i - 1]) as number;
-    const sigmaInterpol = (kept === null ? this.sigmasInterpol[i + 1] : this.sigmasInterpol[i]) as number;
-    const sigmaNext = (kept === null ? this.sigmaValues[i + 1] : this.sigmaValues[i]) as number;
+    const first = this.firstStage;
+    const { sigma, sigmaNext } = this.stepSigmas(i);
+    const sigmaInterpol = (first === null ? this.sigmasInterpol[i + 1] : this.sigmasInterpol[i]) as number;
     const out = tidy(() => {
-      const x0 = kDiffusionX0(this.config.prediction_type, modelOutput, sample, kept === null ? sigma : sigmaInterpol);
-      if (kept === null) {
-        this.firstSample = keep(sample.clone());
-        return sample.add(sample.sub(x0).div(sigma).mul(f(sigmaInterpol - sigma)));
-      }
-      return kept.add(sample.sub(x0).div(sigmaInterpol).mul(f(sigmaNext - sigma)));
+      const prev = dpm2Stage(this.config.prediction_type, modelOutput, sample, first?.sample ?? null, sigma, sigmaInterpol, sigmaNext);
+      if (first === null) this.firstStage = { sample: keep(sample.clone()) };
+      return prev;
     });
-    if (kept !== null) this.resetStage();
-    this.stepIndex = i + 1;
+    this.endStage(i, first);
     return out;
-  }
-
-  private resetStage(): void {
-    this.firstSample?.dispose();
-    this.firstSample = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetStage();
   }
 }

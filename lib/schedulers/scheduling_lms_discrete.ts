@@ -5,27 +5,15 @@
 // Gauss-Legendre rule integrates them exactly (the coefficients agree to float32, in which they are used).
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
-} from './scheduling_utils.js';
-import { SigmaSchedulerBase, kDiffusionX0 } from './scheduling_utils_sigmas.js';
+import { SAMPLER_SUPPORTED, SCHEDULER_DEFAULTS, resolveSchedulerConfig, type PredictionType } from './scheduling_utils.js';
+import { SIGMA_SCHEDULE_DEFAULTS, SigmaSchedulerBase, kDiffusionX0, type KDiffusionConfig } from './scheduling_utils_sigmas.js';
 
-export type LMSDiscreteSchedulerConfig = BetaScheduleConfig & {
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
-  prediction_type: PredictionType;
-  timestep_spacing: TimestepSpacing;
-  steps_offset: number;
-};
+export type LMSDiscreteSchedulerConfig = KDiffusionConfig & { prediction_type: PredictionType };
 
 /** LMSDiscreteScheduler.__init__'s defaults. */
 export const LMS_DISCRETE_SCHEDULER_DEFAULTS: Readonly<LMSDiscreteSchedulerConfig> = Object.freeze({
   ...SCHEDULER_DEFAULTS,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   timestep_spacing: 'linspace',
 });
 
@@ -33,7 +21,7 @@ const CLASS = 'LMSDiscreteScheduler';
 /** diffusers' default order of step(). */
 const ORDER = 4;
 
-const SUPPORTED = { beta_schedule: SAMPLER_BETA_SCHEDULES, prediction_type: PREDICTION_TYPES, timestep_spacing: TIMESTEP_SPACINGS };
+const SUPPORTED = SAMPLER_SUPPORTED;
 
 // 4-point Gauss-Legendre nodes and weights on [-1, 1]
 const GL_NODES = [-0.8611363115940526, -0.3399810435848563, 0.3399810435848563, 0.8611363115940526];
@@ -51,9 +39,8 @@ export class LMSDiscreteScheduler extends SigmaSchedulerBase<LMSDiscreteSchedule
 
   /** The k-diffusion σ; timesteps are float64 values with a σ schedule. */
   override setTimesteps(numInferenceSteps: number): void {
-    const { timesteps, sigmas } = this.kDiffusionSigmas(numInferenceSteps);
-    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
-    this.setSchedule(this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround), [...sigmas, 0]);
+    const { timesteps, sigmas } = this.kDiffusionSchedule(numInferenceSteps);
+    this.setSchedule(timesteps, sigmas);
     this.resetState();
   }
 
@@ -72,7 +59,6 @@ export class LMSDiscreteScheduler extends SigmaSchedulerBase<LMSDiscreteSchedule
 
   /** One LMS step of order min(i + 1, 4). */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const i = this.nextStepIndex(timestep);
     const sigma = this.sigmaValues[i] as number;
     // 1. x̂₀ and the derivative, into the window

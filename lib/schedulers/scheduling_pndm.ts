@@ -10,7 +10,7 @@
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, SchedulerBase, TIMESTEP_SPACINGS, resolveSchedulerConfig, sqrt32,
+  SAMPLER_SUPPORTED_NO_SAMPLE, SCHEDULER_DEFAULTS, SchedulerBase, resolveSchedulerConfig, sqrt32,
   type BetaScheduleConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
@@ -32,13 +32,8 @@ export const PNDM_SCHEDULER_DEFAULTS: Readonly<PNDMSchedulerConfig> = Object.fre
 
 const CLASS = 'PNDMScheduler';
 
-/** What difflora implements of the values diffusers accepts. */
-const SUPPORTED = {
-  beta_schedule: SAMPLER_BETA_SCHEDULES,
-  // diffusers' _get_prev_sample raises for 'sample'
-  prediction_type: ['epsilon', 'v_prediction'],
-  timestep_spacing: TIMESTEP_SPACINGS,
-};
+/** What difflora implements of the values diffusers accepts (diffusers' _get_prev_sample raises for 'sample'). */
+const SUPPORTED = SAMPLER_SUPPORTED_NO_SAMPLE;
 
 
 export class PNDMScheduler extends SchedulerBase<PNDMSchedulerConfig> {

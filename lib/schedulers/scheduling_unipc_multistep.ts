@@ -10,27 +10,17 @@ import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SAMPLER_BETA_SCHEDULES, SCHEDULER_DEFAULTS, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig,
-  type BetaScheduleConfig, type PredictionType, type TimestepSpacing,
+  SAMPLER_BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, configError, resolveSchedulerConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 import {
-  SigmaSchedulerBase, expm1, solverPoint, solverTimesteps, solverX0, thresholdSample, type SolverPoint,
+  SIGMA_SCHEDULE_DEFAULTS, SOLVER_DEFAULTS, SolverSchedulerBase, expm1, solverPoint, solverX0, thresholdSample, type SolverPoint, type SolverConfig,
 } from './scheduling_utils_sigmas.js';
 
-export type UniPCMultistepSchedulerConfig = BetaScheduleConfig & {
-  solver_order: number;
-  prediction_type: PredictionType;
-  thresholding: boolean;
-  dynamic_thresholding_ratio: number;
-  sample_max_value: number;
+export type UniPCMultistepSchedulerConfig = SolverConfig & {
   predict_x0: boolean;
   solver_type: 'bh1' | 'bh2';
-  lower_order_final: boolean;
   disable_corrector: number[];
   solver_p: null;
-  use_karras_sigmas: boolean;
-  use_exponential_sigmas: boolean;
-  use_beta_sigmas: boolean;
   timestep_spacing: TimestepSpacing;
   steps_offset: number;
   final_sigmas_type: 'zero' | 'sigma_min';
@@ -39,19 +29,13 @@ export type UniPCMultistepSchedulerConfig = BetaScheduleConfig & {
 
 /** UniPCMultistepScheduler.__init__'s defaults. */
 export const UNIPC_MULTISTEP_SCHEDULER_DEFAULTS: Readonly<UniPCMultistepSchedulerConfig> = Object.freeze({
-  ...SCHEDULER_DEFAULTS,
-  solver_order: 2,
-  thresholding: false,
-  dynamic_thresholding_ratio: 0.995,
-  sample_max_value: 1.0,
+  ...SOLVER_DEFAULTS,
   predict_x0: true,
   solver_type: 'bh2',
   lower_order_final: true,
   disable_corrector: [],
   solver_p: null,
-  use_karras_sigmas: false,
-  use_exponential_sigmas: false,
-  use_beta_sigmas: false,
+  ...SIGMA_SCHEDULE_DEFAULTS,
   timestep_spacing: 'linspace',
   final_sigmas_type: 'zero',
   rescale_betas_zero_snr: false,
@@ -84,43 +68,27 @@ function resolveConfig(rawConfig: object, overrides: Record<string, unknown>): U
 
 const solveOp = op('linalg_solve');
 
-export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSchedulerConfig> {
+/** The history (SolverSchedulerBase's) holds the last solver_order x̂₀. */
+export class UniPCMultistepScheduler extends SolverSchedulerBase<UniPCMultistepSchedulerConfig> {
   readonly name = 'unipc';
-  // the last solver_order x̂₀ (kept), the sample the last prediction started from, that prediction's order
-  private modelOutputs: (Tensor | null)[];
+  // the sample the last prediction started from, that prediction's order
   private lastSample: Tensor | null = null;
   private thisOrder = 1;
-  private lowerOrderNums = 0;
 
   constructor(rawConfig: object = {}, overrides: Record<string, unknown> = {}) {
-    super(CLASS, resolveConfig(rawConfig, overrides), 'training');
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    super(CLASS, resolveConfig(rawConfig, overrides));
   }
-
-  override get initNoiseSigma(): number { return 1.0; }
 
   override setTimesteps(numInferenceSteps: number): void {
-    this.checkAlive();
-    this.checkInferenceSteps(numInferenceSteps);
     const c = this.config;
-    const spaced = solverTimesteps(CLASS, c.timestep_spacing, c.num_train_timesteps, c.num_train_timesteps, numInferenceSteps, c.steps_offset);
-    this.checkInferenceSchedule(spaced, numInferenceSteps);
-    const { timesteps, sigmas } = this.solverSigmas(spaced, numInferenceSteps);
+    const { timesteps, sigmas } = this.solverSchedule(numInferenceSteps);
     // 'sigma_min' with Karras σ: the last Karras σ again
     const last = this.sigmaSchedule === 'karras' && c.final_sigmas_type === 'sigma_min' ? (sigmas[sigmas.length - 1] as number) : this.finalSigma();
-    this.setSchedule(timesteps, [...sigmas, last]);
-    this.resetState();
-  }
-
-  protected override get solverLookup(): boolean { return true; }
-
-  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
-    return sample;
+    this.setSolverSchedule(timesteps, [...sigmas, last]);
   }
 
   /** UniC on the given sample (from the second step on), then UniP to the next σ. */
   step(modelOutput: Tensor, timestep: number, sample: Tensor): Tensor {
-    this.checkAlive();
     const c = this.config;
     const i = this.nextStepIndex(timestep);
     const useCorrector = i > 0 && !c.disable_corrector.includes(i - 1) && this.lastSample !== null;
@@ -130,16 +98,14 @@ export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSc
     }));
     // 1. the corrector, with the history before this output
     const corrected = useCorrector ? keep(tidy(() => this.correct(x0, this.lastSample as Tensor, i, this.thisOrder))) : keep(sample.clone());
-    this.modelOutputs.shift()?.dispose();
-    this.modelOutputs.push(x0);
+    this.pushModelOutput(x0);
     // 2. the predictor's order: warm-up, and lower at the end with lower_order_final
     const order = c.lower_order_final ? Math.min(c.solver_order, this.schedule.length - i) : c.solver_order;
     this.thisOrder = Math.min(order, this.lowerOrderNums + 1);
     this.lastSample?.dispose();
     this.lastSample = corrected;
     const out = tidy(() => this.predict(corrected, i, this.thisOrder));
-    if (this.lowerOrderNums < c.solver_order) this.lowerOrderNums += 1;
-    this.stepIndex = i + 1;
+    this.endMultistep(i);
     return out;
   }
 
@@ -167,7 +133,7 @@ export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSc
 
   /** D1s stacked on dim 1 ([B, K, …]): (m_k − m0)/r_k of the previous outputs. */
   private differences(m0: Tensor, rks: number[], count: number, offset: number): Tensor {
-    const ds = Array.from({ length: count }, (_, j) => (this.modelOutputs[this.modelOutputs.length - 1 - j - offset] as Tensor).sub(m0).div(rks[j] as number));
+    const ds = Array.from({ length: count }, (_, j) => this.previousOutput(j + offset).sub(m0).div(rks[j] as number));
     return torch.stack(ds, 1);
   }
 
@@ -176,7 +142,7 @@ export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSc
     const f = Math.fround;
     const t = solverPoint(this.sigmaValues[i + 1] as number);
     const s0 = solverPoint(this.sigmaValues[i] as number);
-    const m0 = this.modelOutputs[this.modelOutputs.length - 1] as Tensor;
+    const m0 = this.previousOutput(0);
     const { hPhi1, bh, rks, R, b } = this.system(t, s0, Array.from({ length: order - 1 }, (_, k) => i - (k + 1)), order);
     const base = x.mul(f(t.sigma / s0.sigma)).sub(m0.mul(f(t.alpha * hPhi1)));
     if (order === 1) return base;
@@ -192,7 +158,7 @@ export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSc
     const f = Math.fround;
     const t = solverPoint(this.sigmaValues[i] as number);
     const s0 = solverPoint(this.sigmaValues[i - 1] as number);
-    const m0 = this.modelOutputs[this.modelOutputs.length - 1] as Tensor;
+    const m0 = this.previousOutput(0);
     const { hPhi1, bh, rks, R, b } = this.system(t, s0, Array.from({ length: order - 1 }, (_, k) => i - (k + 2)), order);
     const base = lastSample.mul(f(t.sigma / s0.sigma)).sub(m0.mul(f(t.alpha * hPhi1)));
     const rhos = order === 1 ? torch.tensor(Float32Array.of(0.5)) : (solveOp(R, b, true) as Tensor);
@@ -202,18 +168,10 @@ export class UniPCMultistepScheduler extends SigmaSchedulerBase<UniPCMultistepSc
     return base.sub(corr.mul(f(t.alpha * bh)));
   }
 
-  private resetState(): void {
-    for (const t of this.modelOutputs) t?.dispose();
-    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+  protected override resetState(): void {
+    super.resetState();
     this.lastSample?.dispose();
     this.lastSample = null;
-    this.lowerOrderNums = 0;
     this.thisOrder = 1;
-    this.stepIndex = null;
-  }
-
-  protected override releaseState(): void {
-    super.releaseState();
-    this.resetState();
   }
 }

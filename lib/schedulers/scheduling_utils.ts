@@ -6,8 +6,9 @@
 //
 // 1. the interface  2. config: reading, resolution, validation  3. the beta schedule  4. numpy's float64
 // helpers and float32 scalars  5. timestep spacings  6. the base class (SchedulerBase: the schedule tensors,
-// checks, add_noise, dispose). The σ schedulers' base, SigmaSchedulerBase, and the σ schedules (Karras,
-// exponential, beta) are in scheduling_utils_sigmas.ts.
+// checks, add_noise, dispose). The σ schedulers' bases (SigmaSchedulerBase, TwoStageSchedulerBase,
+// SolverSchedulerBase), their config groups and the σ schedules (Karras, exponential, beta) are in
+// scheduling_utils_sigmas.ts.
 //
 // The arithmetic copies diffusers op for op, in float32 as it does (linspace in float32, then squared, for
 // 'scaled_linear'; the cosine schedule in float64 Python floats then cast), so the schedules are
@@ -117,21 +118,29 @@ export const SCHEDULER_DEFAULTS: Readonly<BetaScheduleConfig & { prediction_type
   steps_offset: 0,
 });
 
-/** The x̂₀ clipping and dynamic thresholding fields of DDPMScheduler and DDIMScheduler (thresholding is refused). */
-export type SampleClippingConfig = {
-  clip_sample: boolean;
-  clip_sample_range: number;
+/**
+ * The dynamic thresholding fields (Imagen's, diffusers' _threshold_sample), same defaults in every class that has
+ * them: DDPM and DDIM refuse thresholding, the exponential-integrator solvers implement it.
+ */
+export type ThresholdingConfig = {
   thresholding: boolean;
   dynamic_thresholding_ratio: number;
   sample_max_value: number;
 };
 
-export const SAMPLE_CLIPPING_DEFAULTS: Readonly<SampleClippingConfig> = Object.freeze({
-  clip_sample: true,
-  clip_sample_range: 1.0,
+export const THRESHOLDING_DEFAULTS: Readonly<ThresholdingConfig> = Object.freeze({
   thresholding: false,
   dynamic_thresholding_ratio: 0.995,
   sample_max_value: 1.0,
+});
+
+/** The x̂₀ clipping and dynamic thresholding fields of DDPMScheduler and DDIMScheduler (thresholding is refused). */
+export type SampleClippingConfig = { clip_sample: boolean; clip_sample_range: number } & ThresholdingConfig;
+
+export const SAMPLE_CLIPPING_DEFAULTS: Readonly<SampleClippingConfig> = Object.freeze({
+  clip_sample: true,
+  clip_sample_range: 1.0,
+  ...THRESHOLDING_DEFAULTS,
 });
 
 export const BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear', 'squaredcos_cap_v2', 'sigmoid'];
@@ -139,6 +148,20 @@ export const BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear
 export const SAMPLER_BETA_SCHEDULES: readonly BetaSchedule[] = ['linear', 'scaled_linear', 'squaredcos_cap_v2'];
 export const PREDICTION_TYPES: readonly PredictionType[] = ['epsilon', 'v_prediction', 'sample'];
 export const TIMESTEP_SPACINGS: readonly TimestepSpacing[] = ['linspace', 'leading', 'trailing'];
+/** What difflora implements of beta_schedule, prediction_type and timestep_spacing in a sampler that takes every prediction type. */
+export const SAMPLER_SUPPORTED: SupportedValues = Object.freeze({
+  beta_schedule: SAMPLER_BETA_SCHEDULES,
+  prediction_type: PREDICTION_TYPES,
+  timestep_spacing: TIMESTEP_SPACINGS,
+});
+/**
+ * The same for the classes whose step raises NotImplementedError on prediction_type 'sample' in diffusers
+ * (PNDM, Euler ancestral, KDPM2, KDPM2 ancestral, DPMSolverSDE).
+ */
+export const SAMPLER_SUPPORTED_NO_SAMPLE: SupportedValues = Object.freeze({
+  ...SAMPLER_SUPPORTED,
+  prediction_type: ['epsilon', 'v_prediction'],
+});
 /** A sanity cap on num_train_timesteps (diffusers' schedules use 1000; the tensors are that long). */
 export const MAX_TRAIN_TIMESTEPS = 100_000;
 

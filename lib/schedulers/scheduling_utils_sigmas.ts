@@ -2,19 +2,22 @@
 // ("# Copied from …"): the noise schedules that replace the spaced σ (Karras et al. 2022, exponential, beta, Lu
 // et al.'s uniform-λ), _sigma_to_t (the fractional training timestep of a σ), the dynamic thresholding of
 // x̂₀ (_threshold_sample), α_t/σ_t/λ of a σ for the exponential-integrator solvers (DPM-Solver, UniPC, DEIS),
-// and the float64 scalar arithmetic these need. Like scheduling_utils.ts it is no one scheduler's file: every
-// scheduling_*.ts may import it.
+// and the float64 scalar arithmetic these need; and the base classes and config groups of those families:
+// SigmaSchedulerBase (all σ schedulers), TwoStageSchedulerBase (the two-evaluation Heun, KDPM2, KDPM2 ancestral,
+// DPMSolverSDE), SolverSchedulerBase (the multistep history of DPM-Solver, UniPC, DEIS), K_DIFFUSION_DEFAULTS and
+// SOLVER_DEFAULTS. Like scheduling_utils.ts it is no one scheduler's file: every scheduling_*.ts may import it.
 //
 // Precision follows diffusers: numpy float64 for σ, then float32; where numpy computes in float32 (np.log of
 // the float32 training σ, _sigma_to_t of a float32 σ) the arithmetic is rounded to float32 at each step. The
 // transcendental functions go through libtorch's scalar path (glibc's libm, as numpy and Python use), not
 // JavaScript's Math.
 import { op } from '../ops.js';
-import { keep, tidy } from '../scope.js';
+import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import {
-  SchedulerBase, arangeDown, configError, exp32, interpOnIndex, linspace64, log32, roundHalfEven, sqrt32, timestepNotFound, unsqueezeTo, type ScheduleConfig,
+  SCHEDULER_DEFAULTS, SchedulerBase, THRESHOLDING_DEFAULTS, arangeDown, configError, exp32, interpOnIndex, linspace64, log32, roundHalfEven, sqrt32,
+  timestepNotFound, unsqueezeTo, type BetaScheduleConfig, type PredictionType, type ScheduleConfig, type ThresholdingConfig, type TimestepSpacing,
 } from './scheduling_utils.js';
 
 // ---- float64 libm scalars --------------------------------------------------------------------------------
@@ -36,6 +39,46 @@ export const pow64 = (x: number, y: number): number => tidy(() => scalar64(x).po
 export type SigmaSchedule = 'karras' | 'exponential' | 'beta' | 'spaced';
 
 type SigmaFlags = { use_karras_sigmas?: boolean; use_exponential_sigmas?: boolean; use_beta_sigmas?: boolean };
+
+/** The σ schedule flags as the classes that have them declare them (all three, default false). */
+export type SigmaScheduleFlags = Required<SigmaFlags>;
+
+export const SIGMA_SCHEDULE_DEFAULTS: Readonly<SigmaScheduleFlags> = Object.freeze({
+  use_karras_sigmas: false,
+  use_exponential_sigmas: false,
+  use_beta_sigmas: false,
+});
+
+/** The fields the k-diffusion ports (Heun, LMS, KDPM2, KDPM2 ancestral, DPMSolverSDE) share besides prediction_type. */
+export type KDiffusionConfig = BetaScheduleConfig & SigmaScheduleFlags & { timestep_spacing: TimestepSpacing; steps_offset: number };
+
+/**
+ * The defaults Heun, KDPM2, KDPM2 ancestral and DPMSolverSDE share before their own fields: Stable Diffusion's
+ * betas (0.00085 to 0.012, where the other classes default to 0.0001 to 0.02) and no σ schedule.
+ */
+export const K_DIFFUSION_DEFAULTS = Object.freeze({
+  ...SCHEDULER_DEFAULTS,
+  beta_start: 0.00085,
+  beta_end: 0.012,
+  ...SIGMA_SCHEDULE_DEFAULTS,
+});
+
+/**
+ * The fields the exponential-integrator solvers (DPM-Solver multistep and single-step, UniPC, DEIS) share:
+ * the order, x̂₀ thresholding, lower_order_final and the σ schedule flags.
+ */
+export type SolverConfig = BetaScheduleConfig & ThresholdingConfig & SigmaScheduleFlags & {
+  solver_order: number;
+  prediction_type: PredictionType;
+  lower_order_final: boolean;
+};
+
+/** Their shared defaults up to their own fields: second order, no thresholding. */
+export const SOLVER_DEFAULTS = Object.freeze({
+  ...SCHEDULER_DEFAULTS,
+  solver_order: 2,
+  ...THRESHOLDING_DEFAULTS,
+});
 
 /** The config's σ schedule; more than one flag set is refused, as diffusers' constructors do. */
 export function sigmaScheduleOf(className: string, c: SigmaFlags): SigmaSchedule {
@@ -238,6 +281,21 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
   }
 
   /**
+   * kDiffusionSigmas for the schedulers whose σ end in 0 (Heun, LMS, KDPM2, KDPM2 ancestral): timesteps as
+   * float64 values with a σ schedule (Karras ones rounded with `roundKarras`, as KDPM2 does), else float32 ones;
+   * σ with the final 0, float32.
+   */
+  protected kDiffusionSchedule(n: number, roundKarras = false): { timesteps: number[]; sigmas: Float32Array } {
+    const { timesteps, sigmas } = this.kDiffusionSigmas(n);
+    this.timestepsFloat64 = this.sigmaSchedule !== 'spaced';
+    const rounded = roundKarras && this.sigmaSchedule === 'karras';
+    return {
+      timesteps: rounded ? timesteps.map(roundHalfEven) : this.timestepsFloat64 ? timesteps : timesteps.map(Math.fround),
+      sigmas: Float32Array.from([...sigmas, 0]),
+    };
+  }
+
+  /**
    * set_timesteps of the exponential-integrator solvers (DPM-Solver, UniPC, DEIS) for their integer
    * `timesteps`: σ interpolated at them; or Karras σ over the whole training range with the timesteps
    * _sigma_to_t finds, rounded. diffusers 0.31 crashes on use_exponential_sigmas and use_beta_sigmas there
@@ -326,8 +384,9 @@ export abstract class SigmaSchedulerBase<C extends SigmaSchedulerConfig> extends
     return this.stepIndex;
   }
 
-  /** The index of the step from the step index, refusing a step past the last σ. */
+  /** The index of the step from the step index, after checking the scheduler is alive, refusing a step past the last σ. */
   protected nextStepIndex(timestep: number): number {
+    this.checkAlive();
     const i = this.initStepIndex(timestep);
     if (i + 1 >= this.sigmaValues.length) throw new Error(`${this.className}: step() called after the last timestep; call setTimesteps() to start again`);
     return i;
@@ -467,9 +526,68 @@ export function doubled<T>(a: readonly T[], start: number, end: number = a.lengt
   return [...a.slice(0, start), ...a.slice(start, end).flatMap((v) => [v, v]), ...a.slice(end)];
 }
 
+/** KDPM2's per-entry arrays (σ, σ_interpol, σ_up, σ_down): `cat([a[:1], a[1:].repeat_interleave(2), a[-1:]])`, float32. */
+export function doubledWithLast(a: Float32Array): Float32Array {
+  return Float32Array.from(doubled(numbers(a), 1).concat([a[a.length - 1] as number]));
+}
+
+/**
+ * KDPM2's timesteps: t₀, then each later step's midpoint timestep (_sigma_to_t of its σ_interpol, float32
+ * throughout) before its own: [t₀, m₁, t₁, m₂, t₂, …]. `interpol[k]` is the midpoint before `ts[k + 1]`.
+ */
+export function midpointInterleaved(ts: readonly number[], interpol: ArrayLike<number>, logSigmas: Float32Array): number[] {
+  const tsInterpol = Array.from(interpol, (v) => sigmaToT(v, logSigmas, 'torch32'));
+  return [ts[0] as number, ...ts.slice(1).flatMap((t, k) => [tsInterpol[k] as number, t])];
+}
+
 /** exp(lerp(log a, log b, 0.5)) elementwise, float32 through torch (KDPM2's σ_interpol: NaN or 0 where a σ is 0). */
 export function logMidpoints(a: Float32Array, b: Float32Array): Float32Array {
   return tidy(() => torch.tensor(a).log().lerp_(torch.tensor(b).log(), 0.5).exp().dataSync() as Float32Array);
+}
+
+/**
+ * The second-order k-diffusion schedulers (Heun, KDPM2, KDPM2 ancestral, DPMSolverSDE): two model evaluations
+ * a step, `timesteps` listing each stage. What the first stage leaves for the second (the sample the step
+ * started from, and what else the method needs; its tensors kept) is `firstStage`, null when a first stage
+ * comes next, cleared by setTimesteps (clearStage) and dispose.
+ */
+export abstract class TwoStageSchedulerBase<C extends SigmaSchedulerConfig, S extends { sample: Tensor }> extends SigmaSchedulerBase<C> {
+  override readonly order = 2;
+  protected firstStage: S | null = null;
+
+  /** σ where the current step starts and ends: entries i and i + 1 at the first stage, i − 1 and i at the second. */
+  protected stepSigmas(i: number): { sigma: number; sigmaNext: number } {
+    const j = this.firstStage === null ? i : i - 1;
+    return { sigma: this.sigmaValues[j] as number, sigmaNext: this.sigmaValues[j + 1] as number };
+  }
+
+  /** After a stage: a second stage frees what the first kept (`first`: the state the stage started with); the step index moves on. */
+  protected endStage(i: number, first: S | null): void {
+    if (first !== null) this.clearStage();
+    this.stepIndex = i + 1;
+  }
+
+  protected clearStage(): void {
+    if (this.firstStage !== null) dispose(this.firstStage);
+    this.firstStage = null;
+  }
+
+  protected override releaseState(): void {
+    super.releaseState();
+    this.clearStage();
+  }
+}
+
+/**
+ * One stage of KDPM2 (sample_dpm_2; `first` is the sample the step started from, null at the first stage): an
+ * Euler step from σ to the log-midpoint σ_interpol with x̂₀ at σ, then from `first` to `sigmaTo` with the
+ * derivative at σ_interpol (σ_{i+1}, or σ_down for the ancestral sampler).
+ */
+export function dpm2Stage(prediction: string, modelOutput: Tensor, sample: Tensor, first: Tensor | null, sigma: number, sigmaInterpol: number, sigmaTo: number): Tensor {
+  const f = Math.fround;
+  const x0 = kDiffusionX0(prediction, modelOutput, sample, first === null ? sigma : sigmaInterpol);
+  if (first === null) return sample.add(sample.sub(x0).div(sigma).mul(f(sigmaInterpol - sigma)));
+  return first.add(sample.sub(x0).div(sigmaInterpol).mul(f(sigmaTo - sigma)));
 }
 
 // ---- DPM-Solver's first and second-order updates (multistep, single-step, DEIS's first order) ----------------
@@ -541,6 +659,28 @@ export function dpmSecondOrder(
   }
 }
 
+/** The fields DPM-Solver multistep and single-step end their configs with: the final σ, the λ clip, variance_type. */
+export type DPMSolverEndConfig = {
+  final_sigmas_type: 'zero' | 'sigma_min';
+  lambda_min_clipped: number;
+  variance_type: string | null;
+};
+
+export const DPM_SOLVER_END_DEFAULTS: Readonly<DPMSolverEndConfig> = Object.freeze({
+  final_sigmas_type: 'zero',
+  lambda_min_clipped: -Infinity,
+  variance_type: null,
+});
+
+/**
+ * The aliases DPM-Solver's __init__ (multistep and single-step) replaces after checking the given values:
+ * algorithm_type 'deis' runs as 'dpmsolver++', solver_type 'logrho', 'bh1' or 'bh2' as 'midpoint'.
+ */
+export function mapDPMSolverAliases(c: { algorithm_type: DPMSolverAlgorithmType; solver_type: 'midpoint' | 'heun' }): void {
+  if ((c.algorithm_type as string) === 'deis') c.algorithm_type = 'dpmsolver++';
+  if (!['midpoint', 'heun'].includes(c.solver_type)) c.solver_type = 'midpoint';
+}
+
 /** The fields of DPM-Solver's convert_model_output (multistep and single-step). */
 type ConvertConfig = {
   algorithm_type: DPMSolverAlgorithmType;
@@ -564,4 +704,81 @@ export function dpmConvertModelOutput(c: ConvertConfig, modelOutput: Tensor, sam
   const [alphaT, sigmaT] = alphaSigma(sigma);
   const x0 = thresholdSample(sample.sub(eps.mul(sigmaT)).div(alphaT), c.dynamic_thresholding_ratio, c.sample_max_value);
   return sample.sub(x0.mul(alphaT)).div(sigmaT);
+}
+
+// ---- the base class of the exponential-integrator solvers --------------------------------------------------
+
+/**
+ * What DPM-Solver (multistep and single-step), UniPC and DEIS share around their updates: σ as they are at
+ * first ('training'), no input scaling (init_noise_sigma 1), a timestep not in the schedule taken as the last
+ * step, and the model-output history: the last solver_order converted outputs (kept tensors, null before the
+ * first steps) with the count of warm-up steps at lower order, both cleared by setTimesteps (resetState) and
+ * dispose.
+ */
+export abstract class SolverSchedulerBase<C extends SigmaSchedulerConfig & SolverConfig> extends SigmaSchedulerBase<C> {
+  protected modelOutputs: (Tensor | null)[];
+  protected lowerOrderNums = 0;
+
+  protected constructor(className: string, config: C) {
+    super(className, config, 'training');
+    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+  }
+
+  override get initNoiseSigma(): number { return 1.0; }
+
+  override scaleModelInput(sample: Tensor, _timestep: number): Tensor {
+    return sample;
+  }
+
+  protected override get solverLookup(): boolean { return true; }
+
+  /**
+   * set_timesteps' integer timesteps for the config's timestep_spacing over [0, last) (solverTimesteps: `last`
+   * is num_train_timesteps, or fewer where λ is clipped) and their σ (solverSigmas), after checking the
+   * scheduler is alive, n and the spaced schedule.
+   */
+  protected solverSchedule(n: number, last: number = this.numTrainTimesteps): { timesteps: number[]; sigmas: number[] } {
+    this.checkAlive();
+    this.checkInferenceSteps(n);
+    const c = this.config as C & { timestep_spacing: string; steps_offset: number };
+    const spaced = solverTimesteps(this.className, c.timestep_spacing, last, c.num_train_timesteps, n, c.steps_offset);
+    this.checkInferenceSchedule(spaced, n);
+    return this.solverSigmas(spaced, n);
+  }
+
+  /** A new schedule (setSchedule), the history and any state of the subclass cleared (resetState). */
+  protected setSolverSchedule(timesteps: number[], sigmas: ArrayLike<number>): void {
+    this.setSchedule(timesteps, sigmas);
+    this.resetState();
+  }
+
+  /** Adds a converted model output (kept) to the history, freeing the oldest. */
+  protected pushModelOutput(m: Tensor): void {
+    this.modelOutputs.shift()?.dispose();
+    this.modelOutputs.push(m);
+  }
+
+  /** The k-th newest converted output (0: the one just pushed). */
+  protected previousOutput(k: number): Tensor {
+    return this.modelOutputs[this.modelOutputs.length - 1 - k] as Tensor;
+  }
+
+  /** After a multistep update: one more warm-up step (up to solver_order), and the step index moves on. */
+  protected endMultistep(i: number): void {
+    if (this.lowerOrderNums < this.config.solver_order) this.lowerOrderNums += 1;
+    this.stepIndex = i + 1;
+  }
+
+  /** Clears the history and the step index (a subclass adds its own state). */
+  protected resetState(): void {
+    for (const t of this.modelOutputs) t?.dispose();
+    this.modelOutputs = new Array<Tensor | null>(this.config.solver_order).fill(null);
+    this.lowerOrderNums = 0;
+    this.stepIndex = null;
+  }
+
+  protected override releaseState(): void {
+    super.releaseState();
+    this.resetState();
+  }
 }
