@@ -241,6 +241,21 @@ describe('difflora launch --num_processes 2 train', () => {
     expect(up.every(([, v]) => v.some((x) => x !== 0))).toBe(true); // lora.up starts at zero
   });
 
+  it('two launchers (--num_machines 2, one process each) train together and equal the 2-process run', async () => {
+    const machines = join(tmp, 'machines');
+    const port = await freePort();
+    const machine = (rank: number) => spawnCli(['launch', '--num_processes', '2', '--num_machines', '2', '--machine_rank', String(rank),
+      '--main_process_ip', '127.0.0.1', '--main_process_port', String(port), '--timeout', '60',
+      ...trainArgs(machines, '--train_batch_size=1', '--max_train_steps=4')]).done;
+    const [m0, m1] = await Promise.all([machine(0), machine(1)]);
+    expect(m0.code, m0.stderr).toBe(0);
+    expect(m1.code, m1.stderr).toBe(0);
+    expect(m0.stdout).toMatch(/LoRA weights written to/);
+    expect(m1.stdout).not.toMatch(/LoRA weights written to/); // rank 0 (machine 0) alone writes
+    expectSameLora(machines, join(tmp, 'two'), '2 machines × 1 vs 1 launcher × 2');
+    expectSameCurve(losses(machines), losses(join(tmp, 'two')));
+  });
+
   it('with --gradient_accumulation_steps=2, --scale_lr and a warmed-up cosine schedule too', async () => {
     const more = ['--gradient_accumulation_steps=2', '--scale_lr', '--learning_rate=2e-4', '--lr_scheduler=cosine', '--lr_warmup_steps=1', '--max_train_steps=3'];
     const single = join(tmp, 'single-acc');
