@@ -6,7 +6,7 @@
 //
 // σ_t = sqrt((1 − ᾱ_t) / ᾱ_t) in float32, interpolated at the (fractional) inference timesteps in float64
 // as np.interp, then float32 again, as diffusers; set_timesteps, scale_model_input and add_noise are
-// SigmaSchedulerBase's (scheduling_utils.ts), shared with EulerAncestralDiscreteScheduler.
+// SigmaSchedulerBase's (scheduling_utils_sigmas.ts), shared with EulerAncestralDiscreteScheduler.
 import { randnTensor } from '../random.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
