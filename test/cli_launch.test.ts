@@ -34,7 +34,10 @@ describe('difflora launch: arguments', () => {
       mixedPrecision: undefined, gpuIds: '0,1', timeout: 30, command: 'dist-check', commandArgs: ['--seconds=1'],
     });
     const t = await parseLaunchArgs(['--mixed_precision', 'bf16', 'train', '--lr=1']);
-    expect(t).toMatchObject({ numProcesses: 1, mainProcessIp: '127.0.0.1', mainProcessPort: 29500, timeout: 1800, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'] });
+    expect(t).toMatchObject({ numProcesses: 1, mainProcessIp: '127.0.0.1', mainProcessPort: 29500, timeout: 60, command: 'train', commandArgs: ['--lr=1', '--mixed_precision=bf16'] });
+    // a validating run waits accelerate's 30 min: the others stand at the next all-reduce while rank 0 validates
+    expect(await parseLaunchArgs(['train', '--validation_prompt', 'a dog'])).toMatchObject({ timeout: 1800 });
+    expect(await parseLaunchArgs(['train', '--validation_prompt=a dog'])).toMatchObject({ timeout: 1800 });
     expect(await parseLaunchArgs(['dist-check'])).toMatchObject({ timeout: 60 });
     expect(await parseLaunchArgs(['--timeout', '5', 'train'])).toMatchObject({ timeout: 5 });
   });

@@ -354,6 +354,42 @@ describe('difflora launch … train: faults and resume', () => {
     expect(losses(out)).toEqual(losses(straight));
   });
 
+  it('a hung worker (SIGSTOP): the others fail after --timeout, the launcher exits naming the rank, nothing is left', async () => {
+    const out = join(tmp, 'hung');
+    const { child, done } = spawnCli(['launch', '--num_processes', '2', '--main_process_port', String(await freePort()), '--timeout', '5',
+      ...args(out, '--max_train_steps=400')]);
+    let stopped: number | undefined;
+    let stoppedAt = 0;
+    const pids = new Set<number>();
+    const timer = setInterval(() => {
+      for (const r of [0, 1]) {
+        const pid = workerPid(child.pid!, r);
+        if (pid !== undefined) pids.add(pid);
+      }
+      if (stopped === undefined && existsSync(join(out, 'checkpoint-2'))) {
+        stopped = workerPid(child.pid!, 1);
+        if (stopped !== undefined) {
+          process.kill(stopped, 'SIGSTOP');
+          stoppedAt = Date.now();
+        }
+      }
+    }, 2);
+    let r: CliResult;
+    try {
+      r = await done;
+    } finally {
+      clearInterval(timer);
+      if (stopped !== undefined && alive(stopped)) process.kill(stopped, 'SIGKILL'); // never leave a stopped process behind
+    }
+    expect(stopped, r.stderr).toBeDefined();
+    console.log(`launcher exited ${Date.now() - stoppedAt} ms after the SIGSTOP (--timeout 5)`);
+    expect(Date.now() - stoppedAt).toBeLessThan(5_000 + 5_000 + 10_000); // the timeout, the launcher's grace, a loaded machine
+    expect(r.code).not.toBe(0);
+    expect(r.stderr).toMatch(/difflora launch: failed: worker rank 0 \(pid \d+\) exited with code 1/);
+    for (const pid of pids) expect(alive(pid), `pid ${pid} still running`).toBe(false);
+    expect(existsSync(join(out, 'checkpoint-2', 'training_state.json'))).toBe(true); // what was saved stays
+  });
+
   it('a 1-process checkpoint cannot be resumed by 2 processes', async () => {
     const out = join(tmp, 'alone');
     const r = await runCli(args(out, '--max_train_steps=2'));

@@ -28,10 +28,17 @@ export interface LaunchArgs {
 /** --timeout when none is given. */
 export const DEFAULT_TIMEOUT_S = 60;
 /**
- * --timeout of `train` when none is given: accelerate's (torch.distributed's default, 30 min). While rank 0 runs a
- * validation (minutes on a CPU), the other processes wait at the next step's all-reduce.
+ * --timeout of `train` with --validation_prompt when none is given: accelerate's (torch.distributed's default, 30
+ * min). While rank 0 runs a validation (minutes on a CPU), the other processes wait at the next step's all-reduce.
+ * Without validation nothing keeps a process away from the collectives for long, and DEFAULT_TIMEOUT_S applies.
  */
 export const TRAIN_TIMEOUT_S = 1800;
+
+/** The default --timeout of a launched command: TRAIN_TIMEOUT_S for a validating `train`, else DEFAULT_TIMEOUT_S. */
+export function defaultTimeout(command: string, args: readonly string[]): number {
+  const validates = args.some((t) => t === '--validation_prompt' || t.startsWith('--validation_prompt='));
+  return command === 'train' && validates ? TRAIN_TIMEOUT_S : DEFAULT_TIMEOUT_S;
+}
 
 /** How long stopped workers get between SIGTERM and SIGKILL. */
 export const KILL_GRACE_MS = 5000;
@@ -58,7 +65,7 @@ function launchParser(argv: readonly string[]) {
       multi_gpu: { type: 'boolean', default: false, describe: 'One GPU per worker (cuda:LOCAL_RANK), over NCCL' },
       mixed_precision: { type: 'string', choices: ['no', 'fp16', 'bf16'], describe: 'Passed to train/generate as --mixed_precision' },
       gpu_ids: { type: 'string', describe: "GPUs this machine's workers may use ('0,1' → CUDA_VISIBLE_DEVICES; default all)" },
-      timeout: { type: 'number', describe: `Seconds a worker waits for the others (rendezvous and each collective) before failing (default ${DEFAULT_TIMEOUT_S}; ${TRAIN_TIMEOUT_S} for train, as accelerate: the others wait while rank 0 validates)` },
+      timeout: { type: 'number', describe: `Seconds a worker waits for the others (rendezvous and each collective) before failing (default ${DEFAULT_TIMEOUT_S}; ${TRAIN_TIMEOUT_S} for train with --validation_prompt, as accelerate: the others wait while rank 0 validates)` },
     });
 }
 
@@ -143,7 +150,7 @@ export async function parseLaunchArgs(argv: readonly string[]): Promise<LaunchAr
   if (p.multi_gpu === true && gpuIds !== undefined && gpuIds !== 'all' && gpuIds.split(',').length < local) {
     throw new UsageError(`--gpu_ids '${gpuIds}' lists fewer GPUs than the ${local} workers of this machine (--multi_gpu: one GPU each)`);
   }
-  const timeout = (p.timeout as number | undefined) ?? (command === 'train' ? TRAIN_TIMEOUT_S : DEFAULT_TIMEOUT_S);
+  const timeout = (p.timeout as number | undefined) ?? defaultTimeout(command, rest);
   if (typeof timeout !== 'number' || !Number.isFinite(timeout) || timeout <= 0 || timeout > 86400) {
     throw new UsageError(`--timeout must be a number of seconds in (0, 86400], got '${String(p.timeout)}'`);
   }

@@ -19,9 +19,9 @@ import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import type { ParallelCheckpoint, TrainingState } from '../training/checkpoint.js';
 import { TrainOptionsError } from '../training/options.js';
-import { distributedEnv, initProcessGroupFromEnv, type ProcessGroup } from './process_group.js';
+import { DEFAULT_TIMEOUT_MS, distributedEnv, initProcessGroupFromEnv, type ProcessGroup } from './process_group.js';
 
-/** The collective timeout of a training run when the environment gives none (torch.distributed's default, 30 min). */
+/** The collective timeout of a validating training run when the environment gives none (torch.distributed's default, 30 min). */
 export const TRAIN_TIMEOUT_MS = 30 * 60 * 1000;
 
 /** DDP's default bucket size (torch.nn.parallel.DistributedDataParallel's bucket_cap_mb = 25). */
@@ -82,11 +82,12 @@ export class DataParallel {
    * The run's processes (ProcessGroupOption). `fingerprint` describes the run's options: ranks started differently
    * fail to join, naming both.
    */
-  static async join(option: ProcessGroupOption, fingerprint: string): Promise<DataParallel> {
+  static async join(option: ProcessGroupOption, fingerprint: string, validates = true): Promise<DataParallel> {
     if (option === null) return DataParallel.single();
     if (option !== undefined) return new DataParallel(option.worldSize > 1 ? option : null, false);
-    // without DIFFLORA_DIST_TIMEOUT (torchrun, srun), accelerate's 30 minutes: the others wait while rank 0 validates
-    const timeoutMs = process.env.DIFFLORA_DIST_TIMEOUT ? undefined : TRAIN_TIMEOUT_MS;
+    // without DIFFLORA_DIST_TIMEOUT (torchrun, srun): accelerate's 30 minutes when the others will wait while rank 0
+    // validates, else the 60 s default (a hung process is noticed within a minute)
+    const timeoutMs = process.env.DIFFLORA_DIST_TIMEOUT ? undefined : validates ? TRAIN_TIMEOUT_MS : DEFAULT_TIMEOUT_MS;
     const group = await initProcessGroupFromEnv({ fingerprint, timeoutMs });
     return group === null ? DataParallel.single() : new DataParallel(group, true);
   }
@@ -96,8 +97,8 @@ export class DataParallel {
    * other options fail to join). --skip_broken_images is refused with several processes: a skipped image would
    * shorten one shard's epoch and the processes would fall out of step.
    */
-  static async forTraining(o: { skipBrokenImages?: boolean }, option: ProcessGroupOption): Promise<DataParallel> {
-    const dp = await DataParallel.join(option, JSON.stringify(o));
+  static async forTraining(o: { skipBrokenImages?: boolean; validationPrompt?: string | null }, option: ProcessGroupOption): Promise<DataParallel> {
+    const dp = await DataParallel.join(option, JSON.stringify(o), (o.validationPrompt ?? null) !== null);
     if (dp.worldSize > 1 && o.skipBrokenImages) {
       dp.close();
       throw new TrainOptionsError([`--skip_broken_images is not supported with several processes (${dp.worldSize}): a skipped image would put the processes out of step; fix or remove the image, or train in one process`]);
