@@ -289,6 +289,37 @@ function workerPid(launcher: number, rank: number): number | undefined {
   });
 }
 
+/**
+ * `difflora launch --num_processes 2 …` with `signal` sent to worker rank 1 once `<out>/checkpoint-2` exists: the run's
+ * result, the signalled pid (undefined if it never got there), when, and every worker pid seen. A stopped worker is
+ * killed at the end whatever happens, so none is left behind.
+ */
+async function launchAndSignal(timeoutS: number, args: string[], out: string, signal: 'SIGKILL' | 'SIGSTOP') {
+  const { child, done } = spawnCli(['launch', '--num_processes', '2', '--main_process_port', String(await freePort()), '--timeout', String(timeoutS), ...args]);
+  let signalled: number | undefined;
+  let at = 0;
+  const pids = new Set<number>();
+  const timer = setInterval(() => {
+    for (const r of [0, 1]) {
+      const pid = workerPid(child.pid!, r);
+      if (pid !== undefined) pids.add(pid);
+    }
+    if (signalled === undefined && existsSync(join(out, 'checkpoint-2'))) {
+      signalled = workerPid(child.pid!, 1);
+      if (signalled !== undefined) {
+        process.kill(signalled, signal);
+        at = Date.now();
+      }
+    }
+  }, 2);
+  try {
+    return { r: await done, signalled, at, pids };
+  } finally {
+    clearInterval(timer);
+    if (signalled !== undefined && alive(signalled)) process.kill(signalled, 'SIGKILL');
+  }
+}
+
 describe('difflora launch … train: faults and resume', () => {
   const MAX = 8; // a checkpoint every 2 steps: the kill lands after step 2 with steps to spare
   const args = (out: string, ...more: string[]) => trainArgs(out, '--train_batch_size=1', '--checkpointing_steps=2', ...(more.some((a) => a.startsWith('--max_train_steps')) ? [] : [`--max_train_steps=${MAX}`]), ...more);
@@ -299,30 +330,7 @@ describe('difflora launch … train: faults and resume', () => {
     expect(ref.code, ref.stderr).toBe(0);
 
     const out = join(tmp, 'killed');
-    const port = await freePort();
-    const { child, done } = spawnCli(['launch', '--num_processes', '2', '--main_process_port', String(port), '--timeout', '10', ...args(out)]);
-    let killed: number | undefined;
-    let killedAt = 0;
-    const pids = new Set<number>();
-    const timer = setInterval(() => {
-      for (const r of [0, 1]) {
-        const pid = workerPid(child.pid!, r);
-        if (pid !== undefined) pids.add(pid);
-      }
-      if (killed === undefined && existsSync(join(out, 'checkpoint-2'))) {
-        killed = workerPid(child.pid!, 1);
-        if (killed !== undefined) {
-          process.kill(killed, 'SIGKILL');
-          killedAt = Date.now();
-        }
-      }
-    }, 2);
-    let r: CliResult;
-    try {
-      r = await done;
-    } finally {
-      clearInterval(timer);
-    }
+    const { r, signalled: killed, at: killedAt, pids } = await launchAndSignal(10, args(out), out, 'SIGKILL');
     expect(killed, r.stderr).toBeDefined();
     // within the collective timeout (--timeout 10) and the launcher's SIGTERM → SIGKILL grace (5 s); a dead peer is seen at once
     console.log(`launcher exited ${Date.now() - killedAt} ms after the SIGKILL`);
@@ -356,31 +364,7 @@ describe('difflora launch … train: faults and resume', () => {
 
   it('a hung worker (SIGSTOP): the others fail after --timeout, the launcher exits naming the rank, nothing is left', async () => {
     const out = join(tmp, 'hung');
-    const { child, done } = spawnCli(['launch', '--num_processes', '2', '--main_process_port', String(await freePort()), '--timeout', '5',
-      ...args(out, '--max_train_steps=400')]);
-    let stopped: number | undefined;
-    let stoppedAt = 0;
-    const pids = new Set<number>();
-    const timer = setInterval(() => {
-      for (const r of [0, 1]) {
-        const pid = workerPid(child.pid!, r);
-        if (pid !== undefined) pids.add(pid);
-      }
-      if (stopped === undefined && existsSync(join(out, 'checkpoint-2'))) {
-        stopped = workerPid(child.pid!, 1);
-        if (stopped !== undefined) {
-          process.kill(stopped, 'SIGSTOP');
-          stoppedAt = Date.now();
-        }
-      }
-    }, 2);
-    let r: CliResult;
-    try {
-      r = await done;
-    } finally {
-      clearInterval(timer);
-      if (stopped !== undefined && alive(stopped)) process.kill(stopped, 'SIGKILL'); // never leave a stopped process behind
-    }
+    const { r, signalled: stopped, at: stoppedAt, pids } = await launchAndSignal(5, args(out, '--max_train_steps=400'), out, 'SIGSTOP');
     expect(stopped, r.stderr).toBeDefined();
     console.log(`launcher exited ${Date.now() - stoppedAt} ms after the SIGSTOP (--timeout 5)`);
     expect(Date.now() - stoppedAt).toBeLessThan(5_000 + 5_000 + 10_000); // the timeout, the launcher's grace, a loaded machine

@@ -22,7 +22,7 @@ import * as torch from '../lib/torch.js';
 import { loraNamedParameters, type LoraComponents } from '../lib/training/lora_components.js';
 import { DREAMBOOTH_UNET_LORA_TARGETS, attachTextEncoderLora } from '../lib/training/models.js';
 import { Accumulator, predictNoise, priorPreservationStep, type TrainingStep } from '../lib/training/step.js';
-import { fixtures, goldenFile, relErr } from './helpers.js';
+import { fixtures, goldenFile, relErr, updateError, worstGradError } from './helpers.js';
 
 const tinySd = join(fixtures, 'tiny-sd');
 const goldens = join(fixtures, 'goldens');
@@ -108,25 +108,11 @@ describe('train_dreambooth_lora.py step (goldens/dreambooth_train)', () => {
       instance: Math.abs(l.instanceLoss - s.instance_loss) / s.instance_loss,
       prior: Math.abs(l.priorLoss - s.prior_loss) / s.prior_loss,
     };
-    let gradErr = { err: 0, name: '' };
-    tidy(() => {
-      for (const [n, p] of loraNamedParameters(components)) {
-        if (!p.grad) throw new Error(`no gradient for ${n}`);
-        const e = relErr(p.grad, g(`grad/${goldenName(n)}`));
-        if (e > gradErr.err) gradErr = { err: e, name: n };
-      }
-    });
+    const gradErr = worstGradError(loraNamedParameters(components), (n) => g(`grad/${goldenName(n)}`));
+    expect(gradErr.withoutGrad).toEqual([]);
     const r = acc.afterBackward();
     const normErr = Math.abs((r?.gradNorm ?? NaN) - s.grad_norm_preclip) / s.grad_norm_preclip;
-    let updRel = 0;
-    let updAbs = 0;
-    tidy(() => {
-      for (const [n, p] of loraNamedParameters(components)) {
-        const ref = updated.get(fileKey(n));
-        updRel = Math.max(updRel, relErr(p, ref));
-        updAbs = Math.max(updAbs, p.sub(ref).abs().max().item());
-      }
-    });
+    const { rel: updRel, abs: updAbs } = updateError(loraNamedParameters(components), (n) => updated.get(fileKey(n)));
     console.log('dreambooth step', { lossErr, gradErr, normErr, updRel, updAbs, updAbsOverLr: updAbs / LR });
     expect(lossErr.loss).toBeLessThan(1e-6);
     expect(lossErr.instance).toBeLessThan(1e-6);

@@ -61,3 +61,33 @@ export async function makeImageFolder(dir: string, n: number): Promise<string[]>
   writeFileSync(join(dir, 'metadata.jsonl'), lines.join('\n'));
   return files;
 }
+
+/**
+ * The worst relative error of the gradients of `named` against the golden ones (`goldenGrad(name)`; undefined: the
+ * golden has none), and the names that have no gradient here.
+ */
+export function worstGradError(named: [string, Tensor][], goldenGrad: (name: string) => Tensor): { err: number; name: string; withoutGrad: string[] } {
+  const worst = { err: 0, name: '', withoutGrad: [] as string[] };
+  tidy(() => {
+    for (const [n, p] of named) {
+      if (!p.grad) { worst.withoutGrad.push(n); continue; }
+      const e = relErr(p.grad, goldenGrad(n));
+      if (e > worst.err) { worst.err = e; worst.name = n; }
+    }
+  });
+  return worst;
+}
+
+/** The parameters after an update against the golden ones: worst relative error and worst absolute element difference. */
+export function updateError(named: [string, Tensor][], golden: (name: string) => Tensor): { rel: number; abs: number } {
+  let rel = 0;
+  let abs = 0;
+  tidy(() => {
+    for (const [n, p] of named) {
+      const ref = golden(n);
+      rel = Math.max(rel, relErr(p, ref));
+      abs = Math.max(abs, p.sub(ref).abs().max().item());
+    }
+  });
+  return { rel, abs };
+}

@@ -23,7 +23,7 @@ import { loraNamedParameters, loraTargets, type LoraComponents } from '../lib/tr
 import { attachTextEncoderLora } from '../lib/training/models.js';
 import { sdxlCondition, sdxlTimeIds } from '../lib/training/sdxl_step.js';
 import { Accumulator, loraTrainingStep, predictNoise, type TrainingStep } from '../lib/training/step.js';
-import { bitEqual, fixtures, goldenFile, relErr } from './helpers.js';
+import { bitEqual, fixtures, goldenFile, relErr, updateError, worstGradError } from './helpers.js';
 
 const tinySdxl = join(fixtures, 'tiny-sdxl');
 const goldens = join(fixtures, 'goldens');
@@ -119,26 +119,11 @@ for (const variant of ['unet', 'unet_te'] as const) {
       const loss = loraTrainingStep(step());
       const v = meta.variants[variant];
       const lossErr = Math.abs(loss - v.loss) / v.loss;
-      const withoutGrad: string[] = [];
-      let gradErr = { err: 0, name: '' };
-      tidy(() => {
-        for (const [n, p] of loraNamedParameters(components)) {
-          if (!p.grad) { withoutGrad.push(goldenName(n)); continue; }
-          const e = relErr(p.grad, g(`${variant}/grad/${goldenName(n)}`));
-          if (e > gradErr.err) gradErr = { err: e, name: n };
-        }
-      });
+      const gradErr = worstGradError(loraNamedParameters(components), (n) => g(`${variant}/grad/${goldenName(n)}`));
+      const withoutGrad = gradErr.withoutGrad.map(goldenName);
       const r = acc.afterBackward();
       const normErr = Math.abs((r?.gradNorm ?? NaN) - v.grad_norm_preclip) / v.grad_norm_preclip;
-      let updRel = 0;
-      let updAbs = 0;
-      tidy(() => {
-        for (const [n, p] of loraNamedParameters(components)) {
-          const ref = updated.get(fileKey(n));
-          updRel = Math.max(updRel, relErr(p, ref));
-          updAbs = Math.max(updAbs, p.sub(ref).abs().max().item());
-        }
-      });
+      const { rel: updRel, abs: updAbs } = updateError(loraNamedParameters(components), (n) => updated.get(fileKey(n)));
       console.log(`sdxl ${variant} step`, { lossErr, gradErr, normErr, updRel, updAbs, updAbsOverLr: updAbs / LR, withoutGrad: withoutGrad.length });
       expect(lossErr).toBeLessThan(1e-5);
       expect(withoutGrad.sort()).toEqual([...v.params_without_grad].sort());
