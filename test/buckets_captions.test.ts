@@ -185,6 +185,21 @@ describe('caption files and N_name repeat folders', () => {
     await png(p('partial', 'v.png'), 20, 20, 1);
     fs.writeFileSync(p('partial', 'u.txt'), 'u');
     expect(() => detectLayout(p('partial'), '.txt')).toThrow(/1 of 2 images have no \.txt caption file \(--caption_extension\), e\.g\. 'v\.png'/);
+ 
+  });
+
+  it('a symbolic link out of the folder (an image or a caption file) is refused, naming it', async () => {
+    fs.mkdirSync(p('outside'));
+    await png(p('outside', 'secret.png'), 20, 20, 1);
+    fs.writeFileSync(p('outside', 'secret.txt'), 'secret');
+    fs.mkdirSync(p('links', '1_x'), { recursive: true });
+    fs.symlinkSync(p('outside', 'secret.png'), p('links', '1_x', 'in.png'));
+    const layout = detectLayout(p('links'), '.txt');
+    expect(() => loadCaptionFolder(p('links'), layout as Exclude<typeof layout, { kind: 'imagefolder' }>, '.txt')).toThrow(/image '.*in\.png' resolves to '.*secret\.png', outside the dataset folder/);
+    fs.rmSync(p('links', '1_x', 'in.png'));
+    await png(p('links', '1_x', 'in.png'), 20, 20, 1);
+    fs.symlinkSync(p('outside', 'secret.txt'), p('links', '1_x', 'in.txt'));
+    expect(() => loadCaptionFolder(p('links'), layout as Exclude<typeof layout, { kind: 'imagefolder' }>, '.txt')).toThrow(/caption file '.*in\.txt' resolves to/);
   });
 });
 

@@ -12,6 +12,7 @@
 // Every random choice comes from the item's own Rng (seed, epoch, position), after its crop and flip draws.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { placeInside, realRoot } from './dataset_files.js';
 import { IMAGE_EXTENSIONS, type Dataset, type DatasetItem } from './imagefolder.js';
 import type { Rng } from './transforms.js';
 
@@ -66,7 +67,7 @@ export function readCaptionFile(file: string): string {
 /** The images directly inside a folder (hidden names skipped), sorted by name. */
 function imagesIn(dir: string): string[] {
   return fs.readdirSync(dir, { withFileTypes: true })
-    .filter((e) => !e.name.startsWith('.') && isImage(e.name) && (e.isFile() || (e.isSymbolicLink() && fs.statSync(path.join(dir, e.name)).isFile())))
+    .filter((e) => !e.name.startsWith('.') && isImage(e.name) && (e.isFile() || e.isSymbolicLink()))
     .map((e) => e.name).sort().map((n) => path.join(dir, n));
 }
 
@@ -140,11 +141,20 @@ export interface CaptionFileDataset extends Dataset {
  */
 export function loadCaptionFolder(dir: string, layout: Exclude<FolderLayout, { kind: 'imagefolder' }>, captionExtension: string): CaptionFileDataset {
   const folders = layout.kind === 'repeat-folders' ? layout.folders : [{ dir: path.resolve(dir), repeats: 1, classTokens: '' }];
+  const real = realRoot(path.resolve(dir));
+  // a dataset only reads its own files: a symbolic link out of the folder (or dangling) is named, as imagefolder's
+  const inside = (p: string, what: string) => {
+    const placed = placeInside(real, p);
+    if (!placed.ok) throw new Error(`--train_data_dir '${dir}': ${what} '${p}' ${placed.why}`);
+  };
   const items: DatasetItem[] = [];
   let images = 0;
   for (const f of folders) {
+    inside(f.dir, 'folder');
     for (const imagePath of imagesIn(f.dir)) {
+      inside(imagePath, 'image');
       const file = captionFileOf(imagePath, captionExtension);
+      if (file !== undefined) inside(file, 'caption file');
       const caption = file !== undefined ? readCaptionFile(file) : f.classTokens;
       images += 1;
       for (let r = 0; r < f.repeats; r++) items.push({ imagePath, captions: [caption] });
