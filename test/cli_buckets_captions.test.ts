@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runMain as run, tinySd } from './cli_helpers.js';
+import { freePort, runCli, runMain as run, tinySd } from './cli_helpers.js';
 import { fixtures } from './helpers.js';
 
 const tinySdxl = join(fixtures, 'tiny-sdxl');
@@ -62,6 +62,16 @@ describe('difflora train with sd-scripts folders, captions and buckets', () => {
     expect(again.code, again.err).toBe(0);
     expect([...again.err.matchAll(/^step (\d+)\//gm)].map((m) => Number(m[1]))).toEqual([3, 4]);
     expect(readFileSync(join(resumed, 'pytorch_lora_weights.safetensors')).equals(readFileSync(join(straight, 'pytorch_lora_weights.safetensors')))).toBe(true);
+  }, 600_000);
+
+  it('data-parallel: `difflora launch --num_processes 2 train --enable_bucket` (every process as many batches) trains', async () => {
+    const out = join(tmp, 'two');
+    const r = await runCli(['launch', '--num_processes', '2', '--main_process_port', String(await freePort()), '--timeout', '60',
+      ...trainArgs(out, '--max_train_steps=3').filter((a) => a !== '--max_train_steps=4')]);
+    expect(r.code, r.stderr).toBe(0);
+    expect(existsSync(join(out, 'pytorch_lora_weights.safetensors'))).toBe(true);
+    const steps = readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => (JSON.parse(l) as { step: number }).step);
+    expect(steps).toEqual([1, 2, 3]);
   }, 600_000);
 
   it('train-sdxl trains on buckets (time ids from each bucket: unit-tested in buckets_captions.test.ts)', async () => {
