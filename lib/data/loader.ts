@@ -175,6 +175,21 @@ export class ImageCaptionLoader {
   /** Batches per epoch when nothing is skipped (ceil, the last batch may be partial; with buckets, Σ ceil(n_bucket / batch)). */
   get batchesPerEpoch(): number { return this.localBatches; }
 
+  /**
+   * Where dataset item `index` is cropped, whatever the epoch: its crop size [height, width] (the square resolution,
+   * or its bucket) and, with buckets, the size it is resized to first ([width, height]; undefined: the cover of the
+   * bucket, or the shorter side at the resolution). With a center crop an item's views are these and a flip (Batch's
+   * targetSizes, cropTopLeft and flipped say which one a batch used): what a latent cache keys on.
+   */
+  viewOf(index: number): { targetSize: [number, number]; resized?: readonly [number, number] } {
+    if (!Number.isInteger(index) || index < 0 || index >= this.dataset.length) throw new RangeError(`dataset index ${index} out of range [0, ${this.dataset.length})`);
+    const plan = this.buckets;
+    if (!plan) return { targetSize: [this.resolution, this.resolution] };
+    const [w, h] = plan.resos[plan.bucketOf[index]!]!;
+    const resized = plan.resized[index];
+    return { targetSize: [h, w], ...(resized ? { resized } : {}) };
+  }
+
   /** The state to save with a checkpoint: what next() will return depends only on it. */
   getState(): LoaderState { return { epoch: this.epoch, position: this.position, seed: this.seed }; }
 
