@@ -1,5 +1,7 @@
-// The training data of the loop: a dataset (imagefolder today), the prefetching loader with its resumable
-// state, and each batch turned into tensors (pixel values, tokenized captions) on the training device.
+// The training data of the loop: a dataset (an imagefolder, sd-scripts' N_name repeat folders or caption files, or
+// parquet files), the prefetching loader with its resumable state (caption dropout and shuffling, aspect-ratio
+// buckets: lib/data/captions.ts, buckets.ts), and each batch turned into tensors (pixel values, tokenized captions)
+// on the training device.
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
 import { loadParquetDataset } from '../data/parquet_dataset.js';
