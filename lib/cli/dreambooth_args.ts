@@ -5,6 +5,8 @@ import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
 import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
+import { BUCKETS_CAPTIONS_FLAGS } from './buckets_captions_flags.js';
+import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 const dflt = (key: string): string | number | boolean => D[key] as string | number | boolean;
 
@@ -45,6 +47,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   validation_images: { kind: 'string', group: 'Validation', describe: 'Images for image-conditioned validation (DeepFloyd IF). Refused: difflora has no such pipeline.' },
   class_labels_conditioning: { kind: 'string', group: 'Model', describe: "'timesteps': the timesteps as the UNet's class labels (only UNets with a class embedding use them; SD's have none)." },
   rank: shared('rank'),
+  ...BUCKETS_CAPTIONS_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };
@@ -67,7 +70,7 @@ export function parseDreamBoothArgs(argv: readonly string[], env: NodeJS.Process
     warnings.push(...dreamBoothWarnings(options));
     if (r.class_labels_conditioning !== undefined) warnings.push(`--class_labels_conditioning=${String(r.class_labels_conditioning)}: no effect on this UNet (it has no class embedding; diffusers ignores the labels the same way)`);
     return [
-      ...dreamBoothProblems(options, 'flag'), ...refusedHubAndReport(r),
+      ...dreamBoothProblems(options, 'flag'), ...refusedHubAndReport(r), ...bucketsCaptionsProblems({ resolution: D.resolution, ...options }, 'flag'),
       ...(r.validation_images !== undefined ? ['--validation_images is for image-conditioned pipelines (DeepFloyd IF super-resolution), which difflora does not have'] : []),
     ];
   });

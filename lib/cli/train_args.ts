@@ -6,6 +6,8 @@ import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
 } from '../training/options.js';
+import { bucketsCaptionsProblems, type BucketsCaptionsOptions } from '../training/buckets_captions_options.js';
+import { BUCKETS_CAPTIONS_FLAGS, bucketsCaptionsArgs } from './buckets_captions_flags.js';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
 export class UsageError extends Error {
@@ -21,7 +23,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs {
+export interface TrainArgs extends BucketsCaptionsOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -172,6 +174,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 /** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
+  ...BUCKETS_CAPTIONS_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 /** A command's flags: its name (in messages) and its flag table. */
@@ -397,9 +400,11 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     warnings,
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
+    ...bucketsCaptionsArgs(r),
   };
   // every value in its domain (the library checks the same), all problems at once
   const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  domainProblems.push(...bucketsCaptionsProblems({ ...args }, 'flag'));
   if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
   // a flag whose value is not even a number is said once, by the token check
   const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];

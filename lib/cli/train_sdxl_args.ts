@@ -1,6 +1,7 @@
 // The flags of diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py (0.31), same names, defaults and
 // meaning, parsed into the library's SdxlTrainOptions. The flags it shares with train_text_to_image_lora.py keep their
 // help from train_args.ts; flags that cannot act here are refused (exit 2), every problem listed at once.
+import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
 import { SDXL_TRAIN_DEFAULTS as D, SDXL_TRAIN_OPTION_RULES, sdxlTrainProblems, type SdxlTrainOptions } from '../training/sdxl_options.js';
 import { DIFFLORA_FLAGS, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
@@ -55,7 +56,7 @@ export function parseSdxlTrainArgs(argv: readonly string[], env: NodeJS.ProcessE
       warnings.push(`--dataset_config_name=${String(r.dataset_config_name)}: not used; difflora reads the parquet files of the train split under --dataset_name (point --dataset_name at the configuration's folder to pick one)`);
     }
     return [
-      ...(builtinDefault ? [] : sdxlTrainProblems(options, 'flag')), ...refusedHubAndReport(r),
+      ...(builtinDefault ? [] : sdxlTrainProblems(options, 'flag')), ...refusedHubAndReport(r), ...bucketsCaptionsProblems({ resolution: D.resolution, ...options }, 'flag'),
       ...(r.enable_npu_flash_attention === true ? ['--enable_npu_flash_attention needs an Ascend NPU (torch_npu); difflora runs on CPUs and CUDA GPUs (use --enable_xformers_memory_efficient_attention)'] : []),
     ];
   });

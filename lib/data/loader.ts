@@ -15,10 +15,19 @@
 // epoch's order is cut into batches of batchSize, process r takes batches r, r + N, r + 2N …, and the tail is padded
 // with the order's first items so every process gets the same number of full batches. Positions stay global: an
 // item's draws are keyed by its position in the whole epoch's order, whichever process reads it.
+//
+// Aspect-ratio buckets (`buckets`, lib/data/buckets.ts; sd-scripts' BucketManager): each epoch, every bucket's items
+// are shuffled (seed, epoch, 1, bucket) and cut into batches of batchSize (the last one of a bucket may be partial),
+// and the batches are shuffled (seed, epoch, 2, 0); every batch holds one bucket, so one shape, and every item comes
+// once per epoch. With several processes every batch is filled up from its own bucket (wrapping around), process
+// r takes batches r, r + N, … and the list wraps to its first batches so every process has as many; positions are
+// then g·batchSize + j for global batch g.
 import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
 import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
 import { DATA_DEFAULTS } from './defaults.js';
+import type { BucketPlan } from './buckets.js';
+import { CAPTION_DEFAULTS, processCaption, varies, type CaptionOptions } from './captions.js';
 
 export interface LoaderState {
   epoch: number;
@@ -52,16 +61,24 @@ export interface LoaderOptions {
   skipBroken?: boolean;
   /** This process's share of each epoch (data-parallel training); default the whole epoch. */
   shard?: { rank: number; worldSize: number };
+  /** Caption dropout and tag shuffling (lib/data/captions.ts), drawn after the crop and flip; default none. */
+  captions?: CaptionOptions;
+  /** Aspect-ratio buckets: each dataset item's bucket (lib/data/buckets.ts); each batch then holds one bucket. */
+  buckets?: BucketPlan;
 }
 
 export interface Batch {
-  /** float32 B·3·R·R, NCHW, in [-1, 1]. */
+  /** float32 B·3·H·W, NCHW, in [-1, 1] (H = W = resolution without buckets; the batch's bucket with). */
   pixelValues: Float32Array;
   shape: [number, number, number, number];
   captions: string[];
   imagePaths: string[];
   cropTopLeft: [number, number][];
   originalSizes: [number, number][];
+  /** Each item's crop size, [height, width] (the same for every item of a batch): what SDXL's time ids take as target size. */
+  targetSizes: [number, number][];
+  /** Whether each item was flipped (with cropTopLeft and targetSizes, the item's view: what a latent cache keys on). */
+  flipped: boolean[];
   /** Each item's (epoch, position in the epoch's global order): what its random draws are keyed by. */
   keys: [number, number][];
 }
@@ -81,7 +98,8 @@ export class ImageCaptionLoader {
   /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
   readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
-  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard'>>;
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard' | 'buckets'>>;
+  private readonly buckets: BucketPlan | undefined;
   private readonly shard: { rank: number; worldSize: number };
   /** Items this process reads per epoch (the dataset's length, or its shard's, padded, with several processes). */
   readonly epochLength: number;
@@ -89,7 +107,7 @@ export class ImageCaptionLoader {
   private epoch = 0;
   private position = 0;
   /** Epoch orders in use (the consumer's epoch and, when decoding runs ahead across the boundary, the next). */
-  private orders = new Map<number, Uint32Array>();
+  private orders = new Map<number, Schedule>();
   /** Decodes started ahead, in consumption order, starting at (epoch, position). */
   private queue: Pending[] = [];
   private busy: Promise<unknown> = Promise.resolve();
@@ -112,7 +130,12 @@ export class ImageCaptionLoader {
       prefetch: workers !== undefined ? 2 * workers * options.batchSize : Math.max(0, options.prefetch ?? 2 * options.batchSize),
       concurrency: workers !== undefined ? Math.max(1, workers) : Math.max(1, options.concurrency ?? Infinity),
       skipBroken: options.skipBroken ?? DATA_DEFAULTS.skipBroken,
+      captions: options.captions ?? CAPTION_DEFAULTS,
     };
+    this.buckets = options.buckets;
+    if (this.buckets && this.buckets.bucketOf.length !== dataset.length) {
+      throw new RangeError(`buckets: a plan of ${this.buckets.bucketOf.length} items for a dataset of ${dataset.length}`);
+    }
     this.shard = options.shard ?? { rank: 0, worldSize: 1 };
     const { rank, worldSize } = this.shard;
     if (!Number.isInteger(worldSize) || worldSize < 1 || !Number.isInteger(rank) || rank < 0 || rank >= worldSize) {
@@ -120,25 +143,52 @@ export class ImageCaptionLoader {
     }
     if (worldSize > 1 && this.opts.skipBroken) throw new Error('skipBroken is not supported with several processes (the shards would fall out of step)');
     // accelerate: ceil(ceil(n / B) / N) batches per process, all full
-    this.epochLength = worldSize === 1 ? dataset.length : Math.ceil(Math.ceil(dataset.length / this.batchSize) / worldSize) * this.batchSize;
+    const batches = this.buckets ? bucketBatchCount(this.buckets, this.batchSize) : Math.ceil(dataset.length / this.batchSize);
+    this.epochLength = worldSize === 1 ? dataset.length : Math.ceil(batches / worldSize) * this.batchSize;
+    this.localBatches = worldSize === 1 ? batches : Math.ceil(batches / worldSize);
   }
+
+  private readonly localBatches: number;
 
   /**
    * The dataset index and global position of this process's `local`-th item of `epoch`: global batch k holds the N
    * processes' batches in rank order; positions past the dataset are the order's first items again (even batches).
    */
-  private itemAt(epoch: number, local: number): { index: number; position: number } {
-    const order = this.orderOf(epoch);
-    if (this.shard.worldSize === 1) return { index: order[local]!, position: local };
+  private itemAt(epoch: number, local: number): { index: number; position: number; bucket: number } {
+    const schedule = this.orderOf(epoch);
+    if (schedule.bucketed) return { index: schedule.index[local]!, position: schedule.position[local]!, bucket: schedule.bucket[local]! };
+    const order = schedule.index;
+    if (this.shard.worldSize === 1) return { index: order[local]!, position: local, bucket: -1 };
     const B = this.batchSize;
     const W = this.shard.worldSize;
     const position = Math.floor(local / B) * W * B + this.shard.rank * B + (local % B);
     const n = this.dataset.length;
-    return { index: order[position < n ? position : (position - n) % Math.min(n, W * B)]!, position };
+    return { index: order[position < n ? position : (position - n) % Math.min(n, W * B)]!, position, bucket: -1 };
   }
 
-  /** Batches per epoch when nothing is skipped (ceil, the last batch may be partial). */
-  get batchesPerEpoch(): number { return Math.ceil(this.epochLength / this.batchSize); }
+  /** Where the batch holding this process's `local`-th item of `epoch` ends (buckets); otherwise batches are cut by count. */
+  private batchEnd(epoch: number, local: number): number {
+    const s = this.orderOf(epoch);
+    return s.bucketed ? s.batchEnd[local]! : Math.min(this.epochLength, local + this.batchSize);
+  }
+
+  /** Batches per epoch when nothing is skipped (ceil, the last batch may be partial; with buckets, Σ ceil(n_bucket / batch)). */
+  get batchesPerEpoch(): number { return this.localBatches; }
+
+  /**
+   * Where dataset item `index` is cropped, whatever the epoch: its crop size [height, width] (the square resolution,
+   * or its bucket) and, with buckets, the size it is resized to first ([width, height]; undefined: the cover of the
+   * bucket, or the shorter side at the resolution). With a center crop an item's views are these and a flip (Batch's
+   * targetSizes, cropTopLeft and flipped say which one a batch used): what a latent cache keys on.
+   */
+  viewOf(index: number): { targetSize: [number, number]; resized?: readonly [number, number] } {
+    if (!Number.isInteger(index) || index < 0 || index >= this.dataset.length) throw new RangeError(`dataset index ${index} out of range [0, ${this.dataset.length})`);
+    const plan = this.buckets;
+    if (!plan) return { targetSize: [this.resolution, this.resolution] };
+    const [w, h] = plan.resos[plan.bucketOf[index]!]!;
+    const resized = plan.resized[index];
+    return { targetSize: [h, w], ...(resized ? { resized } : {}) };
+  }
 
   /** The state to save with a checkpoint: what next() will return depends only on it. */
   getState(): LoaderState { return { epoch: this.epoch, position: this.position, seed: this.seed }; }
@@ -168,12 +218,18 @@ export class ImageCaptionLoader {
     if (this.position >= this.epochLength) { this.epoch += 1; this.position = 0; }
   }
 
-  private orderOf(epoch: number): Uint32Array {
+  private orderOf(epoch: number): Schedule {
     let order = this.orders.get(epoch);
     if (order === undefined) {
       const n = this.dataset.length;
-      if (this.opts.shuffle) order = permutation(n, deriveSeed(this.seed, epoch));
-      else { order = new Uint32Array(n); for (let i = 0; i < n; i++) order[i] = i; }
+      if (this.buckets) {
+        order = bucketSchedule(this.buckets, this.batchSize, this.seed, epoch, this.opts.shuffle, this.shard, this.epochLength);
+      } else {
+        let index: Uint32Array;
+        if (this.opts.shuffle) index = permutation(n, deriveSeed(this.seed, epoch));
+        else { index = new Uint32Array(n); for (let i = 0; i < n; i++) index[i] = i; }
+        order = { bucketed: false, index };
+      }
       for (const e of [...this.orders.keys()]) if (e < this.epoch) this.orders.delete(e);
       this.orders.set(epoch, order);
     }
@@ -188,7 +244,7 @@ export class ImageCaptionLoader {
     const at = this.itemAt(epoch, position);
     const item = this.dataset.get(at.index);
     const rng = new Rng(deriveSeed(this.seed, epoch, at.position));
-    return { epoch, position, promise: gate.then(() => this.decode(item, rng, [epoch, at.position])), begin, started: false };
+    return { epoch, position, promise: gate.then(() => this.decode(item, rng, [epoch, at.position], at.index, at.bucket)), begin, started: false };
   }
 
   /** Begins queued decodes, oldest first, while fewer than `concurrency` run. */
@@ -205,8 +261,12 @@ export class ImageCaptionLoader {
     }
   }
 
-  private decode(item: DatasetItem, rng: Rng, key: [number, number]): Promise<Outcome> {
+  private decode(item: DatasetItem, rng: Rng, key: [number, number], index: number, bucket: number): Promise<Outcome> {
+    const plan = this.buckets;
+    const reso = plan && bucket >= 0 ? plan.resos[bucket]! : undefined;
+    const resized = plan?.resized[index];
     const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
+      ...(reso ? { target: { width: reso[0], height: reso[1], ...(resized ? { resized } : {}) } } : {}),
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
       randomFlip: this.opts.randomFlip,
@@ -215,7 +275,8 @@ export class ImageCaptionLoader {
       rng,
     }).then(
       (image): Outcome => {
-        const caption = item.captions.length === 1 ? item.captions[0]! : item.captions[rng.nextInt(item.captions.length)]!;
+        const chosen = item.captions.length === 1 ? item.captions[0]! : item.captions[rng.nextInt(item.captions.length)]!;
+        const caption = varies(this.opts.captions) ? processCaption(chosen, this.opts.captions, rng) : chosen;
         return { ok: true, image, caption, imagePath: item.imagePath, key };
       },
       (e: unknown): Outcome => ({
@@ -244,7 +305,6 @@ export class ImageCaptionLoader {
 
   private async nextBatch(): Promise<Batch> {
     const n = this.epochLength;
-    const R = this.resolution;
     const good: Decoded[] = [];
     let consecutiveFailures = 0;
     // Work on a cursor and commit (epoch, position, queue) only when the batch is complete, so a thrown
@@ -253,12 +313,17 @@ export class ImageCaptionLoader {
     let position = this.position;
     let consumed = 0;
     const skippedHere: Failed[] = [];
+    // with buckets a batch is the items up to its end (one bucket), however many are good; without, batchSize good items
+    let end = this.buckets ? this.batchEnd(epoch, position < n ? position : 0) : Infinity;
     for (;;) {
       if (good.length === this.batchSize) break;
+      if (position >= end && good.length > 0) break;
       if (position >= n) {
         if (good.length > 0) break; // last, partial batch of the epoch
         epoch += 1; position = 0;   // everything left in the epoch was broken: go on into the next one
+        if (this.buckets) end = this.batchEnd(epoch, 0);
       }
+      if (this.buckets && position >= end) end = this.batchEnd(epoch, position); // the batch was all broken: the next one
       // Keep `prefetch` decodes in flight beyond the one awaited now.
       this.fill(consumed + 1 + this.opts.prefetch);
       const pending = this.queue[consumed]!;
@@ -287,17 +352,83 @@ export class ImageCaptionLoader {
     this.fill(this.opts.prefetch);
 
     const B = good.length;
-    const per = 3 * R * R;
+    const [H, W] = good[0]!.image.targetSize;
+    const per = 3 * H * W;
     const pixelValues = new Float32Array(B * per);
-    good.forEach((g, i) => pixelValues.set(g.image.data, i * per));
+    good.forEach((g, i) => {
+      if (g.image.targetSize[0] !== H || g.image.targetSize[1] !== W) throw new Error(`internal: a batch of ${H}×${W} images holds one of ${g.image.targetSize.join('×')}`);
+      pixelValues.set(g.image.data, i * per);
+    });
     return {
       pixelValues,
-      shape: [B, 3, R, R],
+      shape: [B, 3, H, W],
       captions: good.map((g) => g.caption),
       imagePaths: good.map((g) => g.imagePath),
       cropTopLeft: good.map((g) => g.image.cropTopLeft),
       originalSizes: good.map((g) => g.image.originalSize),
+      targetSizes: good.map((g) => g.image.targetSize),
+      flipped: good.map((g) => g.image.flipped),
       keys: good.map((g) => g.key),
     };
   }
+}
+
+/** An epoch's order: dataset indices in consumption order, and with buckets each item's key position, bucket and batch end. */
+type Schedule =
+  | { bucketed: false; index: Uint32Array }
+  | { bucketed: true; index: Uint32Array; position: Float64Array; bucket: Int32Array; batchEnd: Uint32Array };
+
+/** Each bucket's items, in dataset order. */
+function bucketMembers(plan: BucketPlan): number[][] {
+  const members: number[][] = plan.resos.map(() => []);
+  plan.bucketOf.forEach((b, i) => members[b]!.push(i));
+  return members;
+}
+
+/** Σ over buckets of ceil(n_b / batchSize): the batches of an epoch. */
+export function bucketBatchCount(plan: BucketPlan, batchSize: number): number {
+  return bucketMembers(plan).reduce((s, m) => s + Math.ceil(m.length / batchSize), 0);
+}
+
+/** One epoch of bucketed batches for this process (see the header): what itemAt reads. */
+function bucketSchedule(
+  plan: BucketPlan, B: number, seed: number, epoch: number, shuffle: boolean, shard: { rank: number; worldSize: number }, length: number,
+): Schedule {
+  const members = bucketMembers(plan).map((m, b) => {
+    if (!shuffle) return m;
+    const perm = permutation(m.length, deriveSeed(seed, epoch, 1, b));
+    return Array.from(perm, (k) => m[k]!);
+  });
+  const W = shard.worldSize;
+  // the batches: (bucket, first item, size); with several processes every batch is full (its bucket wraps around)
+  const batches: { bucket: number; items: number[] }[] = [];
+  members.forEach((m, b) => {
+    for (let k = 0; k * B < m.length; k++) {
+      const size = W === 1 ? Math.min(B, m.length - k * B) : B;
+      batches.push({ bucket: b, items: Array.from({ length: size }, (_, j) => m[(k * B + j) % m.length]!) });
+    }
+  });
+  const order = shuffle ? permutation(batches.length, deriveSeed(seed, epoch, 2, 0)) : Uint32Array.from(batches, (_, i) => i);
+  const index = new Uint32Array(length);
+  const position = new Float64Array(length);
+  const bucket = new Int32Array(length);
+  const batchEnd = new Uint32Array(length);
+  let local = 0;
+  let global = 0;
+  const localBatches = W === 1 ? batches.length : length / B;
+  for (let k = 0; k < localBatches; k++) {
+    const g = W === 1 ? k : k * W + shard.rank; // process r takes global batches r, r + N, …; past the end, the first ones again
+    const batch = batches[order[g % batches.length]!]!;
+    const start = local;
+    batch.items.forEach((item, j) => {
+      index[local] = item;
+      position[local] = W === 1 ? global + j : g * B + j;
+      bucket[local] = batch.bucket;
+      local += 1;
+    });
+    batchEnd.fill(local, start, local);
+    global += batch.items.length;
+  }
+  if (local !== length) throw new Error(`internal: a bucketed epoch of ${local} items, expected ${length}`);
+  return { bucketed: true, index, position, bucket, batchEnd };
 }

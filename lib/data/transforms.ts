@@ -7,6 +7,7 @@
 import sharp from 'sharp';
 import { readRegularFileAsync } from '../io/read_async.js';
 import { DATA_DEFAULTS } from './defaults.js';
+import { coverSize } from './buckets.js';
 
 /**
  * A small seedable PRNG (mulberry32: 32-bit state, so the whole state is one number for exact resume).
@@ -85,11 +86,19 @@ export interface TransformOptions {
   interpolation?: Interpolation;
   /** Needed for random crops and flips (draws: crop top, crop left, then flip). */
   rng?: Rng;
+  /**
+   * An aspect-ratio bucket (lib/data/buckets.ts) instead of the square `resolution`: the image is resized to
+   * `resized` (default: just covering the bucket, sd-scripts' rule) and cropped to width × height (a center crop
+   * at ⌊excess / 2⌋ as sd-scripts' trim, or a random one).
+   */
+  target?: { width: number; height: number; resized?: readonly [number, number] };
 }
 
 export interface TrainImage {
-  /** float32 CHW, 3·R·R, in [-1, 1]. */
+  /** float32 CHW, 3·H·W (H = W = R without a bucket), in [-1, 1]. */
   data: Float32Array;
+  /** The size of the crop, [height, width]: [R, R], or the bucket's. */
+  targetSize: [number, number];
   /** Where the crop starts in the resized image, [top, left] (the script's crop_top_left). */
   cropTopLeft: [number, number];
   flipped: boolean;
@@ -195,7 +204,14 @@ export async function loadTrainImage(file: string, options: TransformOptions): P
   if ((!centerCrop || randomFlip) && rng === undefined) throw new Error('loadTrainImage: random crop or flip needs an rng');
 
   const src = await decodeRgb(file);
-  const [W, H] = resizedSize(src.width, src.height, R);
+  const t = options.target;
+  if (t !== undefined && (!Number.isInteger(t.width) || t.width < 1 || !Number.isInteger(t.height) || t.height < 1)) {
+    throw new RangeError(`bucket size must be positive integers, got ${t.width}×${t.height}`);
+  }
+  const TW = t ? t.width : R;
+  const TH = t ? t.height : R;
+  const [W, H] = t ? (t.resized ? [t.resized[0], t.resized[1]] : coverSize(src.width, src.height, [TW, TH])) : resizedSize(src.width, src.height, R);
+  if (W < TW || H < TH) throw new RangeError(`internal: ${file} resized to ${W}×${H} cannot be cropped to ${TW}×${TH}`);
   let resized: Buffer;
   if (W === src.width && H === src.height) {
     resized = src.data;
@@ -212,28 +228,29 @@ export async function loadTrainImage(file: string, options: TransformOptions): P
 
   let top: number, left: number;
   if (centerCrop) {
-    top = roundHalfEven((H - R) / 2);
-    left = roundHalfEven((W - R) / 2);
+    // torchvision's CenterCrop rounds half to even; sd-scripts' bucket trim floors
+    top = t ? Math.floor((H - TH) / 2) : roundHalfEven((H - R) / 2);
+    left = t ? Math.floor((W - TW) / 2) : roundHalfEven((W - R) / 2);
   } else {
-    top = rng!.nextInt(H - R + 1);
-    left = rng!.nextInt(W - R + 1);
+    top = rng!.nextInt(H - TH + 1);
+    left = rng!.nextInt(W - TW + 1);
   }
   const flipped = randomFlip ? rng!.nextFloat() < 0.5 : false;
-  // a crop at `left` of the flipped image is the mirror of the crop at W − R − left of the image
-  const sourceLeft = flipped && options.flipBeforeCrop ? W - R - left : left;
+  // a crop at `left` of the flipped image is the mirror of the crop at W − TW − left of the image
+  const sourceLeft = flipped && options.flipBeforeCrop ? W - TW - left : left;
 
-  const plane = R * R;
+  const plane = TH * TW;
   const data = new Float32Array(3 * plane);
-  for (let y = 0; y < R; y++) {
+  for (let y = 0; y < TH; y++) {
     const rowBase = ((top + y) * W + sourceLeft) * 3;
-    for (let x = 0; x < R; x++) {
-      const sx = flipped ? R - 1 - x : x;
+    for (let x = 0; x < TW; x++) {
+      const sx = flipped ? TW - 1 - x : x;
       const s = rowBase + sx * 3;
-      const d = y * R + x;
+      const d = y * TW + x;
       data[d] = LUT[resized[s]!]!;
       data[plane + d] = LUT[resized[s + 1]!]!;
       data[2 * plane + d] = LUT[resized[s + 2]!]!;
     }
   }
-  return { data, cropTopLeft: [top, left], flipped, originalSize: [src.height, src.width] };
+  return { data, targetSize: [TH, TW], cropTopLeft: [top, left], flipped, originalSize: [src.height, src.width] };
 }

@@ -16,6 +16,9 @@ import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { listImages } from './class_images.js';
 import type { TrainerData } from './trainer.js';
+import { captionExtensionOf, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
+import { captionFileOf, readCaptionFile, varies } from '../data/captions.js';
+import { bucketPlanFor, captionOptionsOf } from './train_data.js';
 
 /** A DreamBooth batch on the training device; the micro-step disposes it. */
 export interface DreamBoothBatch {
@@ -41,6 +44,13 @@ export interface DreamBoothDataOptions {
   seed: number | null;
   tokenizerMaxLength: number | null;
   useAttentionMask: boolean;
+  /**
+   * Captions and buckets (sd-scripts' flags): an instance image with a caption file (--caption_extension) is
+   * captioned by it instead of --instance_prompt; dropout and shuffling apply to every prompt used; with buckets the
+   * class image paired with an instance image is cropped to the instance image's bucket.
+   */
+  features?: ResolvedBucketsCaptions;
+  onNotice?: (message: string) => void;
 }
 
 /** How a prompt reaches the step: token ids (the tokenizer), or embeddings encoded once (--pre_compute_text_embeddings). */
@@ -56,14 +66,14 @@ export function imagesOf(dir: string, what: string, flag: string): string[] {
   return files;
 }
 
-/** A dataset of `length` items cycling through `files`, each captioned with `prompt`. */
-function cycling(files: string[], prompt: string, length: number): Dataset {
-  return { length, columns: ['image', 'text'], get: (i) => ({ imagePath: files[i % files.length]!, captions: [prompt] }) };
+/** A dataset of `length` items cycling through `files`, captioned with `prompts[file]` or else `prompt`. */
+function cycling(files: string[], prompt: string, length: number, prompts: readonly (string | undefined)[] = []): Dataset {
+  return { length, columns: ['image', 'text'], get: (i) => ({ imagePath: files[i % files.length]!, captions: [prompts[i % files.length] ?? prompt] }) };
 }
 
 const SEED_WHEN_UNSEEDED = 0;
 
-export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string): TrainerData<DreamBoothBatch> {
+export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string): Promise<TrainerData<DreamBoothBatch>> {
   const instances = imagesOf(o.instanceDataDir, 'Instance images', '--instance_data_dir');
   const classes = o.prior ? imagesOf(o.prior.dir, 'Class images', '--class_data_dir').slice(0, o.prior.numClassImages) : [];
   const length = Math.max(instances.length, classes.length);
@@ -71,8 +81,22 @@ export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSour
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: false,
     interpolation: 'bilinear' as const, seed: o.seed ?? SEED_WHEN_UNSEEDED, numWorkers: o.dataloaderNumWorkers,
   };
-  const loaders = [new ImageCaptionLoader(cycling(instances, o.instancePrompt, length), loaderOptions)];
-  if (o.prior) loaders.push(new ImageCaptionLoader(cycling(classes, o.prior.prompt, length), loaderOptions));
+  const f = o.features;
+  // caption files next to the instance images win over the instance prompt (sd-scripts' DreamBooth datasets)
+  const ext = f ? captionExtensionOf(f) : undefined;
+  const captions = instances.map((file) => { const c = ext === undefined ? undefined : captionFileOf(file, ext); return c === undefined ? undefined : readCaptionFile(c); });
+  const withFiles = captions.filter((c) => c !== undefined).length;
+  if (withFiles > 0) o.onNotice?.(`--instance_data_dir: ${withFiles} of ${instances.length} instance images captioned by their ${ext} files (the others by --instance_prompt)`);
+  if (prompts.kind === 'embeddings' && f && (withFiles > 0 || varies(captionOptionsOf(f)))) {
+    throw new Error(`--pre_compute_text_embeddings encodes --instance_prompt once: it cannot be used with ${withFiles > 0 ? `caption files (${ext}, --caption_extension)` : '--shuffle_caption or --caption_dropout_rate'}`);
+  }
+  const instanceData = cycling(instances, o.instancePrompt, length, captions);
+  const buckets = f ? await bucketPlanFor(instanceData, { ...f, resolution: o.resolution }, o.onNotice) : undefined;
+  const featureOptions = f ? { captions: captionOptionsOf(f) } : {};
+  const loaders = [new ImageCaptionLoader(instanceData, { ...loaderOptions, ...featureOptions, ...(buckets ? { buckets } : {}) })];
+  // a class image takes its instance partner's bucket (resized to cover it), so the batch's halves have one shape
+  const classBuckets = buckets ? { ...buckets, resized: [] } : undefined;
+  if (o.prior) loaders.push(new ImageCaptionLoader(cycling(classes, o.prior.prompt, length), { ...loaderOptions, ...featureOptions, ...(classBuckets ? { buckets: classBuckets } : {}) }));
   const main = loaders[0]!;
   let epoch = main.getState().epoch;
   return {

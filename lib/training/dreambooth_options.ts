@@ -7,6 +7,7 @@ import {
   TrainOptionsError, bool, float, int, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type Rule, type TrainOptions,
 } from './options.js';
+import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions } from './buckets_captions_options.js';
 
 /** The flags train_dreambooth_lora.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -21,7 +22,7 @@ type Shared = (typeof SHARED)[number];
 export const PRIOR_GENERATION_PRECISION_CHOICES = ['no', 'fp32', 'fp16', 'bf16'] as const;
 
 /** The flags of train_dreambooth_lora.py that the run uses, camelCased (lib/cli/dreambooth_args.ts). */
-export interface DreamBoothOptions extends Pick<TrainOptions, Shared> {
+export interface DreamBoothOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions {
   /** A tokenizer folder or Hub id other than the model's tokenizer/ (--tokenizer_name). */
   tokenizerName?: string | null;
   /** The pictures of the subject (every image file in the folder). Required. */
@@ -74,6 +75,7 @@ export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, R
   classLabelsConditioning: str({ nullable: true }),
   lrNumCycles: int(1),
   lrPower: float('positive'),
+  ...BUCKETS_CAPTIONS_RULES,
 };
 
 /** The script's defaults (those of the shared flags that differ from train_text_to_image_lora.py's are marked). */
@@ -93,12 +95,13 @@ export const DREAMBOOTH_DEFAULTS = Object.freeze({
   textEncoderUseAttentionMask: false,
   lrNumCycles: 1,
   lrPower: 1.0,
+  ...BUCKETS_CAPTIONS_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 type Required3 = 'pretrainedModelNameOrPath' | 'instanceDataDir' | 'instancePrompt';
 type Defaulted = Exclude<keyof DreamBoothOptions, Required3 | 'revision' | 'variant' | 'cacheDir' | 'maxTrainSteps' | 'checkpointsTotalLimit' |
   'resumeFromCheckpoint' | 'validationPrompt' | 'seed' | 'device' | 'tokenizerName' | 'classDataDir' | 'classPrompt' | 'priorGenerationPrecision' |
-  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision'>;
+  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision' | 'captionExtention'>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
 export type ResolvedDreamBoothOptions =
@@ -153,6 +156,7 @@ export function validateDreamBoothOptions(o: unknown): void {
   const problems = [
     ...unsupported.map((k) => `${k}: ${UNSUPPORTED_DREAMBOOTH[k]}`), ...unknown,
     ...dreamBoothProblems(opts, 'option'), ...optionProblems(DREAMBOOTH_OPTION_RULES, opts, 'option'),
+    ...bucketsCaptionsProblems({ resolution: DREAMBOOTH_DEFAULTS.resolution, ...opts }, 'option'),
   ];
   if (problems.length) throw new TrainOptionsError(problems);
 }

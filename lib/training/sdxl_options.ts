@@ -6,6 +6,7 @@ import {
   TrainOptionsError, bool, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type ResolvedTrainOptions, type Rule, type TrainOptions,
 } from './options.js';
+import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -19,7 +20,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared> {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -40,6 +41,7 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   trainTextEncoder: bool,
   debugLoss: bool,
   exportKohya: bool,
+  ...BUCKETS_CAPTIONS_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -49,10 +51,11 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   trainTextEncoder: false,
   debugLoss: false,
   exportKohya: false,
+  ...BUCKETS_CAPTIONS_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
-export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & {
+export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedBucketsCaptions & {
   readonly pretrainedVaeModelNameOrPath: string | null;
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
@@ -78,6 +81,6 @@ export function sdxlTrainProblems(o: Readonly<Record<string, unknown>>, naming: 
 export function validateSdxlTrainOptions(o: unknown): void {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the SDXL training options must be an object, got ${showValue(o)}`]);
   const opts = o as Record<string, unknown>;
-  const problems = [...unknownOptionProblems(opts, SDXL_TRAIN_OPTION_RULES), ...sdxlTrainProblems(opts, 'option'), ...optionProblems(SDXL_TRAIN_OPTION_RULES, opts, 'option')];
+  const problems = [...unknownOptionProblems(opts, SDXL_TRAIN_OPTION_RULES), ...sdxlTrainProblems(opts, 'option'), ...optionProblems(SDXL_TRAIN_OPTION_RULES, opts, 'option'), ...bucketsCaptionsProblems({ resolution: SDXL_TRAIN_DEFAULTS.resolution, ...opts }, 'option')];
   if (problems.length) throw new TrainOptionsError(problems);
 }

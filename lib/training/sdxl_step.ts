@@ -12,15 +12,19 @@ import * as torch from '../torch.js';
 import type { Conditioning } from './step.js';
 
 /**
- * The script's compute_time_ids for a batch: one row [orig_h, orig_w, crop_top, crop_left, resolution,
- * resolution] per image, [B, 6] in `dtype` (its weight_dtype) on `device`.
+ * The script's compute_time_ids for a batch: one row [orig_h, orig_w, crop_top, crop_left, target_h, target_w] per
+ * image, [B, 6] in `dtype` (its weight_dtype) on `device`; the target size is (resolution, resolution), or each
+ * image's own [h, w] (its aspect-ratio bucket, as sd-scripts' target_size).
  */
 export function sdxlTimeIds(
-  originalSizes: readonly (readonly [number, number])[], cropTopLefts: readonly (readonly [number, number])[], resolution: number,
+  originalSizes: readonly (readonly [number, number])[], cropTopLefts: readonly (readonly [number, number])[],
+  resolution: number | readonly (readonly [number, number])[],
   o: { dtype?: DType; device?: Device } = {},
 ): Tensor {
   if (originalSizes.length !== cropTopLefts.length) throw new RangeError(`sdxlTimeIds: ${originalSizes.length} original sizes but ${cropTopLefts.length} crop offsets`);
-  const rows = originalSizes.flatMap((size, i) => [...size, ...cropTopLefts[i]!, resolution, resolution]);
+  if (typeof resolution !== 'number' && resolution.length !== originalSizes.length) throw new RangeError(`sdxlTimeIds: ${originalSizes.length} original sizes but ${resolution.length} target sizes`);
+  const target = (i: number) => (typeof resolution === 'number' ? [resolution, resolution] : resolution[i]!);
+  const rows = originalSizes.flatMap((size, i) => [...size, ...cropTopLefts[i]!, ...target(i)]);
   const ids = torch.tensor(Float32Array.from(rows), { shape: [originalSizes.length, 6] });
   const dtype = o.dtype ?? 'float32';
   const device = o.device ?? 'cpu';

@@ -33,7 +33,7 @@ type TextToImageBatch = { pixelValues: Tensor; inputIds: Tensor; keys: SampleKey
 async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hooks: TrainHooksInternal): Promise<TrainerSpec<TextToImageBatch>> {
   const models = loadTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
   const { unet, vae, textEncoder, tokenizer } = models;
-  const data = await openTrainData(o, { tokenizer, device: ctx.device, shard: ctx.shard }); // this process's share of each epoch
+  const data = await openTrainData(o, { tokenizer, device: ctx.device, shard: ctx.shard, onNotice: hooks.onNotice }); // this process's share of each epoch
   const source = { model: o.pretrainedModelNameOrPath, load: models.load };
   const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string) =>
     ({ prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: ctx.logs.tensorboard(), onEvent: hooks.onValidation });

@@ -1,5 +1,7 @@
-// The training data of the loop: a dataset (imagefolder today), the prefetching loader with its resumable
-// state, and each batch turned into tensors (pixel values, tokenized captions) on the training device.
+// The training data of the loop: a dataset (an imagefolder, sd-scripts' N_name repeat folders or caption files, or
+// parquet files), the prefetching loader with its resumable state (caption dropout and shuffling, aspect-ratio
+// buckets: lib/data/captions.ts, buckets.ts), and each batch turned into tensors (pixel values, tokenized captions)
+// on the training device.
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
 import { loadParquetDataset } from '../data/parquet_dataset.js';
@@ -8,8 +10,12 @@ import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import type { ResolvedTrainOptions } from './options.js';
+import { captionExtensionOf, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
+import { bucketTableLines, planBuckets, readImageSizes, type BucketPlan } from '../data/buckets.js';
+import { detectLayout, loadCaptionFolder, type CaptionOptions } from '../data/captions.js';
+import type { Dataset } from '../data/imagefolder.js';
 
-export interface TrainDataOptions {
+export interface TrainDataOptions extends BucketsCaptionsOptions {
   trainDataDir?: string | null;
   datasetName?: string | null;
   cacheDir?: string | null;
@@ -63,9 +69,11 @@ const SEED_WHEN_UNSEEDED = 0;
  * `ctx.shard`: this process's share of each epoch in a data-parallel run (accelerate's BatchSamplerShard: process r
  * of N reads batches r, r + N, … of the epoch's order; loader.ts).
  */
-export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number } }): Promise<TrainData> {
+export async function openTrainData(
+  o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; onNotice?: (message: string) => void },
+): Promise<TrainData> {
   return openCaptionedImages(o, {
-    device: ctx.device, shard: ctx.shard,
+    device: ctx.device, shard: ctx.shard, onNotice: ctx.onNotice,
     collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
   });
 }
@@ -78,6 +86,8 @@ export interface Collate<B> {
   flipBeforeCrop?: boolean;
   /** This process's share of each epoch (a data-parallel run). */
   shard?: { rank: number; worldSize: number };
+  /** The data's notices (the folder layout found, the bucket table). */
+  onNotice?: (message: string) => void;
 }
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
@@ -90,11 +100,13 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
   // --dataset_name wins over --train_data_dir, as in the script: a local folder or a cached hub dataset of parquet files
   let dataset = o.datasetName
     ? await loadParquetDataset(o.datasetName, { ...columns, cacheDir: o.cacheDir ?? undefined })
-    : loadImageFolder(o.trainDataDir!, columns);
+    : openTrainFolder(o.trainDataDir!, columns, captionExtensionOf(o), ctx.onNotice);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
+  const buckets = await bucketPlanFor(dataset, o, ctx.onNotice);
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
     interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
+    captions: captionOptionsOf(o), ...(buckets ? { buckets } : {}),
   });
   let epoch = loader.getState().epoch;
   return {
@@ -119,4 +131,48 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     },
     async close() {},
   };
+}
+
+/** The caption options of the loader (lib/data/captions.ts) from the resolved options. */
+export function captionOptionsOf(o: Pick<ResolvedBucketsCaptions, 'shuffleCaption' | 'captionSeparator' | 'keepTokens' | 'captionDropoutRate'>): CaptionOptions {
+  return { shuffleCaption: o.shuffleCaption, captionSeparator: o.captionSeparator, keepTokens: o.keepTokens, captionDropoutRate: o.captionDropoutRate };
+}
+
+/**
+ * --train_data_dir as Hugging Face's imagefolder (a metadata.jsonl/csv), or, when the folder is unambiguously in
+ * sd-scripts' layout (lib/data/captions.ts detectLayout), its N_name repeat folders or caption files.
+ */
+function openTrainFolder(dir: string, columns: { imageColumn: string; captionColumn: string }, captionExtension: string, onNotice?: (m: string) => void): Dataset {
+  const layout = detectLayout(dir, captionExtension);
+  if (layout.kind === 'imagefolder') return loadImageFolder(dir, columns);
+  const dataset = loadCaptionFolder(dir, layout, captionExtension);
+  const where = layout.kind === 'repeat-folders'
+    ? `sd-scripts' repeat folders (${layout.folders.map((f) => `${f.repeats}_${f.classTokens}`).join(', ')})`
+    : `images with ${captionExtension} caption files`;
+  onNotice?.(`--train_data_dir: ${where}: ${dataset.images} images, ${dataset.length} per epoch with repeats`);
+  return dataset;
+}
+
+/**
+ * --enable_bucket: every item's bucket from its image's size (read from the headers), the table told as sd-scripts
+ * logs it; undefined without buckets. An image whose size cannot be read fails here, or with --skip_broken_images is
+ * given the square bucket (and skipped when it is decoded).
+ */
+export async function bucketPlanFor(
+  dataset: Dataset, o: Pick<ResolvedBucketsCaptions, 'enableBucket' | 'minBucketReso' | 'maxBucketReso' | 'bucketResoSteps' | 'bucketNoUpscale'> & { resolution: number; skipBrokenImages?: boolean | null },
+  onNotice?: (message: string) => void,
+): Promise<BucketPlan | undefined> {
+  if (!o.enableBucket) return undefined;
+  const files = Array.from({ length: dataset.length }, (_, i) => dataset.get(i).imagePath);
+  const unique = new Set(files).size;
+  onNotice?.(`aspect-ratio buckets: reading the sizes of ${unique} images`);
+  if (o.bucketNoUpscale) onNotice?.('--bucket_no_upscale: --min_bucket_reso and --max_bucket_reso are ignored (buckets come from the image sizes)');
+  const R = o.resolution;
+  const sizes = await readImageSizes(files, {
+    onProgress: (done, total) => { if (total >= 2000) onNotice?.(`aspect-ratio buckets: ${done}/${total} image sizes read`); },
+    ...(o.skipBrokenImages ? { fallback: [R, R] as [number, number] } : {}),
+  });
+  const plan = planBuckets(sizes, { resolution: R, minBucketReso: o.minBucketReso, maxBucketReso: o.maxBucketReso, bucketResoSteps: o.bucketResoSteps, bucketNoUpscale: o.bucketNoUpscale }, (i) => files[i]!);
+  onNotice?.(bucketTableLines(plan).join('\n'));
+  return plan;
 }

@@ -70,10 +70,10 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', models.unet], ['text_encoder', models.textEncoder]] : [['unet', models.unet]];
   // 3. the data, with the prompts as token ids or as embeddings encoded once
   const prompts = o.preComputeTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
-  const data = openDreamBoothData({
+  const data = await openDreamBoothData({
     instanceDataDir: o.instanceDataDir, instancePrompt: o.instancePrompt, prior, resolution: o.resolution, centerCrop: o.centerCrop,
     trainBatchSize: o.trainBatchSize, dataloaderNumWorkers: o.dataloaderNumWorkers, seed: o.seed, tokenizerMaxLength: o.tokenizerMaxLength,
-    useAttentionMask: o.textEncoderUseAttentionMask,
+    useAttentionMask: o.textEncoderUseAttentionMask, features: o, onNotice: hooks.onNotice,
   }, prompts, ctx.device);
   const source: PretrainedSource = { model: o.pretrainedModelNameOrPath, load: models.load, scheduler: VALIDATION_SCHEDULER };
   const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string, numInferenceSteps: number) => ({

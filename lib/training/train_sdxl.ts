@@ -50,11 +50,12 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
   const data = await openCaptionedImages({ ...o, imageInterpolationMode: 'bilinear' }, {
     device: ctx.device,
     flipBeforeCrop: true,
+    onNotice: hooks.onNotice,
     collate: (b, pixelValues) => ({
       pixelValues,
       inputIds: tokenizer.inputIdsTensor(b.captions, { device: ctx.device }),
       inputIds2: tokenizer2.inputIdsTensor(b.captions, { device: ctx.device }),
-      timeIds: sdxlTimeIds(b.originalSizes, b.cropTopLeft, o.resolution, { dtype: ctx.weightDtype, device: ctx.device }),
+      timeIds: sdxlTimeIds(b.originalSizes, b.cropTopLeft, b.targetSizes, { dtype: ctx.weightDtype, device: ctx.device }),
       files: b.imagePaths.map((p) => basename(p)),
     }),
   });
