@@ -2,6 +2,8 @@
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
 // not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
+import { optimOptionsFromFlags, type OptimOptions } from '../training/optim_options.js';
+import { OPTIM_FLAGS } from './optim_flags.js';
 import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
@@ -21,7 +23,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs {
+export interface TrainArgs extends OptimOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -177,7 +179,7 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...OPTIM_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
@@ -397,6 +399,7 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     warnings,
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
+    ...optimOptionsFromFlags(r),
   };
   // every value in its domain (the library checks the same), all problems at once
   const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');

@@ -6,6 +6,7 @@ import {
   TrainOptionsError, bool, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type ResolvedTrainOptions, type Rule, type TrainOptions,
 } from './options.js';
+import { OPTIM_DEFAULTS, OPTIM_RULES, type OptimOptions, type ResolvedOptimOptions } from './optim_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -19,7 +20,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared> {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, OptimOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -40,6 +41,7 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   trainTextEncoder: bool,
   debugLoss: bool,
   exportKohya: bool,
+  ...OPTIM_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -49,10 +51,11 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   trainTextEncoder: false,
   debugLoss: false,
   exportKohya: false,
+  ...OPTIM_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
-export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & {
+export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedOptimOptions & {
   readonly pretrainedVaeModelNameOrPath: string | null;
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
