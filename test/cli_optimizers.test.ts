@@ -141,3 +141,32 @@ describe('bad input', () => {
     }
   });
 });
+
+describe('flag parsing (all three commands)', () => {
+  it('takes --optimizer case-insensitively and the --prodigy_* values as Python users write them', async () => {
+    const { parseTrainArgs } = await import('../lib/cli/train_args.js');
+    const { parseSdxlTrainArgs } = await import('../lib/cli/train_sdxl_args.js');
+    const { parseDreamBoothArgs } = await import('../lib/cli/dreambooth_args.js');
+    const env = {};
+    const flags = ['--optimizer=Prodigy', '--prodigy_decouple=False', '--prodigy_use_bias_correction', 'True', '--prodigy_safeguard_warmup=1', '--prodigy_beta3=0.99', '--use_ema', '--ema_decay=0.995'];
+    const want = { optimizer: 'prodigy', prodigyDecouple: false, prodigyUseBiasCorrection: true, prodigySafeguardWarmup: true, prodigyBeta3: 0.99, useEma: true, emaDecay: 0.995 };
+    expect(parseTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=d', ...flags], env)).toMatchObject(want);
+    expect(parseSdxlTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=d', ...flags], env).options).toMatchObject(want);
+    expect(parseDreamBoothArgs(['--pretrained_model_name_or_path=m', '--instance_data_dir=d', '--instance_prompt=p', ...flags], env).options).toMatchObject(want);
+    expect(parseSdxlTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=d', '--optimizer', 'AdamW'], env).options.optimizer).toBe('adamw');
+    expect(parseDreamBoothArgs(['--pretrained_model_name_or_path=m', '--instance_data_dir=d', '--instance_prompt=p', '--optimizer=LION'], env).options.optimizer).toBe('lion');
+    // not given: the defaults (AdamW, no EMA)
+    const plain = parseTrainArgs(['--pretrained_model_name_or_path=m', '--train_data_dir=d'], env);
+    expect(plain.optimizer ?? 'adamw').toBe('adamw');
+    expect(plain.useEma ?? false).toBe(false);
+  });
+
+  it('the library refuses what the CLI refuses, naming the option', async () => {
+    const { validateTrainOptions } = await import('../lib/training/options.js');
+    const base = { pretrainedModelNameOrPath: 'm', trainDataDir: 'd' };
+    expect(() => validateTrainOptions({ ...base, optimizer: 'Prodigy' })).toThrow(/optimizer \(--optimizer\) must be one of adamw, prodigy, lion, got "Prodigy"/);
+    expect(() => validateTrainOptions({ ...base, emaDecay: 0 })).toThrow(/emaDecay \(--ema_decay\) must be in \(0, 1\), got 0/);
+    expect(() => validateTrainOptions({ ...base, prodigyDecouple: 'yes' })).toThrow(/prodigyDecouple \(--prodigy_decouple\) must be true or false, got "yes"/);
+    expect(() => validateTrainOptions({ ...base, optimizer: 'lion', prodigyBeta3: null, useEma: true, emaDecay: 0.5 })).not.toThrow();
+  });
+});

@@ -174,12 +174,13 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 /** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
+  ...OPTIM_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...OPTIM_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;

@@ -86,19 +86,20 @@ function boolValue(v: unknown): unknown {
 }
 
 /**
- * The options among a command line's parsed flags (yargs' record, snake_case), only those given: --optimizer
- * case-insensitive (AdamW, Prodigy, as diffusers), the --prodigy_* switches' values true/false. A value that is
- * neither stays as given, for the rules to refuse naming the flag.
+ * The options among a command line's parsed flags (yargs' record, snake_case), those that differ from the defaults
+ * (the library applies the same defaults; so the parsed flags compare equal with or without these): --optimizer
+ * case-insensitive (AdamW, Prodigy, as diffusers), the --prodigy_* values true/false. A value that is neither stays
+ * as given, for the rules to refuse naming the flag.
  */
 export function optimOptionsFromFlags(r: Readonly<Record<string, unknown>>): Partial<OptimOptions> {
   const out: Record<string, unknown> = {};
-  if (typeof r.optimizer === 'string') out.optimizer = r.optimizer.toLowerCase();
+  if (typeof r.optimizer === 'string' && r.optimizer !== OPTIM_DEFAULTS.optimizer) out.optimizer = r.optimizer.toLowerCase();
   if (r.prodigy_beta3 !== undefined) out.prodigyBeta3 = r.prodigy_beta3;
   for (const key of ['prodigyDecouple', 'prodigyUseBiasCorrection', 'prodigySafeguardWarmup'] as const) {
     const flag = flagName(key).slice(2);
     if (r[flag] !== undefined) out[key] = boolValue(r[flag]);
   }
   if (r.use_ema === true) out.useEma = true;
-  if (r.ema_decay !== undefined) out.emaDecay = r.ema_decay;
+  if (r.ema_decay !== undefined && r.ema_decay !== OPTIM_DEFAULTS.emaDecay) out.emaDecay = r.ema_decay;
   return out as Partial<OptimOptions>;
 }
