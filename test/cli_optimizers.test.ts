@@ -169,4 +169,15 @@ describe('flag parsing (all three commands)', () => {
     expect(() => validateTrainOptions({ ...base, prodigyDecouple: 'yes' })).toThrow(/prodigyDecouple \(--prodigy_decouple\) must be true or false, got "yes"/);
     expect(() => validateTrainOptions({ ...base, optimizer: 'lion', prodigyBeta3: null, useEma: true, emaDecay: 0.5 })).not.toThrow();
   });
+
+  it('notices: Prodigy flags with another optimizer, --ema_decay without --use_ema, Prodigy far from lr 1', async () => {
+    const { optimNotices } = await import('../lib/training/optim_options.js');
+    const none = { optimizer: 'adamw', prodigyBeta3: null, prodigyDecouple: null, prodigyUseBiasCorrection: null, prodigySafeguardWarmup: null, useEma: false, emaDecay: 0.9999, learningRate: 1e-4 } as const;
+    expect(optimNotices(none)).toEqual([]);
+    expect(optimNotices({ ...none, prodigyDecouple: false, prodigySafeguardWarmup: true })).toEqual(['--prodigy_decouple, --prodigy_safeguard_warmup are ignored with --optimizer adamw (Prodigy\'s only)']);
+    expect(optimNotices({ ...none, emaDecay: 0.99 })).toEqual(['--ema_decay=0.99 is ignored without --use_ema']);
+    expect(optimNotices({ ...none, useEma: true, emaDecay: 0.99 })).toEqual([]);
+    expect(optimNotices({ ...none, optimizer: 'prodigy', learningRate: 1 })).toEqual([]);
+    expect(optimNotices({ ...none, optimizer: 'prodigy', learningRate: 20 })[0]).toMatch(/--learning_rate=20 with --optimizer prodigy/);
+  });
 });

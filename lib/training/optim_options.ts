@@ -64,7 +64,7 @@ export function optimProblems(o: Readonly<Record<string, unknown>>, naming: Opti
 
 /**
  * The notices of a run's optimizer choice, as diffusers warns: Prodigy flags given to another optimizer (ignored),
- * and Prodigy with a learning rate far from 1 (it multiplies the learned step size).
+ * --ema_decay without --use_ema (ignored), and Prodigy with a learning rate far from 1 (it multiplies the learned step).
  */
 export function optimNotices(o: ResolvedOptimOptions & { readonly learningRate: number }): string[] {
   const notices: string[] = [];
@@ -72,6 +72,7 @@ export function optimNotices(o: ResolvedOptimOptions & { readonly learningRate: 
   if (o.optimizer !== 'prodigy' && given.length) {
     notices.push(`${given.map(flagName).join(', ')} ${given.length === 1 ? 'is' : 'are'} ignored with --optimizer ${o.optimizer} (Prodigy's only)`);
   }
+  if (!o.useEma && o.emaDecay !== OPTIM_DEFAULTS.emaDecay) notices.push(`--ema_decay=${o.emaDecay} is ignored without --use_ema`);
   if (o.optimizer === 'prodigy' && (o.learningRate <= 0.1 || o.learningRate >= 10)) {
     notices.push(`--learning_rate=${o.learningRate} with --optimizer prodigy: Prodigy learns its step size and --learning_rate multiplies it; it is generally better around 1.0`);
   }
