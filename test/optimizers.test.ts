@@ -374,3 +374,39 @@ describe('native memory', () => {
     } finally { opt.dispose(); ema.dispose(); dispose(ps); }
   });
 });
+
+describe('checkpoint state of the optimizers (parseTrainingState)', () => {
+  const base = (optimizer: unknown, more: Record<string, unknown> = {}) => ({
+    accumulator: { globalStep: 4, lrStep: 4, microStep: 0 }, optimizer, scaler: null,
+    data: { epoch: 0, loader: { epoch: 0, position: 2, seed: 1 } }, epoch: 0, ...more,
+  });
+  const prodigy = {
+    kind: 'prodigy', steps: [4, 4], lr: 1, betas: [0.9, 0.999], beta3: 0.9994, eps: 1e-8, weightDecay: 0, decouple: true, useBiasCorrection: false,
+    safeguardWarmup: false, d: 2e-6, d0: 1e-6, dMax: 2e-6, dNumerator: 1e-9, dCoef: 1, growthRate: null, k: 4,
+  };
+
+  it('reads Prodigy, Lion, AdamW (with or without kind) and the EMA, and checks every field', async () => {
+    const { parseTrainingState, checkResumeOptimizer } = await import('../lib/training/checkpoint.js');
+    const run = { maxTrainSteps: 10, numTrainEpochs: 2, accumulationSteps: 1, numParams: 2, datasetLength: 4 };
+    const ok = parseTrainingState(base(prodigy, { ema: { decay: 0.999, optimizationStep: 4 } }), 'f.json', run);
+    expect(ok.optimizer).toEqual(prodigy);
+    expect(ok.ema).toEqual({ decay: 0.999, optimizationStep: 4 });
+    expect(parseTrainingState(base({ kind: 'lion', steps: [1, 1], lr: 1e-4, betas: [0.9, 0.99], weightDecay: 0.1 }), 'f.json', run).optimizer.kind).toBe('lion');
+    const adamw = { steps: [4, 4], lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weightDecay: 0.01 };
+    expect(parseTrainingState(base(adamw), 'f.json', run).optimizer).toEqual(adamw);
+    expect(parseTrainingState(base({ kind: 'adamw', ...adamw }), 'f.json', run).optimizer).toEqual({ kind: 'adamw', ...adamw });
+    const bad: [unknown, RegExp][] = [
+      [base({ ...prodigy, d: -1 }), /'f\.json': optimizer\.d must be a finite number > 0, got -1/],
+      [base({ ...prodigy, k: 5 }), /optimizer\.k is 5, more than accumulator\.globalStep \(4\)/],
+      [base({ ...prodigy, decouple: 'yes' }), /optimizer\.decouple must be true or false, got "yes"/],
+      [base({ ...prodigy, kind: 'sgd' }), /optimizer\.kind must be 'adamw', 'prodigy' or 'lion', got "sgd"/],
+      [base({ kind: 'lion', steps: [1, 1], lr: 1e-4, betas: [0.9, 0.99], weightDecay: 0.1, eps: 1e-8 }), /optimizer has unexpected key\(s\) "eps"/],
+      [base(prodigy, { ema: { decay: 1, optimizationStep: 4 } }), /ema\.decay must be in \(0, 1\), got 1/],
+      [base(prodigy, { ema: { decay: 0.9, optimizationStep: 5 } }), /ema\.optimizationStep is 5, more than accumulator\.globalStep/],
+    ];
+    for (const [json, message] of bad) expect(() => parseTrainingState(json, 'f.json', run)).toThrow(message);
+    expect(() => checkResumeOptimizer(ok, 'ckpt', { optimizer: 'adamw', useEma: true })).toThrow(/'ckpt' was trained with --optimizer prodigy, this run has --optimizer adamw/);
+    expect(() => checkResumeOptimizer(ok, 'ckpt', { optimizer: 'prodigy', useEma: false })).toThrow(/holds an EMA of the weights \(--use_ema\) and this run has no --use_ema/);
+    expect(() => checkResumeOptimizer(ok, 'ckpt', { optimizer: 'prodigy', useEma: true })).not.toThrow();
+  });
+});
