@@ -124,7 +124,7 @@ Napi::Value UnscaleGrads(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, found);
 }
 
-double BoolOption(Napi::Env env, const Napi::Object& o, const char* key, const char* fn) {
+bool BoolOption(Napi::Env env, const Napi::Object& o, const char* key, const char* fn) {
   Napi::Value v = o.Get(key);
   if (!v.IsBoolean()) throw Napi::TypeError::New(env, std::string(fn) + ": option '" + key + "' must be a boolean");
   return v.As<Napi::Boolean>().Value();

@@ -410,3 +410,20 @@ describe('checkpoint state of the optimizers (parseTrainingState)', () => {
     expect(() => checkResumeOptimizer(ok, 'ckpt', { optimizer: 'prodigy', useEma: true })).not.toThrow();
   });
 });
+
+describe('native entry points', () => {
+  it('refuse mismatched lists and bad options with errors naming the op', async () => {
+    const { native } = await import('../lib/native.js');
+    const ps = freshParams();
+    const m = ps.map((p) => keep(torch.zerosLike(p)));
+    try {
+      expect(() => native.lionStep(ps, ps.slice(1), m, { lr: 1, beta1: 0.9, beta2: 0.99, weightDecay: 0 })).toThrow(/lionStep: grads has 2 tensors, params has 3/);
+      expect(() => native.lionStep(ps, ps, m, { lr: 1, beta1: 0.9, beta2: 0.99 } as never)).toThrow(/lionStep: option 'weightDecay' must be a number/);
+      expect(() => native.emaStep(m.slice(1), ps, 0.1)).toThrow(/emaStep: shadow has 2 tensors, params has 3/);
+      const o = { lr: 1, beta1: 0.9, beta2: 0.999, beta3: 0.99, eps: 1e-8, weightDecay: 0, decouple: 1, useBiasCorrection: false, safeguardWarmup: false,
+        d: 1e-6, d0: 1e-6, dMax: 1e-6, dNumerator: 0, dCoef: 1, growthRate: Infinity, k: 0 };
+      expect(() => native.prodigyStep(ps, ps, m, m, m, m, o as never)).toThrow(/prodigyStep: option 'decouple' must be a boolean/);
+      expect(() => native.prodigyStep(ps, ps, m, m, m.slice(2), m, { ...o, decouple: true })).toThrow(/prodigyStep: s has 1 tensors, params has 3/);
+    } finally { dispose([...ps, ...m]); }
+  });
+});
