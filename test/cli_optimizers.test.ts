@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors, readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { dispose, tidy } from '../lib/scope.js';
 import { makeImageFolder, runMain as run, tinySd } from './cli_helpers.js';
+import { fixtures } from './helpers.js';
 
 let tmp: string;
 let data: string;
@@ -120,6 +121,21 @@ describe('difflora train-dreambooth --optimizer prodigy --use_ema', () => {
     expect(r.code, r.err).toBe(0);
     expect(r.err).toMatch(/--learning_rate=0\.0005 with --optimizer prodigy: .*better around 1\.0/);
     expect(keysOf(join(out, 'pytorch_lora_weights_ema.safetensors'))).toEqual(keysOf(join(out, 'pytorch_lora_weights.safetensors')));
+  });
+});
+
+describe('difflora train-sdxl --optimizer lion --use_ema --train_text_encoder', () => {
+  it('trains both text encoders\' and the UNet\'s LoRA with Lion and writes the EMA beside it', async () => {
+    const out = join(tmp, 'sdxl');
+    const r = await run(['train-sdxl', `--pretrained_model_name_or_path=${join(fixtures, 'tiny-sdxl')}`, `--train_data_dir=${data}`, '--resolution=64',
+      '--train_text_encoder', '--train_batch_size=2', '--max_train_steps=2', '--checkpointing_steps=2', '--learning_rate=1e-4', '--seed=5',
+      `--output_dir=${out}`, '--optimizer=lion', '--use_ema', '--ema_decay=0.5']);
+    expect(r.code, r.err).toBe(0);
+    const keys = keysOf(join(out, 'pytorch_lora_weights_ema.safetensors'));
+    expect(keys).toEqual(keysOf(join(out, 'pytorch_lora_weights.safetensors')));
+    expect(keys.some((k) => k.startsWith('text_encoder_2.'))).toBe(true);
+    expect(state(join(out, 'checkpoint-2')).optimizer!.kind).toBe('lion');
+    expect(state(join(out, 'checkpoint-2')).ema).toEqual({ decay: 0.5, optimizationStep: 2 });
   });
 });
 
