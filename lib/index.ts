@@ -40,6 +40,10 @@ export { Linear, Conv2d, GroupNorm, LayerNorm, Embedding, Dropout } from './nn/l
 // ---- Optimisation
 export { AdamW } from './optim/adamw.js';
 export type { AdamWOptions } from './optim/adamw.js';
+export { Prodigy, type ProdigyOptions } from './optim/prodigy.js';
+export { Lion, type LionOptions } from './optim/lion.js';
+export { EMAModel, type EMAOptions } from './optim/ema.js';
+export type { Optimizer, OptimizerKind } from './optim/optimizer.js';
 export { GradScaler } from './optim/grad_scaler.js';
 export { clipGradNorm } from './optim/clip.js';
 

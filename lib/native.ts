@@ -84,6 +84,17 @@ export interface NativeAddon {
     options: { lr: number; beta1: number; beta2: number; eps: number; weightDecay: number; step: number }): void;
   clipGradNorm(grads: NativeTensorHandle[], maxNorm: number, normType: number): NativeTensorHandle;
   unscaleGrads(grads: NativeTensorHandle[], invScale: number): boolean;
+  /** One Prodigy step over all parameters (both passes, one host sync); expAvg null when beta1 = 0. */
+  prodigyStep(params: NativeTensorHandle[], grads: NativeTensorHandle[], expAvg: NativeTensorHandle[] | null, expAvgSq: NativeTensorHandle[],
+    s: NativeTensorHandle[], p0: NativeTensorHandle[],
+    options: { lr: number; beta1: number; beta2: number; beta3: number; eps: number; weightDecay: number; decouple: boolean; useBiasCorrection: boolean;
+      safeguardWarmup: boolean; d: number; d0: number; dMax: number; dNumerator: number; dCoef: number; growthRate: number; k: number }):
+    { stepped: boolean; d: number; dMax: number; dNumerator: number; dHat: number; dDenom: number };
+  /** One Lion step over all parameters. */
+  lionStep(params: NativeTensorHandle[], grads: NativeTensorHandle[], expAvg: NativeTensorHandle[],
+    options: { lr: number; beta1: number; beta2: number; weightDecay: number }): void;
+  /** shadow ← shadow − oneMinusDecay · (shadow − param), in place. */
+  emaStep(shadow: NativeTensorHandle[], params: NativeTensorHandle[], oneMinusDecay: number): void;
   // safetensors.cc
   /** A new CPU tensor read with pread from `position` of the open file `fd` (errors on a short read). */
   readTensor(fd: number, position: number, dtypeCode: number, shape: number[]): NativeTensorHandle;

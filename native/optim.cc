@@ -124,12 +124,171 @@ Napi::Value UnscaleGrads(const Napi::CallbackInfo& info) {
   return Napi::Boolean::New(env, found);
 }
 
+bool BoolOption(Napi::Env env, const Napi::Object& o, const char* key, const char* fn) {
+  Napi::Value v = o.Get(key);
+  if (!v.IsBoolean()) throw Napi::TypeError::New(env, std::string(fn) + ": option '" + key + "' must be a boolean");
+  return v.As<Napi::Boolean>().Value();
+}
+
+void CheckLength(Napi::Env env, const char* fn, size_t n, size_t m, const char* what) {
+  if (n != m) throw Napi::TypeError::New(env, std::string(fn) + ": " + what + " has " + std::to_string(m) + " tensors, params has " + std::to_string(n));
+}
+
+// prodigyStep(params, grads, expAvg|null, expAvgSq, s, p0, {lr, beta1, beta2, beta3, eps, weightDecay, decouple,
+// useBiasCorrection, safeguardWarmup, d, d0, dMax, dNumerator, dCoef, growthRate, k})
+//   → {stepped, d, dMax, dNumerator, dHat, dDenom}
+// One step of Prodigy (konstmish/prodigy, prodigyopt/prodigy.py, slice_p = 1, one parameter group) over every
+// parameter: the first pass updates the moments and s and sums <g, p0 − p> and |s| over all parameters (the
+// per-parameter float32 reductions summed in double, in order, as the Python sums .item()s), the new d is computed
+// on the host from those sums (one sync), and the second pass takes the Adam step with it. expAvg is null when
+// beta1 = 0. When |s| sums to 0 (no gradient signal, or lr = 0) nothing more happens: stepped is false and the
+// caller keeps d, d_numerator and k, as the Python returns early.
+Napi::Value ProdigyStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "prodigyStep";
+  std::vector<at::Tensor> params = UnwrapTensorList(env, info[0], "prodigyStep params");
+  std::vector<at::Tensor> grads = UnwrapTensorList(env, info[1], "prodigyStep grads");
+  bool withExpAvg = info[2].IsArray();
+  std::vector<at::Tensor> expAvg = withExpAvg ? UnwrapTensorList(env, info[2], "prodigyStep expAvg") : std::vector<at::Tensor>{};
+  std::vector<at::Tensor> expAvgSq = UnwrapTensorList(env, info[3], "prodigyStep expAvgSq");
+  std::vector<at::Tensor> s = UnwrapTensorList(env, info[4], "prodigyStep s");
+  std::vector<at::Tensor> p0 = UnwrapTensorList(env, info[5], "prodigyStep p0");
+  if (!info[6].IsObject()) throw Napi::TypeError::New(env, "prodigyStep: options must be an object");
+  Napi::Object o = info[6].As<Napi::Object>();
+  auto num = [&](const char* key) {
+    Napi::Value v = o.Get(key);
+    if (!v.IsNumber()) throw Napi::TypeError::New(env, std::string("prodigyStep: option '") + key + "' must be a number");
+    return v.As<Napi::Number>().DoubleValue();
+  };
+  double lr = num("lr"), beta1 = num("beta1"), beta2 = num("beta2"), beta3 = num("beta3"), eps = num("eps");
+  double weightDecay = num("weightDecay"), d = num("d"), d0 = num("d0"), dMax = num("dMax"), dNumerator = num("dNumerator");
+  double dCoef = num("dCoef"), growthRate = num("growthRate"), k = num("k");
+  bool decouple = BoolOption(env, o, "decouple", fn), useBiasCorrection = BoolOption(env, o, "useBiasCorrection", fn);
+  bool safeguardWarmup = BoolOption(env, o, "safeguardWarmup", fn);
+  CheckLength(env, fn, params.size(), grads.size(), "grads");
+  if (withExpAvg) CheckLength(env, fn, params.size(), expAvg.size(), "expAvg");
+  CheckLength(env, fn, params.size(), expAvgSq.size(), "expAvgSq");
+  CheckLength(env, fn, params.size(), s.size(), "s");
+  CheckLength(env, fn, params.size(), p0.size(), "p0");
+
+  struct Out { bool stepped; double d, dMax, dNumerator, dHat, dDenom; };
+  Out out = Guard(env, [&] { return "prodigyStep(" + std::to_string(params.size()) + " params" + (params.empty() ? "" : ", first " + Describe(params[0])) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    Out r{false, d, dMax, dNumerator, d, 0.0};
+    if (params.empty() || !(lr > 0.0)) return r;  // lr = 0: the Python skips the first pass, so |s| sums to 0
+    double biasCorrection = useBiasCorrection ? std::pow(1 - std::pow(beta2, k + 1), 0.5) / (1 - std::pow(beta1, k + 1)) : 1.0;
+    double dlr = d * lr * biasCorrection;
+    // 1. coupled weight decay goes into the gradient (in place, as p.grad.data.add_)
+    if (weightDecay != 0 && !decouple) at::_foreach_add_(grads, params, weightDecay);
+    std::vector<at::Tensor> flatGrads(grads.size());
+    for (size_t i = 0; i < grads.size(); ++i) flatGrads[i] = grads[i].reshape({-1});
+    // 2. first pass: <g, p0 − p> with the parameters before the step, then the moments and s
+    std::vector<at::Tensor> reductions;
+    reductions.reserve(2 * params.size());
+    for (size_t i = 0; i < params.size(); ++i) reductions.push_back(at::dot(flatGrads[i], p0[i].reshape({-1}) - params[i].reshape({-1})));
+    if (withExpAvg) {
+      at::_foreach_mul_(expAvg, beta1);
+      at::_foreach_add_(expAvg, grads, d * (1 - beta1));
+    }
+    at::_foreach_mul_(expAvgSq, beta2);
+    at::_foreach_addcmul_(expAvgSq, grads, grads, d * d * (1 - beta2));
+    at::_foreach_mul_(s, beta3);
+    at::_foreach_add_(s, flatGrads, safeguardWarmup ? (d / d0) * d : (d / d0) * dlr);
+    for (size_t i = 0; i < params.size(); ++i) reductions.push_back(s[i].abs().sum());
+    // 3. the global sums on the host (one sync), in the Python's order and precision
+    at::Tensor host = at::stack(reductions).to(at::kDouble).to(at::kCPU).contiguous();
+    const double* h = host.data_ptr<double>();
+    double deltaNumerator = 0.0, dDenom = 0.0;
+    for (size_t i = 0; i < params.size(); ++i) deltaNumerator += (d / d0) * dlr * h[i];
+    for (size_t i = 0; i < params.size(); ++i) dDenom += h[params.size() + i];
+    r.dDenom = dDenom;
+    if (dDenom == 0) return r;
+    double globalNumerator = dNumerator * beta3 + deltaNumerator;
+    double dHat = dCoef * globalNumerator / dDenom;
+    double dNew = d;
+    if (dNew == d0) dNew = std::max(dNew, dHat);
+    double dMaxNew = std::max(dMax, dHat);
+    dNew = std::min(dMaxNew, dNew * growthRate);
+    // 4. second pass: the Adam step with the new d in the denominator and the old d in the step size
+    std::vector<at::Tensor> denom = at::_foreach_sqrt(expAvgSq);
+    at::_foreach_add_(denom, dNew * eps);
+    if (weightDecay != 0 && decouple) at::_foreach_add_(params, params, -weightDecay * dlr);
+    if (withExpAvg) {
+      at::_foreach_addcdiv_(params, expAvg, denom, -dlr);
+    } else {
+      at::_foreach_addcdiv_(params, grads, denom, -dlr * dNew);  // the Python's `d` is the new one here
+    }
+    return Out{true, dNew, dMaxNew, globalNumerator, dHat, dDenom};
+  });
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("stepped", Napi::Boolean::New(env, out.stepped));
+  result.Set("d", Napi::Number::New(env, out.d));
+  result.Set("dMax", Napi::Number::New(env, out.dMax));
+  result.Set("dNumerator", Napi::Number::New(env, out.dNumerator));
+  result.Set("dHat", Napi::Number::New(env, out.dHat));
+  result.Set("dDenom", Napi::Number::New(env, out.dDenom));
+  return result;
+}
+
+// lionStep(params, grads, expAvg, {lr, beta1, beta2, weightDecay}): one step of Lion (lucidrains/lion-pytorch's
+// update_fn) over every parameter: p ← p·(1 − lr·wd); p ← p − lr·sign(β1·m + (1 − β1)·g); m ← β2·m + (1 − β2)·g.
+Napi::Value LionStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "lionStep";
+  std::vector<at::Tensor> params = UnwrapTensorList(env, info[0], "lionStep params");
+  std::vector<at::Tensor> grads = UnwrapTensorList(env, info[1], "lionStep grads");
+  std::vector<at::Tensor> expAvg = UnwrapTensorList(env, info[2], "lionStep expAvg");
+  if (!info[3].IsObject()) throw Napi::TypeError::New(env, "lionStep: options must be an object");
+  Napi::Object o = info[3].As<Napi::Object>();
+  auto num = [&](const char* key) {
+    Napi::Value v = o.Get(key);
+    if (!v.IsNumber()) throw Napi::TypeError::New(env, std::string("lionStep: option '") + key + "' must be a number");
+    return v.As<Napi::Number>().DoubleValue();
+  };
+  double lr = num("lr"), beta1 = num("beta1"), beta2 = num("beta2"), weightDecay = num("weightDecay");
+  CheckLength(env, fn, params.size(), grads.size(), "grads");
+  CheckLength(env, fn, params.size(), expAvg.size(), "expAvg");
+  if (params.empty()) return env.Undefined();
+  Guard(env, [&] { return "lionStep(" + std::to_string(params.size()) + " params, first " + Describe(params[0]) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    at::_foreach_mul_(params, 1. - lr * weightDecay);
+    std::vector<at::Tensor> update = at::_foreach_mul(expAvg, beta1);
+    at::_foreach_add_(update, grads, 1. - beta1);
+    for (auto& u : update) u.sign_();
+    at::_foreach_add_(params, update, -lr);
+    at::_foreach_mul_(expAvg, beta2);
+    at::_foreach_add_(expAvg, grads, 1. - beta2);
+  });
+  return env.Undefined();
+}
+
+// emaStep(shadow, params, oneMinusDecay): shadow ← shadow − (1 − decay)·(shadow − param) for every pair, in place
+// (diffusers' EMAModel.step, its foreach form).
+Napi::Value EmaStep(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<at::Tensor> shadow = UnwrapTensorList(env, info[0], "emaStep shadow");
+  std::vector<at::Tensor> params = UnwrapTensorList(env, info[1], "emaStep params");
+  if (!info[2].IsNumber()) throw Napi::TypeError::New(env, "emaStep: oneMinusDecay must be a number");
+  double oneMinusDecay = info[2].As<Napi::Number>().DoubleValue();
+  CheckLength(env, "emaStep", params.size(), shadow.size(), "shadow");
+  if (params.empty()) return env.Undefined();
+  Guard(env, [&] { return "emaStep(" + std::to_string(params.size()) + " params, first " + Describe(params[0]) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    std::vector<at::Tensor> diff = at::_foreach_sub(shadow, params);
+    at::_foreach_sub_(shadow, diff, oneMinusDecay);
+  });
+  return env.Undefined();
+}
+
 }  // namespace
 
 void InitOptim(Napi::Env env, Napi::Object exports) {
   exports.Set("adamwStep", Napi::Function::New(env, AdamWStep));
   exports.Set("clipGradNorm", Napi::Function::New(env, ClipGradNorm));
   exports.Set("unscaleGrads", Napi::Function::New(env, UnscaleGrads));
+  exports.Set("prodigyStep", Napi::Function::New(env, ProdigyStep));
+  exports.Set("lionStep", Napi::Function::New(env, LionStep));
+  exports.Set("emaStep", Napi::Function::New(env, EmaStep));
 }
 
 }  // namespace difflora

@@ -4,6 +4,7 @@
 import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
+import { OPTIM_FLAGS } from './optim_flags.js';
 import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { BUCKETS_CAPTIONS_FLAGS } from './buckets_captions_flags.js';
 import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
@@ -48,6 +49,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   class_labels_conditioning: { kind: 'string', group: 'Model', describe: "'timesteps': the timesteps as the UNet's class labels (only UNets with a class embedding use them; SD's have none)." },
   rank: shared('rank'),
   ...BUCKETS_CAPTIONS_FLAGS,
+  ...OPTIM_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };

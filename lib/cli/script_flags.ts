@@ -2,6 +2,7 @@
 // train-sdxl): a shared flag's spec taken from `difflora train`'s table, the parsed flags as the library's
 // options, the refused Hub/report flags, LOCAL_RANK, and every problem listed at once.
 import { formatProblems, optionProblems, type Rule } from '../training/options.js';
+import { optimOptionsFromFlags } from '../training/optim_options.js';
 import { INT_RE, TRAIN_FLAGS, UsageError, checkTokens, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 
 /** A flag of `difflora train` (train_text_to_image_lora.py) with the same meaning here; `more` overrides its default or help. */
@@ -47,6 +48,7 @@ export function parseScriptFlags<O>(
     const key = camel(flag);
     if (Object.hasOwn(rules, key) && r[flag] !== undefined) options[key] = r[flag];
   }
+  if (Object.hasOwn(rules, 'optimizer')) Object.assign(options, optimOptionsFromFlags(r)); // --optimizer case-insensitive, --prodigy_* true/false
   const warnings: string[] = [];
   const own = check(r, options, warnings);
   if (r.use_8bit_adam === true) warnings.push('--use_8bit_adam: 8-bit Adam (bitsandbytes) is not available in difflora; falling back to AdamW (fp32 optimizer state, more memory)');

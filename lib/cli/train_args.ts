@@ -2,6 +2,8 @@
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
 // not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
+import { optimOptionsFromFlags, type OptimOptions } from '../training/optim_options.js';
+import { OPTIM_FLAGS } from './optim_flags.js';
 import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
@@ -23,7 +25,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs extends BucketsCaptionsOptions {
+export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -175,6 +177,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
   ...BUCKETS_CAPTIONS_FLAGS,
+  ...OPTIM_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 /** A command's flags: its name (in messages) and its flag table. */
@@ -401,6 +404,7 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
     ...bucketsCaptionsArgs(r),
+    ...optimOptionsFromFlags(r),
   };
   // every value in its domain (the library checks the same), all problems at once
   const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');

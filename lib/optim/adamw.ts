@@ -5,6 +5,7 @@ import { native, type NativeTensorHandle } from '../native.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import type { Optimizer } from './optimizer.js';
 
 export interface AdamWOptions {
   lr?: number;
@@ -17,7 +18,8 @@ export interface AdamWOptions {
 
 interface ParamState { expAvg: Tensor; expAvgSq: Tensor; master: Tensor | null; step: number }
 
-export class AdamW {
+export class AdamW implements Optimizer {
+  readonly kind = 'adamw' as const;
   lr: number;
   readonly beta1: number;
   readonly beta2: number;
@@ -99,6 +101,11 @@ export class AdamW {
       withMasters ? group.map((e) => e.s.master as Tensor) : null,
       { lr: this.lr, beta1: this.beta1, beta2: this.beta2, eps: this.eps, weightDecay: this.weightDecay, step },
     );
+  }
+
+  /** The moments a stepped parameter has (checkpoints check them; the optional master weights are not listed). */
+  stateShapes(p: Tensor): Record<string, readonly number[]> {
+    return { exp_avg: p.shape, exp_avg_sq: p.shape };
   }
 
   /** Drops every gradient (set to None, PyTorch's default). */

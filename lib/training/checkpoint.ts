@@ -17,7 +17,10 @@ import * as torch from '../torch.js';
 import { showValue } from './options.js';
 import { setPeftModelStateDict } from '../lora/load.js';
 import { saveLoraWeights } from '../lora/save.js';
-import type { AdamW } from '../optim/adamw.js';
+import type { EMAModel, EMAMeta } from '../optim/ema.js';
+import type { LionMeta } from '../optim/lion.js';
+import type { Optimizer, OptimizerKind } from '../optim/optimizer.js';
+import type { ProdigyMeta } from '../optim/prodigy.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
 import type { Generator } from '../random.js';
 import { loraNamedParameters, loraTargets, type LoraComponents } from './lora_components.js';
@@ -28,8 +31,13 @@ import type { TrainData } from './train_data.js';
 export interface TrainingState {
   /** The step counters (step.ts's AccumulatorState). */
   accumulator: { globalStep: number; lrStep: number; microStep: number };
-  /** AdamW's per-parameter step counts and hyper-parameters (its moments are tensors). */
-  optimizer: { steps: number[]; lr: number; betas: [number, number]; eps: number; weightDecay: number };
+  /**
+   * The optimizer's JSON state (its tensors are `optimizer.<i>.<name>`): AdamW's per-parameter step counts and
+   * hyper-parameters (no `kind`: checkpoints from before --optimizer), or Prodigy's or Lion's, with their `kind`.
+   */
+  optimizer: AdamWMeta | ProdigyMeta | LionMeta;
+  /** The EMA of the LoRA weights (--use_ema; its shadow weights are tensors `ema.<i>`); absent without it. */
+  ema?: EMAMeta;
   /** The fp16 GradScaler's state; null when the run had none. */
   scaler: { scale: number; growthTracker: number; growthFactor: number; backoffFactor: number; growthInterval: number } | null;
   /** The data position: train_data.ts's epoch and the loader's (epoch, position, seed). */
@@ -42,6 +50,30 @@ export interface TrainingState {
    * other than 0 keep their generator states as tensors `rank<r>.rng.<i>`.
    */
   parallel?: ParallelState;
+}
+
+/** AdamW's JSON state. */
+export interface AdamWMeta { kind?: 'adamw'; steps: number[]; lr: number; betas: [number, number]; eps: number; weightDecay: number }
+
+/** The optimizer a checkpoint was trained with. */
+export const checkpointOptimizer = (state: TrainingState): OptimizerKind => state.optimizer.kind ?? 'adamw';
+
+/**
+ * A checkpoint resumes only with the optimizer and the EMA setting it was trained with (the state of one optimizer
+ * means nothing to another): called before the models load.
+ */
+export function checkResumeOptimizer(state: TrainingState, path: string, run: { optimizer: OptimizerKind; useEma: boolean }): void {
+  const saved = checkpointOptimizer(state);
+  if (saved !== run.optimizer) {
+    throw new Error(`--resume_from_checkpoint: '${path}' was trained with --optimizer ${saved}, this run has --optimizer ${run.optimizer}: ` +
+      `resume with --optimizer ${saved}, or start a new run without --resume_from_checkpoint`);
+  }
+  const savedEma = state.ema !== undefined;
+  if (savedEma !== run.useEma) {
+    throw new Error(savedEma
+      ? `--resume_from_checkpoint: '${path}' holds an EMA of the weights (--use_ema) and this run has no --use_ema: resume with --use_ema`
+      : `--resume_from_checkpoint: '${path}' was trained without --use_ema, so it holds no EMA to continue: resume without --use_ema, or start a new run`);
+  }
 }
 
 export interface ParallelState {
@@ -215,7 +247,8 @@ const unit = (x: number) => x >= 0 && x < 1;
 export function parseTrainingState(json: unknown, file: string, run?: ResumingRun): TrainingState {
   const f = new Fields(file);
   const withParallel = json !== null && typeof json === 'object' && Object.hasOwn(json, 'parallel');
-  const top = f.object(json, 'the state', ['accumulator', 'optimizer', 'scaler', 'data', 'epoch', ...(withParallel ? ['parallel'] : [])]);
+  const withEma = json !== null && typeof json === 'object' && Object.hasOwn(json, 'ema');
+  const top = f.object(json, 'the state', ['accumulator', 'optimizer', 'scaler', 'data', 'epoch', ...(withParallel ? ['parallel'] : []), ...(withEma ? ['ema'] : [])]);
   const acc = f.object(top.accumulator, 'accumulator', ['globalStep', 'lrStep', 'microStep']);
   const globalStep = f.int(acc.globalStep, 'accumulator.globalStep', 0, run?.maxTrainSteps,
     run ? `this run's ${run.maxTrainSteps} steps (--max_train_steps, or --num_train_epochs × steps per epoch)` : '');
@@ -225,16 +258,7 @@ export function parseTrainingState(json: unknown, file: string, run?: ResumingRu
     microStep: f.int(acc.microStep, 'accumulator.microStep', 0, run ? run.accumulationSteps - 1 : undefined,
       run ? `--gradient_accumulation_steps − 1 (${run.accumulationSteps - 1})` : ''),
   };
-  const opt = f.object(top.optimizer, 'optimizer', ['steps', 'lr', 'betas', 'eps', 'weightDecay']);
-  const steps = f.array(opt.steps, 'optimizer.steps', run?.numParams, ": one per LoRA parameter of this run (a different model?)");
-  const betas = f.array(opt.betas, 'optimizer.betas', 2);
-  const optimizer = {
-    steps: steps.map((s: unknown, i: number) => f.int(s, `optimizer.steps[${i}]`, 0, globalStep, `accumulator.globalStep (${globalStep})`)),
-    lr: f.num(opt.lr, 'optimizer.lr', (x) => x >= 0, 'a finite number ≥ 0'),
-    betas: [f.num(betas[0], 'optimizer.betas[0]', unit, 'in [0, 1)'), f.num(betas[1], 'optimizer.betas[1]', unit, 'in [0, 1)')] as [number, number],
-    eps: f.num(opt.eps, 'optimizer.eps', (x) => x > 0, 'a finite number > 0'),
-    weightDecay: f.num(opt.weightDecay, 'optimizer.weightDecay', (x) => x >= 0, 'a finite number ≥ 0'),
-  };
+  const optimizer = parseOptimizerState(f, top.optimizer, globalStep, run);
   const data = parseDataState(f, top.data, run);
   const epoch = f.int(top.epoch, 'epoch', 0);
   if (epoch !== data.epoch) f.fail('epoch', `is ${epoch} but data.epoch is ${data.epoch}; they are saved equal`);
@@ -242,7 +266,53 @@ export function parseTrainingState(json: unknown, file: string, run?: ResumingRu
     f.fail('epoch', `is ${epoch}, not within this run's ${run.numTrainEpochs} epochs, with steps left to train`);
   }
   const parallel = withParallel ? parseParallelState(f, top.parallel, run) : undefined;
-  return { accumulator, optimizer, scaler: parseScalerState(f, top.scaler), data, epoch, ...(parallel ? { parallel } : {}) };
+  const ema = withEma ? parseEmaState(f, top.ema, globalStep) : undefined;
+  return { accumulator, optimizer, scaler: parseScalerState(f, top.scaler), data, epoch, ...(parallel ? { parallel } : {}), ...(ema ? { ema } : {}) };
+}
+
+const OPTIMIZER_KEYS = {
+  adamw: ['steps', 'lr', 'betas', 'eps', 'weightDecay'],
+  prodigy: ['kind', 'steps', 'lr', 'betas', 'beta3', 'eps', 'weightDecay', 'decouple', 'useBiasCorrection', 'safeguardWarmup', 'd', 'd0', 'dMax', 'dNumerator', 'dCoef', 'growthRate', 'k'],
+  lion: ['kind', 'steps', 'lr', 'betas', 'weightDecay'],
+} as const;
+
+/** The optimizer's state: AdamW's (no kind, or kind 'adamw'), Prodigy's or Lion's, every field checked. */
+function parseOptimizerState(f: Fields, v: unknown, globalStep: number, run?: ResumingRun): TrainingState['optimizer'] {
+  const kindOf = v !== null && typeof v === 'object' && !Array.isArray(v) ? (v as Record<string, unknown>).kind : undefined;
+  if (kindOf !== undefined && kindOf !== 'adamw' && kindOf !== 'prodigy' && kindOf !== 'lion') f.fail('optimizer.kind', `must be 'adamw', 'prodigy' or 'lion', got ${showValue(kindOf)}`);
+  const kind = (kindOf ?? 'adamw') as OptimizerKind;
+  const opt = f.object(v, 'optimizer', kindOf === 'adamw' ? ['kind', ...OPTIMIZER_KEYS.adamw] : OPTIMIZER_KEYS[kind]);
+  const stepsArray = f.array(opt.steps, 'optimizer.steps', run?.numParams, ": one per LoRA parameter of this run (a different model?)");
+  const steps = stepsArray.map((s: unknown, i: number) => f.int(s, `optimizer.steps[${i}]`, 0, globalStep, `accumulator.globalStep (${globalStep})`));
+  const betasArray = f.array(opt.betas, 'optimizer.betas', 2);
+  const betas: [number, number] = [f.num(betasArray[0], 'optimizer.betas[0]', unit, 'in [0, 1)'), f.num(betasArray[1], 'optimizer.betas[1]', unit, 'in [0, 1)')];
+  const lr = f.num(opt.lr, 'optimizer.lr', (x) => x >= 0, 'a finite number ≥ 0');
+  const weightDecay = f.num(opt.weightDecay, 'optimizer.weightDecay', (x) => x >= 0, 'a finite number ≥ 0');
+  const positive = (x: number) => x > 0;
+  if (kind === 'lion') return { kind, steps, lr, betas, weightDecay };
+  const eps = f.num(opt.eps, 'optimizer.eps', positive, 'a finite number > 0');
+  if (kind === 'adamw') return { ...(kindOf === 'adamw' ? { kind } : {}), steps, lr, betas, eps, weightDecay };
+  const flag = (key: string): boolean => {
+    if (typeof opt[key] !== 'boolean') f.fail(`optimizer.${key}`, `must be true or false, got ${showValue(opt[key])}`);
+    return opt[key] as boolean;
+  };
+  const growthRate = opt.growthRate === null ? null : f.num(opt.growthRate, 'optimizer.growthRate', (x) => x >= 1, 'a finite number ≥ 1, or null (unrestricted)');
+  const d0 = f.num(opt.d0, 'optimizer.d0', positive, 'a finite number > 0');
+  return {
+    kind, steps, lr, betas, beta3: f.num(opt.beta3, 'optimizer.beta3', unit, 'in [0, 1)'), eps, weightDecay,
+    decouple: flag('decouple'), useBiasCorrection: flag('useBiasCorrection'), safeguardWarmup: flag('safeguardWarmup'),
+    d: f.num(opt.d, 'optimizer.d', positive, 'a finite number > 0'), d0, dMax: f.num(opt.dMax, 'optimizer.dMax', positive, 'a finite number > 0'),
+    dNumerator: f.num(opt.dNumerator, 'optimizer.dNumerator', () => true, 'a finite number'), dCoef: f.num(opt.dCoef, 'optimizer.dCoef', positive, 'a finite number > 0'),
+    growthRate, k: f.int(opt.k, 'optimizer.k', 0, globalStep, `accumulator.globalStep (${globalStep})`),
+  };
+}
+
+function parseEmaState(f: Fields, v: unknown, globalStep: number): EMAMeta {
+  const e = f.object(v, 'ema', ['decay', 'optimizationStep']);
+  return {
+    decay: f.num(e.decay, 'ema.decay', (x) => x > 0 && x < 1, 'in (0, 1)'),
+    optimizationStep: f.int(e.optimizationStep, 'ema.optimizationStep', 0, globalStep, `accumulator.globalStep (${globalStep})`),
+  };
 }
 
 function parseParallelState(f: Fields, v: unknown, run?: ResumingRun): ParallelState {
@@ -370,7 +440,9 @@ export function firstNonFinite(named: readonly (readonly [string, Tensor])[]): s
 export interface CheckpointedRun {
   /** The models carrying the trained LoRA (saved with the checkpoint as pytorch_lora_weights.safetensors too). */
   lora: LoraComponents;
-  optimizer: AdamW;
+  optimizer: Optimizer;
+  /** The EMA of the LoRA weights (--use_ema), or null/absent. */
+  ema?: EMAModel | null;
   accumulator: Accumulator;
   scaler: GradScaler | null;
   /** The data position (any data with a saved state: train_data.ts's or a trainer's own). */
@@ -392,8 +464,9 @@ function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTens
   return [
     ...params.map(([n, p]) => ({ name: `lora.${n}`, shape: p.shape, dtype: p.dtype, finite: true })),
     ...params.flatMap(([, p], i) => ((state.optimizer.steps[i] ?? 0) > 0
-      ? ['exp_avg', 'exp_avg_sq'].map((k) => ({ name: `optimizer.${i}.${k}`, shape: p.shape, dtype: p.dtype, finite: true }))
+      ? Object.entries(t.optimizer.stateShapes(p)).map(([k, shape]) => ({ name: `optimizer.${i}.${k}`, shape, dtype: p.dtype, finite: true }))
       : [])),
+    ...(state.ema ? params.map(([, p], i) => ({ name: `ema.${i}`, shape: p.shape, dtype: p.dtype, finite: true })) : []),
     ...rng,
   ];
 }
@@ -407,12 +480,17 @@ function expectedTensors(state: TrainingState, t: CheckpointedRun): ExpectedTens
 export function restoreTrainingCheckpoint(path: string, resuming: ResumingRun, t: CheckpointedRun, rank = 0): { epoch: number; globalStep: number; sampleSeed?: number } {
   const { tensors, state } = loadCheckpoint(path, resuming);
   try {
+    checkResumeOptimizer(state, path, { optimizer: t.optimizer.kind, useEma: (t.ema ?? null) !== null });
     checkTensors(tensors, expectedTensors(state, t), join(path, TENSORS));
     const get = (k: string): Tensor => tensors.get(k)!; // present: checked above
     // the trained adapter through the one LoRA loader (checked against the layers before any copy)
     setPeftModelStateDict(loraTargets(t.lora), tensors, { keyPrefix: 'lora.', file: join(path, TENSORS) });
     const optTensors = new Map([...tensors].filter(([k]) => k.startsWith('optimizer.')).map(([k, v]) => [k.slice('optimizer.'.length), v]));
     t.optimizer.loadStateDict({ tensors: optTensors, meta: state.optimizer });
+    if (t.ema && state.ema) {
+      const emaTensors = new Map([...tensors].filter(([k]) => k.startsWith('ema.')).map(([k, v]) => [k.slice('ema.'.length), v]));
+      t.ema.loadStateDict({ tensors: emaTensors, meta: state.ema });
+    }
     Object.assign(t.accumulator.state, state.accumulator);
     t.optimizer.lr = t.accumulator.lr;
     if (t.scaler && state.scaler) t.scaler.loadStateDict(state.scaler);
@@ -440,13 +518,16 @@ export function saveTrainingCheckpoint(outputDir: string, t: CheckpointedRun, ep
   const opt = t.optimizer.stateDict();
   for (const [k, v] of opt.tensors) tensors.set(`optimizer.${k}`, v);
   for (const [n, p] of loraNamedParameters(t.lora)) tensors.set(`lora.${n}`, p);
+  const ema = t.ema?.stateDict();
+  if (ema) for (const [k, v] of ema.tensors) tensors.set(`ema.${k}`, v);
   const rng = t.generators.map((g) => g.getState());
   rng.forEach((s, i) => tensors.set(rngName(0, i), s));
   parallel?.others.forEach((r, k) => r.rng.forEach((s, i) => tensors.set(rngName(k + 1, i), s)));
   try {
     const data = t.data.state();
     const state: TrainingState = {
-      accumulator: { ...t.accumulator.state }, optimizer: opt.meta, scaler: t.scaler?.stateDict() ?? null, data, epoch,
+      accumulator: { ...t.accumulator.state }, optimizer: opt.meta as TrainingState['optimizer'], scaler: t.scaler?.stateDict() ?? null, data, epoch,
+      ...(ema ? { ema: ema.meta } : {}),
       ...(parallel ? { parallel: { worldSize: parallel.others.length + 1, sampleSeed: parallel.sampleSeed, ranks: [{ data }, ...parallel.others.map((r) => ({ data: r.data }))] } } : {}),
     };
     return saveCheckpoint(outputDir, t.accumulator.state.globalStep, { tensors, state }, (dir) => saveLoraWeights(dir, loraTargets(t.lora)));

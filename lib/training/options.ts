@@ -12,6 +12,7 @@ import type { MixedPrecision } from './step.js';
 import type { TrainDataOptions } from './train_data.js';
 import { DATA_DEFAULTS } from '../data/defaults.js';
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems } from './buckets_captions_options.js';
+import { OPTIM_DEFAULTS, OPTIM_RULES, optimProblems, type OptimOptions } from './optim_options.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -41,7 +42,7 @@ export type Rule =
   | { kind: 'int'; min: number; max?: number; why?: string; multipleOf?: number; nullable?: boolean }
   | { kind: 'float'; domain: 'positive' | 'nonNegative' | 'unitInterval'; nullable?: boolean }
   | { kind: 'string'; choices?: readonly string[]; nullable?: boolean; pattern?: [RegExp, string] }
-  | { kind: 'boolean' };
+  | { kind: 'boolean'; nullable?: boolean };
 
 export const int = (min: number, more: Partial<Extract<Rule, { kind: 'int' }>> = {}): Rule => ({ kind: 'int', min, ...more });
 export const float = (domain: Extract<Rule, { kind: 'float' }>['domain'], nullable = false): Rule => ({ kind: 'float', domain, nullable });
@@ -100,10 +101,11 @@ export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   seed: int(0, { nullable: true }),
   device: str({ nullable: true, pattern: [/^(cpu|cuda(:\d+)?)$/, "'cpu', 'cuda' or 'cuda:N'"] }),
   ...BUCKETS_CAPTIONS_RULES,
+  ...OPTIM_RULES,
 };
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions extends TrainDataOptions {
+export interface TrainOptions extends TrainDataOptions, OptimOptions {
   pretrainedModelNameOrPath: string;
   revision?: string | null;
   variant?: string | null;
@@ -183,6 +185,7 @@ export const TRAIN_DEFAULTS = Object.freeze({
   reportTo: 'tensorboard',
   loggingDir: 'logs',
   ...BUCKETS_CAPTIONS_DEFAULTS,
+  ...OPTIM_DEFAULTS,
 } as const satisfies { [K in keyof TrainOptions]?: NonNullable<TrainOptions[K]> });
 
 type Defaulted = keyof typeof TRAIN_DEFAULTS;
@@ -284,6 +287,7 @@ export function optionProblems(rules: Readonly<Record<string, Rule>>, options: o
     if (p !== undefined) problems.push(`${nameOf(key, naming)} ${p}`);
   }
   // get_scheduler's polynomial schedule decays to lr_end = 1e-7 and refuses a base LR not above it
+  problems.push(...optimProblems(o, naming));
   const lr = o.learningRate;
   if (o.lrScheduler === 'polynomial' && typeof lr === 'number' && lr > 0 && lr <= POLYNOMIAL_LR_END) {
     problems.push(`${nameOf('learningRate', naming)} must be above ${POLYNOMIAL_LR_END} (the end LR of --lr_scheduler=polynomial), got ${lr}`);

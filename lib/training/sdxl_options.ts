@@ -7,6 +7,7 @@ import {
   type OptionNaming, type ResolvedTrainOptions, type Rule, type TrainOptions,
 } from './options.js';
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
+import { OPTIM_DEFAULTS, OPTIM_RULES, type OptimOptions, type ResolvedOptimOptions } from './optim_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -20,7 +21,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -42,6 +43,7 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   debugLoss: bool,
   exportKohya: bool,
   ...BUCKETS_CAPTIONS_RULES,
+  ...OPTIM_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -52,10 +54,11 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   debugLoss: false,
   exportKohya: false,
   ...BUCKETS_CAPTIONS_DEFAULTS,
+  ...OPTIM_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
-export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedBucketsCaptions & {
+export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedBucketsCaptions & ResolvedOptimOptions & {
   readonly pretrainedVaeModelNameOrPath: string | null;
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;

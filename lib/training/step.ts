@@ -14,7 +14,7 @@ import { autocast, noGrad } from '../autograd.js';
 import type { AutoencoderKL } from '../models/autoencoder_kl.js';
 import type { CLIPTextModel } from '../models/clip_text_model.js';
 import type { UNet2DConditionModel, UNetAddedConditions } from '../models/unet_2d_condition.js';
-import type { AdamW } from '../optim/adamw.js';
+import type { Optimizer } from '../optim/optimizer.js';
 import { clipGradNorm } from '../optim/clip.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
 import type { Generator } from '../random.js';
@@ -284,7 +284,7 @@ export interface AccumulatorState {
 }
 
 export interface OptimizerStepOptions {
-  optimizer: AdamW;
+  optimizer: Optimizer;
   /** The trainable parameters to clip (default: the optimizer's). */
   params?: Tensor[];
   /** --max_grad_norm; null/undefined: no clipping. */
@@ -332,6 +332,8 @@ export interface AccumulatorOptions extends OptimizerStepOptions {
   lrStepsPerStep?: number;
   /** Restored state (e.g. from a checkpoint); default all zero. */
   state?: AccumulatorState;
+  /** An EMA of the parameters (--use_ema), stepped after every optimizer step, skipped fp16 steps included (as diffusers' scripts). */
+  ema?: { step(): void } | null;
 }
 
 /** accelerate's accumulate(): counts micro-batches and runs optimizerStep at each boundary. */
@@ -369,6 +371,7 @@ export class Accumulator {
     }
     const lr = this.o.optimizer.lr;
     const r = optimizerStep(this.o);
+    this.o.ema?.step();
     this.state.microStep = 0;
     this.state.globalStep += 1;
     if (r.stepped) this.state.lrStep += 1;

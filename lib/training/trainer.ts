@@ -22,11 +22,12 @@ import { saveLoraWeights } from '../lora/save.js';
 import { defaultGenerator, manualSeed, type Generator } from '../random.js';
 import { dispose } from '../scope.js';
 import {
-  assertFiniteWeights, checkOutputDir, ensureWritableDir, pruneCheckpoints, readTrainingState, removeEmptyDirs, resolveCheckpoint,
+  assertFiniteWeights, checkOutputDir, checkResumeOptimizer, ensureWritableDir, pruneCheckpoints, readTrainingState, removeEmptyDirs, resolveCheckpoint,
   restoreTrainingCheckpoint, saveTrainingCheckpoint, type CheckpointedRun,
 } from './checkpoint.js';
 import { loraNamedParameters, loraParameters, loraTargets, type LoraComponents } from './lora_components.js';
 import { trainLoop } from './loop.js';
+import { saveEmaLoraWeights } from './ema_weights.js';
 import { makeOptimization, optimizerStepError, type Optimization, type OptimizationOptions } from './optimization.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
@@ -168,7 +169,7 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
   const logs = dp.isMain ? new RunLogs(outputDir, o, hooks.onNotice, lastCheckpoint) : undefined; // rank 0 logs; a FIFO as metrics.jsonl is refused now
   // a checkpoint to resume from is read and checked before the models load (again against the data later); another number of processes is refused
   const resumeFrom = o.resumeFromCheckpoint ? resolveCheckpoint(outputDir, o.resumeFromCheckpoint) : undefined;
-  if (resumeFrom !== undefined) readTrainingState(resumeFrom, undefined, dp.worldSize);
+  if (resumeFrom !== undefined) checkResumeOptimizer(readTrainingState(resumeFrom, undefined, dp.worldSize), resumeFrom, o);
   if (o.seed !== null) manualSeed(o.seed);
   if (o.allowTf32) setAllowTF32(true);
 
@@ -196,15 +197,16 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     const { data } = spec;
     const steps = stepsArithmetic(data.batchesPerEpoch, o.gradientAccumulationSteps, o.numTrainEpochs, o.maxTrainSteps);
     const params = loraParameters(spec.lora);
-    optimization = makeOptimization(o, params, steps.maxTrainSteps, dp.worldSize);
-    const { optimizer, scaler, accumulator, baseLr } = optimization;
+    optimization = makeOptimization(o, params, steps.maxTrainSteps, dp.worldSize, dp.isMain ? hooks.onNotice : undefined);
+    const { optimizer, ema, scaler, accumulator, baseLr } = optimization;
     ctx.own(optimizer);
+    if (ema) ctx.own(ema);
     const runLine = dp.isMain ? dp.describeRun(o, steps) : null; // the total batch size with the processes
     if (runLine !== null) hooks.onNotice?.(runLine);
     await dp.broadcastParameters(params); // the LoRA as rank 0 initialised it
     let sampleSeed = await dp.agreeSampleSeed(o.seed); // the per-sample streams' seed
     const generators = [defaultGenerator('cpu'), ...(device.startsWith('cuda') ? [defaultGenerator(device)] : [])];
-    const run: CheckpointedRun = { lora: spec.lora, optimizer, accumulator, scaler, data, generators };
+    const run: CheckpointedRun = { lora: spec.lora, optimizer, ema, accumulator, scaler, data, generators };
 
     // 2. resume: every piece of state checked, then restored (this rank's data position and RNG), so the run continues as if never stopped
     let startEpoch = 0;
@@ -282,6 +284,7 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     if (report !== null) hooks.onNotice?.(report);
     assertFinite(lastEpoch);
     const outputFile = saveLoraWeights(outputDir, loraTargets(s.lora));
+    if (ema) saveEmaLoraWeights(ema, outputDir, loraTargets(s.lora), hooks.onNotice); // beside the trained weights, which validation uses
     const validationImages = await s.finish({ outputDir, lastEpoch, globalStep, baseLr });
     await saveLossPlot(join(outputDir, 'loss.png'), logs.metrics.read());
     return { validationImages, outputFile, globalStep, lastLoss, checkpoints, skippedImages, ...ranks };
