@@ -5,6 +5,7 @@ import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
 import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
+import { LORA_VARIANT_FLAGS } from './lora_variant_flags.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 const dflt = (key: string): string | number | boolean => D[key] as string | number | boolean;
 
@@ -45,6 +46,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   validation_images: { kind: 'string', group: 'Validation', describe: 'Images for image-conditioned validation (DeepFloyd IF). Refused: difflora has no such pipeline.' },
   class_labels_conditioning: { kind: 'string', group: 'Model', describe: "'timesteps': the timesteps as the UNet's class labels (only UNets with a class embedding use them; SD's have none)." },
   rank: shared('rank'),
+  ...LORA_VARIANT_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };

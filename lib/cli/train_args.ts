@@ -6,6 +6,8 @@ import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
 } from '../training/options.js';
+import { loraVariantProblems, type LoraVariantOptions } from '../training/lora_variant_options.js';
+import { LORA_VARIANT_FLAGS, loraVariantArgs } from './lora_variant_flags.js';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
 export class UsageError extends Error {
@@ -21,7 +23,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs {
+export interface TrainArgs extends LoraVariantOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -177,7 +179,7 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...LORA_VARIANT_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
@@ -397,9 +399,10 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     warnings,
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
+    ...loraVariantArgs(r),
   };
   // every value in its domain (the library checks the same), all problems at once
-  const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  const domainProblems = [...trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag'), ...loraVariantProblems(args, 'flag')];
   if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
   // a flag whose value is not even a number is said once, by the token check
   const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];

@@ -7,6 +7,7 @@ import {
   TrainOptionsError, bool, float, int, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type Rule, type TrainOptions,
 } from './options.js';
+import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions, type ResolvedLoraVariantOptions } from './lora_variant_options.js';
 
 /** The flags train_dreambooth_lora.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -21,7 +22,7 @@ type Shared = (typeof SHARED)[number];
 export const PRIOR_GENERATION_PRECISION_CHOICES = ['no', 'fp32', 'fp16', 'bf16'] as const;
 
 /** The flags of train_dreambooth_lora.py that the run uses, camelCased (lib/cli/dreambooth_args.ts). */
-export interface DreamBoothOptions extends Pick<TrainOptions, Shared> {
+export interface DreamBoothOptions extends Pick<TrainOptions, Shared>, LoraVariantOptions {
   /** A tokenizer folder or Hub id other than the model's tokenizer/ (--tokenizer_name). */
   tokenizerName?: string | null;
   /** The pictures of the subject (every image file in the folder). Required. */
@@ -74,6 +75,7 @@ export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, R
   classLabelsConditioning: str({ nullable: true }),
   lrNumCycles: int(1),
   lrPower: float('positive'),
+  ...LORA_VARIANT_RULES,
 };
 
 /** The script's defaults (those of the shared flags that differ from train_text_to_image_lora.py's are marked). */
@@ -93,19 +95,21 @@ export const DREAMBOOTH_DEFAULTS = Object.freeze({
   textEncoderUseAttentionMask: false,
   lrNumCycles: 1,
   lrPower: 1.0,
+  ...LORA_VARIANT_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 type Required3 = 'pretrainedModelNameOrPath' | 'instanceDataDir' | 'instancePrompt';
 type Defaulted = Exclude<keyof DreamBoothOptions, Required3 | 'revision' | 'variant' | 'cacheDir' | 'maxTrainSteps' | 'checkpointsTotalLimit' |
   'resumeFromCheckpoint' | 'validationPrompt' | 'seed' | 'device' | 'tokenizerName' | 'classDataDir' | 'classPrompt' | 'priorGenerationPrecision' |
-  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision'>;
+  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision' | keyof LoraVariantOptions>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
 export type ResolvedDreamBoothOptions =
   & { readonly [K in Required3]: string }
   & { readonly [K in Exclude<keyof DreamBoothOptions, Defaulted | Required3 | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision'>]-?: Exclude<DreamBoothOptions[K], undefined> | null }
   & { readonly [K in Defaulted]-?: NonNullable<DreamBoothOptions[K]> }
-  & { readonly maxGradNorm: number | null; readonly checkpointingSteps: number | null; readonly mixedPrecision: MixedPrecision };
+  & { readonly maxGradNorm: number | null; readonly checkpointingSteps: number | null; readonly mixedPrecision: MixedPrecision }
+  & ResolvedLoraVariantOptions;
 
 export function resolveDreamBoothOptions(o: DreamBoothOptions): ResolvedDreamBoothOptions {
   const r = resolveOptions(DREAMBOOTH_OPTION_RULES, DREAMBOOTH_DEFAULTS, o);
@@ -127,7 +131,7 @@ export function dreamBoothProblems(o: Readonly<Record<string, unknown>>, naming:
   if (o.trainTextEncoder === true && o.preComputeTextEmbeddings === true) {
     problems.push(`${name('trainTextEncoder', '--train_text_encoder')} cannot be used with ${name('preComputeTextEmbeddings', '--pre_compute_text_embeddings')}`);
   }
-  return problems;
+  return [...problems, ...loraVariantProblems(o, naming)];
 }
 
 /** The script's warnings: class folder or prompt given without prior preservation. */
