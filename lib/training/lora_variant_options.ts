@@ -3,7 +3,8 @@
 // conv rank/alpha, LoKr's factor, and the Kohya/LyCORIS export. Domains here, the flags in lib/cli/lora_variant_flags.ts;
 // the adapters themselves in lib/lora/variants.ts.
 import { LORA_TYPES, adaptsConvs, type LoraType, type LoraVariantConfig } from '../lora/variants.js';
-import { bool, float, int, str, type OptionNaming, type Rule } from './options.js';
+// types only: options.ts spreads these rules into its own table (a value import would be a cycle)
+import type { OptionNaming, Rule } from './options.js';
 
 export { LORA_TYPES, type LoraType };
 
@@ -25,13 +26,13 @@ export interface LoraVariantOptions {
 }
 
 export const LORA_VARIANT_RULES: Readonly<Record<keyof LoraVariantOptions, Rule>> = {
-  loraType: str({ choices: LORA_TYPES }),
-  loraAlpha: float('positive', true),
-  loraTargetModules: str({ nullable: true }),
-  convRank: int(1, { nullable: true }),
-  convAlpha: float('positive', true),
-  lokrFactor: int(-1),
-  exportKohya: bool,
+  loraType: { kind: 'string', choices: LORA_TYPES },
+  loraAlpha: { kind: 'float', domain: 'positive', nullable: true },
+  loraTargetModules: { kind: 'string', nullable: true },
+  convRank: { kind: 'int', min: 1, nullable: true },
+  convAlpha: { kind: 'float', domain: 'positive', nullable: true },
+  lokrFactor: { kind: 'int', min: -1 },
+  exportKohya: { kind: 'boolean' },
 };
 
 export const LORA_VARIANT_DEFAULTS = Object.freeze({
