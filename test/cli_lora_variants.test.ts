@@ -92,8 +92,8 @@ const libBase = (outputDir: string, more: Partial<TrainOptions>): TrainOptions =
 
 const RUNS: [LoraType, Partial<TrainOptions>][] = [
   ['locon', { loraType: 'locon', convRank: 2, convAlpha: 3, loraAlpha: 2 }],
-  ['dora', { loraType: 'dora', loraAlpha: 8 }],
-  ['loha', { loraType: 'loha', loraAlpha: 2, convRank: 2 }],
+  ['dora', { loraType: 'dora', loraAlpha: 8, gradientCheckpointing: true }], // checkpointed activations recompute DoRA's forward
+  ['loha', { loraType: 'loha', loraAlpha: 2, convRank: 2, mixedPrecision: 'bf16' }], // bf16 frozen weights, float32 factors
   ['lokr', { loraType: 'lokr', rank: 2, loraAlpha: 3, lokrFactor: 4 }],
 ];
 
