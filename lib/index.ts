@@ -74,6 +74,8 @@ export {
 export type {
   LoraConfig, LoraHandle, LoraInit, LoraLayout, LoraTarget, LoraTargets, LoadLoraWeightsOptions, LoadLoraWeightsResult,
 } from './lora/index.js';
+export { attachLoraVariant, LORA_TYPES, LOCON_TARGET_MODULES } from './lora/index.js';
+export type { LoraType, LoraVariantConfig } from './lora/index.js';
 
 // ---- Schedulers (diffusers' names and configs; loadScheduler reads scheduler_config.json)
 export {
@@ -114,6 +116,7 @@ export type { DreamBoothOptions } from './training/dreambooth_options.js';
 export { runSdxlTraining } from './training/train_sdxl.js';
 export { validateSdxlTrainOptions } from './training/sdxl_options.js';
 export type { SdxlTrainOptions } from './training/sdxl_options.js';
+export type { LoraVariantOptions } from './training/lora_variant_options.js';
 export { sdxlCondition, sdxlTimeIds } from './training/sdxl_step.js';
 export { runTrainer } from './training/trainer.js';
 export type { TrainerSpec, TrainerData, TrainerContext, TrainerOptions } from './training/trainer.js';

@@ -1,5 +1,6 @@
 // The training options' defaults are defined once (TRAIN_DEFAULTS): the CLI's flag table shows and applies
 // them, and resolveTrainOptions fills them in for the library, so the two cannot drift (issue #13).
+import { LORA_VARIANT_FLAGS } from '../lib/cli/lora_variant_flags.js';
 import { describe, expect, it } from 'vitest';
 import { DIFFLORA_FLAGS, TRAIN_FLAGS } from '../lib/cli/train_args.js';
 import { TRAIN_DEFAULTS, resolveTrainOptions } from '../lib/training/options.js';
@@ -9,7 +10,7 @@ const CLI_ONLY = new Set(['use8bitAdam', 'pushToHub', 'localRank']);
 
 describe('training defaults', () => {
   it('every flag default is TRAIN_DEFAULTS\'s, and every TRAIN_DEFAULTS entry but mixedPrecision is a flag default', () => {
-    const flagDefaults = Object.fromEntries(Object.entries({ ...TRAIN_FLAGS, ...DIFFLORA_FLAGS })
+    const flagDefaults = Object.fromEntries(Object.entries({ ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...LORA_VARIANT_FLAGS })
       .filter(([, spec]) => spec.default !== undefined)
       .map(([flag, spec]) => [camel(flag), spec.default])
       .filter(([key]) => !CLI_ONLY.has(key as string)));

@@ -8,6 +8,7 @@ import { OPTIM_FLAGS } from './optim_flags.js';
 import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { BUCKETS_CAPTIONS_FLAGS } from './buckets_captions_flags.js';
 import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
+import { LORA_VARIANT_FLAGS } from './lora_variant_flags.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 const dflt = (key: string): string | number | boolean => D[key] as string | number | boolean;
 
@@ -50,6 +51,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   rank: shared('rank'),
   ...BUCKETS_CAPTIONS_FLAGS,
   ...OPTIM_FLAGS,
+  ...LORA_VARIANT_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };

@@ -10,6 +10,8 @@ import {
 } from '../training/options.js';
 import { bucketsCaptionsProblems, type BucketsCaptionsOptions } from '../training/buckets_captions_options.js';
 import { BUCKETS_CAPTIONS_FLAGS, bucketsCaptionsArgs } from './buckets_captions_flags.js';
+import { loraVariantProblems, type LoraVariantOptions } from '../training/lora_variant_options.js';
+import { LORA_VARIANT_FLAGS, loraVariantArgs } from './lora_variant_flags.js';
 
 /** A command-line mistake: main.ts prints the message and exits with code 2. */
 export class UsageError extends Error {
@@ -25,7 +27,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions {
+export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions, LoraVariantOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -183,7 +185,7 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...LORA_VARIANT_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
@@ -405,9 +407,10 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
     ...bucketsCaptionsArgs(r),
     ...optimOptionsFromFlags(r),
+    ...loraVariantArgs(r),
   };
   // every value in its domain (the library checks the same), all problems at once
-  const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  const domainProblems = [...trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag'), ...loraVariantProblems(args, 'flag')];
   domainProblems.push(...bucketsCaptionsProblems({ ...args }, 'flag'));
   if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
   // a flag whose value is not even a number is said once, by the token check

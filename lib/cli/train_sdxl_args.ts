@@ -3,6 +3,7 @@
 // help from train_args.ts; flags that cannot act here are refused (exit 2), every problem listed at once.
 import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
 import { SDXL_TRAIN_DEFAULTS as D, SDXL_TRAIN_OPTION_RULES, sdxlTrainProblems, type SdxlTrainOptions } from '../training/sdxl_options.js';
+import { LORA_VARIANT_FLAGS } from './lora_variant_flags.js';
 import { DIFFLORA_FLAGS, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 
@@ -27,7 +28,7 @@ export const SDXL_TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   rank: shared('rank'),
   debug_loss: { kind: 'boolean', group: 'Logging', default: false, describe: "Log each image's loss to TensorBoard as loss_for_<file name>." },
   ...DIFFLORA_FLAGS,
-  export_kohya: { kind: 'boolean', group: 'difflora (not in the Python script)', default: false, describe: "Also write the LoRA in Kohya's SDXL layout (lora_unet_input_blocks_…, lora_te1_, lora_te2_) as pytorch_lora_weights_kohya.safetensors, for A1111/ComfyUI/sd-scripts." },
+  ...LORA_VARIANT_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-sdxl', flags: SDXL_TRAIN_FLAGS };

@@ -76,9 +76,21 @@ export function loraLayers(model: Module): [string, LoraLayer][] {
 
 function handleFor(model: Module): LoraHandle {
   const layers = loraLayers(model);
-  const named = (): [string, Tensor][] =>
-    layers.flatMap(([path, l]) => [[`${path}.lora_A.weight`, l.lora_A.weight], [`${path}.lora_B.weight`, l.lora_B.weight]] as [string, Tensor][]);
+  // each layer's trained adapter: LoRA A/B (DoRA: and its magnitude), or a LoHa/LoKr adapter's factors (lora_layer.ts)
+  const named = (): [string, Tensor][] => layers.flatMap(([path, l]) => l.adapterParameters().map(([n, t]): [string, Tensor] => [`${path}.${n}`, t]));
   return { layers, namedParameters: named, parameters: () => named().map(([, t]) => t) };
+}
+
+/**
+ * PEFT's mark_only_lora_as_trainable after an injection: the handle's parameters train, every other parameter of
+ * the model is frozen (the flags from before are kept for detachLora). Returns the handle.
+ */
+export function markOnlyLoraTrainable(model: Module, flags: Map<Tensor, boolean>): LoraHandle {
+  const handle = handleFor(model);
+  const lora = new Set(handle.parameters());
+  for (const p of model.parameters()) p.requiresGrad = lora.has(p);
+  frozenBy.set(model, flags);
+  return handle;
 }
 
 /** The handle of a model that already carries LoRA layers (e.g. after loadLoraWeights added them). */
@@ -115,12 +127,7 @@ function attachTo(model: Module, config: LoraConfig): LoraHandle {
     });
     replaceModule(model, path, layer);
   }
-  // PEFT's mark_only_lora_as_trainable
-  const handle = handleFor(model);
-  const lora = new Set(handle.parameters());
-  for (const p of model.parameters()) p.requiresGrad = lora.has(p);
-  frozenBy.set(model, flags);
-  return handle;
+  return markOnlyLoraTrainable(model, flags);
 }
 
 /**

@@ -190,6 +190,8 @@ const TE_PROCESSOR = /^(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$/;
 const DIFFUSERS = /^(.+)\.(?:lora|lora_linear_layer)\.(down|up)\.weight$/;
 const PEFT = /^(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight$/;
 const ALPHA = /^(.+)\.alpha$/;
+/** PEFT's LoHa/LoKr parameter names (`<path>.hada_w1_a[.<adapter>]`), as training checkpoints name them. */
+const PEFT_LYCORIS = /^(.+)\.(hada_(?:w[12]_[ab]|t[12])|lokr_(?:w[12](?:_[ab])?|t2))(?:\.[^.]+)?$/;
 const TE_PROCS: Record<string, string> = { to_q: 'q_proj', to_k: 'k_proj', to_v: 'v_proj', to_out: 'out_proj' };
 
 /** The component, module path, slot and layout a key names; null when it is no LoRA key of a known layout. */
@@ -218,6 +220,7 @@ export function parseLoraKey(key: string): ParsedKey | null {
   if ((m = PEFT.exec(rest))) return { component, path: m[1] as string, slot: downUp(m[2]), layout: 'peft' };
   if ((m = MAGNITUDE.exec(rest))) return { component, path: m[1] as string, slot: 'magnitude', layout: rest.includes('.lora_A') ? 'peft' : 'diffusers' };
   if ((m = ALPHA.exec(rest))) return { component, path: m[1] as string, slot: 'alpha', layout: 'diffusers' };
+  if ((m = PEFT_LYCORIS.exec(rest))) return { component, path: m[1] as string, slot: m[2] as LycorisFactor, layout: 'peft' };
   return null;
 }
 
@@ -442,7 +445,8 @@ export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string)
       out.set(`${key}.down.weight`, l.down.detach());
       // DoRA too: s·B·A is all its norm and its output see, so s folds into B as for LoRA
       out.set(`${key}.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));
-      if (l.magnitude) out.set(`${p ? `${p}.${l.path}` : l.path}.lora_magnitude_vector`, l.magnitude.reshape([-1]));
+      // PEFT's shapes: [out] for a Linear, [1, out, 1, 1] for a Conv2d (DoraConv2dLayer's weight norm)
+      if (l.magnitude) out.set(`${p ? `${p}.${l.path}` : l.path}.lora_magnitude_vector`, l.magnitude.reshape(l.down.ndim === 4 ? [1, -1, 1, 1] : [-1]));
     }
   });
   return out;
@@ -466,6 +470,27 @@ export function toKohyaKeys(layers: readonly LoraWeights[], o: { sgmLayersPerBlo
       out.set(`${name}.lora_up.weight`, l.up.detach());
       // LyCORIS' DoRA layout (wd_on_output): one magnitude per output row, [out, 1] ([out, 1, 1, 1] for a conv)
       if (l.magnitude) out.set(`${name}.dora_scale`, l.magnitude.reshape(l.down.ndim === 4 ? [-1, 1, 1, 1] : [-1, 1]));
+    }
+  });
+  return out;
+}
+
+/** What the LyCORIS writer needs of a trained LoHa/LoKr layer: its place, factors and alpha. */
+export interface LycorisWeights { component: LoraComponent; path: string; factors: LycorisFactors; alpha: number }
+
+/**
+ * Trained LoHa/LoKr layers under LyCORIS' Kohya keys (`lora_unet_<path>.alpha`, `.hada_w1_a`, … / `.lokr_w1`, …), as
+ * LyCORIS saves them and A1111/ComfyUI read them; with sgmLayersPerBlock the SDXL names of toKohyaKeys. New handles.
+ */
+export function lycorisWeightsToKohyaKeys(layers: readonly LycorisWeights[], o: { sgmLayersPerBlock?: number; sdxl?: boolean } = {}): Map<string, Tensor> {
+  const out = new Map<string, Tensor>();
+  const sdxl = o.sdxl ?? (o.sgmLayersPerBlock !== undefined || layers.some((l) => l.component === 'text_encoder_2'));
+  const unetPath = (p: string) => (o.sgmLayersPerBlock === undefined ? p : diffusersToSgmPath(p, o.sgmLayersPerBlock));
+  noGrad(() => {
+    for (const l of layers) {
+      const name = kohyaName(l.component === 'unet' ? unetPath(l.path) : l.path, kohyaPrefix(l.component, sdxl));
+      out.set(`${name}.alpha`, torch.scalarTensor(l.alpha, { dtype: 'float32' }));
+      for (const [k, t] of Object.entries(l.factors)) out.set(`${name}.${k}`, t.detach());
     }
   });
   return out;

@@ -9,6 +9,8 @@ export { LoraLayer, LoraBranch, LoraBranches } from './lora_layer.js';
 export type { LoraAdapterView, WeightLayer } from './lora_layer.js';
 export { attachLora, getLoraHandle, loraLayers, DEFAULT_TARGET_MODULES } from './attach.js';
 export type { LoraConfig, LoraHandle } from './attach.js';
+export { attachLoraVariant, variantTargets, factorization, LORA_TYPES, LOCON_TARGET_MODULES } from './variants.js';
+export type { LoraType, LoraVariantConfig, VariantTarget } from './variants.js';
 export { loraStateDictDiffusers, loraStateDictKohya, saveLoraWeights } from './save.js';
 export type { SaveLoraOptions } from './save.js';
 export {

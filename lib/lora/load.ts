@@ -119,7 +119,7 @@ function addCandidates(model: Module): Map<string, Target> {
 
 /** The layers in 'fill' mode: the LoRA layers that have the adapter. */
 function fillCandidates(model: Module, name: string): Map<string, Target> {
-  return new Map(loraLayers(model).filter(([, l]) => l.adapter(name) !== undefined));
+  return new Map(loraLayers(model).filter(([, l]) => l.hasAdapter(name)));
 }
 
 const shapeText = (s: readonly number[]): string => `[${s.join(', ')}]`;
@@ -143,8 +143,12 @@ function entryProblems(p: Planned, mode: ApplyMode): string[] {
   const keys = ` (${p.entry.keys.join(', ')})`;
   if (p.layer instanceof LoraLayer && p.layer.merged) return [`${at}: the layer is fused; unfuseLora first`];
   const e = p.entry;
-  if (mode.kind === 'fill' && (e.type !== 'lora' || e.magnitude)) {
-    return [`${at}: a ${e.type === 'lora' ? 'DoRA' : e.type === 'loha' ? 'LoHa' : 'LoKr'} adapter cannot fill the trained LoRA adapter '${mode.adapterName}'${keys}`];
+  if (mode.kind === 'fill') {
+    // the file's adapter must be of the trained adapter's kind (a checkpoint of a LoHa run fills LoHa factors)
+    const kind = (p.layer as LoraLayer).adapterKind(mode.adapterName);
+    const fileKind = e.type === 'lora' ? (e.magnitude ? 'dora' : 'lora') : e.type;
+    if (kind !== fileKind) return [`${at}: a ${KIND_NAMES[fileKind]} adapter cannot fill the trained ${KIND_NAMES[kind ?? 'lora']} adapter '${mode.adapterName}'${keys}`];
+    if (e.type !== 'lora') return lycorisFillProblems(p.layer as LoraLayer, e, mode.adapterName, at, keys);
   }
   if (e.type !== 'lora') return lycorisProblems(p.layer, e, at, keys);
   const need = neededShapes(p.layer, e.rank, mode);
@@ -154,6 +158,21 @@ function entryProblems(p: Planned, mode: ApplyMode): string[] {
     return [`${at}: file down/A ${shapeText(e.down.shape)}, up/B ${shapeText(e.up.shape)}; ${need.what} needs ${shapeText(need.down)}, ${shapeText(need.up)} (rank ${e.rank})${keys}`];
   }
   return [];
+}
+
+const KIND_NAMES = { lora: 'LoRA', dora: 'DoRA', loha: 'LoHa', lokr: 'LoKr' } as const;
+
+/** 'fill' of a LoHa/LoKr adapter: the file must give the adapter's factors, each of its shape. */
+function lycorisFillProblems(layer: LoraLayer, e: LycorisEntry, name: string, at: string, keys: string): string[] {
+  const have = (layer.lycorisAdapter(name) as LycorisBranch).factors;
+  const want = Object.keys(have).sort().join(', ');
+  const got = Object.keys(e.factors).sort().join(', ');
+  if (want !== got) return [`${at}: the file gives the factors ${got}; the adapter '${name}' has ${want}${keys}`];
+  const bad = Object.entries(e.factors).filter(([k, t]) => {
+    const h = have[k as keyof typeof have] as Tensor;
+    return t.ndim !== h.ndim || t.shape.some((v, i) => v !== h.shape[i]);
+  });
+  return bad.map(([k, t]) => `${at}: ${k} ${shapeText(t.shape)}; the adapter '${name}' has ${shapeText((have[k as keyof typeof have] as Tensor).shape)}${keys}`);
 }
 
 /** A LoHa/LoKr entry's ΔW against its layer's weight: [out, in] for a Linear; a conv's shape or [out, in·kh·kw]. */
@@ -347,10 +366,19 @@ function fillAdapter(planned: Planned[], name: string): void {
   noGrad(() => {
     for (const p of planned) {
       const layer = p.layer as LoraLayer;
+      if (p.entry.type !== 'lora') {
+        // LoHa/LoKr (plan() checked the factors): a Kohya file's scale alpha/rank is kept; PEFT names carry no alpha
+        const b = layer.lycorisAdapter(name) as LycorisBranch;
+        const f = b.factors;
+        for (const [k, t] of Object.entries(p.entry.factors)) (f[k as keyof typeof f] as Tensor).copy_(t);
+        if (p.entry.layout === 'kohya') b.alpha = ((p.entry.alpha ?? p.entry.rank) / p.entry.rank) * b.rank;
+        continue;
+      }
       const a = layer.adapter(name) as NonNullable<ReturnType<LoraLayer['adapter']>>;
-      const e = p.entry as LoraPairEntry; // plan() refused the other kinds
+      const e: LoraPairEntry = p.entry;
       a.A.weight.copy_(e.down);
       a.B.weight.copy_(e.up);
+      if (e.magnitude && a.magnitude) a.magnitude.copy_(tidy(() => e.magnitude!.reshape([-1]).to(a.magnitude!.dtype)));
       const alpha = p.alpha ?? (p.entry.layout === 'peft' ? null : p.entry.rank);
       if (alpha !== null) setAdapterAlpha(layer, name, alpha);
     }

@@ -2,7 +2,10 @@
 // stride, padding and dilation to `rank` channels, lora_B a 1×1 conv back to the output channels. Kohya's
 // files give SD 1.x's 1×1 proj_in/proj_out this way (lora_down [r, in, 1, 1], lora_up [out, r, 1, 1]), and
 // LoCon files the 3×3 resnet convs (lora_down [r, in, 3, 3]).
+import { noGrad } from '../autograd.js';
 import type { DType } from '../dtype.js';
+import type { Generator } from '../random.js';
+import type { LoraInit } from './lora_linear.js';
 import * as F from '../functional.js';
 import { Conv2d, Dropout } from '../nn/layers.js';
 import type { Tensor } from '../tensor.js';
@@ -29,6 +32,22 @@ export class LoraConv2d extends LoraLayer {
     [this.lora_A, this.lora_B] = this.createBranch(o.rank, o.dtype ?? 'float32');
     this.training = base.training;
     this.lora_dropout.training = base.training;
+  }
+
+  /**
+   * A fresh trainable adapter, as PEFT's lora.Conv2d reset_lora_parameters: A ~ N(0, (1/rank)²) ('gaussian') or
+   * kaiming_uniform(a=√5) = U(±1/√(in·kh·kw)) ('kaiming', Kohya's LoCon), B = 0.
+   */
+  resetLoraParameters(init: LoraInit, generator?: Generator): void {
+    noGrad(() => {
+      if (init === 'gaussian') this.lora_A.weight.normal_(0, 1 / this.rank, generator);
+      else if (init === 'kaiming') {
+        const k = this.base_layer.kernelSize;
+        const bound = 1 / Math.sqrt(this.base_layer.inChannels * k * k);
+        this.lora_A.weight.uniform_(-bound, bound, generator);
+      } else throw new TypeError(`LoraConv2d: unknown init '${String(init)}' (expected 'gaussian' or 'kaiming')`);
+      this.lora_B.weight.zero_();
+    });
   }
 
   protected createBranch(rank: number, dtype: DType): [Conv2d, Conv2d] {

@@ -99,6 +99,23 @@ export abstract class LoraLayer extends Module {
     return b instanceof LycorisBranch ? b : undefined;
   }
 
+  /**
+   * The trained (first) adapter's parameters under PEFT's names with the adapter name dropped, relative to the layer:
+   * LoRA `lora_A.weight`, `lora_B.weight` (DoRA + `lora_magnitude_vector`); a layer whose lora_A/lora_B are vacant
+   * gives its first LoHa/LoKr adapter's factors (`hada_w1_a`, …, `lokr_w1`, …) in PEFT's parameter order.
+   */
+  adapterParameters(): [string, Tensor][] {
+    if (!this.vacant) {
+      const out: [string, Tensor][] = [['lora_A.weight', this.lora_A.weight], ['lora_B.weight', this.lora_B.weight]];
+      if (this.lora_magnitude_vector) out.push(['lora_magnitude_vector', this.lora_magnitude_vector]);
+      return out;
+    }
+    const first = [...(this.lora_extra?.items.values() ?? [])][0];
+    if (!(first instanceof LycorisBranch)) return [];
+    const f = first.factors;
+    return first.factorOrder().map((n): [string, Tensor] => [n, f[n] as Tensor]);
+  }
+
   hasAdapter(name: string): boolean { return this.adapter(name) !== undefined || this.lycorisAdapter(name) !== undefined; }
 
   /** The kind of an adapter; undefined when the layer has none of that name. */
@@ -172,13 +189,20 @@ export abstract class LoraLayer extends Module {
       : bw.reshape([bw.shape[0] as number, a.rank]).matmul(aw.reshape([a.rank, -1])).reshape([...shape]);
   }
 
-  /** DoRA's m / ‖w + s·B A‖ per output row ([out]), the norm detached (PEFT's get_weight_norm). */
+  /**
+   * DoRA's m / ‖w + s·B A‖ per output row ([out]): the norm detached (PEFT's get_weight_norm(...).detach()), so the
+   * gradient reaches m through the numerator and A/B only through the LoRA term, as in PEFT.
+   */
   private doraFactor(a: LoraAdapterView, s: number, w: Tensor): Tensor {
-    return noGrad(() => tidy(() => {
+    const norm = noGrad(() => tidy(() => {
       const v = w.add(this.loraProduct(a, w.shape).detach().mul(s));
-      const norm = v.ndim === 4 ? v.norm(2, [1, 2, 3]) : v.norm(2, 1);
-      return (a.magnitude as Tensor).reshape([-1]).div(norm);
+      return v.ndim === 4 ? v.norm(2, [1, 2, 3]) : v.norm(2, 1);
     }));
+    try {
+      return (a.magnitude as Tensor).reshape([-1]).div(norm);
+    } finally {
+      norm.dispose();
+    }
   }
 
   /**

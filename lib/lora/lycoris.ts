@@ -136,6 +136,12 @@ export class LycorisBranch extends Module {
     return Object.fromEntries(this.factorNames.map((n) => [n, (this as unknown as Record<string, Tensor>)[n]])) as LycorisFactors;
   }
 
+  /** The factor names in PEFT's parameter order (its ParameterDicts' order), those this adapter has. */
+  factorOrder(): LycorisFactor[] {
+    const order: readonly LycorisFactor[] = this.type === 'loha' ? LOHA_FACTORS : LOKR_FACTORS;
+    return order.filter((n) => this.factorNames.includes(n));
+  }
+
   /** ΔW · scale, shaped as `shape` (the base weight's). */
   delta(scale: number, shape: readonly number[]): Tensor {
     return lycorisDelta(this.type, this.factors, scale).reshape([...shape]);

@@ -8,9 +8,10 @@ import { Module } from '../nn/module.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { loraLayers } from './attach.js';
-import { sortedByKey, toDiffusersKeys, toKohyaKeys, type LoraWeights } from './formats.js';
+import { lycorisWeightsToKohyaKeys, sortedByKey, toDiffusersKeys, toKohyaKeys, type LoraWeights, type LycorisWeights } from './formats.js';
 import { LORA_WEIGHT_NAME, targetModels, type LoraTarget } from './load.js';
 import type { LoraLayer } from './lora_layer.js';
+import { trainedAdapterKind, trainedLycoris } from './variants.js';
 
 function requireLayers(model: Module, what: string): [string, LoraLayer][] {
   const layers = loraLayers(model);
@@ -26,8 +27,26 @@ function layerWeights(target: LoraTarget, what: string): LoraWeights[] {
   const models = targetModels(target);
   return models.flatMap(([component, model]) => {
     const layers = component === 'unet' ? requireLayers(model, what) : loraLayers(model);
-    return layers.map(([path, l]) => ({ component, path, down: l.lora_A.weight, up: l.lora_B.weight, alpha: l.alpha }));
+    const lycoris = layers.filter(([, l]) => l.vacant);
+    if (lycoris.length) {
+      throw new Error(`${what}: ${component} ${lycoris[0]?.[0]} carries a LoHa/LoKr adapter, which has no diffusers/PEFT-named LoRA keys; `
+        + "save it in the Kohya/LyCORIS layout (saveLoraWeights writes that layout for LoHa/LoKr by itself)");
+    }
+    return layers.map(([path, l]) => ({ component, path, down: l.lora_A.weight, up: l.lora_B.weight, alpha: l.alpha, magnitude: l.lora_magnitude_vector }));
   });
+}
+
+/** The trained LoHa/LoKr layers (vacant lora_A/lora_B, the adapter first in lora_extra) of every model. */
+function lycorisWeights(target: LoraTarget): LycorisWeights[] {
+  return targetModels(target).flatMap(([component, model]) => loraLayers(model).flatMap(([path, l]) => {
+    const b = trainedLycoris(l);
+    return b ? [{ component, path, factors: b.factors, alpha: b.alpha }] : [];
+  }));
+}
+
+/** Whether a model (or pipeline) carries trained LoHa/LoKr adapters, which are saved in the Kohya/LyCORIS layout. */
+export function hasLycorisLayers(target: LoraTarget): boolean {
+  return targetModels(target).some(([, m]) => loraLayers(m).some(([, l]) => l.vacant));
 }
 
 /**
@@ -47,6 +66,12 @@ export function loraStateDictDiffusers(target: LoraTarget, options: { prefix?: s
  * tensor, in sd-scripts' state-dict order (alpha, lora_down, lora_up). New handles, as loraStateDictDiffusers.
  */
 export function loraStateDictKohya(target: LoraTarget, options: { sgmLayersPerBlock?: number } = {}): Map<string, Tensor> {
+  if (hasLycorisLayers(target)) {
+    // LoHa/LoKr layers under LyCORIS keys; a model carries one adapter type (variants.ts), so nothing else is there
+    const models = targetModels(target);
+    if (!loraLayers(models[0]?.[1] as Module).length) requireLayers(models[0]?.[1] as Module, 'loraStateDictKohya');
+    return lycorisWeightsToKohyaKeys(lycorisWeights(target), { ...options, sdxl: options.sgmLayersPerBlock !== undefined || models.some(([c]) => c === 'text_encoder_2') });
+  }
   return toKohyaKeys(layerWeights(target, 'loraStateDictKohya'), options);
 }
 
@@ -68,15 +93,21 @@ export interface SaveLoraOptions {
  * sd-scripts' ss_network_* entries when every layer has the same rank and alpha. Returns the file's path.
  */
 export function saveLoraWeights(dir: string, target: LoraTarget, options: SaveLoraOptions = {}): string {
-  const format = options.format ?? 'diffusers';
-  if (format !== 'diffusers' && format !== 'kohya') throw new TypeError(`saveLoraWeights: unknown format '${String(format)}'`);
+  if (options.format !== undefined && options.format !== 'diffusers' && options.format !== 'kohya') throw new TypeError(`saveLoraWeights: unknown format '${String(options.format)}'`);
+  // LoHa/LoKr have no diffusers/PEFT-named layout diffusers can load: they are written in LyCORIS' Kohya keys
+  const lycoris = hasLycorisLayers(target);
+  const format = lycoris ? 'kohya' : options.format ?? 'diffusers';
   const file = join(dir, checkPlainName('weightName', options.weightName ?? LORA_WEIGHT_NAME));
   let metadata: Record<string, string> = { format: 'pt' };
   if (format === 'kohya') {
-    metadata = { ss_network_module: 'networks.lora' };
     const layers = targetModels(target).flatMap(([, m]) => loraLayers(m));
-    const ranks = new Set(layers.map(([, l]) => l.rank));
-    const alphas = new Set(layers.map(([, l]) => l.alpha));
+    const kinds = new Set(layers.map(([, l]) => trainedAdapterKind(l)));
+    const algo = [...kinds].find((k) => k === 'loha' || k === 'lokr');
+    // sd-scripts' metadata; LyCORIS' own for LoHa/LoKr (ss_network_args names the algorithm), DoRA as LyCORIS' dora_wd
+    metadata = algo ? { ss_network_module: 'lycoris.kohya', ss_network_args: JSON.stringify({ algo }) } : { ss_network_module: 'networks.lora' };
+    if (!algo && kinds.has('dora')) metadata.ss_network_args = JSON.stringify({ dora_wd: 'True' });
+    const ranks = new Set(layers.map(([, l]) => trainedLycoris(l)?.rank ?? l.rank));
+    const alphas = new Set(layers.map(([, l]) => trainedLycoris(l)?.alpha ?? l.alpha));
     if (ranks.size === 1) metadata.ss_network_dim = String([...ranks][0]);
     if (alphas.size === 1) metadata.ss_network_alpha = formatAlpha([...alphas][0] as number);
   }

@@ -7,12 +7,13 @@ import { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import type { FromPretrainedOptions } from '../models/loading.js';
-import { DEFAULT_TARGET_MODULES, attachLora, matchesTarget, type LoraHandle } from '../lora/attach.js';
-import { Linear } from '../nn/layers.js';
+import { DEFAULT_TARGET_MODULES, type LoraHandle } from '../lora/attach.js';
+import { attachLoraVariant, variantTargets, type LoraVariantConfig } from '../lora/variants.js';
 import type { Module } from '../nn/module.js';
 import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import type { DType } from '../dtype.js';
 import { TrainOptionsError, type ResolvedTrainOptions } from './options.js';
+import { VARIANT_FLAG_NAMES, textEncoderVariantConfig, unetVariantConfig, type ResolvedLoraVariantOptions } from './lora_variant_options.js';
 
 /**
  * train_dreambooth_lora.py's UNet targets: add_k_proj/add_v_proj exist only in IF-style UNets (AttnAddedKV), so
@@ -28,11 +29,20 @@ export const TEXT_ENCODER_LORA_TARGETS: readonly string[] = ['q_proj', 'k_proj',
  * lora_alpha=rank, init_lora_weights="gaussian", target_modules=[q/k/v/out_proj])): any CLIP-like module whose
  * attention has Linear layers of these names. Everything else of the model is frozen; it is put in train mode.
  */
-export function attachTextEncoderLora(textEncoder: Module, rank: number): LoraHandle {
-  checkRankFits(textEncoder, rank, TEXT_ENCODER_LORA_TARGETS);
-  const lora = attachLora(textEncoder, { rank, alpha: rank, init: 'gaussian', targetModules: TEXT_ENCODER_LORA_TARGETS });
+export function attachTextEncoderLora(textEncoder: Module, rank: number, variant: ResolvedLoraVariantOptions = PLAIN_LORA): LoraHandle {
+  const lora = attachChecked(textEncoder, textEncoderVariantConfig({ ...variant, rank }, TEXT_ENCODER_LORA_TARGETS), false);
   textEncoder.train();
   return lora;
+}
+
+/** The scripts' adapter: plain LoRA, alpha = rank, the command's targets. */
+const PLAIN_LORA: ResolvedLoraVariantOptions = { loraType: 'lora', loraAlpha: null, loraTargetModules: null, convRank: null, convAlpha: null, lokrFactor: -1, exportKohya: false };
+
+/** attachLoraVariant with its problems (unmatched targets, ranks too large) as a TrainOptionsError naming the flags. */
+function attachChecked(model: Module, config: LoraVariantConfig, checkNames: boolean): LoraHandle {
+  const { problems } = variantTargets(model, config, { checkNames, names: VARIANT_FLAG_NAMES });
+  if (problems.length) throw new TrainOptionsError(problems);
+  return attachLoraVariant(model, config, { names: VARIANT_FLAG_NAMES });
 }
 
 export interface TrainingModels {
@@ -46,7 +56,8 @@ export interface TrainingModels {
   load: FromPretrainedOptions;
 }
 
-type ModelOptions = Pick<ResolvedTrainOptions, 'pretrainedModelNameOrPath' | 'revision' | 'cacheDir' | 'variant' | 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>;
+type ModelOptions = Pick<ResolvedTrainOptions, 'pretrainedModelNameOrPath' | 'revision' | 'cacheDir' | 'variant' | 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>
+  & ResolvedLoraVariantOptions;
 
 /**
  * Loads the models onto `device` in `dtype` and attaches the LoRA (rank = alpha, gaussian init). Each model
@@ -74,30 +85,14 @@ export function loadTrainingModels(
  * the UNet in train mode, then --gradient_checkpointing and the memory-efficient attention.
  */
 export function attachUnetLora(
-  unet: UNet2DConditionModel, o: Pick<ModelOptions, 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>,
+  unet: UNet2DConditionModel, o: Pick<ModelOptions, 'rank' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'> & Partial<ResolvedLoraVariantOptions>,
   targetModules: readonly string[] = DEFAULT_TARGET_MODULES,
 ): LoraHandle {
-  checkRankFits(unet, o.rank, targetModules);
-  const lora = attachLora(unet, { rank: o.rank, alpha: o.rank, init: 'gaussian', targetModules });
+  const variant = { ...PLAIN_LORA, ...o };
+  // --lora_type and its options (lora_variant_options.ts); a name the user gave in --lora_target_modules must match a module
+  const lora = attachChecked(unet, unetVariantConfig({ ...variant, rank: o.rank }, targetModules), variant.loraTargetModules !== null);
   unet.train();
   if (o.gradientCheckpointing) unet.enableGradientCheckpointing();
   if (o.enableXformersMemoryEfficientAttention) setMemoryEfficientAttention(unet);
   return lora;
-}
-
-/**
- * The LoRA rank must fit the smallest layer it adapts: B·A has rank at most min(in, out), so a larger rank
- * adds nothing but memory (and --rank=100000 crashed allocating it).
- */
-export function checkRankFits(model: Module, rank: number, targets: readonly string[] = DEFAULT_TARGET_MODULES): void {
-  let smallest: { path: string; layer: Linear; size: number } | undefined;
-  for (const [path, m] of model.namedModules()) {
-    if (!(m instanceof Linear) || !matchesTarget(path, targets)) continue;
-    const size = Math.min(m.inFeatures, m.outFeatures);
-    if (!smallest || size < smallest.size) smallest = { path, layer: m, size };
-  }
-  if (smallest && rank > smallest.size) {
-    throw new TrainOptionsError([`--rank ${rank} is larger than the smallest layer LoRA adapts, ${smallest.path} ` +
-      `(Linear ${smallest.layer.inFeatures} → ${smallest.layer.outFeatures}): --rank must be at most ${smallest.size} for this model`]);
-  }
 }

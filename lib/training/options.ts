@@ -13,6 +13,7 @@ import type { TrainDataOptions } from './train_data.js';
 import { DATA_DEFAULTS } from '../data/defaults.js';
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems } from './buckets_captions_options.js';
 import { OPTIM_DEFAULTS, OPTIM_RULES, optimProblems, type OptimOptions } from './optim_options.js';
+import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions } from './lora_variant_options.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -102,10 +103,11 @@ export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   device: str({ nullable: true, pattern: [/^(cpu|cuda(:\d+)?)$/, "'cpu', 'cuda' or 'cuda:N'"] }),
   ...BUCKETS_CAPTIONS_RULES,
   ...OPTIM_RULES,
+  ...LORA_VARIANT_RULES,
 };
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions extends TrainDataOptions, OptimOptions {
+export interface TrainOptions extends TrainDataOptions, OptimOptions, LoraVariantOptions {
   pretrainedModelNameOrPath: string;
   revision?: string | null;
   variant?: string | null;
@@ -186,6 +188,7 @@ export const TRAIN_DEFAULTS = Object.freeze({
   loggingDir: 'logs',
   ...BUCKETS_CAPTIONS_DEFAULTS,
   ...OPTIM_DEFAULTS,
+  ...LORA_VARIANT_DEFAULTS,
 } as const satisfies { [K in keyof TrainOptions]?: NonNullable<TrainOptions[K]> });
 
 type Defaulted = keyof typeof TRAIN_DEFAULTS;
@@ -351,7 +354,8 @@ export function unknownOptionProblems(opts: Readonly<Record<string, unknown>>, r
 export function validateTrainOptions(o: unknown): void {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the training options must be an object, got ${showValue(o)}`]);
   const opts = o as Record<string, unknown>;
-  const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option'), ...bucketsCaptionsProblems({ resolution: TRAIN_DEFAULTS.resolution, ...opts }, 'option')];
+  const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option'), ...bucketsCaptionsProblems({ resolution: TRAIN_DEFAULTS.resolution, ...opts }, 'option'),
+    ...loraVariantProblems(opts, 'option')];
   if (opts.pretrainedModelNameOrPath === undefined) problems.unshift('pretrainedModelNameOrPath (--pretrained_model_name_or_path) is required');
   if ((opts.datasetName ?? undefined) === undefined && (opts.trainDataDir ?? undefined) === undefined) {
     problems.push('need either datasetName (--dataset_name) or trainDataDir (--train_data_dir)');

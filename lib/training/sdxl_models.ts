@@ -14,6 +14,7 @@ import { DDPMScheduler } from '../schedulers/scheduling_ddpm.js';
 import type { LoraComponents } from './lora_components.js';
 import { attachTextEncoderLora, attachUnetLora } from './models.js';
 import type { ResolvedSdxlTrainOptions } from './sdxl_options.js';
+import type { ResolvedLoraVariantOptions } from './lora_variant_options.js';
 
 /** model_index.json classes of SDXL base pipelines (the folders train-sdxl can train). */
 const SDXL_CLASSES = ['StableDiffusionXLPipeline', 'StableDiffusionXLImg2ImgPipeline', 'StableDiffusionXLInpaintPipeline'];
@@ -34,7 +35,7 @@ export interface SdxlTrainingModels {
 }
 
 type ModelOptions = Pick<ResolvedSdxlTrainOptions, 'pretrainedModelNameOrPath' | 'pretrainedVaeModelNameOrPath' | 'revision' | 'cacheDir' | 'variant' |
-  'rank' | 'trainTextEncoder' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'>;
+  'rank' | 'trainTextEncoder' | 'gradientCheckpointing' | 'enableXformersMemoryEfficientAttention'> & ResolvedLoraVariantOptions;
 
 /**
  * Refuses a model that is not an SDXL pipeline before anything loads, naming what it is: an SD 1.x/2.x folder
@@ -76,7 +77,7 @@ export function loadSdxlTrainingModels(o: ModelOptions, device: string, dtype: D
   attachUnetLora(unet, o);
   if (o.trainTextEncoder) {
     for (const te of [textEncoder, textEncoder2]) {
-      attachTextEncoderLora(te, o.rank);
+      attachTextEncoderLora(te, o.rank, o);
       if (o.gradientCheckpointing) te.enableGradientCheckpointing(); // as the script: the encoders too when they train
     }
   }

@@ -8,6 +8,7 @@ import {
 } from './options.js';
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
 import { OPTIM_DEFAULTS, OPTIM_RULES, type OptimOptions, type ResolvedOptimOptions } from './optim_options.js';
+import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions, type ResolvedLoraVariantOptions } from './lora_variant_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -21,7 +22,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions, LoraVariantOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -31,8 +32,6 @@ export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCap
   trainTextEncoder?: boolean;
   /** Log each image's loss to TensorBoard as loss_for_<file name> (the script's --debug_loss). */
   debugLoss?: boolean;
-  /** difflora's own: also write the LoRA in Kohya's SDXL layout (lora_unet_ SGM names, lora_te1_/lora_te2_), pytorch_lora_weights_kohya.safetensors. */
-  exportKohya?: boolean;
 }
 
 /** Every option trainTextToImageLoraSdxl reads, with its domain. */
@@ -41,9 +40,9 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   pretrainedVaeModelNameOrPath: str({ nullable: true }),
   trainTextEncoder: bool,
   debugLoss: bool,
-  exportKohya: bool,
   ...BUCKETS_CAPTIONS_RULES,
   ...OPTIM_RULES,
+  ...LORA_VARIANT_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -52,17 +51,16 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   resolution: 1024, // differs
   trainTextEncoder: false,
   debugLoss: false,
-  exportKohya: false,
   ...BUCKETS_CAPTIONS_DEFAULTS,
   ...OPTIM_DEFAULTS,
+  ...LORA_VARIANT_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
-export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedBucketsCaptions & ResolvedOptimOptions & {
+export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & ResolvedBucketsCaptions & ResolvedOptimOptions & ResolvedLoraVariantOptions & {
   readonly pretrainedVaeModelNameOrPath: string | null;
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
-  readonly exportKohya: boolean;
 };
 
 export function resolveSdxlTrainOptions(o: SdxlTrainOptions): ResolvedSdxlTrainOptions {
@@ -77,7 +75,7 @@ export function sdxlTrainProblems(o: Readonly<Record<string, unknown>>, naming: 
   if ((o.datasetName ?? null) === null && (o.trainDataDir ?? null) === null) {
     problems.push(`Need either a dataset name or a training folder: give ${name('datasetName', '--dataset_name')} or ${name('trainDataDir', '--train_data_dir')}`);
   }
-  return problems;
+  return [...problems, ...loraVariantProblems(o, naming)];
 }
 
 /** Checks trainTextToImageLoraSdxl's options before anything is loaded; throws a TrainOptionsError listing every problem. */

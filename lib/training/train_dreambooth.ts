@@ -64,7 +64,7 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   // 2. models with LoRA: the UNet's, then (--train_text_encoder) the text encoder's, drawn in that order as the script
   const models = loadTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own, { unetTargets: DREAMBOOTH_UNET_LORA_TARGETS, tokenizerName: o.tokenizerName });
   if (o.trainTextEncoder) {
-    attachTextEncoderLora(models.textEncoder, o.rank);
+    attachTextEncoderLora(models.textEncoder, o.rank, o);
     if (o.gradientCheckpointing) models.textEncoder.enableGradientCheckpointing(); // as the script
   }
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', models.unet], ['text_encoder', models.textEncoder]] : [['unet', models.unet]];

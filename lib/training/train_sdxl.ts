@@ -10,9 +10,7 @@ import { StableDiffusionXLPipeline } from '../pipelines/stable_diffusion_xl.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
 import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
-import { saveLoraWeights } from '../lora/save.js';
 import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
-import { loraTargets } from './lora_components.js';
 import { saveModelCard } from './model_card.js';
 import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.js';
 import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
@@ -24,8 +22,7 @@ import { runPipelineValidation, type ValidationOptions } from './validation.js';
 
 export type { SdxlTrainOptions };
 
-/** --export_kohya's file, next to pytorch_lora_weights.safetensors. */
-export const KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors';
+export { KOHYA_WEIGHT_NAME } from './trainer.js';
 
 /** The pipeline's default steps, which the script's log_validation uses (it passes none). */
 const VALIDATION_STEPS = 50;
@@ -66,6 +63,7 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
   });
   return {
     lora: models.lora,
+    sgmLayersPerBlock: () => uniformLayersPerBlock(unet), // Kohya's SDXL files name the UNet's layers in SGM blocks
     data,
     microStep: (batch) => {
       try {
@@ -86,7 +84,6 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
       }
     },
     finish: async ({ outputDir, lastEpoch, globalStep, baseLr }) => {
-      if (o.exportKohya) saveLoraWeights(outputDir, loraTargets(models.lora), { format: 'kohya', weightName: KOHYA_WEIGHT_NAME, sgmLayersPerBlock: uniformLayersPerBlock(unet) });
       const images = o.validationPrompt === null || o.numValidationImages === 0 ? [] : await finalValidation(o, models, ctx, validation(o.validationPrompt, 'test', lastEpoch, outputDir));
       saveModelCard(outputDir, {
         baseModel: o.pretrainedModelNameOrPath, dataset: o.datasetName ?? o.trainDataDir ?? '', rank: o.rank, steps: globalStep, learningRate: baseLr,

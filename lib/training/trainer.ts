@@ -18,7 +18,10 @@ import type { DType } from '../dtype.js';
 import { saveLossPlot } from '../logging/loss_plot.js';
 import { RunLogs } from '../logging/run_logs.js';
 import { LORA_WEIGHT_NAME } from '../lora/load.js';
-import { saveLoraWeights } from '../lora/save.js';
+import { hasLycorisLayers, saveLoraWeights } from '../lora/save.js';
+import { loraLayers } from '../lora/attach.js';
+import type { Module } from '../nn/module.js';
+import type { ResolvedLoraVariantOptions } from './lora_variant_options.js';
 import { defaultGenerator, manualSeed, type Generator } from '../random.js';
 import { dispose } from '../scope.js';
 import {
@@ -77,7 +80,7 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
 /** The options the skeleton reads: every command's resolved options have them (the scripts share these flags). */
 export type TrainerOptions = OptimizationOptions & Pick<ResolvedTrainOptions,
   'outputDir' | 'reportTo' | 'loggingDir' | 'resumeFromCheckpoint' | 'seed' | 'allowTf32' | 'device' | 'numTrainEpochs' | 'maxTrainSteps' |
-  'checkpointingSteps' | 'checkpointsTotalLimit' | 'validationPrompt' | 'validationEpochs'> & { skipBrokenImages?: boolean };
+  'checkpointingSteps' | 'checkpointsTotalLimit' | 'validationPrompt' | 'validationEpochs'> & { skipBrokenImages?: boolean } & Partial<Pick<ResolvedLoraVariantOptions, 'exportKohya'>>;
 
 /**
  * How a command runs on several processes. `dataParallel: true`: its data takes ctx.shard and its micro-step draws
@@ -120,6 +123,8 @@ export interface TrainerContext {
 export interface TrainerSpec<B> {
   /** The models carrying the trained LoRA, in the optimizer's order (UNet first). */
   lora: LoraComponents;
+  /** SDXL: the UNet's layers per block, for the SGM names of Kohya-layout files (--export_kohya, LoHa/LoKr). */
+  sgmLayersPerBlock?: () => number;
   data: TrainerData<B>;
   /** Forward and backward of one batch (loss ÷ accumulation steps, × the loss scale); returns the undivided loss. Frees the batch. */
   microStep(batch: B): number;
@@ -128,6 +133,14 @@ export interface TrainerSpec<B> {
   /** After the LoRA file is saved: the final validation and the model card; returns the validation images. */
   finish(end: { outputDir: string; lastEpoch: number; globalStep: number; baseLr: number }): Promise<string[]>;
 }
+
+/** Whether every LoRA layer of a UNet sits in a transformer (`.attentions.`): Kohya's SGM names map those alone. */
+function onlyTransformerLayers(unet: Module): boolean {
+  return loraLayers(unet).every(([p]) => p.includes('.attentions.'));
+}
+
+/** --export_kohya's file, next to pytorch_lora_weights.safetensors. */
+export const KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors';
 
 const WEIGHT_DTYPES: Record<ResolvedTrainOptions['mixedPrecision'], DType> = { no: 'float32', fp16: 'float16', bf16: 'bfloat16' };
 
@@ -283,7 +296,12 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     const report = dp.report();
     if (report !== null) hooks.onNotice?.(report);
     assertFinite(lastEpoch);
-    const outputFile = saveLoraWeights(outputDir, loraTargets(s.lora));
+    // LoRA/LoCon/DoRA in diffusers' names, LoHa/LoKr in LyCORIS' Kohya keys; --export_kohya: the Kohya layout beside it
+    // (SGM names only when every UNet layer is in a transformer: a ResNet/resampler conv keeps diffusers' Kohya name, which A1111/ComfyUI also read)
+    const targets = loraTargets(s.lora);
+    const sgm = s.sgmLayersPerBlock && (o.exportKohya || hasLycorisLayers(targets)) && onlyTransformerLayers(targets.unet) ? { sgmLayersPerBlock: s.sgmLayersPerBlock() } : {};
+    const outputFile = saveLoraWeights(outputDir, loraTargets(s.lora), sgm);
+    if (o.exportKohya) saveLoraWeights(outputDir, loraTargets(s.lora), { ...sgm, format: 'kohya', weightName: KOHYA_WEIGHT_NAME });
     if (ema) saveEmaLoraWeights(ema, outputDir, loraTargets(s.lora), hooks.onNotice); // beside the trained weights, which validation uses
     const validationImages = await s.finish({ outputDir, lastEpoch, globalStep, baseLr });
     await saveLossPlot(join(outputDir, 'loss.png'), logs.metrics.read());
