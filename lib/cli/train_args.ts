@@ -2,6 +2,8 @@
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
 // not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
+import { cacheProblems, type CacheOptions } from '../training/cache_options.js';
+import { CACHE_FLAGS, cacheArgs } from './cache_flags.js';
 import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
@@ -21,7 +23,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs {
+export interface TrainArgs extends CacheOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -177,7 +179,7 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...CACHE_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
@@ -397,9 +399,10 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     warnings,
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
+    ...cacheArgs(r),
   };
   // every value in its domain (the library checks the same), all problems at once
-  const domainProblems = trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag');
+  const domainProblems = [...trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag'), ...cacheProblems(args, 'flag')];
   if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
   // a flag whose value is not even a number is said once, by the token check
   const flagOfProblem = (p: string) => /^--\w+/.exec(p)?.[0];

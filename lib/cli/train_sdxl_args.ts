@@ -2,6 +2,7 @@
 // meaning, parsed into the library's SdxlTrainOptions. The flags it shares with train_text_to_image_lora.py keep their
 // help from train_args.ts; flags that cannot act here are refused (exit 2), every problem listed at once.
 import { SDXL_TRAIN_DEFAULTS as D, SDXL_TRAIN_OPTION_RULES, sdxlTrainProblems, type SdxlTrainOptions } from '../training/sdxl_options.js';
+import { CACHE_FLAGS } from './cache_flags.js';
 import { DIFFLORA_FLAGS, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 
@@ -26,6 +27,7 @@ export const SDXL_TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   rank: shared('rank'),
   debug_loss: { kind: 'boolean', group: 'Logging', default: false, describe: "Log each image's loss to TensorBoard as loss_for_<file name>." },
   ...DIFFLORA_FLAGS,
+  ...CACHE_FLAGS,
   export_kohya: { kind: 'boolean', group: 'difflora (not in the Python script)', default: false, describe: "Also write the LoRA in Kohya's SDXL layout (lora_unet_input_blocks_…, lora_te1_, lora_te2_) as pytorch_lora_weights_kohya.safetensors, for A1111/ComfyUI/sd-scripts." },
 } satisfies Record<string, FlagSpec>);
 

@@ -17,7 +17,7 @@
 // item's draws are keyed by its position in the whole epoch's order, whichever process reads it.
 import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
-import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
+import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage, type TransformOptions } from './transforms.js';
 import { DATA_DEFAULTS } from './defaults.js';
 
 export interface LoaderState {
@@ -52,6 +52,8 @@ export interface LoaderOptions {
   skipBroken?: boolean;
   /** This process's share of each epoch (data-parallel training); default the whole epoch. */
   shard?: { rank: number; worldSize: number };
+  /** How an item's image is loaded (default loadTrainImage); --cache_latents gives its cached views without pixels. */
+  loadImage?: (file: string, options: TransformOptions) => Promise<TrainImage>;
 }
 
 export interface Batch {
@@ -64,6 +66,8 @@ export interface Batch {
   originalSizes: [number, number][];
   /** Each item's (epoch, position in the epoch's global order): what its random draws are keyed by. */
   keys: [number, number][];
+  /** Whether each item was flipped (--random_flip). */
+  flipped: boolean[];
 }
 
 interface Decoded { ok: true; image: TrainImage; caption: string; imagePath: string; key: [number, number] }
@@ -81,7 +85,8 @@ export class ImageCaptionLoader {
   /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
   readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
-  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard'>>;
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard' | 'loadImage'>>;
+  private readonly loadImage: (file: string, options: TransformOptions) => Promise<TrainImage>;
   private readonly shard: { rank: number; worldSize: number };
   /** Items this process reads per epoch (the dataset's length, or its shard's, padded, with several processes). */
   readonly epochLength: number;
@@ -113,6 +118,7 @@ export class ImageCaptionLoader {
       concurrency: workers !== undefined ? Math.max(1, workers) : Math.max(1, options.concurrency ?? Infinity),
       skipBroken: options.skipBroken ?? DATA_DEFAULTS.skipBroken,
     };
+    this.loadImage = options.loadImage ?? loadTrainImage;
     this.shard = options.shard ?? { rank: 0, worldSize: 1 };
     const { rank, worldSize } = this.shard;
     if (!Number.isInteger(worldSize) || worldSize < 1 || !Number.isInteger(rank) || rank < 0 || rank >= worldSize) {
@@ -206,7 +212,7 @@ export class ImageCaptionLoader {
   }
 
   private decode(item: DatasetItem, rng: Rng, key: [number, number]): Promise<Outcome> {
-    const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
+    const promise: Promise<Outcome> = this.loadImage(item.imagePath, {
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
       randomFlip: this.opts.randomFlip,
@@ -298,6 +304,7 @@ export class ImageCaptionLoader {
       cropTopLeft: good.map((g) => g.image.cropTopLeft),
       originalSizes: good.map((g) => g.image.originalSize),
       keys: good.map((g) => g.key),
+      flipped: good.map((g) => g.image.flipped),
     };
   }
 }

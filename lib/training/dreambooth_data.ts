@@ -10,17 +10,20 @@
 // the other from torch's.)
 import { existsSync, statSync } from 'node:fs';
 import type { Dataset } from '../data/imagefolder.js';
-import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
+import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader.js';
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { listImages } from './class_images.js';
+import type { LatentCache } from './latent_cache.js';
 import type { TrainerData } from './trainer.js';
 
 /** A DreamBooth batch on the training device; the micro-step disposes it. */
 export interface DreamBoothBatch {
-  /** [B or 2B, 3, R, R] in [-1, 1]: instance images, then class images. */
-  pixelValues: Tensor;
+  /** [B or 2B, 3, R, R] in [-1, 1]: instance images, then class images (absent with --cache_latents). */
+  pixelValues?: Tensor;
+  /** --cache_latents: the images' kept latent distributions [B or 2B, 2·C, h, w], in the same order. */
+  latentDist?: Tensor;
   /** Token ids [B or 2B, L], in the same order (absent with pre-computed embeddings). */
   inputIds?: Tensor;
   /** The tokenizer's attention mask [B or 2B, L], with --text_encoder_use_attention_mask. */
@@ -63,13 +66,20 @@ function cycling(files: string[], prompt: string, length: number): Dataset {
 
 const SEED_WHEN_UNSEEDED = 0;
 
-export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string): TrainerData<DreamBoothBatch> {
+/** The instance images and (prior preservation) the class images the data reads. */
+export function dreamBoothImages(o: Pick<DreamBoothDataOptions, 'instanceDataDir' | 'prior'>): { instances: string[]; classes: string[] } {
   const instances = imagesOf(o.instanceDataDir, 'Instance images', '--instance_data_dir');
   const classes = o.prior ? imagesOf(o.prior.dir, 'Class images', '--class_data_dir').slice(0, o.prior.numClassImages) : [];
+  return { instances, classes };
+}
+
+export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string, latentCache?: LatentCache): TrainerData<DreamBoothBatch> {
+  const { instances, classes } = dreamBoothImages(o);
   const length = Math.max(instances.length, classes.length);
   const loaderOptions = {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: false,
     interpolation: 'bilinear' as const, seed: o.seed ?? SEED_WHEN_UNSEEDED, numWorkers: o.dataloaderNumWorkers,
+    ...(latentCache ? { loadImage: latentCache.loadImage } : {}),
   };
   const loaders = [new ImageCaptionLoader(cycling(instances, o.instancePrompt, length), loaderOptions)];
   if (o.prior) loaders.push(new ImageCaptionLoader(cycling(classes, o.prior.prompt, length), loaderOptions));
@@ -82,7 +92,7 @@ export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSour
       if (main.getState().epoch !== epoch) return null;
       const batches = [];
       for (const l of loaders) batches.push(await l.next()); // one after the other: the same order, positions in step
-      return collate(batches, prompts, o, device);
+      return collate(batches, prompts, o, device, latentCache);
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: main.getState() }; },
@@ -95,7 +105,22 @@ export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSour
 }
 
 /** collate_fn: pixel values and prompts of the instance half, then of the class half. */
-function collate(batches: { pixelValues: Float32Array; shape: number[]; captions: string[] }[], prompts: PromptSource, o: DreamBoothDataOptions, device: string): DreamBoothBatch {
+function collate(batches: Batch[], prompts: PromptSource, o: DreamBoothDataOptions, device: string, latentCache: LatentCache | undefined): DreamBoothBatch {
+  const images = latentCache ? { latentDist: latentCache.gather(batches.flatMap((b) => b.imagePaths), batches.flatMap((b) => b.flipped)) } : { pixelValues: pixelsOf(batches, device) };
+  if (prompts.kind === 'embeddings') {
+    const parts = batches.map((b, i) => (i === 0 ? prompts.instance : prompts.class!).expand([b.captions.length, -1, -1]));
+    const encoderHiddenStates = torch.cat(parts);
+    for (const p of parts) p.dispose();
+    return { ...images, encoderHiddenStates };
+  }
+  const encoded = prompts.tokenizer.call(batches.flatMap((b) => b.captions), { maxLength: o.tokenizerMaxLength ?? undefined, padding: 'max_length', truncation: true });
+  const inputIds = prompts.tokenizer.toTensor(encoded.inputIds, device);
+  const attentionMask = o.useAttentionMask ? prompts.tokenizer.toTensor(encoded.attentionMask, device) : undefined;
+  return { ...images, inputIds, ...(attentionMask ? { attentionMask } : {}) };
+}
+
+/** The halves' pixels, instance then class, on the device. */
+function pixelsOf(batches: Batch[], device: string): Tensor {
   const onDevice = (t: Tensor): Tensor => {
     if (device === 'cpu') return t;
     try { return t.to({ device }); } finally { t.dispose(); }
@@ -103,14 +128,5 @@ function collate(batches: { pixelValues: Float32Array; shape: number[]; captions
   const pixels = batches.map((b) => torch.tensor(b.pixelValues, { shape: b.shape }));
   const pixelValues = onDevice(pixels.length === 1 ? pixels[0]! : torch.cat(pixels));
   if (pixels.length > 1) for (const p of pixels) p.dispose();
-  if (prompts.kind === 'embeddings') {
-    const parts = batches.map((b, i) => (i === 0 ? prompts.instance : prompts.class!).expand([b.captions.length, -1, -1]));
-    const encoderHiddenStates = torch.cat(parts);
-    for (const p of parts) p.dispose();
-    return { pixelValues, encoderHiddenStates };
-  }
-  const encoded = prompts.tokenizer.call(batches.flatMap((b) => b.captions), { maxLength: o.tokenizerMaxLength ?? undefined, padding: 'max_length', truncation: true });
-  const inputIds = prompts.tokenizer.toTensor(encoded.inputIds, device);
-  const attentionMask = o.useAttentionMask ? prompts.tokenizer.toTensor(encoded.attentionMask, device) : undefined;
-  return { pixelValues, inputIds, ...(attentionMask ? { attentionMask } : {}) };
+  return pixelValues;
 }

@@ -7,6 +7,7 @@ import {
   TrainOptionsError, bool, float, int, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type Rule, type TrainOptions,
 } from './options.js';
+import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_dreambooth_lora.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -21,7 +22,7 @@ type Shared = (typeof SHARED)[number];
 export const PRIOR_GENERATION_PRECISION_CHOICES = ['no', 'fp32', 'fp16', 'bf16'] as const;
 
 /** The flags of train_dreambooth_lora.py that the run uses, camelCased (lib/cli/dreambooth_args.ts). */
-export interface DreamBoothOptions extends Pick<TrainOptions, Shared> {
+export interface DreamBoothOptions extends Pick<TrainOptions, Shared>, CacheOptions {
   /** A tokenizer folder or Hub id other than the model's tokenizer/ (--tokenizer_name). */
   tokenizerName?: string | null;
   /** The pictures of the subject (every image file in the folder). Required. */
@@ -74,6 +75,7 @@ export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, R
   classLabelsConditioning: str({ nullable: true }),
   lrNumCycles: int(1),
   lrPower: float('positive'),
+  ...CACHE_RULES,
 };
 
 /** The script's defaults (those of the shared flags that differ from train_text_to_image_lora.py's are marked). */
@@ -93,6 +95,7 @@ export const DREAMBOOTH_DEFAULTS = Object.freeze({
   textEncoderUseAttentionMask: false,
   lrNumCycles: 1,
   lrPower: 1.0,
+  ...CACHE_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 type Required3 = 'pretrainedModelNameOrPath' | 'instanceDataDir' | 'instancePrompt';
@@ -127,7 +130,7 @@ export function dreamBoothProblems(o: Readonly<Record<string, unknown>>, naming:
   if (o.trainTextEncoder === true && o.preComputeTextEmbeddings === true) {
     problems.push(`${name('trainTextEncoder', '--train_text_encoder')} cannot be used with ${name('preComputeTextEmbeddings', '--pre_compute_text_embeddings')}`);
   }
-  return problems;
+  return [...problems, ...cacheProblems(o, naming)];
 }
 
 /** The script's warnings: class folder or prompt given without prior preservation. */

@@ -11,6 +11,7 @@ import { unknownOptionNames } from '../options.js';
 import type { MixedPrecision } from './step.js';
 import type { TrainDataOptions } from './train_data.js';
 import { DATA_DEFAULTS } from '../data/defaults.js';
+import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -98,10 +99,11 @@ export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   loggingDir: str(),
   seed: int(0, { nullable: true }),
   device: str({ nullable: true, pattern: [/^(cpu|cuda(:\d+)?)$/, "'cpu', 'cuda' or 'cuda:N'"] }),
+  ...CACHE_RULES,
 };
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions extends TrainDataOptions {
+export interface TrainOptions extends TrainDataOptions, CacheOptions {
   pretrainedModelNameOrPath: string;
   revision?: string | null;
   variant?: string | null;
@@ -180,6 +182,7 @@ export const TRAIN_DEFAULTS = Object.freeze({
   checkpointingSteps: 500,
   reportTo: 'tensorboard',
   loggingDir: 'logs',
+  ...CACHE_DEFAULTS,
 } as const satisfies { [K in keyof TrainOptions]?: NonNullable<TrainOptions[K]> });
 
 type Defaulted = keyof typeof TRAIN_DEFAULTS;
@@ -344,7 +347,7 @@ export function unknownOptionProblems(opts: Readonly<Record<string, unknown>>, r
 export function validateTrainOptions(o: unknown): void {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the training options must be an object, got ${showValue(o)}`]);
   const opts = o as Record<string, unknown>;
-  const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option')];
+  const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option'), ...cacheProblems(opts, 'option')];
   if (opts.pretrainedModelNameOrPath === undefined) problems.unshift('pretrainedModelNameOrPath (--pretrained_model_name_or_path) is required');
   if ((opts.datasetName ?? undefined) === undefined && (opts.trainDataDir ?? undefined) === undefined) {
     problems.push('need either datasetName (--dataset_name) or trainDataDir (--train_data_dir)');

@@ -6,6 +6,7 @@ import {
   TrainOptionsError, bool, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type ResolvedTrainOptions, type Rule, type TrainOptions,
 } from './options.js';
+import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -19,7 +20,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared> {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, CacheOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -40,6 +41,7 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   trainTextEncoder: bool,
   debugLoss: bool,
   exportKohya: bool,
+  ...CACHE_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -49,6 +51,7 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   trainTextEncoder: false,
   debugLoss: false,
   exportKohya: false,
+  ...CACHE_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
@@ -57,6 +60,7 @@ export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & {
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
   readonly exportKohya: boolean;
+  readonly cacheLatents: boolean; readonly cacheLatentsToDisk: boolean; readonly cacheTextEmbeddings: boolean;
 };
 
 export function resolveSdxlTrainOptions(o: SdxlTrainOptions): ResolvedSdxlTrainOptions {
@@ -71,7 +75,7 @@ export function sdxlTrainProblems(o: Readonly<Record<string, unknown>>, naming: 
   if ((o.datasetName ?? null) === null && (o.trainDataDir ?? null) === null) {
     problems.push(`Need either a dataset name or a training folder: give ${name('datasetName', '--dataset_name')} or ${name('trainDataDir', '--train_data_dir')}`);
   }
-  return problems;
+  return [...problems, ...cacheProblems(o, naming)];
 }
 
 /** Checks trainTextToImageLoraSdxl's options before anything is loaded; throws a TrainOptionsError listing every problem. */

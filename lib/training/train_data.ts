@@ -7,6 +7,7 @@ import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader
 import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import type { LatentCache, LatentCacheTransform } from './latent_cache.js';
 import type { ResolvedTrainOptions } from './options.js';
 
 export interface TrainDataOptions {
@@ -32,7 +33,10 @@ export interface TrainDataOptions {
  * train_text_to_image_lora.py's batch: the images and the captions' token ids; `keys`: each item's (epoch, position
  * in the epoch's global order), what its random draws are keyed by (sample_rng.ts).
  */
-export interface TextToImageBatch { pixelValues: Tensor; inputIds: Tensor; keys: [number, number][] }
+export interface TextToImageBatch { pixelValues?: Tensor; latentDist?: Tensor; inputIds: Tensor; keys: [number, number][] }
+
+/** A batch's images on the training device: the pixels, or with --cache_latents their kept latent distributions. */
+export type BatchImages = { pixelValues: Tensor; latentDist?: undefined } | { latentDist: Tensor; pixelValues?: undefined };
 
 export interface TrainData<B = TextToImageBatch> {
   readonly batchesPerEpoch: number;
@@ -63,22 +67,28 @@ const SEED_WHEN_UNSEEDED = 0;
  * `ctx.shard`: this process's share of each epoch in a data-parallel run (accelerate's BatchSamplerShard: process r
  * of N reads batches r, r + N, … of the epoch's order; loader.ts).
  */
-export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number } }): Promise<TrainData> {
+export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; latentCache?: LatentCacheSource }): Promise<TrainData> {
   return openCaptionedImages(o, {
     device: ctx.device, shard: ctx.shard,
-    collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
+    latentCache: ctx.latentCache,
+    collate: (b, images) => ({ ...images, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
   });
 }
 
 /** What a command makes of the loader's batches: its batch from the images (already a tensor on the device) and the rest. */
 export interface Collate<B> {
   device: string;
-  collate(b: Batch, pixelValues: Tensor): B;
+  collate(b: Batch, images: BatchImages): B;
   /** The SDXL script's flip-then-crop order (data/transforms.ts). */
   flipBeforeCrop?: boolean;
   /** This process's share of each epoch (a data-parallel run). */
   shard?: { rank: number; worldSize: number };
+  /** --cache_latents: builds the cache of the dataset's images (latent_cache.ts); the batches then carry latentDist. */
+  latentCache?: LatentCacheSource;
 }
+
+/** Builds a latent cache for the dataset's images under the loader's transform (each process caches every image). */
+export type LatentCacheSource = (imagePaths: readonly string[], transform: LatentCacheTransform) => Promise<LatentCache>;
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
 export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: Collate<B>): Promise<TrainData<B>> {
@@ -92,9 +102,12 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     ? await loadParquetDataset(o.datasetName, { ...columns, cacheDir: o.cacheDir ?? undefined })
     : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
+  const transform = { resolution: o.resolution, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop ?? false, interpolation: mode as Interpolation };
+  const cache = ctx.latentCache ? await ctx.latentCache(Array.from({ length: dataset.length }, (_, i) => dataset.get(i).imagePath), transform) : undefined;
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
     interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
+    ...(cache ? { loadImage: cache.loadImage } : {}),
   });
   let epoch = loader.getState().epoch;
   return {
@@ -103,10 +116,11 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();
+      if (cache) return ctx.collate(b, { latentDist: cache.gather(b.imagePaths, b.flipped) });
       const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
       const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
       if (pixelValues !== pixels) pixels.dispose();
-      return ctx.collate(b, pixelValues);
+      return ctx.collate(b, { pixelValues });
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: loader.getState() }; },
@@ -117,6 +131,6 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     skipped() {
       return { count: loader.skipped, files: [...new Set(loader.skippedImages.map((s) => s.file))] };
     },
-    async close() {},
+    async close() { cache?.dispose(); },
   };
 }

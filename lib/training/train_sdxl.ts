@@ -13,11 +13,13 @@ import type { Tensor } from '../tensor.js';
 import { saveLoraWeights } from '../lora/save.js';
 import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import { loraTargets } from './lora_components.js';
+import { resolveCacheOptions } from './cache_options.js';
+import { latentCaching } from './cache_run.js';
 import { saveModelCard } from './model_card.js';
 import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.js';
 import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
 import { sdxlCondition, sdxlTimeIds, type SdxlPromptBatch } from './sdxl_step.js';
-import { encodeLatents, loraTrainingStep } from './step.js';
+import { encodeLatents, loraTrainingStep, sampleLatentDist } from './step.js';
 import { openCaptionedImages } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { runPipelineValidation, type ValidationOptions } from './validation.js';
@@ -31,7 +33,7 @@ export const KOHYA_WEIGHT_NAME = 'pytorch_lora_weights_kohya.safetensors';
 const VALIDATION_STEPS = 50;
 
 /** One SDXL micro-batch: the images, both tokenizers' ids, the time ids, and the image files (--debug_loss). */
-type SdxlBatch = SdxlPromptBatch & { pixelValues: Tensor; files: string[] };
+type SdxlBatch = SdxlPromptBatch & { pixelValues?: Tensor; latentDist?: Tensor; files: string[] };
 
 /**
  * Trains an SDXL LoRA as the script's main(): options checked and resolved, then the shared skeleton runs the
@@ -47,11 +49,13 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
   const models = loadSdxlTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
   const { unet, vae, textEncoder, textEncoder2, tokenizer, tokenizer2 } = models;
   // the script resizes with BILINEAR (no --image_interpolation_mode) and flips before cropping
+  const caching = latentCaching(resolveCacheOptions(o), vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: o.validationPrompt !== null });
   const data = await openCaptionedImages({ ...o, imageInterpolationMode: 'bilinear' }, {
     device: ctx.device,
     flipBeforeCrop: true,
-    collate: (b, pixelValues) => ({
-      pixelValues,
+    latentCache: caching.source,
+    collate: (b, images) => ({
+      ...images,
       inputIds: tokenizer.inputIdsTensor(b.captions, { device: ctx.device }),
       inputIds2: tokenizer2.inputIdsTensor(b.captions, { device: ctx.device }),
       timeIds: sdxlTimeIds(b.originalSizes, b.cropTopLeft, o.resolution, { dtype: ctx.weightDtype, device: ctx.device }),
@@ -70,7 +74,7 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
       try {
         return tidy(() => sdxlMicroStep(o, models, ctx, batch));
       } finally {
-        dispose([batch.pixelValues, batch.inputIds, batch.inputIds2, batch.timeIds]);
+        dispose([batch.pixelValues, batch.latentDist, batch.inputIds, batch.inputIds2, batch.timeIds]);
       }
     },
     validate: async (epoch) => {
@@ -79,7 +83,8 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
       const scheduler = loadScheduler(o.pretrainedModelNameOrPath, { ...models.load, subfolder: 'scheduler' });
       try {
         const pipe = new StableDiffusionXLPipeline({ vae, textEncoder, textEncoder2, tokenizer, tokenizer2, unet, scheduler, forceZerosForEmptyPrompt: models.forceZerosForEmptyPrompt });
-        await runPipelineValidation(pipe, validation(o.validationPrompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`)));
+        const prompt = o.validationPrompt;
+        await caching.vae.use(() => runPipelineValidation(pipe, validation(prompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`))));
       } finally {
         scheduler.dispose();
       }
@@ -102,7 +107,7 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
  * then step.ts's step with the SDXL conditioning; --debug_loss logs the loss per image file at the global step.
  */
 function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext, batch: SdxlBatch): number {
-  const latents = encodeLatents(models.vae, batch.pixelValues).to(ctx.weightDtype);
+  const latents = (batch.latentDist ? sampleLatentDist(batch.latentDist, models.vae.scalingFactor) : encodeLatents(models.vae, batch.pixelValues!)).to(ctx.weightDtype);
   const loss = loraTrainingStep({
     unet: models.unet, scheduler: models.noiseScheduler, batch: { latents }, trainTextEncoder: o.trainTextEncoder,
     condition: sdxlCondition(models.textEncoder, models.textEncoder2, batch), accumulationSteps: o.gradientAccumulationSteps,
