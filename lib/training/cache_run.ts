@@ -5,6 +5,8 @@ import type { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { emptyCache } from '../scope.js';
 import type { ResolvedCacheOptions } from './cache_options.js';
 import { LatentCache } from './latent_cache.js';
+import { TextEmbeddingCache } from './text_cache.js';
+import type { Tensor } from '../tensor.js';
 import type { LatentCacheSource } from './train_data.js';
 
 /** A frozen model that may leave the training device once its outputs are cached. */
@@ -57,10 +59,10 @@ const PROGRESS_EVERY_MS = 2000;
 export function latentCaching(o: ResolvedCacheOptions, vae: AutoencoderKL, c: LatentCachingContext): { source: LatentCacheSource | undefined; vae: ParkedModel } {
   const parked = new ParkedModel(vae, c.device);
   if (!o.cacheLatents) return { source: undefined, vae: parked };
-  const source: LatentCacheSource = async (imagePaths, transform) => {
+  const source: LatentCacheSource = async (imagePaths, transform, placement = {}) => {
     let last = 0;
     const cache = await LatentCache.build({
-      ...transform, imagePaths, vae, signal: c.signal, toDisk: o.cacheLatentsToDisk ? { fallbackDir: c.fallbackDir } : null,
+      ...transform, imagePaths, vae, signal: c.signal, toDisk: o.cacheLatentsToDisk ? { fallbackDir: c.fallbackDir, ...placement } : null,
       onProgress: (done, total) => {
         const now = Date.now();
         if (done === 1 || done === total || now - last >= PROGRESS_EVERY_MS) {
@@ -73,4 +75,50 @@ export function latentCaching(o: ResolvedCacheOptions, vae: AutoencoderKL, c: La
     return cache;
   };
   return { source, vae: parked };
+}
+
+export interface TextCaching {
+  /** The kept outputs (undefined when --cache_text_embeddings is off). */
+  cache: TextEmbeddingCache | undefined;
+  /** The text encoders, parked after the cache is filled. */
+  encoders: ParkedModel[];
+  /** Fills the cache with the data's captions (a progress line), then parks the text encoders. */
+  fill(captions: readonly string[]): void;
+  /** Runs `fn` with the VAE and text encoders back on the device (validation). */
+  use<T>(fn: () => Promise<T>): Promise<T>;
+}
+
+/**
+ * --cache_text_embeddings: each distinct caption encoded once by `encode` (its outputs, [1, …] each), then the text
+ * encoders off the device (disposed, or on the CPU when validation needs them).
+ */
+export function textCaching(
+  o: ResolvedCacheOptions, encoders: Parkable[], encode: (caption: string) => Tensor[], c: Omit<LatentCachingContext, 'fallbackDir' | 'keepVae'> & { keepEncoders: boolean; vae: ParkedModel },
+): TextCaching {
+  const parked = encoders.map((m) => new ParkedModel(m, c.device));
+  const cache = o.cacheTextEmbeddings ? new TextEmbeddingCache() : undefined;
+  return {
+    cache,
+    encoders: parked,
+    fill(captions) {
+      if (!cache) return;
+      let last = 0;
+      cache.fill(captions, encode, (done, total) => {
+        const now = Date.now();
+        if (done === 1 || done === total || now - last >= PROGRESS_EVERY_MS) {
+          last = now;
+          c.onNotice?.(`caching text embeddings ${done}/${total}`);
+        }
+      });
+      for (const p of parked) p.park(c.keepEncoders);
+    },
+    use<T>(fn: () => Promise<T>): Promise<T> {
+      let run = (): Promise<T> => c.vae.use(fn);
+      for (const p of parked) {
+        const inner = run;
+        run = () => p.use(inner);
+      }
+      return run();
+    },
+  };
 }

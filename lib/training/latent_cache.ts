@@ -16,7 +16,7 @@
 // (written atomically: a SIGKILL leaves the old file or none, never a half-written one; a file that cannot be read
 // or whose key differs is recomputed), or under the fallback folder when the image's folder is not writable.
 import { createHash } from 'node:crypto';
-import { accessSync, constants, existsSync, mkdirSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { noGrad } from '../autograd.js';
 import { Rng, loadTrainImage, type Interpolation, type TrainImage, type TransformOptions } from '../data/transforms.js';
@@ -36,14 +36,20 @@ export interface LatentCacheTransform {
   /** The SDXL script's flip-then-crop order (its flipped view is another crop). */
   flipBeforeCrop: boolean;
   interpolation: Interpolation;
+  /** --skip_broken_images: an image that cannot be read is left out of the cache (the loader then skips and counts it) instead of failing. */
+  skipBroken?: boolean;
 }
 
 export interface LatentCacheOptions extends LatentCacheTransform {
   /** The distinct image files to encode. */
   imagePaths: readonly string[];
   vae: AutoencoderKL;
-  /** Keep the distributions in files next to the images (or under `fallbackDir` when an image's folder is not writable). */
-  toDisk?: { fallbackDir: string } | null;
+  /**
+   * Keep the distributions in files: next to each image, or, for images without a lasting place of their own (a
+   * parquet dataset's rows, written to a temporary folder at each load), in `sharedDir` named by the image bytes'
+   * hash; under `fallbackDir` when that folder is not writable.
+   */
+  toDisk?: { fallbackDir: string; sharedDir?: string } | null;
   /** After each image (done of total). */
   onProgress?: (done: number, total: number) => void;
   signal?: AbortSignal;
@@ -80,20 +86,38 @@ export function vaeIdentity(vae: AutoencoderKL): string {
   return h.digest('hex');
 }
 
-/** Where an image's cache file goes: next to it, or (its folder not writable) under `fallbackDir`, named by a hash of its path. */
-export function latentCacheFile(imagePath: string, fallbackDir: string): string {
-  const dir = dirname(imagePath);
+const writable = (dir: string): boolean => {
   try {
     accessSync(dir, constants.W_OK);
-    return imagePath + LATENT_CACHE_SUFFIX;
+    return true;
   } catch {
-    const tag = createHash('sha256').update(imagePath).digest('hex').slice(0, 16);
-    return join(fallbackDir, `${basename(imagePath)}.${tag}${LATENT_CACHE_SUFFIX}`);
+    return false;
   }
+};
+
+/**
+ * Where an image's cache file goes: next to it (sd-scripts' layout), or (its folder not writable) under
+ * `fallbackDir`, named by a hash of its path; with `sharedDir` (images without a lasting path), in that folder
+ * (or `fallbackDir`) named by a hash of the image's bytes.
+ */
+export function latentCacheFile(imagePath: string, o: { fallbackDir: string; sharedDir?: string }): string {
+  if (o.sharedDir !== undefined) {
+    const tag = createHash('sha256').update(readFileSync(imagePath)).digest('hex');
+    const dir = writable(o.sharedDir) ? join(o.sharedDir, LATENT_CACHE_DIR) : o.fallbackDir;
+    return join(dir, `${tag}${LATENT_CACHE_SUFFIX}`);
+  }
+  if (writable(dirname(imagePath))) return imagePath + LATENT_CACHE_SUFFIX;
+  const tag = createHash('sha256').update(imagePath).digest('hex').slice(0, 16);
+  return join(o.fallbackDir, `${basename(imagePath)}.${tag}${LATENT_CACHE_SUFFIX}`);
 }
+
+/** The folder of cache files inside a parquet dataset's folder. */
+export const LATENT_CACHE_DIR = '.difflora_latent_cache';
 
 export class LatentCache {
   readonly #byFile = new Map<string, (Entry | undefined)[]>();
+  /** Images that could not be read (skipBroken): the loader gets their error. */
+  readonly #broken = new Map<string, Error>();
   readonly #randomFlip: boolean;
   /** The VAE's scaling factor (the step scales the sampled latents by it, the VAE itself may be gone). */
   readonly scalingFactor: number;
@@ -114,12 +138,20 @@ export class LatentCache {
       const device = weight?.device ?? 'cpu';
       for (const [done, file] of images.entries()) {
         if (o.signal?.aborted) throw new Error('caching latents: aborted');
-        const views = await Promise.all(flips.map((flip) => loadTrainImage(file, transformOf(o, flip))));
+        let views: TrainImage[];
+        try {
+          views = await Promise.all(flips.map((flip) => loadTrainImage(file, transformOf(o, flip))));
+        } catch (e) {
+          if (!o.skipBroken) throw e;
+          cache.#broken.set(file, e as Error);
+          o.onProgress?.(done + 1, images.length);
+          continue;
+        }
         const keyOf = (img: TrainImage): string => JSON.stringify({
           vae: identity, size: [o.resolution, o.resolution], crop: img.cropTopLeft, flipped: img.flipped, interpolation: o.interpolation,
           flipBeforeCrop: o.flipBeforeCrop, dtype: weight?.dtype ?? 'float32',
         });
-        const path = o.toDisk ? latentCacheFile(file, o.toDisk.fallbackDir) : null;
+        const path = o.toDisk ? latentCacheFile(file, o.toDisk) : null;
         const fromDisk = path ? readCacheFile(path, views.map(keyOf), device) : null;
         const dists = fromDisk ?? views.map((img) => encodeView(o.vae, img, o.resolution));
         if (path && !fromDisk) {
@@ -145,6 +177,8 @@ export class LatentCache {
    */
   readonly loadImage = (file: string, t: TransformOptions): Promise<TrainImage> => {
     if (!(t.centerCrop ?? false)) return Promise.reject(new Error('internal: cached latents need a center crop'));
+    const broken = this.#broken.get(file);
+    if (broken) return Promise.reject(broken);
     const flipped = (t.randomFlip ?? false) ? t.rng!.nextFloat() < 0.5 : false;
     const e = this.entry(file, flipped);
     return Promise.resolve({ data: new Float32Array(0), cropTopLeft: [...e.cropTopLeft], flipped, originalSize: [...e.originalSize] });

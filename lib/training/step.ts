@@ -64,9 +64,8 @@ export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator
   const weight = vae.parameters()[0];
   return noGrad(() => tidy(() => {
     const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
-    const n = pixels.shape[0] ?? 0;
-    const parts = Array.from({ length: n }, (_, i) => vae.encode(n === 1 ? pixels : pixels.narrow(0, i, 1)).parameters);
-    return sampleLatentDist(parts.length === 1 ? parts[0]! : torch.cat(parts), vae.scalingFactor, generator);
+    const parameters = eachItem(pixels.shape[0] ?? 0, (i) => vae.encode(pixels.narrow(0, i, 1)).parameters);
+    return sampleLatentDist(parameters, vae.scalingFactor, generator);
   }));
 }
 
@@ -207,10 +206,22 @@ function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | nu
   const textEncoder = s.textEncoder;
   const encode = s.condition ?? ((): Conditioning => {
     if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
-    return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
+    if (s.trainTextEncoder) return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
+    // frozen: each prompt alone (a batch of 1), so its embedding is the same in any batch and equals --cache_text_embeddings'
+    return { encoderHiddenStates: eachItem(inputIds.shape[0] ?? 0, (i) => textEncoder.forward(inputIds.narrow(0, i, 1), { attentionMask: attentionMask?.narrow(0, i, 1) }).lastHiddenState) };
   });
   if (!s.trainTextEncoder) return noGrad(encode); // frozen: run in the weights' dtype, as the script (not prepared by accelerate)
   return lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, encode) : encode();
+}
+
+/**
+ * `f` for each item of a batch of `n` (each a batch of 1), concatenated along the batch: a frozen model's output
+ * for an item is then the same whatever batch it is in (batched convolutions and matmuls round differently from
+ * one batch size to another), which is what lets --cache_latents and --cache_text_embeddings match bit for bit.
+ */
+export function eachItem(n: number, f: (i: number) => Tensor): Tensor {
+  if (n === 1) return f(0);
+  return tidy(() => torch.cat(Array.from({ length: n }, (_, i) => f(i))));
 }
 
 /**

@@ -2,12 +2,14 @@
 // state, and each batch turned into tensors (pixel values, tokenized captions) on the training device.
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
-import { loadParquetDataset } from '../data/parquet_dataset.js';
+import { loadParquetDataset, locateDataset } from '../data/parquet_dataset.js';
 import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader.js';
 import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import type { TextCaching } from './cache_run.js';
 import type { LatentCache, LatentCacheTransform } from './latent_cache.js';
+import { distinctCaptions } from './text_cache.js';
 import type { ResolvedTrainOptions } from './options.js';
 
 export interface TrainDataOptions {
@@ -33,7 +35,12 @@ export interface TrainDataOptions {
  * train_text_to_image_lora.py's batch: the images and the captions' token ids; `keys`: each item's (epoch, position
  * in the epoch's global order), what its random draws are keyed by (sample_rng.ts).
  */
-export interface TextToImageBatch { pixelValues?: Tensor; latentDist?: Tensor; inputIds: Tensor; keys: [number, number][] }
+export interface TextToImageBatch {
+  pixelValues?: Tensor; latentDist?: Tensor;
+  /** Token ids, or with --cache_text_embeddings the kept last hidden states. */
+  inputIds?: Tensor; encoderHiddenStates?: Tensor;
+  keys: [number, number][];
+}
 
 /** A batch's images on the training device: the pixels, or with --cache_latents their kept latent distributions. */
 export type BatchImages = { pixelValues: Tensor; latentDist?: undefined } | { latentDist: Tensor; pixelValues?: undefined };
@@ -67,11 +74,15 @@ const SEED_WHEN_UNSEEDED = 0;
  * `ctx.shard`: this process's share of each epoch in a data-parallel run (accelerate's BatchSamplerShard: process r
  * of N reads batches r, r + N, … of the epoch's order; loader.ts).
  */
-export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; latentCache?: LatentCacheSource }): Promise<TrainData> {
+export async function openTrainData(o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; latentCache?: LatentCacheSource; textCache?: TextCaching }): Promise<TrainData> {
   return openCaptionedImages(o, {
     device: ctx.device, shard: ctx.shard,
     latentCache: ctx.latentCache,
-    collate: (b, images) => ({ ...images, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
+    cacheCaptions: ctx.textCache ? (captions) => ctx.textCache!.fill(captions) : undefined,
+    collate: (b, images) => ({
+      ...images, keys: b.keys,
+      ...(ctx.textCache?.cache ? { encoderHiddenStates: ctx.textCache.cache.gather(b.captions) } : { inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) }),
+    }),
   });
 }
 
@@ -85,10 +96,12 @@ export interface Collate<B> {
   shard?: { rank: number; worldSize: number };
   /** --cache_latents: builds the cache of the dataset's images (latent_cache.ts); the batches then carry latentDist. */
   latentCache?: LatentCacheSource;
+  /** --cache_text_embeddings: given every caption of the dataset once it is loaded (text_cache.ts). */
+  cacheCaptions?: (captions: readonly string[]) => void;
 }
 
 /** Builds a latent cache for the dataset's images under the loader's transform (each process caches every image). */
-export type LatentCacheSource = (imagePaths: readonly string[], transform: LatentCacheTransform) => Promise<LatentCache>;
+export type LatentCacheSource = (imagePaths: readonly string[], transform: LatentCacheTransform, placement?: { sharedDir?: string }) => Promise<LatentCache>;
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
 export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: Collate<B>): Promise<TrainData<B>> {
@@ -102,8 +115,11 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     ? await loadParquetDataset(o.datasetName, { ...columns, cacheDir: o.cacheDir ?? undefined })
     : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
-  const transform = { resolution: o.resolution, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop ?? false, interpolation: mode as Interpolation };
-  const cache = ctx.latentCache ? await ctx.latentCache(Array.from({ length: dataset.length }, (_, i) => dataset.get(i).imagePath), transform) : undefined;
+  const transform = { resolution: o.resolution, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop ?? false, interpolation: mode as Interpolation, skipBroken: o.skipBrokenImages };
+  ctx.cacheCaptions?.(distinctCaptions(Array.from({ length: dataset.length }, (_, i) => dataset.get(i))));
+  // a parquet dataset's images have no lasting path: their cache files go in a folder of the dataset's
+  const placement = o.datasetName ? { sharedDir: locateDataset(o.datasetName, { cacheDir: o.cacheDir ?? undefined }).dir } : {};
+  const cache = ctx.latentCache ? await ctx.latentCache(Array.from({ length: dataset.length }, (_, i) => dataset.get(i).imagePath), transform, placement) : undefined;
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
     interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,

@@ -16,7 +16,7 @@ import {
   dreamBoothWarnings, resolveDreamBoothOptions, validateDreamBoothOptions, type DreamBoothOptions, type ResolvedDreamBoothOptions,
 } from './dreambooth_options.js';
 import { resolveCacheOptions } from './cache_options.js';
-import { latentCaching } from './cache_run.js';
+import { ParkedModel, latentCaching } from './cache_run.js';
 import type { LoraComponents } from './lora_components.js';
 import { saveModelCard } from './model_card.js';
 import { DREAMBOOTH_UNET_LORA_TARGETS, attachTextEncoderLora, loadTrainingModels, type TrainingModels } from './models.js';
@@ -71,8 +71,12 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   }
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', models.unet], ['text_encoder', models.textEncoder]] : [['unet', models.unet]];
   // 3. the data, with the prompts as token ids or as embeddings encoded once
-  const prompts = o.preComputeTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
-  const caching = latentCaching(resolveCacheOptions(o), models.vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: o.validationPrompt !== null });
+  // --cache_text_embeddings: the same embeddings encoded once, then the text encoder off the device
+  const cacheOptions = resolveCacheOptions(o);
+  const prompts = o.preComputeTextEmbeddings || cacheOptions.cacheTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
+  const caching = latentCaching(cacheOptions, models.vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: o.validationPrompt !== null });
+  const textEncoder = new ParkedModel(models.textEncoder, ctx.device);
+  if (cacheOptions.cacheTextEmbeddings) textEncoder.park(o.validationPrompt !== null);
   const { instances, classes } = dreamBoothImages({ instanceDataDir: o.instanceDataDir, prior });
   const transform = { resolution: o.resolution, randomFlip: false, flipBeforeCrop: false, interpolation: 'bilinear' as const };
   const latentCache = caching.source ? ctx.own(await caching.source([...instances, ...classes], transform)) : undefined;
@@ -99,7 +103,7 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
       if (o.validationPrompt === null) return;
       const dir = join(o.outputDir, 'validation', `epoch-${epoch}`);
       const prompt = o.validationPrompt;
-      await caching.vae.use(() => validateTrainingModels(models, source, validation(prompt, 'validation', epoch, dir, VALIDATION_STEPS)));
+      await caching.vae.use(() => textEncoder.use(() => validateTrainingModels(models, source, validation(prompt, 'validation', epoch, dir, VALIDATION_STEPS))));
     },
     finish: async ({ outputDir, lastEpoch, globalStep, baseLr }) => {
       const images = o.validationPrompt === null || o.numValidationImages === 0 ? [] : await validateSavedLora(
