@@ -7,6 +7,9 @@ import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
+import { parseDreamBoothArgs } from '../lib/cli/dreambooth_args.js';
+import { parseTrainArgs } from '../lib/cli/train_args.js';
+import { parseSdxlTrainArgs } from '../lib/cli/train_sdxl_args.js';
 import { TrainOptionsError, validateTrainOptions } from '../lib/training/options.js';
 import { LATENT_CACHE_SUFFIX, latentCacheStats } from '../lib/training/latent_cache.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
@@ -64,6 +67,20 @@ describe('--cache_latents', () => {
     expect(code).toBe(2);
     expect(err.join('')).toMatch(/--cache_latents_to_disk needs --center_crop/);
     expect(() => readdirSync(join(tmp, 'refused'))).toThrow();
+  });
+
+  it('the three commands take the flags (library options set only when given) and refuse them without --center_crop', () => {
+    const sdxl = ['--pretrained_model_name_or_path=m', '--train_data_dir=d'];
+    expect(parseSdxlTrainArgs([...sdxl, '--center_crop', '--cache_latents', '--cache_text_embeddings']).options).toMatchObject({ cacheLatents: true, cacheTextEmbeddings: true });
+    expect(parseSdxlTrainArgs(sdxl).options).not.toHaveProperty('cacheLatents');
+    expect(() => parseSdxlTrainArgs([...sdxl, '--cache_latents'])).toThrow(/--cache_latents needs --center_crop/);
+    expect(() => parseSdxlTrainArgs([...sdxl, '--train_text_encoder', '--cache_text_embeddings'])).toThrow(/--cache_text_embeddings cannot be used with --train_text_encoder/);
+    const db = ['--pretrained_model_name_or_path=m', '--instance_data_dir=d', '--instance_prompt=p'];
+    expect(parseDreamBoothArgs([...db, '--center_crop', '--cache_latents_to_disk']).options).toMatchObject({ cacheLatentsToDisk: true });
+    expect(() => parseDreamBoothArgs([...db, '--cache_latents'])).toThrow(/--cache_latents needs --center_crop/);
+    const sd = ['--pretrained_model_name_or_path=m', '--train_data_dir=d'];
+    expect(parseTrainArgs([...sd, '--center_crop', '--cache_latents', '--cache_text_embeddings'])).toMatchObject({ cacheLatents: true, cacheTextEmbeddings: true });
+    expect(parseTrainArgs(sd)).not.toHaveProperty('cacheLatents');
   });
 
   it('train-sdxl: cached equals uncached bit for bit (flip before crop, time ids from the cached views)', async () => {
