@@ -5,13 +5,14 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, wr
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
+import { parquetWriteBuffer } from 'hyparquet-writer';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { main } from '../lib/cli/main.js';
 import { parseDreamBoothArgs } from '../lib/cli/dreambooth_args.js';
 import { parseTrainArgs } from '../lib/cli/train_args.js';
 import { parseSdxlTrainArgs } from '../lib/cli/train_sdxl_args.js';
 import { TrainOptionsError, validateTrainOptions } from '../lib/training/options.js';
-import { LATENT_CACHE_SUFFIX, latentCacheStats } from '../lib/training/latent_cache.js';
+import { LATENT_CACHE_DIR, LATENT_CACHE_SUFFIX, latentCacheStats } from '../lib/training/latent_cache.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
 import { runSdxlTraining } from '../lib/training/train_sdxl.js';
 import { runDreamBoothTraining } from '../lib/training/train_dreambooth.js';
@@ -147,5 +148,35 @@ describe('--cache_latents_to_disk', () => {
     await runTraining(sd(join(tmp, 'disk-5'), { cacheLatentsToDisk: true, randomFlip: false, resolution: 24 }));
     expect(latentCacheStats.encodes - before).toBe(5);
     for (const f of files()) rmSync(join(data, f));
+  });
+
+  it('a parquet dataset (--dataset_name) keeps its files in a folder of the dataset, named by image hash, re-read by the next run', async () => {
+    const images = await Promise.all([[250, 10, 10], [10, 250, 10], [10, 10, 250]].map(async ([r, g, b], i) =>
+      new Uint8Array(await sharp({ create: { width: 40 + i, height: 36, channels: 3, background: { r: r!, g: g!, b: b! } } }).png().toBuffer())));
+    const root = join(tmp, 'pq');
+    mkdirSync(join(root, 'data'), { recursive: true });
+    const buf = parquetWriteBuffer({
+      columnData: [
+        { name: 'image', data: images.map((bytes) => ({ bytes, path: null })) },
+        { name: 'text', data: ['a red thing', 'a green thing', 'a blue thing'] },
+      ],
+      schema: [
+        { name: 'root', num_children: 2 },
+        { name: 'image', repetition_type: 'OPTIONAL', num_children: 2 },
+        { name: 'bytes', type: 'BYTE_ARRAY', repetition_type: 'OPTIONAL' },
+        { name: 'path', type: 'BYTE_ARRAY', converted_type: 'UTF8', repetition_type: 'OPTIONAL' },
+        { name: 'text', type: 'BYTE_ARRAY', converted_type: 'UTF8', repetition_type: 'OPTIONAL' },
+      ],
+    });
+    writeFileSync(join(root, 'data', 'train-00000-of-00001.parquet'), new Uint8Array(buf));
+    const o = (out: string) => sd(out, { trainDataDir: null, datasetName: root, cacheLatentsToDisk: true, maxTrainSteps: 2 });
+    let before = latentCacheStats.encodes;
+    await runTraining(o(join(tmp, 'pq-1')));
+    expect(latentCacheStats.encodes - before).toBe(6);
+    expect(readdirSync(join(root, LATENT_CACHE_DIR)).filter((f) => /^[0-9a-f]{64}\.difflora_latents\.safetensors$/.test(f))).toHaveLength(3);
+    before = latentCacheStats.encodes;
+    await runTraining(o(join(tmp, 'pq-2')));
+    expect(latentCacheStats.encodes - before).toBe(0); // the images' temporary paths differ from run to run; their bytes do not
+    expect(lossesOf(join(tmp, 'pq-2'))).toEqual(lossesOf(join(tmp, 'pq-1')));
   });
 });

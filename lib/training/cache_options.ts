@@ -22,14 +22,19 @@ export const CACHE_RULES: Readonly<Record<keyof CacheOptions, Rule>> = {
   cacheTextEmbeddings: bool,
 };
 
+/**
+ * The defaults: all off. They are applied here (resolveCacheOptions), not through the commands' tables of defaults, so
+ * the options and flags of a run without caching stay as they were (not given: null in the resolved options).
+ */
 export const CACHE_DEFAULTS = Object.freeze({ cacheLatents: false, cacheLatentsToDisk: false, cacheTextEmbeddings: false });
 
 /** The caching options resolved: --cache_latents_to_disk implies --cache_latents. */
 export interface ResolvedCacheOptions { readonly cacheLatents: boolean; readonly cacheLatentsToDisk: boolean; readonly cacheTextEmbeddings: boolean }
 
-export function resolveCacheOptions(o: CacheOptions): ResolvedCacheOptions {
-  const toDisk = o.cacheLatentsToDisk ?? false;
-  return { cacheLatents: toDisk || (o.cacheLatents ?? false), cacheLatentsToDisk: toDisk, cacheTextEmbeddings: o.cacheTextEmbeddings ?? false };
+/** The caching options of a command's options (given or resolved: null means not given). */
+export function resolveCacheOptions(o: { [K in keyof CacheOptions]?: boolean | null }): ResolvedCacheOptions {
+  const toDisk = o.cacheLatentsToDisk ?? CACHE_DEFAULTS.cacheLatentsToDisk;
+  return { cacheLatents: toDisk || (o.cacheLatents ?? CACHE_DEFAULTS.cacheLatents), cacheLatentsToDisk: toDisk, cacheTextEmbeddings: o.cacheTextEmbeddings ?? CACHE_DEFAULTS.cacheTextEmbeddings };
 }
 
 /**

@@ -7,7 +7,7 @@ import {
   TrainOptionsError, bool, float, int, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type Rule, type TrainOptions,
 } from './options.js';
-import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_dreambooth_lora.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -95,13 +95,12 @@ export const DREAMBOOTH_DEFAULTS = Object.freeze({
   textEncoderUseAttentionMask: false,
   lrNumCycles: 1,
   lrPower: 1.0,
-  ...CACHE_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 type Required3 = 'pretrainedModelNameOrPath' | 'instanceDataDir' | 'instancePrompt';
 type Defaulted = Exclude<keyof DreamBoothOptions, Required3 | 'revision' | 'variant' | 'cacheDir' | 'maxTrainSteps' | 'checkpointsTotalLimit' |
   'resumeFromCheckpoint' | 'validationPrompt' | 'seed' | 'device' | 'tokenizerName' | 'classDataDir' | 'classPrompt' | 'priorGenerationPrecision' |
-  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision'>;
+  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision' | keyof CacheOptions>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
 export type ResolvedDreamBoothOptions =

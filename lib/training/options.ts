@@ -11,7 +11,7 @@ import { unknownOptionNames } from '../options.js';
 import type { MixedPrecision } from './step.js';
 import type { TrainDataOptions } from './train_data.js';
 import { DATA_DEFAULTS } from '../data/defaults.js';
-import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -182,7 +182,6 @@ export const TRAIN_DEFAULTS = Object.freeze({
   checkpointingSteps: 500,
   reportTo: 'tensorboard',
   loggingDir: 'logs',
-  ...CACHE_DEFAULTS,
 } as const satisfies { [K in keyof TrainOptions]?: NonNullable<TrainOptions[K]> });
 
 type Defaulted = keyof typeof TRAIN_DEFAULTS;

@@ -6,7 +6,7 @@ import {
   TrainOptionsError, bool, optionProblems, pickDefaults, pickRules, resolveOptions, showValue, str, unknownOptionProblems,
   type OptionNaming, type ResolvedTrainOptions, type Rule, type TrainOptions,
 } from './options.js';
-import { CACHE_DEFAULTS, CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -51,7 +51,6 @@ export const SDXL_TRAIN_DEFAULTS = Object.freeze({
   trainTextEncoder: false,
   debugLoss: false,
   exportKohya: false,
-  ...CACHE_DEFAULTS,
 }) as Readonly<Record<string, unknown>>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
@@ -60,7 +59,8 @@ export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & {
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
   readonly exportKohya: boolean;
-  readonly cacheLatents: boolean; readonly cacheLatentsToDisk: boolean; readonly cacheTextEmbeddings: boolean;
+  /** Not given: null (off); resolveCacheOptions reads them. */
+  readonly cacheLatents: boolean | null; readonly cacheLatentsToDisk: boolean | null; readonly cacheTextEmbeddings: boolean | null;
 };
 
 export function resolveSdxlTrainOptions(o: SdxlTrainOptions): ResolvedSdxlTrainOptions {
