@@ -9,7 +9,7 @@ import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LATENT_CACHE_SUFFIX, latentCacheStats } from '../lib/training/latent_cache.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
-import { freePort, runCli, tinySd } from './cli_helpers.js';
+import { freePort, runCli, spawnCli, tinySd } from './cli_helpers.js';
 
 let tmp: string;
 let data: string;
@@ -81,5 +81,33 @@ describe('caching with 2 processes and with resume', () => {
     await expect(runTraining(o(memBroken, { cacheLatentsToDisk: false, cacheLatents: true }), { signal: stop2.signal, onProgress: (p) => { if (p.step === 2) stop2.abort(); } })).rejects.toThrow(/aborted/);
     await runTraining(o(memBroken, { cacheLatentsToDisk: false, cacheLatents: true, resumeFromCheckpoint: 'latest' }));
     expect(loraBytes(memBroken).equals(loraBytes(straight))).toBe(true);
+  });
+
+  it('a SIGKILL while caching to disk leaves only whole files (no half-written one read as valid); the next run encodes only the rest', async () => {
+    const many = join(tmp, 'many');
+    mkdirSync(many);
+    const lines: string[] = [];
+    for (let i = 0; i < 40; i++) {
+      await sharp({ create: { width: 36 + (i % 4), height: 34, channels: 3, background: { r: (i * 37) % 256, g: (i * 11) % 256, b: 128 } } }).png().toFile(join(many, `${i}.png`));
+      lines.push(JSON.stringify({ file_name: `${i}.png`, text: `picture ${i}` }));
+    }
+    writeFileSync(join(many, 'metadata.jsonl'), lines.join('\n'));
+    const { done } = spawnCli(['train', `--pretrained_model_name_or_path=${tinySd}`, `--train_data_dir=${many}`, '--resolution=32', '--center_crop',
+      '--cache_latents_to_disk', '--max_train_steps=1', `--output_dir=${join(tmp, 'killed')}`], (chunk, child) => {
+      if (chunk.includes('caching latents 1/40')) child.kill('SIGKILL');
+    });
+    const r = await done;
+    expect(r.signal, r.stderr).toBe('SIGKILL');
+    const whole = readdirSync(many).filter((f) => f.endsWith(LATENT_CACHE_SUFFIX));
+    expect(whole.length).toBeGreaterThanOrEqual(1);
+    const rejectedBefore = latentCacheStats.rejected;
+    const before = latentCacheStats.encodes;
+    await runTraining({
+      pretrainedModelNameOrPath: tinySd, trainDataDir: many, outputDir: join(tmp, 'after-kill'), resolution: 32, centerCrop: true, maxTrainSteps: 1,
+      checkpointingSteps: null, device: 'cpu', reportTo: null, cacheLatentsToDisk: true,
+    });
+    expect(latentCacheStats.rejected - rejectedBefore).toBe(0); // every file the killed run left is whole and valid
+    expect(latentCacheStats.encodes - before).toBe(40 - whole.length);
+    expect(readdirSync(many).filter((f) => f.endsWith(LATENT_CACHE_SUFFIX))).toHaveLength(40);
   });
 });
