@@ -179,4 +179,19 @@ describe('--cache_latents_to_disk', () => {
     expect(latentCacheStats.encodes - before).toBe(0); // the images' temporary paths differ from run to run; their bytes do not
     expect(lossesOf(join(tmp, 'pq-2'))).toEqual(lossesOf(join(tmp, 'pq-1')));
   });
+
+  it('--skip_broken_images: an unreadable image is left out of the cache and skipped and counted as without caching', async () => {
+    const dir = join(tmp, 'with-broken');
+    mkdirSync(dir);
+    for (let i = 0; i < 3; i++) await sharp({ create: { width: 40, height: 36, channels: 3, background: { r: 80 * i, g: 10, b: 10 } } }).png().toFile(join(dir, `${i}.png`));
+    writeFileSync(join(dir, 'broken.png'), 'not a png');
+    writeFileSync(join(dir, 'metadata.jsonl'), ['0', '1', '2', 'broken'].map((n) => JSON.stringify({ file_name: `${n}.png`, text: `picture ${n}` })).join('\n'));
+    const o = (out: string, cacheLatents: boolean) => sd(out, { trainDataDir: dir, skipBrokenImages: true, maxTrainSteps: 3, cacheLatents });
+    const plain = await runTraining(o(join(tmp, 'broken-plain'), false));
+    const cached = await runTraining(o(join(tmp, 'broken-cached'), true));
+    expect(cached.skippedImages).toEqual(plain.skippedImages);
+    expect(cached.skippedImages.count).toBeGreaterThan(0);
+    expect(lossesOf(join(tmp, 'broken-cached'))).toEqual(lossesOf(join(tmp, 'broken-plain')));
+    await expect(runTraining({ ...o(join(tmp, 'broken-refused'), true), skipBrokenImages: false })).rejects.toThrow(/broken\.png/);
+  });
 });
