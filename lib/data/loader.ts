@@ -57,7 +57,7 @@ export interface LoaderOptions {
 }
 
 export interface Batch {
-  /** float32 B·3·R·R, NCHW, in [-1, 1]. */
+  /** float32 B·3·R·R, NCHW, in [-1, 1]; empty when a loadImage gives the images without pixels (--cache_latents). */
   pixelValues: Float32Array;
   shape: [number, number, number, number];
   captions: string[];
@@ -294,8 +294,9 @@ export class ImageCaptionLoader {
 
     const B = good.length;
     const per = 3 * R * R;
-    const pixelValues = new Float32Array(B * per);
-    good.forEach((g, i) => pixelValues.set(g.image.data, i * per));
+    // images given without pixels (loadImage of --cache_latents): no pixel buffer
+    const pixelValues = new Float32Array(good.some((g) => g.image.data.length > 0) ? B * per : 0);
+    if (pixelValues.length > 0) good.forEach((g, i) => pixelValues.set(g.image.data, i * per));
     return {
       pixelValues,
       shape: [B, 3, R, R],
