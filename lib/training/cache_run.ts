@@ -59,10 +59,10 @@ const PROGRESS_EVERY_MS = 2000;
 export function latentCaching(o: ResolvedCacheOptions, vae: AutoencoderKL, c: LatentCachingContext): { source: LatentCacheSource | undefined; vae: ParkedModel } {
   const parked = new ParkedModel(vae, c.device);
   if (!o.cacheLatents) return { source: undefined, vae: parked };
-  const source: LatentCacheSource = async (imagePaths, transform, placement = {}) => {
+  const source: LatentCacheSource = async (items, transform, placement = {}) => {
     let last = 0;
     const cache = await LatentCache.build({
-      ...transform, imagePaths, vae, signal: c.signal, toDisk: o.cacheLatentsToDisk ? { fallbackDir: c.fallbackDir, ...placement } : null,
+      ...transform, items, vae, signal: c.signal, toDisk: o.cacheLatentsToDisk ? { fallbackDir: c.fallbackDir, ...placement } : null,
       onProgress: (done, total) => {
         const now = Date.now();
         if (done === 1 || done === total || now - last >= PROGRESS_EVERY_MS) {

@@ -15,7 +15,7 @@ import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { listImages } from './class_images.js';
-import type { LatentCache } from './latent_cache.js';
+import { batchViews, type LatentCache } from './latent_cache.js';
 import type { TrainerData } from './trainer.js';
 
 /** A DreamBooth batch on the training device; the micro-step disposes it. */
@@ -106,7 +106,7 @@ export function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSour
 
 /** collate_fn: pixel values and prompts of the instance half, then of the class half. */
 function collate(batches: Batch[], prompts: PromptSource, o: DreamBoothDataOptions, device: string, latentCache: LatentCache | undefined): DreamBoothBatch {
-  const images = latentCache ? { latentDist: latentCache.gather(batches.flatMap((b) => b.imagePaths), batches.flatMap((b) => b.flipped)) } : { pixelValues: pixelsOf(batches, device) };
+  const images = latentCache ? { latentDist: latentCache.gather(batches.flatMap((b) => batchViews(b, o.resolution))) } : { pixelValues: pixelsOf(batches, device) };
   if (prompts.kind === 'embeddings') {
     const parts = batches.map((b, i) => (i === 0 ? prompts.instance : prompts.class!).expand([b.captions.length, -1, -1]));
     const encoderHiddenStates = torch.cat(parts);

@@ -26,10 +26,22 @@ import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 
-/** What decides a view's pixels: the target size [h, w], the crop's top-left [top, left] in the resized image, the flip. */
-export interface LatentView { size: [number, number]; cropTopLeft: [number, number]; flipped: boolean }
+/**
+ * One image to cache and the size its view is cropped to, [height, width]: the square resolution, or with
+ * aspect-ratio buckets its bucket (the loader's viewOf(index).targetSize), with `resized` the size it is resized to
+ * first when the bucket plan fixes one ([width, height]).
+ */
+export interface LatentCacheItem { imagePath: string; targetSize: readonly [number, number]; resized?: readonly [number, number] }
 
-/** The transform every item goes through (the loader's options): buckets will give each item its own size. */
+/** A batch item's view: its image, its size and whether it was flipped (the loader's Batch says which). */
+export interface LatentView { imagePath: string; targetSize: readonly [number, number]; flipped: boolean }
+
+/** The views of a loader batch (with buckets the batch's targetSizes; without, every item at resolution × resolution). */
+export function batchViews(b: { imagePaths: readonly string[]; flipped: readonly boolean[]; targetSizes?: readonly (readonly [number, number])[] }, resolution: number): LatentView[] {
+  return b.imagePaths.map((imagePath, i) => ({ imagePath, flipped: b.flipped[i] ?? false, targetSize: b.targetSizes?.[i] ?? [resolution, resolution] }));
+}
+
+/** The transform every item goes through (the loader's options; each item's size is its own: LatentCacheItem). */
 export interface LatentCacheTransform {
   resolution: number;
   randomFlip: boolean;
@@ -41,8 +53,8 @@ export interface LatentCacheTransform {
 }
 
 export interface LatentCacheOptions extends LatentCacheTransform {
-  /** The distinct image files to encode. */
-  imagePaths: readonly string[];
+  /** The images to encode, with their view sizes (an image listed twice with the same size is encoded once). */
+  items: readonly LatentCacheItem[];
   vae: AutoencoderKL;
   /**
    * Keep the distributions in files: next to each image, or, for images without a lasting place of their own (a
@@ -115,7 +127,8 @@ export function latentCacheFile(imagePath: string, o: { fallbackDir: string; sha
 export const LATENT_CACHE_DIR = '.difflora_latent_cache';
 
 export class LatentCache {
-  readonly #byFile = new Map<string, (Entry | undefined)[]>();
+  /** Each image view's [unflipped, flipped] entries, by viewKey(image, size). */
+  readonly #byView = new Map<string, (Entry | undefined)[]>();
   /** Images that could not be read (skipBroken): the loader gets their error. */
   readonly #broken = new Map<string, Error>();
   readonly #randomFlip: boolean;
@@ -132,28 +145,29 @@ export class LatentCache {
     const cache = new LatentCache(o.randomFlip, o.vae.scalingFactor);
     try {
       const flips = o.randomFlip ? [false, true] : [false];
-      const images = [...new Set(o.imagePaths)];
+      const items = [...new Map(o.items.map((it) => [viewKey(it.imagePath, it.targetSize), it])).values()];
       const identity = o.toDisk ? vaeIdentity(o.vae) : '';
       const weight = o.vae.parameters()[0];
       const device = weight?.device ?? 'cpu';
-      for (const [done, file] of images.entries()) {
+      for (const [done, item] of items.entries()) {
         if (o.signal?.aborted) throw new Error('caching latents: aborted');
+        const file = item.imagePath;
         let views: TrainImage[];
         try {
-          views = await Promise.all(flips.map((flip) => loadTrainImage(file, transformOf(o, flip))));
+          views = await Promise.all(flips.map((flip) => loadTrainImage(file, viewTransform(o, item, flip))));
         } catch (e) {
           if (!o.skipBroken) throw e;
           cache.#broken.set(file, e as Error);
-          o.onProgress?.(done + 1, images.length);
+          o.onProgress?.(done + 1, items.length);
           continue;
         }
         const keyOf = (img: TrainImage): string => JSON.stringify({
-          vae: identity, size: [o.resolution, o.resolution], crop: img.cropTopLeft, flipped: img.flipped, interpolation: o.interpolation,
-          flipBeforeCrop: o.flipBeforeCrop, dtype: weight?.dtype ?? 'float32',
+          vae: identity, size: item.targetSize, resized: item.resized ?? null, crop: img.cropTopLeft, flipped: img.flipped,
+          interpolation: o.interpolation, flipBeforeCrop: o.flipBeforeCrop, dtype: weight?.dtype ?? 'float32',
         });
         const path = o.toDisk ? latentCacheFile(file, o.toDisk) : null;
         const fromDisk = path ? readCacheFile(path, views.map(keyOf), device) : null;
-        const dists = fromDisk ?? views.map((img) => encodeView(o.vae, img, o.resolution));
+        const dists = fromDisk ?? views.map((img) => encodeView(o.vae, img, item.targetSize));
         if (path && !fromDisk) {
           mkdirSync(dirname(path), { recursive: true });
           const tensors = Object.fromEntries(dists.map((d, i) => [VIEW_NAMES[i]!, d]));
@@ -161,8 +175,8 @@ export class LatentCache {
           saveSafetensors(path, tensors, { format: 'difflora-latents', ...metadata });
           latentCacheStats.diskWrites += 1;
         }
-        cache.#byFile.set(file, views.map((img, i) => ({ dist: dists[i]!, originalSize: img.originalSize, cropTopLeft: img.cropTopLeft })));
-        o.onProgress?.(done + 1, images.length);
+        cache.#byView.set(viewKey(file, item.targetSize), views.map((img, i) => ({ dist: dists[i]!, originalSize: img.originalSize, cropTopLeft: img.cropTopLeft })));
+        o.onProgress?.(done + 1, items.length);
       }
       return cache;
     } catch (e) {
@@ -175,47 +189,57 @@ export class LatentCache {
    * The loader's image loading while training: the item's cached view, with the flip drawn from its stream as
    * loadTrainImage draws it (center crop: no crop draws), and no pixels.
    */
-  readonly loadImage = (file: string, t: TransformOptions): Promise<TrainImage> => {
+  readonly loadImage = (file: string, t: TransformOptions & { target?: { width: number; height: number } }): Promise<TrainImage> => {
     if (!(t.centerCrop ?? false)) return Promise.reject(new Error('internal: cached latents need a center crop'));
     const broken = this.#broken.get(file);
     if (broken) return Promise.reject(broken);
     const flipped = (t.randomFlip ?? false) ? t.rng!.nextFloat() < 0.5 : false;
-    const e = this.entry(file, flipped);
+    const targetSize: [number, number] = t.target ? [t.target.height, t.target.width] : [t.resolution, t.resolution];
+    const e = this.entry({ imagePath: file, targetSize, flipped });
+    // (with buckets, TrainImage also carries targetSize: add `targetSize` here)
     return Promise.resolve({ data: new Float32Array(0), cropTopLeft: [...e.cropTopLeft], flipped, originalSize: [...e.originalSize] });
   };
 
-  /** The kept distributions of a batch's items, [B, 2·C, h, w] on the training device (the caller disposes it). */
-  gather(imagePaths: readonly string[], flipped: readonly boolean[]): Tensor {
-    const parts = imagePaths.map((f, i) => this.entry(f, flipped[i] ?? false).dist);
+  /** The kept distributions of a batch's views (batchViews), [B, 2·C, h, w] on the training device (the caller disposes it). */
+  gather(views: readonly LatentView[]): Tensor {
+    const parts = views.map((v) => this.entry(v).dist);
     return parts.length === 1 ? parts[0]!.clone() : torch.cat(parts);
   }
 
-  private entry(file: string, flipped: boolean): Entry {
-    if (flipped && !this.#randomFlip) throw new Error(`internal: a flipped view of '${file}' was asked for without random flip`);
-    const e = this.#byFile.get(file)?.[flipped ? 1 : 0];
-    if (!e) throw new Error(`the latent cache has no ${flipped ? 'flipped' : 'unflipped'} view of '${file}'`);
+  private entry(v: LatentView): Entry {
+    if (v.flipped && !this.#randomFlip) throw new Error(`internal: a flipped view of '${v.imagePath}' was asked for without random flip`);
+    const e = this.#byView.get(viewKey(v.imagePath, v.targetSize))?.[v.flipped ? 1 : 0];
+    if (!e) throw new Error(`the latent cache has no ${v.flipped ? 'flipped' : 'unflipped'} ${v.targetSize.join('×')} view of '${v.imagePath}'`);
     return e;
   }
 
   /** Views kept. */
-  get size(): number { return [...this.#byFile.values()].reduce((n, v) => n + v.length, 0); }
+  get size(): number { return [...this.#byView.values()].reduce((n, v) => n + v.length, 0); }
 
   dispose(): void {
-    for (const views of this.#byFile.values()) for (const e of views) e?.dist.dispose();
-    this.#byFile.clear();
+    for (const views of this.#byView.values()) for (const e of views) e?.dist.dispose();
+    this.#byView.clear();
   }
 }
 
-function transformOf(t: LatentCacheTransform, flip: boolean): TransformOptions {
+const viewKey = (imagePath: string, [h, w]: readonly [number, number]): string => `${h}x${w}\0${imagePath}`;
+
+/**
+ * What loadTrainImage does to an item for one cached view: the center crop at the item's size, flipped or not. With
+ * aspect-ratio buckets (the loader's `target` option) pass the item's bucket: target { width, height, resized }.
+ */
+export function viewTransform(t: LatentCacheTransform, item: LatentCacheItem, flip: boolean): TransformOptions {
+  const [h, w] = item.targetSize;
+  if (h !== t.resolution || w !== t.resolution) throw new Error(`internal: a ${h}×${w} view needs the bucketed loader's target option`);
   return { resolution: t.resolution, centerCrop: true, randomFlip: flip, flipBeforeCrop: t.flipBeforeCrop, interpolation: t.interpolation, rng: new FixedFlip(flip) };
 }
 
 /** One view through the VAE alone (batch of 1, as encodeLatents encodes each item): its DiagonalGaussian parameters [1, 2·C, h, w]. */
-function encodeView(vae: AutoencoderKL, img: TrainImage, resolution: number): Tensor {
+function encodeView(vae: AutoencoderKL, img: TrainImage, [h, w]: readonly [number, number]): Tensor {
   const weight = vae.parameters()[0];
   latentCacheStats.encodes += 1;
   return keep(noGrad(() => tidy(() => {
-    const pixels = torch.tensor(img.data, { shape: [1, 3, resolution, resolution] });
+    const pixels = torch.tensor(img.data, { shape: [1, 3, h, w] });
     const onVae = weight ? pixels.to({ dtype: weight.dtype, device: weight.device }) : pixels;
     const posterior = vae.encode(onVae);
     return posterior.parameters;

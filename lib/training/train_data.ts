@@ -8,7 +8,7 @@ import type { Interpolation } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import type { TextCaching } from './cache_run.js';
-import type { LatentCache, LatentCacheTransform } from './latent_cache.js';
+import { batchViews, type LatentCache, type LatentCacheItem, type LatentCacheTransform } from './latent_cache.js';
 import { distinctCaptions } from './text_cache.js';
 import type { ResolvedTrainOptions } from './options.js';
 
@@ -101,7 +101,7 @@ export interface Collate<B> {
 }
 
 /** Builds a latent cache for the dataset's images under the loader's transform (each process caches every image). */
-export type LatentCacheSource = (imagePaths: readonly string[], transform: LatentCacheTransform, placement?: { sharedDir?: string }) => Promise<LatentCache>;
+export type LatentCacheSource = (items: readonly LatentCacheItem[], transform: LatentCacheTransform, placement?: { sharedDir?: string }) => Promise<LatentCache>;
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
 export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: Collate<B>): Promise<TrainData<B>> {
@@ -119,7 +119,9 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
   ctx.cacheCaptions?.(distinctCaptions(Array.from({ length: dataset.length }, (_, i) => dataset.get(i))));
   // a parquet dataset's images have no lasting path: their cache files go in a folder of the dataset's
   const placement = o.datasetName ? { sharedDir: locateDataset(o.datasetName, { cacheDir: o.cacheDir ?? undefined }).dir } : {};
-  const cache = ctx.latentCache ? await ctx.latentCache(Array.from({ length: dataset.length }, (_, i) => dataset.get(i).imagePath), transform, placement) : undefined;
+  // each item's view size (with buckets: the loader's viewOf(index))
+  const items = Array.from({ length: dataset.length }, (_, i) => ({ imagePath: dataset.get(i).imagePath, targetSize: [o.resolution, o.resolution] as const }));
+  const cache = ctx.latentCache ? await ctx.latentCache(items, transform, placement) : undefined;
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
     interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
@@ -132,7 +134,7 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();
-      if (cache) return ctx.collate(b, { latentDist: cache.gather(b.imagePaths, b.flipped) });
+      if (cache) return ctx.collate(b, { latentDist: cache.gather(batchViews(b, o.resolution)) });
       const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
       const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
       if (pixelValues !== pixels) pixels.dispose();

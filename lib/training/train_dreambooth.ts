@@ -79,7 +79,8 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   if (cacheOptions.cacheTextEmbeddings) textEncoder.park(o.validationPrompt !== null);
   const { instances, classes } = dreamBoothImages({ instanceDataDir: o.instanceDataDir, prior });
   const transform = { resolution: o.resolution, randomFlip: false, flipBeforeCrop: false, interpolation: 'bilinear' as const };
-  const latentCache = caching.source ? ctx.own(await caching.source([...instances, ...classes], transform)) : undefined;
+  const views = [...instances, ...classes].map((imagePath) => ({ imagePath, targetSize: [o.resolution, o.resolution] as const }));
+  const latentCache = caching.source ? ctx.own(await caching.source(views, transform)) : undefined;
   const data = openDreamBoothData({
     instanceDataDir: o.instanceDataDir, instancePrompt: o.instancePrompt, prior, resolution: o.resolution, centerCrop: o.centerCrop,
     trainBatchSize: o.trainBatchSize, dataloaderNumWorkers: o.dataloaderNumWorkers, seed: o.seed, tokenizerMaxLength: o.tokenizerMaxLength,
