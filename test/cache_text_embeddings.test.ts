@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { memory } from '../lib/scope.js';
+import { ParkedModel } from '../lib/training/cache_run.js';
 import { validateDreamBoothOptions } from '../lib/training/dreambooth_options.js';
 import { validateSdxlTrainOptions } from '../lib/training/sdxl_options.js';
 import { textCacheStats } from '../lib/training/text_cache.js';
@@ -85,5 +86,24 @@ describe('--cache_text_embeddings', () => {
     expect(() => validateSdxlTrainOptions(sdxl)).toThrow(/cacheTextEmbeddings \(--cache_text_embeddings\) cannot be used with trainTextEncoder \(--train_text_encoder\)/);
     const db = { pretrainedModelNameOrPath: 'x', instanceDataDir: data, instancePrompt: 'p', trainTextEncoder: true, cacheTextEmbeddings: true };
     expect(() => validateDreamBoothOptions(db)).toThrow(/--cache_text_embeddings\) cannot be used with trainTextEncoder/);
+  });
+
+  it('ParkedModel: parked on the CPU and brought back around a use on a GPU device; disposed when not kept; a no-op on the CPU', async () => {
+    const calls: string[] = [];
+    const model = { to: (t: { device: string }) => { calls.push(`to ${t.device}`); }, dispose: () => { calls.push('dispose'); } };
+    const kept = new ParkedModel(model, 'cuda:0');
+    kept.park(true);
+    expect(await kept.use(async () => { calls.push('validate'); return 7; })).toBe(7);
+    expect(calls).toEqual(['to cpu', 'to cuda:0', 'validate', 'to cpu']);
+    calls.length = 0;
+    const gone = new ParkedModel(model, 'cuda:0');
+    gone.park(false);
+    expect(calls).toEqual(['dispose']);
+    await expect(gone.use(async () => 1)).rejects.toThrow(/freed after caching/);
+    calls.length = 0;
+    const cpu = new ParkedModel(model, 'cpu');
+    cpu.park(true);
+    await cpu.use(async () => calls.push('validate'));
+    expect(calls).toEqual(['validate']);
   });
 });
