@@ -11,7 +11,8 @@ import { memory } from '../lib/scope.js';
 import { ParkedModel } from '../lib/training/cache_run.js';
 import { validateDreamBoothOptions } from '../lib/training/dreambooth_options.js';
 import { validateSdxlTrainOptions } from '../lib/training/sdxl_options.js';
-import { textCacheStats } from '../lib/training/text_cache.js';
+import { cacheProblems } from '../lib/training/cache_options.js';
+import { distinctCaptions, textCacheStats } from '../lib/training/text_cache.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
 import { runSdxlTraining } from '../lib/training/train_sdxl.js';
 import { runDreamBoothTraining } from '../lib/training/train_dreambooth.js';
@@ -86,6 +87,16 @@ describe('--cache_text_embeddings', () => {
     expect(() => validateSdxlTrainOptions(sdxl)).toThrow(/cacheTextEmbeddings \(--cache_text_embeddings\) cannot be used with trainTextEncoder \(--train_text_encoder\)/);
     const db = { pretrainedModelNameOrPath: 'x', instanceDataDir: data, instancePrompt: 'p', trainTextEncoder: true, cacheTextEmbeddings: true };
     expect(() => validateDreamBoothOptions(db)).toThrow(/--cache_text_embeddings\) cannot be used with trainTextEncoder/);
+  });
+
+  it('caption transforms: a shuffled caption is refused (naming both flags); caption dropout adds the empty caption to those cached', () => {
+    expect(cacheProblems({ cacheTextEmbeddings: true, shuffleCaption: true }, 'flag')).toEqual([
+      '--cache_text_embeddings cannot be used with --shuffle_caption: a shuffled caption differs at every epoch',
+    ]);
+    expect(cacheProblems({ cacheTextEmbeddings: true, shuffleCaption: false }, 'flag')).toEqual([]);
+    const items = [{ captions: ['a', 'b'] }, { captions: ['a'] }];
+    expect(distinctCaptions(items)).toEqual(['a', 'b']);
+    expect(distinctCaptions(items, { captionDropoutRate: 0.1 })).toEqual(['a', 'b', '']);
   });
 
   it('ParkedModel: parked on the CPU and brought back around a use on a GPU device; disposed when not kept; a no-op on the CPU', async () => {

@@ -50,11 +50,14 @@ export class TextEmbeddingCache {
 }
 
 /**
- * Every caption an epoch can show: each item's list of captions. The spot where caption transforms meet the cache:
- * a caption dropout adds the empty caption here; a shuffled caption cannot be cached (cache_options.ts refuses it).
+ * Every caption an epoch can show: each item's list of captions, and the empty caption when the options drop
+ * captions at random (`captionDropoutRate` > 0, sd-scripts' --caption_dropout_rate). The spot where caption transforms
+ * meet the cache: a shuffled caption cannot be cached (cache_options.ts's captionCachingProblems refuses it).
  */
-export function distinctCaptions(items: Iterable<{ captions: readonly string[] }>): string[] {
+export function distinctCaptions(items: Iterable<{ captions: readonly string[] }>, options: object = {}): string[] {
   const out = new Set<string>();
   for (const item of items) for (const c of item.captions) out.add(c);
+  const dropout = (options as { captionDropoutRate?: unknown }).captionDropoutRate;
+  if (typeof dropout === 'number' && dropout > 0) out.add('');
   return [...out];
 }

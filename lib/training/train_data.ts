@@ -116,7 +116,7 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     : loadImageFolder(o.trainDataDir!, columns);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const transform = { resolution: o.resolution, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop ?? false, interpolation: mode as Interpolation, skipBroken: o.skipBrokenImages };
-  ctx.cacheCaptions?.(distinctCaptions(Array.from({ length: dataset.length }, (_, i) => dataset.get(i))));
+  ctx.cacheCaptions?.(distinctCaptions(Array.from({ length: dataset.length }, (_, i) => dataset.get(i)), o));
   // a parquet dataset's images have no lasting path: their cache files go in a folder of the dataset's
   const placement = o.datasetName ? { sharedDir: locateDataset(o.datasetName, { cacheDir: o.cacheDir ?? undefined }).dir } : {};
   // each item's view size (with buckets: the loader's viewOf(index))
