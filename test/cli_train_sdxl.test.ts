@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { SDXL_TRAIN_FLAGS } from '../lib/cli/train_sdxl_args.js';
 import { OPTIM_FLAGS } from '../lib/cli/optim_flags.js';
+import { CACHE_FLAGS } from '../lib/cli/cache_flags.js';
 import { trainTextToImageLoraSdxl } from '../lib/training/handle.js';
 import { killWhen, makeImageFolder, runCli, runMain as run, tinySd } from './cli_helpers.js';
 import { BUCKETS_CAPTIONS_FLAGS } from '../lib/cli/buckets_captions_flags.js';
@@ -75,7 +76,7 @@ describe('difflora train-sdxl: the flags of train_text_to_image_lora_sdxl.py', (
     };
     const ours = Object.entries(SDXL_TRAIN_FLAGS);
     expect(ours.map(([n]) => `--${n}`).slice(0, ref.script.flags.length)).toEqual(ref.script.flags.map((f) => f.flag));
-    expect(ours.slice(ref.script.flags.length).map(([n]) => n)).toEqual(['skip_broken_images', ...Object.keys(BUCKETS_CAPTIONS_FLAGS), ...Object.keys(OPTIM_FLAGS), 'lora_type', 'lora_alpha', 'lora_target_modules', 'conv_rank', 'conv_alpha', 'lokr_factor', 'export_kohya']);
+    expect(ours.slice(ref.script.flags.length).map(([n]) => n)).toEqual(['skip_broken_images', ...Object.keys(BUCKETS_CAPTIONS_FLAGS), ...Object.keys(OPTIM_FLAGS), ...Object.keys(CACHE_FLAGS), 'lora_type', 'lora_alpha', 'lora_target_modules', 'conv_rank', 'conv_alpha', 'lokr_factor', 'export_kohya']);
     const kinds: Record<string, string> = { str: 'string', int: 'int', float: 'float' };
     for (const f of ref.script.flags) {
       const spec = SDXL_TRAIN_FLAGS[f.flag.slice(2)]!;

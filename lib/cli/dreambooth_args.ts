@@ -1,6 +1,7 @@
 // The flags of diffusers' examples/dreambooth/train_dreambooth_lora.py (0.31), same names, defaults and meaning,
 // parsed into the library's DreamBoothOptions. The flags it shares with train_text_to_image_lora.py keep their
 // help from train_args.ts; flags that cannot act here are refused (exit 2), every problem listed at once.
+import { CACHE_FLAGS } from './cache_flags.js';
 import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
@@ -52,6 +53,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   ...BUCKETS_CAPTIONS_FLAGS,
   ...OPTIM_FLAGS,
   ...LORA_VARIANT_FLAGS,
+  ...CACHE_FLAGS,
 } satisfies Record<string, FlagSpec>);
 
 const TABLE: FlagTable = { command: 'difflora train-dreambooth', flags: DREAMBOOTH_FLAGS };

@@ -4,6 +4,8 @@
 import yargs, { type Options } from 'yargs';
 import { optimOptionsFromFlags, type OptimOptions } from '../training/optim_options.js';
 import { OPTIM_FLAGS } from './optim_flags.js';
+import { cacheProblems, type CacheOptions } from '../training/cache_options.js';
+import { CACHE_FLAGS, cacheArgs } from './cache_flags.js';
 import {
   INTERPOLATION_CHOICES, LR_SCHEDULER_CHOICES, MIXED_PRECISION_CHOICES, PREDICTION_TYPE_CHOICES, REPORT_TO_CHOICES,
   TRAIN_DEFAULTS as D, formatProblems, trainOptionProblems,
@@ -27,7 +29,7 @@ export type PredictionType = (typeof PREDICTION_TYPE_CHOICES)[number];
 export type InterpolationMode = (typeof INTERPOLATION_CHOICES)[number];
 
 /** Parsed flags; `undefined` where the script's default is `None`. */
-export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions, LoraVariantOptions {
+export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions, LoraVariantOptions, CacheOptions {
   // model
   pretrainedModelNameOrPath: string;
   revision: string | undefined;
@@ -185,7 +187,7 @@ export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze(
 /** A command's flags: its name (in messages) and its flag table. */
 export interface FlagTable { command: string; flags: Readonly<Record<string, FlagSpec>> }
 
-const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...LORA_VARIANT_FLAGS } };
+const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FLAGS, ...DIFFLORA_FLAGS, ...CACHE_FLAGS, ...LORA_VARIANT_FLAGS } };
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
@@ -408,9 +410,10 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     ...bucketsCaptionsArgs(r),
     ...optimOptionsFromFlags(r),
     ...loraVariantArgs(r),
+    ...cacheArgs(r),
   };
   // every value in its domain (the library checks the same), all problems at once
-  const domainProblems = [...trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag'), ...loraVariantProblems(args, 'flag')];
+  const domainProblems = [...trainOptionProblems(builtinDefault ? { ...args, pretrainedModelNameOrPath: undefined } : args, 'flag'), ...loraVariantProblems(args, 'flag'), ...cacheProblems(args, 'flag')];
   domainProblems.push(...bucketsCaptionsProblems({ ...args }, 'flag'));
   if (!Number.isSafeInteger(localRank)) domainProblems.push(`--local_rank must be a whole number, got ${localRank}`);
   // a flag whose value is not even a number is said once, by the token check

@@ -4,6 +4,7 @@
 import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
 import { SDXL_TRAIN_DEFAULTS as D, SDXL_TRAIN_OPTION_RULES, sdxlTrainProblems, type SdxlTrainOptions } from '../training/sdxl_options.js';
 import { LORA_VARIANT_FLAGS } from './lora_variant_flags.js';
+import { CACHE_FLAGS } from './cache_flags.js';
 import { DIFFLORA_FLAGS, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { parseScriptFlags, refusedHubAndReport, sharedFlag as shared, sharedFlags, type ScriptArgs } from './script_flags.js';
 
@@ -28,6 +29,7 @@ export const SDXL_TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   rank: shared('rank'),
   debug_loss: { kind: 'boolean', group: 'Logging', default: false, describe: "Log each image's loss to TensorBoard as loss_for_<file name>." },
   ...DIFFLORA_FLAGS,
+  ...CACHE_FLAGS,
   ...LORA_VARIANT_FLAGS,
 } satisfies Record<string, FlagSpec>);
 

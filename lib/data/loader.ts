@@ -24,7 +24,7 @@
 // then g·batchSize + j for global batch g.
 import type { Dataset, DatasetItem } from './imagefolder.js';
 import { permutation } from './imagefolder.js';
-import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage } from './transforms.js';
+import { Rng, deriveSeed, loadTrainImage, type Interpolation, type TrainImage, type TransformOptions } from './transforms.js';
 import { DATA_DEFAULTS } from './defaults.js';
 import type { BucketPlan } from './buckets.js';
 import { CAPTION_DEFAULTS, processCaption, varies, type CaptionOptions } from './captions.js';
@@ -65,10 +65,15 @@ export interface LoaderOptions {
   captions?: CaptionOptions;
   /** Aspect-ratio buckets: each dataset item's bucket (lib/data/buckets.ts); each batch then holds one bucket. */
   buckets?: BucketPlan;
+  /** How an item's image is loaded (default loadTrainImage); --cache_latents gives its cached views without pixels. */
+  loadImage?: (file: string, options: TransformOptions) => Promise<TrainImage>;
 }
 
 export interface Batch {
-  /** float32 B·3·H·W, NCHW, in [-1, 1] (H = W = resolution without buckets; the batch's bucket with). */
+  /**
+   * float32 B·3·H·W, NCHW, in [-1, 1] (H = W = resolution without buckets; the batch's bucket with); empty when a
+   * loadImage gives the images without pixels (--cache_latents).
+   */
   pixelValues: Float32Array;
   shape: [number, number, number, number];
   captions: string[];
@@ -98,8 +103,9 @@ export class ImageCaptionLoader {
   /** Decodes started so far, and the most that ran at once (for tests and benchmarks). */
   readonly stats = { started: 0, inFlight: 0, peakInFlight: 0 };
 
-  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard' | 'buckets'>>;
+  private readonly opts: Required<Omit<LoaderOptions, 'batchSize' | 'resolution' | 'seed' | 'numWorkers' | 'shard' | 'buckets' | 'loadImage'>>;
   private readonly buckets: BucketPlan | undefined;
+  private readonly loadImage: (file: string, options: TransformOptions) => Promise<TrainImage>;
   private readonly shard: { rank: number; worldSize: number };
   /** Items this process reads per epoch (the dataset's length, or its shard's, padded, with several processes). */
   readonly epochLength: number;
@@ -136,6 +142,7 @@ export class ImageCaptionLoader {
     if (this.buckets && this.buckets.bucketOf.length !== dataset.length) {
       throw new RangeError(`buckets: a plan of ${this.buckets.bucketOf.length} items for a dataset of ${dataset.length}`);
     }
+    this.loadImage = options.loadImage ?? loadTrainImage;
     this.shard = options.shard ?? { rank: 0, worldSize: 1 };
     const { rank, worldSize } = this.shard;
     if (!Number.isInteger(worldSize) || worldSize < 1 || !Number.isInteger(rank) || rank < 0 || rank >= worldSize) {
@@ -265,7 +272,7 @@ export class ImageCaptionLoader {
     const plan = this.buckets;
     const reso = plan && bucket >= 0 ? plan.resos[bucket]! : undefined;
     const resized = plan?.resized[index];
-    const promise: Promise<Outcome> = loadTrainImage(item.imagePath, {
+    const promise: Promise<Outcome> = this.loadImage(item.imagePath, {
       ...(reso ? { target: { width: reso[0], height: reso[1], ...(resized ? { resized } : {}) } } : {}),
       resolution: this.resolution,
       centerCrop: this.opts.centerCrop,
@@ -354,10 +361,11 @@ export class ImageCaptionLoader {
     const B = good.length;
     const [H, W] = good[0]!.image.targetSize;
     const per = 3 * H * W;
-    const pixelValues = new Float32Array(B * per);
+    // images given without pixels (loadImage of --cache_latents): no pixel buffer
+    const pixelValues = new Float32Array(good.some((g) => g.image.data.length > 0) ? B * per : 0);
     good.forEach((g, i) => {
       if (g.image.targetSize[0] !== H || g.image.targetSize[1] !== W) throw new Error(`internal: a batch of ${H}×${W} images holds one of ${g.image.targetSize.join('×')}`);
-      pixelValues.set(g.image.data, i * per);
+      if (pixelValues.length > 0) pixelValues.set(g.image.data, i * per);
     });
     return {
       pixelValues,

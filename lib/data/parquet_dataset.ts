@@ -81,7 +81,7 @@ export function resolveDatasetDir(nameOrPath: string, o: Pick<ParquetDatasetOpti
  * The dataset's folder and the folder its files must stay inside: the folder itself, or for a hub snapshot
  * the dataset's repo folder in the cache (its snapshot files are links into blobs/).
  */
-function locateDataset(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cacheDir' | 'revision'>): { dir: string; containRoot: string } {
+export function locateDataset(nameOrPath: string, o: Pick<ParquetDatasetOptions, 'cacheDir' | 'revision'>): { dir: string; containRoot: string } {
   const local = path.resolve(expandHome(nameOrPath));
   if (fs.existsSync(local)) {
     if (!fs.statSync(local).isDirectory()) throw new Error(`--dataset_name '${nameOrPath}' is a file; pass a folder holding *.parquet files or a dataset id ("org/name")`);

@@ -10,11 +10,14 @@
 // the other from torch's.)
 import { existsSync, statSync } from 'node:fs';
 import type { Dataset } from '../data/imagefolder.js';
-import { ImageCaptionLoader, type LoaderState } from '../data/loader.js';
+import type { TransformOptions } from '../data/transforms.js';
+import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader.js';
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import { listImages } from './class_images.js';
+import { batchViews, type LatentCache } from './latent_cache.js';
+import type { LatentCacheSource } from './train_data.js';
 import type { TrainerData } from './trainer.js';
 import { captionExtensionOf, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
 import { captionFileOf, readCaptionFile, varies } from '../data/captions.js';
@@ -22,8 +25,10 @@ import { bucketPlanFor, captionOptionsOf } from './train_data.js';
 
 /** A DreamBooth batch on the training device; the micro-step disposes it. */
 export interface DreamBoothBatch {
-  /** [B or 2B, 3, R, R] in [-1, 1]: instance images, then class images. */
-  pixelValues: Tensor;
+  /** [B or 2B, 3, R, R] in [-1, 1]: instance images, then class images (absent with --cache_latents). */
+  pixelValues?: Tensor;
+  /** --cache_latents: the images' kept latent distributions [B or 2B, 2·C, h, w], in the same order. */
+  latentDist?: Tensor;
   /** Token ids [B or 2B, L], in the same order (absent with pre-computed embeddings). */
   inputIds?: Tensor;
   /** The tokenizer's attention mask [B or 2B, L], with --text_encoder_use_attention_mask. */
@@ -73,13 +78,25 @@ function cycling(files: string[], prompt: string, length: number, prompts: reado
 
 const SEED_WHEN_UNSEEDED = 0;
 
-export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string): Promise<TrainerData<DreamBoothBatch>> {
+/** The instance images and (prior preservation) the class images the data reads. */
+export function dreamBoothImages(o: Pick<DreamBoothDataOptions, 'instanceDataDir' | 'prior'>): { instances: string[]; classes: string[] } {
   const instances = imagesOf(o.instanceDataDir, 'Instance images', '--instance_data_dir');
   const classes = o.prior ? imagesOf(o.prior.dir, 'Class images', '--class_data_dir').slice(0, o.prior.numClassImages) : [];
+  return { instances, classes };
+}
+
+/**
+ * The data of a DreamBooth run; `latentCaching` (--cache_latents): builds the cache of every instance and class image's
+ * view once the loaders know each item's view (with buckets, the instance image's bucket for both halves).
+ */
+export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: PromptSource, device: string, latentCaching?: LatentCacheSource): Promise<TrainerData<DreamBoothBatch>> {
+  const built: { cache?: LatentCache } = {}; // the latent cache, built once the loaders exist (nothing decodes before next())
+  const { instances, classes } = dreamBoothImages(o);
   const length = Math.max(instances.length, classes.length);
   const loaderOptions = {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: false,
     interpolation: 'bilinear' as const, seed: o.seed ?? SEED_WHEN_UNSEEDED, numWorkers: o.dataloaderNumWorkers,
+    ...(latentCaching ? { loadImage: (file: string, t: TransformOptions) => built.cache!.loadImage(file, t) } : {}),
   };
   const f = o.features;
   // caption files next to the instance images win over the instance prompt (sd-scripts' DreamBooth datasets)
@@ -98,6 +115,10 @@ export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: Prom
   const classBuckets = buckets ? { ...buckets, resized: [] } : undefined;
   if (o.prior) loaders.push(new ImageCaptionLoader(cycling(classes, o.prior.prompt, length), { ...loaderOptions, ...featureOptions, ...(classBuckets ? { buckets: classBuckets } : {}) }));
   const main = loaders[0]!;
+  if (latentCaching) {
+    const views = loaders.flatMap((l) => Array.from({ length }, (_, i) => ({ imagePath: l.dataset.get(i).imagePath, ...l.viewOf(i) })));
+    built.cache = await latentCaching(views, { resolution: o.resolution, randomFlip: false, flipBeforeCrop: false, interpolation: 'bilinear' });
+  }
   let epoch = main.getState().epoch;
   return {
     batchesPerEpoch: main.batchesPerEpoch,
@@ -106,7 +127,7 @@ export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: Prom
       if (main.getState().epoch !== epoch) return null;
       const batches = [];
       for (const l of loaders) batches.push(await l.next()); // one after the other: the same order, positions in step
-      return collate(batches, prompts, o, device);
+      return collate(batches, prompts, o, device, built.cache);
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: main.getState() }; },
@@ -114,12 +135,27 @@ export async function openDreamBoothData(o: DreamBoothDataOptions, prompts: Prom
       for (const l of loaders) l.setState(s.loader);
       epoch = s.epoch;
     },
-    async close() {},
+    async close() { built.cache?.dispose(); },
   };
 }
 
 /** collate_fn: pixel values and prompts of the instance half, then of the class half. */
-function collate(batches: { pixelValues: Float32Array; shape: number[]; captions: string[] }[], prompts: PromptSource, o: DreamBoothDataOptions, device: string): DreamBoothBatch {
+function collate(batches: Batch[], prompts: PromptSource, o: DreamBoothDataOptions, device: string, latentCache: LatentCache | undefined): DreamBoothBatch {
+  const images = latentCache ? { latentDist: latentCache.gather(batches.flatMap((b) => batchViews(b, o.resolution))) } : { pixelValues: pixelsOf(batches, device) };
+  if (prompts.kind === 'embeddings') {
+    const parts = batches.map((b, i) => (i === 0 ? prompts.instance : prompts.class!).expand([b.captions.length, -1, -1]));
+    const encoderHiddenStates = torch.cat(parts);
+    for (const p of parts) p.dispose();
+    return { ...images, encoderHiddenStates };
+  }
+  const encoded = prompts.tokenizer.call(batches.flatMap((b) => b.captions), { maxLength: o.tokenizerMaxLength ?? undefined, padding: 'max_length', truncation: true });
+  const inputIds = prompts.tokenizer.toTensor(encoded.inputIds, device);
+  const attentionMask = o.useAttentionMask ? prompts.tokenizer.toTensor(encoded.attentionMask, device) : undefined;
+  return { ...images, inputIds, ...(attentionMask ? { attentionMask } : {}) };
+}
+
+/** The halves' pixels, instance then class, on the device. */
+function pixelsOf(batches: Batch[], device: string): Tensor {
   const onDevice = (t: Tensor): Tensor => {
     if (device === 'cpu') return t;
     try { return t.to({ device }); } finally { t.dispose(); }
@@ -127,14 +163,5 @@ function collate(batches: { pixelValues: Float32Array; shape: number[]; captions
   const pixels = batches.map((b) => torch.tensor(b.pixelValues, { shape: b.shape }));
   const pixelValues = onDevice(pixels.length === 1 ? pixels[0]! : torch.cat(pixels));
   if (pixels.length > 1) for (const p of pixels) p.dispose();
-  if (prompts.kind === 'embeddings') {
-    const parts = batches.map((b, i) => (i === 0 ? prompts.instance : prompts.class!).expand([b.captions.length, -1, -1]));
-    const encoderHiddenStates = torch.cat(parts);
-    for (const p of parts) p.dispose();
-    return { pixelValues, encoderHiddenStates };
-  }
-  const encoded = prompts.tokenizer.call(batches.flatMap((b) => b.captions), { maxLength: o.tokenizerMaxLength ?? undefined, padding: 'max_length', truncation: true });
-  const inputIds = prompts.tokenizer.toTensor(encoded.inputIds, device);
-  const attentionMask = o.useAttentionMask ? prompts.tokenizer.toTensor(encoded.attentionMask, device) : undefined;
-  return { pixelValues, inputIds, ...(attentionMask ? { attentionMask } : {}) };
+  return pixelValues;
 }

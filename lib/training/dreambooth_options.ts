@@ -10,6 +10,7 @@ import {
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions } from './buckets_captions_options.js';
 import { OPTIM_DEFAULTS, OPTIM_RULES, type OptimOptions, type ResolvedOptimOptions } from './optim_options.js';
 import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions, type ResolvedLoraVariantOptions } from './lora_variant_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_dreambooth_lora.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -24,7 +25,7 @@ type Shared = (typeof SHARED)[number];
 export const PRIOR_GENERATION_PRECISION_CHOICES = ['no', 'fp32', 'fp16', 'bf16'] as const;
 
 /** The flags of train_dreambooth_lora.py that the run uses, camelCased (lib/cli/dreambooth_args.ts). */
-export interface DreamBoothOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions, LoraVariantOptions {
+export interface DreamBoothOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions, LoraVariantOptions, CacheOptions {
   /** A tokenizer folder or Hub id other than the model's tokenizer/ (--tokenizer_name). */
   tokenizerName?: string | null;
   /** The pictures of the subject (every image file in the folder). Required. */
@@ -80,6 +81,7 @@ export const DREAMBOOTH_OPTION_RULES: Readonly<Record<keyof DreamBoothOptions, R
   ...BUCKETS_CAPTIONS_RULES,
   ...OPTIM_RULES,
   ...LORA_VARIANT_RULES,
+  ...CACHE_RULES,
 };
 
 /** The script's defaults (those of the shared flags that differ from train_text_to_image_lora.py's are marked). */
@@ -107,7 +109,7 @@ export const DREAMBOOTH_DEFAULTS = Object.freeze({
 type Required3 = 'pretrainedModelNameOrPath' | 'instanceDataDir' | 'instancePrompt';
 type Defaulted = Exclude<keyof DreamBoothOptions, Required3 | 'revision' | 'variant' | 'cacheDir' | 'maxTrainSteps' | 'checkpointsTotalLimit' |
   'resumeFromCheckpoint' | 'validationPrompt' | 'seed' | 'device' | 'tokenizerName' | 'classDataDir' | 'classPrompt' | 'priorGenerationPrecision' |
-  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision' | 'captionExtention' | keyof OptimOptions | keyof LoraVariantOptions>;
+  'tokenizerMaxLength' | 'classLabelsConditioning' | 'maxGradNorm' | 'checkpointingSteps' | 'mixedPrecision' | 'captionExtention' | keyof OptimOptions | keyof LoraVariantOptions | keyof CacheOptions>;
 
 /** Every option with its value: defaults filled in, the optional ones null when not given. */
 export type ResolvedDreamBoothOptions =
@@ -137,7 +139,7 @@ export function dreamBoothProblems(o: Readonly<Record<string, unknown>>, naming:
   if (o.trainTextEncoder === true && o.preComputeTextEmbeddings === true) {
     problems.push(`${name('trainTextEncoder', '--train_text_encoder')} cannot be used with ${name('preComputeTextEmbeddings', '--pre_compute_text_embeddings')}`);
   }
-  return [...problems, ...loraVariantProblems(o, naming)];
+  return [...problems, ...loraVariantProblems(o, naming), ...cacheProblems(o, naming)];
 }
 
 /** The script's warnings: class folder or prompt given without prior preservation. */

@@ -14,6 +14,7 @@ import { DATA_DEFAULTS } from '../data/defaults.js';
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems } from './buckets_captions_options.js';
 import { OPTIM_DEFAULTS, OPTIM_RULES, optimProblems, type OptimOptions } from './optim_options.js';
 import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions } from './lora_variant_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 export const LR_SCHEDULER_CHOICES = ['linear', 'cosine', 'cosine_with_restarts', 'polynomial', 'constant', 'constant_with_warmup'] as const;
 export const MIXED_PRECISION_CHOICES = ['no', 'fp16', 'bf16'] as const;
@@ -104,10 +105,11 @@ export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   ...BUCKETS_CAPTIONS_RULES,
   ...OPTIM_RULES,
   ...LORA_VARIANT_RULES,
+  ...CACHE_RULES,
 };
 
 /** The flags of train_text_to_image_lora.py that the loop uses, camelCased (lib/cli/train_args.ts). */
-export interface TrainOptions extends TrainDataOptions, OptimOptions, LoraVariantOptions {
+export interface TrainOptions extends TrainDataOptions, OptimOptions, LoraVariantOptions, CacheOptions {
   pretrainedModelNameOrPath: string;
   revision?: string | null;
   variant?: string | null;
@@ -355,7 +357,7 @@ export function validateTrainOptions(o: unknown): void {
   if (o === null || typeof o !== 'object' || Array.isArray(o)) throw new TrainOptionsError([`the training options must be an object, got ${showValue(o)}`]);
   const opts = o as Record<string, unknown>;
   const problems = [...unknownOptionProblems(opts), ...trainOptionProblems(opts, 'option'), ...bucketsCaptionsProblems({ resolution: TRAIN_DEFAULTS.resolution, ...opts }, 'option'),
-    ...loraVariantProblems(opts, 'option')];
+    ...loraVariantProblems(opts, 'option'), ...cacheProblems(opts, 'option')];
   if (opts.pretrainedModelNameOrPath === undefined) problems.unshift('pretrainedModelNameOrPath (--pretrained_model_name_or_path) is required');
   if ((opts.datasetName ?? undefined) === undefined && (opts.trainDataDir ?? undefined) === undefined) {
     problems.push('need either datasetName (--dataset_name) or trainDataDir (--train_data_dir)');

@@ -9,6 +9,7 @@ import {
 import { BUCKETS_CAPTIONS_DEFAULTS, BUCKETS_CAPTIONS_RULES, bucketsCaptionsProblems, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
 import { OPTIM_DEFAULTS, OPTIM_RULES, type OptimOptions, type ResolvedOptimOptions } from './optim_options.js';
 import { LORA_VARIANT_DEFAULTS, LORA_VARIANT_RULES, loraVariantProblems, type LoraVariantOptions, type ResolvedLoraVariantOptions } from './lora_variant_options.js';
+import { CACHE_RULES, cacheProblems, type CacheOptions } from './cache_options.js';
 
 /** The flags train_text_to_image_lora_sdxl.py shares with train_text_to_image_lora.py (same names, meaning and domains). */
 const SHARED = [
@@ -22,7 +23,7 @@ const SHARED = [
 type Shared = (typeof SHARED)[number];
 
 /** The flags of train_text_to_image_lora_sdxl.py that the run uses, camelCased (lib/cli/train_sdxl_args.ts). */
-export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions, LoraVariantOptions {
+export interface SdxlTrainOptions extends Pick<TrainOptions, Shared>, BucketsCaptionsOptions, OptimOptions, LoraVariantOptions, CacheOptions {
   /**
    * A VAE folder or Hub id (its files at the top, no vae/ subfolder) used instead of the model's, e.g. one without
    * SDXL's fp16 NaN problem. With it the VAE runs in the weight dtype; without it the model's VAE stays float32.
@@ -43,6 +44,7 @@ export const SDXL_TRAIN_OPTION_RULES: Readonly<Record<keyof SdxlTrainOptions, Ru
   ...BUCKETS_CAPTIONS_RULES,
   ...OPTIM_RULES,
   ...LORA_VARIANT_RULES,
+  ...CACHE_RULES,
 };
 
 /** The script's defaults: train_text_to_image_lora.py's, but --resolution 1024. */
@@ -61,6 +63,8 @@ export type ResolvedSdxlTrainOptions = Pick<ResolvedTrainOptions, Shared> & Reso
   readonly pretrainedVaeModelNameOrPath: string | null;
   readonly trainTextEncoder: boolean;
   readonly debugLoss: boolean;
+  /** Not given: null (off); resolveCacheOptions reads them. */
+  readonly cacheLatents: boolean | null; readonly cacheLatentsToDisk: boolean | null; readonly cacheTextEmbeddings: boolean | null;
 };
 
 export function resolveSdxlTrainOptions(o: SdxlTrainOptions): ResolvedSdxlTrainOptions {
@@ -75,7 +79,7 @@ export function sdxlTrainProblems(o: Readonly<Record<string, unknown>>, naming: 
   if ((o.datasetName ?? null) === null && (o.trainDataDir ?? null) === null) {
     problems.push(`Need either a dataset name or a training folder: give ${name('datasetName', '--dataset_name')} or ${name('trainDataDir', '--train_data_dir')}`);
   }
-  return [...problems, ...loraVariantProblems(o, naming)];
+  return [...problems, ...loraVariantProblems(o, naming), ...cacheProblems(o, naming)];
 }
 
 /** Checks trainTextToImageLoraSdxl's options before anything is loaded; throws a TrainOptionsError listing every problem. */

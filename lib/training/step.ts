@@ -12,6 +12,7 @@
 // AcceleratedScheduler semantics, which the script gets through accelerate).
 import { autocast, noGrad } from '../autograd.js';
 import type { AutoencoderKL } from '../models/autoencoder_kl.js';
+import { DiagonalGaussianDistribution } from '../models/vae.js';
 import type { CLIPTextModel } from '../models/clip_text_model.js';
 import type { UNet2DConditionModel, UNetAddedConditions } from '../models/unet_2d_condition.js';
 import type { Optimizer } from '../optim/optimizer.js';
@@ -55,16 +56,29 @@ function randnOn(shape: readonly number[], like: Tensor, generator?: Draws): Ten
 
 /**
  * Images [B, 3, H, W] in [-1, 1] → scaled latents: vae.encode(pixels in the VAE's dtype).sample(generator) ×
- * scaling_factor, without gradients.
+ * scaling_factor, without gradients. Each image goes through the VAE alone (a batch of 1): batched convolutions
+ * round differently from one batch size to another, and this way an item's latent distribution is the same in any
+ * batch and equals the one --cache_latents keeps (latent_cache.ts), so cached and uncached runs agree bit for bit.
  */
 export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Draws): Tensor {
   const weight = vae.parameters()[0];
   return noGrad(() => tidy(() => {
     const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
-    const posterior = vae.encode(pixels);
+    const parameters = eachItem(pixels.shape[0] ?? 0, (i) => vae.encode(pixels.narrow(0, i, 1)).parameters);
+    return sampleLatentDist(parameters, vae.scalingFactor, generator);
+  }));
+}
+
+/**
+ * Latents from the VAE's DiagonalGaussian parameters [B, 2·C, h, w] (the encoder's output, or --cache_latents' kept
+ * copy): mean + std · ε with the step's draws, × scaling_factor, without gradients.
+ */
+export function sampleLatentDist(parameters: Tensor, scalingFactor: number, generator?: Draws): Tensor {
+  return noGrad(() => tidy(() => {
+    const posterior = new DiagonalGaussianDistribution(parameters);
     // per-item generators: mean + std · ε with item i's ε from its own stream (DiagonalGaussianDistribution.sample's arithmetic)
     const z = perItem(generator) ? posterior.mean.add(posterior.std.mul(randnOn(posterior.mean.shape, posterior.parameters, generator))) : posterior.sample(generator);
-    return z.mul(vae.scalingFactor);
+    return z.mul(scalingFactor);
   }));
 }
 
@@ -113,6 +127,8 @@ export interface TrainingBatch {
   latents?: Tensor;
   /** Images [B, 3, H, W] in [-1, 1]. */
   pixelValues?: Tensor;
+  /** The VAE's DiagonalGaussian parameters [B, 2·C, h, w] kept by --cache_latents (latent_cache.ts); needs `scalingFactor`. */
+  latentDist?: Tensor;
   /** Prompt embeddings [B, 77, D]; else inputIds and `textEncoder` are needed. */
   encoderHiddenStates?: Tensor;
   /** Token ids [B, 77], int64. */
@@ -127,6 +143,8 @@ export interface TrainingStep {
   scheduler: DDPMScheduler;
   batch: TrainingBatch;
   vae?: AutoencoderKL;
+  /** The VAE's scaling factor, for a batch of cached latent distributions (batch.latentDist). */
+  scalingFactor?: number;
   textEncoder?: CLIPTextModel;
   /** The text encoder trains (its LoRA): it runs with gradients, under autocast for mixed precision. Default false: frozen, no gradients. */
   trainTextEncoder?: boolean;
@@ -188,10 +206,22 @@ function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | nu
   const textEncoder = s.textEncoder;
   const encode = s.condition ?? ((): Conditioning => {
     if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
-    return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
+    if (s.trainTextEncoder) return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
+    // frozen: each prompt alone (a batch of 1), so its embedding is the same in any batch and equals --cache_text_embeddings'
+    return { encoderHiddenStates: eachItem(inputIds.shape[0] ?? 0, (i) => textEncoder.forward(inputIds.narrow(0, i, 1), { attentionMask: attentionMask?.narrow(0, i, 1) }).lastHiddenState) };
   });
   if (!s.trainTextEncoder) return noGrad(encode); // frozen: run in the weights' dtype, as the script (not prepared by accelerate)
   return lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, encode) : encode();
+}
+
+/**
+ * `f` for each item of a batch of `n` (each a batch of 1), concatenated along the batch: a frozen model's output
+ * for an item is then the same whatever batch it is in (batched convolutions and matmuls round differently from
+ * one batch size to another), which is what lets --cache_latents and --cache_text_embeddings match bit for bit.
+ */
+export function eachItem(n: number, f: (i: number) => Tensor): Tensor {
+  if (n === 1) return f(0);
+  return tidy(() => torch.cat(Array.from({ length: n }, (_, i) => f(i))));
 }
 
 /**
@@ -203,8 +233,12 @@ export function predictNoise(s: TrainingStep): Prediction {
   const predictionType = resolvePredictionType(s.scheduler, s.predictionType);
   // 1. clean latents
   let latents = s.batch.latents;
+  if (!latents && s.batch.latentDist) {
+    if (s.scalingFactor === undefined) throw new Error('loraTrainingStep: a batch of cached latent distributions needs scalingFactor');
+    latents = sampleLatentDist(s.batch.latentDist, s.scalingFactor, s.generator);
+  }
   if (!latents) {
-    if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, or pixelValues and a vae');
+    if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, latentDist, or pixelValues and a vae');
     latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator);
   }
   const lowPrecision = autocastDtype(mixedPrecision, latents.device);

@@ -5,6 +5,8 @@
 import { basename, join } from 'node:path';
 import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
+import { resolveCacheOptions } from './cache_options.js';
+import { latentCaching, textCaching } from './cache_run.js';
 import { saveModelCard } from './model_card.js';
 import { loadTrainingModels } from './models.js';
 import { resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
@@ -27,13 +29,21 @@ export async function runTraining(options: TrainOptions, hooks: TrainHooksIntern
   return runTrainer(o, hooks, (ctx) => textToImageSpec(o, ctx, hooks), { command: 'difflora train', dataParallel: true });
 }
 
-type TextToImageBatch = { pixelValues: Tensor; inputIds: Tensor; keys: SampleKey[] };
+type TextToImageBatch = { pixelValues?: Tensor; latentDist?: Tensor; inputIds?: Tensor; encoderHiddenStates?: Tensor; keys: SampleKey[] };
 
 /** train_text_to_image_lora.py's parts: UNet LoRA, captioned images, the plain diffusion loss, 30-step validation. */
 async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hooks: TrainHooksInternal): Promise<TrainerSpec<TextToImageBatch>> {
   const models = loadTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
   const { unet, vae, textEncoder, tokenizer } = models;
-  const data = await openTrainData(o, { tokenizer, device: ctx.device, shard: ctx.shard, onNotice: hooks.onNotice }); // this process's share of each epoch
+  const cacheOptions = resolveCacheOptions(o);
+  const keep = o.validationPrompt !== null; // epoch validation decodes with the VAE and encodes the prompt
+  const caching = latentCaching(cacheOptions, vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: keep });
+  const textCache = textCaching(cacheOptions, [textEncoder], (caption) => [textEncoder.forward(tokenizer.inputIdsTensor([caption], { device: ctx.device })).lastHiddenState], {
+    device: ctx.device, onNotice: hooks.onNotice, signal: hooks.signal, keepEncoders: keep, vae: caching.vae,
+  });
+  if (textCache.cache) ctx.own(textCache.cache);
+  // this process's share of each epoch
+  const data = await openTrainData(o, { tokenizer, device: ctx.device, shard: ctx.shard, onNotice: hooks.onNotice, latentCache: caching.source, textCache });
   const source = { model: o.pretrainedModelNameOrPath, load: models.load };
   const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string) =>
     ({ prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: ctx.logs.tensorboard(), onEvent: hooks.onValidation });
@@ -43,16 +53,17 @@ async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hoo
     microStep: (batch) => {
       try {
         return tidy(() => loraTrainingStep({
-          unet, vae, textEncoder, scheduler: models.noiseScheduler, batch, accumulationSteps: o.gradientAccumulationSteps, generator: ctx.sampleDraws(batch.keys),
+          unet, vae, scalingFactor: vae.scalingFactor, textEncoder, scheduler: models.noiseScheduler, batch, accumulationSteps: o.gradientAccumulationSteps, generator: ctx.sampleDraws(batch.keys),
           mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), noiseOffset: o.noiseOffset, snrGamma: o.snrGamma, predictionType: o.predictionType,
         }));
       } finally {
-        dispose([batch.pixelValues, batch.inputIds]);
+        dispose([batch.pixelValues, batch.latentDist, batch.inputIds, batch.encoderHiddenStates]);
       }
     },
     validate: async (epoch) => {
-      if (o.validationPrompt === null) return;
-      await validateTrainingModels({ unet, vae, textEncoder, tokenizer }, source, validation(o.validationPrompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`)));
+      const prompt = o.validationPrompt;
+      if (prompt === null) return;
+      await textCache.use(() => validateTrainingModels({ unet, vae, textEncoder, tokenizer }, source, validation(prompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`))));
     },
     finish: async ({ outputDir, lastEpoch, globalStep, baseLr }) => {
       // final inference as the script: the base pipeline loaded afresh, with the saved file through loadLoraWeights

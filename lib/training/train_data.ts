@@ -4,11 +4,14 @@
 // on the training device.
 import type { CLIPTokenizer } from '../models/clip_tokenizer.js';
 import { loadImageFolder, shuffleAndTruncate } from '../data/imagefolder.js';
-import { loadParquetDataset } from '../data/parquet_dataset.js';
+import { loadParquetDataset, locateDataset } from '../data/parquet_dataset.js';
 import { ImageCaptionLoader, type Batch, type LoaderState } from '../data/loader.js';
-import type { Interpolation } from '../data/transforms.js';
+import type { Interpolation, TransformOptions } from '../data/transforms.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
+import type { TextCaching } from './cache_run.js';
+import { batchViews, type LatentCache, type LatentCacheItem, type LatentCacheTransform } from './latent_cache.js';
+import { distinctCaptions } from './text_cache.js';
 import type { ResolvedTrainOptions } from './options.js';
 import { captionExtensionOf, type BucketsCaptionsOptions, type ResolvedBucketsCaptions } from './buckets_captions_options.js';
 import { bucketTableLines, planBuckets, readImageSizes, type BucketPlan } from '../data/buckets.js';
@@ -38,7 +41,15 @@ export interface TrainDataOptions extends BucketsCaptionsOptions {
  * train_text_to_image_lora.py's batch: the images and the captions' token ids; `keys`: each item's (epoch, position
  * in the epoch's global order), what its random draws are keyed by (sample_rng.ts).
  */
-export interface TextToImageBatch { pixelValues: Tensor; inputIds: Tensor; keys: [number, number][] }
+export interface TextToImageBatch {
+  pixelValues?: Tensor; latentDist?: Tensor;
+  /** Token ids, or with --cache_text_embeddings the kept last hidden states. */
+  inputIds?: Tensor; encoderHiddenStates?: Tensor;
+  keys: [number, number][];
+}
+
+/** A batch's images on the training device: the pixels, or with --cache_latents their kept latent distributions. */
+export type BatchImages = { pixelValues: Tensor; latentDist?: undefined } | { latentDist: Tensor; pixelValues?: undefined };
 
 export interface TrainData<B = TextToImageBatch> {
   readonly batchesPerEpoch: number;
@@ -70,25 +81,38 @@ const SEED_WHEN_UNSEEDED = 0;
  * of N reads batches r, r + N, … of the epoch's order; loader.ts).
  */
 export async function openTrainData(
-  o: ResolvedTrainDataOptions, ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; onNotice?: (message: string) => void },
+  o: ResolvedTrainDataOptions,
+  ctx: { tokenizer: CLIPTokenizer; device: string; shard?: { rank: number; worldSize: number }; onNotice?: (message: string) => void; latentCache?: LatentCacheSource; textCache?: TextCaching },
 ): Promise<TrainData> {
   return openCaptionedImages(o, {
     device: ctx.device, shard: ctx.shard, onNotice: ctx.onNotice,
-    collate: (b, pixelValues) => ({ pixelValues, inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }), keys: b.keys }),
+    latentCache: ctx.latentCache,
+    cacheCaptions: ctx.textCache ? (captions) => ctx.textCache!.fill(captions) : undefined,
+    collate: (b, images) => ({
+      ...images, keys: b.keys,
+      ...(ctx.textCache?.cache ? { encoderHiddenStates: ctx.textCache.cache.gather(b.captions) } : { inputIds: ctx.tokenizer.inputIdsTensor(b.captions, { device: ctx.device }) }),
+    }),
   });
 }
 
 /** What a command makes of the loader's batches: its batch from the images (already a tensor on the device) and the rest. */
 export interface Collate<B> {
   device: string;
-  collate(b: Batch, pixelValues: Tensor): B;
+  collate(b: Batch, images: BatchImages): B;
   /** The SDXL script's flip-then-crop order (data/transforms.ts). */
   flipBeforeCrop?: boolean;
   /** This process's share of each epoch (a data-parallel run). */
   shard?: { rank: number; worldSize: number };
   /** The data's notices (the folder layout found, the bucket table). */
   onNotice?: (message: string) => void;
+  /** --cache_latents: builds the cache of the dataset's images (latent_cache.ts); the batches then carry latentDist. */
+  latentCache?: LatentCacheSource;
+  /** --cache_text_embeddings: given every caption of the dataset once it is loaded (text_cache.ts). */
+  cacheCaptions?: (captions: readonly string[]) => void;
 }
+
+/** Builds a latent cache for the dataset's images under the loader's transform (each process caches every image). */
+export type LatentCacheSource = (items: readonly LatentCacheItem[], transform: LatentCacheTransform, placement?: { sharedDir?: string }) => Promise<LatentCache>;
 
 /** The dataset (a folder or parquet files), shuffled and truncated as the script, behind the resumable loader. */
 export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: Collate<B>): Promise<TrainData<B>> {
@@ -103,11 +127,20 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     : openTrainFolder(o.trainDataDir!, columns, captionExtensionOf(o), ctx.onNotice);
   if (o.maxTrainSamples) dataset = shuffleAndTruncate(dataset, o.maxTrainSamples, seed);
   const buckets = await bucketPlanFor(dataset, o, ctx.onNotice);
+  const transform = { resolution: o.resolution, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop ?? false, interpolation: mode as Interpolation, skipBroken: o.skipBrokenImages };
+  ctx.cacheCaptions?.(distinctCaptions(Array.from({ length: dataset.length }, (_, i) => dataset.get(i)), o));
+  // a parquet dataset's images have no lasting path: their cache files go in a folder of the dataset's
+  const placement = o.datasetName ? { sharedDir: locateDataset(o.datasetName, { cacheDir: o.cacheDir ?? undefined }).dir } : {};
+  const built: { cache?: LatentCache } = {}; // the cache, built below once the loader knows each item's view (nothing decodes before next())
   const loader = new ImageCaptionLoader(dataset, {
     batchSize: o.trainBatchSize, resolution: o.resolution, centerCrop: o.centerCrop, randomFlip: o.randomFlip, flipBeforeCrop: ctx.flipBeforeCrop,
     interpolation: mode as Interpolation, seed, numWorkers: o.dataloaderNumWorkers, skipBroken: o.skipBrokenImages, shard: ctx.shard,
     captions: captionOptionsOf(o), ...(buckets ? { buckets } : {}),
+    ...(ctx.latentCache ? { loadImage: (file: string, t: TransformOptions) => built.cache!.loadImage(file, t) } : {}),
   });
+  // each item's view: its size (with buckets, its bucket) and the size it is resized to before the crop
+  const items = Array.from({ length: dataset.length }, (_, i) => ({ imagePath: dataset.get(i).imagePath, ...loader.viewOf(i) }));
+  const cache = ctx.latentCache ? (built.cache = await ctx.latentCache(items, transform, placement)) : undefined;
   let epoch = loader.getState().epoch;
   return {
     batchesPerEpoch: loader.batchesPerEpoch,
@@ -115,10 +148,11 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     async next() {
       if (loader.getState().epoch !== epoch) return null;
       const b = await loader.next();
+      if (cache) return ctx.collate(b, { latentDist: cache.gather(batchViews(b, o.resolution)) });
       const pixels = torch.tensor(b.pixelValues, { shape: b.shape });
       const pixelValues = ctx.device === 'cpu' ? pixels : pixels.to({ device: ctx.device });
       if (pixelValues !== pixels) pixels.dispose();
-      return ctx.collate(b, pixelValues);
+      return ctx.collate(b, { pixelValues });
     },
     nextEpoch() { epoch += 1; },
     state() { return { epoch, loader: loader.getState() }; },
@@ -129,7 +163,7 @@ export async function openCaptionedImages<B>(o: ResolvedTrainDataOptions, ctx: C
     skipped() {
       return { count: loader.skipped, files: [...new Set(loader.skippedImages.map((s) => s.file))] };
     },
-    async close() {},
+    async close() { cache?.dispose(); },
   };
 }
 

@@ -15,6 +15,8 @@ import { imagesOf, openDreamBoothData, type DreamBoothBatch, type PromptSource }
 import {
   dreamBoothWarnings, resolveDreamBoothOptions, validateDreamBoothOptions, type DreamBoothOptions, type ResolvedDreamBoothOptions,
 } from './dreambooth_options.js';
+import { resolveCacheOptions } from './cache_options.js';
+import { ParkedModel, latentCaching } from './cache_run.js';
 import type { LoraComponents } from './lora_components.js';
 import { saveModelCard } from './model_card.js';
 import { DREAMBOOTH_UNET_LORA_TARGETS, attachTextEncoderLora, loadTrainingModels, type TrainingModels } from './models.js';
@@ -69,12 +71,17 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
   }
   const lora: LoraComponents = o.trainTextEncoder ? [['unet', models.unet], ['text_encoder', models.textEncoder]] : [['unet', models.unet]];
   // 3. the data, with the prompts as token ids or as embeddings encoded once
-  const prompts = o.preComputeTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
+  // --cache_text_embeddings: the same embeddings encoded once, then the text encoder off the device
+  const cacheOptions = resolveCacheOptions(o);
+  const prompts = o.preComputeTextEmbeddings || cacheOptions.cacheTextEmbeddings ? precomputedPrompts(o, models, ctx) : { kind: 'tokens' as const, tokenizer: models.tokenizer };
+  const caching = latentCaching(cacheOptions, models.vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: o.validationPrompt !== null });
+  const textEncoder = new ParkedModel(models.textEncoder, ctx.device);
+  if (cacheOptions.cacheTextEmbeddings) textEncoder.park(o.validationPrompt !== null);
   const data = await openDreamBoothData({
     instanceDataDir: o.instanceDataDir, instancePrompt: o.instancePrompt, prior, resolution: o.resolution, centerCrop: o.centerCrop,
     trainBatchSize: o.trainBatchSize, dataloaderNumWorkers: o.dataloaderNumWorkers, seed: o.seed, tokenizerMaxLength: o.tokenizerMaxLength,
     useAttentionMask: o.textEncoderUseAttentionMask, features: o, onNotice: hooks.onNotice,
-  }, prompts, ctx.device);
+  }, prompts, ctx.device, caching.source);
   const source: PretrainedSource = { model: o.pretrainedModelNameOrPath, load: models.load, scheduler: VALIDATION_SCHEDULER };
   const validation = (prompt: string, phase: 'validation' | 'test', epoch: number, dir: string, numInferenceSteps: number) => ({
     prompt, numImages: o.numValidationImages, seed: o.seed, phase, epoch, dir, logs: ctx.logs.tensorboard(), onEvent: hooks.onValidation, numInferenceSteps,
@@ -92,7 +99,8 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
     validate: async (epoch) => {
       if (o.validationPrompt === null) return;
       const dir = join(o.outputDir, 'validation', `epoch-${epoch}`);
-      await validateTrainingModels(models, source, validation(o.validationPrompt, 'validation', epoch, dir, VALIDATION_STEPS));
+      const prompt = o.validationPrompt;
+      await caching.vae.use(() => textEncoder.use(() => validateTrainingModels(models, source, validation(prompt, 'validation', epoch, dir, VALIDATION_STEPS))));
     },
     finish: async ({ outputDir, lastEpoch, globalStep, baseLr }) => {
       const images = o.validationPrompt === null || o.numValidationImages === 0 ? [] : await validateSavedLora(
@@ -111,7 +119,7 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
 /** The script's loop body: prior preservation splits the batch in instance and class halves; without it, plain MSE. */
 function dreamBoothMicroStep(o: ResolvedDreamBoothOptions, models: TrainingModels, ctx: TrainerContext, batch: DreamBoothBatch): number {
   const step: TrainingStep = {
-    unet: models.unet, vae: models.vae, textEncoder: models.textEncoder, trainTextEncoder: o.trainTextEncoder, scheduler: models.noiseScheduler,
+    unet: models.unet, vae: models.vae, scalingFactor: models.vae.scalingFactor, textEncoder: models.textEncoder, trainTextEncoder: o.trainTextEncoder, scheduler: models.noiseScheduler,
     batch, accumulationSteps: o.gradientAccumulationSteps, mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(),
   };
   return o.withPriorPreservation ? priorPreservationStep({ ...step, priorLossWeight: o.priorLossWeight }).loss : loraTrainingStep(step);

@@ -6,16 +6,18 @@
 // SDXL pipeline of the training models (the pipeline's 50 steps), and at the end from the saved file.
 import { basename, join } from 'node:path';
 import { AutoencoderKL } from '../models/autoencoder_kl.js';
-import { StableDiffusionXLPipeline } from '../pipelines/stable_diffusion_xl.js';
+import { StableDiffusionXLPipeline, encodeSdxlIds } from '../pipelines/stable_diffusion_xl.js';
 import { loadScheduler } from '../schedulers/scheduler.js';
 import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
+import { resolveCacheOptions } from './cache_options.js';
+import { latentCaching, textCaching } from './cache_run.js';
 import { saveModelCard } from './model_card.js';
 import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.js';
 import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
 import { sdxlCondition, sdxlTimeIds, type SdxlPromptBatch } from './sdxl_step.js';
-import { encodeLatents, loraTrainingStep } from './step.js';
+import { eachItem, encodeLatents, loraTrainingStep, sampleLatentDist, type Conditioning } from './step.js';
 import { openCaptionedImages } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { runPipelineValidation, type ValidationOptions } from './validation.js';
@@ -28,7 +30,12 @@ export { KOHYA_WEIGHT_NAME } from './trainer.js';
 const VALIDATION_STEPS = 50;
 
 /** One SDXL micro-batch: the images, both tokenizers' ids, the time ids, and the image files (--debug_loss). */
-type SdxlBatch = SdxlPromptBatch & { pixelValues: Tensor; files: string[] };
+type SdxlBatch = Partial<Omit<SdxlPromptBatch, 'timeIds'>> & Pick<SdxlPromptBatch, 'timeIds'> & {
+  pixelValues?: Tensor; latentDist?: Tensor;
+  /** --cache_text_embeddings: the kept prompt embeddings [B, 77, D1 + D2] and pooled embeddings [B, D2], instead of the ids. */
+  embeds?: Tensor; pooled?: Tensor;
+  files: string[];
+};
 
 /**
  * Trains an SDXL LoRA as the script's main(): options checked and resolved, then the shared skeleton runs the
@@ -44,14 +51,28 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
   const models = loadSdxlTrainingModels(o, ctx.device, ctx.weightDtype, ctx.own);
   const { unet, vae, textEncoder, textEncoder2, tokenizer, tokenizer2 } = models;
   // the script resizes with BILINEAR (no --image_interpolation_mode) and flips before cropping
+  const cacheOptions = resolveCacheOptions(o);
+  const keep = o.validationPrompt !== null; // epoch validation decodes with the VAE and encodes the prompt
+  const caching = latentCaching(cacheOptions, vae, { device: ctx.device, fallbackDir: join(o.outputDir, 'latent_cache'), onNotice: hooks.onNotice, signal: hooks.signal, keepVae: keep });
+  // --cache_text_embeddings: both encoders' penultimate hidden states (concatenated) and the pooled embedding, per caption
+  const textCache = textCaching(cacheOptions, [textEncoder, textEncoder2], (caption) => {
+    const { embeds, pooled } = encodeSdxlIds(textEncoder, textEncoder2, tokenizer.inputIdsTensor([caption], { device: ctx.device }), tokenizer2.inputIdsTensor([caption], { device: ctx.device }));
+    return [embeds, pooled];
+  }, { device: ctx.device, onNotice: hooks.onNotice, signal: hooks.signal, keepEncoders: keep, vae: caching.vae });
+  const cached = textCache.cache;
+  if (cached) ctx.own(cached);
   const data = await openCaptionedImages({ ...o, imageInterpolationMode: 'bilinear' }, {
     device: ctx.device,
     flipBeforeCrop: true,
     onNotice: hooks.onNotice,
-    collate: (b, pixelValues) => ({
-      pixelValues,
-      inputIds: tokenizer.inputIdsTensor(b.captions, { device: ctx.device }),
-      inputIds2: tokenizer2.inputIdsTensor(b.captions, { device: ctx.device }),
+    latentCache: caching.source,
+    cacheCaptions: cached ? (captions) => textCache.fill(captions) : undefined,
+    collate: (b, images) => ({
+      ...images,
+      ...(cached ? { embeds: cached.gather(b.captions, 0), pooled: cached.gather(b.captions, 1) } : {
+        inputIds: tokenizer.inputIdsTensor(b.captions, { device: ctx.device }),
+        inputIds2: tokenizer2.inputIdsTensor(b.captions, { device: ctx.device }),
+      }),
       timeIds: sdxlTimeIds(b.originalSizes, b.cropTopLeft, b.targetSizes, { dtype: ctx.weightDtype, device: ctx.device }),
       files: b.imagePaths.map((p) => basename(p)),
     }),
@@ -69,7 +90,7 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
       try {
         return tidy(() => sdxlMicroStep(o, models, ctx, batch));
       } finally {
-        dispose([batch.pixelValues, batch.inputIds, batch.inputIds2, batch.timeIds]);
+        dispose([batch.pixelValues, batch.latentDist, batch.inputIds, batch.inputIds2, batch.embeds, batch.pooled, batch.timeIds]);
       }
     },
     validate: async (epoch) => {
@@ -78,7 +99,8 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
       const scheduler = loadScheduler(o.pretrainedModelNameOrPath, { ...models.load, subfolder: 'scheduler' });
       try {
         const pipe = new StableDiffusionXLPipeline({ vae, textEncoder, textEncoder2, tokenizer, tokenizer2, unet, scheduler, forceZerosForEmptyPrompt: models.forceZerosForEmptyPrompt });
-        await runPipelineValidation(pipe, validation(o.validationPrompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`)));
+        const prompt = o.validationPrompt;
+        await textCache.use(() => runPipelineValidation(pipe, validation(prompt, 'validation', epoch, join(o.outputDir, 'validation', `epoch-${epoch}`))));
       } finally {
         scheduler.dispose();
       }
@@ -100,10 +122,10 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
  * then step.ts's step with the SDXL conditioning; --debug_loss logs the loss per image file at the global step.
  */
 function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext, batch: SdxlBatch): number {
-  const latents = encodeLatents(models.vae, batch.pixelValues).to(ctx.weightDtype);
+  const latents = (batch.latentDist ? sampleLatentDist(batch.latentDist, models.vae.scalingFactor) : encodeLatents(models.vae, batch.pixelValues!)).to(ctx.weightDtype);
   const loss = loraTrainingStep({
     unet: models.unet, scheduler: models.noiseScheduler, batch: { latents }, trainTextEncoder: o.trainTextEncoder,
-    condition: sdxlCondition(models.textEncoder, models.textEncoder2, batch), accumulationSteps: o.gradientAccumulationSteps,
+    condition: conditionOf(models, batch, o.trainTextEncoder), accumulationSteps: o.gradientAccumulationSteps,
     mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), noiseOffset: o.noiseOffset, snrGamma: o.snrGamma, predictionType: o.predictionType,
   });
   if (o.debugLoss) {
@@ -111,6 +133,19 @@ function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, 
     for (const f of batch.files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
   }
   return loss;
+}
+
+/** The batch's SDXL conditioning: from the kept embeddings (--cache_text_embeddings) or both text encoders. */
+function conditionOf(models: SdxlTrainingModels, batch: SdxlBatch, trainTextEncoder: boolean): () => Conditioning {
+  const { embeds, pooled, inputIds, inputIds2, timeIds } = batch;
+  if (embeds && pooled) return () => ({ encoderHiddenStates: embeds, addedCond: { timeIds, textEmbeds: pooled } });
+  if (!inputIds || !inputIds2) throw new Error('internal: an SDXL batch needs token ids or cached embeddings');
+  if (trainTextEncoder) return sdxlCondition(models.textEncoder, models.textEncoder2, { inputIds, inputIds2, timeIds });
+  // frozen: each caption alone (step.ts's eachItem), as --cache_text_embeddings encodes it
+  return () => {
+    const rows = Array.from({ length: inputIds.shape[0] ?? 0 }, (_, i) => encodeSdxlIds(models.textEncoder, models.textEncoder2, inputIds.narrow(0, i, 1), inputIds2.narrow(0, i, 1)));
+    return { encoderHiddenStates: eachItem(rows.length, (i) => rows[i]!.embeds), addedCond: { timeIds, textEmbeds: eachItem(rows.length, (i) => rows[i]!.pooled) } };
+  };
 }
 
 /**
