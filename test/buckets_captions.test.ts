@@ -301,7 +301,7 @@ describe('the bucketed loader', () => {
         // center crop of the cover resize: ⌊excess / 2⌋
         const [rw, rh] = plan.resized[MIXED.findIndex(([g]) => g === f)]!;
         expect(row.slice(2, 4)).toEqual([Math.floor((rh - bh) / 2), Math.floor((rw - bw) / 2)]);
-        expect(loader.viewOf(MIXED.findIndex(([g]) => g === f))).toEqual({ targetSize: [bh, bw], resized: [rw, rh] });
+        expect(loader.viewOf(MIXED.findIndex(([g]) => g === f))).toEqual({ targetSize: [bh, bw], resized: [rw, rh], bucketed: true });
       });
     }
   });

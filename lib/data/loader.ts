@@ -188,13 +188,13 @@ export class ImageCaptionLoader {
    * bucket, or the shorter side at the resolution). With a center crop an item's views are these and a flip (Batch's
    * targetSizes, cropTopLeft and flipped say which one a batch used): what a latent cache keys on.
    */
-  viewOf(index: number): { targetSize: [number, number]; resized?: readonly [number, number] } {
+  viewOf(index: number): { targetSize: [number, number]; resized?: readonly [number, number]; bucketed: boolean } {
     if (!Number.isInteger(index) || index < 0 || index >= this.dataset.length) throw new RangeError(`dataset index ${index} out of range [0, ${this.dataset.length})`);
     const plan = this.buckets;
-    if (!plan) return { targetSize: [this.resolution, this.resolution] };
+    if (!plan) return { targetSize: [this.resolution, this.resolution], bucketed: false };
     const [w, h] = plan.resos[plan.bucketOf[index]!]!;
     const resized = plan.resized[index];
-    return { targetSize: [h, w], ...(resized ? { resized } : {}) };
+    return { targetSize: [h, w], ...(resized ? { resized } : {}), bucketed: true };
   }
 
   /** The state to save with a checkpoint: what next() will return depends only on it. */

@@ -31,7 +31,11 @@ import * as torch from '../torch.js';
  * aspect-ratio buckets its bucket (the loader's viewOf(index).targetSize), with `resized` the size it is resized to
  * first when the bucket plan fixes one ([width, height]).
  */
-export interface LatentCacheItem { imagePath: string; targetSize: readonly [number, number]; resized?: readonly [number, number] }
+export interface LatentCacheItem {
+  imagePath: string; targetSize: readonly [number, number]; resized?: readonly [number, number];
+  /** Loaded as a bucket (the loader's `target` option: cover-resize, crop offsets floored), even when the bucket is square at the resolution. */
+  bucketed?: boolean;
+}
 
 /** A batch item's view: its image, its size and whether it was flipped (the loader's Batch says which). */
 export interface LatentView { imagePath: string; targetSize: readonly [number, number]; flipped: boolean }
@@ -229,7 +233,7 @@ const viewKey = (imagePath: string, [h, w]: readonly [number, number]): string =
  */
 export function viewTransform(t: LatentCacheTransform, item: LatentCacheItem, flip: boolean): TransformOptions {
   const [h, w] = item.targetSize;
-  const bucketed = h !== t.resolution || w !== t.resolution || item.resized !== undefined;
+  const bucketed = item.bucketed === true || h !== t.resolution || w !== t.resolution || item.resized !== undefined;
   const target = bucketed ? { target: { width: w, height: h, ...(item.resized ? { resized: item.resized } : {}) } } : {};
   return { resolution: t.resolution, ...target, centerCrop: true, randomFlip: flip, flipBeforeCrop: t.flipBeforeCrop, interpolation: t.interpolation, rng: new FixedFlip(flip) };
 }
