@@ -64,7 +64,7 @@ export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator
   const weight = vae.parameters()[0];
   return noGrad(() => tidy(() => {
     const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
-    const parameters = eachItem(pixels.shape[0] ?? 0, (i) => vae.encode(pixels.narrow(0, i, 1)).parameters);
+    const parameters = eachItem(pixels.shape[0] ?? 0, (i, k) => vae.encode(pixels.narrow(0, i, k)).parameters, pixels.device);
     return sampleLatentDist(parameters, vae.scalingFactor, generator);
   }));
 }
@@ -207,21 +207,24 @@ function encodePrompt(s: TrainingStep, lowPrecision: 'float16' | 'bfloat16' | nu
   const encode = s.condition ?? ((): Conditioning => {
     if (!inputIds || !textEncoder) throw new Error('loraTrainingStep: the batch needs encoderHiddenStates, or inputIds and a textEncoder');
     if (s.trainTextEncoder) return { encoderHiddenStates: textEncoder.forward(inputIds, { attentionMask }).lastHiddenState };
-    // frozen: each prompt alone (a batch of 1), so its embedding is the same in any batch and equals --cache_text_embeddings'
-    return { encoderHiddenStates: eachItem(inputIds.shape[0] ?? 0, (i) => textEncoder.forward(inputIds.narrow(0, i, 1), { attentionMask: attentionMask?.narrow(0, i, 1) }).lastHiddenState) };
+    // frozen: on the CPU each prompt alone (a batch of 1), so its embedding is the same in any batch and equals --cache_text_embeddings'
+    const hidden = (i: number, k: number) => textEncoder.forward(inputIds.narrow(0, i, k), { attentionMask: attentionMask?.narrow(0, i, k) }).lastHiddenState;
+    return { encoderHiddenStates: eachItem(inputIds.shape[0] ?? 0, hidden, inputIds.device) };
   });
   if (!s.trainTextEncoder) return noGrad(encode); // frozen: run in the weights' dtype, as the script (not prepared by accelerate)
   return lowPrecision ? autocast({ deviceType, dtype: lowPrecision }, encode) : encode();
 }
 
 /**
- * `f` for each item of a batch of `n` (each a batch of 1), concatenated along the batch: a frozen model's output
- * for an item is then the same whatever batch it is in (batched convolutions and matmuls round differently from
- * one batch size to another), which is what lets --cache_latents and --cache_text_embeddings match bit for bit.
+ * A frozen model's output for a batch of `n`, `f(start, count)` being its output for items [start, start + count).
+ * On the CPU, item by item (batches of 1) concatenated along the batch: an item's output is then the same whatever
+ * batch it is in (batched convolutions and matmuls round differently from one batch size to another), which is what
+ * lets --cache_latents and --cache_text_embeddings match the uncached run bit for bit there. On a GPU, one batched
+ * call: there the batch's speed matters more than the last bits (cached and uncached agree to float rounding).
  */
-export function eachItem(n: number, f: (i: number) => Tensor): Tensor {
-  if (n === 1) return f(0);
-  return tidy(() => torch.cat(Array.from({ length: n }, (_, i) => f(i))));
+export function eachItem(n: number, f: (start: number, count: number) => Tensor, device: string): Tensor {
+  if (n === 1 || device !== 'cpu') return f(0, n);
+  return tidy(() => torch.cat(Array.from({ length: n }, (_, i) => f(i, 1))));
 }
 
 /**

@@ -141,10 +141,15 @@ function conditionOf(models: SdxlTrainingModels, batch: SdxlBatch, trainTextEnco
   if (embeds && pooled) return () => ({ encoderHiddenStates: embeds, addedCond: { timeIds, textEmbeds: pooled } });
   if (!inputIds || !inputIds2) throw new Error('internal: an SDXL batch needs token ids or cached embeddings');
   if (trainTextEncoder) return sdxlCondition(models.textEncoder, models.textEncoder2, { inputIds, inputIds2, timeIds });
-  // frozen: each caption alone (step.ts's eachItem), as --cache_text_embeddings encodes it
+  // frozen: on the CPU each caption alone (step.ts's eachItem), as --cache_text_embeddings encodes it; on a GPU batched
   return () => {
-    const rows = Array.from({ length: inputIds.shape[0] ?? 0 }, (_, i) => encodeSdxlIds(models.textEncoder, models.textEncoder2, inputIds.narrow(0, i, 1), inputIds2.narrow(0, i, 1)));
-    return { encoderHiddenStates: eachItem(rows.length, (i) => rows[i]!.embeds), addedCond: { timeIds, textEmbeds: eachItem(rows.length, (i) => rows[i]!.pooled) } };
+    const n = inputIds.shape[0] ?? 0;
+    const device = inputIds.device;
+    const rows = device === 'cpu' && n > 1
+      ? Array.from({ length: n }, (_, i) => encodeSdxlIds(models.textEncoder, models.textEncoder2, inputIds.narrow(0, i, 1), inputIds2.narrow(0, i, 1)))
+      : [encodeSdxlIds(models.textEncoder, models.textEncoder2, inputIds, inputIds2)];
+    const part = (key: 'embeds' | 'pooled') => (rows.length === 1 ? rows[0]![key] : eachItem(n, (i) => rows[i]![key], device));
+    return { encoderHiddenStates: part('embeds'), addedCond: { timeIds, textEmbeds: part('pooled') } };
   };
 }
 
