@@ -69,8 +69,13 @@ export interface NativeAddon {
   tensorDataPtr(id: number): bigint;
   // dispatch.cc
   op(name: string, overload: string): number;
-  /** [positions of Tensor/Tensor? arguments, positions of Tensor[]/Tensor?[] ones, returns exactly one Tensor]. */
-  opInfo(index: number): [number[], number[], boolean];
+  /**
+   * [positions of Tensor/Tensor? arguments, positions of Tensor[]/Tensor?[] ones, returns exactly one Tensor,
+   * code for callFast or -1].
+   */
+  opInfo(index: number): [number[], number[], boolean, number];
+  /** An unboxed fast path (native/dispatch.cc): a tensor id, true (in place), or undefined when not handled. */
+  callFast(code: number, ...args: unknown[]): number | true | undefined;
   /** Tensor arguments as ids (lib/ops.ts converts); a single-Tensor result comes back as its id (or null). */
   call(index: number, ...args: unknown[]): unknown;
   callVoid(index: number, ...args: unknown[]): void;

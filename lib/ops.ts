@@ -38,12 +38,13 @@ function tensorListArg(v: unknown): unknown {
   return Array.isArray(v) ? v.map((x) => (x === null || x === undefined ? x : tensorArg(x))) : v;
 }
 
-interface Resolved { index: number; tensors: number[]; lists: number[]; single: boolean }
+/** fast: the op's unboxed native path (native/dispatch.cc CallFast), -1 when it has none. */
+interface Resolved { index: number; tensors: number[]; lists: number[]; single: boolean; fast: number }
 
 function resolveInfo(qualified: string): Resolved {
   const index = resolve(qualified);
-  const [tensors, lists, single] = native.opInfo(index);
-  return { index, tensors, lists, single };
+  const [tensors, lists, single, fast] = native.opInfo(index);
+  return { index, tensors, lists, single, fast };
 }
 
 function convertArgs(r: Resolved, args: unknown[]): void {
@@ -58,6 +59,10 @@ export function op(qualified: string): OpFn {
   return (...args: unknown[]) => {
     r ??= resolveInfo(qualified);
     convertArgs(r, args);
+    if (r.fast >= 0) {
+      const id = native.callFast(r.fast, ...args);
+      if (id !== undefined) return wrapId(id as number);
+    }
     const out = native.call(r.index, ...args);
     return r.single ? (out === null ? null : wrapId(out as number)) : out;
   };
@@ -69,6 +74,7 @@ export function opVoid(qualified: string): OpVoidFn {
   return (...args: unknown[]) => {
     r ??= resolveInfo(qualified);
     convertArgs(r, args);
+    if (r.fast >= 0 && native.callFast(r.fast, ...args) !== undefined) return;
     native.callVoid(r.index, ...args);
   };
 }

@@ -221,7 +221,9 @@ Napi::Value ResolveOp(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(d.ops.size() - 1));
 }
 
-// opInfo(index) → [tensorArgs, tensorListArgs, singleTensorResult]: the positions (0-based, in schema order)
+int32_t FastCodeFor(const c10::OperatorHandle& op);  // below, with the fast paths
+
+// opInfo(index) → [tensorArgs, tensorListArgs, singleTensorResult, fastCode]: the positions (0-based, in schema order)
 // where lib/ops.ts passes tensor ids instead of tensor objects, and whether call() returns a tensor id.
 Napi::Value OpInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -237,10 +239,11 @@ Napi::Value OpInfo(const Napi::CallbackInfo& info) {
   }
   const auto& returns = schema.returns();
   bool single = returns.size() == 1 && returns[0].type()->kind() == c10::TypeKind::TensorType;
-  Napi::Array out = Napi::Array::New(env, 3);
+  Napi::Array out = Napi::Array::New(env, 4);
   out.Set(0u, tensors);
   out.Set(1u, lists);
   out.Set(2u, Napi::Boolean::New(env, single));
+  out.Set(3u, Napi::Number::New(env, FastCodeFor(d.ops[index])));
   return out;
 }
 
@@ -327,6 +330,176 @@ napi_value CallOpEntry(napi_env env, napi_callback_info cbi) {
   return nullptr;
 }
 
+// ---- Unboxed fast paths for the ops a training step calls most (counted on a small-sd LoRA step: linear,
+// add, reshape/view, transpose, conv2d, silu, bmm, ... ~2,000 calls). They skip the schema walk, the IValue
+// stack and the boxed call; they go through the same dispatcher entry (at::add etc.), so autograd, autocast
+// and inference mode behave the same. Any argument form they do not handle, an active checkpoint tape, or a
+// libtorch error makes them answer undefined, and lib/ops.ts then takes the generic path (which also builds
+// the error message).
+enum FastOp : int32_t {
+  kAdd, kAdd_, kSub, kMul, kMul_, kDiv, kMatmul, kMm, kBmm, kLinear, kSilu, kTranspose, kReshape, kView,
+  kMulScalar_, kUnsqueeze, kNumFast
+};
+const char* const kFastNames[kNumFast] = {
+  "aten::add.Tensor", "aten::add_.Tensor", "aten::sub.Tensor", "aten::mul.Tensor", "aten::mul_.Tensor", "aten::div.Tensor",
+  "aten::matmul", "aten::mm", "aten::bmm", "aten::linear", "aten::silu", "aten::transpose.int", "aten::reshape", "aten::view",
+  "aten::mul_.Scalar", "aten::unsqueeze",
+};
+
+int32_t FastCodeFor(const c10::OperatorHandle& op) {
+  const auto& n = op.operator_name();
+  std::string full = n.name + (n.overload_name.empty() ? "" : "." + n.overload_name);
+  for (int32_t i = 0; i < kNumFast; ++i) if (full == kFastNames[i]) return i;
+  return -1;
+}
+
+struct FastArgs {
+  napi_env env;
+  AddonData& d;
+  const napi_value* argv;
+  size_t argc;
+  bool present(size_t i) const {
+    if (i >= argc) return false;
+    napi_valuetype t;
+    napi_typeof(env, argv[i], &t);
+    return t != napi_undefined;
+  }
+  at::Tensor* tensor(size_t i) const {
+    double id;
+    if (i >= argc || napi_get_value_double(env, argv[i], &id) != napi_ok) return nullptr;
+    return d.slots.get(id);
+  }
+  // A Scalar as ToIValue makes it (integral numbers are ints); def when absent.
+  bool scalar(size_t i, at::Scalar& out) const {
+    if (!present(i)) { out = at::Scalar(int64_t{1}); return true; }
+    double v;
+    if (napi_get_value_double(env, argv[i], &v) != napi_ok) return false;
+    if (std::abs(v) < 9007199254740992.0 && v == static_cast<double>(static_cast<int64_t>(v))) out = at::Scalar(static_cast<int64_t>(v));
+    else out = at::Scalar(v);
+    return true;
+  }
+  bool integer(size_t i, int64_t& out) const {
+    double v;
+    if (i >= argc || napi_get_value_double(env, argv[i], &v) != napi_ok) return false;
+    if (v != static_cast<double>(static_cast<int64_t>(v))) return false;
+    out = static_cast<int64_t>(v);
+    return true;
+  }
+  bool intList(size_t i, std::vector<int64_t>& out) const {
+    bool isArray = false;
+    if (i >= argc || napi_is_array(env, argv[i], &isArray) != napi_ok || !isArray) return false;
+    uint32_t n = 0;
+    napi_get_array_length(env, argv[i], &n);
+    out.resize(n);
+    for (uint32_t k = 0; k < n; ++k) {
+      napi_value e;
+      double v;
+      if (napi_get_element(env, argv[i], k, &e) != napi_ok || napi_get_value_double(env, e, &v) != napi_ok) return false;
+      if (v != static_cast<double>(static_cast<int64_t>(v))) return false;
+      out[k] = static_cast<int64_t>(v);
+    }
+    return true;
+  }
+};
+
+// callFast(code, ...args) → a tensor id (functional ops), true (in-place ops), or undefined: not handled here.
+napi_value CallFast(napi_env rawEnv, napi_callback_info cbi) {
+  napi_value argv[8];
+  size_t argc = 8;
+  napi_value undefined;
+  napi_get_undefined(rawEnv, &undefined);
+  if (napi_get_cb_info(rawEnv, cbi, &argc, argv, nullptr, nullptr) != napi_ok || argc < 1 || argc > 8) return undefined;
+  Napi::Env env(rawEnv);
+  AddonData& d = Data(env);
+  if (d.tape) return undefined;
+  int32_t code = -1;
+  napi_get_value_int32(rawEnv, argv[0], &code);
+  FastArgs a{rawEnv, d, argv + 1, argc - 1};
+  at::Tensor* x = a.tensor(0);
+  if (!x) return undefined;
+  at::Tensor out;
+  bool inPlace = false;
+  try {
+    switch (code) {
+      case kAdd: case kSub: case kAdd_: {
+        at::Tensor* y = a.tensor(1);
+        at::Scalar alpha;
+        if (!y || a.argc > 3 || !a.scalar(2, alpha)) return undefined;
+        if (code == kAdd) out = at::add(*x, *y, alpha);
+        else if (code == kSub) out = at::sub(*x, *y, alpha);
+        else { x->add_(*y, alpha); inPlace = true; }
+        break;
+      }
+      case kMul: case kDiv: case kMul_: case kMatmul: case kMm: case kBmm: {
+        at::Tensor* y = a.tensor(1);
+        if (!y || a.argc != 2) return undefined;
+        switch (code) {
+          case kMul: out = at::mul(*x, *y); break;
+          case kDiv: out = at::div(*x, *y); break;
+          case kMul_: x->mul_(*y); inPlace = true; break;
+          case kMatmul: out = at::matmul(*x, *y); break;
+          case kMm: out = at::mm(*x, *y); break;
+          default: out = at::bmm(*x, *y); break;
+        }
+        break;
+      }
+      case kMulScalar_: {
+        at::Scalar s;
+        if (a.argc != 2 || !a.present(1) || !a.scalar(1, s)) return undefined;
+        x->mul_(s);
+        inPlace = true;
+        break;
+      }
+      case kLinear: {
+        at::Tensor* w = a.tensor(1);
+        if (!w || a.argc > 3) return undefined;
+        c10::optional<at::Tensor> bias;
+        if (a.argc == 3) {
+          napi_valuetype t;
+          napi_typeof(rawEnv, argv[3], &t);
+          if (t != napi_null && t != napi_undefined) {
+            at::Tensor* b = a.tensor(2);
+            if (!b) return undefined;
+            bias = *b;
+          }
+        }
+        out = at::linear(*x, *w, bias);
+        break;
+      }
+      case kSilu:
+        if (a.argc != 1) return undefined;
+        out = at::silu(*x);
+        break;
+      case kTranspose: {
+        int64_t d0, d1;
+        if (a.argc != 3 || !a.integer(1, d0) || !a.integer(2, d1)) return undefined;
+        out = x->transpose(d0, d1);
+        break;
+      }
+      case kUnsqueeze: {
+        int64_t dim;
+        if (a.argc != 2 || !a.integer(1, dim)) return undefined;
+        out = x->unsqueeze(dim);
+        break;
+      }
+      case kReshape: case kView: {
+        std::vector<int64_t> shape;
+        if (a.argc != 2 || !a.intList(1, shape)) return undefined;
+        out = code == kReshape ? x->reshape(shape) : x->view(shape);
+        break;
+      }
+      default:
+        return undefined;
+    }
+  } catch (const std::exception&) {
+    return undefined;  // the generic path reruns the op and reports the error with its arguments
+  }
+  napi_value result;
+  if (inPlace) napi_get_boolean(rawEnv, true, &result);
+  else napi_create_double(rawEnv, d.slots.put(std::move(out)), &result);
+  return result;
+}
+
 // schema(index) → the operator's schema as text, for docs and error messages in TS.
 Napi::Value OpSchema(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -346,6 +519,9 @@ void InitDispatch(Napi::Env env, Napi::Object exports) {
   exports.Set("call", Napi::Value(env, call));
   exports.Set("callVoid", Napi::Value(env, callVoid));
   exports.Set("opInfo", Napi::Function::New(env, OpInfo, "opInfo"));
+  napi_value callFast;
+  NAPI_THROW_IF_FAILED_VOID(env, napi_create_function(env, "callFast", NAPI_AUTO_LENGTH, CallFast, nullptr, &callFast));
+  exports.Set("callFast", Napi::Value(env, callFast));
   exports.Set("schema", Napi::Function::New(env, OpSchema, "schema"));
 }
 

@@ -7,8 +7,10 @@ import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import { native } from '../lib/native.js';
 import { memory, tidy } from '../lib/scope.js';
+import { op } from '../lib/ops.js';
 import { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
+import * as F from '../lib/functional.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -64,9 +66,38 @@ describe('tensor ids', () => {
       const g2 = w.grad!;
       expect(g1._id).not.toBe(g2._id); // each read is a new handle sharing the gradient
       g1.dispose();
-      expect(Array.from(g2.dataSync())).toEqual([3, 3]);
+      expect(g2.tolist()).toEqual([3, 3]);
     });
     expect(memory().numTensors).toBe(base);
+  });
+
+  it('the unboxed fast paths (add, sub, mul, div, matmul, linear, ...) equal the generic path, errors included', () => {
+    tidy(() => {
+      const a = torch.tensor([[1, 2], [3, 4]]);
+      const b = torch.tensor([[0.5, -1], [2, 0.25]]);
+      const generic = (name: string, ...args: unknown[]): number[] => (op(name)(...args) as Tensor).tolist() as number[];
+      expect(a.add(b, 2).tolist()).toEqual([[2, 0], [7, 4.5]]);
+      expect(a.add(b, 0.5).tolist()).toEqual(generic('add.Tensor', a, b, 0.5));
+      expect(a.sub(b).tolist()).toEqual([[0.5, 3], [1, 3.75]]);
+      expect(a.mul(b).tolist()).toEqual([[0.5, -2], [6, 1]]);
+      expect(a.div(b).tolist()).toEqual([[2, -2], [1.5, 16]]);
+      expect(a.matmul(b).tolist()).toEqual([[4.5, -0.5], [9.5, -2]]);
+      expect(F.linear(a, b).tolist()).toEqual(a.matmul(b.t()).tolist());
+      expect(F.linear(a, b, torch.tensor([1, 2])).tolist()).toEqual(a.matmul(b.t()).add(torch.tensor([1, 2])).tolist());
+      expect(a.reshape([-1]).tolist()).toEqual([1, 2, 3, 4]);
+      expect(a.view(4, 1).shape).toEqual([4, 1]);
+      expect(a.transpose(0, 1).tolist()).toEqual([[1, 3], [2, 4]]);
+      expect(a.unsqueeze(0).shape).toEqual([1, 2, 2]);
+      expect(a.silu().tolist()).toEqual(generic('silu', a));
+      const c = a.clone();
+      c.add_(b, 2).mul_(2).mul_(b);
+      expect(c.tolist()).toEqual([[2, -0], [28, 2.25]]);
+      // an error on the fast path is reported by the generic path, naming the op and the shapes
+      expect(() => a.matmul(torch.ones([3, 3]))).toThrow(/matmul\(Tensor\[2, 2\] float32 cpu, Tensor\[3, 3\] float32 cpu\)/);
+      expect(() => a.add(torch.ones([3]))).toThrow(/add\.Tensor\(Tensor\[2, 2\]/);
+      expect(() => a.reshape([3])).toThrow(/reshape/);
+      expect(() => a.transpose(0, 1.5)).toThrow(/must be an integer/);
+    });
   });
 
   it('only difflora constructs tensors', () => {
