@@ -1,6 +1,7 @@
 // Per-op overhead from JavaScript: in-place add on 1 element, 8x8 matmul, linear+gelu on 64x320.
 // Run after `npm run build:ts`: node bench/ops.mjs [device]. Compare with bench/ops_torch.py on the same
-// machine and libtorch; both print one JSON line per case (microseconds per op, median of 5 rounds).
+// machine and libtorch; both print one JSON line per case (microseconds per op, median of 5 rounds: wall time,
+// and the process's CPU time, which stays comparable when other jobs load the machine).
 import { torch, F } from '../dist/index.js';
 
 const device = process.argv[2] ?? 'cpu';
@@ -12,13 +13,17 @@ function time(name, iters, fn) {
   for (let i = 0; i < Math.min(iters, 2000); i++) fn();
   torch.synchronize();
   const rounds = [];
+  const cpuRounds = [];
   for (let r = 0; r < 5; r++) {
     const t0 = process.hrtime.bigint();
+    const c0 = process.cpuUsage();
     for (let i = 0; i < iters; i++) fn();
     torch.synchronize();
+    const c = process.cpuUsage(c0);
     rounds.push(Number(process.hrtime.bigint() - t0) / 1e3 / iters);
+    cpuRounds.push((c.user + c.system) / iters);
   }
-  console.log(JSON.stringify({ impl: 'difflora', device, case: name, us_per_op: +median(rounds).toFixed(3) }));
+  console.log(JSON.stringify({ impl: 'difflora', device, case: name, us_per_op: +median(rounds).toFixed(3), cpu_us_per_op: +median(cpuRounds).toFixed(3) }));
 }
 
 const one = torch.ones([1], { device });

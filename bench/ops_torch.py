@@ -16,13 +16,17 @@ def bench(name, iters, fn):
         fn()
     sync()
     rounds = []
+    cpu_rounds = []
     for _ in range(5):
         t0 = time.perf_counter_ns()
+        c0 = time.process_time_ns()
         for _ in range(iters):
             fn()
         sync()
+        cpu_rounds.append((time.process_time_ns() - c0) / 1e3 / iters)
         rounds.append((time.perf_counter_ns() - t0) / 1e3 / iters)
-    print(json.dumps({'impl': 'torch ' + torch.__version__, 'device': device, 'case': name, 'us_per_op': round(statistics.median(rounds), 3)}))
+    print(json.dumps({'impl': 'torch ' + torch.__version__, 'device': device, 'case': name, 'us_per_op': round(statistics.median(rounds), 3),
+                      'cpu_us_per_op': round(statistics.median(cpu_rounds), 3)}))
 
 with torch.no_grad():
     one = torch.ones(1, device=device); inc = torch.ones(1, device=device)

@@ -6,22 +6,12 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cpus } from 'node:os';
 
+/**
+ * What native code sees of a JS tensor: the id of its slot in the addon's tensor table (native/common.h),
+ * -1 once disposed. lib/tensor.ts's Tensor is one; functions below that take tensors accept it.
+ */
 export interface NativeTensorHandle {
-  dispose(): void;
-  readonly isDisposed: boolean;
-  readonly shape: number[];
-  stride(): number[];
-  readonly dtypeCode: number;
-  readonly device: string;
-  requiresGrad: boolean;
-  _grad: NativeTensorHandle | null;
-  readonly isLeaf: boolean;
-  numel(): number;
-  readonly nbytes: number;
-  _backward(gradient?: NativeTensorHandle | null, retainGraph?: boolean): void;
-  _setData(other: NativeTensorHandle): void;
-  _toBuffer(): ArrayBuffer;
-  _dataPtr(): bigint;
+  readonly _id: number;
 }
 
 /** A native random generator, held by lib/random.ts's Generator. */
@@ -56,10 +46,37 @@ export interface NativeProcessGroupOptions {
 }
 
 export interface NativeAddon {
-  TensorHandle: new () => NativeTensorHandle;
-  setTensorClass(cls: new () => NativeTensorHandle): void;
+  // tensor.cc: per-tensor functions, called with the tensor's id
+  /** Registers (id) => tensor object, for tensors native code returns inside arrays. */
+  setTensorFactory(factory: (id: number) => NativeTensorHandle): void;
+  /** Frees the tensor of a live id; false (and nothing freed) for a disposed or stale one. */
+  tensorRelease(id: number): boolean;
+  tensorShape(id: number): number[];
+  tensorStride(id: number): number[];
+  tensorDtypeCode(id: number): number;
+  tensorDevice(id: number): string;
+  tensorRequiresGrad(id: number): boolean;
+  tensorSetRequiresGrad(id: number, on: boolean): void;
+  /** The gradient as a new tensor id, or null. */
+  tensorGrad(id: number): number | null;
+  tensorSetGrad(id: number, grad: NativeTensorHandle | null): void;
+  tensorIsLeaf(id: number): boolean;
+  tensorNumel(id: number): number;
+  tensorNbytes(id: number): number;
+  tensorBackward(id: number, gradient: NativeTensorHandle | null, retainGraph?: boolean): void;
+  tensorSetData(id: number, other: NativeTensorHandle): void;
+  tensorToBuffer(id: number): ArrayBuffer;
+  tensorDataPtr(id: number): bigint;
   // dispatch.cc
   op(name: string, overload: string): number;
+  /**
+   * [positions of Tensor/Tensor? arguments, positions of Tensor[]/Tensor?[] ones, returns exactly one Tensor,
+   * code for callFast or -1].
+   */
+  opInfo(index: number): [number[], number[], boolean, number];
+  /** An unboxed fast path (native/dispatch.cc): a tensor id, true (in place), or undefined when not handled. */
+  callFast(code: number, ...args: unknown[]): number | true | undefined;
+  /** Tensor arguments as ids (lib/ops.ts converts); a single-Tensor result comes back as its id (or null). */
   call(index: number, ...args: unknown[]): unknown;
   callVoid(index: number, ...args: unknown[]): void;
   schema(index: number): string;

@@ -2,7 +2,7 @@
 // operator through the dispatcher; results are new tensors registered in the current tidy() scope.
 import { native, type NativeTensorHandle } from './native.js';
 import { dtypeCode, dtypeName, type DType } from './dtype.js';
-import { op, opVoid } from './ops.js';
+import { op, opVoid, setTensorHooks } from './ops.js';
 import { setTensorTest, track } from './scope.js';
 import type { Generator } from './random.js';
 import { checkDevice } from './device.js';
@@ -12,7 +12,30 @@ export type Scalar = number | boolean;
 export type Shape = readonly number[];
 export type TypedArray = Float32Array | Float64Array | Int32Array | Int16Array | Int8Array | Uint8Array | Uint16Array | BigInt64Array;
 
-const NativeBase = native.TensorHandle as unknown as new () => NativeTensorHandle;
+/** Only difflora's own code constructs tensors: `new Tensor(id, CREATE)`. */
+const CREATE: unique symbol = Symbol('difflora.Tensor');
+
+/**
+ * The backstop for tensors never disposed: their ids are released when the GC collects the object (Node runs
+ * the callbacks only between event-loop turns, so dispose/tidy stay the real mechanism). Registering costs
+ * ~0.3 µs, so it is deferred: new tensors wait in `unregistered` and only those still alive at the end of the
+ * current synchronous run (or every 4,096 creations) are registered; tidy-scoped temporaries never are. A
+ * stale id (disposed, slot reused) releases nothing: ids carry a generation (native/common.h).
+ */
+const registry = new FinalizationRegistry<number>((id) => { native.tensorRelease(id); });
+let unregistered: Tensor[] = [];
+let flushQueued = false;
+function registerSurvivors(): void {
+  flushQueued = false;
+  const list = unregistered;
+  unregistered = [];
+  for (const t of list) if (t._id >= 0) registry.register(t, t._id);
+}
+function noteCreated(t: Tensor): void {
+  unregistered.push(t);
+  if (unregistered.length >= 4096) registerSurvivors();
+  else if (!flushQueued) { flushQueued = true; queueMicrotask(registerSurvivors); }
+}
 
 const A = {
   add: op('add.Tensor'), addScalar: op('add.Scalar'), sub: op('sub.Tensor'), subScalar: op('sub.Scalar'),
@@ -49,14 +72,43 @@ const I = {
   sqrt_: opVoid('sqrt_'), neg_: opVoid('neg_'),
 };
 
-export class Tensor extends NativeBase {
+export class Tensor implements NativeTensorHandle {
+  /** The id of this tensor in the addon's tensor table; -1 once disposed. */
+  _id: number;
   /** Set by keep(): scopes never dispose this tensor. */
   kept = false;
 
-  constructor() {
-    super();
+  /** @internal Tensors are made by torch functions; the id is a fresh native slot that this object owns. */
+  constructor(id: number, key?: typeof CREATE) {
+    if (key !== CREATE) throw new TypeError('Tensors are created by torch functions (torch.tensor, torch.zeros, ...), not with new');
+    this._id = id;
     track(this);
+    noteCreated(this);
   }
+
+  // ---- the native handle
+  /** Frees the tensor now (idempotent). */
+  dispose(): void {
+    const id = this._id;
+    if (id >= 0) {
+      this._id = -1;
+      native.tensorRelease(id);
+    }
+  }
+  get isDisposed(): boolean { return this._id < 0; }
+  get shape(): number[] { return native.tensorShape(this._id); }
+  stride(): number[] { return native.tensorStride(this._id); }
+  get dtypeCode(): number { return native.tensorDtypeCode(this._id); }
+  get device(): Device { return native.tensorDevice(this._id); }
+  get requiresGrad(): boolean { return native.tensorRequiresGrad(this._id); }
+  set requiresGrad(on: boolean) { native.tensorSetRequiresGrad(this._id, on); }
+  get isLeaf(): boolean { return native.tensorIsLeaf(this._id); }
+  numel(): number { return native.tensorNumel(this._id); }
+  get nbytes(): number { return native.tensorNbytes(this._id); }
+  /** The elements' bytes (row-major, copied to the host). */
+  _toBuffer(): ArrayBuffer { return native.tensorToBuffer(this._id); }
+  /** Address of the first element (views share it). */
+  _dataPtr(): bigint { return native.tensorDataPtr(this._id); }
 
   // ---- metadata
   get dtype(): DType { return dtypeName(this.dtypeCode); }
@@ -71,27 +123,30 @@ export class Tensor extends NativeBase {
     return v;
   }
   get isCuda(): boolean { return this.device.startsWith('cuda'); }
-  override toString(): string {
+  toString(): string {
     return this.isDisposed ? 'Tensor(disposed)' : `Tensor[${this.shape.join(', ')}] ${this.dtype} ${this.device}`;
   }
   [Symbol.dispose](): void { this.dispose(); }
 
   // ---- autograd
   backward(gradient?: Tensor, options: { retainGraph?: boolean } = {}): void {
-    this._backward(gradient ?? null, options.retainGraph);
+    native.tensorBackward(this._id, gradient ?? null, options.retainGraph);
   }
   /** The accumulated gradient (a new handle each read: dispose it, or read it inside tidy). */
-  get grad(): Tensor | null { return this._grad as Tensor | null; }
-  set grad(g: Tensor | null) { this._grad = g; }
+  get grad(): Tensor | null {
+    const id = native.tensorGrad(this._id);
+    return id === null ? null : new Tensor(id, CREATE);
+  }
+  set grad(g: Tensor | null) { native.tensorSetGrad(this._id, g); }
   requiresGrad_(on = true): this { this.requiresGrad = on; return this; }
   detach(): Tensor { return A.detach(this) as Tensor; }
   /** PyTorch's `t.data = other`: keeps this handle (and its autograd flags), takes other's storage. */
-  setData(other: Tensor): void { this._setData(other); }
+  setData(other: Tensor): void { native.tensorSetData(this._id, other); }
 
   // ---- reading back
   /** The elements as a typed array of the dtype (float16/bfloat16 as raw Uint16 bits), on the host. */
   dataSync(): TypedArray {
-    const buf = this._toBuffer();
+    const buf = native.tensorToBuffer(this._id);
     switch (this.dtype) {
       case 'float32': return new Float32Array(buf);
       case 'float64': return new Float64Array(buf);
@@ -270,7 +325,9 @@ export class Tensor extends NativeBase {
   normal_(mean = 0, std = 1, generator?: Generator): this { I.normal_(this, mean, std, generator ?? null); return this; }
 }
 
-native.setTensorClass(Tensor);
+const wrap = (id: number): Tensor => new Tensor(id, CREATE);
+native.setTensorFactory(wrap);
+setTensorHooks(Tensor, wrap);
 setTensorTest((v: unknown): v is Tensor => v instanceof Tensor);
 
 const dtypeNames = new Set(['float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool']);

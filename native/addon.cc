@@ -4,23 +4,11 @@
 #include "allocator.h"
 
 namespace difflora {
-namespace {
-
-// setTensorClass(cls): the JS class (a subclass of TensorHandle) that wraps every tensor result.
-Napi::Value SetTensorClass(const Napi::CallbackInfo& info) {
-  Data(info.Env()).tensorClass = Napi::Persistent(info[0].As<Napi::Function>());
-  return info.Env().Undefined();
-}
-
-}  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   alloc::install();
   env.SetInstanceData(new AddonData());
-  Napi::Function handle = TensorHandle::Init(env);
-  Data(env).tensorClass = Napi::Persistent(handle);
-  exports.Set("TensorHandle", handle);
-  exports.Set("setTensorClass", Napi::Function::New(env, SetTensorClass));
+  InitTensor(env, exports);
   InitDispatch(env, exports);
   InitAutograd(env, exports);
   InitOptim(env, exports);

@@ -8,6 +8,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 
+#include <deque>
 #include <memory>
 
 #include <string>
@@ -23,14 +24,41 @@ struct Tape;  // checkpoint.cc: the op calls recorded inside a checkpointed regi
 
 // Per-addon state lives in the env's instance data (never in C++ statics): vitest may load the addon
 // in several workers of one process.
+// Tensors owned by JS live in a slot table; a JS tensor object holds only its slot's id (a number), so
+// passing a tensor to an op is reading a number and creating a result is a plain JS allocation (no
+// ObjectWrap, no type tag, no per-object N-API reference). An id is index + generation * 2^24: an id kept
+// after its tensor was disposed never reaches the slot's next tenant (the finalizer backstop relies on it).
+class TensorSlots {
+ public:
+  static constexpr int64_t kIndexBits = 24;
+  static constexpr int64_t kIndexMask = (int64_t{1} << kIndexBits) - 1;
+  // The tensor behind id, or nullptr when the id is not a live one (disposed, stale, not an integer).
+  at::Tensor* get(double id) {
+    if (!(id >= 0) || id > 9007199254740991.0) return nullptr;
+    int64_t i = static_cast<int64_t>(id);
+    if (static_cast<double>(i) != id) return nullptr;
+    size_t index = static_cast<size_t>(i & kIndexMask);
+    if (index >= tensors_.size() || gens_[index] != static_cast<uint32_t>(i >> kIndexBits)) return nullptr;
+    at::Tensor& t = tensors_[index];
+    return t.defined() ? &t : nullptr;
+  }
+  double put(at::Tensor t);
+  bool release(double id);  // false when id was not live
+  int64_t live() const { return live_; }
+
+ private:
+  std::deque<at::Tensor> tensors_;  // a deque: references stay valid while new slots are added
+  std::vector<uint32_t> gens_;
+  std::vector<uint32_t> free_;
+  int64_t live_ = 0;
+};
+
+// Per-addon state lives in the env's instance data (never in C++ statics): vitest may load the addon
+// in several workers of one process.
 struct AddonData {
-  Napi::FunctionReference tensorClass;   // the JS class instantiated for every tensor result
+  Napi::FunctionReference tensorFactory;  // JS (id) => Tensor, for tensors returned inside arrays/objects
   Napi::FunctionReference generatorClass;
-  at::Tensor pending;                     // handed to the constructor of the next tensor object
-  bool hasPending = false;
-  // JS handles that still own a tensor; shared with each handle so finalizers that run during env
-  // teardown (after this struct is gone) can still count down safely.
-  std::shared_ptr<int64_t> liveTensors = std::make_shared<int64_t>(0);
+  TensorSlots slots;                       // every tensor a JS object owns
   std::vector<c10::OperatorHandle> ops;   // resolved once by name, then called by index
   std::vector<std::unique_ptr<c10::InferenceMode>> inferenceGuards;  // entered/exited from JS, LIFO
   std::shared_ptr<Tape> tape;             // set while a checkpointed function runs
@@ -38,47 +66,14 @@ struct AddonData {
 
 AddonData& Data(Napi::Env env);
 
-// The native half of a JS tensor. The JS subclass (lib/tensor.ts) adds the PyTorch-named methods.
-class TensorHandle : public Napi::ObjectWrap<TensorHandle> {
- public:
-  static Napi::Function Init(Napi::Env env);
-  explicit TensorHandle(const Napi::CallbackInfo& info);
-  ~TensorHandle() override;
-
-  at::Tensor& tensor(Napi::Env env);  // throws a JS error when the handle was disposed
-  bool disposed() const { return !defined_; }
-  void reset(Napi::Env env);
-
- private:
-  Napi::Value Dispose(const Napi::CallbackInfo& info);
-  Napi::Value IsDisposed(const Napi::CallbackInfo& info);
-  Napi::Value Shape(const Napi::CallbackInfo& info);
-  Napi::Value Strides(const Napi::CallbackInfo& info);
-  Napi::Value DType(const Napi::CallbackInfo& info);
-  Napi::Value Device(const Napi::CallbackInfo& info);
-  Napi::Value RequiresGrad(const Napi::CallbackInfo& info);
-  void SetRequiresGrad(const Napi::CallbackInfo& info, const Napi::Value& value);
-  Napi::Value Grad(const Napi::CallbackInfo& info);
-  void SetGrad(const Napi::CallbackInfo& info, const Napi::Value& value);
-  Napi::Value IsLeaf(const Napi::CallbackInfo& info);
-  Napi::Value Numel(const Napi::CallbackInfo& info);
-  Napi::Value NBytes(const Napi::CallbackInfo& info);
-  Napi::Value Backward(const Napi::CallbackInfo& info);
-  Napi::Value SetData(const Napi::CallbackInfo& info);
-  Napi::Value ToBuffer(const Napi::CallbackInfo& info);
-  Napi::Value DataPtr(const Napi::CallbackInfo& info);
-
-  at::Tensor tensor_;
-  bool defined_ = false;
-  std::shared_ptr<int64_t> live_;
-};
-
-// Wraps a tensor in a new JS tensor object (an instance of the registered JS class).
+// A new slot for t; returns its id (the value a JS tensor object holds), or null for an undefined tensor.
+Napi::Value TensorId(Napi::Env env, at::Tensor t);
+// Wraps a tensor in a new JS tensor object (through the registered factory).
 Napi::Value WrapTensor(Napi::Env env, at::Tensor t);
-// Returns the tensor behind a JS tensor object, or throws a TypeError naming `what`.
+// Returns the tensor behind a JS tensor object or a tensor id, or throws a TypeError naming `what`.
 at::Tensor& UnwrapTensor(Napi::Env env, const Napi::Value& v, const std::string& what);
 bool IsTensor(Napi::Env env, const Napi::Value& v);
-// The live tensor behind v, or nullptr when v is no tensor or a disposed one (no error built: hot path).
+// The live tensor behind v (a tensor id, or a JS tensor object), or nullptr (no error built: hot path).
 at::Tensor* TryUnwrapTensor(napi_env env, napi_value v);
 std::vector<at::Tensor> UnwrapTensorList(Napi::Env env, const Napi::Value& v, const std::string& what);
 
@@ -116,6 +111,7 @@ struct AutocastGuard {
 };
 
 // Registration functions of each source file.
+void InitTensor(Napi::Env env, Napi::Object exports);
 void InitDispatch(Napi::Env env, Napi::Object exports);
 void InitAutograd(Napi::Env env, Napi::Object exports);
 void InitOptim(Napi::Env env, Napi::Object exports);

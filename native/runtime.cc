@@ -40,7 +40,7 @@ Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
 Napi::Value Memory(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
-  o.Set("numTensors", static_cast<double>(*Data(env).liveTensors));
+  o.Set("numTensors", static_cast<double>(Data(env).slots.live()));
   alloc::Stats s = alloc::stats();
   Napi::Object cpu = Napi::Object::New(env);
   cpu.Set("allocatedBytes", static_cast<double>(s.allocatedBytes));
