@@ -38,6 +38,7 @@ const CASES = {
   'lora-r4-a8': ['train', ...common, `--train_data_dir=${data}`, '--lora_type=lora', '--rank=4', '--lora_alpha=8'],
   'locon-conv2-a8-ca1': ['train', ...common, `--train_data_dir=${data}`, '--lora_type=locon', '--rank=4', '--lora_alpha=8', '--conv_rank=2', '--conv_alpha=1'],
   'dora': ['train', ...common, `--train_data_dir=${data}`, '--lora_type=dora', '--rank=4', '--lora_alpha=2'],
+  'dora-conv2': ['train', ...common, `--train_data_dir=${data}`, '--lora_type=dora', '--rank=4', '--lora_alpha=2', '--conv_rank=2'],
   'dreambooth-te': ['train-dreambooth', ...common, `--instance_data_dir=${data}`, '--instance_prompt=a photo of sks dog',
     '--train_text_encoder', '--rank=4', '--lora_alpha=8'],
 };
