@@ -56,9 +56,9 @@ RETRIES = []  # (case, what): forwards recomputed because the first gave NaN
 
 def finite(f, tag, tries=3):
     """f() again when it holds NaN/inf: on the machine this was run on, the Debian python3-torch 1.13.0a0 gives NaN
-    in about a quarter of the UNet forwards of a freshly loaded diffusers pipeline before a LoRA is loaded (with
-    MKLDNN off or one thread too; never after a load, nor with forward hooks on): a Python-side fault. Recomputed (a pipeline that keeps giving NaN
-    is loaded again), recorded and reported; NaN in every try fails the case."""
+    in about a quarter of the UNet forwards of a freshly loaded diffusers pipeline, mostly before a LoRA is loaded
+    (with MKLDNN off or one thread too; never seen with forward hooks on): a Python-side fault. Recomputed (a
+    pipeline that keeps giving NaN is loaded again, with the LoRA), recorded and reported; NaN in every try fails."""
     for _ in range(tries):
         out = f()
         if torch.isfinite(out).all():
@@ -91,28 +91,34 @@ for case in CASES + [CONTROL]:
     d = os.path.join(OUT, case)
     rec = load_file(os.path.join(d, "difflora_outputs.safetensors"))
     with_te = "te_out" in rec
-    for _ in range(3):  # a pipeline whose base forwards stay NaN (see finite()) is loaded again
+    ok_all = lambda *ts: all(x is None or bool(torch.isfinite(x).all()) for x in ts)  # noqa: E731
+    nan = float("nan")
+    u, t = torch.full_like(rec["unet_out"], nan), torch.full_like(rec["te_out"], nan) if with_te else None
+    notes, bad = [], []
+    for attempt in range(4):  # a pipeline whose forwards stay NaN (see finite()) is loaded again, the LoRA with it
         pipe = StableDiffusionPipeline.from_pretrained(MODEL, torch_dtype=torch.float32, safety_checker=None,
                                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         base_u, base_t = run(pipe, rec, with_te, case + " base")
-        if torch.isfinite(base_u).all() and (base_t is None or torch.isfinite(base_t).all()):
+        if not ok_all(base_u, base_t):
+            continue
+
+        # capture the loader's log and warnings
+        buf = io.StringIO()
+        handler = logging.StreamHandler(buf)
+        for name in ("diffusers", "peft", "transformers"):
+            logging.getLogger(name).addHandler(handler)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(d)
+        for name in ("diffusers", "peft", "transformers"):
+            logging.getLogger(name).removeHandler(handler)
+        notes = [line for line in buf.getvalue().splitlines() if line.strip()] + ["%s: %s" % (w.category.__name__, w.message) for w in caught]
+        bad = [n for n in notes if any(b in n.lower() for b in BAD)]
+
+        u, t = run(pipe, rec, with_te, case + " lora")
+        if ok_all(u, t):
             break
-
-    # capture the loader's log and warnings
-    buf = io.StringIO()
-    handler = logging.StreamHandler(buf)
-    for name in ("diffusers", "peft", "transformers"):
-        logging.getLogger(name).addHandler(handler)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipe.load_lora_weights(d)
-    for name in ("diffusers", "peft", "transformers"):
-        logging.getLogger(name).removeHandler(handler)
-    notes = [line for line in buf.getvalue().splitlines() if line.strip()] + ["%s: %s" % (w.category.__name__, w.message) for w in caught]
-    bad = [n for n in notes if any(b in n.lower() for b in BAD)]
-
-    u, t = run(pipe, rec, with_te, case + " lora")
     # what PEFT built: adapters per model, DoRA on?
     n_unet = sum(1 for _, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "default_0" in getattr(m, "lora_A", {}))
     n_te = sum(1 for _, m in pipe.text_encoder.named_modules() if hasattr(m, "lora_A") and "default_0" in getattr(m, "lora_A", {}))
