@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadSafetensors, saveSafetensors } from '../lib/io/safetensors.js';
 import { convertLoraFile } from '../lib/lora/convert.js';
+import { diffusersAlphas } from '../lib/lora/formats.js';
 import { loraLayers } from '../lib/lora/attach.js';
 import { deleteAdapters, fuseLora, loadLoraWeights, setAdapters, unfuseLora, unloadLoraWeights } from '../lib/lora/adapters.js';
 import type { LoraLayer } from '../lib/lora/lora_layer.js';
@@ -196,5 +197,17 @@ describe('several kinds on one layer, convert-lora, bad files', () => {
     bad('kohya_ldm_unet.safetensors', (m) => m.set('lora_unet_input_blocks_9_1_transformer_blocks_0_attn1_to_q.lora_down.weight', torch.zeros([4, 32])), /input_blocks_9_1/);
     expect(bitEqual(unetOut(), before)).toBe(true);
     before.dispose();
+  });
+});
+
+describe("diffusersAlphas: the one lora_alpha diffusers 0.31's get_peft_kwargs gives a model of a file without alphas", () => {
+  const l = (component: 'unet' | 'text_encoder', path: string, rank: number) => ({ component, path, rank, upKey: `${component}.${path}.lora.up.weight` });
+  it("the UNet's first up key in sorted order; a text encoder's first in text_encoder_attn_modules order (out_proj, q, k, v of each layer, then fc1/fc2)", () => {
+    const alphas = diffusersAlphas([
+      l('unet', 'down_blocks.1.resnets.0.conv1', 2), l('unet', 'down_blocks.0.attentions.0.proj_in', 8), l('unet', 'mid_block.resnets.0.conv1', 2),
+      l('text_encoder', 'text_model.encoder.layers.0.mlp.fc1', 16), l('text_encoder', 'text_model.encoder.layers.1.self_attn.q_proj', 2),
+      l('text_encoder', 'text_model.encoder.layers.1.self_attn.out_proj', 6), l('text_encoder', 'text_model.encoder.layers.0.self_attn.v_proj', 4),
+    ]);
+    expect(Object.fromEntries(alphas)).toEqual({ unet: 8, text_encoder: 4 });
   });
 });

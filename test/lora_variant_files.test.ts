@@ -7,9 +7,10 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { noGrad } from '../lib/autograd.js';
-import { readSafetensorsHeader } from '../lib/io/safetensors.js';
+import { loadSafetensors, readSafetensorsHeader } from '../lib/io/safetensors.js';
 import { loadLoraWeights } from '../lib/lora/adapters.js';
 import { loraLayers } from '../lib/lora/attach.js';
+import { convertLoraFile } from '../lib/lora/convert.js';
 import { setPeftModelStateDict } from '../lib/lora/load.js';
 import { saveLoraWeights } from '../lib/lora/save.js';
 import { attachLoraVariant, type LoraType, type LoraVariantConfig } from '../lib/lora/variants.js';
@@ -108,7 +109,7 @@ describe.each(Object.keys(CONFIGS) as LoraType[])('%s: saved files load back int
       expect(names.some((n) => n.startsWith('lora_te_text_model_encoder_layers_0_self_attn_q_proj.'))).toBe(true);
       expect(header.metadata).toMatchObject({ ss_network_module: 'lycoris.kohya', ss_network_args: JSON.stringify({ algo: type }) });
     } else {
-      // diffusers' names (PEFT-converted), as save_lora_weights writes them: alpha folded into up (diffusers reads alpha = rank)
+      // diffusers' names (PEFT-converted), as save_lora_weights writes them: alpha folded into up (diffusers has no alphas here)
       expect(names.every((n) => /^(unet|text_encoder)\..+\.(lora\.(down|up)\.weight|lora_linear_layer\.(down|up)\.weight|lora_magnitude_vector)$/.test(n))).toBe(true);
       expect(names.some((n) => n.endsWith('.alpha'))).toBe(false);
       expect(header.metadata).toEqual({ format: 'pt' });
@@ -128,6 +129,40 @@ describe.each(Object.keys(CONFIGS) as LoraType[])('%s: saved files load back int
     } finally {
       u2.dispose();
       t2.dispose();
+    }
+  });
+
+  it.skipIf(type !== 'locon' && type !== 'dora')("mixed ranks as diffusers reads them: one alpha per model, its first layer's rank A₀; each up weight holds alpha/A₀", () => {
+    // diffusers 0.31's get_peft_kwargs: lora_alpha = the rank of the rank dict's first lora_B (the UNet's first up key
+    // in the file's sorted order; the text encoder's layer 0 out_proj), other ranks only in rank_pattern, so a conv of
+    // rank 2 is scaled A₀/2 there (checked with Python diffusers by scripts/interop/check_diffusers.py)
+    const file = join(dir(), 'pytorch_lora_weights.safetensors');
+    saveLoraWeights(dir(), { unet, textEncoder: te });
+    const sd = loadSafetensors(file).tensors;
+    const kohya = join(tmp, `${type}-converted-kohya.safetensors`);
+    convertLoraFile(file, kohya, 'kohya');
+    const ksd = loadSafetensors(kohya).tensors;
+    try {
+      const names = [...sd.keys()].sort();
+      const firstUp = (prefix: string) => sd.get(names.find((n) => n.startsWith(prefix) && n.endsWith('.up.weight')) as string) as Tensor;
+      const a0 = { unet: firstUp('unet.').shape[1] as number, text_encoder: firstUp('text_encoder.text_model.encoder.layers.0.self_attn.out_proj.').shape[1] as number };
+      expect(a0.unet).toBe(4); // unet.down_blocks.0.attentions.0.proj_in (a 1×1 conv at --rank 4)
+      const conv = 'down_blocks.0.resnets.0.conv1';
+      let checked = 0;
+      for (const [component, model] of [['unet', unet], ['text_encoder', te]] as const) {
+        for (const [path, l] of loraLayers(model)) {
+          const up = sd.get(`${component}.${path}.${component === 'unet' ? 'lora' : 'lora_linear_layer'}.up.weight`) as Tensor;
+          tidy(() => expect(relErr(up, l.lora_B.weight.mul(l.alpha / a0[component])), `${component} ${path}`).toBeLessThanOrEqual(1e-6));
+          checked++;
+        }
+      }
+      expect(checked).toBe(loraLayers(unet).length + loraLayers(te).length);
+      expect(loraLayers(unet).find(([p]) => p === conv)?.[1].rank).toBe(2);
+      // convert-lora to Kohya writes the alpha diffusers used (A₀, not the conv's rank 2) beside the same weights
+      expect((ksd.get(`lora_unet_${conv.replace(/\./g, '_')}.alpha`) as Tensor).item()).toBe(a0.unet);
+      tidy(() => expect(relErr(ksd.get(`lora_unet_${conv.replace(/\./g, '_')}.lora_up.weight`) as Tensor, sd.get(`unet.${conv}.lora.up.weight`) as Tensor)).toBe(0));
+    } finally {
+      dispose([...sd.values(), ...ksd.values()]);
     }
   });
 

@@ -8,7 +8,7 @@ const GROUP = 'LoRA variants (difflora; sd-scripts/LyCORIS)';
 
 export const LORA_VARIANT_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   lora_type: { kind: 'string', group: GROUP, choices: LORA_TYPES, default: D.loraType, describe: "The adapter: lora (the scripts'), locon (LoRA on the UNet's ResNet/proj/resampler convs too), loha, lokr, dora. The text encoders (--train_text_encoder) get the same type." },
-  lora_alpha: { kind: 'float', group: GROUP, describe: 'lora_alpha: adapters are scaled by alpha/rank (default: --rank, scale 1, as the scripts). Folded into the up weights of a diffusers-named file (diffusers reads alpha = rank), an .alpha key in Kohya/LyCORIS files.' },
+  lora_alpha: { kind: 'float', group: GROUP, describe: 'lora_alpha: adapters are scaled by alpha/rank (default: --rank, scale 1, as the scripts). Folded into the up weights of a diffusers-named file (diffusers gives such a file one alpha, the rank of its first layer), an .alpha key in Kohya/LyCORIS files.' },
   lora_target_modules: { kind: 'string', group: GROUP, describe: "Comma-separated module-name suffixes of the UNet layers to adapt (default to_k,to_q,to_v,to_out.0; each must match a module)." },
   conv_rank: { kind: 'int', group: GROUP, describe: 'Rank of the adapters on k×k convs (default --rank with locon); with loha/lokr/dora it adds the LoCon convs.' },
   conv_alpha: { kind: 'float', group: GROUP, describe: 'Alpha of the conv adapters (default --conv_rank).' },

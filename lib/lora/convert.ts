@@ -1,7 +1,8 @@
 // LoRA files between layouts without a model: diffusers/PEFT (`unet.<path>.lora.down.weight`, `lora_A`)
 // ⇄ Kohya/A1111 (`lora_unet_<path with '_'>.lora_down.weight` + `.alpha`). What is kept is each layer's
-// effective update B·A·alpha/rank: diffusers reads its files with alpha = rank, so going there folds
-// alpha/rank into the up matrix; going to Kohya writes alpha = rank unless the file carried alphas.
+// effective update B·A·alpha/rank: diffusers reads its files with one alpha per model, its first layer's rank
+// (formats.ts's diffusersAlphas; alpha = rank when all ranks are equal), so going there folds alpha/that into the
+// up matrix; going to Kohya writes that alpha unless the file carried alphas.
 // Reading and checking is load.ts's readLora and formats.ts's parseLoraFile, as for every LoRA load: a refused
 // file writes nothing.
 import { noGrad } from '../autograd.js';
@@ -9,7 +10,7 @@ import { saveSafetensors } from '../io/safetensors.js';
 import { tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import {
-  assertValidLora, lycorisKohyaKeys, sgmToDiffusersPath, sortedByKey, toDiffusersKeys, toKohyaKeys,
+  assertValidLora, lycorisKohyaKeys, sgmToDiffusersPath, sortedByKey, toDiffusersKeys, toKohyaKeys, withDiffusersAlphas,
   type LoraDescription, type LoraEntry, type LoraLayout, type LoraPairEntry, type LycorisEntry,
 } from './formats.js';
 import { readLora } from './load.js';
@@ -44,7 +45,8 @@ export function convertLoraFile(input: string, output: string, to: LoraLayout, o
   try {
     const d = read.description;
     assertValidLora(d, WHAT);
-    const entries = diffusersPaths(d, layersPerBlock);
+    // a diffusers/PEFT file without alphas as diffusers reads it (diffusersAlphas: alpha = rank unless ranks differ)
+    const entries = withDiffusersAlphas(diffusersPaths(d, layersPerBlock));
     const pairs = entries.filter((e): e is LoraPairEntry => e.type === 'lora');
     const lycoris = entries.filter((e): e is LycorisEntry => e.type !== 'lora');
     if (to === 'diffusers' && lycoris.length) {

@@ -2,7 +2,9 @@
 //
 //   diffusers  [unet.|text_encoder.|text_encoder_2.]<module path>.lora.down.weight (A, [r, in]) / .lora.up.weight (B, [out, r]),
 //              also `…lora_linear_layer.up.weight` and the old attention processors
-//              `…attn1.processor.to_q_lora.down.weight`; no alpha (read as alpha = rank) unless `<path>.alpha`
+//              `…attn1.processor.to_q_lora.down.weight`; no alpha unless `<path>.alpha`: diffusers then gives every
+//              layer of a model one lora_alpha, the rank of its first layer (diffusersAlphas), so alpha = rank when
+//              all ranks are equal
 //   PEFT       [unet.][base_model.model.]<module path>.lora_A[.<adapter>].weight / .lora_B…
 //   Kohya      lora_unet_<path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha (0-dim), lora_te[1]_…, and
 //              for SDXL lora_te1_… / lora_te2_… and UNet paths in the original LDM/SGM naming (input_blocks_4_1_… →
@@ -32,7 +34,7 @@ interface LoraEntryBase {
   component: LoraComponent;
   /** Module path in diffusers' naming ('down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'). */
   path: string;
-  /** The file's alpha; null when it carries none (diffusers then means alpha = rank; PEFT: the adapter's own). */
+  /** The file's alpha; null when it carries none (diffusers then means diffusersAlphas' alpha; PEFT: the adapter's own). */
   alpha: number | null;
   rank: number;
   kind: 'linear' | 'conv';
@@ -423,25 +425,76 @@ export function sortedByKey(m: Map<string, Tensor>): Map<string, Tensor> {
   return new Map([...m].sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)));
 }
 
+const TE_ATTN = /^text_model\.encoder\.layers\.(\d+)\.self_attn\.(out_proj|q_proj|k_proj|v_proj)$/;
+const TE_MLP = /^text_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)$/;
+const TE_MODULES = ['out_proj', 'q_proj', 'k_proj', 'v_proj', 'fc1', 'fc2'];
+
+/** A text-encoder layer's place in diffusers' rank dict (attention modules of every layer first, then the MLPs); null: not in it. */
+function teRankOrder(path: string): number[] | null {
+  const m = TE_ATTN.exec(path) ?? TE_MLP.exec(path);
+  return m ? [TE_MLP.test(path) ? 1 : 0, Number(m[1]), TE_MODULES.indexOf(m[2] as string)] : null;
+}
+const before = (a: number[], b: number[]): boolean => {
+  const i = a.findIndex((v, j) => v !== b[j]);
+  return i >= 0 && (a[i] as number) < (b[i] as number);
+};
+
+/**
+ * The alpha diffusers (0.31, and every version without `lora_adapter_metadata`) gives the layers of a diffusers- or
+ * PEFT-named file, per model: get_peft_kwargs sets one lora_alpha, the rank of the first lora_B of its rank dict,
+ * and a layer of another rank only gets its rank in rank_pattern, so its scale is that alpha / its own rank. The
+ * rank dict's first layer is, for the UNet, the one whose up key comes first in the file's key order as
+ * safetensors' load_file returns it (sorted by name); for a text encoder, the first in text_encoder_attn_modules'
+ * order (layer 0's out_proj, q_proj, k_proj, v_proj, …, then the MLPs' fc1, fc2). `upKey`: the layer's up/lora_B key.
+ */
+export function diffusersAlphas(layers: readonly { component: LoraComponent; path: string; rank: number; upKey: string }[]): Map<LoraComponent, number> {
+  const first = new Map<LoraComponent, { key: string; order: number[] | null; rank: number }>();
+  for (const l of layers) {
+    const order = l.component === 'unet' ? null : teRankOrder(l.path);
+    const had = first.get(l.component);
+    const wins = !had || (order && had.order ? before(order, had.order) : order ? true : had.order ? false : l.upKey < had.key);
+    if (wins) first.set(l.component, { key: l.upKey, order, rank: l.rank });
+  }
+  return new Map([...first].map(([c, f]) => [c, f.rank]));
+}
+
+/**
+ * Entries as diffusers' load_lora_weights reads them: a diffusers/PEFT-named LoRA layer without an alpha gets its
+ * model's diffusersAlphas alpha (= its rank when every layer of that model has the same rank). Others unchanged.
+ */
+export function withDiffusersAlphas<E extends LoraEntry>(entries: readonly E[]): E[] {
+  const pairs = entries.filter((e) => e.type === 'lora' && e.layout !== 'kohya');
+  const upKey = (e: LoraEntry) => e.keys.find((k) => parseLoraKey(k)?.slot === 'up') ?? e.keys[0] ?? '';
+  const alphas = diffusersAlphas(pairs.map((e) => ({ component: e.component, path: e.path, rank: e.rank, upKey: upKey(e) })));
+  return entries.map((e) => (e.type === 'lora' && e.layout !== 'kohya' && e.alpha === null ? { ...e, alpha: alphas.get(e.component) ?? e.rank } : e));
+}
+
 /** The module under a layer's path in diffusers' files: convert_state_dict_to_diffusers names text encoders' differently. */
 const DIFFUSERS_INFIX: Readonly<Record<LoraComponent, string>> = { unet: 'lora', text_encoder: 'lora_linear_layer', text_encoder_2: 'lora_linear_layer' };
 
 /**
  * diffusers' keys, in the given order: `unet.<path>.lora.down.weight` / `.lora.up.weight` for the UNet and
  * `text_encoder.<path>.lora_linear_layer.down.weight` / `.up.weight` for a text encoder, as save_lora_weights
- * writes them after convert_state_dict_to_diffusers. diffusers reads these files with alpha = rank, so
- * alpha/rank is folded into the up weight (a scaled copy, in up's dtype) when it is not 1. Every tensor is a
- * new handle (a detached view or a copy): dispose them or work inside tidy().
+ * writes them after convert_state_dict_to_diffusers. These files carry no alphas: diffusers scales each layer by
+ * A₀/rank, A₀ its model's first layer's rank (diffusersAlphas), so alpha/A₀ is folded into the up weight (a scaled
+ * copy, in up's dtype) when it is not 1 — alpha/rank when all ranks are equal; with LoCon's conv rank ≠ rank the
+ * convs' up weights are also corrected for diffusers' A₀/conv rank. Every tensor is a new handle (a detached view
+ * or a copy): dispose them or work inside tidy().
  * `prefix` replaces each layer's component as the key prefix ('' for none).
  */
 export function toDiffusersKeys(layers: readonly LoraWeights[], prefix?: string): Map<string, Tensor> {
   const out = new Map<string, Tensor>();
+  const keyOf = (l: LoraWeights) => {
+    const p = prefix ?? l.component;
+    return `${p ? `${p}.${l.path}` : l.path}.${DIFFUSERS_INFIX[l.component]}`;
+  };
+  const alphas = diffusersAlphas(layers.map((l) => ({ component: l.component, path: l.path, rank: l.down.shape[0] as number, upKey: `${keyOf(l)}.up.weight` })));
   noGrad(() => {
     for (const l of layers) {
       const rank = l.down.shape[0] as number;
-      const fold = (l.alpha ?? rank) / rank;
+      const fold = (l.alpha ?? rank) / (alphas.get(l.component) ?? rank);
       const p = prefix ?? l.component;
-      const key = `${p ? `${p}.${l.path}` : l.path}.${DIFFUSERS_INFIX[l.component]}`;
+      const key = keyOf(l);
       out.set(`${key}.down.weight`, l.down.detach());
       // DoRA too: s·B·A is all its norm and its output see, so s folds into B as for LoRA
       out.set(`${key}.up.weight`, fold === 1 ? l.up.detach() : l.up.mul(fold));

@@ -19,7 +19,7 @@ import { dispose, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import { loraLayers, replaceModule } from './attach.js';
 import {
-  kohyaName, kohyaPrefix, loraError, parseLoraFile, sgmToDiffusersPath,
+  kohyaName, kohyaPrefix, loraError, parseLoraFile, sgmToDiffusersPath, withDiffusersAlphas,
   type LoraComponent, type LoraDescription, type LoraEntry, type LoraKeyLayout, type LoraPairEntry, type LycorisEntry,
 } from './formats.js';
 import { LycorisBranch } from './lycoris.js';
@@ -219,7 +219,8 @@ function plan(targets: LoraTarget, d: LoraDescription, what: string, mode: Apply
   }
   const planned: Planned[] = [];
   const taken = new Map<string, LoraEntry>();
-  for (const entry of d.entries) {
+  // load_lora_weights' alphas for files that carry none (fill keeps the adapter's, as set_peft_model_state_dict)
+  for (const entry of mode.kind === 'add' ? withDiffusersAlphas(d.entries) : d.entries) {
     const path = resolve(entry);
     if (path === undefined) {
       unmatched.push(...entry.keys);

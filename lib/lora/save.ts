@@ -52,8 +52,9 @@ export function hasLycorisLayers(target: LoraTarget): boolean {
 /**
  * The LoRA weights under diffusers' names, in module order (A = down, B = up), as `save_lora_weights` writes
  * them for a PEFT-trained UNet (`unet.<path>.lora.down.weight`) and text encoder
- * (`text_encoder.<path>.lora_linear_layer.down.weight`). diffusers reads such a file with alpha = rank,
- * so a layer with alpha ≠ rank has alpha/rank folded into its up weight (same output, portable file).
+ * (`text_encoder.<path>.lora_linear_layer.down.weight`). diffusers reads such a file with one alpha per model,
+ * its first layer's rank (formats.ts's diffusersAlphas), so each layer's alpha/that is folded into its up weight
+ * (same output in diffusers and difflora, portable file; alpha/rank when all ranks are equal).
  * The tensors are new handles (views of the weights, or scaled copies): dispose them or work inside tidy().
  * `prefix` (a single model only) replaces 'unet'.
  */
