@@ -11,12 +11,33 @@ const FOREIGN_NAMES: Readonly<Record<string, string>> = {
 const camel = (k: string): string => k.replace(/[_-]([a-z0-9])/g, (_, c: string) => c.toUpperCase());
 const folded = (k: string): string => k.toLowerCase().replace(/[_-]/g, '');
 
-/** The known option `name` was probably meant as, if any: its camelCase, another library's spelling, or a case/underscore slip. */
+/** The edit distance between two strings (insertions, deletions, substitutions). */
+export function levenshtein(a: string, b: string): number {
+  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
+  for (let i = 1; i <= a.length; i++) {
+    const cur = [i];
+    for (let j = 1; j <= b.length; j++) {
+      const sub = (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1);
+      cur.push(Math.min((prev[j] ?? 0) + 1, (cur[j - 1] ?? 0) + 1, sub));
+    }
+    prev = cur;
+  }
+  return prev[b.length] ?? 0;
+}
+
+/**
+ * The known option `name` was probably meant as, if any: its camelCase, another library's spelling, a case/underscore
+ * slip, or else the one nearest by edit distance when it is near (at most 2 edits, 1 for short names) and alone there.
+ */
 export function meantOption(name: string, known: readonly string[]): string | undefined {
   if (known.includes(camel(name))) return camel(name);
   const foreign = FOREIGN_NAMES[name];
   if (foreign !== undefined && known.includes(foreign)) return foreign;
-  return known.find((k) => folded(k) === folded(name));
+  const slip = known.find((k) => folded(k) === folded(name));
+  if (slip !== undefined) return slip;
+  const limit = folded(name).length <= 5 ? 1 : 2;
+  const near = known.filter((k) => levenshtein(folded(k), folded(name)) <= limit);
+  return near.length === 1 ? near[0] : undefined;
 }
 
 /** One problem line per key of `opts` not in `known`, each with the option meant when one is near. */

@@ -385,7 +385,7 @@ describe('fromPretrained validates its options like the CLI (issue #13)', () => 
       .toThrow("UNet2DConditionModel.fromPretrained: unknown option 'torch_dtype' (did you mean 'dtype'?)");
     expect(() => AutoencoderKL.fromPretrained(sd, { subfolder: 'vae', torchDtype: 'float32' } as never)).toThrow("unknown option 'torchDtype' (did you mean 'dtype'?)");
     expect(() => CLIPTextModel.fromPretrained(sd, { subfolder: 'text_encoder', cache_dir: '/x', revison: 'main' } as never))
-      .toThrow(/CLIPTextModel\.fromPretrained: unknown option 'cache_dir' \(did you mean 'cacheDir'\?\); unknown option 'revison' \(known: /);
+      .toThrow(/CLIPTextModel\.fromPretrained: unknown option 'cache_dir' \(did you mean 'cacheDir'\?\); unknown option 'revison' \(did you mean 'revision'\?\) \(known: /);
     expect(() => CLIPTokenizer.fromPretrained(sd, { subfolder: 'tokenizer', Variant: 'fp16' } as never)).toThrow("unknown option 'Variant' (did you mean 'variant'?)");
     expect(() => StableDiffusionPipeline.fromPretrained(sd, { subfolder: 'unet' } as never)).toThrow("StableDiffusionPipeline.fromPretrained: unknown option 'subfolder'");
     expect(() => StableDiffusionPipeline.fromPretrained(sd, { schedulerOverride: {} } as never)).toThrow("unknown option 'schedulerOverride'");

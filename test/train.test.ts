@@ -173,12 +173,17 @@ describe('runTraining refuses bad input before it changes anything', () => {
     const message = (() => { try { validateTrainOptions(bad); return ''; } catch (e) { return (e as Error).message; } })();
     expect(message).toMatch(/unknown option 'learning_rate' \(did you mean 'learningRate'\?\)/);
     expect(message).toMatch(/unknown option 'torchDtype'/);
-    expect(message).toMatch(/unknown option 'maxTrainStep'/);
+    expect(message).toMatch(/unknown option 'maxTrainStep' \(did you mean 'maxTrainSteps'\?\)/); // a typo: the one option within 2 edits
     expect(message).toMatch(/pushToHub: cannot push to the Hugging Face Hub: difflora runs offline/);
     expect(message).toMatch(/reportTo \(--report_to\)/);
     expect(() => trainTextToImageLora(bad as never)).toThrow(TrainOptionsError);
     expect(() => validateTrainOptions({ ...base(out), pushToHub: false })).not.toThrow(); // off is fine
     expect(existsSync(out)).toBe(false);
+    // a typo of the features' options too; a name near none (or near several) gets no guess
+    const typos = (() => { try { validateTrainOptions({ ...base(out), loraTyp: 'dora', useEmaa: true, zzzzzz: 1 }); return ''; } catch (e) { return (e as Error).message; } })();
+    expect(typos).toMatch(/unknown option 'loraTyp' \(did you mean 'loraType'\?\)/);
+    expect(typos).toMatch(/unknown option 'useEmaa' \(did you mean 'useEma'\?\)/);
+    expect(typos).toMatch(/unknown option 'zzzzzz'$|unknown option 'zzzzzz'\n/m);
   });
 
   it('--rank larger than the smallest adapted layer: named with the layer size; the new output folder is removed again', async () => {

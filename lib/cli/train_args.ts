@@ -2,6 +2,7 @@
 // parsed into a typed `TrainArgs`. Flags that cannot act here (Hub upload, wandb/comet logging) are refused,
 // not silently accepted; stand-ins (8-bit Adam → AdamW) are reported in `warnings`.
 import yargs, { type Options } from 'yargs';
+import { levenshtein } from '../options.js';
 import { optimOptionsFromFlags, type OptimOptions } from '../training/optim_options.js';
 import { OPTIM_FLAGS } from './optim_flags.js';
 import { cacheProblems, type CacheOptions } from '../training/cache_options.js';
@@ -191,19 +192,6 @@ const TRAIN_TABLE: FlagTable = { command: 'difflora train', flags: { ...TRAIN_FL
 
 export const INT_RE = /^[+-]?\d+$/;
 const FLOAT_RE = /^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$/;
-
-function levenshtein(a: string, b: string): number {
-  let prev = Array.from({ length: b.length + 1 }, (_, j) => j);
-  for (let i = 1; i <= a.length; i++) {
-    const cur = [i];
-    for (let j = 1; j <= b.length; j++) {
-      const sub = (prev[j - 1] ?? 0) + (a[i - 1] === b[j - 1] ? 0 : 1);
-      cur.push(Math.min((prev[j] ?? 0) + 1, (cur[j - 1] ?? 0) + 1, sub));
-    }
-    prev = cur;
-  }
-  return prev[b.length] ?? 0;
-}
 
 /** The known flag closest to `name` (also matching hyphens for underscores and a known flag's prefix). */
 export function closestFlag(name: string, table: FlagTable = TRAIN_TABLE): string | undefined {
