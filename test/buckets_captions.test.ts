@@ -8,7 +8,8 @@ import * as path from 'node:path';
 import sharp from 'sharp';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { BucketSelector, makeBucketResolutions, planBuckets, readImageSize } from '../lib/data/buckets.js';
-import { detectLayout, loadCaptionFolder, processCaption, CAPTION_DEFAULTS } from '../lib/data/captions.js';
+import { detectLayout, loadCaptionFolder, processCaption, readCaptionFile, CAPTION_DEFAULTS, MAX_CAPTION_BYTES } from '../lib/data/captions.js';
+import { spawnSync } from 'node:child_process';
 import type { Dataset } from '../lib/data/imagefolder.js';
 import { ImageCaptionLoader, type Batch } from '../lib/data/loader.js';
 import { Rng, deriveSeed } from '../lib/data/transforms.js';
@@ -323,5 +324,24 @@ describe('bad options are refused naming the option', () => {
     expect(() => validateTrainOptions({ ...base, ...bad })).toThrow(message);
     expect(() => validateSdxlTrainOptions({ ...base, ...bad })).toThrow(message);
     expect(() => validateDreamBoothOptions({ pretrainedModelNameOrPath: 'm', instanceDataDir: 'i', instancePrompt: 'p', ...bad })).toThrow(message);
+  });
+});
+
+describe('hostile caption and image files', () => {
+  it('a FIFO as caption file or BMP image is refused by name (never waited on); an oversized caption file is refused', async () => {
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'difflora-hostile-'));
+    try {
+      const fifo = path.join(dir, 'a.caption');
+      spawnSync('mkfifo', [fifo]);
+      expect(() => readCaptionFile(fifo)).toThrow(/caption file '.*a\.caption' is a FIFO, not a regular file/);
+      const bmp = path.join(dir, 'b.bmp');
+      spawnSync('mkfifo', [bmp]);
+      await expect(readImageSize(bmp)).rejects.toThrow(/cannot read image '.*b\.bmp': image '.*b\.bmp' is a FIFO/);
+      const big = path.join(dir, 'c.caption');
+      fs.writeFileSync(big, Buffer.alloc(MAX_CAPTION_BYTES + 1, 0x61));
+      expect(() => readCaptionFile(big)).toThrow(/caption file/);
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });

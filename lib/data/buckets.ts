@@ -13,6 +13,7 @@
 //     rounded down to steps (cropped, never padded).
 import * as fs from 'node:fs';
 import sharp from 'sharp';
+import { openRegularFile } from '../io/files.js';
 
 /** A bucket's size, [width, height] (sd-scripts' (w, h) tuples). */
 export type Reso = readonly [number, number];
@@ -160,7 +161,7 @@ export function bucketTableLines(plan: BucketPlan): string[] {
 export async function readImageSize(file: string): Promise<[number, number]> {
   try {
     if (file.toLowerCase().endsWith('.bmp')) {
-      const fd = fs.openSync(file, 'r');
+      const { fd } = openRegularFile(file, 'image'); // a FIFO or device is refused, never waited on
       try {
         const head = Buffer.alloc(26);
         if (fs.readSync(fd, head, 0, 26, 0) < 26 || head.toString('latin1', 0, 2) !== 'BM') throw new Error('not a BMP file');

@@ -13,6 +13,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { placeInside, realRoot } from './dataset_files.js';
+import { readTextFile } from '../io/files.js';
 import { IMAGE_EXTENSIONS, type Dataset, type DatasetItem } from './imagefolder.js';
 import type { Rng } from './transforms.js';
 
@@ -56,9 +57,13 @@ export function captionFileOf(imagePath: string, extension: string): string | un
   try { return fs.statSync(p).isFile() ? p : undefined; } catch { return undefined; }
 }
 
+/** The largest caption file read (sd-scripts' captions are one line of tags). */
+export const MAX_CAPTION_BYTES = 1024 * 1024;
+
 /** sd-scripts' read_caption: the first line of the caption file, stripped (an empty file is an error). */
 export function readCaptionFile(file: string): string {
-  const text = fs.readFileSync(file, 'utf8');
+  // a FIFO or device is refused by name, never waited on; a caption is a line, so 1 MiB is far more than enough
+  const text = readTextFile(file, 'caption file', MAX_CAPTION_BYTES);
   const lines = text.split(/\r?\n/);
   if (text.length === 0) throw new Error(`caption file is empty: ${file}`);
   return lines[0]!.trim();

@@ -16,10 +16,11 @@
 // (written atomically: a SIGKILL leaves the old file or none, never a half-written one; a file that cannot be read
 // or whose key differs is recomputed), or under the fallback folder when the image's folder is not writable.
 import { createHash } from 'node:crypto';
-import { accessSync, constants, existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { accessSync, constants, existsSync, mkdirSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { noGrad } from '../autograd.js';
-import { Rng, loadTrainImage, type Interpolation, type TrainImage, type TransformOptions } from '../data/transforms.js';
+import { MAX_IMAGE_BYTES, Rng, loadTrainImage, type Interpolation, type TrainImage, type TransformOptions } from '../data/transforms.js';
+import { readRegularFile } from '../io/files.js';
 import { loadSafetensors, saveSafetensors } from '../io/safetensors.js';
 import type { AutoencoderKL } from '../models/autoencoder_kl.js';
 import { dispose, keep, tidy } from '../scope.js';
@@ -118,7 +119,7 @@ const writable = (dir: string): boolean => {
  */
 export function latentCacheFile(imagePath: string, o: { fallbackDir: string; sharedDir?: string }): string {
   if (o.sharedDir !== undefined) {
-    const tag = createHash('sha256').update(readFileSync(imagePath)).digest('hex');
+    const tag = createHash('sha256').update(readRegularFile(imagePath, 'image', MAX_IMAGE_BYTES)).digest('hex');
     const dir = writable(o.sharedDir) ? join(o.sharedDir, LATENT_CACHE_DIR) : o.fallbackDir;
     return join(dir, `${tag}${LATENT_CACHE_SUFFIX}`);
   }
