@@ -112,6 +112,23 @@ export interface NativeAddon {
     options: { lr: number; beta1: number; beta2: number; weightDecay: number }): void;
   /** shadow ← shadow − oneMinusDecay · (shadow − param), in place. */
   emaStep(shadow: NativeTensorHandle[], params: NativeTensorHandle[], oneMinusDecay: number): void;
+  /** GradScaler.unscale_ on the device: foundInf ← any inf/NaN (0/1), grads × 1/scale. No host sync. */
+  ampUnscale(grads: NativeTensorHandle[], scale: NativeTensorHandle, foundInf: NativeTensorHandle): void;
+  /** GradScaler.update on the device (scale and growth tracker in place, from foundInf). No host sync. */
+  ampUpdateScale(scale: NativeTensorHandle, growthTracker: NativeTensorHandle, foundInf: NativeTensorHandle, growthFactor: number, backoffFactor: number,
+    growthInterval: number): void;
+  /** adamwStep with lrTable[lrStep] and stepCount on the device, a step flagged by foundInf changing nothing; advances stepCount and lrStep. */
+  adamwStepOnDevice(params: NativeTensorHandle[], grads: NativeTensorHandle[], expAvg: NativeTensorHandle[], expAvgSq: NativeTensorHandle[],
+    masters: NativeTensorHandle[] | null, options: { lrTable: NativeTensorHandle; lrStep: NativeTensorHandle; stepCount: NativeTensorHandle;
+      foundInf: NativeTensorHandle | null; beta1: number; beta2: number; eps: number; weightDecay: number }): void;
+  // graph.cc (a CUDA libtorch only; elsewhere each throws)
+  cudaGraphNew(deviceIndex: number): number;
+  cudaGraphEnter(id: number): void;
+  cudaGraphExit(id: number): void;
+  cudaGraphCaptureBegin(id: number): void;
+  cudaGraphCaptureEnd(id: number): void;
+  cudaGraphReplay(id: number): void;
+  cudaGraphRelease(id: number): void;
   // safetensors.cc
   /** A new CPU tensor read with pread from `position` of the open file `fd` (errors on a short read). */
   readTensor(fd: number, position: number, dtypeCode: number, shape: number[]): NativeTensorHandle;

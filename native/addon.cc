@@ -16,6 +16,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   InitRuntime(env, exports);
   InitCheckpoint(env, exports);
   InitDistributed(env, exports);
+  InitGraph(env, exports);
   return exports;
 }
 

@@ -119,6 +119,7 @@ void InitSafetensors(Napi::Env env, Napi::Object exports);
 void InitRuntime(Napi::Env env, Napi::Object exports);
 void InitCheckpoint(Napi::Env env, Napi::Object exports);
 void InitDistributed(Napi::Env env, Napi::Object exports);
+void InitGraph(Napi::Env env, Napi::Object exports);
 
 // Called by the dispatcher for every op while a tape records (args as passed, results as returned).
 void RecordOp(Tape& tape, const c10::OperatorHandle& op, const torch::jit::Stack& args, const torch::jit::Stack& results);

@@ -280,6 +280,137 @@ Napi::Value EmaStep(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+
+// ---- The optimizer step with its state on the device (issue #15: no host sync inside a step, so the step can be
+// captured in a CUDA graph). The GradScaler's scale and overflow flag, the step count and the learning rate are
+// tensors; a step that found inf/NaN gradients changes nothing (the host-side path skips the call instead).
+
+at::Tensor TensorOption(Napi::Env env, const Napi::Object& o, const char* key, const char* fn) {
+  return UnwrapTensor(env, o.Get(key), std::string(fn) + " option '" + key + "'");
+}
+
+// ampUnscale(grads, scale, foundInf): foundInf ← 1 when any gradient holds inf/NaN, else 0; every gradient ×
+// 1/scale in place (GradScaler.unscale_: the reciprocal taken in float64, then float32). No host sync.
+Napi::Value AmpUnscale(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<at::Tensor> grads = UnwrapTensorList(env, info[0], "ampUnscale grads");
+  at::Tensor scale = UnwrapTensor(env, info[1], "ampUnscale scale");
+  at::Tensor foundInf = UnwrapTensor(env, info[2], "ampUnscale foundInf");
+  Guard(env, [&] { return "ampUnscale(" + std::to_string(grads.size()) + " grads, scale " + Describe(scale) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    foundInf.zero_();
+    if (grads.empty()) return;
+    at::Tensor inv = scale.to(at::kDouble).reciprocal().to(at::kFloat);
+    if (grads[0].is_cuda()) {
+      at::_amp_foreach_non_finite_check_and_unscale_(grads, foundInf, inv);
+      return;
+    }
+    for (auto& g : grads) {
+      foundInf.copy_(at::maximum(foundInf, at::isfinite(g).logical_not().any().to(foundInf.scalar_type())));
+      g.mul_(inv);
+    }
+  });
+  return env.Undefined();
+}
+
+// ampUpdateScale(scale, growthTracker, foundInf, growthFactor, backoffFactor, growthInterval): GradScaler.update on the
+// device: on overflow scale × backoff and the tracker to 0; else the tracker + 1, and at growthInterval good steps the
+// scale × growth (kept when that is not finite) and the tracker to 0. No host sync.
+Napi::Value AmpUpdateScale(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  at::Tensor scale = UnwrapTensor(env, info[0], "ampUpdateScale scale");
+  at::Tensor tracker = UnwrapTensor(env, info[1], "ampUpdateScale growthTracker");
+  at::Tensor foundInf = UnwrapTensor(env, info[2], "ampUpdateScale foundInf");
+  for (int i = 3; i < 6; ++i) {
+    if (!info[i].IsNumber()) throw Napi::TypeError::New(env, "ampUpdateScale: growthFactor, backoffFactor and growthInterval must be numbers");
+  }
+  double growth = info[3].As<Napi::Number>().DoubleValue(), backoff = info[4].As<Napi::Number>().DoubleValue();
+  int64_t interval = info[5].As<Napi::Number>().Int64Value();
+  Guard(env, [&] { return std::string("ampUpdateScale(scale ") + Describe(scale) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    at::Tensor found = foundInf.ne(0);
+    at::Tensor successful = tracker + 1;
+    at::Tensor grow = found.logical_not().logical_and(successful.eq(interval));
+    at::Tensor grown = scale * growth;
+    at::Tensor next = at::where(found, scale * backoff, at::where(grow.logical_and(at::isfinite(grown)), grown, scale));
+    tracker.copy_(at::where(found.logical_or(grow), at::zeros_like(successful), successful));
+    scale.copy_(next);
+  });
+  return env.Undefined();
+}
+
+// adamwStepOnDevice(params, grads, expAvg, expAvgSq, masters|null, {lrTable, lrStep, stepCount, foundInf|null, beta1,
+// beta2, eps, weightDecay}): adamwStep's arithmetic with the learning rate lrTable[lrStep] and the bias corrections of
+// stepCount + 1 read on the device (float64 scalars, as the host path's doubles). With foundInf (the scaler's flag)
+// a flagged step leaves parameters, moments and counters as they were. Then stepCount and lrStep advance by one
+// (not on a flagged step). No host sync.
+Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const char* fn = "adamwStepOnDevice";
+  std::vector<at::Tensor> params = UnwrapTensorList(env, info[0], "adamwStepOnDevice params");
+  std::vector<at::Tensor> grads = UnwrapTensorList(env, info[1], "adamwStepOnDevice grads");
+  std::vector<at::Tensor> expAvg = UnwrapTensorList(env, info[2], "adamwStepOnDevice expAvg");
+  std::vector<at::Tensor> expAvgSq = UnwrapTensorList(env, info[3], "adamwStepOnDevice expAvgSq");
+  bool useMasters = info[4].IsArray();
+  std::vector<at::Tensor> masters = useMasters ? UnwrapTensorList(env, info[4], "adamwStepOnDevice masters") : std::vector<at::Tensor>{};
+  if (!info[5].IsObject()) throw Napi::TypeError::New(env, "adamwStepOnDevice: options must be an object");
+  Napi::Object o = info[5].As<Napi::Object>();
+  at::Tensor lrTable = TensorOption(env, o, "lrTable", fn), lrStep = TensorOption(env, o, "lrStep", fn);
+  at::Tensor stepCount = TensorOption(env, o, "stepCount", fn);
+  Napi::Value fi = o.Get("foundInf");
+  bool masked = !fi.IsNull() && !fi.IsUndefined();
+  at::Tensor foundInf = masked ? UnwrapTensor(env, fi, "adamwStepOnDevice option 'foundInf'") : at::Tensor();
+  double beta1 = NumberOption(env, o, "beta1"), beta2 = NumberOption(env, o, "beta2");
+  double eps = NumberOption(env, o, "eps"), weightDecay = NumberOption(env, o, "weightDecay");
+  CheckSameLength(env, params.size(), grads.size(), "grads");
+  CheckSameLength(env, params.size(), expAvg.size(), "expAvg");
+  CheckSameLength(env, params.size(), expAvgSq.size(), "expAvgSq");
+  if (useMasters) CheckSameLength(env, params.size(), masters.size(), "masters");
+  if (params.empty()) return env.Undefined();
+
+  Guard(env, [&] { return "adamwStepOnDevice(" + std::to_string(params.size()) + " params, first " + Describe(params[0]) + ")"; }, [&] {
+    c10::AutoGradMode noGrad(false);
+    std::vector<at::Tensor> target = useMasters ? masters : params;
+    std::vector<at::Tensor> g(grads.size());
+    for (size_t i = 0; i < grads.size(); ++i) {
+      g[i] = grads[i].scalar_type() == target[i].scalar_type() ? grads[i] : grads[i].to(target[i].scalar_type());
+    }
+    at::Tensor keep = masked ? foundInf.eq(0) : at::Tensor();
+    at::Tensor advance = masked ? keep.to(at::kDouble) : at::ones({1}, stepCount.options().dtype(at::kDouble));
+    at::Tensor step = stepCount.to(at::kDouble) + 1;
+    at::Tensor lr = lrTable.to(at::kDouble).index_select(0, lrStep.to(at::kLong).reshape({1}));
+    at::Tensor stepSize = (lr / (1 - at::pow(beta1, step))).to(at::kFloat);
+    at::Tensor biasCorrection2Sqrt = at::sqrt(1 - at::pow(beta2, step)).to(at::kFloat);
+    at::Tensor decay = (1 - lr * weightDecay).to(at::kFloat);
+    // the moments: in place, or (masked) new values kept only when the step is not flagged
+    std::vector<at::Tensor> m = masked ? at::_foreach_mul(expAvg, beta1) : expAvg;
+    std::vector<at::Tensor> v = masked ? at::_foreach_mul(expAvgSq, beta2) : expAvgSq;
+    if (!masked) {
+      at::_foreach_mul_(m, beta1);
+      at::_foreach_mul_(v, beta2);
+    }
+    at::_foreach_add_(m, g, 1 - beta1);
+    at::_foreach_addcmul_(v, g, g, 1 - beta2);
+    std::vector<at::Tensor> denom = at::_foreach_sqrt(v);
+    for (size_t i = 0; i < target.size(); ++i) {
+      at::Tensor& d = denom[i];
+      d.div_(biasCorrection2Sqrt.to(d.scalar_type()));
+      d.add_(eps);
+      at::Tensor updated = target[i].mul(decay.to(target[i].scalar_type())).sub_(m[i].div(d).mul_(stepSize.to(d.scalar_type())));
+      if (masked) {
+        target[i].copy_(at::where(keep, updated, target[i]));
+        expAvg[i].copy_(at::where(keep, m[i], expAvg[i]));
+        expAvgSq[i].copy_(at::where(keep, v[i], expAvgSq[i]));
+      } else {
+        target[i].copy_(updated);
+      }
+      if (useMasters) params[i].copy_(masters[i]);
+    }
+    stepCount.add_(advance.to(stepCount.scalar_type()));
+    lrStep.add_(advance.to(lrStep.scalar_type()));
+  });
+  return env.Undefined();
+}
 }  // namespace
 
 void InitOptim(Napi::Env env, Napi::Object exports) {
@@ -289,6 +420,9 @@ void InitOptim(Napi::Env env, Napi::Object exports) {
   exports.Set("prodigyStep", Napi::Function::New(env, ProdigyStep));
   exports.Set("lionStep", Napi::Function::New(env, LionStep));
   exports.Set("emaStep", Napi::Function::New(env, EmaStep));
+  exports.Set("ampUnscale", Napi::Function::New(env, AmpUnscale));
+  exports.Set("ampUpdateScale", Napi::Function::New(env, AmpUpdateScale));
+  exports.Set("adamwStepOnDevice", Napi::Function::New(env, AdamWStepOnDevice));
 }
 
 }  // namespace difflora

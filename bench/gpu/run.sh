@@ -41,6 +41,8 @@ export DIFFLORA_ADDON=$ADDON
 
 echo "== GPU checks"
 node bench/gpu/check.mjs 2>&1 | tee "$OUT/check.log"
+echo "== CUDA graph step (--cuda_graphs) vs eager"
+timeout 240 node bench/gpu/graphs.mjs 2>&1 | tee "$OUT/graphs.log"
 echo "== model checks"
 node bench/gpu/models.mjs 2>&1 | tee "$OUT/models.log"
 echo "== UNet benchmark (small-sd)"

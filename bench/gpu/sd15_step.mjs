@@ -1,7 +1,8 @@
 // difflora's side of the side-by-side table of issue #15: the train_text_to_image_lora.py step on SD 1.5 shapes
 // with random weights, timed with the configuration keys of ../shared/gpu-reference/ref_step_cuda.py
 // (`prec:res:bs[:gc][:cached]`) so the two JSON files join row by row, then one 512×512 image with the
-// pipeline (30 steps, CFG 7.5) with and without a LoRA.
+// pipeline (30 steps, CFG 7.5) with and without a LoRA. A `:graph` row is the same step recorded in a CUDA graph
+// and replayed (--cuda_graphs, lib/training/graphed_step.ts); join.mjs compares it with diffusers' row without `:graph`.
 //
 //   node bench/gpu/sd15_step.mjs --out $OUT/difflora-gpu.json [--budget 240] [--configs fp16:512:1,...] [--no-pipeline]
 //   node bench/gpu/sd15_step.mjs --device cpu --tiny --out /tmp/x.json      # the CPU dry run (tiny-sd at 64 px)
@@ -18,6 +19,9 @@ import {
   attachLora, AdamW, GradScaler, loraTrainingStep, optimizerStep, encodeLatents, saveLoraWeights,
 } from '../../dist/index.js';
 import { native } from '../../dist/native.js';
+import { GraphedTrainStep } from '../../dist/training/graphed_step.js';
+import { graphFactory } from '../../dist/cuda_graph.js';
+import { Accumulator, drawStepInputs, lossAndBackward } from '../../dist/training/step.js';
 
 const root = join(dirname(fileURLToPath(import.meta.url)), '../..');
 const arg = (name, dflt) => { const i = process.argv.indexOf(`--${name}`); return i < 0 ? dflt : process.argv[i + 1]; };
@@ -43,14 +47,16 @@ function defaultPlan() {
   const rows = [];
   for (const p of ['fp16', 'bf16']) for (const b of [1, 4]) for (const gc of [false, true]) rows.push(`${p}:512:${b}${gc ? ':gc' : ''}`);
   rows.push('fp16:512:4:cached', 'bf16:512:4:cached');
+  for (const p of ['fp16', 'bf16']) for (const b of [1, 4]) rows.push(`${p}:512:${b}:graph`);
+  rows.push('bf16:512:4:cached:graph');
   return rows;
 }
 function parseKey(key) {
   const [prec, res, bs, ...rest] = key.split(':');
-  if (!WEIGHT_DTYPE[prec] || !(Number(res) > 0) || !(Number(bs) > 0) || rest.some((f) => f !== 'gc' && f !== 'cached')) {
-    throw new Error(`bad configuration '${key}' (want prec:res:bs[:gc][:cached], prec in fp16|bf16|fp32)`);
+  if (!WEIGHT_DTYPE[prec] || !(Number(res) > 0) || !(Number(bs) > 0) || rest.some((f) => f !== 'gc' && f !== 'cached' && f !== 'graph')) {
+    throw new Error(`bad configuration '${key}' (want prec:res:bs[:gc][:cached][:graph], prec in fp16|bf16|fp32)`);
   }
-  return { key, prec, res: Number(res), bs: Number(bs), gc: rest.includes('gc'), cached: rest.includes('cached') };
+  return { key, prec, res: Number(res), bs: Number(bs), gc: rest.includes('gc'), cached: rest.includes('cached'), graph: rest.includes('graph') };
 }
 const plan = (arg('configs') ?? defaultPlan().join(',')).split(',').map(parseKey);
 
@@ -99,6 +105,14 @@ function build(prec) {
   return { prec, vae, textEncoder, unet, lora, scheduler, dispose: () => { for (const m of [vae, textEncoder, unet]) m.dispose(); scheduler.dispose?.(); } };
 }
 
+/** The CPU dry run's stand-in for a CUDA graph: a replay reruns the recorded step (what the capture would compute). */
+function rerunGraph() {
+  let fn = null;
+  return { run: (f) => f(), capture: (f) => { fn = f; }, replay: () => fn(), dispose: () => { fn = null; } };
+}
+
+if (!cuda) graphFactory.make = rerunGraph; // the CPU dry run walks the graphed pipeline's code path too
+
 function timeConfig(m, c) {
   const vocab = cfg('text_encoder').vocab_size ?? 49408;
   const batch = torch.tidy(() => {
@@ -111,11 +125,29 @@ function timeConfig(m, c) {
   m.unet.enableGradientCheckpointing(c.gc);
   const optimizer = new AdamW(m.lora.parameters(), { lr: 1e-4, betas: [0.9, 0.999], weightDecay: 1e-2, eps: 1e-8 });
   const scaler = c.prec === 'fp16' ? new GradScaler() : null;
-  const step = () => {
+  const eager = () => {
     const loss = loraTrainingStep({ unet: m.unet, vae: m.vae, textEncoder: m.textEncoder, scheduler: m.scheduler, batch, mixedPrecision: MIXED[c.prec], scaler });
     optimizerStep({ optimizer, maxGradNorm: 1.0, scaler });
     return loss;
   };
+  let graphed = null;
+  if (c.graph) {
+    // the same step split for capture: the draws on the host side (the device's generator here), the rest recorded
+    const params = optimizer.params;
+    const accumulator = new Accumulator({ optimizer, params, scaler, maxGradNorm: 1.0, lrScheduler: 'constant', lrOptions: { baseLr: 1e-4, warmupSteps: 0, totalSteps: warmup + steps } });
+    graphed = new GraphedTrainStep({
+      inputs: () => {
+        const own = Object.fromEntries(Object.entries(batch).map(([k, t]) => [k, t.clone()]));
+        return { ...own, ...drawStepInputs({ batch, vae: m.vae, scheduler: m.scheduler }, device) };
+      },
+      lossAndBackward: (t, lossScale) => lossAndBackward({
+        unet: m.unet, vae: m.vae, textEncoder: m.textEncoder, scheduler: m.scheduler, batch: { pixelValues: t.pixelValues, latents: t.latents, inputIds: t.inputIds },
+        noise: t.noise, timesteps: t.timesteps, latentNoise: t.latentNoise, mixedPrecision: MIXED[c.prec], scaler, lossScale,
+      }),
+    }, { device, params, optimizer, scaler, maxGradNorm: 1.0, accumulator, maxTrainSteps: warmup + steps + 1, warmupSteps: Math.min(3, Math.max(0, warmup - 1)),
+      onNotice: (msg) => result.notes.push(`${c.key}: ${msg}`), makeGraph: cuda ? undefined : rerunGraph });
+  }
+  const step = () => (graphed ? graphed.run(null).loss : eager());
   sync();
   if (cuda) { torch.emptyCache(); native.resetPeakMemory(); }
   const losses = [];
@@ -132,8 +164,9 @@ function timeConfig(m, c) {
   }
   const med = median(times);
   const fps = FLOP_PER_SAMPLE_512[c.cached ? 'cached' : 'uncached'] * (c.res / 512) ** 2;
+  graphed?.dispose();
   const row = {
-    id: c.key, prec: c.prec, res: c.res, bs: c.bs, gc: c.gc, cached: c.cached, status: 'ok', warmup, steps, warmup_total_s: warmupS,
+    id: c.key, prec: c.prec, res: c.res, bs: c.bs, gc: c.gc, cached: c.cached, graph: c.graph, status: 'ok', warmup, steps, warmup_total_s: warmupS,
     median_s: med, min_s: Math.min(...times), max_s: Math.max(...times), samples_per_s: c.bs / med, times_s: times.map((t) => +t.toFixed(6)),
     peak_mem_bytes: peakBytes(), loss_first: losses[0], loss_last: losses.at(-1), nonfinite_losses: losses.filter((l) => !Number.isFinite(l)).length,
     flops_per_sample: fps, achieved_tflops: (fps * c.bs) / med / 1e12, grad_scale_end: scaler?.scale ?? null,
@@ -144,7 +177,7 @@ function timeConfig(m, c) {
   return row;
 }
 
-async function timePipeline(withLora) {
+async function timePipeline(withLora, graphs = false) {
   const dtype = cuda ? 'float16' : 'float32';
   torch.manualSeed(0);
   const tokenizer = CLIPTokenizer.fromPretrained(join(root, 'test/fixtures/tiny-sd'), { subfolder: 'tokenizer' });
@@ -164,7 +197,7 @@ async function timePipeline(withLora) {
   const res = tiny ? 64 : 512;
   const numSteps = tiny ? 4 : 30;
   const run = async () => {
-    const r = await pipe.generate({ prompt: 'a photo of an astronaut riding a horse', height: res, width: res, numInferenceSteps: numSteps, guidanceScale: 7.5, seed: 0, outputType: 'latent' });
+    const r = await pipe.generate({ prompt: 'a photo of an astronaut riding a horse', height: res, width: res, numInferenceSteps: numSteps, guidanceScale: 7.5, seed: 0, outputType: 'latent', cudaGraphs: graphs });
     sync();
     r.tensor?.dispose();
   };
@@ -177,7 +210,7 @@ async function timePipeline(withLora) {
     times.push(Number(process.hrtime.bigint() - t0) / 1e9);
   }
   pipe.dispose();
-  return { id: `pipe:${dtype}:${res}:${numSteps}${withLora ? ':lora' : ''}`, lora: withLora, dtype, res, steps: numSteps, cfg: 7.5, median_s: median(times), times_s: times, peak_mem_bytes: peakBytes() };
+  return { id: `pipe:${dtype}:${res}:${numSteps}${withLora ? ':lora' : ''}${graphs ? ':graph' : ''}`, lora: withLora, graphs, dtype, res, steps: numSteps, cfg: 7.5, median_s: median(times), times_s: times, peak_mem_bytes: peakBytes() };
 }
 
 try {
@@ -208,10 +241,10 @@ try {
     }
   }
   if (!flag('no-pipeline')) {
-    for (const withLora of [false, true]) {
-      if (left() < 30) { result.pipeline.push({ lora: withLora, status: 'skipped (budget)' }); continue; }
+    for (const [withLora, graphs] of [[false, false], [true, false], [false, true], [true, true]]) {
+      if (left() < 30) { result.pipeline.push({ lora: withLora, graphs, status: 'skipped (budget)' }); continue; }
       try {
-        const r = await timePipeline(withLora);
+        const r = await timePipeline(withLora, graphs);
         result.pipeline.push(r);
         console.log(`${r.id.padEnd(20)} ${r.median_s.toFixed(3)} s/image`);
       } catch (e) {

@@ -46,6 +46,8 @@ export interface GenerateArgs {
   mixedPrecision: 'no' | 'fp16' | 'bf16';
   clipSkip: number | undefined;
   memoryEfficientAttention: boolean;
+  /** --cuda_graphs: the UNet call recorded in a CUDA graph and replayed (GenerateOptions.cudaGraphs); set only when given. */
+  cudaGraphs?: boolean;
   /** Image to image: the starting picture (StableDiffusionImg2ImgPipeline) and how much of the schedule runs. */
   initImage: string | undefined;
   strength: number | undefined;
@@ -84,6 +86,7 @@ function generateParser(argv: readonly string[]) {
       clip_skip: { type: 'number', describe: 'Condition on the text encoder layer this many before the last' },
       init_image: { type: 'string', describe: 'Image to image: the starting picture (PNG, JPEG, WebP…; SD 1.x/2.x), resized down to multiples of 8' },
       strength: { type: 'number', describe: 'With --init_image: how much of the schedule runs, 0–1 (default 0.8; 1 ignores most of the picture)' },
+      cuda_graphs: { type: 'boolean', describe: 'Record the UNet call in a CUDA graph after the first step and replay it (CUDA; elsewhere a warning and the usual steps); the same images' },
       enable_xformers_memory_efficient_attention: { type: 'boolean', default: false, describe: 'Memory-efficient attention in the UNet and VAE (no xformers: query chunks on libtorch 1.13, the fused kernel on 2.x); less peak memory, the same images' },
     });
 }
@@ -220,6 +223,7 @@ export function parseGenerateArgs(argv: readonly string[]): GenerateArgs {
     mixedPrecision: single<GenerateArgs['mixedPrecision']>(r, 'mixed_precision') ?? 'no',
     clipSkip: single<number>(r, 'clip_skip'),
     memoryEfficientAttention: single<boolean>(r, 'enable_xformers_memory_efficient_attention') === true,
+    ...(single<boolean>(r, 'cuda_graphs') === true ? { cudaGraphs: true } : {}),
     initImage,
     strength,
   };
@@ -316,7 +320,7 @@ export async function runGenerate(argv: string[], io: CliIo): Promise<number> {
       ...(a.initImage !== undefined ? { image: a.initImage, strength: a.strength } : {}),
       prompt: a.prompt, negativePrompt: a.negativePrompt, numInferenceSteps: a.numInferenceSteps, guidanceScale: a.guidanceScale,
       seed: a.seed, latents, height: a.height, width: a.width, numImagesPerPrompt: a.numImages, clipSkip: a.clipSkip,
-      crossAttentionKwargs: { scale: a.loraScale }, outputType: 'png',
+      crossAttentionKwargs: { scale: a.loraScale }, outputType: 'png', ...(a.cudaGraphs ? { cudaGraphs: true } : {}),
       callbackOnStepEnd: ({ step, numSteps }) => {
         const rate = (step + 1) / Math.max((Date.now() - started) / 1000, 1e-9);
         const line = `step ${step + 1}/${numSteps} ${rate.toFixed(2)} it/s`;

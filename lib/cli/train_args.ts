@@ -57,6 +57,8 @@ export interface TrainArgs extends BucketsCaptionsOptions, OptimOptions, LoraVar
   maxTrainSteps: number | undefined;
   gradientAccumulationSteps: number;
   gradientCheckpointing: boolean;
+  /** difflora's own --cuda_graphs (lib/training/graphed_step.ts); set only when given. */
+  cudaGraphs?: boolean;
   learningRate: number;
   scaleLr: boolean;
   lrScheduler: LrSchedulerChoice;
@@ -181,6 +183,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 /** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
+  cuda_graphs: { kind: 'boolean', group: 'difflora (not in the Python script)', describe: 'Record the whole training step in a CUDA graph after 3 warm-up steps and replay it (CUDA, AdamW, no gradient accumulation, one process; otherwise it says why and runs eagerly). Off by default until checked on a GPU.' },
   ...BUCKETS_CAPTIONS_FLAGS,
   ...OPTIM_FLAGS,
 } satisfies Record<string, FlagSpec>);
@@ -395,6 +398,7 @@ export function parseTrainArgs(argv: readonly string[], env: NodeJS.ProcessEnv =
     warnings,
     // set only when given, so the parsed flags of the script compare equal with or without difflora's own
     ...(r.skip_broken_images === true ? { skipBrokenImages: true } : {}),
+    ...(r.cuda_graphs === true ? { cudaGraphs: true } : {}),
     ...bucketsCaptionsArgs(r),
     ...optimOptionsFromFlags(r),
     ...loraVariantArgs(r),

@@ -64,6 +64,8 @@ export class AdamW implements Optimizer {
    * count is per parameter; parameters are updated in groups that share it.
    */
   step(): void {
+    this.deviceStepCount?.dispose(); // the host's counts move on: a later stepOnDevice starts from them
+    this.deviceStepCount = null;
     const groups = new Map<number, { p: Tensor; g: Tensor; s: ParamState }[]>();
     const grads: Tensor[] = [];
     try {
@@ -92,6 +94,40 @@ export class AdamW implements Optimizer {
     } finally {
       for (const g of grads) g.dispose();
     }
+  }
+
+  /** The step count on the device for stepOnDevice (float32 [1]), made from the host's counts when first needed. */
+  private deviceStepCount: Tensor | null = null;
+
+  /**
+   * One update of every parameter on the device, with no host sync (device_step.ts): the learning rate lrTable[lrStep]
+   * and the step count read there, a step flagged by foundInf changing nothing. Every parameter must have a gradient
+   * and one shared step count. The host's step counts follow with commitDeviceStep() once the flag is read.
+   */
+  stepOnDevice(o: { lrTable: Tensor; lrStep: Tensor; foundInf: Tensor | null }): void {
+    const entries = this.params.map((p) => ({ p, g: p.grad, s: this.stateOf(p) }));
+    try {
+      const missing = entries.findIndex((e) => e.g === null);
+      if (missing >= 0) throw new Error(`AdamW.stepOnDevice: parameter ${missing} has no gradient (the device-side step updates every parameter)`);
+      const steps = new Set(entries.map((e) => e.s.step));
+      if (steps.size !== 1) throw new Error(`AdamW.stepOnDevice: the parameters have different step counts (${[...steps].join(', ')})`);
+      if (!this.deviceStepCount) this.deviceStepCount = keep(torch.full([1], [...steps][0]!, { dtype: 'float32', device: this.params[0]!.device }));
+      const withMasters = entries.every((e) => e.s.master);
+      if (!withMasters && entries.some((e) => e.s.master)) throw new Error('AdamW.stepOnDevice: mixed float32 and low-precision parameters');
+      native.adamwStepOnDevice(
+        entries.map((e) => e.p), entries.map((e) => e.g as Tensor), entries.map((e) => e.s.expAvg), entries.map((e) => e.s.expAvgSq),
+        withMasters ? entries.map((e) => e.s.master as Tensor) : null,
+        { lrTable: o.lrTable, lrStep: o.lrStep, stepCount: this.deviceStepCount, foundInf: o.foundInf, beta1: this.beta1, beta2: this.beta2, eps: this.eps, weightDecay: this.weightDecay },
+      );
+    } finally {
+      for (const e of entries) e.g?.dispose();
+    }
+  }
+
+  /** After a stepOnDevice whose flag has been read: the host's step counts advance as the device's did. */
+  commitDeviceStep(stepped: boolean): void {
+    if (!stepped) return;
+    for (const p of this.params) this.stateOf(p).step += 1;
   }
 
   private apply(group: { p: Tensor; g: Tensor; s: ParamState }[], step: number, withMasters: boolean): void {
@@ -137,6 +173,8 @@ export class AdamW implements Optimizer {
       throw new Error(`AdamW.loadStateDict: state has ${sd.meta.steps.length} parameters, optimizer has ${this.params.length}`);
     }
     this.lr = sd.meta.lr;
+    this.deviceStepCount?.dispose();
+    this.deviceStepCount = null;
     this.params.forEach((p, i) => {
       const step = sd.meta.steps[i] ?? 0;
       if (step === 0) return;
@@ -159,5 +197,7 @@ export class AdamW implements Optimizer {
       s.master?.dispose();
     }
     this.state.clear();
+    this.deviceStepCount?.dispose();
+    this.deviceStepCount = null;
   }
 }

@@ -79,6 +79,13 @@ export class GradScaler {
     this.foundInf = false;
   }
 
+  /** A device-side step's update (device_step.ts), its overflow flag read on the host: the scale follows as update() would. */
+  recordStep(foundInf: boolean): void {
+    if (!this.enabled) return;
+    this.foundInf = foundInf;
+    this.update();
+  }
+
   /** Whether the last unscale found inf/NaN gradients (the step was or will be skipped). */
   get overflowed(): boolean { return this.foundInf; }
 

@@ -10,6 +10,7 @@ import { setMemoryEfficientAttention } from '../models/attention_processor.js';
 import { FROM_PRETRAINED_OPTIONS, type FromPretrainedOptions } from '../models/loading.js';
 import type { UNet2DConditionModel } from '../models/unet_2d_condition.js';
 import type { Generator } from '../random.js';
+import { GraphedCall } from '../cuda_graph.js';
 import { keep, tidy } from '../scope.js';
 import type { Scheduler, SchedulerName } from '../schedulers/scheduler.js';
 import type { Device, Tensor } from '../tensor.js';
@@ -72,6 +73,12 @@ export interface GenerateOptions {
   callbackOnStepEnd?: (info: StepInfo) => void;
   /** Aborting stops between two steps with an AbortError; nothing is left allocated. */
   signal?: AbortSignal;
+  /**
+   * Record the UNet call in a CUDA graph after the first step and replay it for the others (lib/cuda_graph.ts's
+   * GraphedCall): the host launches one graph per step instead of every kernel. Where no graph can be made or
+   * recorded (not CUDA), one warning says why and the steps run as usual.
+   */
+  cudaGraphs?: boolean;
 }
 
 export interface PipelineOutput {
@@ -145,7 +152,7 @@ export abstract class DiffusionPipelineBase {
    * with classifier-free guidance, `predict` being the UNet on the (scaled, cast) input. Returns the final latents,
    * kept (finishOutput takes them over).
    */
-  protected async sample(name: string, v: ResolvedSettings, o: GenerateOptions, batch: number, predict: (input: Tensor, t: number) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
+  protected async sample(name: string, v: ResolvedSettings, o: GenerateOptions, batch: number, predict: (input: Tensor, t: number | Tensor) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
     this.scheduler.setTimesteps(v.steps);
     const timesteps = [...this.scheduler.timesteps];
     return this.denoiseFrom(v, o, timesteps, this.prepareLatents(name, batch, v.height, v.width, v.generator, o.latents), predict);
@@ -155,17 +162,26 @@ export abstract class DiffusionPipelineBase {
    * The denoising loop from `latents` over `timesteps` (all of the scheduler's, or img2img's tail), with
    * classifier-free guidance; `predict` is the UNet on the (scaled, cast) input. The latents are taken over.
    */
-  protected async denoiseFrom(v: ResolvedSettings, o: GenerateOptions, timesteps: number[], start: Tensor, predict: (input: Tensor, t: number) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
-    const latents = await denoise({
-      timesteps, latents: start,
-      callbackOnStepEnd: o.callbackOnStepEnd, signal: o.signal, around: (fn) => this.withLoraScale(v.loraScale, fn),
-      step: (x, t) => noGrad(() => {
-        const input = this.scheduler.scaleModelInput(v.cfg ? torch.cat([x, x]) : x, t);
-        const noise = guide(predict(input.to(this.dtype), t).float(), v.cfg, v.guidance, o.guidanceRescale ?? 0);
-        return this.scheduler.step(noise, t, x, { generator: v.generator });
-      }),
-    });
-    return { latents, timesteps };
+  protected async denoiseFrom(v: ResolvedSettings, o: GenerateOptions, timesteps: number[], start: Tensor, predict: (input: Tensor, t: number | Tensor) => Tensor): Promise<{ latents: Tensor; timesteps: number[] }> {
+    // --cuda_graphs: the UNet call recorded once and replayed, its timestep a tensor (what the UNet makes of a number)
+    const graphed = o.cudaGraphs ? new GraphedCall(([input, t]) => predict(input!, t!), {
+      device: this.device, onFallback: (why) => process.emitWarning(`CUDA graphs off for this generation: ${why}`, 'DiffloraWarning'),
+    }) : null;
+    const unet = (input: Tensor, t: number): Tensor => (graphed ? graphed.call([input, torch.tensor([t], { device: this.device })]) : predict(input, t));
+    try {
+      const latents = await denoise({
+        timesteps, latents: start,
+        callbackOnStepEnd: o.callbackOnStepEnd, signal: o.signal, around: (fn) => this.withLoraScale(v.loraScale, fn),
+        step: (x, t) => noGrad(() => {
+          const input = this.scheduler.scaleModelInput(v.cfg ? torch.cat([x, x]) : x, t);
+          const noise = guide(unet(input.to(this.dtype), t).float(), v.cfg, v.guidance, o.guidanceRescale ?? 0);
+          return this.scheduler.step(noise, t, x, { generator: v.generator });
+        }),
+      });
+      return { latents, timesteps };
+    } finally {
+      graphed?.dispose();
+    }
   }
 
   /** Initial latents [batch, in_channels, H/f, W/f] × the scheduler's initNoiseSigma (given ones checked, else drawn). */

@@ -74,6 +74,7 @@ export const TRAIN_OPTION_RULES: Readonly<Record<keyof TrainOptions, Rule>> = {
   maxTrainSteps: int(1, { nullable: true }),
   gradientAccumulationSteps: int(1),
   gradientCheckpointing: bool,
+  cudaGraphs: bool,
   enableXformersMemoryEfficientAttention: bool,
   learningRate: float('positive'),
   scaleLr: bool,
@@ -119,6 +120,11 @@ export interface TrainOptions extends TrainDataOptions, OptimOptions, LoraVarian
   maxTrainSteps?: number | null;
   gradientAccumulationSteps?: number;
   gradientCheckpointing?: boolean;
+  /**
+   * Record the whole training step in a CUDA graph and replay it (training/graphed_step.ts); falls back to eager steps,
+   * saying why, where it cannot (not CUDA, accumulation, several processes, another optimizer, a failed capture).
+   */
+  cudaGraphs?: boolean;
   /** Memory-efficient attention in the UNet (the script's xformers flag): see setMemoryEfficientAttention. */
   enableXformersMemoryEfficientAttention?: boolean;
   learningRate?: number;
@@ -169,6 +175,7 @@ export const TRAIN_DEFAULTS = Object.freeze({
   numTrainEpochs: 100,
   gradientAccumulationSteps: 1,
   gradientCheckpointing: false,
+  cudaGraphs: false,
   enableXformersMemoryEfficientAttention: false,
   learningRate: 1e-4,
   scaleLr: false,

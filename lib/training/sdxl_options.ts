@@ -18,7 +18,7 @@ const SHARED = [
   'gradientAccumulationSteps', 'gradientCheckpointing', 'enableXformersMemoryEfficientAttention', 'learningRate', 'scaleLr', 'lrScheduler',
   'lrWarmupSteps', 'adamBeta1', 'adamBeta2', 'adamWeightDecay', 'adamEpsilon', 'maxGradNorm', 'allowTf32', 'snrGamma', 'predictionType',
   'noiseOffset', 'mixedPrecision', 'validationPrompt', 'numValidationImages', 'validationEpochs', 'outputDir', 'checkpointingSteps',
-  'checkpointsTotalLimit', 'resumeFromCheckpoint', 'reportTo', 'loggingDir', 'seed', 'device',
+  'checkpointsTotalLimit', 'resumeFromCheckpoint', 'reportTo', 'loggingDir', 'seed', 'device', 'cudaGraphs',
 ] as const satisfies readonly (keyof TrainOptions)[];
 type Shared = (typeof SHARED)[number];
 

@@ -39,8 +39,11 @@ export type Draws = Generator | readonly Generator[] | undefined;
 
 const perItem = (g: Draws): g is readonly Generator[] => Array.isArray(g);
 
+/** A tensor's dtype and device: what draws "like" it take. */
+type Like = Pick<Tensor, 'dtype' | 'device'>;
+
 /** Normal draws as diffusers' randn_tensor: on the generator's device (a CPU generator works for CUDA tensors), then moved. */
-function randnOn(shape: readonly number[], like: Tensor, generator?: Draws): Tensor {
+function randnOn(shape: readonly number[], like: Like, generator?: Draws): Tensor {
   if (perItem(generator)) {
     if (generator.length !== shape[0]) throw new RangeError(`${generator.length} per-item generators for a batch of ${shape[0]}`);
     const one = [1, ...shape.slice(1)];
@@ -60,12 +63,12 @@ function randnOn(shape: readonly number[], like: Tensor, generator?: Draws): Ten
  * round differently from one batch size to another, and this way an item's latent distribution is the same in any
  * batch and equals the one --cache_latents keeps (latent_cache.ts), so cached and uncached runs agree bit for bit.
  */
-export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Draws): Tensor {
+export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator?: Draws, latentNoise?: Tensor): Tensor {
   const weight = vae.parameters()[0];
   return noGrad(() => tidy(() => {
     const pixels = weight ? pixelValues.to({ dtype: weight.dtype, device: weight.device }) : pixelValues;
     const parameters = eachItem(pixels.shape[0] ?? 0, (i, k) => vae.encode(pixels.narrow(0, i, k)).parameters, pixels.device);
-    return sampleLatentDist(parameters, vae.scalingFactor, generator);
+    return sampleLatentDist(parameters, vae.scalingFactor, generator, latentNoise);
   }));
 }
 
@@ -73,11 +76,12 @@ export function encodeLatents(vae: AutoencoderKL, pixelValues: Tensor, generator
  * Latents from the VAE's DiagonalGaussian parameters [B, 2·C, h, w] (the encoder's output, or --cache_latents' kept
  * copy): mean + std · ε with the step's draws, × scaling_factor, without gradients.
  */
-export function sampleLatentDist(parameters: Tensor, scalingFactor: number, generator?: Draws): Tensor {
+export function sampleLatentDist(parameters: Tensor, scalingFactor: number, generator?: Draws, latentNoise?: Tensor): Tensor {
   return noGrad(() => tidy(() => {
     const posterior = new DiagonalGaussianDistribution(parameters);
-    // per-item generators: mean + std · ε with item i's ε from its own stream (DiagonalGaussianDistribution.sample's arithmetic)
-    const z = perItem(generator) ? posterior.mean.add(posterior.std.mul(randnOn(posterior.mean.shape, posterior.parameters, generator))) : posterior.sample(generator);
+    // per-item generators or drawn beforehand (drawStepInputs): mean + std · ε (DiagonalGaussianDistribution.sample's arithmetic)
+    const eps = latentNoise ?? (perItem(generator) ? randnOn(posterior.mean.shape, posterior.parameters, generator) : null);
+    const z = eps ? posterior.mean.add(posterior.std.mul(eps)) : posterior.sample(generator as Generator | undefined);
     return z.mul(scalingFactor);
   }));
 }
@@ -90,15 +94,20 @@ export interface SampleNoiseOptions {
 
 /** randn like the latents, plus the script's offset noise when noiseOffset > 0. */
 export function sampleNoise(latents: Tensor, o: SampleNoiseOptions = {}): Tensor {
+  return sampleNoiseLike(latents.shape, latents, o);
+}
+
+/** sampleNoise for latents of `shape` with `like`'s dtype and device, before they exist. */
+function sampleNoiseLike(shape: readonly number[], like: Like, o: SampleNoiseOptions): Tensor {
   const offset = o.noiseOffset ?? 0;
   if (!(offset >= 0) || !Number.isFinite(offset)) throw new RangeError(`noise_offset must be a finite number ≥ 0, got ${offset}`);
   return tidy(() => {
-    const noise = randnOn(latents.shape, latents, o.generator);
+    const noise = randnOn(shape, like, o.generator);
     if (offset === 0) return noise;
-    const [b, c] = latents.shape;
-    if (b === undefined || c === undefined) throw new RangeError(`sampleNoise: latents need [B, C, ...], got [${latents.shape.join(', ')}]`);
-    const perChannel = Array.from({ length: latents.ndim }, (_, i) => (i === 0 ? b : i === 1 ? c : 1));
-    return noise.add(randnOn(perChannel, latents, o.generator).mul(offset));
+    const [b, c] = shape;
+    if (b === undefined || c === undefined) throw new RangeError(`sampleNoise: latents need [B, C, ...], got [${shape.join(', ')}]`);
+    const perChannel = Array.from({ length: shape.length }, (_, i) => (i === 0 ? b : i === 1 ? c : 1));
+    return noise.add(randnOn(perChannel, like, o.generator).mul(offset));
   });
 }
 
@@ -160,6 +169,10 @@ export interface TrainingStep {
   timesteps?: Tensor;
   /** One generator for the batch, or one per item (sample_rng.ts): the VAE's ε, the noise and the timesteps come from it. */
   generator?: Draws;
+  /** The ε of the latent distribution's sample (mean + std · ε), drawn beforehand (drawStepInputs); drawn from `generator` when absent. */
+  latentNoise?: Tensor;
+  /** The loss scale as a device tensor (a captured step, device_step.ts): the backward's loss is × it instead of `scaler`'s number. */
+  lossScale?: Tensor | null;
   noiseOffset?: number;
   /** --prediction_type; default the scheduler config's. */
   predictionType?: string | null;
@@ -238,11 +251,11 @@ export function predictNoise(s: TrainingStep): Prediction {
   let latents = s.batch.latents;
   if (!latents && s.batch.latentDist) {
     if (s.scalingFactor === undefined) throw new Error('loraTrainingStep: a batch of cached latent distributions needs scalingFactor');
-    latents = sampleLatentDist(s.batch.latentDist, s.scalingFactor, s.generator);
+    latents = sampleLatentDist(s.batch.latentDist, s.scalingFactor, s.generator, s.latentNoise);
   }
   if (!latents) {
     if (!s.batch.pixelValues || !s.vae) throw new Error('loraTrainingStep: the batch needs latents, latentDist, or pixelValues and a vae');
-    latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator);
+    latents = encodeLatents(s.vae, s.batch.pixelValues, s.generator, s.latentNoise);
   }
   const lowPrecision = autocastDtype(mixedPrecision, latents.device);
   const deviceType = deviceTypeOf(latents.device);
@@ -270,10 +283,10 @@ function checkStep(s: TrainingStep): number {
   return accumulationSteps;
 }
 
-/** accelerator.backward: the loss divided for accumulation and scaled for fp16, then backward. */
-function backwardLoss(loss: Tensor, accumulationSteps: number, scaler: GradScaler | null | undefined): void {
+/** accelerator.backward: the loss divided for accumulation and scaled for fp16 (by the device scale when given), then backward. */
+function backwardLoss(loss: Tensor, accumulationSteps: number, scaler: GradScaler | null | undefined, lossScale?: Tensor | null): void {
   const divided = accumulationSteps === 1 ? loss : loss.div(accumulationSteps);
-  (scaler ? scaler.scaleLoss(divided) : divided).backward();
+  (lossScale ? divided.mul(lossScale) : scaler ? scaler.scaleLoss(divided) : divided).backward();
 }
 
 /**
@@ -282,13 +295,54 @@ function backwardLoss(loss: Tensor, accumulationSteps: number, scaler: GradScale
  * Returns the batch loss (fp32, neither divided nor scaled). Every temporary tensor is freed.
  */
 export function loraTrainingStep(s: TrainingStep): number {
+  return tidy(() => lossAndBackward(s).item());
+}
+
+/**
+ * loraTrainingStep without reading the loss back: returns the batch loss as a tensor (fp32, 0-dim), so nothing waits
+ * for the device (a captured step). Call inside tidy().
+ */
+export function lossAndBackward(s: TrainingStep): Tensor {
   const accumulationSteps = checkStep(s);
+  const p = predictNoise(s);
+  // 6. the fp32 loss, divided for accumulation and scaled for fp16, then backward
+  const loss = diffusionLoss(p.modelPred, p.target, { scheduler: s.scheduler, timesteps: p.timesteps, snrGamma: s.snrGamma, predictionType: p.predictionType });
+  backwardLoss(loss, accumulationSteps, s.scaler, s.lossScale);
+  return loss;
+}
+
+/** A step's random draws made beforehand: the latent distribution's ε (when latents are sampled), the noise and the timesteps. */
+export interface StepDraws { latentNoise?: Tensor; noise: Tensor; timesteps: Tensor }
+
+/**
+ * The draws predictNoise would make for `s`, in its order (ε, noise, offset noise, timesteps) from the same generators,
+ * so a step given them computes what it would have drawn itself; they are made where the generators are (each per-item
+ * generator is a CPU one) and are placed on `device`. The latents' shape and dtype come from the batch (and the VAE's
+ * config for images).
+ */
+export function drawStepInputs(s: Pick<TrainingStep, 'batch' | 'vae' | 'scheduler' | 'generator' | 'noiseOffset'>, device: string): StepDraws {
+  const { latents, latentDist, pixelValues } = s.batch;
+  let shape: readonly number[];
+  let dtype: Tensor['dtype'];
+  let sampled = true;
+  if (latents) {
+    [shape, dtype, sampled] = [latents.shape, latents.dtype, false];
+  } else if (latentDist) {
+    const [b, c2, h, w] = latentDist.shape as [number, number, number, number];
+    [shape, dtype] = [[b, c2 / 2, h, w], latentDist.dtype];
+  } else if (pixelValues && s.vae) {
+    const [b, , h, w] = pixelValues.shape as [number, number, number, number];
+    const factor = 2 ** (s.vae.config.block_out_channels.length - 1);
+    [shape, dtype] = [[b, s.vae.config.latent_channels, h / factor, w / factor], s.vae.parameters()[0]?.dtype ?? pixelValues.dtype];
+  } else {
+    throw new Error('drawStepInputs: the batch needs latents, latentDist, or pixelValues and a vae');
+  }
+  const like: Like = { dtype, device: device as Device };
   return tidy(() => {
-    const p = predictNoise(s);
-    // 6. the fp32 loss, divided for accumulation and scaled for fp16, then backward
-    const loss = diffusionLoss(p.modelPred, p.target, { scheduler: s.scheduler, timesteps: p.timesteps, snrGamma: s.snrGamma, predictionType: p.predictionType });
-    backwardLoss(loss, accumulationSteps, s.scaler);
-    return loss.item();
+    const latentNoise = sampled ? randnOn(shape, like, s.generator) : undefined;
+    const noise = sampleNoiseLike(shape, like, { noiseOffset: s.noiseOffset, generator: s.generator });
+    const timesteps = sampleTimesteps(shape[0] ?? 0, s.scheduler.config.num_train_timesteps, s.generator, device);
+    return latentNoise ? { latentNoise, noise, timesteps } : { noise, timesteps };
   });
 }
 
@@ -395,6 +449,29 @@ export class Accumulator {
   /** Whether the next micro-batch ends the accumulation window (accelerate's sync_gradients). */
   get syncGradients(): boolean {
     return this.state.microStep + 1 >= this.accumulationSteps;
+  }
+
+  /**
+   * The learning rate after each number of optimizer steps a run of maxTrainSteps can reach (0 … maxTrainSteps, one
+   * more at the end): the device-side step (optim/device_step.ts) reads it at its own counter.
+   */
+  lrTable(maxTrainSteps: number): number[] {
+    const per = this.o.lrStepsPerStep ?? 1;
+    return Array.from({ length: maxTrainSteps + 2 }, (_, i) => lrAt(this.o.lrScheduler, i * per, this.o.lrOptions));
+  }
+
+  /**
+   * A whole optimizer step done on the device (training/graphed_step.ts), its result read back: the EMA steps, the
+   * counters advance as afterBackward's would (the LR schedule not on a skipped step) and the next LR is set.
+   */
+  recordDeviceStep(r: OptimizerStepResult): OptimizerStepResult & { lr: number } {
+    const lr = this.o.optimizer.lr;
+    this.o.ema?.step();
+    this.state.microStep = 0;
+    this.state.globalStep += 1;
+    if (r.stepped) this.state.lrStep += 1;
+    this.o.optimizer.lr = this.lr;
+    return { ...r, lr };
   }
 
   /**

@@ -11,7 +11,7 @@ import { saveModelCard } from './model_card.js';
 import { loadTrainingModels } from './models.js';
 import { resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
 import type { SampleKey } from './sample_rng.js';
-import { loraTrainingStep } from './step.js';
+import { drawStepInputs, loraTrainingStep, lossAndBackward } from './step.js';
 import { openTrainData } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { validateSavedLora, validateTrainingModels } from './validation.js';
@@ -59,6 +59,25 @@ async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hoo
       } finally {
         dispose([batch.pixelValues, batch.latentDist, batch.inputIds, batch.encoderHiddenStates]);
       }
+    },
+    graphable: {
+      // the batch and the draws loraTrainingStep would make (same generators, same order), then the step on them
+      inputs: (batch) => {
+        const own: Record<string, Tensor | undefined> = { pixelValues: batch.pixelValues, latentDist: batch.latentDist, inputIds: batch.inputIds, encoderHiddenStates: batch.encoderHiddenStates };
+        try {
+          Object.assign(own, drawStepInputs({ batch, vae, scheduler: models.noiseScheduler, generator: ctx.sampleDraws(batch.keys), noiseOffset: o.noiseOffset }, ctx.device));
+        } catch (e) {
+          dispose(Object.values(own));
+          throw e;
+        }
+        return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
+      },
+      lossAndBackward: (t, lossScale) => lossAndBackward({
+        unet, vae, scalingFactor: vae.scalingFactor, textEncoder, scheduler: models.noiseScheduler,
+        batch: { pixelValues: t.pixelValues, latentDist: t.latentDist, inputIds: t.inputIds, encoderHiddenStates: t.encoderHiddenStates },
+        noise: t.noise, timesteps: t.timesteps, latentNoise: t.latentNoise, accumulationSteps: 1, mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), lossScale,
+        snrGamma: o.snrGamma, predictionType: o.predictionType,
+      }),
     },
     validate: async (epoch) => {
       const prompt = o.validationPrompt;

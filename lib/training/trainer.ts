@@ -34,6 +34,10 @@ import { saveEmaLoraWeights } from './ema_weights.js';
 import { makeOptimization, optimizerStepError, type Optimization, type OptimizationOptions } from './optimization.js';
 import type { ResolvedTrainOptions } from './options.js';
 import type { GradScaler } from '../optim/grad_scaler.js';
+import type { AdamW } from '../optim/adamw.js';
+import type { StepGraph } from '../cuda_graph.js';
+import { cudaGraphsBlocker, GraphedTrainStep, type GraphableStep } from './graphed_step.js';
+import type { StepOutcome } from './loop.js';
 import { SampleStreams, type SampleKey } from './sample_rng.js';
 import type { TrainData } from './train_data.js';
 import { validationRunsLeft, type ValidationEvent } from './validation.js';
@@ -62,6 +66,8 @@ export interface TrainHooksInternal {
   onNotice?: (message: string) => void;
   /** The run's processes (lib/distributed/data_parallel.ts): default, join the group a launcher describes in the environment. */
   processGroup?: ProcessGroupOption;
+  /** --cuda_graphs' graph (default a CudaGraph): tests pass a stand-in that reruns the captured step, to run the driver on the CPU. */
+  makeGraph?: (device: string) => StepGraph;
 }
 
 export interface TrainResult {
@@ -80,7 +86,7 @@ export function stepsArithmetic(batchesPerEpoch: number, accumulation: number, n
 /** The options the skeleton reads: every command's resolved options have them (the scripts share these flags). */
 export type TrainerOptions = OptimizationOptions & Pick<ResolvedTrainOptions,
   'outputDir' | 'reportTo' | 'loggingDir' | 'resumeFromCheckpoint' | 'seed' | 'allowTf32' | 'device' | 'numTrainEpochs' | 'maxTrainSteps' |
-  'checkpointingSteps' | 'checkpointsTotalLimit' | 'validationPrompt' | 'validationEpochs'> & { skipBrokenImages?: boolean } & Partial<Pick<ResolvedLoraVariantOptions, 'exportKohya'>>;
+  'checkpointingSteps' | 'checkpointsTotalLimit' | 'validationPrompt' | 'validationEpochs'> & { skipBrokenImages?: boolean; cudaGraphs?: boolean; gradientCheckpointing?: boolean } & Partial<Pick<ResolvedLoraVariantOptions, 'exportKohya'>>;
 
 /**
  * How a command runs on several processes. `dataParallel: true`: its data takes ctx.shard and its micro-step draws
@@ -128,6 +134,8 @@ export interface TrainerSpec<B> {
   data: TrainerData<B>;
   /** Forward and backward of one batch (loss ÷ accumulation steps, × the loss scale); returns the undivided loss. Frees the batch. */
   microStep(batch: B): number;
+  /** The same step split for --cuda_graphs (training/graphed_step.ts); absent: the command's steps always run eagerly. */
+  graphable?: GraphableStep<B>;
   /** Validation with the models being trained, after each epoch where epoch % --validation_epochs == 0. */
   validate(epoch: number): Promise<void>;
   /** After the LoRA file is saved: the final validation and the model card; returns the validation images. */
@@ -234,7 +242,10 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
       lastSaved = resumeFrom;
       logs?.metrics.resumedFrom(accumulator.state.globalStep);
     }
-    streams = new SampleStreams(sampleSeed); // each sample's noise, timestep and VAE ε from its own stream
+    streams = new SampleStreams(sampleSeed); // each sample's noise, timesteps and VAE ε from its own stream
+    const graphed = o.cudaGraphs ? graphedStep(o, spec, { device, worldSize: dp.worldSize, optimization, maxTrainSteps: steps.maxTrainSteps, hooks, notice: dp.isMain ? hooks.onNotice : undefined }) : null;
+    if (graphed) ctx.own(graphed);
+    let graphedOutcome: StepOutcome | null = null; // a captured step's optimizer outcome, for afterBackward
 
     const s = spec;
     const assertFinite = (epoch: number) => assertFiniteWeights(loraNamedParameters(s.lora), { step: accumulator.state.globalStep, epoch }, lastCheckpoint());
@@ -263,8 +274,18 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
             `replace the file and resume with --resume_from_checkpoint latest${skipHint}`);
         }
       },
-      microStep: (batch) => s.microStep(batch),
+      microStep: (batch) => {
+        if (!graphed) return s.microStep(batch);
+        const r = graphed.run(batch); // the whole optimizer step
+        graphedOutcome = r.outcome;
+        return r.loss;
+      },
       afterBackward: async () => {
+        if (graphedOutcome) {
+          const r = graphedOutcome;
+          graphedOutcome = null;
+          return r;
+        }
         if (accumulator.syncGradients) await dp.reduceGradients(params); // averaged once per optimizer step, before clipping
         try { return accumulator.afterBackward(); } catch (e) {
           throw new Error(`${optimizerStepError(e, accumulator.state.globalStep + 1, o, baseLr).message}${lastCheckpoint()}`);
@@ -311,4 +332,28 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     await spec?.data.close();
     for (const x of owned.reverse()) x.dispose();
   }
+}
+
+/**
+ * --cuda_graphs: the driver that records the command's step (training/graphed_step.ts), or null after one line saying
+ * why the steps run eagerly (not CUDA, accumulation, several processes, another optimizer, gradient checkpointing, a
+ * command without a capturable step).
+ */
+function graphedStep<B>(o: TrainerOptions, spec: TrainerSpec<B>, r: {
+  device: string; worldSize: number; optimization: Optimization; maxTrainSteps: number; hooks: TrainHooksInternal; notice?: (m: string) => void;
+}): GraphedTrainStep<B> | null {
+  const { optimizer, scaler, accumulator } = r.optimization;
+  const blocker = o.gradientCheckpointing ? '--gradient_checkpointing is not verified under capture yet' : cudaGraphsBlocker({
+    device: r.device, accumulationSteps: o.gradientAccumulationSteps, worldSize: r.worldSize, optimizer: optimizer.kind,
+    graphable: spec.graphable !== undefined, standIn: r.hooks.makeGraph !== undefined,
+  });
+  if (blocker !== null || !spec.graphable) {
+    r.notice?.(`CUDA graphs: off (${blocker}); the steps run eagerly`);
+    return null;
+  }
+  r.notice?.('CUDA graphs: the training step is recorded after 3 warm-up steps and replayed');
+  return new GraphedTrainStep(spec.graphable, {
+    device: r.device, params: optimizer.params, optimizer: optimizer as AdamW, scaler, maxGradNorm: o.maxGradNorm, accumulator,
+    maxTrainSteps: r.maxTrainSteps, makeGraph: r.hooks.makeGraph, onNotice: r.notice,
+  });
 }

@@ -1,0 +1,190 @@
+// --cuda_graphs (issue #15): the whole training step — forward, backward, unscale, clipping, AdamW, the loss scale's
+// update — recorded once in a CUDA graph and replayed every step, so the host launches one graph instead of a thousand
+// kernels and waits for the device once per step (to read the loss, gradient norm and overflow flag together).
+//
+// How a step runs: the command's `inputs(batch)` gives the batch's tensors and its random draws (made on the host
+// from the per-sample generators, the same numbers the eager step draws); they are copied into static tensors of the
+// first batch's shapes, and the graph reads those. The first `warmupSteps` steps run the same work without recording
+// (on the graph's stream), then one step records it and replays it; every later step only replays. A batch of another
+// shape (a smaller last batch, buckets) runs the same work eagerly, on the same device-side optimizer state. A capture
+// that fails says why once and the run goes on eagerly. The optimizer state lives on the device (device_step.ts); the
+// host's mirrors follow every step, so checkpoints, logs and resume see what the eager path would.
+import { graphFactory, type StepGraph } from '../cuda_graph.js';
+import type { AdamW } from '../optim/adamw.js';
+import { DeviceOptimizerStep } from '../optim/device_step.js';
+import type { GradScaler } from '../optim/grad_scaler.js';
+import { dispose, keep, tidy } from '../scope.js';
+import type { Tensor } from '../tensor.js';
+import * as torch from '../torch.js';
+import type { StepOutcome } from './loop.js';
+import type { Accumulator } from './step.js';
+
+/** What a command gives to be captured: its step split into the host's part and the device's. */
+export interface GraphableStep<B> {
+  /** The batch's tensors and its random draws, by name (any device). Owns the batch; the driver disposes the result. */
+  inputs(batch: B): Record<string, Tensor>;
+  /**
+   * Forward and backward from `inputs` (device tensors of the same names): the loss divided for accumulation and
+   * × lossScale (when given) goes backward; returns the undivided fp32 loss tensor. No host sync. Runs inside tidy().
+   */
+  lossAndBackward(inputs: Record<string, Tensor>, lossScale: Tensor | null): Tensor;
+}
+
+export interface GraphedStepOptions {
+  device: string;
+  /** The trainable parameters (the optimizer's). */
+  params: Tensor[];
+  optimizer: AdamW;
+  scaler: GradScaler | null;
+  maxGradNorm: number | null;
+  accumulator: Accumulator;
+  /** The run's optimizer steps (the LR table's length). */
+  maxTrainSteps: number;
+  /** Eager steps before the capture (default 3). */
+  warmupSteps?: number;
+  /** Makes the graph (default graphFactory's, a CudaGraph on `device`); tests pass a stand-in. */
+  makeGraph?: (device: string) => StepGraph;
+  onNotice?: (message: string) => void;
+}
+
+const signatureOf = (inputs: Record<string, Tensor>): string =>
+  Object.keys(inputs).sort().map((k) => `${k}:${inputs[k]!.dtype}[${inputs[k]!.shape.join('×')}]`).join(' ');
+
+/** Why --cuda_graphs cannot capture this run's step (null: it can). */
+export function cudaGraphsBlocker(o: { device: string; accumulationSteps: number; worldSize: number; optimizer: string; graphable: boolean; standIn?: boolean }): string | null {
+  if (!o.graphable) return 'this command has no capturable step yet';
+  if (!o.standIn && !o.device.startsWith('cuda')) return `the device is ${o.device}, not a CUDA GPU`;
+  if (o.accumulationSteps !== 1) return `--gradient_accumulation_steps is ${o.accumulationSteps} (a captured step is one whole optimizer step)`;
+  if (o.worldSize !== 1) return `${o.worldSize} processes (the gradients' all-reduce is not captured)`;
+  if (o.optimizer !== 'adamw') return `--optimizer ${o.optimizer} (the device-side step is AdamW's)`;
+  return null;
+}
+
+export class GraphedTrainStep<B> {
+  private readonly deviceStep: DeviceOptimizerStep;
+  private readonly warmupSteps: number;
+  private statics: Record<string, Tensor> | null = null;
+  private signature = '';
+  private graph: StepGraph | null = null;
+  private captured = false;
+  private warmedUp = 0;
+  /** Set when a capture failed: every later step runs eagerly. */
+  private broken = false;
+  private shapeNoticed = false;
+  /** The gradients the captured backward writes: kept alive (and out of the parameters) while the graph lives. */
+  private staticGrads: Tensor[] = [];
+
+  constructor(private readonly step: GraphableStep<B>, private readonly o: GraphedStepOptions) {
+    if (o.accumulator.accumulationSteps !== 1) throw new Error('a captured step needs --gradient_accumulation_steps 1');
+    this.warmupSteps = o.warmupSteps ?? 3;
+    this.deviceStep = new DeviceOptimizerStep({
+      optimizer: o.optimizer, params: o.params, scaler: o.scaler, maxGradNorm: o.maxGradNorm, device: o.device,
+      lrTable: o.accumulator.lrTable(o.maxTrainSteps), lrStep: o.accumulator.state.lrStep,
+    });
+  }
+
+  /** One whole optimizer step for `batch` (owned); returns its loss and what the optimizer did. */
+  run(batch: B): { loss: number; outcome: StepOutcome } {
+    const host = this.step.inputs(batch);
+    try {
+      const signature = signatureOf(host);
+      if (!this.statics) {
+        this.statics = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, keep(torch.zeros(t.shape, { dtype: t.dtype, device: this.o.device }))]));
+        this.signature = signature;
+      }
+      if (this.broken || signature !== this.signature) {
+        if (!this.broken && !this.shapeNoticed) {
+          this.shapeNoticed = true;
+          this.o.onNotice?.(`CUDA graphs: a batch of ${signature} differs from the captured ${this.signature}; such batches run eagerly`);
+        }
+        this.eager(host);
+      } else {
+        for (const [k, t] of Object.entries(host)) this.statics[k]!.copy_(t);
+        this.graphed(this.statics);
+      }
+      return this.finish();
+    } finally {
+      dispose(Object.values(host));
+    }
+  }
+
+  /** The step on the static inputs: warm-up, capture then replay, or replay. */
+  private graphed(statics: Record<string, Tensor>): void {
+    let graph: StepGraph;
+    try {
+      graph = (this.graph ??= (this.o.makeGraph ?? graphFactory.make)(this.o.device));
+    } catch (e) {
+      this.giveUp(e, 'no graph could be made');
+      this.eager(statics);
+      return;
+    }
+    if (!this.captured && this.warmedUp < this.warmupSteps) {
+      graph.run(() => this.body(statics));
+      this.warmedUp += 1;
+      this.dropGrads();
+      return;
+    }
+    if (!this.captured) {
+      try {
+        graph.capture(() => this.body(statics));
+      } catch (e) {
+        this.dropGrads();
+        this.graph = null; // the graph disposed itself
+        this.giveUp(e, 'the step could not be captured');
+        this.eager(statics);
+        return;
+      }
+      this.captured = true;
+      this.staticGrads = this.o.params.map((p) => p.grad).filter((g): g is Tensor => g !== null).map((g) => keep(g));
+      this.dropGrads(); // the graph's own buffers, kept alive above; eager steps start from no gradient
+    }
+    graph.replay();
+    this.dropGrads(); // nothing for a CUDA graph (its gradients are its own buffers); a stand-in's rerun leaves some
+  }
+
+  /** The same work, now, on the current stream. */
+  private eager(inputs: Record<string, Tensor>): void {
+    const onDevice = tidy(() => Object.fromEntries(Object.entries(inputs).map(([k, t]) => [k, t.device === this.o.device ? t : t.to({ device: this.o.device })])));
+    try {
+      this.body(onDevice);
+    } finally {
+      for (const [k, t] of Object.entries(onDevice)) if (t !== inputs[k]) t.dispose();
+      this.dropGrads();
+    }
+  }
+
+  /** Forward, backward and the device-side optimizer step; the loss into the report. No host sync. */
+  private body(inputs: Record<string, Tensor>): void {
+    tidy(() => {
+      const loss = this.step.lossAndBackward(inputs, this.deviceStep.lossScale);
+      this.deviceStep.report.narrow(0, 0, 1).copy_(loss.reshape([1]).to({ dtype: 'float32' }));
+    });
+    this.deviceStep.enqueue();
+  }
+
+  /** Every later step runs eagerly, after one line saying why. */
+  private giveUp(e: unknown, what: string): void {
+    this.broken = true;
+    this.o.onNotice?.(`CUDA graphs: ${what} (${(e as Error).message.split('\n')[0]}); the steps run eagerly`);
+  }
+
+  private dropGrads(): void {
+    for (const p of this.o.params) p.grad = null;
+  }
+
+  /** Reads the step's report (the one host sync) and moves the host's bookkeeping on. */
+  private finish(): { loss: number; outcome: StepOutcome } {
+    const r = this.deviceStep.commit();
+    return { loss: r.loss, outcome: this.o.accumulator.recordDeviceStep({ stepped: r.stepped, gradNorm: r.gradNorm }) };
+  }
+
+  dispose(): void {
+    this.graph?.dispose();
+    this.graph = null;
+    dispose(this.staticGrads);
+    this.staticGrads = [];
+    if (this.statics) dispose(Object.values(this.statics));
+    this.statics = null;
+    this.deviceStep.dispose();
+  }
+}

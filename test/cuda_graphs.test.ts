@@ -1,0 +1,287 @@
+// --cuda_graphs (issue #15), what can be checked without a GPU: the device-side optimizer step (no host sync) equals
+// the host-side one, overflow skips and loss-scale changes included; the capture driver, run with a stand-in graph that
+// reruns the recorded step on each replay, trains what the eager loop trains (warm-up, capture, replays, a smaller last
+// batch run eagerly, a failed capture, checkpoints and resume); the fallbacks say why; the CLI flag. The real capture
+// is checked on a GPU by bench/gpu/check.mjs ("CUDA graph step").
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import sharp from 'sharp';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { parseGenerateArgs } from '../lib/cli/generate.js';
+import { parseTrainArgs } from '../lib/cli/train_args.js';
+import { CudaGraph, graphFactory, type StepGraph } from '../lib/cuda_graph.js';
+import { StableDiffusionPipeline } from '../lib/pipelines/stable_diffusion.js';
+import { cudaIsAvailable } from '../lib/device.js';
+import { AdamW } from '../lib/optim/adamw.js';
+import { DeviceOptimizerStep } from '../lib/optim/device_step.js';
+import { GradScaler } from '../lib/optim/grad_scaler.js';
+import { Generator } from '../lib/random.js';
+import { dispose } from '../lib/scope.js';
+import { loadSafetensors } from '../lib/io/safetensors.js';
+import * as torch from '../lib/torch.js';
+import { Accumulator } from '../lib/training/step.js';
+import { runTraining, type TrainOptions } from '../lib/training/train.js';
+import { runSdxlTraining } from '../lib/training/train_sdxl.js';
+import { fixtures } from './helpers.js';
+
+/** Replays by running the recorded function again: on the CPU this computes what a CUDA graph's replay would. */
+class RerunGraph implements StepGraph {
+  runs = 0;
+  captures = 0;
+  replays = 0;
+  private fn: (() => void) | null = null;
+  constructor(private readonly failCapture = false) {}
+  run<T>(fn: () => T): T { this.runs += 1; return fn(); }
+  capture(fn: () => void): void {
+    this.captures += 1;
+    if (this.failCapture) throw new Error('operation not permitted when stream is capturing');
+    this.fn = fn;
+  }
+  replay(): void { this.replays += 1; this.fn!(); }
+  dispose(): void { this.fn = null; }
+}
+
+const relErr = (a: Float64Array, b: Float64Array) => {
+  let num = 0, den = 0;
+  for (let i = 0; i < a.length; i++) { num += (a[i]! - b[i]!) ** 2; den += b[i]! ** 2; }
+  return Math.sqrt(num / Math.max(den, 1e-30));
+};
+
+describe('the device-side optimizer step', () => {
+  /** Ten steps of random gradients (one overflowing) through the host path or the device path. */
+  function steps(onDevice: boolean, scaled: boolean) {
+    const g = new Generator('cpu');
+    g.manualSeed(3);
+    const params = [torch.randn([6, 5], { generator: g }), torch.randn([5], { generator: g }), torch.randn([3, 4, 2], { generator: g })];
+    const optimizer = new AdamW(params, { lr: 1e-2, weightDecay: 0.05 });
+    const scaler = scaled ? new GradScaler({ initScale: 2 ** 10, growthInterval: 3 }) : null;
+    const accumulator = new Accumulator({ optimizer, params, scaler, maxGradNorm: 0.7, lrScheduler: 'cosine', lrOptions: { baseLr: 1e-2, warmupSteps: 3, totalSteps: 10 } });
+    const device = onDevice ? new DeviceOptimizerStep({ optimizer, params, scaler, maxGradNorm: 0.7, lrTable: accumulator.lrTable(10), lrStep: 0, device: 'cpu' }) : null;
+    const log: { gradNorm: number | null; stepped: boolean; lr: number }[] = [];
+    for (let i = 0; i < 10; i++) {
+      params.forEach((p) => {
+        const grad = torch.randn(p.shape, { generator: g }).mul(scaler ? scaler.scale : 1);
+        if (scaled && i === 4 && p === params[1]) grad.narrow(0, 2, 1).fill_(Infinity);
+        p.grad = grad;
+        grad.dispose();
+      });
+      if (device) {
+        device.enqueue();
+        const r = device.commit();
+        params.forEach((p) => { p.grad = null; });
+        log.push(accumulator.recordDeviceStep(r));
+      } else {
+        log.push(accumulator.afterBackward()!);
+      }
+    }
+    const out = { values: params.map((p) => p.toFloat64Array()), log, state: { ...accumulator.state }, scaler: scaler?.stateDict(), steps: optimizer.stateDict().meta.steps };
+    device?.dispose();
+    optimizer.dispose();
+    dispose(params);
+    return out;
+  }
+
+  for (const scaled of [false, true]) {
+    it(`equals the host-side step over 10 steps (clipping, cosine schedule${scaled ? ', a GradScaler with an overflow and growth' : ''})`, () => {
+      const host = steps(false, scaled);
+      const device = steps(true, scaled);
+      host.values.forEach((v, i) => expect(relErr(device.values[i]!, v)).toBeLessThan(1e-6));
+      expect(device.state).toEqual(host.state);
+      expect(device.steps).toEqual(host.steps);
+      expect(device.scaler).toEqual(host.scaler);
+      expect(device.log.map((l) => l.stepped)).toEqual(host.log.map((l) => l.stepped));
+      expect(device.log.map((l) => l.lr)).toEqual(host.log.map((l) => l.lr));
+      device.log.forEach((l, i) => expect(l.gradNorm!).toBeCloseTo(host.log[i]!.gradNorm!, 5));
+      if (scaled) {
+        expect(host.log[4]!.stepped).toBe(false); // the overflow skipped step 5 on both
+        expect(host.scaler!.scale).not.toBe(2 ** 10); // and the scale moved (backoff, then growth)
+      }
+    });
+  }
+
+  it('refuses another optimizer and a parameter without a gradient', () => {
+    const p = torch.zeros([2]);
+    const optimizer = new AdamW([p]);
+    expect(() => new DeviceOptimizerStep({ optimizer: { ...optimizer, kind: 'lion' } as unknown as AdamW, lrTable: [1], lrStep: 0, device: 'cpu' })).toThrow(/AdamW only, not lion/);
+    const d = new DeviceOptimizerStep({ optimizer, lrTable: [1e-3, 1e-3], lrStep: 0, device: 'cpu' });
+    expect(() => d.enqueue()).toThrow(/needs a gradient for every parameter \(0 of 1\)/);
+    d.dispose();
+    optimizer.dispose();
+    p.dispose();
+  });
+});
+
+let tmp: string;
+let data: string;
+beforeAll(async () => {
+  tmp = mkdtempSync(join(tmpdir(), 'difflora-graphs-'));
+  data = join(tmp, 'data');
+  mkdirSync(data);
+  const lines: string[] = [];
+  for (let i = 0; i < 5; i++) {
+    const w = 40 + 3 * i, h = 36;
+    const raw = Buffer.alloc(w * h * 3);
+    for (let p = 0; p < w * h; p++) { raw[3 * p] = (p * (7 + i)) % 256; raw[3 * p + 1] = (p % w) * 5; raw[3 * p + 2] = 40 * i; }
+    await sharp(raw, { raw: { width: w, height: h, channels: 3 } }).png().toFile(join(data, `${i}.png`));
+    lines.push(JSON.stringify({ file_name: `${i}.png`, text: `a picture number ${i}` }));
+  }
+  writeFileSync(join(data, 'metadata.jsonl'), lines.join('\n'));
+});
+afterAll(() => { if (!process.env.KEEP_TMP) rmSync(tmp, { recursive: true, force: true }); else console.log(tmp); });
+
+const lossesOf = (dir: string) => readFileSync(join(dir, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l) as { loss: number; grad_norm: number; lr: number; step: number });
+const loraOf = (dir: string) => {
+  const { tensors } = loadSafetensors(join(dir, 'pytorch_lora_weights.safetensors'));
+  const out = new Map([...tensors].map(([k, t]) => [k, t.toFloat64Array()]));
+  dispose([...tensors.values()]);
+  return out;
+};
+const expectSameRun = (dir: string, reference: string, tol: number) => {
+  const a = lossesOf(dir), b = lossesOf(reference);
+  expect(a.map((l) => l.step)).toEqual(b.map((l) => l.step));
+  a.forEach((l, i) => {
+    expect(Math.abs(l.loss - b[i]!.loss)).toBeLessThanOrEqual(tol * Math.abs(b[i]!.loss));
+    expect(l.lr).toBe(b[i]!.lr);
+  });
+  const la = loraOf(dir), lb = loraOf(reference);
+  expect([...la.keys()].sort()).toEqual([...lb.keys()].sort());
+  for (const [k, v] of lb) expect(relErr(la.get(k)!, v), k).toBeLessThanOrEqual(tol);
+};
+
+// 5 images, batch 2: 3 batches an epoch, the last of 1 image (another shape: it runs eagerly); 8 steps = 3 epochs
+const sd = (outputDir: string, more: Partial<TrainOptions> = {}): TrainOptions => ({
+  pretrainedModelNameOrPath: join(fixtures, 'tiny-sd'), trainDataDir: data, outputDir, resolution: 32, centerCrop: true, randomFlip: true,
+  trainBatchSize: 2, maxTrainSteps: 8, learningRate: 1e-3, lrScheduler: 'cosine', lrWarmupSteps: 2, maxGradNorm: 1, seed: 5,
+  checkpointingSteps: null, device: 'cpu', reportTo: null, ...more,
+});
+
+describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
+  let eager: string;
+  beforeAll(async () => {
+    eager = join(tmp, 'eager');
+    await runTraining(sd(eager));
+  });
+
+  it('trains what the eager loop trains: 3 warm-up steps, one capture, replays; the smaller last batches eagerly', async () => {
+    const out = join(tmp, 'graphed');
+    const graphs: RerunGraph[] = [];
+    const notices: string[] = [];
+    await runTraining(sd(out, { cudaGraphs: true }), { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; }, onNotice: (m) => notices.push(m) });
+    expectSameRun(out, eager, 1e-5);
+    expect(graphs).toHaveLength(1);
+    // steps 1, 2 full; 3 the 1-image batch; 4, 5 full; 6 small; 7, 8 full → 6 full-batch steps: 3 warm-ups, 1 capture + replay, 2 replays
+    expect({ runs: graphs[0]!.runs, captures: graphs[0]!.captures, replays: graphs[0]!.replays }).toEqual({ runs: 3, captures: 1, replays: 3 });
+    expect(notices).toContain('CUDA graphs: the training step is recorded after 3 warm-up steps and replayed');
+    expect(notices.filter((m) => m.includes('such batches run eagerly'))).toHaveLength(1);
+    expect(notices.find((m) => m.includes('such batches run eagerly'))).toMatch(/pixelValues:float32\[1×3×32×32\].*differs from the captured .*pixelValues:float32\[2×3×32×32\]/);
+  });
+
+  it('a failed capture says why once and the run goes on eagerly, to the same result', async () => {
+    const out = join(tmp, 'failed-capture');
+    const notices: string[] = [];
+    await runTraining(sd(out, { cudaGraphs: true }), { makeGraph: () => new RerunGraph(true), onNotice: (m) => notices.push(m) });
+    expectSameRun(out, eager, 1e-5);
+    expect(notices.filter((m) => m.includes('could not be captured'))).toEqual(['CUDA graphs: the step could not be captured (operation not permitted when stream is capturing); the steps run eagerly']);
+  });
+
+  it('checkpoints and resume: stopped at step 4 and resumed, it ends where the uninterrupted graphed run ends, bit for bit', async () => {
+    const whole = join(tmp, 'graphed-whole');
+    const stopped = join(tmp, 'graphed-resumed');
+    const hooks = { makeGraph: () => new RerunGraph() };
+    await runTraining(sd(whole, { cudaGraphs: true, checkpointingSteps: 4 }), hooks);
+    const stop = new AbortController(); // stopped after step 4's checkpoint, as a killed run
+    await expect(runTraining(sd(stopped, { cudaGraphs: true, checkpointingSteps: 4 }), { ...hooks, signal: stop.signal, onProgress: (p) => { if (p.step === 4) stop.abort(); } }))
+      .rejects.toThrow(/training aborted/);
+    await runTraining(sd(stopped, { cudaGraphs: true, checkpointingSteps: 4, resumeFromCheckpoint: 'latest' }), hooks);
+    expect(readFileSync(join(stopped, 'pytorch_lora_weights.safetensors')).equals(readFileSync(join(whole, 'pytorch_lora_weights.safetensors')))).toBe(true);
+    expect(lossesOf(stopped).map((l) => l.loss)).toEqual(lossesOf(whole).map((l) => l.loss));
+  });
+
+  it('falls back to eager steps, saying why: the CPU, accumulation, another optimizer, gradient checkpointing', async () => {
+    const cases: [Partial<TrainOptions>, RegExp, boolean][] = [
+      [{}, /CUDA graphs: off \(the device is cpu, not a CUDA GPU\); the steps run eagerly/, false],
+      [{ gradientAccumulationSteps: 2, maxTrainSteps: 1 }, /off \(--gradient_accumulation_steps is 2/, true],
+      [{ optimizer: 'lion', maxTrainSteps: 1 }, /off \(--optimizer lion/, true],
+      [{ gradientCheckpointing: true, maxTrainSteps: 1 }, /off \(--gradient_checkpointing is not verified under capture yet\)/, true],
+    ];
+    for (const [more, why, standIn] of cases) {
+      const notices: string[] = [];
+      const graphs: RerunGraph[] = [];
+      const out = join(tmp, `fallback-${notices.length}-${Math.random().toString(36).slice(2)}`);
+      await runTraining(sd(out, { cudaGraphs: true, ...more }), { onNotice: (m) => notices.push(m), ...(standIn ? { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; } } : {}) });
+      expect(notices.join('\n')).toMatch(why);
+      expect(graphs).toHaveLength(0);
+      if (Object.keys(more).length === 0) expect(readFileSync(join(out, 'pytorch_lora_weights.safetensors')).equals(readFileSync(join(eager, 'pytorch_lora_weights.safetensors')))).toBe(true);
+    }
+    // train-sdxl takes the flag (shared with train) and says its step is not captured yet
+    const notices: string[] = [];
+    await runSdxlTraining({
+      pretrainedModelNameOrPath: join(fixtures, 'tiny-sdxl'), trainDataDir: data, resolution: 32, centerCrop: true, trainBatchSize: 2, maxTrainSteps: 1,
+      seed: 1, checkpointingSteps: null, device: 'cpu', reportTo: null, outputDir: join(tmp, 'xl'), cudaGraphs: true,
+    }, { onNotice: (m) => notices.push(m), makeGraph: () => new RerunGraph() });
+    expect(notices).toContain('CUDA graphs: off (this command has no capturable step yet); the steps run eagerly');
+  });
+});
+
+describe('--cuda_graphs on the command line', () => {
+  const base = ['--pretrained_model_name_or_path=m', '--train_data_dir=d'];
+  it('difflora generate --cuda_graphs sets the option (only when given)', () => {
+    expect(parseGenerateArgs(['--prompt=a cat'])).not.toHaveProperty('cudaGraphs');
+    expect(parseGenerateArgs(['--prompt=a cat', '--cuda_graphs'])).toMatchObject({ cudaGraphs: true });
+  });
+
+  it('is off by default (until checked on a GPU) and on with --cuda_graphs', () => {
+    expect(parseTrainArgs(base)).not.toHaveProperty('cudaGraphs');
+    expect(parseTrainArgs([...base, '--cuda_graphs']).cudaGraphs).toBe(true);
+  });
+});
+
+describe('generate({ cudaGraphs: true }): the UNet call recorded and replayed', () => {
+  it('gives the image of the eager loop (a stand-in graph): 1 warm-up call, 1 capture, replays; a LoRA loaded too', async () => {
+    const pipe = StableDiffusionPipeline.fromPretrained(join(fixtures, 'tiny-sd'));
+    const graphs: RerunGraph[] = [];
+    const saved = graphFactory.make;
+    try {
+      const o = { prompt: 'a red square', negativePrompt: '', numInferenceSteps: 5, height: 32, width: 32, seed: 3, outputType: 'array' as const };
+      for (const lora of [false, true]) {
+        if (lora) pipe.loadLoraWeights(join(fixtures, 'goldens', 'lora-diffusers'));
+        graphFactory.make = saved;
+        const eager = await pipe.generate(o);
+        graphFactory.make = () => { const g = new RerunGraph(); graphs.push(g); return g; };
+        const graphed = await pipe.generate({ ...o, cudaGraphs: true });
+        expect(Buffer.from(graphed.array!.data.buffer).equals(Buffer.from(eager.array!.data.buffer))).toBe(true);
+      }
+      expect(graphs.map((g) => [g.runs, g.captures, g.replays])).toEqual([[1, 1, 5], [1, 1, 5]]); // PNDM: 6 UNet calls for 5 steps
+    } finally {
+      graphFactory.make = saved;
+      pipe.dispose();
+    }
+  });
+
+  it('where no graph can be made (the CPU) one warning says why and the image is the same', async () => {
+    const pipe = StableDiffusionPipeline.fromPretrained(join(fixtures, 'tiny-sd'));
+    const warnings: string[] = [];
+    const onWarning = (w: Error) => { warnings.push(w.message); };
+    process.on('warning', onWarning);
+    try {
+      const o = { prompt: 'a red square', numInferenceSteps: 3, height: 32, width: 32, seed: 4, outputType: 'array' as const };
+      const eager = await pipe.generate(o);
+      const graphed = await pipe.generate({ ...o, cudaGraphs: true });
+      await new Promise((r) => setImmediate(r)); // warnings are emitted on the next tick
+      expect(Buffer.from(graphed.array!.data.buffer).equals(Buffer.from(eager.array!.data.buffer))).toBe(true);
+      expect(warnings).toEqual([expect.stringMatching(/^CUDA graphs off for this generation: no graph could be made \(CUDA graphs need a CUDA device, not 'cpu'\)/)]);
+    } finally {
+      process.off('warning', onWarning);
+      pipe.dispose();
+    }
+  });
+});
+
+if (!cudaIsAvailable()) {
+  it('a CUDA graph on a machine without CUDA is refused by name', () => {
+    expect(() => new CudaGraph('cuda:0')).toThrow(/cuda graph: (this addon was built against a libtorch without CUDA|no CUDA device)/);
+    expect(() => new CudaGraph('cpu')).toThrow(/CUDA graphs need a CUDA device, not 'cpu'/);
+  });
+}
+
