@@ -17,7 +17,7 @@ import { AdamW } from '../lib/optim/adamw.js';
 import { DeviceOptimizerStep } from '../lib/optim/device_step.js';
 import { GradScaler } from '../lib/optim/grad_scaler.js';
 import { Generator } from '../lib/random.js';
-import { dispose } from '../lib/scope.js';
+import { dispose, memory } from '../lib/scope.js';
 import { loadSafetensors } from '../lib/io/safetensors.js';
 import * as torch from '../lib/torch.js';
 import { Accumulator } from '../lib/training/step.js';
@@ -167,7 +167,9 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
     const out = join(tmp, 'graphed');
     const graphs: RerunGraph[] = [];
     const notices: string[] = [];
+    const live = memory().numTensors;
     await runTraining(sd(out, { cudaGraphs: true }), { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; }, onNotice: (m) => notices.push(m) });
+    expect(memory().numTensors).toBe(live); // static inputs, gradients, report and device state all freed
     expectSameRun(out, eager, 1e-5);
     expect(graphs).toHaveLength(1);
     // steps 1, 2 full; 3 the 1-image batch; 4, 5 full; 6 small; 7, 8 full → 6 full-batch steps: 3 warm-ups, 1 capture + replay, 2 replays
@@ -249,7 +251,9 @@ describe('generate({ cudaGraphs: true }): the UNet call recorded and replayed', 
         graphFactory.make = saved;
         const eager = await pipe.generate(o);
         graphFactory.make = () => { const g = new RerunGraph(); graphs.push(g); return g; };
+        const live = memory().numTensors;
         const graphed = await pipe.generate({ ...o, cudaGraphs: true });
+        expect(memory().numTensors).toBe(live); // the static inputs and output freed with the graph
         expect(Buffer.from(graphed.array!.data.buffer).equals(Buffer.from(eager.array!.data.buffer))).toBe(true);
       }
       expect(graphs.map((g) => [g.runs, g.captures, g.replays])).toEqual([[1, 1, 5], [1, 1, 5]]); // PNDM: 6 UNet calls for 5 steps
