@@ -23,6 +23,7 @@ import * as torch from '../lib/torch.js';
 import { Accumulator } from '../lib/training/step.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
 import { runSdxlTraining } from '../lib/training/train_sdxl.js';
+import { runDreamBoothTraining } from '../lib/training/train_dreambooth.js';
 import { fixtures } from './helpers.js';
 
 /** Replays by running the recorded function again: on the CPU this computes what a CUDA graph's replay would. */
@@ -198,6 +199,28 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
     await runTraining(sd(stopped, { cudaGraphs: true, checkpointingSteps: 4, resumeFromCheckpoint: 'latest' }), hooks);
     expect(readFileSync(join(stopped, 'pytorch_lora_weights.safetensors')).equals(readFileSync(join(whole, 'pytorch_lora_weights.safetensors')))).toBe(true);
     expect(lossesOf(stopped).map((l) => l.loss)).toEqual(lossesOf(whole).map((l) => l.loss));
+  });
+
+  it('train-dreambooth: with prior preservation and the text encoder trained, it trains what the eager loop trains', async () => {
+    const classes = join(tmp, 'classes');
+    mkdirSync(classes);
+    for (let i = 0; i < 2; i++) await sharp({ create: { width: 36, height: 40, channels: 3, background: { r: 90 * i, g: 30, b: 200 } } }).png().toFile(join(classes, `c${i}.png`));
+    const base = {
+      pretrainedModelNameOrPath: join(fixtures, 'tiny-sd'), instanceDataDir: data, instancePrompt: 'a photo of sks thing', resolution: 32, centerCrop: true,
+      withPriorPreservation: true, classDataDir: classes, classPrompt: 'a photo of a thing', numClassImages: 2, trainTextEncoder: true,
+      trainBatchSize: 2, maxTrainSteps: 7, learningRate: 1e-3, seed: 3, checkpointingSteps: null, device: 'cpu', reportTo: null,
+    };
+    const eagerDb = join(tmp, 'db-eager');
+    const graphedDb = join(tmp, 'db-graphed');
+    await runDreamBoothTraining({ ...base, outputDir: eagerDb });
+    const graphs: RerunGraph[] = [];
+    const notices: string[] = [];
+    await runDreamBoothTraining({ ...base, outputDir: graphedDb, cudaGraphs: true }, { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; }, onNotice: (m) => notices.push(m) });
+    expectSameRun(graphedDb, eagerDb, 1e-5);
+    expect(loraOf(graphedDb).size).toBeGreaterThan(loraOf(join(tmp, 'eager')).size); // the text encoder's layers too
+    expect(graphs[0]!.captures).toBe(1);
+    expect(graphs[0]!.replays).toBeGreaterThan(0);
+    expect(notices.some((m) => m.includes('such batches run eagerly'))).toBe(true); // 5 instance images, batch 2
   });
 
   it('falls back to eager steps, saying why: the CPU, accumulation, another optimizer, gradient checkpointing', async () => {

@@ -6,7 +6,7 @@ import {
   DREAMBOOTH_DEFAULTS as D, DREAMBOOTH_OPTION_RULES, PRIOR_GENERATION_PRECISION_CHOICES, dreamBoothProblems, dreamBoothWarnings, type DreamBoothOptions,
 } from '../training/dreambooth_options.js';
 import { OPTIM_FLAGS } from './optim_flags.js';
-import { flagParser, type FlagSpec, type FlagTable } from './train_args.js';
+import { DIFFLORA_FLAGS, flagParser, type FlagSpec, type FlagTable } from './train_args.js';
 import { BUCKETS_CAPTIONS_FLAGS } from './buckets_captions_flags.js';
 import { bucketsCaptionsProblems } from '../training/buckets_captions_options.js';
 import { LORA_VARIANT_FLAGS } from './lora_variant_flags.js';
@@ -50,6 +50,7 @@ export const DREAMBOOTH_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freez
   validation_images: { kind: 'string', group: 'Validation', describe: 'Images for image-conditioned validation (DeepFloyd IF). Refused: difflora has no such pipeline.' },
   class_labels_conditioning: { kind: 'string', group: 'Model', describe: "'timesteps': the timesteps as the UNet's class labels (only UNets with a class embedding use them; SD's have none)." },
   rank: shared('rank'),
+  cuda_graphs: DIFFLORA_FLAGS.cuda_graphs!,
   ...BUCKETS_CAPTIONS_FLAGS,
   ...OPTIM_FLAGS,
   ...LORA_VARIANT_FLAGS,

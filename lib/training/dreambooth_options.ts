@@ -18,7 +18,7 @@ const SHARED = [
   'numTrainEpochs', 'maxTrainSteps', 'gradientAccumulationSteps', 'gradientCheckpointing', 'enableXformersMemoryEfficientAttention',
   'learningRate', 'scaleLr', 'lrScheduler', 'lrWarmupSteps', 'adamBeta1', 'adamBeta2', 'adamWeightDecay', 'adamEpsilon', 'maxGradNorm',
   'allowTf32', 'mixedPrecision', 'outputDir', 'checkpointingSteps', 'checkpointsTotalLimit', 'resumeFromCheckpoint', 'validationPrompt',
-  'numValidationImages', 'validationEpochs', 'reportTo', 'loggingDir', 'seed', 'device',
+  'numValidationImages', 'validationEpochs', 'reportTo', 'loggingDir', 'seed', 'device', 'cudaGraphs',
 ] as const satisfies readonly (keyof TrainOptions)[];
 type Shared = (typeof SHARED)[number];
 

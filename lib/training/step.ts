@@ -346,6 +346,15 @@ export function drawStepInputs(s: Pick<TrainingStep, 'batch' | 'vae' | 'schedule
   });
 }
 
+/** priorPreservationStep without reading the losses back: the total loss tensor (a captured step). Call inside tidy(). */
+export function priorPreservationLossAndBackward(s: TrainingStep & { priorLossWeight: number }): Tensor {
+  const accumulationSteps = checkStep(s);
+  const p = predictNoise(s);
+  const l = priorPreservationLoss(p.modelPred, p.target, s.priorLossWeight);
+  backwardLoss(l.loss, accumulationSteps, s.scaler, s.lossScale);
+  return l.loss;
+}
+
 /** The losses of a prior-preservation step (train_dreambooth_lora.py): the total and its two terms. */
 export interface PriorPreservationLosses { loss: number; instanceLoss: number; priorLoss: number }
 

@@ -20,7 +20,7 @@ import { ParkedModel, latentCaching } from './cache_run.js';
 import type { LoraComponents } from './lora_components.js';
 import { saveModelCard } from './model_card.js';
 import { DREAMBOOTH_UNET_LORA_TARGETS, attachTextEncoderLora, loadTrainingModels, type TrainingModels } from './models.js';
-import { loraTrainingStep, priorPreservationStep, type TrainingStep } from './step.js';
+import { drawStepInputs, loraTrainingStep, lossAndBackward, priorPreservationLossAndBackward, priorPreservationStep, type TrainingStep } from './step.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { validateSavedLora, validateTrainingModels, type PretrainedSource } from './validation.js';
 
@@ -96,6 +96,26 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
         dispose(batch);
       }
     },
+    graphable: {
+      // the batch and the draws the step would make (the default generators, in its order), then the step on them
+      inputs: (batch) => {
+        const own: Record<string, Tensor | undefined> = { ...batch };
+        try {
+          Object.assign(own, drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler }, ctx.device));
+        } catch (e) {
+          dispose(Object.values(own));
+          throw e;
+        }
+        return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
+      },
+      lossAndBackward: (t, lossScale) => {
+        const step: TrainingStep = {
+          ...dreamBoothStep(o, models, ctx, { pixelValues: t.pixelValues, latentDist: t.latentDist, inputIds: t.inputIds, attentionMask: t.attentionMask, encoderHiddenStates: t.encoderHiddenStates }),
+          noise: t.noise, timesteps: t.timesteps, latentNoise: t.latentNoise, lossScale,
+        };
+        return o.withPriorPreservation ? priorPreservationLossAndBackward({ ...step, priorLossWeight: o.priorLossWeight }) : lossAndBackward(step);
+      },
+    },
     validate: async (epoch) => {
       if (o.validationPrompt === null) return;
       const dir = join(o.outputDir, 'validation', `epoch-${epoch}`);
@@ -118,11 +138,16 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
 
 /** The script's loop body: prior preservation splits the batch in instance and class halves; without it, plain MSE. */
 function dreamBoothMicroStep(o: ResolvedDreamBoothOptions, models: TrainingModels, ctx: TrainerContext, batch: DreamBoothBatch): number {
-  const step: TrainingStep = {
+  const step = dreamBoothStep(o, models, ctx, batch);
+  return o.withPriorPreservation ? priorPreservationStep({ ...step, priorLossWeight: o.priorLossWeight }).loss : loraTrainingStep(step);
+}
+
+/** The step's models and settings for a batch (its draws from the default generators). */
+function dreamBoothStep(o: ResolvedDreamBoothOptions, models: TrainingModels, ctx: TrainerContext, batch: DreamBoothBatch): TrainingStep {
+  return {
     unet: models.unet, vae: models.vae, scalingFactor: models.vae.scalingFactor, textEncoder: models.textEncoder, trainTextEncoder: o.trainTextEncoder, scheduler: models.noiseScheduler,
     batch, accumulationSteps: o.gradientAccumulationSteps, mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(),
   };
-  return o.withPriorPreservation ? priorPreservationStep({ ...step, priorLossWeight: o.priorLossWeight }).loss : loraTrainingStep(step);
 }
 
 /** --pre_compute_text_embeddings: the instance and class prompts encoded once by the frozen text encoder. */
