@@ -396,7 +396,8 @@ Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
       at::Tensor& d = denom[i];
       d.div_(biasCorrection2Sqrt.to(d.scalar_type()));
       d.add_(eps);
-      at::Tensor updated = target[i].mul(decay.to(target[i].scalar_type())).sub_(m[i].div(d).mul_(stepSize.to(d.scalar_type())));
+      // (m · stepSize) / denom, as addcdiv's kernel orders it: on the CPU the same bits as adamwStep
+      at::Tensor updated = target[i].mul(decay.to(target[i].scalar_type())).sub_(m[i].mul(stepSize.to(d.scalar_type())).div_(d));
       if (masked) {
         target[i].copy_(at::where(keep, updated, target[i]));
         expAvg[i].copy_(at::where(keep, m[i], expAvg[i]));

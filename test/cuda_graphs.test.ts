@@ -1,9 +1,10 @@
 // --cuda_graphs (issue #15), what can be checked without a GPU: the device-side optimizer step (no host sync) equals
-// the host-side one, overflow skips and loss-scale changes included; the capture driver, run with a stand-in graph that
-// reruns the recorded step on each replay, trains what the eager loop trains (warm-up, capture, replays, a smaller last
-// batch run eagerly, a failed capture, checkpoints and resume); the fallbacks say why; the CLI flag. The real capture
-// is checked on a GPU by bench/gpu/check.mjs ("CUDA graph step").
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+// the host-side one bit for bit, overflow skips and loss-scale changes included; the capture driver, run with a stand-in
+// graph that reruns the recorded step on each replay, trains what the eager loop trains, bit for bit (train,
+// train-dreambooth, train-sdxl; warm-up, capture, replays, a smaller last batch run eagerly, a failed capture,
+// checkpoints and resume); the fallbacks say why; the graphed pipeline; the CLI flags. The real capture is checked on a
+// GPU by bench/gpu/graphs.mjs.
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -84,16 +85,16 @@ describe('the device-side optimizer step', () => {
   }
 
   for (const scaled of [false, true]) {
-    it(`equals the host-side step over 10 steps (clipping, cosine schedule${scaled ? ', a GradScaler with an overflow and growth' : ''})`, () => {
+    it(`equals the host-side step bit for bit over 10 steps (clipping, cosine schedule${scaled ? ', a GradScaler with an overflow and growth' : ''})`, () => {
       const host = steps(false, scaled);
       const device = steps(true, scaled);
-      host.values.forEach((v, i) => expect(relErr(device.values[i]!, v)).toBeLessThan(1e-6));
+      host.values.forEach((v, i) => expect(device.values[i]).toEqual(v)); // on the CPU the same bits (addcdiv's order)
       expect(device.state).toEqual(host.state);
       expect(device.steps).toEqual(host.steps);
       expect(device.scaler).toEqual(host.scaler);
       expect(device.log.map((l) => l.stepped)).toEqual(host.log.map((l) => l.stepped));
       expect(device.log.map((l) => l.lr)).toEqual(host.log.map((l) => l.lr));
-      device.log.forEach((l, i) => expect(l.gradNorm!).toBeCloseTo(host.log[i]!.gradNorm!, 5));
+      expect(device.log.map((l) => l.gradNorm)).toEqual(host.log.map((l) => l.gradNorm));
       if (scaled) {
         expect(host.log[4]!.stepped).toBe(false); // the overflow skipped step 5 on both
         expect(host.scaler!.scale).not.toBe(2 ** 10); // and the scale moved (backoff, then growth)
@@ -164,14 +165,14 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
     await runTraining(sd(eager));
   });
 
-  it('trains what the eager loop trains: 3 warm-up steps, one capture, replays; the smaller last batches eagerly', async () => {
+  it('trains what the eager loop trains, bit for bit on the CPU: 3 warm-up steps, one capture, replays; the smaller last batches eagerly', async () => {
     const out = join(tmp, 'graphed');
     const graphs: RerunGraph[] = [];
     const notices: string[] = [];
     const live = memory().numTensors;
     await runTraining(sd(out, { cudaGraphs: true }), { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; }, onNotice: (m) => notices.push(m) });
     expect(memory().numTensors).toBe(live); // static inputs, gradients, report and device state all freed
-    expectSameRun(out, eager, 1e-5);
+    expectSameRun(out, eager, 0);
     expect(graphs).toHaveLength(1);
     // steps 1, 2 full; 3 the 1-image batch; 4, 5 full; 6 small; 7, 8 full → 6 full-batch steps: 3 warm-ups, 1 capture + replay, 2 replays
     expect({ runs: graphs[0]!.runs, captures: graphs[0]!.captures, replays: graphs[0]!.replays }).toEqual({ runs: 3, captures: 1, replays: 3 });
@@ -180,11 +181,11 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
     expect(notices.find((m) => m.includes('such batches run eagerly'))).toMatch(/pixelValues:float32\[1×3×32×32\].*differs from the captured .*pixelValues:float32\[2×3×32×32\]/);
   });
 
-  it('a failed capture says why once and the run goes on eagerly, to the same result', async () => {
+  it('a failed capture says why once and the run goes on eagerly, to the same result bit for bit', async () => {
     const out = join(tmp, 'failed-capture');
     const notices: string[] = [];
     await runTraining(sd(out, { cudaGraphs: true }), { makeGraph: () => new RerunGraph(true), onNotice: (m) => notices.push(m) });
-    expectSameRun(out, eager, 1e-5);
+    expectSameRun(out, eager, 0);
     expect(notices.filter((m) => m.includes('could not be captured'))).toEqual(['CUDA graphs: the step could not be captured (operation not permitted when stream is capturing); the steps run eagerly']);
   });
 
@@ -216,7 +217,7 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
     const graphs: RerunGraph[] = [];
     const notices: string[] = [];
     await runDreamBoothTraining({ ...base, outputDir: graphedDb, cudaGraphs: true }, { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; }, onNotice: (m) => notices.push(m) });
-    expectSameRun(graphedDb, eagerDb, 1e-5);
+    expectSameRun(graphedDb, eagerDb, 0);
     expect(loraOf(graphedDb).size).toBeGreaterThan(loraOf(join(tmp, 'eager')).size); // the text encoder's layers too
     expect(graphs[0]!.captures).toBe(1);
     expect(graphs[0]!.replays).toBeGreaterThan(0);
@@ -239,13 +240,28 @@ describe('--cuda_graphs, the capture driver with a stand-in graph', () => {
       expect(graphs).toHaveLength(0);
       if (Object.keys(more).length === 0) expect(readFileSync(join(out, 'pytorch_lora_weights.safetensors')).equals(readFileSync(join(eager, 'pytorch_lora_weights.safetensors')))).toBe(true);
     }
-    // train-sdxl takes the flag (shared with train) and says its step is not captured yet
-    const notices: string[] = [];
-    await runSdxlTraining({
-      pretrainedModelNameOrPath: join(fixtures, 'tiny-sdxl'), trainDataDir: data, resolution: 32, centerCrop: true, trainBatchSize: 2, maxTrainSteps: 1,
-      seed: 1, checkpointingSteps: null, device: 'cpu', reportTo: null, outputDir: join(tmp, 'xl'), cudaGraphs: true,
-    }, { onNotice: (m) => notices.push(m), makeGraph: () => new RerunGraph() });
-    expect(notices).toContain('CUDA graphs: off (this command has no capturable step yet); the steps run eagerly');
+  });
+
+  it('train-sdxl: it trains what the eager loop trains (the VAE in float32, the noise in the weight dtype, --debug_loss)', async () => {
+    const base = {
+      pretrainedModelNameOrPath: join(fixtures, 'tiny-sdxl'), trainDataDir: data, resolution: 32, centerCrop: true, randomFlip: true, trainBatchSize: 2,
+      maxTrainSteps: 8, learningRate: 1e-3, noiseOffset: 0.05, debugLoss: true, seed: 1, checkpointingSteps: null, device: 'cpu', reportTo: 'tensorboard' as const,
+    };
+    const eagerXl = join(tmp, 'xl-eager');
+    const graphedXl = join(tmp, 'xl-graphed');
+    await runSdxlTraining({ ...base, outputDir: eagerXl });
+    const graphs: RerunGraph[] = [];
+    await runSdxlTraining({ ...base, outputDir: graphedXl, cudaGraphs: true }, { makeGraph: () => { const g = new RerunGraph(); graphs.push(g); return g; } });
+    expectSameRun(graphedXl, eagerXl, 0);
+    expect({ runs: graphs[0]!.runs, captures: graphs[0]!.captures, replays: graphs[0]!.replays }).toEqual({ runs: 3, captures: 1, replays: 3 });
+    // --debug_loss: one loss_for_<file> scalar per image and step in both runs' event files
+    const tags = (dir: string) => {
+      const logs = join(dir, 'logs');
+      const files = readdirSync(logs, { recursive: true }).map(String).filter((f) => f.includes('tfevents'));
+      return files.map((f) => readFileSync(join(logs, f)).toString('latin1').match(/loss_for_\d\.png/g)?.length ?? 0).reduce((a, b) => a + b, 0);
+    };
+    expect(tags(graphedXl)).toBe(tags(eagerXl));
+    expect(tags(eagerXl)).toBeGreaterThan(0);
   });
 });
 

@@ -28,6 +28,8 @@ export interface GraphableStep<B> {
    * × lossScale (when given) goes backward; returns the undivided fp32 loss tensor. No host sync. Runs inside tidy().
    */
   lossAndBackward(inputs: Record<string, Tensor>, lossScale: Tensor | null): Tensor;
+  /** After each step, with its loss read back (e.g. SDXL's --debug_loss, per file of the batch last given to inputs). */
+  onLoss?(loss: number): void;
 }
 
 export interface GraphedStepOptions {
@@ -175,6 +177,7 @@ export class GraphedTrainStep<B> {
   /** Reads the step's report (the one host sync) and moves the host's bookkeeping on. */
   private finish(): { loss: number; outcome: StepOutcome } {
     const r = this.deviceStep.commit();
+    this.step.onLoss?.(r.loss);
     return { loss: r.loss, outcome: this.o.accumulator.recordDeviceStep({ stepped: r.stepped, gradNorm: r.gradNorm }) };
   }
 

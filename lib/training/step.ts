@@ -320,7 +320,7 @@ export interface StepDraws { latentNoise?: Tensor; noise: Tensor; timesteps: Ten
  * generator is a CPU one) and are placed on `device`. The latents' shape and dtype come from the batch (and the VAE's
  * config for images).
  */
-export function drawStepInputs(s: Pick<TrainingStep, 'batch' | 'vae' | 'scheduler' | 'generator' | 'noiseOffset'>, device: string): StepDraws {
+export function drawStepInputs(s: Pick<TrainingStep, 'batch' | 'vae' | 'scheduler' | 'generator' | 'noiseOffset'>, device: string, o: { latentsDtype?: Tensor['dtype'] } = {}): StepDraws {
   const { latents, latentDist, pixelValues } = s.batch;
   let shape: readonly number[];
   let dtype: Tensor['dtype'];
@@ -340,7 +340,8 @@ export function drawStepInputs(s: Pick<TrainingStep, 'batch' | 'vae' | 'schedule
   const like: Like = { dtype, device: device as Device };
   return tidy(() => {
     const latentNoise = sampled ? randnOn(shape, like, s.generator) : undefined;
-    const noise = sampleNoiseLike(shape, like, { noiseOffset: s.noiseOffset, generator: s.generator });
+    // the noise is drawn like the latents the UNet gets (SDXL casts the sampled latents to the weight dtype first)
+    const noise = sampleNoiseLike(shape, { dtype: o.latentsDtype ?? dtype, device: like.device }, { noiseOffset: s.noiseOffset, generator: s.generator });
     const timesteps = sampleTimesteps(shape[0] ?? 0, s.scheduler.config.num_train_timesteps, s.generator, device);
     return latentNoise ? { latentNoise, noise, timesteps } : { noise, timesteps };
   });

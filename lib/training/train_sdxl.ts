@@ -17,7 +17,8 @@ import { saveModelCard } from './model_card.js';
 import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.js';
 import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
 import { sdxlCondition, sdxlTimeIds, type SdxlPromptBatch } from './sdxl_step.js';
-import { eachItem, encodeLatents, loraTrainingStep, sampleLatentDist, type Conditioning } from './step.js';
+import { drawStepInputs, eachItem, encodeLatents, loraTrainingStep, lossAndBackward, sampleLatentDist, type Conditioning } from './step.js';
+import type { GraphableStep } from './graphed_step.js';
 import { openCaptionedImages } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { runPipelineValidation, type ValidationOptions } from './validation.js';
@@ -93,6 +94,7 @@ async function sdxlSpec(o: ResolvedSdxlTrainOptions, ctx: TrainerContext, hooks:
         dispose([batch.pixelValues, batch.latentDist, batch.inputIds, batch.inputIds2, batch.embeds, batch.pooled, batch.timeIds]);
       }
     },
+    graphable: sdxlGraphable(o, models, ctx),
     validate: async (epoch) => {
       if (o.validationPrompt === null) return;
       // the script's pipeline of the training models (vae, both text encoders, the UNet) with the model's scheduler
@@ -133,6 +135,42 @@ function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, 
     for (const f of batch.files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
   }
   return loss;
+}
+
+/**
+ * The loop body split for --cuda_graphs: the batch's tensors and the draws sdxlMicroStep makes (the default generators:
+ * the VAE's ε in the VAE's dtype, then noise and timesteps like the latents cast to the weight dtype), then the step on them.
+ */
+function sdxlGraphable(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext): GraphableStep<SdxlBatch> {
+  let files: string[] = []; // the last batch's, for --debug_loss
+  return {
+    inputs: (batch) => {
+      const { files: names, ...tensors } = batch;
+      files = names;
+      const own: Record<string, Tensor | undefined> = { ...tensors };
+      try {
+        Object.assign(own, drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler, noiseOffset: o.noiseOffset }, ctx.device, { latentsDtype: ctx.weightDtype }));
+      } catch (e) {
+        dispose(Object.values(own));
+        throw e;
+      }
+      return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
+    },
+    lossAndBackward: (t, lossScale) => {
+      const sampled = t.latentDist ? sampleLatentDist(t.latentDist, models.vae.scalingFactor, undefined, t.latentNoise) : encodeLatents(models.vae, t.pixelValues!, undefined, t.latentNoise);
+      const batch: SdxlBatch = { inputIds: t.inputIds, inputIds2: t.inputIds2, embeds: t.embeds, pooled: t.pooled, timeIds: t.timeIds!, files };
+      return lossAndBackward({
+        unet: models.unet, scheduler: models.noiseScheduler, batch: { latents: sampled.to(ctx.weightDtype) }, trainTextEncoder: o.trainTextEncoder,
+        condition: conditionOf(models, batch, o.trainTextEncoder), noise: t.noise, timesteps: t.timesteps, accumulationSteps: 1, lossScale,
+        mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), snrGamma: o.snrGamma, predictionType: o.predictionType,
+      });
+    },
+    onLoss: (loss) => {
+      if (!o.debugLoss) return;
+      const tb = ctx.logs.tensorboard();
+      for (const f of files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
+    },
+  };
 }
 
 /** The batch's SDXL conditioning: from the kept embeddings (--cache_text_embeddings) or both text encoders. */
