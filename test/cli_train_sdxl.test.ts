@@ -76,7 +76,7 @@ describe('difflora train-sdxl: the flags of train_text_to_image_lora_sdxl.py', (
     };
     const ours = Object.entries(SDXL_TRAIN_FLAGS);
     expect(ours.map(([n]) => `--${n}`).slice(0, ref.script.flags.length)).toEqual(ref.script.flags.map((f) => f.flag));
-    expect(ours.slice(ref.script.flags.length).map(([n]) => n)).toEqual(['skip_broken_images', ...Object.keys(BUCKETS_CAPTIONS_FLAGS), ...Object.keys(OPTIM_FLAGS), ...Object.keys(CACHE_FLAGS), 'lora_type', 'lora_alpha', 'lora_target_modules', 'conv_rank', 'conv_alpha', 'lokr_factor', 'export_kohya']);
+    expect(ours.slice(ref.script.flags.length).map(([n]) => n)).toEqual(['skip_broken_images', 'cuda_graphs', ...Object.keys(BUCKETS_CAPTIONS_FLAGS), ...Object.keys(OPTIM_FLAGS), ...Object.keys(CACHE_FLAGS), 'lora_type', 'lora_alpha', 'lora_target_modules', 'conv_rank', 'conv_alpha', 'lokr_factor', 'export_kohya']);
     const kinds: Record<string, string> = { str: 'string', int: 'int', float: 'float' };
     for (const f of ref.script.flags) {
       const spec = SDXL_TRAIN_FLAGS[f.flag.slice(2)]!;
