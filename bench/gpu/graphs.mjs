@@ -33,7 +33,7 @@ const DTYPE = { fp32: 'float32', bf16: 'bfloat16', fp16: 'float16' };
  * 10 steps of one way: 'graph' (a real CUDA graph), 'rerun' (the same device-side step, eager), 'host' (the host-side
  * optimizer step). Same models, LoRA init, batch and per-step draws for all three.
  */
-function train(way, prec) {
+function train(way, prec, { gc = false } = {}) {
   torch.manualSeed(0);
   const dtype = DTYPE[prec];
   const load = (cls, sub) => cls.fromPretrained(fx, { subfolder: sub, dtype, device }).eval().requiresGrad_(false);
@@ -42,6 +42,7 @@ function train(way, prec) {
   const unet = load(UNet2DConditionModel, 'unet');
   const lora = attachLora(unet, { rank: 4, alpha: 4, init: 'gaussian' });
   unet.train();
+  if (gc) unet.enableGradientCheckpointing(true);
   const scheduler = DDPMScheduler.fromPretrained(fx, { subfolder: 'scheduler' });
   const g = new Generator('cpu');
   g.manualSeed(1);
@@ -61,12 +62,13 @@ function train(way, prec) {
   });
   let step = 0;
   let graphed = null;
+  const notices = [];
   if (way !== 'host') {
     graphed = new GraphedTrainStep({
       inputs: () => ({ pixelValues: batch.pixelValues.clone(), inputIds: batch.inputIds.clone(), ...draws(step) }),
       lossAndBackward: (t, lossScale) => lossAndBackward(args(t, lossScale)),
     }, {
-      device, params, optimizer, scaler, maxGradNorm: 1, accumulator, maxTrainSteps: STEPS, onNotice: (m) => console.log(`     ${way} ${prec}: ${m}`),
+      device, params, optimizer, scaler, maxGradNorm: 1, accumulator, maxTrainSteps: STEPS, onNotice: (m) => { notices.push(m); console.log(`     ${way} ${prec}${gc ? ' gc' : ''}: ${m}`); },
       ...(way === 'rerun' ? { makeGraph: () => { let fn = null; return { run: (f) => f(), capture: (f) => { fn = f; }, replay: () => fn(), dispose: () => { fn = null; } }; } } : {}),
     });
   }
@@ -90,7 +92,7 @@ function train(way, prec) {
   optimizer.dispose();
   torch.dispose(Object.values(batch));
   for (const m of [vae, textEncoder, unet]) m.dispose();
-  return { losses, values, flat: liveAfterCapture === live, live, liveAfterCapture, scale: scaler?.scale };
+  return { losses, values, flat: liveAfterCapture === live, live, liveAfterCapture, scale: scaler?.scale, captured: !notices.some((m) => /could not|no graph/.test(m)), notices };
 }
 
 const compare = (name, a, b, tol) => {
@@ -104,6 +106,11 @@ try {
   report(graph.flat, 'fp32 graph: live tensors flat over the replays', `${graph.liveAfterCapture} → ${graph.live}`);
   compare('fp32: captured step = the same step eager', graph, train('rerun', 'fp32'), 1e-5);
   compare('fp32: captured step = the host-side step (loraTrainingStep + optimizerStep)', graph, train('host', 'fp32'), 1e-5);
+  report(graph.captured, 'fp32: the step was captured', graph.notices.join(' | '));
+  // gradient checkpointing under capture (--cuda_graphs refuses it until this shows it works): informational
+  const gc = train('graph', 'fp32', { gc: true });
+  console.log(`info gradient checkpointing: ${gc.captured ? 'captured' : 'not captured'} (${gc.notices.join(' | ')})`);
+  if (gc.captured) compare('fp32 + gradient checkpointing: captured step = the same step eager', gc, train('rerun', 'fp32', { gc: true }), 1e-5);
   for (const prec of ['bf16', 'fp16']) {
     const a = train('graph', prec);
     const b = train('rerun', prec);

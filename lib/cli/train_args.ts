@@ -183,7 +183,7 @@ export const TRAIN_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
 /** Flags difflora adds to the script's (not in train_text_to_image_lora.py). */
 export const DIFFLORA_FLAGS: Readonly<Record<string, FlagSpec>> = Object.freeze({
   skip_broken_images: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.skipBrokenImages, describe: 'Skip images that cannot be read (corrupt, truncated, unsupported), counting them and naming them at the end, instead of stopping the run with an error naming the file.' },
-  cuda_graphs: { kind: 'boolean', group: 'difflora (not in the Python script)', describe: 'Record the whole training step in a CUDA graph after 3 warm-up steps and replay it (CUDA, AdamW, no gradient accumulation, one process; otherwise it says why and runs eagerly). Off by default until checked on a GPU.' },
+  cuda_graphs: { kind: 'boolean', group: 'difflora (not in the Python script)', default: D.cudaGraphs, describe: 'Record the whole training step in a CUDA graph after 3 warm-up steps and replay it (CUDA, AdamW, no gradient accumulation, one process; otherwise it says why and runs eagerly). Off by default until checked on a GPU.' },
   ...BUCKETS_CAPTIONS_FLAGS,
   ...OPTIM_FLAGS,
 } satisfies Record<string, FlagSpec>);
