@@ -5,6 +5,8 @@
 
 #include <c10/core/GradMode.h>
 
+#include <cstdlib>
+
 namespace difflora {
 namespace {
 
@@ -375,6 +377,23 @@ Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
     for (size_t i = 0; i < grads.size(); ++i) {
       g[i] = grads[i].scalar_type() == target[i].scalar_type() ? grads[i] : grads[i].to(target[i].scalar_type());
     }
+#ifdef DIFFLORA_FUSED_ADAMW
+    // CUDA, libtorch 2.x: one multi-tensor kernel (torch.optim.AdamW(fused=True)'s), which reads the step count and the
+    // learning rate on the device and skips a flagged step by itself. DIFFLORA_NO_FUSED_ADAMW=1 keeps the op-by-op path.
+    if (target[0].is_cuda() && std::getenv("DIFFLORA_NO_FUSED_ADAMW") == nullptr) {
+      at::Tensor advance = masked ? foundInf.eq(0).to(stepCount.scalar_type()) : at::ones_like(stepCount);
+      stepCount.add_(advance);  // the kernel reads the new count (as torch's _fused_adamw does after its += 1)
+      at::Tensor lr = lrTable.index_select(0, lrStep.to(at::kLong).reshape({1})).to(at::kFloat).reshape({});
+      std::vector<at::Tensor> steps(target.size(), stepCount.reshape({}));
+      at::_fused_adamw_(target, g, expAvg, expAvgSq, {}, steps, lr, beta1, beta2, weightDecay, eps, false, false, c10::nullopt,
+                        masked ? c10::optional<at::Tensor>(foundInf) : c10::nullopt);
+      if (useMasters) {
+        for (size_t i = 0; i < params.size(); ++i) params[i].copy_(masters[i]);
+      }
+      lrStep.add_(advance.to(lrStep.scalar_type()));
+      return;
+    }
+#endif
     at::Tensor keep = masked ? foundInf.eq(0) : at::Tensor();
     at::Tensor advance = masked ? keep.to(at::kDouble) : at::ones({1}, stepCount.options().dtype(at::kDouble));
     at::Tensor step = stepCount.to(at::kDouble) + 1;

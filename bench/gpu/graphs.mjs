@@ -1,5 +1,6 @@
 // --cuda_graphs on a GPU (issue #15): the training step recorded in a real CUDA graph and replayed gives the same
-// losses and LoRA as the same step run eagerly, and as the host-side path (loraTrainingStep + optimizerStep): tiny-sd,
+// losses and LoRA as the same step run eagerly, and as the host-side path (loraTrainingStep + optimizerStep), with the
+// device-side AdamW as libtorch's fused kernel (2.x) and op by op: tiny-sd,
 // 10 steps, fp32 with TF32 off (relative error ≤ 1e-5), then bf16 and fp16 (GradScaler) against the eager device-side
 // step; live tensors flat over the replays. Exits non-zero on a failure. No test runner on the device machine.
 //   node bench/gpu/graphs.mjs [device]      (after the addon is built against a CUDA libtorch and `npm run build:ts`)
@@ -105,7 +106,12 @@ try {
   const graph = train('graph', 'fp32');
   report(graph.flat, 'fp32 graph: live tensors flat over the replays', `${graph.liveAfterCapture} → ${graph.live}`);
   compare('fp32: captured step = the same step eager', graph, train('rerun', 'fp32'), 1e-5);
-  compare('fp32: captured step = the host-side step (loraTrainingStep + optimizerStep)', graph, train('host', 'fp32'), 1e-5);
+  const host = train('host', 'fp32');
+  compare('fp32: captured step = the host-side step (loraTrainingStep + optimizerStep)', graph, host, 1e-5);
+  // the device-side AdamW op by op (libtorch without the fused kernel, or DIFFLORA_NO_FUSED_ADAMW=1) against the same
+  process.env.DIFFLORA_NO_FUSED_ADAMW = '1';
+  compare('fp32: captured step, AdamW op by op = the host-side step', train('graph', 'fp32'), host, 1e-5);
+  delete process.env.DIFFLORA_NO_FUSED_ADAMW;
   report(graph.captured, 'fp32: the step was captured', graph.notices.join(' | '));
   // gradient checkpointing under capture (--cuda_graphs refuses it until this shows it works): informational
   const gc = train('graph', 'fp32', { gc: true });
