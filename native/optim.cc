@@ -87,6 +87,9 @@ Napi::Value ClipGradNorm(const Napi::CallbackInfo& info) {
     if (std::isinf(normType)) {
       for (auto& g : grads) norms.push_back(g.abs().max().to(device));
       totalNorm = norms.size() == 1 ? norms[0] : at::stack(norms).max();
+    } else if (device.is_cuda()) {
+      norms = at::_foreach_norm(grads, normType);  // one multi-tensor kernel, as clip_grad_norm_ on CUDA
+      totalNorm = at::norm(at::stack(norms), normType);
     } else {
       for (auto& g : grads) norms.push_back(at::norm(g, normType).to(device));
       totalNorm = at::norm(at::stack(norms), normType);
@@ -94,6 +97,12 @@ Napi::Value ClipGradNorm(const Napi::CallbackInfo& info) {
     // Python evaluates `max_norm / (total + 1e-6)` as reciprocal() * max_norm; kept for equal bits.
     at::Tensor coef = (totalNorm + 1e-6).reciprocal() * maxNorm;
     at::Tensor clamped = at::clamp(coef, c10::nullopt, 1.0);
+#if DIFFLORA_TORCH_AT_LEAST(2, 1)
+    if (device.is_cuda()) {
+      at::_foreach_mul_(grads, clamped);  // a tensor factor in one kernel (libtorch >= 2.1), as clip_grad_norm_
+      return totalNorm;
+    }
+#endif
     for (auto& g : grads) g.mul_(clamped.to(g.device()));
     return totalNorm;
   });
