@@ -10,7 +10,7 @@ const A = {
   embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
-  sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'),
+  sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'), headsAttention: op('difflora::heads_attention'),
 };
 
 export function linear(input: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
@@ -118,8 +118,7 @@ export interface AttentionOptions {
  */
 export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions = {}): Tensor {
   const scale = o.scale ?? 1 / Math.sqrt(q.shape[q.shape.length - 1] ?? 1);
-  nativeSdpa ??= hasOp('scaled_dot_product_attention') && process.env.DIFFLORA_SDPA !== 'composite';
-  if (nativeSdpa && !o.isCausal) {
+  if (hasFusedAttention() && !o.isCausal) {
     return A.sdpa(q, k, v, o.attnMask ?? null, o.dropoutP ?? 0, false, scale) as Tensor;
   }
   if (o.memoryEfficient && !o.isCausal && !o.dropoutP && sameLead(q, k, v)) {
@@ -128,6 +127,23 @@ export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: At
     if (chunk < (q.shape[q.shape.length - 2] ?? 0)) return A.chunkedAttention(q, k, v, o.attnMask ?? null, scale, chunk) as Tensor;
   }
   return attentionComposite(q, k, v, scale, o);
+}
+
+/** Whether scaledDotProductAttention runs libtorch's fused kernel (libtorch 2.x; DIFFLORA_SDPA=composite turns it off). */
+export function hasFusedAttention(): boolean {
+  nativeSdpa ??= hasOp('scaled_dot_product_attention') && process.env.DIFFLORA_SDPA !== 'composite';
+  return nativeSdpa;
+}
+
+/**
+ * softmax(scale · q kᵀ) v per head on the projections' layout: q [B, Lq, heads·d], k [B, Lk, heads·d],
+ * v [B, Lk, heads·dv] → [B, Lq, heads·dv], no mask. diffusers' AttnProcessor between the projections
+ * (head_to_batch_dim, baddbmm, softmax, bmm, batch_to_head_dim) as one operator (native/attention.cc): on the CPU
+ * in float32 its GEMMs read and write the heads in place (no head reshape copies, the scale on the GEMM's alpha),
+ * with a hand-written backward of the same arithmetic; elsewhere the same composition in ATen ops.
+ */
+export function headsAttention(q: Tensor, k: Tensor, v: Tensor, heads: number, scale: number): Tensor {
+  return A.headsAttention(q, k, v, heads, scale) as Tensor;
 }
 
 /** q, k, v with the same leading (batch, head) dimensions, and k, v of one length: what the chunked kernel takes. */
