@@ -11,10 +11,21 @@ const A = {
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
   sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'), headsAttention: op('difflora::heads_attention'),
+  loraLinear: op('difflora::lora_linear'),
 };
 
 export function linear(input: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
   return A.linear(input, weight, bias ?? null) as Tensor;
+}
+
+/**
+ * PEFT's lora.Linear with one adapter: linear(x, weight, bias) + linear(linear(x, loraA), loraB) · scale, as one
+ * operator (native/lora.cc). On the CPU in float32 with a frozen base and no autocast, the adapter's product is
+ * accumulated into the base output by the GEMM and backward sums both branches' input gradients in one buffer;
+ * elsewhere it is that composition op by op.
+ */
+export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA: Tensor, loraB: Tensor, scale: number): Tensor {
+  return A.loraLinear(x, weight, bias, loraA, loraB, scale) as Tensor;
 }
 
 export interface Conv2dOptions { stride?: number | number[]; padding?: number | number[]; dilation?: number | number[]; groups?: number }
