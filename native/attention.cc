@@ -145,24 +145,40 @@ at::Tensor GemmReady(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// Heads are processed in groups whose scores take at most this many bytes, so that a group's scores, probabilities
+// and their gradients stay in the core's cache between the GEMMs and softmax that use them: only the probabilities
+// (kept for backward, as autograd keeps them for the composition) travel to and from memory.
+constexpr int64_t kGroupBytes = 512 * 1024;
+
+int64_t HeadsPerGroup(int64_t bh, int64_t lq, int64_t lk) {
+  return std::max<int64_t>(1, std::min<int64_t>(bh, kGroupBytes / (lq * lk * static_cast<int64_t>(sizeof(float)))));
+}
+
 struct HeadsAttention : torch::autograd::Function<HeadsAttention> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t heads, double scale) {
     const SgemmFn f = FindSgemm();
-    const int64_t B = q.size(0), lq = q.size(1), lk = k.size(1), d = q.size(2) / heads, dv = v.size(2) / heads;
+    const int64_t B = q.size(0), lq = q.size(1), lk = k.size(1), d = q.size(2) / heads, dv = v.size(2) / heads, bh = B * heads, ss = lq * lk;
     const HeadView Q = Heads(q, d), K = Heads(k, d), V = Heads(v, dv);
-    at::Tensor scores = at::empty({B * heads, lq, lk}, q.options());
-    float* s = scores.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < heads; ++h)
-        Gemm(f, false, true, lq, lk, d, static_cast<float>(scale), Q.at(b, h), Q.rowStride, K.at(b, h), K.rowStride, 0.f, s + (b * heads + h) * lq * lk, lk);
-    at::Tensor probs = at::_softmax(scores, -1, false);
-    scores.reset();
+    const int64_t group = HeadsPerGroup(bh, lq, lk);
+    at::Tensor probs = at::empty({bh, lq, lk}, q.options());
+    at::Tensor scores = at::empty({group, lq, lk}, q.options());
     at::Tensor out = at::empty({B, lq, heads * dv}, q.options());
+    float* s = scores.data_ptr<float>();
     const float* p = probs.data_ptr<float>();
     float* o = out.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t h = 0; h < heads; ++h)
-        Gemm(f, false, false, lq, dv, lk, 1.f, p + (b * heads + h) * lq * lk, lk, V.at(b, h), V.rowStride, 0.f, o + b * lq * heads * dv + h * dv, heads * dv);
+    for (int64_t g0 = 0; g0 < bh; g0 += group) {
+      const int64_t n = std::min(group, bh - g0);
+      for (int64_t i = g0; i < g0 + n; ++i) {  // scale · q kᵀ
+        const int64_t b = i / heads, h = i % heads;
+        Gemm(f, false, true, lq, lk, d, static_cast<float>(scale), Q.at(b, h), Q.rowStride, K.at(b, h), K.rowStride, 0.f, s + (i - g0) * ss, lk);
+      }
+      at::Tensor pg = probs.narrow(0, g0, n);
+      at::_softmax_out(pg, scores.narrow(0, 0, n), -1, false);
+      for (int64_t i = g0; i < g0 + n; ++i) {  // P v
+        const int64_t b = i / heads, h = i % heads;
+        Gemm(f, false, false, lq, dv, lk, 1.f, p + i * ss, lk, V.at(b, h), V.rowStride, 0.f, o + b * lq * heads * dv + h * dv, heads * dv);
+      }
+    }
     ctx->save_for_backward({q, k, v, probs});
     ctx->saved_data["heads"] = heads;
     ctx->saved_data["scale"] = scale;
@@ -176,45 +192,47 @@ struct HeadsAttention : torch::autograd::Function<HeadsAttention> {
     const float scale = static_cast<float>(ctx->saved_data["scale"].toDouble());
     const SgemmFn f = FindSgemm();
     const at::Tensor dout = GemmReady(gradOutputs[0]);
-    const int64_t B = q.size(0), lq = q.size(1), lk = k.size(1), d = q.size(2) / heads, dv = v.size(2) / heads;
+    const int64_t B = q.size(0), lq = q.size(1), lk = k.size(1), d = q.size(2) / heads, dv = v.size(2) / heads, bh = B * heads, ss = lq * lk;
     const HeadView Q = Heads(q, d), K = Heads(k, d), V = Heads(v, dv), G = Heads(dout, dv);
     const float* p = probs.data_ptr<float>();
-    const int64_t ss = lq * lk;  // one head's scores
-    at::Tensor dv_;
-    if (ctx->needs_input_grad(2)) {  // dV = Pᵀ dO
-      dv_ = at::empty({B, lk, heads * dv}, v.options());
-      float* o = dv_.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < heads; ++h)
-          Gemm(f, true, false, lk, dv, lq, 1.f, p + (b * heads + h) * ss, lk, G.at(b, h), G.rowStride, 0.f, o + b * lk * heads * dv + h * dv, heads * dv);
+    const bool needQ = ctx->needs_input_grad(0), needK = ctx->needs_input_grad(1), needV = ctx->needs_input_grad(2);
+    at::Tensor dq = needQ ? at::empty({B, lq, heads * d}, q.options()) : at::Tensor();
+    at::Tensor dk = needK ? at::empty({B, lk, heads * d}, k.options()) : at::Tensor();
+    at::Tensor dvt = needV ? at::empty({B, lk, heads * dv}, v.options()) : at::Tensor();
+    const int64_t group = HeadsPerGroup(bh, lq, lk);
+    at::Tensor dp, ds;
+    if (needQ || needK) {
+      dp = at::empty({group, lq, lk}, q.options());
+      ds = at::empty({group, lq, lk}, q.options());
     }
-    at::Tensor dq, dk;
-    if (ctx->needs_input_grad(0) || ctx->needs_input_grad(1)) {
+    for (int64_t g0 = 0; g0 < bh; g0 += group) {
+      const int64_t n = std::min(group, bh - g0);
+      if (needV) {  // dV = Pᵀ dO
+        float* o = dvt.data_ptr<float>();
+        for (int64_t i = g0; i < g0 + n; ++i) {
+          const int64_t b = i / heads, h = i % heads;
+          Gemm(f, true, false, lk, dv, lq, 1.f, p + i * ss, lk, G.at(b, h), G.rowStride, 0.f, o + b * lk * heads * dv + h * dv, heads * dv);
+        }
+      }
+      if (!needQ && !needK) continue;
       // dP = dO Vᵀ, then softmax's backward dS = P ⊙ (dP − Σ dP ⊙ P); the scale rides on the next GEMMs' alpha
-      at::Tensor dp = at::empty({B * heads, lq, lk}, q.options());
       float* dps = dp.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t h = 0; h < heads; ++h)
-          Gemm(f, false, true, lq, lk, dv, 1.f, G.at(b, h), G.rowStride, V.at(b, h), V.rowStride, 0.f, dps + (b * heads + h) * ss, lk);
-      const at::Tensor ds = at::_softmax_backward_data(dp, probs, -1, probs.scalar_type());
-      dp.reset();
-      const float* dss = ds.data_ptr<float>();
-      if (ctx->needs_input_grad(0)) {  // dQ = scale · dS K
-        dq = at::empty({B, lq, heads * d}, q.options());
-        float* o = dq.data_ptr<float>();
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t h = 0; h < heads; ++h)
-            Gemm(f, false, false, lq, d, lk, scale, dss + (b * heads + h) * ss, lk, K.at(b, h), K.rowStride, 0.f, o + b * lq * heads * d + h * d, heads * d);
+      for (int64_t i = g0; i < g0 + n; ++i) {
+        const int64_t b = i / heads, h = i % heads;
+        Gemm(f, false, true, lq, lk, dv, 1.f, G.at(b, h), G.rowStride, V.at(b, h), V.rowStride, 0.f, dps + (i - g0) * ss, lk);
       }
-      if (ctx->needs_input_grad(1)) {  // dK = scale · dSᵀ Q
-        dk = at::empty({B, lk, heads * d}, k.options());
-        float* o = dk.data_ptr<float>();
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t h = 0; h < heads; ++h)
-            Gemm(f, true, false, lk, d, lq, scale, dss + (b * heads + h) * ss, lk, Q.at(b, h), Q.rowStride, 0.f, o + b * lk * heads * d + h * d, heads * d);
+      at::Tensor dsg = ds.narrow(0, 0, n);
+      at::_softmax_backward_data_out(dsg, dp.narrow(0, 0, n), probs.narrow(0, g0, n), -1, probs.scalar_type());
+      const float* dss = ds.data_ptr<float>();
+      for (int64_t i = g0; i < g0 + n; ++i) {
+        const int64_t b = i / heads, h = i % heads;
+        if (needQ)  // dQ = scale · dS K
+          Gemm(f, false, false, lq, d, lk, scale, dss + (i - g0) * ss, lk, K.at(b, h), K.rowStride, 0.f, dq.data_ptr<float>() + b * lq * heads * d + h * d, heads * d);
+        if (needK)  // dK = scale · dSᵀ Q
+          Gemm(f, true, false, lk, d, lq, scale, dss + (i - g0) * ss, lk, Q.at(b, h), Q.rowStride, 0.f, dk.data_ptr<float>() + b * lk * heads * d + h * d, heads * d);
       }
     }
-    return {dq, dk, dv_, at::Tensor(), at::Tensor()};
+    return {dq, dk, dvt, at::Tensor(), at::Tensor()};
   }
 };
 
