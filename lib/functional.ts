@@ -6,7 +6,7 @@ import { hasOp, op } from './ops.js';
 import { Tensor } from './tensor.js';
 
 const A = {
-  linear: op('linear'), chunkedAttention: op('difflora::chunked_attention'), conv2d: op('difflora::conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
+  linear: op('linear'), chunkedAttention: op('difflora::chunked_attention'), conv2d: op('difflora::conv2d'), atenConv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
   embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
@@ -31,10 +31,17 @@ export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA
 export interface Conv2dOptions { stride?: number | number[]; padding?: number | number[]; dilation?: number | number[]; groups?: number }
 /**
  * aten::conv2d through difflora::conv2d (native/conv.cc): on libtorch 1.x a frozen float32 CPU weight at least as
- * large as the output is kept in oneDNN's layout between calls instead of being reordered by every call.
+ * large as the output is kept in oneDNN's layout between calls instead of being reordered by every call (one more
+ * copy of such a weight while it lives, two once its input gradient has been needed).
  */
 export function conv2d(input: Tensor, weight: Tensor, bias?: Tensor | null, o: Conv2dOptions = {}): Tensor {
-  return A.conv2d(input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1) as Tensor;
+  const args = [input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1];
+  try {
+    return A.conv2d(...args) as Tensor;
+  } catch {
+    // the error as aten::conv2d reports it, naming aten::conv2d and its inputs (what difflora::conv2d runs otherwise)
+    return A.atenConv2d(...args) as Tensor;
+  }
 }
 
 /**

@@ -84,7 +84,11 @@ export class LoraLinear extends LoraLayer {
     const s = this.scalingOf(this.adapterName);
     const dtype = this.lora_A.weight.dtype;
     if (s === 0 || x.dtype !== dtype || this.base_layer.weight.dtype !== dtype) return null;
-    return F.loraLinear(x, this.base_layer.weight, this.base_layer.bias, this.lora_A.weight, this.lora_B.weight, s);
+    try {
+      return F.loraLinear(x, this.base_layer.weight, this.base_layer.bias, this.lora_A.weight, this.lora_B.weight, s);
+    } catch {
+      return null; // the general path reports it as before, naming the ATen op and its inputs
+    }
   }
 
   get inFeatures(): number { return this.base_layer.inFeatures; }
