@@ -6,20 +6,42 @@ import { hasOp, op } from './ops.js';
 import { Tensor } from './tensor.js';
 
 const A = {
-  linear: op('linear'), chunkedAttention: op('difflora::chunked_attention'), conv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
+  linear: op('linear'), chunkedAttention: op('difflora::chunked_attention'), conv2d: op('difflora::conv2d'), atenConv2d: op('conv2d'), groupNorm: op('group_norm'), layerNorm: op('layer_norm'),
   embedding: op('embedding'), dropout: op('dropout'), nearest: op('upsample_nearest2d.vec'),
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
-  sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'),
+  sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'), headsAttention: op('difflora::heads_attention'),
+  loraLinear: op('difflora::lora_linear'),
 };
 
 export function linear(input: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
   return A.linear(input, weight, bias ?? null) as Tensor;
 }
 
+/**
+ * PEFT's lora.Linear with one adapter: linear(x, weight, bias) + linear(linear(x, loraA), loraB) · scale, as one
+ * operator (native/lora.cc). On the CPU in float32 with a frozen base and no autocast, the adapter's product is
+ * accumulated into the base output by the GEMM and backward sums both branches' input gradients in one buffer;
+ * elsewhere it is that composition op by op.
+ */
+export function loraLinear(x: Tensor, weight: Tensor, bias: Tensor | null, loraA: Tensor, loraB: Tensor, scale: number): Tensor {
+  return A.loraLinear(x, weight, bias, loraA, loraB, scale) as Tensor;
+}
+
 export interface Conv2dOptions { stride?: number | number[]; padding?: number | number[]; dilation?: number | number[]; groups?: number }
+/**
+ * aten::conv2d through difflora::conv2d (native/conv.cc): on libtorch 1.x a frozen float32 CPU weight at least as
+ * large as the output is kept in oneDNN's layout between calls instead of being reordered by every call (one more
+ * copy of such a weight while it lives, two once its input gradient has been needed).
+ */
 export function conv2d(input: Tensor, weight: Tensor, bias?: Tensor | null, o: Conv2dOptions = {}): Tensor {
-  return A.conv2d(input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1) as Tensor;
+  const args = [input, weight, bias ?? null, o.stride ?? 1, o.padding ?? 0, o.dilation ?? 1, o.groups ?? 1];
+  try {
+    return A.conv2d(...args) as Tensor;
+  } catch {
+    // the error as aten::conv2d reports it, naming aten::conv2d and its inputs (what difflora::conv2d runs otherwise)
+    return A.atenConv2d(...args) as Tensor;
+  }
 }
 
 /**
@@ -118,8 +140,7 @@ export interface AttentionOptions {
  */
 export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: AttentionOptions = {}): Tensor {
   const scale = o.scale ?? 1 / Math.sqrt(q.shape[q.shape.length - 1] ?? 1);
-  nativeSdpa ??= hasOp('scaled_dot_product_attention') && process.env.DIFFLORA_SDPA !== 'composite';
-  if (nativeSdpa && !o.isCausal) {
+  if (hasFusedAttention() && !o.isCausal) {
     return A.sdpa(q, k, v, o.attnMask ?? null, o.dropoutP ?? 0, false, scale) as Tensor;
   }
   if (o.memoryEfficient && !o.isCausal && !o.dropoutP && sameLead(q, k, v)) {
@@ -128,6 +149,23 @@ export function scaledDotProductAttention(q: Tensor, k: Tensor, v: Tensor, o: At
     if (chunk < (q.shape[q.shape.length - 2] ?? 0)) return A.chunkedAttention(q, k, v, o.attnMask ?? null, scale, chunk) as Tensor;
   }
   return attentionComposite(q, k, v, scale, o);
+}
+
+/** Whether scaledDotProductAttention runs libtorch's fused kernel (libtorch 2.x; DIFFLORA_SDPA=composite turns it off). */
+export function hasFusedAttention(): boolean {
+  nativeSdpa ??= hasOp('scaled_dot_product_attention') && process.env.DIFFLORA_SDPA !== 'composite';
+  return nativeSdpa;
+}
+
+/**
+ * softmax(scale · q kᵀ) v per head on the projections' layout: q [B, Lq, heads·d], k [B, Lk, heads·d],
+ * v [B, Lk, heads·dv] → [B, Lq, heads·dv], no mask. diffusers' AttnProcessor between the projections
+ * (head_to_batch_dim, baddbmm, softmax, bmm, batch_to_head_dim) as one operator (native/attention.cc): on the CPU
+ * in float32 its GEMMs read and write the heads in place (no head reshape copies, the scale on the GEMM's alpha),
+ * with a hand-written backward of the same arithmetic; elsewhere the same composition in ATen ops.
+ */
+export function headsAttention(q: Tensor, k: Tensor, v: Tensor, heads: number, scale: number): Tensor {
+  return A.headsAttention(q, k, v, heads, scale) as Tensor;
 }
 
 /** q, k, v with the same leading (batch, head) dimensions, and k, v of one length: what the chunked kernel takes. */

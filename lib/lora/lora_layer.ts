@@ -143,9 +143,14 @@ export abstract class LoraLayer extends Module {
   /** The adapters folded into the base weight ([] when not merged). */
   get mergedAdapters(): string[] { return [...(mergedState.get(this)?.adapters ?? [])]; }
 
+  /** The layer's output by one fused operator when its case allows (LoraLinear: one plain LoRA adapter), else null. */
+  protected fusedForward(_x: Tensor): Tensor | null { return null; }
+
   forward(x: Tensor): Tensor {
     // Disabled while merged: take the delta out first, as PEFT does.
     if (!this.enabled && this.merged) this.unmerge();
+    const fused = this.enabled && !this.merged ? this.fusedForward(x) : null;
+    if (fused) return fused;
     const result = this.base_layer.forward(x);
     if (!this.enabled || this.merged) return result;
     let out = result;

@@ -71,6 +71,26 @@ export class LoraLinear extends LoraLayer {
 
   protected applyWeight(x: Tensor, weight: Tensor): Tensor { return F.linear(x, weight); }
 
+  /**
+   * One plain LoRA adapter (the training case): base_layer(x) + lora_B(lora_A(x)) · scaling as one operator
+   * (F.loraLinear: the adapter's product accumulated into the base output by the GEMM, one autograd node), when
+   * no dropout draws and x, the base and the adapter share a dtype. Several adapters, DoRA, LoHa/LoKr, dropout
+   * or a dtype cast take the general path of LoraLayer.forward.
+   */
+  protected override fusedForward(x: Tensor): Tensor | null {
+    const active = this.activeAdapters;
+    if (this.vacant || this.lora_magnitude_vector || active.length !== 1 || active[0] !== this.adapterName) return null;
+    if (this.lora_dropout.training && this.lora_dropout.p !== 0) return null;
+    const s = this.scalingOf(this.adapterName);
+    const dtype = this.lora_A.weight.dtype;
+    if (s === 0 || x.dtype !== dtype || this.base_layer.weight.dtype !== dtype) return null;
+    try {
+      return F.loraLinear(x, this.base_layer.weight, this.base_layer.bias, this.lora_A.weight, this.lora_B.weight, s);
+    } catch {
+      return null; // the general path reports it as before, naming the ATen op and its inputs
+    }
+  }
+
   get inFeatures(): number { return this.base_layer.inFeatures; }
   get outFeatures(): number { return this.base_layer.outFeatures; }
 

@@ -100,6 +100,12 @@ export class AttnProcessor implements AttentionProcessor {
     let x = image ? hiddenStates.view(b, c, h * w).transpose(1, 2) : hiddenStates;
     if (attn.group_norm) x = attn.group_norm.forward(x.transpose(1, 2)).transpose(1, 2);
     const context = encoderHiddenStates ?? x;
+    if (this.headsOnProjections(x, attentionMask)) {
+      // libtorch without a fused kernel (1.13), CPU float32, no mask: one operator on the projections' layout
+      let out = F.headsAttention(attn.to_q.forward(x), attn.to_k.forward(context), attn.to_v.forward(context), attn.heads, attn.scale);
+      out = attn.to_out.at(1).forward(attn.to_out.at(0).forward(out));
+      return this.finish(attn, out, residual, image, [b, c, h, w]);
+    }
     let q = attn.headToBatchDim(attn.to_q.forward(x));
     let k = attn.headToBatchDim(attn.to_k.forward(context));
     const v = attn.headToBatchDim(attn.to_v.forward(context));
@@ -118,7 +124,18 @@ export class AttnProcessor implements AttentionProcessor {
     out = attn.batchToHeadDim(out);
     out = attn.to_out.at(0).forward(out);
     out = attn.to_out.at(1).forward(out);
-    if (image) out = out.transpose(-1, -2).reshape(b, c, h, w);
+    return this.finish(attn, out, residual, image, [b, c, h, w]);
+  }
+
+  /** Whether F.headsAttention's fast path applies: no fused kernel in this libtorch, CPU float32, no mask, no chunking asked. */
+  private headsOnProjections(x: Tensor, attentionMask: Tensor | null | undefined): boolean {
+    return !attentionMask && !this.options.memoryEfficient && x.dtype === 'float32' && x.device === 'cpu' && !F.hasFusedAttention();
+  }
+
+  /** Back to the input's layout, the residual and the rescale (the end of diffusers' AttnProcessor). */
+  private finish(attn: Attention, output: Tensor, residual: Tensor, image: boolean, [b, c, h, w]: number[]): Tensor {
+    let out = output;
+    if (image) out = out.transpose(-1, -2).reshape(b as number, c as number, h as number, w as number);
     if (attn.residualConnection) out = out.add(residual);
     if (attn.rescaleOutputFactor !== 1) out = out.div(attn.rescaleOutputFactor);
     return out;
