@@ -471,8 +471,9 @@ export class Accumulator {
   }
 
   /**
-   * A whole optimizer step done on the device (training/graphed_step.ts), its result read back: the EMA steps, the
-   * counters advance as afterBackward's would (the LR schedule not on a skipped step) and the next LR is set.
+   * After an optimizer step (the host-side one of afterBackward, or a whole step done on the device by
+   * training/graphed_step.ts, its result read back): the EMA steps, the counters advance (the LR schedule not on a
+   * skipped step), the next LR is set; returns the step's result with the LR it used.
    */
   recordDeviceStep(r: OptimizerStepResult): OptimizerStepResult & { lr: number } {
     const lr = this.o.optimizer.lr;
@@ -493,13 +494,6 @@ export class Accumulator {
       this.state.microStep += 1;
       return null;
     }
-    const lr = this.o.optimizer.lr;
-    const r = optimizerStep(this.o);
-    this.o.ema?.step();
-    this.state.microStep = 0;
-    this.state.globalStep += 1;
-    if (r.stepped) this.state.lrStep += 1;
-    this.o.optimizer.lr = this.lr;
-    return { ...r, lr };
+    return this.recordDeviceStep(optimizerStep(this.o)); // the host-side step, then the same bookkeeping
   }
 }
