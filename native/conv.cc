@@ -141,10 +141,24 @@ at::Tensor Conv2dOp(const at::Tensor& input, const at::Tensor& weight, const c10
   return at::conv2d(input, weight, bias, stride, padding, dilation, groups);
 }
 
+// Drops the kept copies of weights that no longer live; returns how many are kept. Module.dispose calls it, so a
+// disposed model's copies go with it instead of waiting for the next convolution that packs a new weight.
+int64_t ConvCacheTrim() {
+#if TORCH_VERSION_MAJOR < 2
+  PackCache& c = Cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  for (auto e = c.entries.begin(); e != c.entries.end();) e = e->second.owner.expired() ? c.entries.erase(e) : std::next(e);
+  return static_cast<int64_t>(c.entries.size());
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 }  // namespace difflora
 
 TORCH_LIBRARY_FRAGMENT(difflora, m) {
+  m.def("conv_cache_trim() -> int", &difflora::ConvCacheTrim);
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, int[2] padding=0, int[2] dilation=1, int groups=1) -> Tensor",
         &difflora::Conv2dOp);
 }

@@ -5,6 +5,8 @@ import { describe, expect, it } from 'vitest';
 import * as F from '../lib/functional.js';
 import { noGrad } from '../lib/autograd.js';
 import { op } from '../lib/ops.js';
+import { Conv2d } from '../lib/nn/layers.js';
+import { native } from '../lib/native.js';
 import { dispose, keep, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
@@ -62,6 +64,17 @@ describe('F.conv2d with frozen CPU weights', () => {
       expect(relErr(after, before.mul(2))).toBeLessThan(1e-6);
       expect(relErr(after, atenConv2d(x, w, null, 1, 1, 1, 1) as Tensor)).toBeLessThan(1e-6);
     });
+  });
+
+  it("a disposed module's kept layouts go with it (Module.dispose trims the cache)", () => {
+    const trim = op('difflora::conv_cache_trim') as unknown as () => number;
+    const conv = new Conv2d(256, 256, 3, { padding: 1 }).requiresGrad_(false);
+    const base = trim();
+    tidy(() => noGrad(() => conv.forward(torch.randn([4, 256, 1, 1]))));
+    const packs = native.info().torchVersion.startsWith('1.') ? 1 : 0; // libtorch 2.x keeps none
+    expect(trim()).toBe(base + packs);
+    conv.dispose();
+    expect(trim()).toBe(base);
   });
 
   it('a weight that trains gets its gradient (aten path)', () => {

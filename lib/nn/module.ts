@@ -2,9 +2,13 @@
 // parameter or buffer Tensor are its state, so dotted paths equal PyTorch's (`to_out.0.weight`) and a
 // checkpoint loads by walking names, never through a rename table.
 import { keep } from '../scope.js';
+import { op } from '../ops.js';
 import { noGrad } from '../autograd.js';
 import { Tensor, type Device } from '../tensor.js';
 import { isFloatingPoint, type DType } from '../dtype.js';
+
+/** Drops F.conv2d's kept weight layouts (native/conv.cc) whose weights are gone; returns how many are kept (0 where none are). */
+const convCacheTrim = op('difflora::conv_cache_trim') as unknown as () => number;
 
 const buffers = new WeakSet<Tensor>();
 const nonPersistent = new WeakSet<Tensor>();
@@ -143,6 +147,7 @@ export class Module {
   /** Frees every parameter and buffer; the module is unusable afterwards. */
   dispose(): void {
     for (const [, t] of [...this.namedParameters(), ...this.namedBuffers()]) t.dispose();
+    convCacheTrim(); // F.conv2d's kept weight layouts (native/conv.cc) go with their weights
   }
 
   numParameters(): number {
