@@ -117,9 +117,9 @@ export interface NativeAddon {
   /** GradScaler.update on the device (scale and growth tracker in place, from foundInf). No host sync. */
   ampUpdateScale(scale: NativeTensorHandle, growthTracker: NativeTensorHandle, foundInf: NativeTensorHandle, growthFactor: number, backoffFactor: number,
     growthInterval: number): void;
-  /** adamwStep with lrTable[lrStep] and stepCount on the device, a step flagged by foundInf changing nothing; advances stepCount and lrStep. */
+  /** adamwStep with lr and stepCount on the device, a step flagged by foundInf changing nothing; advances stepCount. */
   adamwStepOnDevice(params: NativeTensorHandle[], grads: NativeTensorHandle[], expAvg: NativeTensorHandle[], expAvgSq: NativeTensorHandle[],
-    masters: NativeTensorHandle[] | null, options: { lrTable: NativeTensorHandle; lrStep: NativeTensorHandle; stepCount: NativeTensorHandle;
+    masters: NativeTensorHandle[] | null, options: { lr: NativeTensorHandle; stepCount: NativeTensorHandle;
       foundInf: NativeTensorHandle | null; beta1: number; beta2: number; eps: number; weightDecay: number }): void;
   // graph.cc (a CUDA libtorch only; elsewhere each throws)
   cudaGraphNew(deviceIndex: number): number;

@@ -350,11 +350,11 @@ Napi::Value AmpUpdateScale(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// adamwStepOnDevice(params, grads, expAvg, expAvgSq, masters|null, {lrTable, lrStep, stepCount, foundInf|null, beta1,
-// beta2, eps, weightDecay}): adamwStep's arithmetic with the learning rate lrTable[lrStep] and the bias corrections of
-// stepCount + 1 read on the device (float64 scalars, as the host path's doubles). With foundInf (the scaler's flag)
-// a flagged step leaves parameters, moments and counters as they were. Then stepCount and lrStep advance by one
-// (not on a flagged step). No host sync.
+// adamwStepOnDevice(params, grads, expAvg, expAvgSq, masters|null, {lr, stepCount, foundInf|null, beta1, beta2, eps,
+// weightDecay}): adamwStep's arithmetic with the learning rate lr (a float64 [1] tensor the host fills before each
+// step) and the bias corrections of stepCount + 1, read on the device (float64 scalars, as the host path's doubles).
+// With foundInf (the scaler's flag) a flagged step leaves parameters, moments and the count as they were; otherwise
+// stepCount advances by one. No host sync.
 Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const char* fn = "adamwStepOnDevice";
@@ -366,7 +366,7 @@ Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
   std::vector<at::Tensor> masters = useMasters ? UnwrapTensorList(env, info[4], "adamwStepOnDevice masters") : std::vector<at::Tensor>{};
   if (!info[5].IsObject()) throw Napi::TypeError::New(env, "adamwStepOnDevice: options must be an object");
   Napi::Object o = info[5].As<Napi::Object>();
-  at::Tensor lrTable = TensorOption(env, o, "lrTable", fn), lrStep = TensorOption(env, o, "lrStep", fn);
+  at::Tensor lrTensor = TensorOption(env, o, "lr", fn);
   at::Tensor stepCount = TensorOption(env, o, "stepCount", fn);
   Napi::Value fi = o.Get("foundInf");
   bool masked = !fi.IsNull() && !fi.IsUndefined();
@@ -392,21 +392,20 @@ Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
     if (target[0].is_cuda() && std::getenv("DIFFLORA_NO_FUSED_ADAMW") == nullptr) {
       at::Tensor advance = masked ? foundInf.eq(0).to(stepCount.scalar_type()) : at::ones_like(stepCount);
       stepCount.add_(advance);  // the kernel reads the new count (as torch's _fused_adamw does after its += 1)
-      at::Tensor lr = lrTable.index_select(0, lrStep.to(at::kLong).reshape({1})).to(at::kFloat).reshape({});
+      at::Tensor lr = lrTensor.to(at::kFloat).reshape({});
       std::vector<at::Tensor> steps(target.size(), stepCount.reshape({}));
       at::_fused_adamw_(target, g, expAvg, expAvgSq, {}, steps, lr, beta1, beta2, weightDecay, eps, false, false, c10::nullopt,
                         masked ? c10::optional<at::Tensor>(foundInf) : c10::nullopt);
       if (useMasters) {
         for (size_t i = 0; i < params.size(); ++i) params[i].copy_(masters[i]);
       }
-      lrStep.add_(advance.to(lrStep.scalar_type()));
       return;
     }
 #endif
     at::Tensor keep = masked ? foundInf.eq(0) : at::Tensor();
     at::Tensor advance = masked ? keep.to(at::kDouble) : at::ones({1}, stepCount.options().dtype(at::kDouble));
     at::Tensor step = stepCount.to(at::kDouble) + 1;
-    at::Tensor lr = lrTable.to(at::kDouble).index_select(0, lrStep.to(at::kLong).reshape({1}));
+    at::Tensor lr = lrTensor.to(at::kDouble).reshape({1});
     at::Tensor stepSize = (lr / (1 - at::pow(beta1, step))).to(at::kFloat);
     at::Tensor biasCorrection2Sqrt = at::sqrt(1 - at::pow(beta2, step)).to(at::kFloat);
     at::Tensor decay = (1 - lr * weightDecay).to(at::kFloat);
@@ -436,7 +435,6 @@ Napi::Value AdamWStepOnDevice(const Napi::CallbackInfo& info) {
       if (useMasters) params[i].copy_(masters[i]);
     }
     stepCount.add_(advance.to(stepCount.scalar_type()));
-    lrStep.add_(advance.to(lrStep.scalar_type()));
   });
   return env.Undefined();
 }

@@ -69,7 +69,7 @@ function train(way, prec, { gc = false } = {}) {
       inputs: () => ({ pixelValues: batch.pixelValues.clone(), inputIds: batch.inputIds.clone(), ...draws(step) }),
       lossAndBackward: (t, lossScale) => lossAndBackward(args(t, lossScale)),
     }, {
-      device, params, optimizer, scaler, maxGradNorm: 1, accumulator, maxTrainSteps: STEPS, onNotice: (m) => { notices.push(m); console.log(`     ${way} ${prec}${gc ? ' gc' : ''}: ${m}`); },
+      device, params, optimizer, scaler, maxGradNorm: 1, accumulator, onNotice: (m) => { notices.push(m); console.log(`     ${way} ${prec}${gc ? ' gc' : ''}: ${m}`); },
       ...(way === 'rerun' ? { makeGraph: () => { let fn = null; return { run: (f) => f(), capture: (f) => { fn = f; }, replay: () => fn(), dispose: () => { fn = null; } }; } } : {}),
     });
   }

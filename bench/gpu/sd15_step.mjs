@@ -144,7 +144,7 @@ function timeConfig(m, c) {
         unet: m.unet, vae: m.vae, textEncoder: m.textEncoder, scheduler: m.scheduler, batch: { pixelValues: t.pixelValues, latents: t.latents, inputIds: t.inputIds },
         noise: t.noise, timesteps: t.timesteps, latentNoise: t.latentNoise, mixedPrecision: MIXED[c.prec], scaler, lossScale,
       }),
-    }, { device, params, optimizer, scaler, maxGradNorm: 1.0, accumulator, maxTrainSteps: warmup + steps + 1, warmupSteps: Math.min(3, Math.max(0, warmup - 1)),
+    }, { device, params, optimizer, scaler, maxGradNorm: 1.0, accumulator, warmupSteps: Math.min(3, Math.max(0, warmup - 1)),
       onNotice: (msg) => result.notes.push(`${c.key}: ${msg}`), makeGraph: cuda ? undefined : rerunGraph });
   }
   const step = () => (graphed ? graphed.run(null).loss : eager());

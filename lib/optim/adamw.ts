@@ -100,11 +100,11 @@ export class AdamW implements Optimizer {
   private deviceStepCount: Tensor | null = null;
 
   /**
-   * One update of every parameter on the device, with no host sync (device_step.ts): the learning rate lrTable[lrStep]
-   * and the step count read there, a step flagged by foundInf changing nothing. Every parameter must have a gradient
+   * One update of every parameter on the device, with no host sync (device_step.ts): the learning rate (a float64 [1]
+   * tensor) and the step count read there, a step flagged by foundInf changing nothing. Every parameter must have a gradient
    * and one shared step count. The host's step counts follow with commitDeviceStep() once the flag is read.
    */
-  stepOnDevice(o: { lrTable: Tensor; lrStep: Tensor; foundInf: Tensor | null }): void {
+  stepOnDevice(o: { lr: Tensor; foundInf: Tensor | null }): void {
     const entries = this.params.map((p) => ({ p, g: p.grad, s: this.stateOf(p) }));
     try {
       const missing = entries.findIndex((e) => e.g === null);
@@ -117,7 +117,7 @@ export class AdamW implements Optimizer {
       native.adamwStepOnDevice(
         entries.map((e) => e.p), entries.map((e) => e.g as Tensor), entries.map((e) => e.s.expAvg), entries.map((e) => e.s.expAvgSq),
         withMasters ? entries.map((e) => e.s.master as Tensor) : null,
-        { lrTable: o.lrTable, lrStep: o.lrStep, stepCount: this.deviceStepCount, foundInf: o.foundInf, beta1: this.beta1, beta2: this.beta2, eps: this.eps, weightDecay: this.weightDecay },
+        { lr: o.lr, stepCount: this.deviceStepCount, foundInf: o.foundInf, beta1: this.beta1, beta2: this.beta2, eps: this.eps, weightDecay: this.weightDecay },
       );
     } finally {
       for (const e of entries) e.g?.dispose();

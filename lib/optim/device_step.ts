@@ -1,19 +1,17 @@
 // The optimizer step with no host synchronisation inside it (issue #15), so a training step can be recorded in a
-// CUDA graph and replayed: the GradScaler's scale, growth tracker and overflow flag, the learning rate (a table of
-// the schedule read at a step counter) and AdamW's step count live in device tensors, clipping never reads the norm
-// back, and a step whose gradients overflowed changes nothing instead of being skipped by the host. The step writes
-// what the host logs (gradient norm, overflow flag) into a small report tensor that is read once, after the step;
-// commit() then brings the host-side mirrors (scaler, AdamW step counts, the schedule position) up to date, so
-// checkpoints and the host-side path (step.ts's optimizerStep) carry on from the same state.
+// CUDA graph and replayed: the GradScaler's scale, growth tracker and overflow flag, the learning rate and AdamW's step
+// count live in device tensors, clipping never reads the norm back, and a step whose gradients overflowed changes
+// nothing instead of being skipped by the host. The step writes what the host logs (gradient norm, overflow flag) into
+// a small report tensor that is read once, after the step; commit() then brings the host-side mirrors (scaler, AdamW
+// step counts) up to date, so checkpoints and the host-side path (step.ts's optimizerStep) carry on from the same
+// state. The host knows the next learning rate once it has read the report (a skipped step does not advance the
+// schedule), so it writes it into the device's lr before each step with setLr: a fill, no sync, outside any capture.
 import { native } from '../native.js';
 import { keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
 import type { AdamW } from './adamw.js';
 import type { GradScaler } from './grad_scaler.js';
-
-/** The report's layout: [loss, gradient norm (NaN without clipping), overflow flag (0/1)]. */
-export const REPORT_LOSS = 0;
 
 export interface DeviceStepOptions {
   optimizer: AdamW;
@@ -22,10 +20,6 @@ export interface DeviceStepOptions {
   scaler?: GradScaler | null;
   /** --max_grad_norm; null: no clipping. */
   maxGradNorm?: number | null;
-  /** lrTable[i]: the learning rate after i schedule steps (i = 0 … the last optimizer step). */
-  lrTable: readonly number[];
-  /** Schedule steps done so far (the accumulator's lrStep). */
-  lrStep: number;
   device: string;
 }
 
@@ -33,19 +27,17 @@ export interface DeviceStepOptions {
 export interface DeviceStepReport { loss: number; gradNorm: number | null; stepped: boolean }
 
 export class DeviceOptimizerStep {
-  /** float32 [3]: loss (written by the caller's step), gradient norm, overflow flag. Static: captured graphs write it. */
+  /** float32 [3]: loss (written by the caller's step), gradient norm (NaN without clipping), overflow flag (0/1). Static: captured graphs write it. */
   readonly report: Tensor;
   /** The loss scale on the device (float32 [1]) for the backward, or null without a scaler. */
   readonly lossScale: Tensor | null;
   private readonly growthTracker: Tensor | null;
   private readonly foundInf: Tensor;
-  private readonly lrTable: Tensor;
-  private readonly lrStep: Tensor;
+  private readonly lr: Tensor;
   private readonly params: Tensor[];
 
   constructor(private readonly o: DeviceStepOptions) {
     if (o.optimizer.kind !== 'adamw') throw new Error(`the device-side optimizer step supports AdamW only, not ${o.optimizer.kind}`);
-    if (o.lrStep < 0 || o.lrStep >= o.lrTable.length) throw new RangeError(`lrStep ${o.lrStep} is outside the schedule's table of ${o.lrTable.length}`);
     this.params = o.params ?? o.optimizer.params;
     const device = o.device;
     const scaler = o.scaler?.enabled ? o.scaler : null;
@@ -54,8 +46,13 @@ export class DeviceOptimizerStep {
     this.foundInf = keep(torch.zeros([1], { dtype: 'float32', device }));
     this.lossScale = scaler ? keep(torch.full([1], scaler.scale, { dtype: 'float32', device })) : null;
     this.growthTracker = scaler ? keep(torch.full([1], scaler.growthTracker, { dtype: 'int32', device })) : null;
-    this.lrTable = keep(torch.tensor(Float64Array.from(o.lrTable), { dtype: 'float64', device }));
-    this.lrStep = keep(torch.full([1], o.lrStep, { dtype: 'int64', device }));
+    this.lr = keep(torch.full([1], o.optimizer.lr, { dtype: 'float64', device }));
+  }
+
+  /** The learning rate of the next step (the optimizer's, which the schedule sets), written on the device: call before each step. */
+  setLr(lr: number): void {
+    if (!Number.isFinite(lr) || lr < 0) throw new RangeError(`the learning rate must be a finite number ≥ 0, got ${lr}`);
+    this.lr.fill_(lr);
   }
 
   /**
@@ -72,11 +69,12 @@ export class DeviceOptimizerStep {
       else this.foundInf.zero_();
       tidy(() => {
         const maxNorm = this.o.maxGradNorm;
-        const norm = maxNorm === null || maxNorm === undefined ? null : (native.clipGradNorm(grads, maxNorm, 2) as unknown as Tensor);
-        this.report.narrow(0, 1, 1).copy_(norm ? norm.reshape([1]).to({ dtype: 'float32' }) : torch.full([1], NaN, { dtype: 'float32', device: this.o.device }));
+        const normSlot = this.report.narrow(0, 1, 1);
+        if (maxNorm === null || maxNorm === undefined) normSlot.fill_(NaN);
+        else normSlot.copy_((native.clipGradNorm(grads, maxNorm, 2) as unknown as Tensor).reshape([1]));
         this.report.narrow(0, 2, 1).copy_(this.foundInf);
       });
-      this.o.optimizer.stepOnDevice({ lrTable: this.lrTable, lrStep: this.lrStep, foundInf: scaler ? this.foundInf : null });
+      this.o.optimizer.stepOnDevice({ lr: this.lr, foundInf: scaler ? this.foundInf : null });
       if (scaler && this.lossScale && this.growthTracker) {
         native.ampUpdateScale(this.lossScale, this.growthTracker, this.foundInf, scaler.growthFactor, scaler.backoffFactor, scaler.growthInterval);
       }
@@ -95,6 +93,6 @@ export class DeviceOptimizerStep {
   }
 
   dispose(): void {
-    for (const t of [this.report, this.foundInf, this.lossScale, this.growthTracker, this.lrTable, this.lrStep]) t?.dispose();
+    for (const t of [this.report, this.foundInf, this.lossScale, this.growthTracker, this.lr]) t?.dispose();
   }
 }

@@ -462,15 +462,6 @@ export class Accumulator {
   }
 
   /**
-   * The learning rate after each number of optimizer steps a run of maxTrainSteps can reach (0 … maxTrainSteps, one
-   * more at the end): the device-side step (optim/device_step.ts) reads it at its own counter.
-   */
-  lrTable(maxTrainSteps: number): number[] {
-    const per = this.o.lrStepsPerStep ?? 1;
-    return Array.from({ length: maxTrainSteps + 2 }, (_, i) => lrAt(this.o.lrScheduler, i * per, this.o.lrOptions));
-  }
-
-  /**
    * After an optimizer step (the host-side one of afterBackward, or a whole step done on the device by
    * training/graphed_step.ts, its result read back): the EMA steps, the counters advance (the LR schedule not on a
    * skipped step), the next LR is set; returns the step's result with the LR it used.

@@ -243,7 +243,7 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
       logs?.metrics.resumedFrom(accumulator.state.globalStep);
     }
     streams = new SampleStreams(sampleSeed); // each sample's noise, timesteps and VAE ε from its own stream
-    const graphed = o.cudaGraphs ? graphedStep(o, spec, { device, worldSize: dp.worldSize, optimization, maxTrainSteps: steps.maxTrainSteps, hooks, notice: dp.isMain ? hooks.onNotice : undefined }) : null;
+    const graphed = o.cudaGraphs ? graphedStep(o, spec, { device, worldSize: dp.worldSize, optimization, hooks, notice: dp.isMain ? hooks.onNotice : undefined }) : null;
     if (graphed) ctx.own(graphed);
     let graphedOutcome: StepOutcome | null = null; // a captured step's optimizer outcome, for afterBackward
 
@@ -340,7 +340,7 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
  * command without a capturable step).
  */
 function graphedStep<B>(o: TrainerOptions, spec: TrainerSpec<B>, r: {
-  device: string; worldSize: number; optimization: Optimization; maxTrainSteps: number; hooks: TrainHooksInternal; notice?: (m: string) => void;
+  device: string; worldSize: number; optimization: Optimization; hooks: TrainHooksInternal; notice?: (m: string) => void;
 }): GraphedTrainStep<B> | null {
   const { optimizer, scaler, accumulator } = r.optimization;
   const blocker = o.gradientCheckpointing ? '--gradient_checkpointing is not verified under capture yet' : cudaGraphsBlocker({
@@ -354,6 +354,6 @@ function graphedStep<B>(o: TrainerOptions, spec: TrainerSpec<B>, r: {
   r.notice?.('CUDA graphs: the training step is recorded after 3 warm-up steps and replayed');
   return new GraphedTrainStep(spec.graphable, {
     device: r.device, params: optimizer.params, optimizer: optimizer as AdamW, scaler, maxGradNorm: o.maxGradNorm, accumulator,
-    maxTrainSteps: r.maxTrainSteps, makeGraph: r.hooks.makeGraph, onNotice: r.notice,
+    makeGraph: r.hooks.makeGraph, onNotice: r.notice,
   });
 }
