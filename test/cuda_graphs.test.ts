@@ -4,7 +4,7 @@
 // train-dreambooth, train-sdxl; warm-up, capture, replays, a smaller last batch run eagerly, a failed capture,
 // checkpoints and resume); the fallbacks say why; the graphed pipeline; the CLI flags. The real capture is checked on a
 // GPU by bench/gpu/graphs.mjs.
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import sharp from 'sharp';
@@ -25,7 +25,7 @@ import { Accumulator } from '../lib/training/step.js';
 import { runTraining, type TrainOptions } from '../lib/training/train.js';
 import { runSdxlTraining } from '../lib/training/train_sdxl.js';
 import { runDreamBoothTraining } from '../lib/training/train_dreambooth.js';
-import { fixtures } from './helpers.js';
+import { fixtures, makeImageFolder } from './helpers.js';
 
 /** Replays by running the recorded function again: on the CPU this computes what a CUDA graph's replay would. */
 class RerunGraph implements StepGraph {
@@ -59,7 +59,7 @@ describe('the device-side optimizer step', () => {
     const optimizer = new AdamW(params, { lr: 1e-2, weightDecay: 0.05 });
     const scaler = scaled ? new GradScaler({ initScale: 2 ** 10, growthInterval: 3 }) : null;
     const accumulator = new Accumulator({ optimizer, params, scaler, maxGradNorm: 0.7, lrScheduler: 'cosine', lrOptions: { baseLr: 1e-2, warmupSteps: 3, totalSteps: 10 } });
-    const device = onDevice ? new DeviceOptimizerStep({ optimizer, params, scaler, maxGradNorm: 0.7, lrTable: accumulator.lrTable(10), lrStep: 0, device: 'cpu' }) : null;
+    const device = onDevice ? new DeviceOptimizerStep({ optimizer, params, scaler, maxGradNorm: 0.7, device: 'cpu' }) : null;
     const log: { gradNorm: number | null; stepped: boolean; lr: number }[] = [];
     for (let i = 0; i < 10; i++) {
       params.forEach((p) => {
@@ -69,6 +69,7 @@ describe('the device-side optimizer step', () => {
         grad.dispose();
       });
       if (device) {
+        device.setLr(optimizer.lr);
         device.enqueue();
         const r = device.commit();
         params.forEach((p) => { p.grad = null; });
@@ -105,8 +106,9 @@ describe('the device-side optimizer step', () => {
   it('refuses another optimizer and a parameter without a gradient', () => {
     const p = torch.zeros([2]);
     const optimizer = new AdamW([p]);
-    expect(() => new DeviceOptimizerStep({ optimizer: { ...optimizer, kind: 'lion' } as unknown as AdamW, lrTable: [1], lrStep: 0, device: 'cpu' })).toThrow(/AdamW only, not lion/);
-    const d = new DeviceOptimizerStep({ optimizer, lrTable: [1e-3, 1e-3], lrStep: 0, device: 'cpu' });
+    expect(() => new DeviceOptimizerStep({ optimizer: { ...optimizer, kind: 'lion' } as unknown as AdamW, device: 'cpu' })).toThrow(/AdamW only, not lion/);
+    const d = new DeviceOptimizerStep({ optimizer, device: 'cpu' });
+    expect(() => d.setLr(Infinity)).toThrow(/learning rate must be a finite number ≥ 0, got Infinity/);
     expect(() => d.enqueue()).toThrow(/needs a gradient for every parameter \(0 of 1\)/);
     d.dispose();
     optimizer.dispose();
@@ -119,16 +121,7 @@ let data: string;
 beforeAll(async () => {
   tmp = mkdtempSync(join(tmpdir(), 'difflora-graphs-'));
   data = join(tmp, 'data');
-  mkdirSync(data);
-  const lines: string[] = [];
-  for (let i = 0; i < 5; i++) {
-    const w = 40 + 3 * i, h = 36;
-    const raw = Buffer.alloc(w * h * 3);
-    for (let p = 0; p < w * h; p++) { raw[3 * p] = (p * (7 + i)) % 256; raw[3 * p + 1] = (p % w) * 5; raw[3 * p + 2] = 40 * i; }
-    await sharp(raw, { raw: { width: w, height: h, channels: 3 } }).png().toFile(join(data, `${i}.png`));
-    lines.push(JSON.stringify({ file_name: `${i}.png`, text: `a picture number ${i}` }));
-  }
-  writeFileSync(join(data, 'metadata.jsonl'), lines.join('\n'));
+  await makeImageFolder(data, 5);
 });
 afterAll(() => { if (!process.env.KEEP_TMP) rmSync(tmp, { recursive: true, force: true }); else console.log(tmp); });
 
@@ -313,6 +306,7 @@ describe('generate({ cudaGraphs: true }): the UNet call recorded and replayed', 
       const graphed = await pipe.generate({ ...o, cudaGraphs: true });
       await new Promise((r) => setImmediate(r)); // warnings are emitted on the next tick
       expect(Buffer.from(graphed.array!.data.buffer).equals(Buffer.from(eager.array!.data.buffer))).toBe(true);
+      await expect(pipe.generate({ ...o, cudaGraphs: 'yes' as unknown as boolean })).rejects.toThrow(/cudaGraphs must be true or false, got "yes"/);
       expect(warnings).toEqual([expect.stringMatching(/^CUDA graphs off for this generation: no graph could be made \(CUDA graphs need a CUDA device, not 'cpu'\)/)]);
     } finally {
       process.off('warning', onWarning);

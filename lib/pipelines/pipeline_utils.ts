@@ -229,6 +229,7 @@ export function resolveSettings(name: string, o: GenerateOptions, defaultSize: n
   if (o.prompt === undefined && !o.promptEmbeds) bad('give `prompt` or `promptEmbeds`');
   if (o.prompt !== undefined && o.promptEmbeds) bad('give `prompt` or `promptEmbeds`, not both');
   if (o.generator && o.seed !== undefined) bad('give `generator` or `seed`, not both');
+  if (o.cudaGraphs !== undefined && typeof o.cudaGraphs !== 'boolean') bad(`cudaGraphs must be true or false, got ${JSON.stringify(o.cudaGraphs)}`);
   const generator = o.generator ?? (o.seed !== undefined ? makeGenerator(o.seed) : undefined);
   return { ...v, cfg: v.guidance > 1, loraScale: o.crossAttentionKwargs?.scale ?? 1, generator };
 }

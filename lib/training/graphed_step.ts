@@ -40,13 +40,26 @@ export interface GraphedStepOptions {
   scaler: GradScaler | null;
   maxGradNorm: number | null;
   accumulator: Accumulator;
-  /** The run's optimizer steps (the LR table's length). */
-  maxTrainSteps: number;
   /** Eager steps before the capture (default 3). */
   warmupSteps?: number;
   /** Makes the graph (default graphFactory's, a CudaGraph on `device`); tests pass a stand-in. */
   makeGraph?: (device: string) => StepGraph;
   onNotice?: (message: string) => void;
+}
+
+/**
+ * A GraphableStep's inputs: the batch's tensors (absent ones dropped) and its draws (`draw()`, StepDraws); a draw that
+ * throws frees the batch, which the inputs own.
+ */
+export function stepInputs(batch: Record<string, Tensor | undefined>, draw: () => object): Record<string, Tensor> {
+  const all: Record<string, Tensor | undefined> = { ...batch };
+  try {
+    Object.assign(all, draw());
+  } catch (e) {
+    dispose(Object.values(batch));
+    throw e;
+  }
+  return Object.fromEntries(Object.entries(all).filter((e): e is [string, Tensor] => e[1] !== undefined));
 }
 
 const signatureOf = (inputs: Record<string, Tensor>): string =>
@@ -81,7 +94,6 @@ export class GraphedTrainStep<B> {
     this.warmupSteps = o.warmupSteps ?? 3;
     this.deviceStep = new DeviceOptimizerStep({
       optimizer: o.optimizer, params: o.params, scaler: o.scaler, maxGradNorm: o.maxGradNorm, device: o.device,
-      lrTable: o.accumulator.lrTable(o.maxTrainSteps), lrStep: o.accumulator.state.lrStep,
     });
   }
 
@@ -90,6 +102,7 @@ export class GraphedTrainStep<B> {
     const host = this.step.inputs(batch);
     try {
       const signature = signatureOf(host);
+      this.deviceStep.setLr(this.o.optimizer.lr); // the schedule's LR for this step (the accumulator set it after the last)
       if (!this.statics) {
         this.statics = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, keep(torch.zeros(t.shape, { dtype: t.dtype, device: this.o.device }))]));
         this.signature = signature;

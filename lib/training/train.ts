@@ -12,6 +12,7 @@ import { loadTrainingModels } from './models.js';
 import { resolveTrainOptions, validateTrainOptions, type ResolvedTrainOptions, type TrainOptions } from './options.js';
 import type { SampleKey } from './sample_rng.js';
 import { drawStepInputs, loraTrainingStep, lossAndBackward } from './step.js';
+import { stepInputs } from './graphed_step.js';
 import { openTrainData } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { validateSavedLora, validateTrainingModels } from './validation.js';
@@ -62,16 +63,10 @@ async function textToImageSpec(o: ResolvedTrainOptions, ctx: TrainerContext, hoo
     },
     graphable: {
       // the batch and the draws loraTrainingStep would make (same generators, same order), then the step on them
-      inputs: (batch) => {
-        const own: Record<string, Tensor | undefined> = { pixelValues: batch.pixelValues, latentDist: batch.latentDist, inputIds: batch.inputIds, encoderHiddenStates: batch.encoderHiddenStates };
-        try {
-          Object.assign(own, drawStepInputs({ batch, vae, scheduler: models.noiseScheduler, generator: ctx.sampleDraws(batch.keys), noiseOffset: o.noiseOffset }, ctx.device));
-        } catch (e) {
-          dispose(Object.values(own));
-          throw e;
-        }
-        return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
-      },
+      inputs: (batch) => stepInputs(
+        { pixelValues: batch.pixelValues, latentDist: batch.latentDist, inputIds: batch.inputIds, encoderHiddenStates: batch.encoderHiddenStates },
+        () => drawStepInputs({ batch, vae, scheduler: models.noiseScheduler, generator: ctx.sampleDraws(batch.keys), noiseOffset: o.noiseOffset }, ctx.device),
+      ),
       lossAndBackward: (t, lossScale) => lossAndBackward({
         unet, vae, scalingFactor: vae.scalingFactor, textEncoder, scheduler: models.noiseScheduler,
         batch: { pixelValues: t.pixelValues, latentDist: t.latentDist, inputIds: t.inputIds, encoderHiddenStates: t.encoderHiddenStates },

@@ -21,6 +21,7 @@ import type { LoraComponents } from './lora_components.js';
 import { saveModelCard } from './model_card.js';
 import { DREAMBOOTH_UNET_LORA_TARGETS, attachTextEncoderLora, loadTrainingModels, type TrainingModels } from './models.js';
 import { drawStepInputs, loraTrainingStep, lossAndBackward, priorPreservationLossAndBackward, priorPreservationStep, type TrainingStep } from './step.js';
+import { stepInputs } from './graphed_step.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { validateSavedLora, validateTrainingModels, type PretrainedSource } from './validation.js';
 
@@ -98,16 +99,7 @@ async function dreamBoothSpec(o: ResolvedDreamBoothOptions, ctx: TrainerContext,
     },
     graphable: {
       // the batch and the draws the step would make (the default generators, in its order), then the step on them
-      inputs: (batch) => {
-        const own: Record<string, Tensor | undefined> = { ...batch };
-        try {
-          Object.assign(own, drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler }, ctx.device));
-        } catch (e) {
-          dispose(Object.values(own));
-          throw e;
-        }
-        return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
-      },
+      inputs: (batch) => stepInputs({ ...batch }, () => drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler }, ctx.device)),
       lossAndBackward: (t, lossScale) => {
         const step: TrainingStep = {
           ...dreamBoothStep(o, models, ctx, { pixelValues: t.pixelValues, latentDist: t.latentDist, inputIds: t.inputIds, attentionMask: t.attentionMask, encoderHiddenStates: t.encoderHiddenStates }),

@@ -18,7 +18,7 @@ import { loadSdxlTrainingModels, type SdxlTrainingModels } from './sdxl_models.j
 import { resolveSdxlTrainOptions, validateSdxlTrainOptions, type ResolvedSdxlTrainOptions, type SdxlTrainOptions } from './sdxl_options.js';
 import { sdxlCondition, sdxlTimeIds, type SdxlPromptBatch } from './sdxl_step.js';
 import { drawStepInputs, eachItem, encodeLatents, loraTrainingStep, lossAndBackward, sampleLatentDist, type Conditioning } from './step.js';
-import type { GraphableStep } from './graphed_step.js';
+import { stepInputs, type GraphableStep } from './graphed_step.js';
 import { openCaptionedImages } from './train_data.js';
 import { runTrainer, type TrainerContext, type TrainerSpec, type TrainHooksInternal, type TrainResult } from './trainer.js';
 import { runPipelineValidation, type ValidationOptions } from './validation.js';
@@ -147,14 +147,7 @@ function sdxlGraphable(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, 
     inputs: (batch) => {
       const { files: names, ...tensors } = batch;
       files = names;
-      const own: Record<string, Tensor | undefined> = { ...tensors };
-      try {
-        Object.assign(own, drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler, noiseOffset: o.noiseOffset }, ctx.device, { latentsDtype: ctx.weightDtype }));
-      } catch (e) {
-        dispose(Object.values(own));
-        throw e;
-      }
-      return Object.fromEntries(Object.entries(own).filter((e): e is [string, Tensor] => e[1] !== undefined));
+      return stepInputs(tensors, () => drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler, noiseOffset: o.noiseOffset }, ctx.device, { latentsDtype: ctx.weightDtype }));
     },
     lossAndBackward: (t, lossScale) => {
       const sampled = t.latentDist ? sampleLatentDist(t.latentDist, models.vae.scalingFactor, undefined, t.latentNoise) : encodeLatents(models.vae, t.pixelValues!, undefined, t.latentNoise);
