@@ -156,11 +156,25 @@ function timeConfig(m, c) {
   sync();
   const warmupS = (Date.now() - tw) / 1000;
   const times = [];
-  for (let i = 0; i < steps; i++) {
-    const t0 = process.hrtime.bigint();
-    losses.push(step()); // loss.item() inside: the script's per-step host sync
+  if (graphed) {
+    // as the trainer runs it: each step launched before the last one is read (its loss a step late); a step's time is
+    // from one launch's return to the next's, the last one's to its read
+    let t0 = process.hrtime.bigint();
+    const lap = () => { const t = process.hrtime.bigint(); times.push(Number(t - t0) / 1e9); t0 = t; };
+    for (let i = 0; i < steps; i++) {
+      const previous = graphed.launch(null);
+      if (previous) { losses.push(previous.loss); lap(); }
+    }
+    losses.push(graphed.settle().loss);
     sync();
-    times.push(Number(process.hrtime.bigint() - t0) / 1e9);
+    lap();
+  } else {
+    for (let i = 0; i < steps; i++) {
+      const t0 = process.hrtime.bigint();
+      losses.push(step()); // loss.item() inside: the script's per-step host sync
+      sync();
+      times.push(Number(process.hrtime.bigint() - t0) / 1e9);
+    }
   }
   const med = median(times);
   const fps = FLOP_PER_SAMPLE_512[c.cached ? 'cached' : 'uncached'] * (c.res / 512) ** 2;

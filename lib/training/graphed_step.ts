@@ -1,6 +1,7 @@
 // --cuda_graphs (issue #15): the whole training step — forward, backward, unscale, clipping, AdamW, the loss scale's
 // update — recorded once in a CUDA graph and replayed every step, so the host launches one graph instead of a thousand
-// kernels and waits for the device once per step (to read the loss, gradient norm and overflow flag together).
+// kernels, and reads each step's loss, gradient norm and overflow flag a step late: while the device runs step k, the
+// host logs step k-1 and loads and prepares batch k+1.
 //
 // How a step runs: the command's `inputs(batch)` gives the batch's tensors and its random draws (made on the host
 // from the per-sample generators, the same numbers the eager step draws); they are copied into static tensors of the
@@ -8,7 +9,11 @@
 // (on the graph's stream), then one step records it and replays it; every later step only replays. A batch of another
 // shape (a smaller last batch, buckets) runs the same work eagerly, on the same device-side optimizer state. A capture
 // that fails says why once and the run goes on eagerly. The optimizer state lives on the device (device_step.ts); the
-// host's mirrors follow every step, so checkpoints, logs and resume see what the eager path would.
+// host's mirrors follow every step as it is read, so checkpoints, logs and resume see what the eager path would.
+//
+// launch(batch) prepares the batch's inputs first, then reads the step in flight (its report is about to be
+// overwritten, and the next learning rate depends on whether it was skipped), then launches the batch's step: the
+// device waits only for that read and a launch between two steps.
 import { graphFactory, type StepGraph } from '../cuda_graph.js';
 import type { AdamW } from '../optim/adamw.js';
 import { DeviceOptimizerStep } from '../optim/device_step.js';
@@ -16,7 +21,7 @@ import type { GradScaler } from '../optim/grad_scaler.js';
 import { dispose, keep, tidy } from '../scope.js';
 import type { Tensor } from '../tensor.js';
 import * as torch from '../torch.js';
-import type { StepOutcome } from './loop.js';
+import type { PipelinedStep, SettledStep } from './loop.js';
 import type { Accumulator } from './step.js';
 
 /** What a command gives to be captured: its step split into the host's part and the device's. */
@@ -28,8 +33,11 @@ export interface GraphableStep<B> {
    * × lossScale (when given) goes backward; returns the undivided fp32 loss tensor. No host sync. Runs inside tidy().
    */
   lossAndBackward(inputs: Record<string, Tensor>, lossScale: Tensor | null): Tensor;
-  /** After each step, with its loss read back (e.g. SDXL's --debug_loss, per file of the batch last given to inputs). */
-  onLoss?(loss: number): void;
+  /**
+   * After each step, with its loss read back, a step late (e.g. SDXL's --debug_loss, per file): `batch` is the one
+   * given to inputs for that step; its tensors are freed by then, its other fields are as they were.
+   */
+  onLoss?(loss: number, batch: B): void;
 }
 
 export interface GraphedStepOptions {
@@ -75,7 +83,7 @@ export function cudaGraphsBlocker(o: { device: string; accumulationSteps: number
   return null;
 }
 
-export class GraphedTrainStep<B> {
+export class GraphedTrainStep<B> implements PipelinedStep<B> {
   private readonly deviceStep: DeviceOptimizerStep;
   private readonly warmupSteps: number;
   private statics: Record<string, Tensor> | null = null;
@@ -88,6 +96,8 @@ export class GraphedTrainStep<B> {
   private shapeNoticed = false;
   /** The gradients the captured backward writes: kept alive (and out of the parameters) while the graph lives. */
   private staticGrads: Tensor[] = [];
+  /** The batch of the step launched and not read yet. */
+  private inFlight: { batch: B } | null = null;
 
   constructor(private readonly step: GraphableStep<B>, private readonly o: GraphedStepOptions) {
     if (o.accumulator.accumulationSteps !== 1) throw new Error('a captured step needs --gradient_accumulation_steps 1');
@@ -97,30 +107,54 @@ export class GraphedTrainStep<B> {
     });
   }
 
-  /** One whole optimizer step for `batch` (owned); returns its loss and what the optimizer did. */
-  run(batch: B): { loss: number; outcome: StepOutcome } {
+  /**
+   * Launches one whole optimizer step for `batch` (owned) without waiting for it. The step before it, if one is in
+   * flight, is read first (after this batch's inputs are made) and returned.
+   */
+  launch(batch: B): SettledStep | null {
     const host = this.step.inputs(batch);
     try {
       const signature = signatureOf(host);
-      this.deviceStep.setLr(this.o.optimizer.lr); // the schedule's LR for this step (the accumulator set it after the last)
       if (!this.statics) {
         this.statics = Object.fromEntries(Object.entries(host).map(([k, t]) => [k, keep(torch.zeros(t.shape, { dtype: t.dtype, device: this.o.device }))]));
         this.signature = signature;
       }
-      if (this.broken || signature !== this.signature) {
+      const replayable = !this.broken && signature === this.signature;
+      // stream-ordered after the step in flight, which reads the static inputs
+      if (replayable) for (const [k, t] of Object.entries(host)) this.statics[k]!.copy_(t);
+      const previous = this.settle();
+      this.deviceStep.setLr(this.o.optimizer.lr); // the schedule's LR for this step, now that the last one is counted
+      if (replayable) {
+        this.graphed(this.statics);
+      } else {
         if (!this.broken && !this.shapeNoticed) {
           this.shapeNoticed = true;
           this.o.onNotice?.(`CUDA graphs: a batch of ${signature} differs from the captured ${this.signature}; such batches run eagerly`);
         }
         this.eager(host);
-      } else {
-        for (const [k, t] of Object.entries(host)) this.statics[k]!.copy_(t);
-        this.graphed(this.statics);
       }
-      return this.finish();
+      this.inFlight = { batch };
+      return previous;
     } finally {
       dispose(Object.values(host));
     }
+  }
+
+  /** Waits for the step in flight, reads its report (the one host sync) and moves the host's bookkeeping on; null when none is. */
+  settle(): SettledStep | null {
+    if (!this.inFlight) return null;
+    const { batch } = this.inFlight;
+    this.inFlight = null;
+    const r = this.deviceStep.commit();
+    this.step.onLoss?.(r.loss, batch);
+    return { loss: r.loss, outcome: this.o.accumulator.recordDeviceStep({ stepped: r.stepped, gradNorm: r.gradNorm }) };
+  }
+
+  /** One whole optimizer step for `batch` (owned), launched and read: its loss and what the optimizer did. */
+  run(batch: B): SettledStep {
+    if (this.inFlight) throw new Error('GraphedTrainStep.run: a launched step is still in flight (settle() it first)');
+    this.launch(batch);
+    return this.settle()!;
   }
 
   /** The step on the static inputs: warm-up, capture then replay, or replay. */
@@ -187,14 +221,8 @@ export class GraphedTrainStep<B> {
     for (const p of this.o.params) p.grad = null;
   }
 
-  /** Reads the step's report (the one host sync) and moves the host's bookkeeping on. */
-  private finish(): { loss: number; outcome: StepOutcome } {
-    const r = this.deviceStep.commit();
-    this.step.onLoss?.(r.loss);
-    return { loss: r.loss, outcome: this.o.accumulator.recordDeviceStep({ stepped: r.stepped, gradNorm: r.gradNorm }) };
-  }
-
   dispose(): void {
+    this.inFlight = null;
     this.graph?.dispose();
     this.graph = null;
     dispose(this.staticGrads);

@@ -142,26 +142,24 @@ function sdxlMicroStep(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, 
  * the VAE's ε in the VAE's dtype, then noise and timesteps like the latents cast to the weight dtype), then the step on them.
  */
 function sdxlGraphable(o: ResolvedSdxlTrainOptions, models: SdxlTrainingModels, ctx: TrainerContext): GraphableStep<SdxlBatch> {
-  let files: string[] = []; // the last batch's, for --debug_loss
   return {
     inputs: (batch) => {
-      const { files: names, ...tensors } = batch;
-      files = names;
+      const { files: _files, ...tensors } = batch;
       return stepInputs(tensors, () => drawStepInputs({ batch, vae: models.vae, scheduler: models.noiseScheduler, noiseOffset: o.noiseOffset }, ctx.device, { latentsDtype: ctx.weightDtype }));
     },
     lossAndBackward: (t, lossScale) => {
       const sampled = t.latentDist ? sampleLatentDist(t.latentDist, models.vae.scalingFactor, undefined, t.latentNoise) : encodeLatents(models.vae, t.pixelValues!, undefined, t.latentNoise);
-      const batch: SdxlBatch = { inputIds: t.inputIds, inputIds2: t.inputIds2, embeds: t.embeds, pooled: t.pooled, timeIds: t.timeIds!, files };
+      const batch: SdxlBatch = { inputIds: t.inputIds, inputIds2: t.inputIds2, embeds: t.embeds, pooled: t.pooled, timeIds: t.timeIds!, files: [] };
       return lossAndBackward({
         unet: models.unet, scheduler: models.noiseScheduler, batch: { latents: sampled.to(ctx.weightDtype) }, trainTextEncoder: o.trainTextEncoder,
         condition: conditionOf(models, batch, o.trainTextEncoder), noise: t.noise, timesteps: t.timesteps, accumulationSteps: 1, lossScale,
         mixedPrecision: o.mixedPrecision, scaler: ctx.scaler(), snrGamma: o.snrGamma, predictionType: o.predictionType,
       });
     },
-    onLoss: (loss) => {
+    onLoss: (loss, batch) => {
       if (!o.debugLoss) return;
       const tb = ctx.logs.tensorboard();
-      for (const f of files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
+      for (const f of batch.files) tb?.addScalar(`loss_for_${f}`, loss, ctx.globalStep());
     },
   };
 }

@@ -37,7 +37,6 @@ import type { GradScaler } from '../optim/grad_scaler.js';
 import type { AdamW } from '../optim/adamw.js';
 import type { StepGraph } from '../cuda_graph.js';
 import { cudaGraphsBlocker, GraphedTrainStep, type GraphableStep } from './graphed_step.js';
-import type { StepOutcome } from './loop.js';
 import { SampleStreams, type SampleKey } from './sample_rng.js';
 import type { TrainData } from './train_data.js';
 import { validationRunsLeft, type ValidationEvent } from './validation.js';
@@ -245,7 +244,6 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     streams = new SampleStreams(sampleSeed); // each sample's noise, timesteps and VAE ε from its own stream
     const graphed = o.cudaGraphs ? graphedStep(o, spec, { device, worldSize: dp.worldSize, optimization, hooks, notice: dp.isMain ? hooks.onNotice : undefined }) : null;
     if (graphed) ctx.own(graphed);
-    let graphedOutcome: StepOutcome | null = null; // a captured step's optimizer outcome, for afterBackward
 
     const s = spec;
     const assertFinite = (epoch: number) => assertFiniteWeights(loraNamedParameters(s.lora), { step: accumulator.state.globalStep, epoch }, lastCheckpoint());
@@ -268,24 +266,17 @@ async function trainIn<B>(o: TrainerOptions, device: string, hooks: TrainHooksIn
     const { lastEpoch, lastLoss } = await trainLoop({
       ...steps, startEpoch, accumulationSteps: o.gradientAccumulationSteps, signal: hooks.signal, failureContext: lastCheckpoint,
       globalStep: () => accumulator.state.globalStep,
-      nextBatch: async (epoch) => {
+      nextBatch: async (epoch, step) => {
         try { return await data.next(); } catch (e) {
-          throw new Error(`${(e as Error).message} (at step ${accumulator.state.globalStep + 1}, epoch ${epoch})${lastCheckpoint()}; ` +
+          throw new Error(`${(e as Error).message} (at step ${step}, epoch ${epoch})${lastCheckpoint()}; ` +
             `replace the file and resume with --resume_from_checkpoint latest${skipHint}`);
         }
       },
-      microStep: (batch) => {
-        if (!graphed) return s.microStep(batch);
-        const r = graphed.run(batch); // the whole optimizer step
-        graphedOutcome = r.outcome;
-        return r.loss;
-      },
+      microStep: (batch) => s.microStep(batch),
+      // --cuda_graphs: whole steps, each launched before the last is read; a checkpoint's step is read before the next launch
+      pipelined: graphed ?? undefined,
+      settleAfter: (step) => o.checkpointingSteps !== null && step % o.checkpointingSteps === 0,
       afterBackward: async () => {
-        if (graphedOutcome) {
-          const r = graphedOutcome;
-          graphedOutcome = null;
-          return r;
-        }
         if (accumulator.syncGradients) await dp.reduceGradients(params); // averaged once per optimizer step, before clipping
         try { return accumulator.afterBackward(); } catch (e) {
           throw new Error(`${optimizerStepError(e, accumulator.state.globalStep + 1, o, baseLr).message}${lastCheckpoint()}`);
