@@ -7,6 +7,7 @@
 // counter is checked) is reordered once and kept as long as the weight lives, one copy for forward and, once a
 // backward needs it, one of the flipped and transposed weight: for stride 1 the input gradient is the
 // convolution of the output gradient with it (dX = dY ⋆ W', W'[i, o] = W[o, i] flipped, padding k − 1 − p).
+// The copies take at most DIFFLORA_CONV_CACHE_MB (default 512 MiB); weights beyond it take aten's path.
 // Same arithmetic as libtorch's oneDNN path (the forward bit for bit; the input gradient to float32 rounding).
 // Everything else (other dtypes and devices, weights that train, autocast, groups, dilation, 1×1 kernels,
 // large outputs, libtorch 2.x) is aten::conv2d unchanged.
@@ -16,6 +17,10 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cerrno>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <unordered_map>
 
@@ -33,6 +38,7 @@ struct Packed {
   uint32_t version = 0;
   std::vector<int64_t> padding, stride;
   at::Tensor forward, inputGrad;  // oneDNN-layout tensors; inputGrad made on first need
+  int64_t reserved = 0;           // bytes counted against the budget
 };
 
 // A process-wide cache (the ops are registered process-wide; a mutex for worker threads), keyed by the weight's
@@ -41,10 +47,56 @@ struct Packed {
 struct PackCache {
   std::mutex mutex;
   std::unordered_map<const c10::TensorImpl*, Packed> entries;
+  int64_t bytes = 0;   // reserved by the entries: two copies of each weight (forward and input gradient)
+  int64_t budget = 0;  // bytes the copies may take (BudgetFromEnv)
 };
+
+// The copies' budget: DIFFLORA_CONV_CACHE_MB when it is a plain decimal number of MiB (0: keep none), else 512 MiB.
+// Bounded because the gain shrinks as convolutions grow while the cost is a second copy (and a third, of the flipped
+// weight) of every kept weight: at SD 1.5's scale, unbounded, 128 px steps were 18 % faster but 256 px ones no faster,
+// for 4.9 GB more memory and 12 s of reorders in the first step (bench/RESULTS.md). small-sd's fit whole.
+int64_t BudgetFromEnv() {
+  constexpr int64_t MiB = 1024 * 1024;
+  const char* v = std::getenv("DIFFLORA_CONV_CACHE_MB");
+  if (v == nullptr || *v == '\0' || std::strspn(v, "0123456789") != std::strlen(v)) return 512 * MiB;
+  errno = 0;
+  const unsigned long long mb = std::strtoull(v, nullptr, 10);
+  if (errno != 0 || mb > static_cast<unsigned long long>(INT64_MAX / MiB)) return INT64_MAX;
+  return static_cast<int64_t>(mb) * MiB;
+}
+
 PackCache& Cache() {
-  static PackCache* cache = new PackCache();  // never destroyed: no teardown order issue at exit
+  static PackCache* cache = [] {
+    auto* c = new PackCache();  // never destroyed: no teardown order issue at exit
+    c->budget = BudgetFromEnv();
+    return c;
+  }();
   return *cache;
+}
+
+int64_t Reserved(const at::Tensor& w) { return 2 * w.numel() * static_cast<int64_t>(sizeof(float)); }
+
+void Erase(PackCache& c, std::unordered_map<const c10::TensorImpl*, Packed>::iterator it) {
+  c.bytes -= it->second.reserved;
+  c.entries.erase(it);
+}
+
+void DropExpired(PackCache& c) {
+  for (auto e = c.entries.begin(); e != c.entries.end();) {
+    auto next = std::next(e);
+    if (e->second.owner.expired()) Erase(c, e);
+    e = next;
+  }
+}
+
+// Whether w's copies are kept (or may be, within the budget).
+bool Keepable(const at::Tensor& w) {
+  PackCache& c = Cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.entries.count(w.unsafeGetTensorImpl()) > 0) return true;
+  if (c.bytes + Reserved(w) <= c.budget) return true;
+  DropExpired(c);
+  return c.bytes + Reserved(w) <= c.budget;
 }
 
 at::Tensor Reorder(const at::Tensor& w, at::IntArrayRef padding, at::IntArrayRef stride) {
@@ -62,11 +114,13 @@ at::Tensor PackedWeight(const at::Tensor& w, at::IntArrayRef padding, at::IntArr
   if (it != c.entries.end()) {
     Packed& p = it->second;
     const bool same = !p.owner.expired() && p.owner.lock().get() == key && p.version == version && p.padding == padding.vec() && p.stride == stride.vec();
-    if (!same) c.entries.erase(it), it = c.entries.end();
+    if (!same) Erase(c, it), it = c.entries.end();
   }
   if (it == c.entries.end()) {
-    for (auto e = c.entries.begin(); e != c.entries.end();) e = e->second.owner.expired() ? c.entries.erase(e) : std::next(e);
+    DropExpired(c);
     Packed p(w);
+    p.reserved = Reserved(w);
+    c.bytes += p.reserved;
     p.version = version;
     p.padding = padding.vec();
     p.stride = stride.vec();
@@ -133,7 +187,7 @@ at::Tensor Conv2dOp(const at::Tensor& input, const at::Tensor& weight, const c10
     const int64_t oh = (input.size(2) + 2 * padding[0] - weight.size(2)) / stride[0] + 1;
     const int64_t ow = (input.size(3) + 2 * padding[1] - weight.size(3)) / stride[1] + 1;
     // the reorder is worth keeping where it costs as much as the convolution writes
-    if (weight.numel() >= input.size(0) * weight.size(0) * oh * ow) {
+    if (weight.numel() >= input.size(0) * weight.size(0) * oh * ow && Keepable(weight)) {
       return PackedConv2d::apply(input, weight, hasBias ? c10::IValue(*bias) : c10::IValue(), stride.vec(), padding.vec());
     }
   }
@@ -147,7 +201,7 @@ int64_t ConvCacheTrim() {
 #if TORCH_VERSION_MAJOR < 2
   PackCache& c = Cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  for (auto e = c.entries.begin(); e != c.entries.end();) e = e->second.owner.expired() ? c.entries.erase(e) : std::next(e);
+  DropExpired(c);
   return static_cast<int64_t>(c.entries.size());
 #else
   return 0;

@@ -1,6 +1,8 @@
 // difflora::conv2d (native/conv.cc): F.conv2d keeps frozen float32 CPU weights in oneDNN's layout between calls
 // where the weight is at least as large as the output. Outputs and input gradients equal aten::conv2d's to
 // float32 rounding, on the packed path and off it; a weight changed in place is packed again.
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import { describe, expect, it } from 'vitest';
 import * as F from '../lib/functional.js';
 import { noGrad } from '../lib/autograd.js';
@@ -83,5 +85,39 @@ describe('F.conv2d with frozen CPU weights', () => {
       F.conv2d(torch.randn([4, 256, 1, 1]), w, null, { padding: 1 }).sum().backward();
       expect(w.grad!.shape).toEqual([256, 256, 3, 3]);
     });
+  });
+
+  it('keeps copies within DIFFLORA_CONV_CACHE_MB (two copies of a weight are counted); 0 keeps none; the results are the same', () => {
+    // a fresh process per budget: the budget is read once
+    const lib = fileURLToPath(new URL('../lib/', import.meta.url));
+    const script = `
+      const F = await import('${lib}functional.ts');
+      const { op } = await import('${lib}ops.ts');
+      const torch = await import('${lib}torch.ts');
+      const trim = op('difflora::conv_cache_trim');
+      const aten = op('aten::conv2d');
+      const base = trim();
+      const counts = [];
+      let worst = 0;
+      for (const c of [64, 256, 64]) { // 2 × 147 KiB, then 2 × 2.25 MiB, then another 2 × 147 KiB
+        torch.manualSeed(c);
+        const w = torch.randn([c, c, 3, 3]).mul(0.05), x = torch.randn([1, c, 1, 1]);
+        const a = F.conv2d(x, w, null, { padding: 1 }).toFloat64Array(), b = aten(x, w, null, 1, 1, 1, 1).toFloat64Array();
+        worst = Math.max(worst, ...a.map((v, i) => Math.abs(v - b[i])));
+        counts.push(trim() - base);
+        globalThis.keepAlive = [...(globalThis.keepAlive ?? []), w];
+      }
+      console.log(JSON.stringify({ counts, worst }));`;
+    const packs = native.info().torchVersion.startsWith('1.');
+    const expected: Record<string, number[]> = { 0: [0, 0, 0], 1: [1, 1, 2], 5: [1, 2, 2], 6: [1, 2, 3] }; // 0.29, 4.79, 5.08 MiB in all
+    for (const [mb, counts] of Object.entries(expected)) {
+      const r = spawnSync(process.execPath, ['--import', 'tsx', '--input-type=module', '-e', script], {
+        encoding: 'utf8', timeout: 60_000, env: { ...process.env, DIFFLORA_CONV_CACHE_MB: mb },
+      });
+      expect(r.status, r.stderr).toBe(0);
+      const out = JSON.parse(r.stdout.trim().split('\n').at(-1)!) as { counts: number[]; worst: number };
+      expect(out.counts, `DIFFLORA_CONV_CACHE_MB=${mb}`).toEqual(packs ? counts : [0, 0, 0]);
+      expect(out.worst).toBeLessThan(1e-4);
+    }
   });
 });
