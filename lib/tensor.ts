@@ -69,7 +69,7 @@ const I = {
   addScalar_: opVoid('add_.Scalar'), sub_: opVoid('sub_.Tensor'), mul_: opVoid('mul_.Tensor'), mulScalar_: opVoid('mul_.Scalar'),
   div_: opVoid('div_.Tensor'), divScalar_: opVoid('div_.Scalar'), addcmul_: opVoid('addcmul_'), addcdiv_: opVoid('addcdiv_'),
   lerp_: opVoid('lerp_.Scalar'), clamp_: opVoid('clamp_'), uniform_: opVoid('uniform_'), normal_: opVoid('normal_'),
-  sqrt_: opVoid('sqrt_'), neg_: opVoid('neg_'),
+  sqrt_: opVoid('sqrt_'), neg_: opVoid('neg_'), silu_: opVoid('silu_'),
 };
 
 export class Tensor implements NativeTensorHandle {
@@ -321,6 +321,7 @@ export class Tensor implements NativeTensorHandle {
   clamp_(min: Scalar | null = null, max: Scalar | null = null): this { I.clamp_(this, min, max); return this; }
   sqrt_(): this { I.sqrt_(this); return this; }
   neg_(): this { I.neg_(this); return this; }
+  silu_(): this { I.silu_(this); return this; }
   uniform_(from = 0, to = 1, generator?: Generator): this { I.uniform_(this, from, to, generator ?? null); return this; }
   normal_(mean = 0, std = 1, generator?: Generator): this { I.normal_(this, mean, std, generator ?? null); return this; }
 }

@@ -20,6 +20,14 @@ export interface ResnetBlock2DConfig {
   timeEmbeddingNorm?: 'default';
 }
 
+/**
+ * Whether t may be overwritten in place: autograd keeps nothing of it (a frozen VAE, the UNet's blocks before its
+ * first LoRA layer, inference, a checkpointed block's recording, whose replay in backward redoes the same in-place
+ * ops). In place saves a tensor and a pass over it per activation and residual add; the values are the same.
+ */
+const overwritable = (t: Tensor) => !t.requiresGrad;
+const silu = (t: Tensor) => (overwritable(t) ? t.silu_() : t.silu());
+
 export class ResnetBlock2D extends Module {
   norm1: GroupNorm;
   conv1: Conv2d;
@@ -56,14 +64,14 @@ export class ResnetBlock2D extends Module {
     // tidy: the block's intermediates are freed when it returns, not at the end of the caller's scope (in
     // inference that bounds memory to one block's activations; autograd keeps what backward needs)
     return tidy(() => {
-      let h = this.conv1.forward(this.norm1.forward(input).silu());
+      let h = this.conv1.forward(silu(this.norm1.forward(input)));
       if (this.time_emb_proj && temb) {
         const t = this.time_emb_proj.forward(temb.silu());
         h = h.add(t.unsqueeze(-1).unsqueeze(-1));
       }
-      h = this.conv2.forward(this.dropout.forward(this.norm2.forward(h).silu()));
+      h = this.conv2.forward(this.dropout.forward(silu(this.norm2.forward(h))));
       const shortcut = this.conv_shortcut ? this.conv_shortcut.forward(input.contiguous()) : input;
-      const out = shortcut.add(h);
+      const out = overwritable(h) ? h.add_(shortcut) : shortcut.add(h);
       return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
     });
   }
