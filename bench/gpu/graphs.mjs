@@ -31,8 +31,9 @@ const MIXED = { fp32: 'no', bf16: 'bf16', fp16: 'fp16' };
 const DTYPE = { fp32: 'float32', bf16: 'bfloat16', fp16: 'float16' };
 
 /**
- * 10 steps of one way: 'graph' (a real CUDA graph), 'rerun' (the same device-side step, eager), 'host' (the host-side
- * optimizer step). Same models, LoRA init, batch and per-step draws for all three.
+ * 10 steps of one way: 'graph' (a real CUDA graph, each step launched and read), 'pipelined' (the same, each step
+ * launched before the last one is read, as the trainer runs it), 'rerun' (the same device-side step, eager), 'host'
+ * (the host-side optimizer step). Same models, LoRA init, batch and per-step draws for all.
  */
 function train(way, prec, { gc = false } = {}) {
   torch.manualSeed(0);
@@ -76,7 +77,10 @@ function train(way, prec, { gc = false } = {}) {
   const losses = [];
   let liveAfterCapture = null;
   for (step = 0; step < STEPS; step++) {
-    if (graphed) {
+    if (way === 'pipelined') {
+      const previous = graphed.launch(null);
+      if (previous) losses.push(previous.loss);
+    } else if (graphed) {
       losses.push(graphed.run(null).loss);
     } else {
       const d = draws(step);
@@ -87,6 +91,7 @@ function train(way, prec, { gc = false } = {}) {
     }
     if (step === 5) liveAfterCapture = torch.memory().numTensors;
   }
+  if (way === 'pipelined') losses.push(graphed.settle().loss);
   const live = torch.memory().numTensors;
   const values = params.map((p) => p.toFloat64Array());
   graphed?.dispose();
@@ -106,6 +111,7 @@ try {
   const graph = train('graph', 'fp32');
   report(graph.flat, 'fp32 graph: live tensors flat over the replays', `${graph.liveAfterCapture} → ${graph.live}`);
   compare('fp32: captured step = the same step eager', graph, train('rerun', 'fp32'), 1e-5);
+  compare('fp32: pipelined (each step launched before the last is read) = launched and read one at a time', train('pipelined', 'fp32'), graph, 1e-6);
   const host = train('host', 'fp32');
   compare('fp32: captured step = the host-side step (loraTrainingStep + optimizerStep)', graph, host, 1e-5);
   // the device-side AdamW op by op (libtorch without the fused kernel, or DIFFLORA_NO_FUSED_ADAMW=1) against the same
@@ -121,6 +127,7 @@ try {
     const a = train('graph', prec);
     const b = train('rerun', prec);
     compare(`${prec}: captured step = the same step eager`, a, b, 1e-3);
+    if (prec === 'fp16') compare('fp16: pipelined = one at a time (the scaler\'s skips and the LR read a step late)', train('pipelined', prec), a, 1e-6);
     if (prec === 'fp16') report(a.scale === b.scale, 'fp16: the loss scale follows the same steps', `${a.scale} vs ${b.scale}`);
   }
 } catch (e) {
