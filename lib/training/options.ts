@@ -123,6 +123,8 @@ export interface TrainOptions extends TrainDataOptions, OptimOptions, LoraVarian
   /**
    * Record the whole training step in a CUDA graph and replay it (training/graphed_step.ts); falls back to eager steps,
    * saying why, where it cannot (not CUDA, accumulation, several processes, another optimizer, a failed capture).
+   * Each step is launched before the last one is read, so onProgress for step k runs while step k+1 runs on the
+   * device (a checkpoint's step, an epoch's last and the run's last excepted): LoRA weights read there are a step ahead.
    */
   cudaGraphs?: boolean;
   /** Memory-efficient attention in the UNet (the script's xformers flag): see setMemoryEfficientAttention. */
