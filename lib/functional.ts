@@ -54,8 +54,26 @@ function normInput(input: Tensor, weight: Tensor | null | undefined): Tensor {
   return native.isAutocastEnabled(input.isCuda ? 'cuda' : 'cpu') ? input.float() : input;
 }
 
+/** Whether t's strides are the row-major ones of its shape (size-1 dimensions may have any stride). */
+export function isRowMajor(t: Tensor): boolean {
+  const shape = t.shape, stride = t.stride();
+  let expected = 1;
+  for (let d = shape.length - 1; d >= 0; d--) {
+    if (shape[d] !== 1 && stride[d] !== expected) return false;
+    expected *= shape[d]!;
+  }
+  return true;
+}
+
 export function groupNorm(input: Tensor, numGroups: number, weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
-  const x = normInput(input, weight);
+  let x = normInput(input, weight);
+  // libtorch 1.13's CPU group_norm is wrong for bfloat16 in channels-last layout (errors of ~0.5 on unit-scale
+  // values), which a bf16 convolution on the CPU can hand it (the VAE decoder's upsamplers): give it row-major
+  if (x.dtype === 'bfloat16' && x.device === 'cpu' && !isRowMajor(x)) {
+    const rowMajor = x.contiguous();
+    if (x !== input) x.dispose();
+    x = rowMajor;
+  }
   try {
     return A.groupNorm(x, numGroups, weight ?? null, bias ?? null, eps, true) as Tensor;
   } finally {

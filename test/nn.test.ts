@@ -101,6 +101,22 @@ describe('Module', () => {
     expect(memory().numTensors).toBe(before);
   });
 
+  it("groupNorm of a bfloat16 channels-last input equals the row-major one's (libtorch 1.13's CPU kernel is wrong there)", () => {
+    tidy(() => {
+      torch.manualSeed(0);
+      for (const [c, groups] of [[8, 4], [32, 32], [16, 2]] as const) {
+        const x = torch.randn([2, c, 16, 16]).to({ dtype: 'bfloat16' });
+        const channelsLast = x.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2);
+        expect(F.isRowMajor(x)).toBe(true);
+        expect(F.isRowMajor(channelsLast)).toBe(false);
+        const w = torch.randn([c]).to({ dtype: 'bfloat16' }), b = torch.randn([c]).to({ dtype: 'bfloat16' });
+        const y = F.groupNorm(x, groups, w, b, 1e-6);
+        expect(F.groupNorm(channelsLast, groups, w, b, 1e-6).sub(y).abs().max().item(), `${c}/${groups}`).toBe(0);
+        expect(y.float().abs().mean().item()).toBeGreaterThan(0.5);
+      }
+    });
+  });
+
   it('layers compute what the functional ops compute, with PyTorch init bounds', () => {
     tidy(() => {
       torch.manualSeed(0);

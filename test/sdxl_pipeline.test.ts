@@ -229,7 +229,8 @@ describe('StableDiffusionXLPipeline vs diffusers (tiny-sdxl, Euler leading, 4 st
     try {
       const out = await p.generate({ ...kwargs, latents: golden.get('latents'), outputType: 'tensor' });
       made.push(out.tensor!);
-      tidy(() => expectClose('bf16 image vs fp32', out.tensor!.permute(0, 2, 3, 1), golden.get('base/image'), 5e-2));
+      // 7.5e-3 here; 2.8e-2 while libtorch's CPU group_norm got the VAE decoder's bf16 channels-last tensors as they were
+      tidy(() => expectClose('bf16 image vs fp32', out.tensor!.permute(0, 2, 3, 1), golden.get('base/image'), 1.5e-2));
     } finally {
       p.dispose();
     }

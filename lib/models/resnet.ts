@@ -27,6 +27,8 @@ export interface ResnetBlock2DConfig {
  */
 const overwritable = (t: Tensor) => !t.requiresGrad;
 const silu = (t: Tensor) => (overwritable(t) ? t.silu_() : t.silu());
+const sameLayout = (a: Tensor, b: Tensor) =>
+  a.dtype === b.dtype && a.shape.length === b.shape.length && a.shape.every((n, i) => n === b.shape[i]) && a.stride().every((n, i) => n === b.stride()[i]);
 
 export class ResnetBlock2D extends Module {
   norm1: GroupNorm;
@@ -71,7 +73,9 @@ export class ResnetBlock2D extends Module {
       }
       h = this.conv2.forward(this.dropout.forward(silu(this.norm2.forward(h))));
       const shortcut = this.conv_shortcut ? this.conv_shortcut.forward(input.contiguous()) : input;
-      const out = overwritable(h) ? h.add_(shortcut) : shortcut.add(h);
+      // in place only where add would give the same tensor: same dtype (a bf16 block output plus a float32 input is
+      // float32), shape and layout (add's result follows its inputs' strides)
+      const out = overwritable(h) && sameLayout(h, shortcut) ? h.add_(shortcut) : shortcut.add(h);
       return this.outputScaleFactor === 1 ? out : out.div(this.outputScaleFactor);
     });
   }
