@@ -19,7 +19,9 @@ export class GEGLU extends Module {
 
   forward(x: Tensor): Tensor {
     const [h, gate] = this.proj.forward(x).chunk(2, -1) as [Tensor, Tensor];
-    return h.mul(gate.gelu());
+    // libtorch's CPU gelu and gelu_backward take a slow scalar path for a strided half of a row (3.3 vs 0.55 ns an
+    // element in 1.13): one contiguous copy makes GEGLU's forward + backward 2.5× faster there (bench/RESULTS.md)
+    return h.mul((gate.isCuda ? gate : gate.contiguous()).gelu());
   }
 }
 
