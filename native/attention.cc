@@ -7,6 +7,7 @@
 // Being an operator (not JS code), it is recorded and replayed as one step by gradient checkpointing, so a
 // replayed block keeps the same small footprint.
 #include "common.h"
+#include "softmax.h"
 
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -98,7 +99,8 @@ at::Tensor ChunkedAttentionOp(const at::Tensor& q, const at::Tensor& k, const at
 //
 // q [B, Lq, H·D], k [B, Lk, H·D], v [B, Lk, H·Dv] → [B, Lq, H·Dv]: what diffusers' AttnProcessor computes between
 // the projections (head_to_batch_dim, baddbmm(alpha=scale), softmax, bmm, batch_to_head_dim), and autograd's
-// backward of it, with the same BLAS sgemm per head and ATen's softmax kernels. On the CPU in float32 the heads
+// backward of it, with the same BLAS sgemm per head, native/softmax.cc's softmax (ATen's on a CPU without AVX2) and
+// ATen's softmax backward. On the CPU in float32 the heads
 // are read and written in place through the GEMMs' leading dimensions, so the four head reshapes (copies) and
 // their gradients' copies disappear, the scale rides on the GEMM's alpha (no pass over the scores), and the
 // per-head GEMMs run in one loop instead of bmm's per-matrix select/addmm dispatch. Elsewhere (other dtypes,
@@ -172,8 +174,10 @@ struct HeadsAttention : torch::autograd::Function<HeadsAttention> {
         const int64_t b = i / heads, h = i % heads;
         Gemm(f, false, true, lq, lk, d, static_cast<float>(scale), Q.at(b, h), Q.rowStride, K.at(b, h), K.rowStride, 0.f, s + (i - g0) * ss, lk);
       }
-      at::Tensor pg = probs.narrow(0, g0, n);
-      at::_softmax_out(pg, scores.narrow(0, 0, n), -1, false);
+      if (!SoftmaxRows(s, probs.data_ptr<float>() + g0 * ss, n * lq, lk)) {
+        at::Tensor pg = probs.narrow(0, g0, n);
+        at::_softmax_out(pg, scores.narrow(0, 0, n), -1, false);
+      }
       for (int64_t i = g0; i < g0 + n; ++i) {  // P v
         const int64_t b = i / heads, h = i % heads;
         Gemm(f, false, false, lq, dv, lk, 1.f, p + i * ss, lk, V.at(b, h), V.rowStride, 0.f, o + b * lq * heads * dv + h * dv, heads * dv);

@@ -63,4 +63,41 @@ describe('F.headsAttention', () => {
       expect(() => F.headsAttention(torch.randn([2, 4, 32]), torch.randn([2, 5, 32]), torch.randn([2, 6, 32]), 4, 1)).toThrow(/share the batch/);
     });
   });
+
+  // heads = 1 with k = I and v = I (the GEMMs multiply by the identity, exactly): the output is softmax(q) itself, so
+  // the probabilities of the CPU kernel (native/softmax.cc, its own exp) are checked element by element against
+  // float64's softmax, on row widths around the 8-wide vectors (masked tails) and with exp underflowing to 0.
+  function probabilities(scores: Tensor): Tensor {
+    const [rows, width] = scores.shape as [number, number];
+    const eye = new Float32Array(width * width);
+    for (let i = 0; i < width; i++) eye[i * width + i] = 1;
+    const identity = torch.tensor(eye, { shape: [1, width, width] });
+    return F.headsAttention(scores.reshape(1, rows, width), identity, identity, 1, 1).reshape(rows, width);
+  }
+
+  for (const width of [1, 3, 7, 8, 9, 16, 77, 256]) {
+    it(`softmax of a ${width}-wide row: every probability within 1e-6 of float64's (relative)`, () => {
+      tidy(() => {
+        torch.manualSeed(width);
+        const scores = torch.randn([37, width]).mul(torch.rand([37, 1]).mul(60)); // spreads up to ~200: many underflows
+        const ours = probabilities(scores).to('float64');
+        // the reference takes the float32 differences x − max the kernel takes (that rounding is float32 softmax's own)
+        const exact = scores.sub(scores.amax([-1], true)).to('float64').softmax(-1);
+        // |ours − exact| ≤ 1e-6·exact, up to the smallest normal float (below it ours is 0)
+        expect(ours.sub(exact).abs().sub(exact.mul(1e-6)).max().item()).toBeLessThanOrEqual(1.2e-38);
+        expect(ours.sum(-1).sub(1).abs().max().item()).toBeLessThan(1e-6);
+      });
+    });
+  }
+
+  it('softmax: a row with a NaN score is NaN, the other rows are not touched by it', () => {
+    tidy(() => {
+      const scores = torch.randn([3, 77]);
+      const withNaN = torch.cat([scores.narrow(0, 0, 1), torch.full([1, 77], Number.NaN), scores.narrow(0, 2, 1)], 0);
+      const p = probabilities(withNaN);
+      expect(p.narrow(0, 1, 1).isnan().all().item()).toBe(true);
+      expect(relErr(p.narrow(0, 0, 1), scores.narrow(0, 0, 1).softmax(-1))).toBeLessThan(1e-6);
+      expect(relErr(p.narrow(0, 2, 1), scores.narrow(0, 2, 1).softmax(-1))).toBeLessThan(1e-6);
+    });
+  });
 });
