@@ -3,6 +3,7 @@
 import { native } from './native.js';
 import { dtypeCode, elementSize } from './dtype.js';
 import { hasOp, op } from './ops.js';
+import { isRecordingCheckpoint } from './gradient_checkpointing.js';
 import { Tensor } from './tensor.js';
 
 const A = {
@@ -11,7 +12,7 @@ const A = {
   bilinear: op('upsample_bilinear2d.vec'), avgPool2d: op('avg_pool2d'), constantPad: op('constant_pad_nd'),
   reflectionPad2d: op('reflection_pad2d'), replicationPad2d: op('replication_pad2d'), mseLoss: op('mse_loss'),
   sdpa: op('scaled_dot_product_attention'), empty: op('empty.memory_format'), headsAttention: op('difflora::heads_attention'),
-  loraLinear: op('difflora::lora_linear'),
+  loraLinear: op('difflora::lora_linear'), groupNormSilu: op('difflora::group_norm_silu'),
 };
 
 export function linear(input: Tensor, weight: Tensor, bias?: Tensor | null): Tensor {
@@ -79,6 +80,19 @@ export function groupNorm(input: Tensor, numGroups: number, weight?: Tensor | nu
   } finally {
     if (x !== input) x.dispose();
   }
+}
+
+/**
+ * silu(groupNorm(x)), the pair every ResnetBlock2D runs. On the CPU in float32 it is one operator
+ * (native/group_norm.cc): where no gradient is needed (frozen models, inference) one pass per group normalizes and
+ * applies silu, instead of group_norm's output and silu_'s second pass over it; with a gradient it is the two
+ * operators, which autograd records. Elsewhere groupNorm then silu, in place where autograd keeps nothing.
+ */
+export function groupNormSilu(input: Tensor, numGroups: number, weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {
+  // a checkpointed block's recording computes what its replay in backward (with a gradient) will: the two operators
+  if (input.device === 'cpu' && input.dtype === 'float32' && !isRecordingCheckpoint()) return A.groupNormSilu(input, numGroups, weight ?? null, bias ?? null, eps) as Tensor;
+  const h = groupNorm(input, numGroups, weight, bias, eps);
+  return h.requiresGrad ? h.silu() : h.silu_();
 }
 
 export function layerNorm(input: Tensor, normalizedShape: number[], weight?: Tensor | null, bias?: Tensor | null, eps = 1e-5): Tensor {

@@ -7,6 +7,14 @@ import { isGradEnabled, noGrad } from './autograd.js';
 import { dispose, tidy } from './scope.js';
 import type { Tensor } from './tensor.js';
 
+let recording = false;
+
+/**
+ * Whether a checkpointed block is being recorded. Its replay in backward, with grad enabled, must compute what the
+ * recording computed, so an operator with a separate no-grad path (F.groupNormSilu) takes its with-grad arithmetic.
+ */
+export function isRecordingCheckpoint(): boolean { return recording; }
+
 /**
  * Calls fn(...inputs) without storing intermediate activations for backward. fn must consist of tensor
  * ops only (no decisions on tensor values) and be deterministic given the random state; tensors with
@@ -18,6 +26,7 @@ export function checkpoint<T extends Tensor | Tensor[]>(fn: (...inputs: Tensor[]
   const detached = inputs.map((t) => t.detach());
   native.tapeBegin(detached);
   let result: T;
+  recording = true;
   try {
     // tidy: the block's intermediates are freed as soon as it returns (backward recomputes them)
     result = tidy(() => noGrad(() => fn(...detached)));
@@ -25,6 +34,8 @@ export function checkpoint<T extends Tensor | Tensor[]>(fn: (...inputs: Tensor[]
     native.tapeAbort();
     dispose(detached);
     throw e;
+  } finally {
+    recording = false;
   }
   const outputs: Tensor[] = Array.isArray(result) ? result : [result];
   let wired: Tensor[];

@@ -7,6 +7,8 @@ import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
 import * as F from '../lib/functional.js';
+import { noGrad } from '../lib/autograd.js';
+import { relErr } from './helpers.js';
 
 // The shape of diffusers' Attention: to_out is a ModuleList [Linear, Dropout], so its weight is `to_out.0.weight`.
 class Attention extends Module {
@@ -114,6 +116,52 @@ describe('Module', () => {
         expect(F.groupNorm(channelsLast, groups, w, b, 1e-6).sub(y).abs().max().item(), `${c}/${groups}`).toBe(0);
         expect(y.float().abs().mean().item()).toBeGreaterThan(0.5);
       }
+    });
+  });
+
+  // F.groupNormSilu without a gradient is native/group_norm.cc's one-pass kernel on row-major float32 CPU tensors:
+  // checked against silu(group_norm) computed in float64, on spatial sizes with and without 8-wide tails, 1 to 4
+  // channels a group (and 16), no affine, a strided input (ATen's path), and a mean far from 0
+  it('groupNormSilu equals silu(groupNorm) in float64 without a gradient (fast and fallback paths)', () => {
+    tidy(() => {
+      torch.manualSeed(1);
+      const cases: [number[], number, boolean, number][] = [
+        [[2, 64, 9, 7], 32, true, 0], [[1, 32, 40, 40], 32, true, 0], [[3, 8, 5], 4, false, 0], [[2, 4, 1, 1], 2, true, 0],
+        [[2, 128, 8, 8], 32, true, 100], [[1, 16, 3, 3], 1, true, -3],
+      ];
+      for (const [shape, groups, affine, offset] of cases) {
+        const x = torch.randn(shape).mul(2).add(offset);
+        const c = shape[1]!;
+        const w = affine ? torch.randn([c]) : null, b = affine ? torch.randn([c]) : null;
+        const exact = F.groupNorm(x.double(), groups, w?.double(), b?.double(), 1e-6).silu();
+        const label = `[${shape}] / ${groups}${affine ? '' : ' no affine'} + ${offset}`;
+        expect(relErr(noGrad(() => F.groupNormSilu(x, groups, w, b, 1e-6)), exact), label).toBeLessThan(1e-6);
+        // not row-major, the same values: ATen's two operators, whose x·(rstd·γ) + (β − mean·rstd·γ) loses a few bits
+        // to cancellation where the mean is far from 0 (2e-6 at a mean of 100), which the kernel's x − mean does not
+        const strided = x.transpose(0, 1).contiguous().transpose(0, 1);
+        const atenTolerance = offset === 0 ? 1e-6 : 1e-5;
+        expect(relErr(noGrad(() => F.groupNormSilu(strided, groups, w, b, 1e-6)), exact), `${label} strided`).toBeLessThan(atenTolerance);
+        expect(relErr(F.groupNorm(x, groups, w, b, 1e-6).silu(), exact), `${label} ATen`).toBeLessThan(atenTolerance);
+      }
+    });
+  });
+
+  it('groupNormSilu with a gradient is autograd through group_norm and silu (the same values and gradients)', () => {
+    tidy(() => {
+      torch.manualSeed(2);
+      const x = torch.randn([2, 16, 6, 6]);
+      const w = torch.randn([16]).requiresGrad_(true), b = torch.randn([16]).requiresGrad_(true);
+      const ours = F.groupNormSilu(x, 4, w, b, 1e-5);
+      expect(ours.requiresGrad).toBe(true);
+      ours.square().sum().backward();
+      const [gw, gb] = [w.grad!.clone(), b.grad!.clone()];
+      w.grad = null;
+      b.grad = null;
+      const ref = F.groupNorm(x, 4, w, b, 1e-5).silu();
+      ref.square().sum().backward();
+      expect(ours.sub(ref).abs().max().item()).toBe(0);
+      expect(gw.sub(w.grad!).abs().max().item()).toBe(0);
+      expect(gb.sub(b.grad!).abs().max().item()).toBe(0);
     });
   });
 

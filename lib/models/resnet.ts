@@ -23,10 +23,10 @@ export interface ResnetBlock2DConfig {
 /**
  * Whether t may be overwritten in place: autograd keeps nothing of it (a frozen VAE, the UNet's blocks before its
  * first LoRA layer, inference, a checkpointed block's recording, whose replay in backward redoes the same in-place
- * ops). In place saves a tensor and a pass over it per activation and residual add; the values are the same.
+ * ops). In place saves a tensor and a pass over it per residual add; the values are the same. (The norms' silu is
+ * GroupNorm.forwardSilu, one operator that needs no second pass where autograd keeps nothing.)
  */
 const overwritable = (t: Tensor) => !t.requiresGrad;
-const silu = (t: Tensor) => (overwritable(t) ? t.silu_() : t.silu());
 const sameLayout = (a: Tensor, b: Tensor) =>
   a.dtype === b.dtype && a.shape.length === b.shape.length && a.shape.every((n, i) => n === b.shape[i]) && a.stride().every((n, i) => n === b.stride()[i]);
 
@@ -66,12 +66,12 @@ export class ResnetBlock2D extends Module {
     // tidy: the block's intermediates are freed when it returns, not at the end of the caller's scope (in
     // inference that bounds memory to one block's activations; autograd keeps what backward needs)
     return tidy(() => {
-      let h = this.conv1.forward(silu(this.norm1.forward(input)));
+      let h = this.conv1.forward(this.norm1.forwardSilu(input));
       if (this.time_emb_proj && temb) {
         const t = this.time_emb_proj.forward(temb.silu());
         h = h.add(t.unsqueeze(-1).unsqueeze(-1));
       }
-      h = this.conv2.forward(this.dropout.forward(silu(this.norm2.forward(h))));
+      h = this.conv2.forward(this.dropout.forward(this.norm2.forwardSilu(h)));
       const shortcut = this.conv_shortcut ? this.conv_shortcut.forward(input.contiguous()) : input;
       // in place only where add would give the same tensor: same dtype (a bf16 block output plus a float32 input is
       // float32), shape and layout (add's result follows its inputs' strides)

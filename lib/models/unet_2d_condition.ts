@@ -252,7 +252,7 @@ export class UNet2DConditionModel extends Module {
         [x, emb, encoderHiddenStates, ...res])[0]!;
     }
     // 6. post-process
-    return this.conv_out.forward(this.conv_norm_out.forward(x).silu());
+    return this.conv_out.forward(this.conv_norm_out.forwardSilu(x));
   }
 
   /**

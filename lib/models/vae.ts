@@ -57,7 +57,7 @@ export class Encoder extends Module {
     // 3. mid: resnet, attention, resnet
     h = this.mid_block.forward(h);
     // 4. out: norm, silu (conv_act), conv to the moments
-    return this.conv_out.forward(this.conv_norm_out.forward(h).silu());
+    return this.conv_out.forward(this.conv_norm_out.forwardSilu(h));
   }
 }
 
@@ -109,7 +109,7 @@ export class Decoder extends Module {
     // 3. up: resnets, then nearest ×2 + conv between resolutions
     for (const block of this.up_blocks) h = block.forward(h);
     // 4. out: norm, silu (conv_act), conv to pixels
-    return this.conv_out.forward(this.conv_norm_out.forward(h).silu());
+    return this.conv_out.forward(this.conv_norm_out.forwardSilu(h));
   }
 }
 

@@ -65,6 +65,9 @@ export class GroupNorm extends Module {
   }
 
   forward(x: Tensor): Tensor { return F.groupNorm(x, this.numGroups, this.weight, this.bias, this.eps); }
+
+  /** silu(forward(x)) as one operator (F.groupNormSilu): the norm + activation pair of resnets and output heads. */
+  forwardSilu(x: Tensor): Tensor { return F.groupNormSilu(x, this.numGroups, this.weight, this.bias, this.eps); }
 }
 
 export class LayerNorm extends Module {
