@@ -99,8 +99,8 @@ at::Tensor ChunkedAttentionOp(const at::Tensor& q, const at::Tensor& k, const at
 //
 // q [B, Lq, H·D], k [B, Lk, H·D], v [B, Lk, H·Dv] → [B, Lq, H·Dv]: what diffusers' AttnProcessor computes between
 // the projections (head_to_batch_dim, baddbmm(alpha=scale), softmax, bmm, batch_to_head_dim), and autograd's
-// backward of it, with the same BLAS sgemm per head, native/softmax.cc's softmax (ATen's on a CPU without AVX2) and
-// ATen's softmax backward. On the CPU in float32 the heads
+// backward of it, with the same BLAS sgemm per head and native/softmax.cc's softmax and softmax backward (ATen's on
+// a CPU without AVX2). On the CPU in float32 the heads
 // are read and written in place through the GEMMs' leading dimensions, so the four head reshapes (copies) and
 // their gradients' copies disappear, the scale rides on the GEMM's alpha (no pass over the scores), and the
 // per-head GEMMs run in one loop instead of bmm's per-matrix select/addmm dispatch. Elsewhere (other dtypes,
@@ -225,8 +225,10 @@ struct HeadsAttention : torch::autograd::Function<HeadsAttention> {
         const int64_t b = i / heads, h = i % heads;
         Gemm(f, false, true, lq, lk, dv, 1.f, G.at(b, h), G.rowStride, V.at(b, h), V.rowStride, 0.f, dps + (i - g0) * ss, lk);
       }
-      at::Tensor dsg = ds.narrow(0, 0, n);
-      at::_softmax_backward_data_out(dsg, dp.narrow(0, 0, n), probs.narrow(0, g0, n), -1, probs.scalar_type());
+      if (!SoftmaxBackwardRows(dps, p + g0 * ss, ds.data_ptr<float>(), n * lq, lk)) {
+        at::Tensor dsg = ds.narrow(0, 0, n);
+        at::_softmax_backward_data_out(dsg, dp.narrow(0, 0, n), probs.narrow(0, g0, n), -1, probs.scalar_type());
+      }
       const float* dss = ds.data_ptr<float>();
       for (int64_t i = g0; i < g0 + n; ++i) {
         const int64_t b = i / heads, h = i % heads;
