@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <unordered_map>
+#include <unordered_set>
 
 namespace difflora {
 
@@ -38,6 +39,9 @@ struct Tape {
   std::vector<at::Tensor> alive;   // keeps recorded tensors alive so an address is never reused
   std::vector<at::Tensor> captured;  // constants the function closed over
   std::vector<std::pair<at::Generator, at::Tensor>> rng;  // default generators and their states at the start
+  // Recorded while a CUDA graph is captured: the CUDA generators' states could not be read (libtorch refuses), so
+  // the block may not draw random numbers (its replay could not draw the same ones).
+  bool cudaRngUnsaved = false;
   AutocastState autocast;  // replayed under the same autocast as the forward
   std::string error;
   // Set by tapeEnd: the last step that reads or writes each slot, and the slots a replay must keep to the end
@@ -70,9 +74,26 @@ void NoteTensor(Tape& tape, Step& step, const at::Tensor& t, size_t arg, int64_t
   }
 }
 
+// The ATen operators that draw from a generator.
+bool DrawsRandomNumbers(const c10::OperatorHandle& op) {
+  static const std::unordered_set<std::string> names{
+      "aten::bernoulli", "aten::bernoulli_", "aten::dropout", "aten::dropout_", "aten::native_dropout", "aten::_fused_dropout",
+      "aten::feature_dropout", "aten::feature_dropout_", "aten::alpha_dropout", "aten::alpha_dropout_", "aten::feature_alpha_dropout",
+      "aten::feature_alpha_dropout_", "aten::rand", "aten::rand_like", "aten::randn", "aten::randn_like", "aten::randint",
+      "aten::randint_like", "aten::randperm", "aten::normal", "aten::normal_", "aten::uniform_", "aten::exponential_",
+      "aten::geometric_", "aten::log_normal_", "aten::cauchy_", "aten::random_", "aten::multinomial", "aten::poisson",
+      "aten::binomial", "aten::rrelu", "aten::rrelu_", "aten::rrelu_with_noise", "aten::rrelu_with_noise_", "aten::_standard_gamma",
+      "aten::_sample_dirichlet"};
+  return names.count(op.schema().name()) > 0;
+}
+
 }  // namespace
 
 void RecordOp(Tape& tape, const c10::OperatorHandle& op, const torch::jit::Stack& args, const torch::jit::Stack& results) {
+  if (tape.cudaRngUnsaved && tape.error.empty() && DrawsRandomNumbers(op)) {
+    tape.error = "checkpoint: " + op.schema().name() + " draws random numbers inside a checkpointed block recorded in a CUDA graph, " +
+                 "whose generator state cannot be saved while the graph records; turn off --cuda_graphs or the randomness (dropout) there";
+  }
   Step step{op, args, {}, {}};
   for (size_t i = 0; i < args.size(); ++i) {
     const c10::IValue& v = args[i];
@@ -199,7 +220,12 @@ Napi::Value TapeBegin(const Napi::CallbackInfo& info) {
     for (const at::Tensor& t : tape->alive) {
       if (!t.device().is_cpu() && std::find(devices.begin(), devices.end(), t.device()) == devices.end()) devices.push_back(t.device());
     }
+    const bool capturing = CudaGraphCapturing();
     for (const c10::Device& dev : devices) {
+      if (capturing && !dev.is_cpu()) {  // libtorch refuses to read a CUDA generator's state while a graph records
+        tape->cudaRngUnsaved = true;
+        continue;
+      }
       at::Generator g = at::globalContext().defaultGenerator(dev);
       std::lock_guard<std::mutex> lock(g.mutex());
       tape->rng.emplace_back(g, g.get_state());

@@ -121,6 +121,10 @@ void InitCheckpoint(Napi::Env env, Napi::Object exports);
 void InitDistributed(Napi::Env env, Napi::Object exports);
 void InitGraph(Napi::Env env, Napi::Object exports);
 
+// Whether a CUDA graph is being captured in this process (graph.cc; false in a build without CUDA). While it is, a
+// CUDA generator's state cannot be read (libtorch refuses), which gradient checkpointing's tape needs to know.
+bool CudaGraphCapturing();
+
 // Called by the dispatcher for every op while a tape records (args as passed, results as returned).
 void RecordOp(Tape& tape, const c10::OperatorHandle& op, const torch::jit::Stack& args, const torch::jit::Stack& results);
 

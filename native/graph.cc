@@ -13,11 +13,15 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <atomic>
 #include <map>
 #include <memory>
 
 namespace difflora {
 namespace {
+
+// Captures in progress, process-wide (CUDA's capture mode is a property of the process's threads and streams).
+std::atomic<int> capturesInProgress{0};
 
 #ifdef DIFFLORA_WITH_CUDA
 
@@ -101,6 +105,7 @@ Napi::Value GraphCaptureBegin(const Napi::CallbackInfo& info) {
     g.graph = std::make_unique<at::cuda::CUDAGraph>();
     g.graph->capture_begin();
     g.capturing = true;
+    ++capturesInProgress;
   });
   return env.Undefined();
 }
@@ -111,6 +116,7 @@ Napi::Value GraphCaptureEnd(const Napi::CallbackInfo& info) {
   Graph& g = GraphOf(env, info[0]);
   if (!g.capturing) throw Napi::Error::New(env, "cuda graph: not capturing");
   g.capturing = false;
+  --capturesInProgress;
   Guard(env, [] { return std::string("cudaGraphCaptureEnd"); }, [&] {
     try {
       g.graph->capture_end();
@@ -142,6 +148,8 @@ Napi::Value GraphRelease(const Napi::CallbackInfo& info) {
     Graph& g = *it->second;
     if (g.previous) at::cuda::setCurrentCUDAStream(*g.previous);
     if (g.capturing) {
+      g.capturing = false;
+      --capturesInProgress;
       try { g.graph->capture_end(); } catch (...) {}  // a failed capture: end it before the graph goes
     }
     c10::cuda::device_synchronize();
@@ -159,6 +167,8 @@ Napi::Value NoCuda(const Napi::CallbackInfo& info) {
 #endif
 
 }  // namespace
+
+bool CudaGraphCapturing() { return capturesInProgress.load() > 0; }
 
 void InitGraph(Napi::Env env, Napi::Object exports) {
 #ifdef DIFFLORA_WITH_CUDA
