@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/version.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>  // at::GradMode, at::NoGradGuard (1.13's Dispatcher.h includes it; do not rely on that)
 #include <c10/core/InferenceMode.h>
 
 #include <deque>

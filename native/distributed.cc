@@ -18,7 +18,8 @@
 #include <sstream>
 #include <thread>
 
-#if defined(USE_DISTRIBUTED) && __has_include(<torch/csrc/distributed/c10d/TCPStore.hpp>)
+// DIFFLORA_NO_DIST (a compiler define) builds without it, as a fallback where libtorch's c10d headers do not compile.
+#if !defined(DIFFLORA_NO_DIST) && defined(USE_DISTRIBUTED) && __has_include(<torch/csrc/distributed/c10d/TCPStore.hpp>)
 #define DIFFLORA_DIST 1
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>

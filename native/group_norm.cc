@@ -42,19 +42,21 @@ struct DoubleSum {
   }
 };
 
+template <bool Square>
+DIFFLORA_AVX2 inline __m256 Term(__m256 v, __m256 m) { return Square ? _mm256_sub_ps(v, m) : v; }
+
 // Σ x (Square false) or Σ (x − m)² (Square true) over n contiguous floats, in double.
 template <bool Square>
 DIFFLORA_AVX2 double SumOf(const float* x, int64_t n, __m256 m) {
   DoubleSum sum;
-  const auto term = [m](__m256 v) DIFFLORA_AVX2 { return Square ? _mm256_sub_ps(v, m) : v; };
   int64_t j = 0;
   for (; j + 32 <= n; j += 32) {
-    for (int i = 0; i < 4; ++i) sum.Add<Square>(i, term(_mm256_loadu_ps(x + j + 8 * i)));
+    for (int i = 0; i < 4; ++i) sum.Add<Square>(i, Term<Square>(_mm256_loadu_ps(x + j + 8 * i), m));
   }
-  for (; j + 8 <= n; j += 8) sum.Add<Square>(0, term(_mm256_loadu_ps(x + j)));
+  for (; j + 8 <= n; j += 8) sum.Add<Square>(0, Term<Square>(_mm256_loadu_ps(x + j), m));
   if (j < n) {  // the tail: masked lanes load 0 and are zeroed after the subtraction
     const __m256i mask = FirstLanes(static_cast<int>(n - j));
-    sum.Add<Square>(1, _mm256_and_ps(_mm256_castsi256_ps(mask), term(_mm256_maskload_ps(x + j, mask))));
+    sum.Add<Square>(1, _mm256_and_ps(_mm256_castsi256_ps(mask), Term<Square>(_mm256_maskload_ps(x + j, mask), m)));
   }
   return sum.Total();
 }

@@ -35,16 +35,23 @@ KEYS_ARG=${CONFIGS:+--configs $CONFIGS}
 if [ "$PHASE" = all ] || [ "$PHASE" = difflora ]; then
   ADDON=""
   t0=$(date +%s)
+  # headers the CUDA parts need (graph.cc's ATen/cuda includes pull in cuBLAS/cuSPARSE/cuSOLVER's): say which are missing
+  for h in cuda_runtime_api.h cublas_v2.h cublasLt.h cusparse.h cusolverDn.h; do
+    ls "${CUDA_HOME:-/usr/local/cuda}/include/$h" > /dev/null 2>&1 || echo "note: $h is not in ${CUDA_HOME:-/usr/local/cuda}/include"
+  done
+  g++ --version | head -1
   if cmake -S . -B build-cuda -DCMAKE_BUILD_TYPE=Release -DCMAKE_JS_INC="$PWD/.dev/node-include" \
-       -DCMAKE_PREFIX_PATH="$PREFIX" > "$OUT/cmake.log" 2>&1 && cmake --build build-cuda -j16 >> "$OUT/cmake.log" 2>&1; then
+       -DCMAKE_PREFIX_PATH="$PREFIX" > "$OUT/cmake.log" 2>&1 && cmake --build build-cuda -j16 --target difflora >> "$OUT/cmake.log" 2>&1; then
     ADDON=$PWD/build-cuda/difflora.node
     echo "cmake build ok in $(( $(date +%s) - t0 ))s"
   else
     echo "cmake build failed (tail of cmake.log):"; tail -25 "$OUT/cmake.log"
-    echo "trying the plain g++ build (same flags as binding.gyp)"
+    # a different build, not a repeat of the failed one: without the distributed backends (their c10d headers are the
+    # largest never-compiled-here part), which the side-by-side does not use
+    echo "trying the plain g++ build (binding.gyp's flags, without distributed: -DDIFFLORA_NO_DIST)"
     mkdir -p build-manual
     inc=$(node scripts/torch-paths.cjs include | sed 's/[^ ]*/-I&/g')
-    flags="-O2 -fPIC -std=c++17 -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL"
+    flags="-O2 -fPIC -std=c++17 -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DDIFFLORA_NO_DIST"
     ok=1
     for f in $(node scripts/torch-paths.cjs sources); do
       g++ $flags -c "$f" -o "build-manual/$(basename "$f" .cc).o" >> "$OUT/gxx.log" 2>&1 &
