@@ -12,8 +12,10 @@
 #include "common.h"
 #include "simd.h"
 
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace difflora {
@@ -98,20 +100,21 @@ DIFFLORA_AVX2 void ChannelSilu(const float* x, float* out, int64_t n, const Mome
   }
 }
 
+// The (batch item, group) pairs are shared among libtorch's intra-op threads, as ATen's group_norm does.
 void GroupNormSiluKernel(const float* x, float* out, int64_t batch, int64_t channels, int64_t spatial, int64_t groups, const float* gamma,
                          const float* beta, double eps) {
   const int64_t perGroup = channels / groups;
-  for (int64_t n = 0; n < batch; ++n) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t first = g * perGroup;
-      const int64_t offset = (n * channels + first) * spatial;
-      const Moments m = GroupMoments(x + offset, perGroup * spatial, eps);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, perGroup * spatial));
+  at::parallel_for(0, batch * groups, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = i / groups, first = (i % groups) * perGroup;
+      const Moments m = GroupMoments(x + (n * channels + first) * spatial, perGroup * spatial, eps);
       for (int64_t c = first; c < first + perGroup; ++c) {
         const float a = m.rstd * (gamma ? gamma[c] : 1.f);
         ChannelSilu(x + (n * channels + c) * spatial, out + (n * channels + c) * spatial, spatial, m, a, beta ? beta[c] : 0.f);
       }
     }
-  }
+  });
 }
 #endif
 

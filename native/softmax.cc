@@ -8,6 +8,10 @@
 #include "softmax.h"
 #include "simd.h"
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
 namespace difflora {
 
 #ifdef DIFFLORA_HAS_AVX2_KERNELS
@@ -73,15 +77,22 @@ DIFFLORA_AVX2 void SoftmaxBackwardRowsAvx2(const float* grad, const float* probs
 
 }  // namespace
 
+// Rows are shared among libtorch's intra-op threads, as ATen's softmax does (grain: ~32K elements a task).
+int64_t Grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, cols)); }
+
 bool SoftmaxBackwardRows(const float* grad, const float* probs, float* out, int64_t rows, int64_t cols) {
   if (!simd::HasAvx2()) return false;
-  SoftmaxBackwardRowsAvx2(grad, probs, out, rows, cols);
+  at::parallel_for(0, rows, Grain(cols), [&](int64_t begin, int64_t end) {
+    SoftmaxBackwardRowsAvx2(grad + begin * cols, probs + begin * cols, out + begin * cols, end - begin, cols);
+  });
   return true;
 }
 
 bool SoftmaxRows(const float* in, float* out, int64_t rows, int64_t cols) {
   if (!simd::HasAvx2()) return false;
-  SoftmaxRowsAvx2(in, out, rows, cols);
+  at::parallel_for(0, rows, Grain(cols), [&](int64_t begin, int64_t end) {
+    SoftmaxRowsAvx2(in + begin * cols, out + begin * cols, end - begin, cols);
+  });
   return true;
 }
 

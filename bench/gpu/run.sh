@@ -51,13 +51,13 @@ if [ "$PHASE" = all ] || [ "$PHASE" = difflora ]; then
     echo "trying the plain g++ build (binding.gyp's flags, without distributed: -DDIFFLORA_NO_DIST)"
     mkdir -p build-manual
     inc=$(node scripts/torch-paths.cjs include | sed 's/[^ ]*/-I&/g')
-    flags="-O2 -fPIC -std=c++17 -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DDIFFLORA_NO_DIST"
+    flags="-O2 -fPIC -std=c++17 -fopenmp -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DDIFFLORA_NO_DIST"
     ok=1
     for f in $(node scripts/torch-paths.cjs sources); do
       g++ $flags -c "$f" -o "build-manual/$(basename "$f" .cc).o" >> "$OUT/gxx.log" 2>&1 &
     done
     wait
-    g++ -shared build-manual/*.o $(node scripts/torch-paths.cjs libs) -o build-manual/difflora.node >> "$OUT/gxx.log" 2>&1 || ok=0
+    g++ -shared -fopenmp build-manual/*.o $(node scripts/torch-paths.cjs libs) -o build-manual/difflora.node >> "$OUT/gxx.log" 2>&1 || ok=0
     grep -E "error" "$OUT/gxx.log" | head -20
     [ $ok = 1 ] && ADDON=$PWD/build-manual/difflora.node
   fi
