@@ -7,8 +7,8 @@
 // CPU tensor this kernel takes one group at a time while it is in cache: its mean, then its variance as the mean
 // squared deviation (both summed in double), then y = (x − mean)·rstd·γ + β per channel, with the mean carried as two
 // floats so that a mean far from 0 costs no precision, and silu(y) = y·σ(y) with σ from simd::ExpNonPositive(−|y|),
-// written once. Elsewhere without a gradient
-// (another dtype or device, a strided layout, a CPU without AVX2) it is group_norm then silu_ in ATen.
+// written once. Elsewhere without a gradient (another dtype or device, a strided layout, a CPU without AVX2) it is
+// group_norm then silu_ in ATen.
 #include "common.h"
 #include "simd.h"
 
@@ -24,9 +24,8 @@ namespace {
 #ifdef DIFFLORA_HAS_AVX2_KERNELS
 using namespace simd;
 
-// Sums of floats (or of their squared deviations from a float m) in double: eight 4-wide accumulators, so that
-// the adds of 32 floats in flight do not wait on each other (one pair of accumulators would be bound by the add's
-// latency, 0.2 ns an element here, more than the rest of the kernel).
+// Sums of floats (or of their squared deviations from a float m) in double, in eight 4-wide accumulators so that the
+// adds of 32 floats in flight do not wait on each other.
 struct DoubleSum {
   __m256d acc[8];
   DIFFLORA_AVX2 DoubleSum() { for (__m256d& a : acc) a = _mm256_setzero_pd(); }
