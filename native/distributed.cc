@@ -51,6 +51,7 @@ constexpr const char* kNoNccl =
     "this build of difflora has no NCCL support: it needs a CUDA libtorch built with NCCL and nccl.h at build time "
     "(set NCCL_INCLUDE_DIR, then rebuild the addon); use backend 'gloo' for CPU tensors";
 
+#ifdef DIFFLORA_DIST
 // Runs `run` on a thread of its own and settles a Promise on the JS thread: resolved with `result(env)`, or rejected
 // with an Error whose message is `what` + the failure. Not libuv's pool: a rendezvous or a collective can block for
 // the group's whole timeout, and the pool's 4 threads also serve file reads and sharp's image decoding.
@@ -85,6 +86,7 @@ Napi::Value RunOffThread(Napi::Env env, std::string what, std::function<void()> 
   }).detach();
   return promise;
 }
+#endif
 
 Napi::Value Rejected(Napi::Env env, const std::string& message) {
   auto d = Napi::Promise::Deferred::New(env);
