@@ -12,8 +12,8 @@
 #
 # Two configurations, each source compiled with the addon's own flags:
 #   cpu:  a CPU libtorch with c10d and Gloo (what Debian's and PyTorch's CPU builds define)
-#   cuda: DIFFLORA_WITH_CUDA and DIFFLORA_FUSED_ADAMW (CMakeLists.txt defines both against a CUDA libtorch
-#         2.x), with c10d's NCCL backend: graph.cc's CUDA graphs, runtime.cc's CUDA allocator counters,
+#   cuda: DIFFLORA_WITH_CUDA and DIFFLORA_FUSED_ADAMW (both builds define both against a CUDA libtorch 2.x;
+#         the latter where native/probes/fused_adamw.cc compiles, checked here too), with c10d's NCCL backend: graph.cc's CUDA graphs, runtime.cc's CUDA allocator counters,
 #         optim.cc's fused AdamW, distributed.cc's NCCL groups.
 # Exit 0 when every source compiles in both; errors are printed with the configuration and file.
 set -euo pipefail
@@ -58,6 +58,13 @@ flags=(-c -o /dev/null -O0 -fPIC -std=gnu++17 -fopenmp -Wall -Wno-unused-paramet
   -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DBUILDING_NODE_EXTENSION
   -I node_modules/node-api-headers/include -I node_modules/node-addon-api -isystem "$inc" -isystem "$inc/torch/csrc/api/include"
   -DUSE_DISTRIBUTED -DUSE_C10D_GLOO)
+# DIFFLORA_FUSED_ADAMW as both builds decide it: native/probes/fused_adamw.cc compiles against 2.x's headers
+# (scripts/torch-paths.cjs; CMakeLists.txt compiles the same file), and not against Debian bookworm's 1.13
+probe=$(LIBTORCH="$PWD/$root/usr" node scripts/torch-paths.cjs fused-adamw)
+[ "$probe" = yes ] || { echo "check-libtorch2: the fused AdamW probe fails against libtorch $version's headers" >&2; exit 1; }
+if grep -q '^#define TORCH_VERSION_MAJOR 1$' /usr/include/torch/csrc/api/include/torch/version.h 2>/dev/null; then
+  [ "$(node scripts/torch-paths.cjs fused-adamw)" = no ] || { echo "check-libtorch2: the fused AdamW probe passes against libtorch 1.x" >&2; exit 1; }
+fi
 cuda_flags=(-DUSE_CUDA -DUSE_C10D_NCCL -DDIFFLORA_WITH_CUDA -DDIFFLORA_FUSED_ADAMW)
 log="$dir/log"
 rm -rf "$log" && mkdir -p "$log"

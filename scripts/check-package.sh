@@ -21,7 +21,7 @@ tarball="$tmp/$tarball"
 [[ -f "$tarball" ]] || fail "npm pack did not write a tarball"
 listing=$(tar tzf "$tarball")
 for f in package/package.json package/dist/index.js package/dist/index.d.ts package/dist/cli/main.js package/bin/difflora.js \
-         package/CMakeLists.txt package/scripts/install-addon.cjs package/scripts/torch-paths.cjs package/native/addon.cc package/README.md; do
+         package/CMakeLists.txt package/scripts/install-addon.cjs package/scripts/torch-paths.cjs package/native/addon.cc package/native/probes/fused_adamw.cc package/README.md; do
   grep -qx "$f" <<<"$listing" || fail "$f is not in the tarball"
 done
 if grep -E '^package/(build|build-gyp|node_modules|test|lib|\.dev)/' <<<"$listing" | head -n 3 | grep -q .; then

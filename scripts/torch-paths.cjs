@@ -60,6 +60,21 @@ function distributedIncludes() {
   return dirs;
 }
 
+/**
+ * Whether this libtorch has the fused AdamW with a tensor learning rate (2.x) that native/optim.cc uses on CUDA:
+ * native/probes/fused_adamw.cc is compiled against its headers, as CMakeLists.txt's check does for the CMake build.
+ */
+function hasFusedAdamw(t) {
+  try {
+    execFileSync(process.env.CXX || 'g++', ['-std=c++17', '-fsyntax-only', `-D_GLIBCXX_USE_CXX11_ABI=${t.abi}`,
+      '-I', t.include, '-I', join(t.include, 'torch/csrc/api/include'),
+      resolve(__dirname, '..', 'native', 'probes', 'fused_adamw.cc')], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 function locate() {
   const env = process.env.LIBTORCH || process.env.TORCH_DIR;
   if (env) return { include: join(env, 'include'), lib: join(env, 'lib'), abi: 1, cmakePrefix: [env, join(env, 'share/cmake')] };
@@ -97,10 +112,14 @@ if (what === 'cmake-prefix') {
   // --no-as-needed: nothing references libtorch_cuda's symbols directly, but it must load to register CUDA kernels
   console.log([`-L${t.lib}`, `-Wl,-rpath,${t.lib}`, '-Wl,--no-as-needed', ...libs.map((l) => `-l${l}`)].join(' '));
 } else if (what === 'defines') {
-  // DIFFLORA_WITH_CUDA enables the CUDA allocator counters (needs the CUDA toolkit's headers).
+  // DIFFLORA_WITH_CUDA enables CUDA graphs and the CUDA allocator counters (needs the CUDA toolkit's headers),
+  // DIFFLORA_FUSED_ADAMW the fused optimizer step on CUDA: the same defines CMakeLists.txt sets.
   const cuda = existsSync(join(t.lib, 'libtorch_cuda.so'));
-  console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...(cuda ? ['DIFFLORA_WITH_CUDA'] : []), ...distributedDefines(t)].join(' '));
+  const cudaDefines = cuda ? ['DIFFLORA_WITH_CUDA', ...(hasFusedAdamw(t) ? ['DIFFLORA_FUSED_ADAMW'] : [])] : [];
+  console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...cudaDefines, ...distributedDefines(t)].join(' '));
+} else if (what === 'fused-adamw') {
+  console.log(hasFusedAdamw(t) ? 'yes' : 'no');
 } else {
-  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources|dist-include');
+  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources|dist-include|fused-adamw');
   process.exit(2);
 }
