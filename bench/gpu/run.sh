@@ -67,7 +67,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = difflora ]; then
   echo "== GPU checks"
   node bench/gpu/check.mjs 2>&1 | tee "$OUT/check.log"
   echo "== CUDA graph step (--cuda_graphs) vs eager"
-  timeout 240 node bench/gpu/graphs.mjs 2>&1 | tee "$OUT/graphs.log"
+  timeout 150 node bench/gpu/graphs.mjs 2>&1 | tee "$OUT/graphs.log"
   if [ "${MODEL_CHECKS:-0}" = 1 ]; then
     echo "== model checks"
     node bench/gpu/models.mjs 2>&1 | tee "$OUT/models.log"
