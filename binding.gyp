@@ -16,7 +16,7 @@
       ],
       "cflags!": ["-fno-exceptions", "-fno-rtti"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti", "-std=gnu++17"],
-      "cflags_cc": ["-std=c++17", "-fexceptions", "-frtti", "-O2", "-Wno-unused-parameter", "-fopenmp"],
+      "cflags_cc": ["<!@(node scripts/torch-paths.cjs std)", "-fexceptions", "-frtti", "-O2", "-Wno-unused-parameter", "-fopenmp"],
       "ldflags": ["-fopenmp"]
     }
   ]

@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <type_traits>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -240,6 +241,18 @@ Napi::Value TapeAbort(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// A new autograd node. libtorch owns nodes by std::shared_ptr with deleteNode as the deleter up to 2.12 and by
+// c10::intrusive_ptr from 2.13 on (pytorch#181139 removed deleteNode). Base keeps both branches dependent, so the
+// one not taken is never looked up; deleteNode is found by argument-dependent lookup where it exists.
+template <typename N, typename Base = torch::autograd::Node>
+auto MakeNode() {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, Base>) {
+    return c10::make_intrusive<N>();
+  } else {
+    return std::shared_ptr<N>(new N(), [](N* n) { deleteNode(static_cast<Base*>(n)); });
+  }
+}
+
 // tapeEnd(originalInputs, outputs) → outputs wired to a CheckpointBackward node (new tensor objects).
 Napi::Value TapeEnd(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -250,7 +263,7 @@ Napi::Value TapeEnd(const Napi::CallbackInfo& info) {
   if (!tape->error.empty()) throw Napi::Error::New(env, tape->error);
   std::vector<at::Tensor> originals = UnwrapTensorList(env, info[0], "checkpoint inputs");
   std::vector<at::Tensor> outputs = UnwrapTensorList(env, info[1], "checkpoint outputs");
-  auto node = std::shared_ptr<CheckpointBackward>(new CheckpointBackward(), torch::autograd::deleteNode);
+  auto node = MakeNode<CheckpointBackward>();
   node->tape = tape;
   for (size_t i = 0; i < tape->numInputs; ++i) node->inputs.push_back(tape->alive[i]);
   for (const at::Tensor& t : originals) node->inputRequiresGrad.push_back(t.requires_grad());

@@ -7,8 +7,11 @@
 # The headers come from Debian trixie (Debian's apt repositories, the only ones this project may reach):
 # libtorch-dev 2.6 (its generated ATen/ops headers included), the CUDA 12 toolkit's headers
 # (nvidia-cuda-dev, libcu++-dev, non-free), NCCL's and gloo's. The .debs are fetched with a private apt
-# configuration under $DIFFLORA_LIBTORCH2_DIR (default .dev/libtorch2): nothing is installed and the
+# configuration under $DIFFLORA_LIBTORCH2_DIR (default .dev/libtorch2-<suite>): nothing is installed and the
 # system's apt state is untouched. Only headers are extracted; nothing is linked or run.
+# DIFFLORA_LIBTORCH2_SUITE=sid checks against unstable's newer libtorch (2.14.1 on 2026-12-04: C++20, autograd
+# nodes owned by intrusive_ptr); CI uses trixie's, which does not move under it.
+# The C++ standard and the fused-AdamW define are what scripts/torch-paths.cjs picks for those headers.
 #
 # Two configurations, each source compiled with the addon's own flags:
 #   cpu:  a CPU libtorch with c10d and Gloo (what Debian's and PyTorch's CPU builds define)
@@ -18,23 +21,24 @@
 # Exit 0 when every source compiles in both; errors are printed with the configuration and file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dir=${DIFFLORA_LIBTORCH2_DIR:-.dev/libtorch2}
+suite=${DIFFLORA_LIBTORCH2_SUITE:-trixie}
+dir=${DIFFLORA_LIBTORCH2_DIR:-.dev/libtorch2-$suite}
 root="$dir/root"
 inc="$root/usr/include"
 
 fetch() {
   local apt="$dir/apt"
   mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$dir/debs"
-  cat > "$apt/trixie.sources" <<'EOF'
+  cat > "$apt/debian.sources" <<EOF
 Types: deb
 URIs: http://deb.debian.org/debian
-Suites: trixie
+Suites: $suite
 Components: main contrib non-free
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-  local opts=(-o "Dir::Etc::sourcelist=$PWD/$apt/trixie.sources" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$PWD/$apt/lists"
+  local opts=(-o "Dir::Etc::sourcelist=$PWD/$apt/debian.sources" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$PWD/$apt/lists"
     -o "Dir::Cache=$PWD/$apt/cache" -o Dir::State::status=/dev/null -o Acquire::Retries=3 -o "APT::Sandbox::User=$(id -un)")
-  echo "check-libtorch2: fetching Debian trixie's libtorch 2.x and CUDA headers into $dir"
+  echo "check-libtorch2: fetching Debian $suite's libtorch 2.x and CUDA headers into $dir"
   apt-get "${opts[@]}" -qq update
   (cd "$dir/debs" && apt-get "${opts[@]}" -qq download libtorch-dev libgloo-dev nvidia-cuda-dev libcu++-dev libnccl-dev)
   rm -rf "$root" && mkdir -p "$root"
@@ -49,12 +53,13 @@ EOF
 }
 
 [ -f "$inc/torch/csrc/api/include/torch/version.h" ] && [ -f "$inc/cuda_runtime_api.h" ] && [ -f "$inc/nccl.h" ] || fetch
-version=$(sed -n 's/^#define TORCH_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$/\2/p' "$inc/torch/csrc/api/include/torch/version.h" | paste -sd. -)
+version=$(LIBTORCH="$PWD/$root/usr" node scripts/torch-paths.cjs version)
+std=$(LIBTORCH="$PWD/$root/usr" node scripts/torch-paths.cjs std)
 cuda=$(sed -n 's/^#define CUDART_VERSION  *\([0-9]*\)$/\1/p' "$inc/cuda_runtime_api.h")
-echo "check-libtorch2: libtorch $version headers, CUDA runtime $cuda headers, $(g++ --version | head -1)"
+echo "check-libtorch2: libtorch $version headers ($std), CUDA runtime $cuda headers, $(g++ --version | head -1)"
 [ -d node_modules/node-addon-api ] || { echo "check-libtorch2: run npm install first (node-addon-api's headers)" >&2; exit 1; }
 
-flags=(-c -o /dev/null -O0 -fPIC -std=gnu++17 -fopenmp -Wall -Wno-unused-parameter -D_GLIBCXX_USE_CXX11_ABI=1
+flags=(-c -o /dev/null -O0 -fPIC "$std" -fopenmp -Wall -Wno-unused-parameter -D_GLIBCXX_USE_CXX11_ABI=1
   -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DBUILDING_NODE_EXTENSION
   -I node_modules/node-api-headers/include -I node_modules/node-addon-api -isystem "$inc" -isystem "$inc/torch/csrc/api/include"
   -DUSE_DISTRIBUTED -DUSE_C10D_GLOO)

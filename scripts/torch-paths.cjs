@@ -60,13 +60,36 @@ function distributedIncludes() {
   return dirs;
 }
 
+/** libtorch's version from its headers ([major, minor, patch]; the header moved to torch/headeronly in 2.13). */
+function torchVersion(t) {
+  for (const rel of ['torch/headeronly/version.h', 'torch/csrc/api/include/torch/version.h']) {
+    const file = join(t.include, rel);
+    if (!existsSync(file)) continue;
+    const text = readFileSync(file, 'utf8');
+    const part = (name) => Number((text.match(new RegExp(`#define TORCH_VERSION_${name} (\\d+)`)) ?? [])[1]);
+    const v = [part('MAJOR'), part('MINOR'), part('PATCH')];
+    if (v.every(Number.isInteger)) return v;
+  }
+  return null;
+}
+
+/**
+ * The C++ standard to build with: libtorch's headers refuse anything older than C++20 from 2.13 on (2.12 already
+ * builds as C++20); older ones are built as C++17, as they were tested. CMakeLists.txt decides the same from
+ * Torch_VERSION.
+ */
+function cxxStd(t) {
+  const v = torchVersion(t);
+  return v && (v[0] > 2 || (v[0] === 2 && v[1] >= 12)) ? 'c++20' : 'c++17';
+}
+
 /**
  * Whether this libtorch has the fused AdamW with a tensor learning rate (2.x) that native/optim.cc uses on CUDA:
  * native/probes/fused_adamw.cc is compiled against its headers, as CMakeLists.txt's check does for the CMake build.
  */
 function hasFusedAdamw(t) {
   try {
-    execFileSync(process.env.CXX || 'g++', ['-std=c++17', '-fsyntax-only', `-D_GLIBCXX_USE_CXX11_ABI=${t.abi}`,
+    execFileSync(process.env.CXX || 'g++', [`-std=${cxxStd(t)}`, '-fsyntax-only', `-D_GLIBCXX_USE_CXX11_ABI=${t.abi}`,
       '-I', t.include, '-I', join(t.include, 'torch/csrc/api/include'),
       resolve(__dirname, '..', 'native', 'probes', 'fused_adamw.cc')], { stdio: 'ignore' });
     return true;
@@ -117,9 +140,13 @@ if (what === 'cmake-prefix') {
   const cuda = existsSync(join(t.lib, 'libtorch_cuda.so'));
   const cudaDefines = cuda ? ['DIFFLORA_WITH_CUDA', ...(hasFusedAdamw(t) ? ['DIFFLORA_FUSED_ADAMW'] : [])] : [];
   console.log([`_GLIBCXX_USE_CXX11_ABI=${t.abi}`, ...cudaDefines, ...distributedDefines(t)].join(' '));
+} else if (what === 'std') {
+  console.log(`-std=${cxxStd(t)}`);
+} else if (what === 'version') {
+  console.log((torchVersion(t) ?? ['unknown']).join('.'));
 } else if (what === 'fused-adamw') {
   console.log(hasFusedAdamw(t) ? 'yes' : 'no');
 } else {
-  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources|dist-include|fused-adamw');
+  console.error('usage: torch-paths.cjs cmake-prefix|include|libs|defines|sources|dist-include|std|version|fused-adamw');
   process.exit(2);
 }

@@ -51,7 +51,7 @@ if [ "$PHASE" = all ] || [ "$PHASE" = difflora ]; then
     echo "trying the plain g++ build (binding.gyp's flags, without distributed: -DDIFFLORA_NO_DIST)"
     mkdir -p build-manual
     inc=$(node scripts/torch-paths.cjs include | sed 's/[^ ]*/-I&/g')
-    flags="-O2 -fPIC -std=c++17 -fopenmp -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DDIFFLORA_NO_DIST"
+    flags="-O2 -fPIC $(node scripts/torch-paths.cjs std) -fopenmp -I.dev/node-include -Inode_modules/node-addon-api $inc $(node scripts/torch-paths.cjs defines | sed 's/[^ ]*/-D&/g') -DNAPI_VERSION=8 -DNODE_ADDON_API_CPP_EXCEPTIONS -DNODE_ADDON_API_CPP_EXCEPTIONS_ALL -DDIFFLORA_NO_DIST"
     ok=1
     for f in $(node scripts/torch-paths.cjs sources); do
       g++ $flags -c "$f" -o "build-manual/$(basename "$f" .cc).o" >> "$OUT/gxx.log" 2>&1 &
