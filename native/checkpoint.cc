@@ -241,9 +241,9 @@ Napi::Value TapeAbort(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// A new autograd node. libtorch owns nodes by std::shared_ptr with deleteNode as the deleter up to 2.12 and by
-// c10::intrusive_ptr from 2.13 on (pytorch#181139 removed deleteNode). Base keeps both branches dependent, so the
-// one not taken is never looked up; deleteNode is found by argument-dependent lookup where it exists.
+// A new autograd node. Older libtorch owns nodes by std::shared_ptr with deleteNode as the deleter; newer ones
+// (pytorch#181139, April 2026; 2.14 has it) by c10::intrusive_ptr, and deleteNode is gone. Base keeps both branches
+// dependent, so the one not taken is never looked up; deleteNode is found by argument-dependent lookup where it exists.
 template <typename N, typename Base = torch::autograd::Node>
 auto MakeNode() {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, Base>) {
