@@ -130,6 +130,28 @@ void InitDistributed(Napi::Env env, Napi::Object exports) {
 #else  // DIFFLORA_DIST
 
 using WorkPtr = c10::intrusive_ptr<c10d::Work>;
+
+// TCPStore's libuv backend (the default from libtorch 2.4) exists only where libtorch was built with libuv, as
+// PyTorch's wheels are; Debian's 2.x is not, and its TCPStore refuses the default ("use_libuv was requested but
+// PyTorch was build without libuv support") before it opens a socket. The classic backend serves every build.
+// WithoutLibuv switches to it where the options have the field (2.4+) and says whether it did.
+template <typename Options>
+auto WithoutLibuv(Options& so, int) -> decltype(so.useLibUV = false, bool()) {
+  if (!so.useLibUV) return false;
+  so.useLibUV = false;
+  return true;
+}
+template <typename Options>
+bool WithoutLibuv(Options&, long) { return false; }
+
+c10::intrusive_ptr<c10d::TCPStore> MakeTcpStore(const std::string& host, c10d::TCPStoreOptions so) {
+  try {
+    return c10::make_intrusive<c10d::TCPStore>(host, so);
+  } catch (const c10::Error& e) {
+    if (std::string(e.what()).find("libuv") == std::string::npos || !WithoutLibuv(so, 0)) throw;
+    return c10::make_intrusive<c10d::TCPStore>(host, so);
+  }
+}
 using Millis = std::chrono::milliseconds;
 
 // The four collectives we use, over either backend. (ProcessGroupGloo/NCCL derive from ProcessGroup in 1.x and from
@@ -448,7 +470,7 @@ Napi::Value CreateProcessGroup(const Napi::CallbackInfo& info) {
     so.timeout = o.timeout;
     *phase = o.isServer ? "starting the rendezvous server on port " + std::to_string(o.port) + " (is the port already in use?)"
                         : "connecting to the rendezvous server at " + o.masterAddr + ":" + std::to_string(o.port);
-    auto tcp = c10::make_intrusive<c10d::TCPStore>(o.masterAddr, so);
+    auto tcp = MakeTcpStore(o.masterAddr, so);
     group->where = "rank " + std::to_string(o.rank) + "/" + std::to_string(o.worldSize) + " (" + o.backend + ", " +
                    o.masterAddr + ":" + std::to_string(tcp->getPort()) + ")";
     group->store = tcp;

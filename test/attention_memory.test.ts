@@ -137,7 +137,7 @@ describe('setMemoryEfficientAttention on the UNet', () => {
 });
 
 describe('--enable_xformers_memory_efficient_attention in the training loop', () => {
-  it('switches the UNet to the chunked kernel: the same loss, a different computation', async () => {
+  it('switches the UNet to the chunked kernel (libtorch 1.13; 2.x\'s fused kernel serves both): the same loss', async () => {
     const tmp = mkdtempSync(join(tmpdir(), 'difflora-me-train-'));
     await makeImageFolder(join(tmp, 'data'), 2);
     // 96 px → 48×48 latents: 2,304 tokens × 8 heads of scores = 170 MB per attention, over the 64 MiB budget
@@ -157,7 +157,9 @@ describe('--enable_xformers_memory_efficient_attention in the training loop', ()
     const identical = [...a].filter(([k, t]) => bitEqual(b.get(k)!, t)).length;
     console.log('one training step, memory-efficient vs plain attention', { lossErr, identicalTensors: identical, of: a.size });
     expect(lossErr).toBeLessThan(1e-5);
-    expect(identical).toBeLessThan(a.size);
+    // without a fused kernel the flag changes the computation; with one (libtorch 2.x) both runs use it, unchanged
+    if (F.hasFusedAttention()) expect(identical).toBe(a.size);
+    else expect(identical).toBeLessThan(a.size);
     dispose([...a.values(), ...b.values()]);
     rmSync(tmp, { recursive: true, force: true });
   }, 120_000);

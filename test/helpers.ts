@@ -4,6 +4,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import sharp from 'sharp';
 import { loadSafetensors } from '../lib/io/safetensors.js';
+import { native } from '../lib/native.js';
 import { dispose, keep, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 
@@ -19,6 +20,26 @@ export function relErr(ours: Tensor, ref: Tensor): number {
     const den = b.norm().item();
     return den === 0 ? num : num / den;
   });
+}
+
+/**
+ * Whether this libtorch is the one the goldens were made with (torch 1.13: every golden's JSON, "versions"). Our
+ * arithmetic follows diffusers' op for op, so a golden equals ours bit for bit there; libtorch 2.x's kernels
+ * (linspace, pow, reductions, fused attention) round differently in the last bits, so there the same comparison
+ * is held to float32 rounding instead (goldenEqual).
+ */
+export const sameLibtorchAsGoldens = native.info().torchVersion.startsWith('1.13');
+
+/** ours = golden: bit for bit on the goldens' libtorch, else within float32 rounding (relErr ≤ 1e-6). */
+export function goldenEqual(ours: Tensor, golden: Tensor): boolean {
+  return sameLibtorchAsGoldens ? bitEqual(ours, golden) : relErr(ours, golden) <= 1e-6;
+}
+
+/** A float32 scalar = the golden's: exactly on the goldens' libtorch, else within float32 rounding. */
+export function goldenScalarEqual(ours: number, golden: number): boolean {
+  const a = Math.fround(ours);
+  const b = Math.fround(golden);
+  return sameLibtorchAsGoldens ? Object.is(a, b) : Math.abs(a - b) <= 1e-6 * Math.max(Math.abs(b), 1e-30);
 }
 
 /** True when both tensors hold exactly the same bits. */

@@ -19,9 +19,12 @@ import { Generator } from '../lib/random.js';
 import { keep, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { bitEqual, fixtures, goldenFile, relErr } from './helpers.js';
+import { bitEqual, fixtures, goldenEqual, goldenFile, goldenScalarEqual, relErr, sameLibtorchAsGoldens } from './helpers.js';
 
 const TOL = 1e-5;
+// timesteps interpolated from σ (karras, exponential, beta, kdpm2): 1e-4 on the goldens' libtorch; elsewhere a few
+// float32 ulps at t ≈ 1000 (6.1e-5 each), as 2.x's kernels round σ differently in the last bit
+const TIMESTEP_TOLERANCE = sameLibtorchAsGoldens ? 1e-4 : 3e-4;
 const golden = goldenFile('schedulers_more.safetensors');
 const g = (name: string): Tensor => golden.get(name);
 afterAll(() => golden.dispose());
@@ -98,13 +101,13 @@ describe.each(Object.entries(meta.cases).flatMap(([name, c]) => ['4', '10'].map(
         const want = Array.from(g(`${name}/n${n}/timesteps`).toFloat64Array());
         if (approximateTimesteps(name)) {
           expect(s.timesteps.length).toBe(want.length);
-          s.timesteps.forEach((t, k) => expect(Math.abs(t - (want[k] as number)), `timestep ${k}`).toBeLessThan(1e-4));
+          s.timesteps.forEach((t, k) => expect(Math.abs(t - (want[k] as number)), `timestep ${k}`).toBeLessThan(TIMESTEP_TOLERANCE));
         } else {
           expect(s.timesteps).toEqual(want);
         }
-        expect(Math.fround(s.initNoiseSigma)).toBe(Math.fround(run.init_noise_sigma));
+        expect(goldenScalarEqual(s.initNoiseSigma, run.init_noise_sigma), `init_noise_sigma ${s.initNoiseSigma} vs ${run.init_noise_sigma}`).toBe(true);
         const sigmas = (s as unknown as { sigmas?: Tensor }).sigmas;
-        if (run.sigmas !== undefined && sigmas !== undefined) expect(bitEqual(sigmas, g(`${name}/n${n}/sigmas`)), 'sigmas bit-exact').toBe(true);
+        if (run.sigmas !== undefined && sigmas !== undefined) expect(goldenEqual(sigmas, g(`${name}/n${n}/sigmas`)), 'sigmas bit-exact').toBe(true);
         compare(name, scaled, g(`${name}/n${n}/scaled_inputs`), 'scaled inputs');
         compare(name, prev, g(`${name}/n${n}/prev_samples`), 'step outputs');
         compare(name, prev.select(0, prev.shape[0] as number - 1), g(`${name}/n${n}/prev_samples`).select(0, prev.shape[0] as number - 1), 'final latents');
@@ -151,7 +154,7 @@ describe('config probes: what diffusers 0.31 rejects, ignores or breaks', () => 
       const { s, prev } = run(Number(n));
       try {
         expect(s.timesteps.length).toBe(r.timesteps.length);
-        s.timesteps.forEach((t, k) => expect(Math.abs(t - (r.timesteps[k] as number)), `timestep ${k}`).toBeLessThan(1e-4));
+        s.timesteps.forEach((t, k) => expect(Math.abs(t - (r.timesteps[k] as number)), `timestep ${k}`).toBeLessThan(TIMESTEP_TOLERANCE));
         expect(Boolean(tidy(() => prev.isfinite().all().item()))).toBe(r.finite);
         for (const [k, v] of Object.entries(p.changed_keys ?? {})) expect(s.config[k], k).toBe(v);
         for (const name of Object.keys(p.bit_identical_to_case ?? {})) compare(`probe → ${name}`, prev, g(`${name}/n${n}/prev_samples`), label);

@@ -12,7 +12,7 @@ import { computeSnr } from '../lib/training/training_utils.js';
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { bitEqual, fixtures, relErr } from './helpers.js';
+import { bitEqual, fixtures, goldenEqual, relErr, sameLibtorchAsGoldens } from './helpers.js';
 
 const tinySd = join(fixtures, 'tiny-sd');
 
@@ -42,12 +42,15 @@ afterAll(() => {
   dispose([...sched.values(), ...lora.values()]);
 });
 
-/** Asserts ours == ref bit for bit (reporting the relative error when not) and returns the relative error. */
+/**
+ * Asserts ours == ref bit for bit on the goldens' libtorch, within float32 rounding on another (reporting the
+ * relative error when not), and returns the relative error.
+ */
 function expectExact(ours: Tensor, ref: Tensor, label: string): number {
   expect(ours.dtype, `${label}: dtype`).toBe(ref.dtype);
   expect(ours.shape, `${label}: shape`).toEqual(ref.shape);
   const err = relErr(ours, ref);
-  expect(bitEqual(ours, ref), `${label}: not bit-identical (relative error ${err})`).toBe(true);
+  expect(goldenEqual(ours, ref), `${label}: not bit-identical (relative error ${err})`).toBe(true);
   return err;
 }
 
@@ -237,8 +240,19 @@ describe('every beta schedule', () => {
       try {
         const betas = sch.betas.toFloat64Array();
         const acp = sch.alphasCumprod.toFloat64Array();
-        expect(INDICES.map((i) => betas[i])).toEqual(ref.betas);
-        expect(INDICES.map((i) => acp[i])).toEqual(ref.acp);
+        // exact on torch 1.13.1's kernels, which made these values; within float32 rounding on libtorch 2.x
+        // (relative 1e-6; after the zero-SNR rescaling absolute 1e-5: β = 1 − ᾱ_t/ᾱ_{t−1} cancels, explained below,
+        // and near t = 999, where ᾱ ≈ 1e-7, a last-bit difference in ᾱ moves β by a few 1e-6)
+        const zero = name.endsWith('_zero_snr');
+        const close = (ours: number[], want: number[]): boolean =>
+          ours.every((x, i) => Math.abs(x - want[i]!) <= (zero ? 1e-5 : 1e-6 * Math.abs(want[i]!)));
+        if (sameLibtorchAsGoldens) {
+          expect(INDICES.map((i) => betas[i])).toEqual(ref.betas);
+          expect(INDICES.map((i) => acp[i])).toEqual(ref.acp);
+        } else {
+          expect(close(INDICES.map((i) => betas[i]!), ref.betas), 'betas').toBe(true);
+          expect(close(INDICES.map((i) => acp[i]!), ref.acp), 'alphas_cumprod').toBe(true);
+        }
         const c = sch.config;
         const [schedule, zeroSnr] = name.endsWith('_zero_snr') ? [name.slice(0, -'_zero_snr'.length), true] : [name, false];
         const b64 = betas64(schedule, c.beta_start, c.beta_end);

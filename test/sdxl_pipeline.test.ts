@@ -13,7 +13,7 @@ import { StableDiffusionXLPipeline, type StableDiffusionXLGenerateOptions } from
 import { dispose, memory, tidy } from '../lib/scope.js';
 import type { Tensor } from '../lib/tensor.js';
 import * as torch from '../lib/torch.js';
-import { fixtures, goldenFile, relErr } from './helpers.js';
+import { fixtures, goldenEqual, goldenFile, relErr, sameLibtorchAsGoldens } from './helpers.js';
 
 const tinySdxl = join(fixtures, 'tiny-sdxl');
 const goldens = join(fixtures, 'goldens');
@@ -97,7 +97,7 @@ describe('StableDiffusionXLPipeline.encodePrompt vs diffusers (tiny-sdxl)', () =
       expectClose('prompt_2 pooled', p2.pooledPromptEmbeds, text.get('prompt_2/pooled_prompt_embeds'), 1e-5);
       const skip = pipe.encodePrompt(prompts, { clipSkip: 1, negativePrompt: negatives });
       expectClose('clip_skip 1 embeds', skip.promptEmbeds, text.get('clip_skip1/prompt_embeds'), 1e-5);
-      expect(relErr(skip.pooledPromptEmbeds, text.get('cfg_neg/pooled_prompt_embeds'))).toBe(0);
+      expect(goldenEqual(skip.pooledPromptEmbeds, text.get('cfg_neg/pooled_prompt_embeds')), 'clip_skip 1 pooled = the pooled without').toBe(true);
     });
   });
 
@@ -107,7 +107,7 @@ describe('StableDiffusionXLPipeline.encodePrompt vs diffusers (tiny-sdxl)', () =
       expect(e.promptEmbeds.shape).toEqual([4, 77, 20]);
       expect(e.pooledPromptEmbeds.shape).toEqual([4, 16]);
       const ref = text.get('cfg_neg/pooled_prompt_embeds');
-      for (const [row, src] of [[0, 0], [1, 0], [2, 1], [3, 1]] as const) expect(relErr(e.pooledPromptEmbeds.select(0, row), ref.select(0, src))).toBe(0);
+      for (const [row, src] of [[0, 0], [1, 0], [2, 1], [3, 1]] as const) expect(goldenEqual(e.pooledPromptEmbeds.select(0, row), ref.select(0, src)), `row ${row}`).toBe(true);
     });
   });
 
@@ -211,9 +211,10 @@ describe('StableDiffusionXLPipeline vs diffusers (tiny-sdxl, Euler leading, 4 st
   it('a float16 VAE with force_upcast decodes in float32 (as diffusers\' upcast_vae) and is float16 again afterwards', async () => {
     const p = StableDiffusionXLPipeline.fromPretrained(tinySdxl);
     try {
-      p.vae.to({ dtype: 'float16' }); // the CPU has no float16 convolutions: this decode works only upcast
+      p.vae.to({ dtype: 'float16' });
       expect(p.vae.forceUpcast).toBe(true);
-      expect(() => tidy(() => p.vae.decode(torch.zeros([1, 4, 16, 16], { dtype: 'float16' })))).toThrow();
+      // libtorch 1.13's CPU has no float16 convolutions (2.x's has): there, this decode works only upcast
+      if (sameLibtorchAsGoldens) expect(() => tidy(() => p.vae.decode(torch.zeros([1, 4, 16, 16], { dtype: 'float16' })))).toThrow();
       const out = await p.generate({ ...kwargs, latents: golden.get('latents'), outputType: 'array' });
       expect(p.vae.decoder.conv_in.weight.dtype).toBe('float16');
       const image = torch.tensor(out.array!.data, { shape: out.array!.shape });

