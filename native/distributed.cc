@@ -152,6 +152,7 @@ c10::intrusive_ptr<c10d::TCPStore> MakeTcpStore(const std::string& host, c10d::T
     return c10::make_intrusive<c10d::TCPStore>(host, so);
   }
 }
+
 using Millis = std::chrono::milliseconds;
 
 // The four collectives we use, over either backend. (ProcessGroupGloo/NCCL derive from ProcessGroup in 1.x and from
