@@ -6,13 +6,15 @@
 # kernels, TCPStore's libuv default, other rounding) no other test reaches without a GPU.
 #
 # Needs root (debootstrap, chroot, mounts) and Debian's archive. The root is kept in $DIFFLORA_TRIXIE_ROOT (default
-# /var/tmp/difflora-trixie, outside the checkout, which linters and test runners walk) and reused; the checkout is
-# cloned into it afresh each run (the committed state, as CI sees it).
+# /var/tmp/difflora-<suite>, outside the checkout, which linters and test runners walk) and reused; the checkout is
+# cloned into it afresh each run (the committed state, as CI sees it). DIFFLORA_LIBTORCH2_SUITE=sid runs the suite
+# on Debian unstable's newer libtorch instead (2.14.1 on 2026-12-04: C++20); CI uses trixie's, which does not move.
 # Exit status: the test run's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-root=${DIFFLORA_TRIXIE_ROOT:-/var/tmp/difflora-trixie}
+suite=${DIFFLORA_LIBTORCH2_SUITE:-trixie}
+root=${DIFFLORA_TRIXIE_ROOT:-/var/tmp/difflora-$suite}
 [ "$(id -u)" = 0 ] || { echo "check-libtorch2-cpu: needs root (debootstrap, chroot, mounts)" >&2; exit 1; }
 
 # every mount under the root, deepest first (also ones a killed run left behind: never delete through them)
@@ -29,10 +31,10 @@ trap unmount_all EXIT
 if [ ! -x "$root/usr/bin/node" ] || [ ! -f "$root/usr/include/torch/csrc/api/include/torch/version.h" ]; then
   command -v debootstrap > /dev/null || { apt-get update -q > /dev/null &&
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap > /dev/null; }
-  echo "check-libtorch2-cpu: making a Debian trixie root in $root"
+  echo "check-libtorch2-cpu: making a Debian $suite root in $root"
   unmount_all
   rm -rf --one-file-system "$root" && mkdir -p "$root"
-  debootstrap --variant=minbase trixie "$root" http://deb.debian.org/debian > "$root.debootstrap.log" 2>&1 ||
+  debootstrap --variant=minbase "$suite" "$root" http://deb.debian.org/debian > "$root.debootstrap.log" 2>&1 ||
     { tail -20 "$root.debootstrap.log" >&2; exit 1; }
 fi
 
@@ -52,7 +54,7 @@ fi
 in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/bin:/bin TERM=dumb CI=true \
   NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt bash -c "$1"; }
 if [ ! -x "$root/usr/bin/node" ] || [ ! -f "$root/usr/include/torch/csrc/api/include/torch/version.h" ]; then
-  echo "check-libtorch2-cpu: installing libtorch-dev, Node, cmake and g++ from trixie"
+  echo "check-libtorch2-cpu: installing libtorch-dev, Node, cmake and g++ from $suite"
   in_root 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     nodejs npm cmake g++ make python3 libtorch-dev libopenblas0-pthread libgloo-dev ca-certificates git' > "$root.apt.log" 2>&1 ||
     { tail -20 "$root.apt.log" >&2; exit 1; }
