@@ -55,7 +55,8 @@ in_root() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/usr/local/bin:/usr/b
   NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt bash -c "$1"; }
 if [ ! -x "$root/usr/bin/node" ] || [ ! -f "$root/usr/include/torch/csrc/api/include/torch/version.h" ]; then
   echo "check-libtorch2-cpu: installing libtorch-dev, Node, cmake and g++ from $suite"
-  in_root 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+  # (Check-Valid-Until off: a mirror of a moving suite can serve a Release file past its validity date)
+  in_root 'apt-get -o Acquire::Check-Valid-Until=false update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     nodejs npm cmake g++ make python3 libtorch-dev libopenblas0-pthread libgloo-dev ca-certificates git' > "$root.apt.log" 2>&1 ||
     { tail -20 "$root.apt.log" >&2; exit 1; }
 fi
