@@ -621,13 +621,14 @@ Napi::Value Broadcast(const Napi::CallbackInfo& info) {
   w->comm = g->comm;
   w->timeout = g->timeout;
   Guard(env, [&] { return w->what; }, [&] {
-    // a broadcast only moves bytes: bf16 travels bit for bit viewed as fp16 (Gloo 1.x has no bf16)
+    // a broadcast only moves bytes: 16-bit floats travel bit for bit viewed as bytes, the one type every Gloo
+    // build takes (1.x's has no bf16; Debian's 2.14 refuses fp16 too: "Invalid scalar type")
     w->buckets = MakeBuckets(ts, [](at::ScalarType d) { return d; });
     c10d::BroadcastOptions opts;
     opts.rootRank = static_cast<int64_t>(root);
     for (Bucket& b : w->buckets) {
-      const bool bf16 = b.flat.scalar_type() == at::kBFloat16;
-      std::vector<at::Tensor> one{bf16 ? b.flat.view(at::kHalf) : b.flat};
+      const bool half = b.flat.scalar_type() == at::kBFloat16 || b.flat.scalar_type() == at::kHalf;
+      std::vector<at::Tensor> one{half ? b.flat.view(at::kByte) : b.flat};
       b.work = w->comm->broadcast(one, opts);
     }
   });
