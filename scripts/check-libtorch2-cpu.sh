@@ -5,7 +5,7 @@
 # libtorch 1.13; users' GPU machines have a PyTorch 2.x, whose code paths (libtorch's fused attention, CPU float16
 # kernels, TCPStore's libuv default, other rounding) no other test reaches without a GPU.
 #
-# Needs root (debootstrap, chroot, mounts) and Debian's archive. The root is kept in $DIFFLORA_TRIXIE_ROOT (default
+# Needs root (debootstrap, chroot, mounts) and Debian's archive. The root is kept in $DIFFLORA_LIBTORCH2_ROOT (default
 # /var/tmp/difflora-<suite>, outside the checkout, which linters and test runners walk) and reused; the checkout is
 # cloned into it afresh each run (the committed state, as CI sees it). DIFFLORA_LIBTORCH2_SUITE=sid runs the suite
 # on Debian unstable's newer libtorch instead (2.14.1 on 2026-12-04: C++20); CI uses trixie's, which does not move.
@@ -14,7 +14,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 suite=${DIFFLORA_LIBTORCH2_SUITE:-trixie}
-root=${DIFFLORA_TRIXIE_ROOT:-/var/tmp/difflora-$suite}
+case "$suite" in trixie | sid) ;; *) echo "check-libtorch2-cpu: DIFFLORA_LIBTORCH2_SUITE must be trixie or sid, got '$suite'" >&2; exit 2 ;; esac
+given=${DIFFLORA_LIBTORCH2_ROOT:-/var/tmp/difflora-$suite}
+# the root is deleted and remade when incomplete: only an absolute path at least three folders deep once resolved
+# (.. and links), never /, /var or /var/tmp
+case "$given" in /*) ;; *) echo "check-libtorch2-cpu: DIFFLORA_LIBTORCH2_ROOT must be an absolute path, got '$given'" >&2; exit 2 ;; esac
+root=$(realpath -m "$given")
+case "$root" in /*/*/*) ;; *) echo "check-libtorch2-cpu: DIFFLORA_LIBTORCH2_ROOT '$given' resolves to '$root': it must be three or more folders deep" >&2; exit 2 ;; esac
 [ "$(id -u)" = 0 ] || { echo "check-libtorch2-cpu: needs root (debootstrap, chroot, mounts)" >&2; exit 1; }
 
 # every mount under the root, deepest first (also ones a killed run left behind: never delete through them)

@@ -22,6 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 suite=${DIFFLORA_LIBTORCH2_SUITE:-trixie}
+case "$suite" in trixie | sid) ;; *) echo "check-libtorch2: DIFFLORA_LIBTORCH2_SUITE must be trixie or sid, got '$suite'" >&2; exit 2 ;; esac
 dir=${DIFFLORA_LIBTORCH2_DIR:-.dev/libtorch2-$suite}
 root="$dir/root"
 inc="$root/usr/include"
